@@ -1,0 +1,1 @@
+//! Stateful emulator of the Retently and Retainly REST APIs.
