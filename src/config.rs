@@ -1,0 +1,573 @@
+//! Typed configuration, read from a [`Source`] and validated once at start.
+//!
+//! Settings come from the environment (`CXGW_*`) and, when `CXGW_CONFIG_FILE` names one, from a
+//! TOML file whose keys are the setting names lower-cased without the prefix
+//! (`grpc_addr = "0.0.0.0:50051"`); the environment wins. Secrets (API keys) are read from the
+//! environment or from the file named by their `*_FILE` variant, never from argv, and are held in
+//! [`Secret`], whose `Debug` never shows them. Every error names the bad setting and never echoes
+//! a secret value.
+//!
+//! Reading through a trait rather than `std::env` directly lets tests feed a map (linkerd's
+//! pattern), so no test mutates the process environment.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::Url;
+
+/// Where settings come from.
+pub trait Source {
+    /// The raw value of a setting by its environment name (`CXGW_GRPC_ADDR`).
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnvSource;
+
+impl Source for EnvSource {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+/// A fixed map of settings, for tests and for the layered file source.
+#[derive(Debug, Clone, Default)]
+pub struct MapSource(pub HashMap<String, String>);
+
+impl MapSource {
+    pub fn new<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+impl Source for MapSource {
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+}
+
+/// The first source that has a setting wins.
+struct Layered<'a> {
+    layers: Vec<&'a dyn Source>,
+}
+
+impl Source for Layered<'_> {
+    fn get(&self, key: &str) -> Option<String> {
+        self.layers.iter().find_map(|layer| layer.get(key))
+    }
+}
+
+/// A setting that failed validation; the message names it and never contains a secret value.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A secret value (API key, key secret). Its `Debug` and `Display` print a placeholder, so it can
+/// sit inside structs that are logged without leaking.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that puts it on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Whether the gateway talks to the real upstreams or to the built-in emulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamMode {
+    /// `serve`: real upstreams; API keys are required.
+    Real,
+    /// `serve --sandbox`: the caller fills in the emulator's address and keys after start.
+    Sandbox,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing_subscriber::EnvFilter` directives.
+    pub filter: String,
+}
+
+/// Transport limits of the gRPC server; each exists because tonic's default is unbounded or unsafe.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Largest encoded or decoded message; sized for a 10,000-customer Retainly batch.
+    pub max_message_bytes: usize,
+    /// HTTP/2 concurrent streams per connection (tonic's default is unlimited).
+    pub max_concurrent_streams: u32,
+    /// Locally-caused stream resets tolerated per connection before it is closed (tonic passes
+    /// `None`, which disables h2's protection against reset floods).
+    pub max_local_error_reset_streams: usize,
+    /// Connections are told to go away after this age, so load spreads after a scale-out.
+    pub max_connection_age: Duration,
+    /// HTTP/2 PING interval that keeps idle streams alive through proxies and finds dead peers.
+    pub http2_keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// Deadline applied to unary calls whose caller sent none, so no call can hang forever.
+    pub default_deadline: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetentlyConfig {
+    pub base_url: Url,
+    pub api_key: Option<Secret>,
+    pub requests_per_minute: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetainlyConfig {
+    pub base_url: Url,
+    pub api_key: Option<Secret>,
+    pub api_secret: Option<Secret>,
+    pub requests_per_minute: u32,
+}
+
+/// Settings of the built-in emulator (`cx-gateway sandbox` and `serve --sandbox`).
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    /// Listen address of `cx-gateway sandbox` (the embedded one binds an ephemeral loopback port).
+    pub addr: SocketAddr,
+    /// The emulated Retently rate limit; 0 lifts it.
+    pub retently_requests_per_minute: u32,
+    /// New survey responses simulated per second, if any.
+    pub feedback_per_second: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Directory of the embedded store; `None` in sandbox mode means a temporary directory.
+    pub data_dir: Option<PathBuf>,
+    pub log: LogConfig,
+    pub shutdown_grace: Duration,
+    pub reflection: bool,
+    pub limits: ServerLimits,
+    pub retently: RetentlyConfig,
+    pub retainly: RetainlyConfig,
+    pub sandbox: SandboxSettings,
+}
+
+impl Config {
+    /// Reads and validates every setting, including those of the file named by
+    /// `CXGW_CONFIG_FILE` if any.
+    pub fn load(source: &dyn Source, mode: UpstreamMode) -> Result<Config, ConfigError> {
+        let file = match source.get("CXGW_CONFIG_FILE") {
+            Some(path) => read_config_file(&path)?,
+            None => MapSource::default(),
+        };
+        let layered = Layered {
+            layers: vec![source, &file],
+        };
+        Self::from_source(&layered, mode)
+    }
+
+    fn from_source(source: &dyn Source, mode: UpstreamMode) -> Result<Config, ConfigError> {
+        let s = Reader { source };
+        let retently = RetentlyConfig {
+            base_url: s.url("CXGW_RETENTLY_BASE_URL", "https://app.retently.com")?,
+            api_key: s.secret("CXGW_RETENTLY_API_KEY")?,
+            requests_per_minute: s.parse_in(
+                "CXGW_RETENTLY_REQUESTS_PER_MINUTE",
+                150,
+                1..=100_000,
+            )?,
+        };
+        let retainly = RetainlyConfig {
+            base_url: s.url("CXGW_RETAINLY_BASE_URL", "https://track.retainly.app")?,
+            api_key: s.secret("CXGW_RETAINLY_API_KEY")?,
+            api_secret: s.secret("CXGW_RETAINLY_API_SECRET")?,
+            requests_per_minute: s.parse_in(
+                "CXGW_RETAINLY_REQUESTS_PER_MINUTE",
+                1200,
+                1..=1_000_000,
+            )?,
+        };
+        if mode == UpstreamMode::Real {
+            for (key, present) in [
+                ("CXGW_RETENTLY_API_KEY", retently.api_key.is_some()),
+                ("CXGW_RETAINLY_API_KEY", retainly.api_key.is_some()),
+                ("CXGW_RETAINLY_API_SECRET", retainly.api_secret.is_some()),
+            ] {
+                if !present {
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "required by `serve` (set it or {key}_FILE, or run `serve --sandbox`)"
+                        ),
+                    ));
+                }
+            }
+        }
+
+        let log_format = match s.string("CXGW_LOG_FORMAT", "text").as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::new(
+                    "CXGW_LOG_FORMAT",
+                    format!("expected `text` or `json`, got `{other}`"),
+                ));
+            }
+        };
+
+        let data_dir = match (source.get("CXGW_DATA_DIR"), mode) {
+            (Some(dir), _) if dir.trim().is_empty() => {
+                return Err(ConfigError::new("CXGW_DATA_DIR", "must not be empty"));
+            }
+            (Some(dir), _) => Some(PathBuf::from(dir)),
+            (None, UpstreamMode::Real) => Some(PathBuf::from("./data")),
+            (None, UpstreamMode::Sandbox) => None,
+        };
+
+        let feedback_per_second = match source.get("CXGW_SANDBOX_FEEDBACK_PER_SECOND") {
+            None => None,
+            Some(raw) => match raw.parse::<f64>() {
+                Ok(rate) if rate > 0.0 && rate <= 10_000.0 => Some(rate),
+                Ok(0.0) => None,
+                _ => {
+                    return Err(ConfigError::new(
+                        "CXGW_SANDBOX_FEEDBACK_PER_SECOND",
+                        format!(
+                            "expected a number of responses per second from 0 to 10000, got `{raw}`"
+                        ),
+                    ));
+                }
+            },
+        };
+
+        Ok(Config {
+            grpc_addr: s.parse("CXGW_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
+            admin_addr: s.parse("CXGW_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            data_dir,
+            log: LogConfig {
+                format: log_format,
+                filter: s.string("CXGW_LOG", "info"),
+            },
+            shutdown_grace: s.duration("CXGW_SHUTDOWN_GRACE", Duration::from_secs(20))?,
+            reflection: s.boolean("CXGW_REFLECTION", true)?,
+            limits: ServerLimits {
+                max_message_bytes: s.parse_in(
+                    "CXGW_MAX_MESSAGE_BYTES",
+                    16 * 1024 * 1024,
+                    1024..=256 * 1024 * 1024,
+                )?,
+                max_concurrent_streams: s.parse_in(
+                    "CXGW_MAX_CONCURRENT_STREAMS",
+                    256,
+                    1..=100_000,
+                )?,
+                max_local_error_reset_streams: 1024,
+                max_connection_age: s
+                    .duration("CXGW_MAX_CONNECTION_AGE", Duration::from_secs(30 * 60))?,
+                http2_keepalive_interval: s
+                    .duration("CXGW_HTTP2_KEEPALIVE_INTERVAL", Duration::from_secs(30))?,
+                http2_keepalive_timeout: s
+                    .duration("CXGW_HTTP2_KEEPALIVE_TIMEOUT", Duration::from_secs(10))?,
+                default_deadline: s.duration("CXGW_DEFAULT_DEADLINE", Duration::from_secs(30))?,
+            },
+            retently,
+            retainly,
+            sandbox: SandboxSettings {
+                addr: s.parse("CXGW_SANDBOX_ADDR", SocketAddr::from(([0, 0, 0, 0], 8090)))?,
+                retently_requests_per_minute: s.parse_in(
+                    "CXGW_SANDBOX_RETENTLY_REQUESTS_PER_MINUTE",
+                    150,
+                    0..=10_000_000,
+                )?,
+                feedback_per_second,
+            },
+        })
+    }
+}
+
+/// Parses the TOML file into environment-style keys (`grpc_addr` → `CXGW_GRPC_ADDR`).
+fn read_config_file(path: &str) -> Result<MapSource, ConfigError> {
+    const KEY: &str = "CXGW_CONFIG_FILE";
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| ConfigError::new(KEY, format!("cannot read `{path}`: {error}")))?;
+    let table: toml::Table = text.parse().map_err(|error: toml::de::Error| {
+        ConfigError::new(KEY, format!("`{path}`: {}", error.message()))
+    })?;
+    let mut map = HashMap::new();
+    for (name, value) in table {
+        let key = format!("CXGW_{}", name.to_ascii_uppercase());
+        let value = match value {
+            toml::Value::String(text) => text,
+            toml::Value::Integer(number) => number.to_string(),
+            toml::Value::Float(number) => number.to_string(),
+            toml::Value::Boolean(flag) => flag.to_string(),
+            _ => {
+                return Err(ConfigError::new(
+                    KEY,
+                    format!("`{name}` in `{path}` must be a string, number or boolean"),
+                ));
+            }
+        };
+        map.insert(key, value);
+    }
+    Ok(MapSource(map))
+}
+
+/// Typed accessors that turn every failure into a `ConfigError` naming the setting.
+struct Reader<'a> {
+    source: &'a dyn Source,
+}
+
+impl Reader<'_> {
+    fn string(&self, key: &str, default: &str) -> String {
+        self.source.get(key).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.source.get(key) {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|error| ConfigError::new(key, format!("`{raw}`: {error}"))),
+        }
+    }
+
+    fn parse_in<T>(
+        &self,
+        key: &str,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+        T::Err: fmt::Display,
+    {
+        let value = self.parse(key, default)?;
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::new(
+                key,
+                format!("{value} is outside {}..={}", range.start(), range.end()),
+            ))
+        }
+    }
+
+    fn boolean(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.source.get(key).as_deref().map(str::trim) {
+            None => Ok(default),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(other) => Err(ConfigError::new(
+                key,
+                format!("expected true or false, got `{other}`"),
+            )),
+        }
+    }
+
+    fn duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        match self.source.get(key) {
+            None => Ok(default),
+            Some(raw) => humantime::parse_duration(raw.trim()).map_err(|error| {
+                ConfigError::new(
+                    key,
+                    format!("`{raw}` is not a duration like 30s or 5m: {error}"),
+                )
+            }),
+        }
+    }
+
+    fn url(&self, key: &str, default: &str) -> Result<Url, ConfigError> {
+        let raw = self.string(key, default);
+        let url =
+            Url::parse(&raw).map_err(|error| ConfigError::new(key, format!("`{raw}`: {error}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::new(key, "must be an http or https URL"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            // Credentials in a URL end up in logs and traces; they belong in the key settings.
+            return Err(ConfigError::new(key, "must not contain credentials"));
+        }
+        Ok(url)
+    }
+
+    /// A secret from `KEY` or from the file named by `KEY_FILE` (trailing newline trimmed).
+    fn secret(&self, key: &str) -> Result<Option<Secret>, ConfigError> {
+        let file_key = format!("{key}_FILE");
+        let value = match (self.source.get(key), self.source.get(&file_key)) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    key,
+                    format!("set either {key} or {file_key}, not both"),
+                ));
+            }
+            (Some(value), None) => value,
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map_err(|error| {
+                    ConfigError::new(&file_key, format!("cannot read `{path}`: {error}"))
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            (None, None) => return Ok(None),
+        };
+        if value.trim().is_empty() {
+            return Err(ConfigError::new(key, "must not be empty"));
+        }
+        Ok(Some(Secret(value)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("CXGW_RETENTLY_API_KEY", "rk-canary-123"),
+            ("CXGW_RETAINLY_API_KEY", "key-canary"),
+            ("CXGW_RETAINLY_API_SECRET", "secret-canary"),
+        ]
+    }
+
+    #[test]
+    fn defaults_apply_when_only_keys_are_set() {
+        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        assert_eq!(config.grpc_addr.port(), 50051);
+        assert_eq!(config.admin_addr.port(), 8080);
+        assert_eq!(config.retently.requests_per_minute, 150);
+        assert_eq!(
+            config.retently.base_url.as_str(),
+            "https://app.retently.com/"
+        );
+        assert_eq!(config.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(config.data_dir, Some(PathBuf::from("./data")));
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn real_mode_requires_keys_and_names_the_missing_one() {
+        let error = Config::load(&MapSource::default(), UpstreamMode::Real).unwrap_err();
+        assert_eq!(error.key, "CXGW_RETENTLY_API_KEY");
+        let sandbox = Config::load(&MapSource::default(), UpstreamMode::Sandbox).unwrap();
+        assert!(sandbox.retently.api_key.is_none());
+        assert!(sandbox.data_dir.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (key, value) in [
+            ("CXGW_GRPC_ADDR", "not-an-address"),
+            ("CXGW_SHUTDOWN_GRACE", "soon"),
+            ("CXGW_RETENTLY_REQUESTS_PER_MINUTE", "0"),
+            ("CXGW_REFLECTION", "maybe"),
+            ("CXGW_LOG_FORMAT", "xml"),
+            ("CXGW_RETENTLY_BASE_URL", "ftp://example.com"),
+            ("CXGW_MAX_CONCURRENT_STREAMS", "-1"),
+        ] {
+            let mut pairs = keys();
+            pairs.push((key, value));
+            let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+            assert_eq!(error.key, key, "{value}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("rk-canary-123"));
+        assert!(!printed.contains("secret-canary"));
+        assert_eq!(config.retently.api_key.unwrap().expose(), "rk-canary-123");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_refused_without_echoing_them() {
+        let mut pairs = keys();
+        pairs.push((
+            "CXGW_RETENTLY_BASE_URL",
+            "https://user:hunter2@app.retently.com",
+        ));
+        let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+        assert_eq!(error.key, "CXGW_RETENTLY_BASE_URL");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn file_settings_apply_and_environment_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            "grpc_addr = \"127.0.0.1:6000\"\nshutdown_grace = \"3s\"\nretently_requests_per_minute = 90\n",
+        )
+        .unwrap();
+        let key_file = dir.path().join("retently.key");
+        std::fs::write(&key_file, "from-file\n").unwrap();
+        let source = MapSource::new([
+            ("CXGW_CONFIG_FILE", file.to_str().unwrap()),
+            ("CXGW_SHUTDOWN_GRACE", "7s"),
+            ("CXGW_RETENTLY_API_KEY_FILE", key_file.to_str().unwrap()),
+            ("CXGW_RETAINLY_API_KEY", "k"),
+            ("CXGW_RETAINLY_API_SECRET", "s"),
+        ]);
+        let config = Config::load(&source, UpstreamMode::Real).unwrap();
+        assert_eq!(config.grpc_addr.port(), 6000);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(7));
+        assert_eq!(config.retently.requests_per_minute, 90);
+        assert_eq!(config.retently.api_key.unwrap().expose(), "from-file");
+    }
+
+    #[test]
+    fn a_secret_and_its_file_variant_together_are_refused() {
+        let mut pairs = keys();
+        pairs.push(("CXGW_RETENTLY_API_KEY_FILE", "/nonexistent"));
+        let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+        assert_eq!(error.key, "CXGW_RETENTLY_API_KEY");
+    }
+}
