@@ -74,7 +74,11 @@ impl FieldViolation {
 /// The gateway's error. Messages are lowercase, without a trailing period, and never contain a
 /// secret: they are sent to callers and written to logs as they are.
 #[derive(Debug, Clone)]
-pub struct Error {
+pub struct Error(Box<ErrorInner>);
+
+/// Boxed so that `Result<T, Error>` stays one pointer wide on the happy path.
+#[derive(Debug, Clone)]
+struct ErrorInner {
     code: ErrorCode,
     reason: &'static str,
     message: String,
@@ -87,14 +91,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(code: ErrorCode, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(ErrorInner {
             code,
             reason,
             message: message.into(),
             violations: Vec::new(),
             retry_after: None,
             metadata: HashMap::new(),
-        }
+        }))
     }
 
     /// Bad input: `INVALID_ARGUMENT` with one `BadRequest` violation per bad field.
@@ -103,10 +107,7 @@ impl Error {
             [only] => format!("invalid {}: {}", only.field, only.description),
             many => format!("{} invalid fields, see the BadRequest details", many.len()),
         };
-        Self {
-            violations,
-            ..Self::new(ErrorCode::InvalidArgument, "INVALID_FIELDS", message)
-        }
+        Self::new(ErrorCode::InvalidArgument, "INVALID_FIELDS", message).with_violations(violations)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -123,49 +124,49 @@ impl Error {
 
     /// Asks the caller to come back after `delay` (sent as `google.rpc.RetryInfo`).
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
-        self.retry_after = Some(delay);
+        self.0.retry_after = Some(delay);
         self
     }
 
     /// Adds an `ErrorInfo.metadata` entry (for example which upstream or which limit).
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.into(), value.into());
+        self.0.metadata.insert(key.into(), value.into());
         self
     }
 
     pub fn with_violations(mut self, violations: Vec<FieldViolation>) -> Self {
-        self.violations = violations;
+        self.0.violations = violations;
         self
     }
 
     pub fn code(&self) -> ErrorCode {
-        self.code
+        self.0.code
     }
 
     pub fn reason(&self) -> &'static str {
-        self.reason
+        self.0.reason
     }
 
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     pub fn violations(&self) -> &[FieldViolation] {
-        &self.violations
+        &self.0.violations
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        self.0.retry_after
     }
 
     pub fn metadata(&self) -> &HashMap<String, String> {
-        &self.metadata
+        &self.0.metadata
     }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.message, self.reason)
+        write!(f, "{} ({})", self.0.message, self.0.reason)
     }
 }
 
@@ -173,6 +174,7 @@ impl std::error::Error for Error {}
 
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
+        let error = *error.0;
         let mut details = ErrorDetails::new();
         details.set_error_info(error.reason, ERROR_DOMAIN, error.metadata);
         for violation in error.violations {
