@@ -22,6 +22,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptor_set.encode_to_vec(),
     )?;
 
+    // The google.rpc error details are described to reflection clients (so grpcurl can decode
+    // them) but not generated: tonic-types already provides their Rust types.
+    let error_details = Path::new("proto-deps/google/rpc/error_details.proto");
+    println!("cargo:rerun-if-changed={}", error_details.display());
+    let error_details_set = protox::compile([error_details], [Path::new("proto-deps")])?;
+    std::fs::write(
+        out_dir.join("google_rpc_error_details_descriptor.bin"),
+        error_details_set.encode_to_vec(),
+    )?;
+
     tonic_prost_build::configure()
         // RPCs that a build does not implement yet answer UNIMPLEMENTED instead of failing to compile.
         .generate_default_stubs(true)
