@@ -1,6 +1,44 @@
 //! cx-gateway: one gRPC door to the Retently and Retainly customer-experience APIs.
+//!
+//! Internal services call four protobuf services (`CustomerService`, `SurveyService`,
+//! `EventService`, `FeedbackStream`, plus `DeliveryService` for asynchronous writes); the gateway
+//! validates, schedules every upstream call under one shared budget, and translates to the
+//! Retently and Retainly REST APIs.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
+//! - [`error`]: the one error type and its one mapping to `tonic::Status` with details.
+//! - [`server`]: `run(listeners, config, shutdown)`: services, health, reflection, layers, drain.
+//! - [`grpc`]: thin adapters per service and the tower layers of the gRPC stack.
+//! - [`admin`]: the admin HTTP port (liveness, readiness).
+//! - [`shutdown`]: the drain signal shared by every long-lived task.
+//! - [`sandbox_mode`]: starting the built-in upstream emulator for `serve --sandbox`.
+//! - [`telemetry`]: logging setup.
+//! - [`pb`]: code generated from `proto/cx/gateway/v1`.
+
+pub mod admin;
 pub mod config;
 pub mod error;
+pub mod grpc;
+pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+
+/// Code generated from the protobuf contract (`proto/cx/gateway/v1`, package `cx.gateway.v1`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("cx.gateway.v1");
+
+    /// The encoded descriptor set of the contract, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/cx_gateway_descriptor.bin"));
+
+    /// The encoded descriptor set of `google.rpc` error details, served by reflection so generic
+    /// clients can decode the details of every error.
+    pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(
+        env!("OUT_DIR"),
+        "/google_rpc_error_details_descriptor.bin"
+    ));
+}

@@ -1,5 +1,7 @@
 //! Logging setup: human-readable by default, JSON when configured, filtered by `CXGW_LOG`.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -13,7 +15,12 @@ pub fn init(config: &LogConfig) -> anyhow::Result<()> {
     let registry = tracing_subscriber::registry().with(filter);
     match config.format {
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_target(true))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(true)
+                    // Colour codes only where a person reads a terminal, never in collected logs.
+                    .with_ansi(std::io::stdout().is_terminal()),
+            )
             .try_init()?,
         LogFormat::Json => registry
             .with(

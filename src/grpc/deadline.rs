@@ -1,0 +1,175 @@
+//! Honours the caller's deadline and gives every call one.
+//!
+//! tonic enforces `grpc-timeout` itself but reports an expired deadline as `CANCELLED`; the
+//! contract promises `DEADLINE_EXCEEDED`. This layer sits inside tonic's own timer with the same
+//! (or a shorter) deadline; tonic polls its inner future first, so this layer's answer wins. Calls
+//! without a deadline get the configured default, so no call can hang forever. The deadline is
+//! put in the request extensions as [`Deadline`] so handlers can size upstream timeouts from it.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::codegen::http;
+use tower::{Layer, Service};
+
+use crate::error::{Error, ErrorCode};
+
+/// The instant by which the caller wants an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    /// The deadline of a tonic request, set by [`DeadlineLayer`].
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<Deadline> {
+        request.extensions().get::<Deadline>().copied()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DeadlineLayer {
+    default: Duration,
+}
+
+impl DeadlineLayer {
+    pub fn new(default: Duration) -> Self {
+        Self { default }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = DeadlineService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DeadlineService {
+            inner,
+            default: self.default,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadlineService<S> {
+    inner: S,
+    default: Duration,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for DeadlineService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let timeout = parse_grpc_timeout(request.headers()).unwrap_or(self.default);
+        let deadline = Instant::now() + timeout;
+        request.extensions_mut().insert(Deadline(deadline));
+        // The service that was polled ready is the one that must be called.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, inner.call(request)).await {
+                Ok(response) => response,
+                Err(_elapsed) => {
+                    let error = Error::new(
+                        ErrorCode::DeadlineExceeded,
+                        "DEADLINE_EXCEEDED",
+                        format!(
+                            "the call did not finish within its deadline of {}",
+                            humantime::format_duration(round_to_millis(timeout))
+                        ),
+                    );
+                    Ok(tonic::Status::from(error).into_http())
+                }
+            }
+        })
+    }
+}
+
+fn round_to_millis(duration: Duration) -> Duration {
+    Duration::from_millis(duration.as_millis().try_into().unwrap_or(u64::MAX))
+}
+
+/// Parses `grpc-timeout` (`<1-8 digits><H|M|S|m|u|n>`); anything malformed counts as absent, as
+/// the gRPC spec lets servers treat it.
+fn parse_grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        map.insert("grpc-timeout", value.parse().unwrap());
+        map
+    }
+
+    #[test]
+    fn parses_every_unit() {
+        assert_eq!(
+            parse_grpc_timeout(&headers("2H")),
+            Some(Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse_grpc_timeout(&headers("3M")),
+            Some(Duration::from_secs(180))
+        );
+        assert_eq!(
+            parse_grpc_timeout(&headers("4S")),
+            Some(Duration::from_secs(4))
+        );
+        assert_eq!(
+            parse_grpc_timeout(&headers("250m")),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_grpc_timeout(&headers("7u")),
+            Some(Duration::from_micros(7))
+        );
+        assert_eq!(
+            parse_grpc_timeout(&headers("9n")),
+            Some(Duration::from_nanos(9))
+        );
+    }
+
+    #[test]
+    fn malformed_values_count_as_absent() {
+        for bad in ["", "S", "12", "123456789S", "1x", "-1S", "1.5S"] {
+            let mut map = http::HeaderMap::new();
+            if !bad.is_empty() {
+                map.insert("grpc-timeout", bad.parse().unwrap());
+            }
+            assert_eq!(parse_grpc_timeout(&map), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `run(listeners, config, shutdown)`: builds every service, serves gRPC and the admin port, and
+//! drains gracefully.
+//!
+//! Shutdown order: the `shutdown` future resolves → health turns NOT_SERVING and `/readyz` 503 →
+//! the drain signal tells streams to finish and the listeners to stop accepting → in-flight unary
+//! calls complete → return. Whatever is still running when the grace period ends is cut.
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::Config;
+use crate::grpc;
+use crate::grpc::deadline::DeadlineLayer;
+use crate::pb;
+use crate::shutdown;
+
+/// The sockets the gateway serves on, bound by the caller so tests can use `127.0.0.1:0`.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("cannot bind the grpc address {}", config.grpc_addr))?;
+        let admin = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot bind the admin address {}", config.admin_addr))?;
+        Ok(Listeners { grpc, admin })
+    }
+}
+
+/// The fully qualified names of the gateway's own services, as health and reflection report them.
+pub const SERVICE_NAMES: [&str; 5] = [
+    <pb::customer_service_server::CustomerServiceServer<grpc::CustomerApi> as NamedService>::NAME,
+    <pb::survey_service_server::SurveyServiceServer<grpc::SurveyApi> as NamedService>::NAME,
+    <pb::event_service_server::EventServiceServer<grpc::EventApi> as NamedService>::NAME,
+    <pb::feedback_stream_server::FeedbackStreamServer<grpc::FeedbackApi> as NamedService>::NAME,
+    <pb::delivery_service_server::DeliveryServiceServer<grpc::DeliveryApi> as NamedService>::NAME,
+];
+
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    let (drain_trigger, drain) = shutdown::channel();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in SERVICE_NAMES {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    // The overall status ("") is what Kubernetes probes ask for by default.
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let limits = &config.limits;
+    let max_message = limits.max_message_bytes;
+    let mut router = Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .max_connection_age(limits.max_connection_age)
+        // A connection past its age gets this long to finish what it has in flight.
+        .max_connection_age_grace(config.shutdown_grace)
+        .layer(
+            tower::ServiceBuilder::new()
+                // Every call gets a deadline, and an expired one is DEADLINE_EXCEEDED.
+                .layer(DeadlineLayer::new(limits.default_deadline)),
+        )
+        .add_service(health_service)
+        .add_service(
+            pb::customer_service_server::CustomerServiceServer::new(grpc::CustomerApi::new())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
+        )
+        .add_service(
+            pb::survey_service_server::SurveyServiceServer::new(grpc::SurveyApi::new())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
+        )
+        .add_service(
+            pb::event_service_server::EventServiceServer::new(grpc::EventApi::new())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
+        )
+        .add_service(
+            pb::feedback_stream_server::FeedbackStreamServer::new(grpc::FeedbackApi::new(
+                drain.clone(),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip),
+        )
+        .add_service(
+            pb::delivery_service_server::DeliveryServiceServer::new(grpc::DeliveryApi::new())
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
+        );
+    if config.reflection {
+        // Both versions: grpcurl 1.8.6 and many other tools still speak only v1alpha.
+        router = router
+            .add_service(
+                reflection()
+                    .build_v1()
+                    .context("cannot build reflection v1")?,
+            )
+            .add_service(
+                reflection()
+                    .build_v1alpha()
+                    .context("cannot build reflection v1alpha")?,
+            );
+    }
+
+    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let grpc_server = router.serve_with_incoming_shutdown(incoming, drain.clone().signaled());
+    let admin_server = axum::serve(listeners.admin, crate::admin::router(drain.clone()))
+        .with_graceful_shutdown(drain.clone().signaled())
+        .into_future();
+
+    tracing::info!(%grpc_addr, %admin_addr, "gateway serving");
+    let mut grpc_server = std::pin::pin!(grpc_server);
+    let mut admin_server = std::pin::pin!(admin_server);
+    tokio::select! {
+        () = shutdown => {}
+        result = &mut grpc_server => {
+            return result.context("the grpc server stopped unexpectedly");
+        }
+        result = &mut admin_server => {
+            result.context("the admin server stopped unexpectedly")?;
+            anyhow::bail!("the admin server stopped unexpectedly");
+        }
+    }
+
+    tracing::info!(grace = %humantime::format_duration(config.shutdown_grace), "draining");
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    drain_trigger.start();
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        let (grpc_result, admin_result) = tokio::join!(grpc_server, admin_server);
+        grpc_result.context("the grpc server failed while draining")?;
+        admin_result.context("the admin server failed while draining")
+    })
+    .await;
+    match drained {
+        Ok(result) => {
+            result?;
+            tracing::info!("drained cleanly");
+        }
+        Err(_elapsed) => tracing::warn!(
+            grace = %humantime::format_duration(config.shutdown_grace),
+            "grace period elapsed, closing the remaining connections"
+        ),
+    }
+    Ok(())
+}
+
+/// Reflection over the gateway's contract, the `google.rpc` error details and the health service.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(pb::ERROR_DETAILS_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Waits for SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM, only SIGINT will stop the gateway");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
+        () = terminate => tracing::info!("received SIGTERM"),
+    }
+}
