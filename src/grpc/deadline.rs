@@ -162,6 +162,60 @@ mod tests {
         );
     }
 
+    fn slow_service(
+        delay: Duration,
+    ) -> impl Service<
+        http::Request<()>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |request: http::Request<()>| async move {
+            assert!(request.extensions().get::<Deadline>().is_some());
+            tokio::time::sleep(delay).await;
+            Ok(http::Response::new(tonic::body::Body::empty()))
+        })
+    }
+
+    fn grpc_status(response: &http::Response<tonic::body::Body>) -> Option<&str> {
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_caller_deadline_is_deadline_exceeded() {
+        let mut service = DeadlineLayer::new(Duration::from_secs(30))
+            .layer(slow_service(Duration::from_secs(10)));
+        let mut request = http::Request::new(());
+        request
+            .headers_mut()
+            .insert("grpc-timeout", "100m".parse().unwrap());
+        let started = Instant::now();
+        let response = service.call(request).await.unwrap();
+        assert_eq!(grpc_status(&response), Some("4"), "4 is DEADLINE_EXCEEDED");
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_without_a_deadline_get_the_default() {
+        let mut service =
+            DeadlineLayer::new(Duration::from_secs(2)).layer(slow_service(Duration::from_secs(10)));
+        let response = service.call(http::Request::new(())).await.unwrap();
+        assert_eq!(grpc_status(&response), Some("4"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_within_their_deadline_pass_through() {
+        let mut service =
+            DeadlineLayer::new(Duration::from_secs(2)).layer(slow_service(Duration::from_secs(1)));
+        let response = service.call(http::Request::new(())).await.unwrap();
+        assert_eq!(grpc_status(&response), None);
+    }
+
     #[test]
     fn malformed_values_count_as_absent() {
         for bad in ["", "S", "12", "123456789S", "1x", "-1S", "1.5S"] {
