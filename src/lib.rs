@@ -7,6 +7,8 @@
 //!
 //! # Layout
 //!
+//! - [`app`]: what the services share: settings, store, drain, background workers.
+//! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`error`]: the one error type and its one mapping to `tonic::Status` with details.
 //! - [`server`]: `run(listeners, config, shutdown)`: services, health, reflection, layers, drain.
@@ -18,6 +20,7 @@
 //! - [`pb`]: code generated from `proto/cx/gateway/v1`.
 
 pub mod admin;
+pub mod app;
 pub mod config;
 pub mod error;
 pub mod grpc;

@@ -5,6 +5,9 @@
 //! the drain signal tells streams to finish and the listeners to stop accepting → in-flight unary
 //! calls complete → return. Whatever is still running when the grace period ends is cut.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
@@ -12,6 +15,7 @@ use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::app::App;
 use crate::config::Config;
 use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
@@ -54,6 +58,9 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let (drain_trigger, drain) = shutdown::channel();
+    let shutdown_grace = config.shutdown_grace;
+    let app = Arc::new(App::open(config, drain.clone())?);
+    let config = Arc::clone(&app.config);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {
@@ -155,14 +162,14 @@ pub async fn run(
         }
     }
 
-    tracing::info!(grace = %humantime::format_duration(config.shutdown_grace), "draining");
+    tracing::info!(grace = %humantime::format_duration(shutdown_grace), "draining");
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health
             .set_service_status(name, tonic_health::ServingStatus::NotServing)
             .await;
     }
     drain_trigger.start();
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
+    let drained = tokio::time::timeout(shutdown_grace, async {
         let (grpc_result, admin_result) = tokio::join!(grpc_server, admin_server);
         grpc_result.context("the grpc server failed while draining")?;
         admin_result.context("the admin server failed while draining")
@@ -174,10 +181,14 @@ pub async fn run(
             tracing::info!("drained cleanly");
         }
         Err(_elapsed) => tracing::warn!(
-            grace = %humantime::format_duration(config.shutdown_grace),
+            grace = %humantime::format_duration(shutdown_grace),
             "grace period elapsed, closing the remaining connections"
         ),
     }
+    // Workers saw the drain signal at the same moment; give them a short, bounded time to finish
+    // the step they are in (everything they do is durable and resumes at the next start).
+    app.stop_background(shutdown_grace.min(Duration::from_secs(5)))
+        .await;
     Ok(())
 }
 

@@ -1,0 +1,76 @@
+//! What every service shares, built once by `server::run`: settings, the durable store, the
+//! drain signal and the background workers (outbox delivery, feedback sync).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::shutdown::Drain;
+use crate::store::Store;
+
+pub struct App {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub drain: Drain,
+    /// Workers that run until draining starts; each must watch `drain` and return promptly.
+    background: Mutex<JoinSet<()>>,
+    /// Holds the temporary data directory of sandbox mode; removed when the app is dropped.
+    _temporary_data_dir: Option<tempfile::TempDir>,
+}
+
+impl App {
+    /// Opens the store in the configured data directory, or in a fresh temporary one when none is
+    /// configured (sandbox mode).
+    pub fn open(config: Config, drain: Drain) -> anyhow::Result<App> {
+        let (temporary, data_dir): (Option<tempfile::TempDir>, PathBuf) = match &config.data_dir {
+            Some(dir) => (None, dir.clone()),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("cx-gateway-")
+                    .tempdir()
+                    .context("cannot create a temporary data directory")?;
+                let path = dir.path().to_path_buf();
+                (Some(dir), path)
+            }
+        };
+        let store = Store::open(&data_dir)
+            .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+        tracing::info!(data_dir = %data_dir.display(), temporary = temporary.is_some(), "store open");
+        Ok(App {
+            config: Arc::new(config),
+            store,
+            drain,
+            background: Mutex::new(JoinSet::new()),
+            _temporary_data_dir: temporary,
+        })
+    }
+
+    /// Runs `worker` until it returns; workers are expected to stop when `drain` fires.
+    pub fn spawn_background(&self, worker: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(mut set) = self.background.lock() {
+            set.spawn(worker);
+        }
+    }
+
+    /// Waits for the background workers to stop, at most `within`; those still running are
+    /// aborted (their work is durable and resumes at the next start).
+    pub async fn stop_background(&self, within: Duration) {
+        let mut set = match self.background.lock() {
+            Ok(mut set) => std::mem::take(&mut *set),
+            Err(_) => return,
+        };
+        let joined =
+            tokio::time::timeout(within, async { while set.join_next().await.is_some() {} }).await;
+        if joined.is_err() {
+            tracing::warn!(
+                remaining = set.len(),
+                "background workers did not stop in time, aborting them"
+            );
+            set.abort_all();
+        }
+    }
+}
