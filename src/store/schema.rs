@@ -1,30 +1,41 @@
-//! Schema migrations, applied in order at open; `PRAGMA user_version` records how far a database
-//! has come, so a newer gateway upgrades an older data directory in place and never goes back.
+//! Schema migrations, applied at open. Each has a unique name recorded in `schema_migrations`
+//! once applied, so independent parts of the gateway (outbox, feedback log) add their tables
+//! without coordinating version numbers, and a newer gateway upgrades an older data directory
+//! in place. Never edit a published migration; append a new one.
 
 use rusqlite::Connection;
 
-/// Each entry upgrades the schema by one version; never edit a published entry, append a new one.
-const MIGRATIONS: &[&str] = &[
-    // 1: sync cursors (named positions of background pollers).
+/// `(name, sql)`, applied in this order when not yet recorded.
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_sync_cursors",
+    // Named positions of background pollers.
     "CREATE TABLE sync_cursors (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) STRICT;",
-];
+)];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
-    let current: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    let current = usize::try_from(current).unwrap_or(usize::MAX);
-    if current > MIGRATIONS.len() {
-        return Err(rusqlite::Error::InvalidParameterName(format!(
-            "the data directory was written by a newer gateway (schema {current}, this build knows {})",
-            MIGRATIONS.len()
-        )));
-    }
-    for (version, sql) in (1_i64..).zip(MIGRATIONS).skip(current) {
+    connection.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            name TEXT PRIMARY KEY,
+            applied_at_ms INTEGER NOT NULL
+        ) STRICT;",
+    )?;
+    for (name, sql) in MIGRATIONS {
         let tx = connection.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version)?;
+        let applied: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE name = ?1)",
+            [name],
+            |row| row.get(0),
+        )?;
+        if !applied {
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (name, applied_at_ms) VALUES (?1, ?2)",
+                (name, chrono::Utc::now().timestamp_millis()),
+            )?;
+        }
         tx.commit()?;
     }
     Ok(())
