@@ -1,0 +1,142 @@
+//! The shared state behind every handler and the in-process handle.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::Serialize;
+
+use crate::Api;
+use crate::config::{SandboxConfig, WebhookConfig};
+use crate::faults::{FaultCounts, FaultState};
+use crate::ids::IdGen;
+use crate::rate_limit::SlidingWindow;
+use crate::retainly::model::RetainlyStore;
+use crate::retently::model::RetentlyStore;
+
+/// One recorded `POST /survey` call that was accepted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SurveySend {
+    pub campaign_id: String,
+    /// The requested delay in days (0 when absent).
+    pub delay_days: u32,
+    /// Recipient emails (normalised) in request order, duplicates removed.
+    pub recipients: Vec<String>,
+    /// Those actually scheduled (the others were throttled or unsubscribed).
+    pub scheduled: Vec<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// The data of both upstream accounts. Guarded by one mutex: every handler holds it for a short,
+/// await-free critical section, so a lock per collection would add ordering hazards for no
+/// measurable gain at the request rates of tests and benchmarks.
+pub(crate) struct World {
+    pub retently: RetentlyStore,
+    pub retainly: RetainlyStore,
+    pub ids: IdGen,
+    /// The generator of seed and simulated data.
+    pub rng: StdRng,
+    pub survey_sends: Vec<SurveySend>,
+}
+
+/// Request counts, keyed by API, route template and status; status 0 marks a dropped connection.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub requests: BTreeMap<(Api, String, u16), u64>,
+    pub rate_limited: [u64; 2],
+}
+
+/// Webhook deliveries since the last reset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct WebhookStats {
+    /// Answered with a 2xx.
+    pub delivered: u64,
+    /// Answered with another status, or not answered at all.
+    pub failed: u64,
+}
+
+/// Operational state: faults, limits, counters, webhook target. Separate from [`World`] so that
+/// counting a request never waits for a data operation.
+pub(crate) struct Control {
+    pub faults: [FaultState; 2],
+    pub limiters: [SlidingWindow; 2],
+    pub stats: Stats,
+    pub webhook: Option<WebhookConfig>,
+    pub webhook_stats: WebhookStats,
+}
+
+impl Control {
+    pub(crate) fn fault_counts(&self, api: Api) -> FaultCounts {
+        self.faults[api.index()].counts.clone()
+    }
+}
+
+pub(crate) struct Shared {
+    pub retently_keys: Vec<String>,
+    pub retainly_credentials: Vec<(String, String)>,
+    pub simulate_feedback_per_second: Option<f64>,
+    pub world: Mutex<World>,
+    pub control: Mutex<Control>,
+    /// Client of webhook deliveries; `None` if it could not be built (deliveries then count as
+    /// failed).
+    pub webhook_client: Option<reqwest::Client>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: SandboxConfig) -> Shared {
+        let seed = config.seed.rng_seed;
+        let mut world = World {
+            retently: RetentlyStore::default(),
+            retainly: RetainlyStore::default(),
+            ids: IdGen::new(seed),
+            rng: StdRng::seed_from_u64(seed),
+            survey_sends: Vec::new(),
+        };
+        crate::seed::seed(&mut world, &config.seed, Utc::now());
+        let control = Control {
+            faults: [
+                FaultState::new(seed.wrapping_add(1)),
+                FaultState::new(seed.wrapping_add(2)),
+            ],
+            limiters: [
+                SlidingWindow::new(
+                    config.retently_requests_per_minute,
+                    config.rate_limit_window,
+                ),
+                SlidingWindow::new(
+                    config.retainly_requests_per_minute,
+                    config.rate_limit_window,
+                ),
+            ],
+            stats: Stats::default(),
+            webhook: config.webhook,
+            webhook_stats: WebhookStats::default(),
+        };
+        Shared {
+            retently_keys: config.retently_api_keys,
+            retainly_credentials: config.retainly_credentials,
+            simulate_feedback_per_second: config.simulate_feedback_per_second,
+            world: Mutex::new(world),
+            control: Mutex::new(control),
+            webhook_client: crate::webhook::client(),
+        }
+    }
+
+    /// A panic while holding a lock leaves data that is still consistent per record (each
+    /// mutation is a single insert or field update), so a poisoned lock is used as is rather than
+    /// taking the whole emulator down.
+    pub(crate) fn world(&self) -> MutexGuard<'_, World> {
+        self.world
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn control(&self) -> MutexGuard<'_, Control> {
+        self.control
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
