@@ -9,6 +9,7 @@
 //!
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
+//! - [`domain`]: plain-Rust domain logic: outbox, idempotency.
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`error`]: the one error type and its one mapping to `tonic::Status` with details.
 //! - [`server`]: `run(listeners, config, shutdown)`: services, health, reflection, layers, drain.
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod server;

@@ -6,14 +6,18 @@
 use rusqlite::Connection;
 
 /// `(name, sql)`, applied in this order when not yet recorded.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_sync_cursors",
-    // Named positions of background pollers.
-    "CREATE TABLE sync_cursors (
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_sync_cursors",
+        // Named positions of background pollers.
+        "CREATE TABLE sync_cursors (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) STRICT;",
-)];
+    ),
+    crate::domain::outbox::MIGRATION,
+    crate::domain::idempotency::MIGRATION,
+];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
     connection.execute_batch(

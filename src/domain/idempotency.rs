@@ -1,0 +1,215 @@
+//! Idempotency keys and event message ids: a repeat within the window returns the first call's
+//! response and makes no second upstream call.
+//!
+//! Records live in the store, so a repeat after a restart is still recognised. A repeat that
+//! arrives while the first call is still running waits for it (an in-process gate per key)
+//! instead of racing it to the upstream. Only calls that reached an upstream or the outbox are
+//! remembered; a call rejected before that (bad input) runs anew when repeated.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension as _, params};
+use tokio::sync::Notify;
+
+use crate::error::{Error, ErrorCode};
+use crate::store::Store;
+
+pub const MIGRATION: (&str, &str) = (
+    "0003_idempotency",
+    "CREATE TABLE idempotency (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        request_hash BLOB NOT NULL,
+        response BLOB NOT NULL,
+        create_ms INTEGER NOT NULL,
+        PRIMARY KEY (scope, key)
+    ) STRICT;
+    CREATE INDEX idempotency_by_age ON idempotency (create_ms);",
+);
+
+/// The SHA-256 of a request's encoding (without its options), to tell a true repeat from a
+/// reused key.
+pub fn request_hash(encoded: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, encoded)
+        .as_ref()
+        .to_vec()
+}
+
+/// Calls in progress per `(scope, key)`, each with the gate its repeats wait on.
+type RunningCalls = Arc<Mutex<HashMap<(String, String), Arc<Notify>>>>;
+
+/// Removes a key from the running set and wakes whoever waits on it.
+struct Gate {
+    running: RunningCalls,
+    key: (String, String),
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock()
+            && let Some(notify) = running.remove(&self.key)
+        {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// What a first call produced.
+pub struct Fresh {
+    pub response: Vec<u8>,
+    /// False when nothing reached an upstream or the outbox, so a repeat should run anew.
+    pub remember: bool,
+}
+
+#[derive(Clone)]
+pub struct Idempotency {
+    store: Store,
+    window: Duration,
+    running: RunningCalls,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn reused() -> Error {
+    Error::new(
+        ErrorCode::FailedPrecondition,
+        "IDEMPOTENCY_KEY_REUSED",
+        "this idempotency key was already used for a different request",
+    )
+}
+
+impl Idempotency {
+    pub fn new(store: Store, window: Duration) -> Idempotency {
+        Idempotency {
+            store,
+            window,
+            running: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The remembered response for `(scope, key)`, if any within the window; an error if the key
+    /// was used for a different request.
+    pub async fn lookup(
+        &self,
+        scope: &str,
+        key: &str,
+        hash: &[u8],
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let (scope, key) = (scope.to_owned(), key.to_owned());
+        let oldest =
+            now_ms().saturating_sub(i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX));
+        let found: Option<(Vec<u8>, Vec<u8>)> = self
+            .store
+            .read(move |c| {
+                c.query_row(
+                    "SELECT request_hash, response FROM idempotency
+                     WHERE scope = ?1 AND key = ?2 AND create_ms >= ?3",
+                    params![scope, key, oldest],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()
+            })
+            .await?;
+        match found {
+            None => Ok(None),
+            Some((stored_hash, response)) if stored_hash == hash => Ok(Some(response)),
+            Some(_) => Err(reused()),
+        }
+    }
+
+    /// An insert of the record, for callers that commit it together with other writes (the
+    /// outbox enqueue of an ASYNC call).
+    pub fn record_job(
+        scope: &str,
+        key: &str,
+        hash: Vec<u8>,
+        response: Vec<u8>,
+    ) -> impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send + 'static {
+        let (scope, key) = (scope.to_owned(), key.to_owned());
+        move |tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO idempotency (scope, key, request_hash, response, create_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![scope, key, hash, response, now_ms()],
+            )?;
+            Ok(())
+        }
+    }
+
+    /// Runs `first` unless `(scope, key)` was seen: then returns the remembered response (or
+    /// waits for the running first call and returns its).
+    pub async fn run<F>(
+        &self,
+        scope: &str,
+        key: &str,
+        hash: Vec<u8>,
+        first: F,
+    ) -> Result<Vec<u8>, Error>
+    where
+        F: Future<Output = Result<Fresh, Error>>,
+    {
+        let gate_key = (scope.to_owned(), key.to_owned());
+        loop {
+            if let Some(response) = self.lookup(scope, key, &hash).await? {
+                return Ok(response);
+            }
+            let waiting = {
+                let Ok(mut running) = self.running.lock() else {
+                    return Err(Error::internal("the idempotency gate is poisoned"));
+                };
+                match running.get(&gate_key) {
+                    Some(notify) => Some(Arc::clone(notify)),
+                    None => {
+                        running.insert(gate_key.clone(), Arc::new(Notify::new()));
+                        None
+                    }
+                }
+            };
+            match waiting {
+                Some(notify) => {
+                    let notified = notify.notified();
+                    // Re-check after registering, so a finish between lookup and here is not missed.
+                    let still_running = self
+                        .running
+                        .lock()
+                        .map(|running| running.contains_key(&gate_key))
+                        .unwrap_or(false);
+                    if still_running {
+                        notified.await;
+                    }
+                }
+                None => break,
+            }
+        }
+
+        // Opens the gate however this call ends, including when the caller goes away mid-call.
+        let _gate = Gate {
+            running: Arc::clone(&self.running),
+            key: gate_key,
+        };
+        let fresh = first.await?;
+        if fresh.remember {
+            self.store
+                .write(Self::record_job(scope, key, hash, fresh.response.clone()))
+                .await?;
+        }
+        Ok(fresh.response)
+    }
+
+    /// Forgets records older than the window.
+    pub async fn prune(&self) -> Result<usize, Error> {
+        let oldest =
+            now_ms().saturating_sub(i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX));
+        self.store
+            .write(move |tx| tx.execute("DELETE FROM idempotency WHERE create_ms < ?1", [oldest]))
+            .await
+    }
+}

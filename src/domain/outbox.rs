@@ -1,0 +1,770 @@
+//! The durable outbox of asynchronous writes and its delivery worker.
+//!
+//! A write acknowledged in ASYNC mode is a row here, committed (fsync) before the caller hears
+//! back. The worker replays each delivery through an [`Executor`] (the same code path as a
+//! synchronous call, at background priority), retries transient failures with full-jitter
+//! backoff for the retry window, and then moves the delivery to the dead-letter list, from
+//! which an operator can requeue it.
+//!
+//! Ordering: every delivery carries ordering keys (the customers it touches). A delivery starts
+//! only when no older, unfinished delivery shares one of its keys, so writes to one customer reach
+//! the upstream in the order they were acknowledged, while writes to different customers proceed
+//! concurrently (and can be coalesced into batch calls by the scheduler).
+//!
+//! Crash safety: a delivery is marked in flight (durably) before it is sent. After a crash, an
+//! in-flight delivery whose operation is idempotent is simply sent again; one whose operation is
+//! not (an event that starts workflows, a survey invitation) is in doubt, because the upstream may
+//! have applied it. Those are never sent twice: they move to the dead-letter list with reason
+//! `DELIVERY_IN_DOUBT`, where an operator who has checked the upstream can requeue them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng as _;
+use rusqlite::{OptionalExtension as _, Row, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::error::Error;
+use crate::shutdown::Drain;
+use crate::store::Store;
+
+/// Schema of the outbox; registered with the store's migrations.
+pub const MIGRATION: (&str, &str) = (
+    "0002_outbox",
+    "CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        delivery_id TEXT NOT NULL UNIQUE,
+        method TEXT NOT NULL,
+        request BLOB NOT NULL,
+        destinations TEXT NOT NULL,
+        item_count INTEGER NOT NULL,
+        idempotency_key TEXT,
+        replay_safe INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        attempt_count INTEGER NOT NULL DEFAULT 0,
+        replay_count INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        result BLOB,
+        create_ms INTEGER NOT NULL,
+        update_ms INTEGER NOT NULL,
+        next_attempt_ms INTEGER NOT NULL,
+        complete_ms INTEGER,
+        expire_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX outbox_by_state ON outbox (state, next_attempt_ms);
+    CREATE TABLE outbox_keys (
+        key TEXT NOT NULL,
+        seq INTEGER NOT NULL REFERENCES outbox (seq) ON DELETE CASCADE,
+        PRIMARY KEY (key, seq)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX outbox_keys_by_seq ON outbox_keys (seq);",
+);
+
+/// Delivery states; the numbers are those of `cx.gateway.v1.DeliveryState`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeliveryState {
+    Pending = 1,
+    InFlight = 2,
+    RetryWait = 3,
+    Delivered = 4,
+    DeadLettered = 5,
+}
+
+impl DeliveryState {
+    fn from_i64(value: i64) -> DeliveryState {
+        match value {
+            2 => DeliveryState::InFlight,
+            3 => DeliveryState::RetryWait,
+            4 => DeliveryState::Delivered,
+            5 => DeliveryState::DeadLettered,
+            _ => DeliveryState::Pending,
+        }
+    }
+}
+
+/// Why an attempt failed, in the shape of `cx.gateway.v1.ItemError`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryError {
+    pub code: i32,
+    pub reason: String,
+    pub message: String,
+    pub metadata: HashMap<String, String>,
+}
+
+impl From<&Error> for DeliveryError {
+    fn from(error: &Error) -> Self {
+        DeliveryError {
+            code: error.code().grpc_code() as i32,
+            reason: error.reason().to_owned(),
+            message: error.message().to_owned(),
+            metadata: error.metadata().clone(),
+        }
+    }
+}
+
+/// A write to queue.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// The RPC it came from (`UpsertCustomers`), which tells the executor how to read `request`.
+    pub method: String,
+    /// The validated request, as the executor will replay it.
+    pub request: Vec<u8>,
+    /// `cx.gateway.v1.Destination` numbers it writes to.
+    pub destinations: Vec<i32>,
+    pub item_count: u32,
+    /// The customers it touches; see the module doc on ordering.
+    pub ordering_keys: Vec<String>,
+    pub idempotency_key: Option<String>,
+    /// Whether sending it twice is harmless (upserts, deletes) or not (events, survey sends).
+    pub replay_safe: bool,
+}
+
+/// What the outbox knows about one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRecord {
+    pub delivery_id: String,
+    pub method: String,
+    pub state: DeliveryState,
+    pub destinations: Vec<i32>,
+    pub item_count: u32,
+    pub idempotency_key: Option<String>,
+    pub attempt_count: u32,
+    pub replay_count: u32,
+    pub last_error: Option<DeliveryError>,
+    /// The response the RPC would have returned in SYNC mode, once delivered.
+    pub result: Option<Vec<u8>>,
+    pub create_ms: i64,
+    pub update_ms: i64,
+    pub next_attempt_ms: Option<i64>,
+    pub complete_ms: Option<i64>,
+    pub expire_ms: i64,
+}
+
+/// The outcome of one attempt.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Done; `result` is the encoded response of the RPC.
+    Delivered { result: Vec<u8> },
+    /// Failed in a way that may pass (unavailable, rate limited); try again later.
+    Retry {
+        error: DeliveryError,
+        retry_after: Option<Duration>,
+    },
+    /// Failed for good (the upstream rejected the input); dead-letter it.
+    Failed { error: DeliveryError },
+}
+
+/// Replays queued writes. Implemented by the gRPC layer, which owns the request encoding.
+#[tonic::async_trait]
+pub trait Executor: Send + Sync + 'static {
+    async fn execute(&self, method: &str, request: &[u8]) -> Attempt;
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// How long a delivery is retried before it is dead-lettered.
+    pub retry_window: Duration,
+    /// First retry delay; doubles per attempt up to `max_backoff`, with full jitter.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Deliveries executed at once; enough to let the scheduler fill batch calls.
+    pub concurrency: usize,
+    /// Delivered records are kept this long for GetDelivery, dead letters `dead_letter_retention`.
+    pub delivered_retention: Duration,
+    pub dead_letter_retention: Duration,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            retry_window: Duration::from_secs(4 * 3600),
+            base_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+            concurrency: 64,
+            delivered_retention: Duration::from_secs(7 * 24 * 3600),
+            dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// A page of dead letters.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterPage {
+    pub deliveries: Vec<DeliveryRecord>,
+    /// The `seq` to continue after, if there is more.
+    pub next_after: Option<i64>,
+    pub total: i64,
+}
+
+/// Which dead letters to requeue.
+#[derive(Debug, Clone)]
+pub enum RetrySelection {
+    Ids(Vec<String>),
+    All { method: Option<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryResult {
+    pub delivery_id: String,
+    pub requeued: bool,
+    /// Why it was not requeued.
+    pub error: Option<DeliveryError>,
+}
+
+#[derive(Clone)]
+pub struct Outbox {
+    store: Store,
+    settings: Arc<OutboxSettings>,
+    /// Wakes the worker when something was queued or requeued.
+    wake: Arc<Notify>,
+    /// Counts recorded attempt outcomes, so observers wait for progress instead of polling.
+    outcomes: Arc<watch::Sender<u64>>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A fresh delivery id: 128 random bits, so ids are unguessable and never collide in practice.
+pub fn new_delivery_id() -> String {
+    let bits: u128 = rand::rng().random();
+    format!("dlv_{bits:032x}")
+}
+
+const SELECT_RECORD: &str =
+    "SELECT delivery_id, method, state, destinations, item_count, idempotency_key,
+    attempt_count, replay_count, last_error, result, create_ms, update_ms, next_attempt_ms,
+    complete_ms, expire_ms FROM outbox";
+
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryRecord> {
+    let state = DeliveryState::from_i64(row.get(2)?);
+    let destinations: String = row.get(3)?;
+    let last_error: Option<String> = row.get(8)?;
+    let next_attempt_ms: i64 = row.get(12)?;
+    Ok(DeliveryRecord {
+        delivery_id: row.get(0)?,
+        method: row.get(1)?,
+        state,
+        destinations: destinations
+            .split(',')
+            .filter_map(|d| d.parse().ok())
+            .collect(),
+        item_count: row.get(4)?,
+        idempotency_key: row.get(5)?,
+        attempt_count: row.get(6)?,
+        replay_count: row.get(7)?,
+        last_error: last_error.and_then(|text| serde_json::from_str(&text).ok()),
+        result: row.get(9)?,
+        create_ms: row.get(10)?,
+        update_ms: row.get(11)?,
+        next_attempt_ms: matches!(state, DeliveryState::Pending | DeliveryState::RetryWait)
+            .then_some(next_attempt_ms),
+        complete_ms: row.get(13)?,
+        expire_ms: row.get(14)?,
+    })
+}
+
+fn error_json(error: &DeliveryError) -> String {
+    serde_json::to_string(error).unwrap_or_default()
+}
+
+impl Outbox {
+    pub fn new(store: Store, settings: OutboxSettings) -> Outbox {
+        Outbox {
+            store,
+            settings: Arc::new(settings),
+            wake: Arc::new(Notify::new()),
+            outcomes: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Changes each time an attempt's outcome is recorded.
+    pub fn outcomes(&self) -> watch::Receiver<u64> {
+        self.outcomes.subscribe()
+    }
+
+    pub fn settings(&self) -> &OutboxSettings {
+        &self.settings
+    }
+
+    /// Queues `delivery` and returns once it is durable. `also` runs in the same transaction (the
+    /// idempotency record of the call), so a crash never keeps one without the other.
+    pub async fn enqueue_with(
+        &self,
+        delivery_id: String,
+        delivery: NewDelivery,
+        also: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send + 'static,
+    ) -> Result<String, Error> {
+        let expire_ms = now_ms().saturating_add(millis(self.settings.retry_window));
+        let id = delivery_id.clone();
+        self.store
+            .write(move |tx| {
+                let now = now_ms();
+                let destinations = delivery
+                    .destinations
+                    .iter()
+                    .map(i32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                tx.execute(
+                    "INSERT INTO outbox (delivery_id, method, request, destinations, item_count,
+                        idempotency_key, replay_safe, state, create_ms, update_ms, next_attempt_ms,
+                        expire_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10)",
+                    params![
+                        id,
+                        delivery.method,
+                        delivery.request,
+                        destinations,
+                        delivery.item_count,
+                        delivery.idempotency_key,
+                        delivery.replay_safe,
+                        DeliveryState::Pending as i64,
+                        now,
+                        expire_ms,
+                    ],
+                )?;
+                let seq = tx.last_insert_rowid();
+                let mut insert_key = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO outbox_keys (key, seq) VALUES (?1, ?2)",
+                )?;
+                for key in &delivery.ordering_keys {
+                    insert_key.execute(params![key, seq])?;
+                }
+                also(tx)
+            })
+            .await?;
+        self.wake.notify_one();
+        Ok(delivery_id)
+    }
+
+    pub async fn enqueue(&self, delivery: NewDelivery) -> Result<String, Error> {
+        self.enqueue_with(new_delivery_id(), delivery, |_| Ok(()))
+            .await
+    }
+
+    pub async fn get(&self, delivery_id: &str) -> Result<Option<DeliveryRecord>, Error> {
+        let id = delivery_id.to_owned();
+        self.store
+            .read(move |c| {
+                c.query_row(
+                    &format!("{SELECT_RECORD} WHERE delivery_id = ?1"),
+                    [id],
+                    record_from_row,
+                )
+                .optional()
+            })
+            .await
+    }
+
+    /// Dead letters in the order they were acknowledged, after `after` (a `seq`).
+    pub async fn dead_letters(
+        &self,
+        method: Option<String>,
+        destination: Option<i32>,
+        after: i64,
+        limit: usize,
+    ) -> Result<DeadLetterPage, Error> {
+        self.store
+            .read(move |c| {
+                let filter = "state = ?1 AND (?2 IS NULL OR method = ?2)
+                    AND (?3 IS NULL OR (',' || destinations || ',') LIKE ('%,' || ?3 || ',%'))";
+                let total: i64 = c.query_row(
+                    &format!("SELECT COUNT(*) FROM outbox WHERE {filter}"),
+                    params![DeliveryState::DeadLettered as i64, method, destination],
+                    |row| row.get(0),
+                )?;
+                let mut statement = c.prepare(&format!(
+                    "SELECT seq, delivery_id FROM outbox WHERE {filter} AND seq > ?4 ORDER BY seq LIMIT ?5"
+                ))?;
+                let rows = statement
+                    .query_map(
+                        params![
+                            DeliveryState::DeadLettered as i64,
+                            method,
+                            destination,
+                            after,
+                            i64::try_from(limit + 1).unwrap_or(i64::MAX)
+                        ],
+                        |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let more = rows.len() > limit;
+                let mut deliveries = Vec::with_capacity(limit);
+                let mut last_seq = None;
+                for (seq, id) in rows.into_iter().take(limit) {
+                    deliveries.push(c.query_row(
+                        &format!("{SELECT_RECORD} WHERE delivery_id = ?1"),
+                        [id],
+                        record_from_row,
+                    )?);
+                    last_seq = Some(seq);
+                }
+                Ok(DeadLetterPage {
+                    deliveries,
+                    next_after: if more { last_seq } else { None },
+                    total,
+                })
+            })
+            .await
+    }
+
+    /// Requeues dead letters: a fresh retry window, attempts from now.
+    pub async fn retry_dead_letters(
+        &self,
+        selection: RetrySelection,
+    ) -> Result<Vec<RetryResult>, Error> {
+        let window = millis(self.settings.retry_window);
+        let results = self
+            .store
+            .write(move |tx| {
+                let now = now_ms();
+                let ids: Vec<String> = match selection {
+                    RetrySelection::Ids(ids) => ids,
+                    RetrySelection::All { method } => {
+                        let mut statement = tx.prepare(
+                            "SELECT delivery_id FROM outbox WHERE state = ?1
+                             AND (?2 IS NULL OR method = ?2) ORDER BY seq",
+                        )?;
+                        statement
+                            .query_map(
+                                params![DeliveryState::DeadLettered as i64, method],
+                                |row| row.get(0),
+                            )?
+                            .collect::<rusqlite::Result<Vec<String>>>()?
+                    }
+                };
+                let mut results = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let changed = tx.execute(
+                        "UPDATE outbox SET state = ?1, replay_count = replay_count + 1,
+                            next_attempt_ms = ?2, update_ms = ?2, expire_ms = ?3, complete_ms = NULL
+                         WHERE delivery_id = ?4 AND state = ?5",
+                        params![
+                            DeliveryState::Pending as i64,
+                            now,
+                            now.saturating_add(window),
+                            id,
+                            DeliveryState::DeadLettered as i64
+                        ],
+                    )?;
+                    let error = if changed == 1 {
+                        None
+                    } else {
+                        let exists: bool = tx.query_row(
+                            "SELECT EXISTS (SELECT 1 FROM outbox WHERE delivery_id = ?1)",
+                            [&id],
+                            |row| row.get(0),
+                        )?;
+                        Some(if exists {
+                            DeliveryError {
+                                code: tonic::Code::FailedPrecondition as i32,
+                                reason: "DELIVERY_NOT_DEAD_LETTERED".to_owned(),
+                                message: "the delivery is not in the dead-letter list".to_owned(),
+                                metadata: HashMap::new(),
+                            }
+                        } else {
+                            DeliveryError {
+                                code: tonic::Code::NotFound as i32,
+                                reason: "DELIVERY_NOT_FOUND".to_owned(),
+                                message: "no delivery has this id".to_owned(),
+                                metadata: HashMap::new(),
+                            }
+                        })
+                    };
+                    results.push(RetryResult {
+                        delivery_id: id,
+                        requeued: changed == 1,
+                        error,
+                    });
+                }
+                Ok(results)
+            })
+            .await?;
+        self.wake.notify_one();
+        Ok(results)
+    }
+
+    /// Number of deliveries not finished yet, and of dead letters.
+    pub async fn depth(&self) -> Result<(i64, i64), Error> {
+        self.store
+            .read(|c| {
+                c.query_row(
+                    "SELECT
+                        COALESCE(SUM(state IN (1, 2, 3)), 0),
+                        COALESCE(SUM(state = 5), 0)
+                     FROM outbox",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+            })
+            .await
+    }
+
+    /// Puts deliveries that were in flight when the gateway stopped back in the queue, or in the
+    /// dead-letter list when sending them again could duplicate them (see the module doc).
+    pub async fn recover(&self) -> Result<(usize, usize), Error> {
+        let in_doubt = error_json(&DeliveryError {
+            code: tonic::Code::Aborted as i32,
+            reason: "DELIVERY_IN_DOUBT".to_owned(),
+            message: "the gateway stopped while this write was being sent; the upstream may \
+                      have applied it, so it was not sent again (requeue it once checked)"
+                .to_owned(),
+            metadata: HashMap::new(),
+        });
+        self.store
+            .write(move |tx| {
+                let now = now_ms();
+                let requeued = tx.execute(
+                    "UPDATE outbox SET state = ?1, next_attempt_ms = ?2, update_ms = ?2
+                     WHERE state = ?3 AND replay_safe = 1",
+                    params![
+                        DeliveryState::Pending as i64,
+                        now,
+                        DeliveryState::InFlight as i64
+                    ],
+                )?;
+                let in_doubt = tx.execute(
+                    "UPDATE outbox SET state = ?1, last_error = ?2, update_ms = ?3, complete_ms = ?3
+                     WHERE state = ?4 AND replay_safe = 0",
+                    params![
+                        DeliveryState::DeadLettered as i64,
+                        in_doubt,
+                        now,
+                        DeliveryState::InFlight as i64
+                    ],
+                )?;
+                Ok((requeued, in_doubt))
+            })
+            .await
+    }
+
+    /// Claims up to `limit` deliveries that are due and not blocked by an older unfinished
+    /// delivery for the same customer, marking them in flight (durably) before they are sent.
+    async fn claim(&self, limit: usize) -> Result<Vec<(String, String, Vec<u8>, u32)>, Error> {
+        self.store
+            .write(move |tx| {
+                let now = now_ms();
+                let mut statement = tx.prepare_cached(
+                    "SELECT d.seq, d.delivery_id, d.method, d.request, d.attempt_count FROM outbox d
+                     WHERE d.state IN (1, 3) AND d.next_attempt_ms <= ?1
+                       AND NOT EXISTS (
+                         SELECT 1 FROM outbox_keys k
+                         JOIN outbox_keys older ON older.key = k.key AND older.seq < k.seq
+                         JOIN outbox o ON o.seq = older.seq AND o.state IN (1, 2, 3)
+                         WHERE k.seq = d.seq)
+                     ORDER BY d.seq LIMIT ?2",
+                )?;
+                let claimed = statement
+                    .query_map(
+                        params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+                        |row| {
+                            Ok((
+                                row.get::<_, i64>(0)?,
+                                row.get::<_, String>(1)?,
+                                row.get::<_, String>(2)?,
+                                row.get::<_, Vec<u8>>(3)?,
+                                row.get::<_, u32>(4)?,
+                            ))
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut mark = tx.prepare_cached(
+                    "UPDATE outbox SET state = 2, attempt_count = attempt_count + 1, update_ms = ?1
+                     WHERE seq = ?2",
+                )?;
+                for (seq, ..) in &claimed {
+                    mark.execute(params![now, seq])?;
+                }
+                Ok(claimed
+                    .into_iter()
+                    .map(|(_, id, method, request, attempts)| (id, method, request, attempts + 1))
+                    .collect())
+            })
+            .await
+    }
+
+    /// When the next delivery becomes due, if any is waiting.
+    async fn next_due_ms(&self) -> Result<Option<i64>, Error> {
+        self.store
+            .read(|c| {
+                c.query_row(
+                    "SELECT MIN(next_attempt_ms) FROM outbox WHERE state IN (1, 3)",
+                    [],
+                    |row| row.get(0),
+                )
+            })
+            .await
+    }
+
+    async fn complete(
+        &self,
+        delivery_id: String,
+        attempts: u32,
+        attempt: Attempt,
+    ) -> Result<(), Error> {
+        let settings = Arc::clone(&self.settings);
+        self.store
+            .write(move |tx| {
+                let now = now_ms();
+                match attempt {
+                    Attempt::Delivered { result } => {
+                        tx.execute(
+                            "UPDATE outbox SET state = 4, result = ?1, update_ms = ?2, complete_ms = ?2
+                             WHERE delivery_id = ?3",
+                            params![result, now, delivery_id],
+                        )?;
+                    }
+                    Attempt::Failed { error } => {
+                        tx.execute(
+                            "UPDATE outbox SET state = 5, last_error = ?1, update_ms = ?2, complete_ms = ?2
+                             WHERE delivery_id = ?3",
+                            params![error_json(&error), now, delivery_id],
+                        )?;
+                    }
+                    Attempt::Retry { error, retry_after } => {
+                        let expire_ms: i64 = tx.query_row(
+                            "SELECT expire_ms FROM outbox WHERE delivery_id = ?1",
+                            [&delivery_id],
+                            |row| row.get(0),
+                        )?;
+                        let delay = retry_after
+                            .unwrap_or_default()
+                            .max(backoff(&settings, attempts));
+                        let next = now.saturating_add(millis(delay));
+                        if next > expire_ms {
+                            tx.execute(
+                                "UPDATE outbox SET state = 5, last_error = ?1, update_ms = ?2,
+                                    complete_ms = ?2 WHERE delivery_id = ?3",
+                                params![error_json(&error), now, delivery_id],
+                            )?;
+                        } else {
+                            tx.execute(
+                                "UPDATE outbox SET state = 3, last_error = ?1, update_ms = ?2,
+                                    next_attempt_ms = ?3 WHERE delivery_id = ?4",
+                                params![error_json(&error), now, next, delivery_id],
+                            )?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Deletes finished deliveries past their retention.
+    pub async fn prune(&self) -> Result<usize, Error> {
+        let delivered = millis(self.settings.delivered_retention);
+        let dead = millis(self.settings.dead_letter_retention);
+        self.store
+            .write(move |tx| {
+                let now = now_ms();
+                let pruned = tx.execute(
+                    "DELETE FROM outbox WHERE (state = 4 AND complete_ms < ?1)
+                        OR (state = 5 AND complete_ms < ?2)",
+                    params![now.saturating_sub(delivered), now.saturating_sub(dead)],
+                )?;
+                Ok(pruned)
+            })
+            .await
+    }
+
+    /// Delivers until `drain` fires: claims due deliveries, runs up to `concurrency` of them at
+    /// once, records each outcome, and sleeps until the next is due or something is queued.
+    pub async fn run_worker(self, executor: Arc<dyn Executor>, drain: Drain) {
+        match self.recover().await {
+            Ok((0, 0)) => {}
+            Ok((requeued, in_doubt)) => {
+                tracing::warn!(
+                    requeued,
+                    in_doubt,
+                    "recovered deliveries that were in flight at the last stop"
+                );
+            }
+            Err(error) => tracing::error!(%error, "cannot recover in-flight deliveries"),
+        }
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            if drain.is_draining() {
+                return;
+            }
+            let free = permits.available_permits();
+            let claimed = if free == 0 {
+                Vec::new()
+            } else {
+                match self.claim(free).await {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot claim deliveries");
+                        Vec::new()
+                    }
+                }
+            };
+            let claimed_any = !claimed.is_empty();
+            for (delivery_id, method, request, attempts) in claimed {
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    return;
+                };
+                let outbox = self.clone();
+                let executor = Arc::clone(&executor);
+                tokio::spawn(async move {
+                    let attempt = executor.execute(&method, &request).await;
+                    if let Attempt::Retry { error, .. } | Attempt::Failed { error } = &attempt {
+                        tracing::info!(%delivery_id, %method, attempts, reason = %error.reason, "delivery attempt failed");
+                    }
+                    if let Err(error) = outbox.complete(delivery_id, attempts, attempt).await {
+                        tracing::error!(%error, "cannot record a delivery outcome");
+                    }
+                    outbox.outcomes.send_modify(|count| *count += 1);
+                    drop(permit);
+                    // A finished delivery may unblock the next one for the same customer.
+                    outbox.wake.notify_one();
+                });
+            }
+            if last_prune.elapsed() > Duration::from_secs(600) {
+                last_prune = tokio::time::Instant::now();
+                if let Err(error) = self.prune().await {
+                    tracing::warn!(%error, "cannot prune finished deliveries");
+                }
+            }
+            if claimed_any {
+                continue;
+            }
+            let wait = match self.next_due_ms().await {
+                Ok(Some(due)) => {
+                    Duration::from_millis(u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0))
+                        .min(Duration::from_secs(1))
+                }
+                Ok(None) => Duration::from_secs(1),
+                Err(error) => {
+                    tracing::error!(%error, "cannot read the outbox");
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = drain.clone().signaled() => return,
+            }
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: a uniform delay in `[0, min(max, base * 2^(attempts-1))]`,
+/// at least one base step so a failing delivery never spins.
+fn backoff(settings: &OutboxSettings, attempts: u32) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(30);
+    let ceiling = settings
+        .base_backoff
+        .saturating_mul(1_u32 << exponent)
+        .min(settings.max_backoff);
+    let jittered = rand::rng().random_range(0.0..=1.0) * ceiling.as_secs_f64();
+    Duration::from_secs_f64(jittered).max(settings.base_backoff.min(ceiling))
+}

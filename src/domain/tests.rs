@@ -1,0 +1,274 @@
+//! Outbox and idempotency against a real store in a temporary directory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::idempotency::{Fresh, Idempotency, request_hash};
+use super::outbox::{
+    Attempt, DeliveryError, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings,
+    RetrySelection,
+};
+use crate::error::ErrorCode;
+use crate::shutdown;
+use crate::store::Store;
+
+fn delivery(method: &str, body: &str, keys: &[&str], replay_safe: bool) -> NewDelivery {
+    NewDelivery {
+        method: method.to_owned(),
+        request: body.as_bytes().to_vec(),
+        destinations: vec![2],
+        item_count: 1,
+        ordering_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        idempotency_key: None,
+        replay_safe,
+    }
+}
+
+fn transient() -> DeliveryError {
+    DeliveryError {
+        code: tonic::Code::Unavailable as i32,
+        reason: "UPSTREAM_UNAVAILABLE".to_owned(),
+        message: "upstream answered 503".to_owned(),
+        metadata: HashMap::new(),
+    }
+}
+
+/// Records each attempt and answers from a script: the first `fail_first[body]` attempts of a
+/// body are transient failures.
+struct ScriptedExecutor {
+    attempts: mpsc::UnboundedSender<String>,
+    fail_first: Mutex<HashMap<String, u32>>,
+}
+
+#[tonic::async_trait]
+impl Executor for ScriptedExecutor {
+    async fn execute(&self, _method: &str, request: &[u8]) -> Attempt {
+        let body = String::from_utf8_lossy(request).into_owned();
+        let _ = self.attempts.send(body.clone());
+        let mut fail_first = self.fail_first.lock().unwrap();
+        match fail_first.get_mut(&body) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                Attempt::Retry {
+                    error: transient(),
+                    retry_after: None,
+                }
+            }
+            _ => Attempt::Delivered {
+                result: format!("done:{body}").into_bytes(),
+            },
+        }
+    }
+}
+
+fn fast_settings() -> OutboxSettings {
+    OutboxSettings {
+        base_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        ..OutboxSettings::default()
+    }
+}
+
+/// Waits, outcome by outcome, until `id` is in `state`.
+async fn wait_for_state(outbox: &Outbox, id: &str, state: DeliveryState) {
+    let mut outcomes = outbox.outcomes();
+    loop {
+        if outbox.get(id).await.unwrap().map(|r| r.state) == Some(state) {
+            return;
+        }
+        tokio::time::timeout(Duration::from_secs(30), outcomes.changed())
+            .await
+            .unwrap_or_else(|_| panic!("{id} never reached {state:?}"))
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn queued_writes_are_delivered_in_order_per_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(store, fast_settings());
+    let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
+    let executor = Arc::new(ScriptedExecutor {
+        attempts: attempts_tx,
+        // The first write to alice fails twice; the second must still come after it.
+        fail_first: Mutex::new(HashMap::from([("alice-1".to_owned(), 2)])),
+    });
+    let first = outbox
+        .enqueue(delivery("UpsertCustomers", "alice-1", &["alice"], true))
+        .await
+        .unwrap();
+    let second = outbox
+        .enqueue(delivery("UpsertCustomers", "alice-2", &["alice"], true))
+        .await
+        .unwrap();
+    let other = outbox
+        .enqueue(delivery("UpsertCustomers", "bob-1", &["bob"], true))
+        .await
+        .unwrap();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
+
+    wait_for_state(&outbox, &second, DeliveryState::Delivered).await;
+    wait_for_state(&outbox, &other, DeliveryState::Delivered).await;
+    trigger.start();
+    worker.await.unwrap();
+
+    let mut seen = Vec::new();
+    while let Ok(body) = attempts.try_recv() {
+        seen.push(body);
+    }
+    let alice: Vec<&String> = seen.iter().filter(|b| b.starts_with("alice")).collect();
+    assert_eq!(alice, ["alice-1", "alice-1", "alice-1", "alice-2"]);
+    let record = outbox.get(&first).await.unwrap().unwrap();
+    assert_eq!(record.state, DeliveryState::Delivered);
+    assert_eq!(record.attempt_count, 3);
+    assert_eq!(record.result.as_deref(), Some(&b"done:alice-1"[..]));
+}
+
+#[tokio::test]
+async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(
+        store,
+        OutboxSettings {
+            retry_window: Duration::ZERO,
+            ..fast_settings()
+        },
+    );
+    let (attempts_tx, _attempts) = mpsc::unbounded_channel();
+    let executor = Arc::new(ScriptedExecutor {
+        attempts: attempts_tx,
+        fail_first: Mutex::new(HashMap::from([("carol-1".to_owned(), 1)])),
+    });
+    let id = outbox
+        .enqueue(delivery("TrackEvent", "carol-1", &["carol"], false))
+        .await
+        .unwrap();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
+    wait_for_state(&outbox, &id, DeliveryState::DeadLettered).await;
+
+    let page = outbox.dead_letters(None, None, 0, 10).await.unwrap();
+    assert_eq!(page.total, 1);
+    assert_eq!(page.deliveries[0].delivery_id, id);
+    assert_eq!(
+        page.deliveries[0].last_error.as_ref().unwrap().reason,
+        "UPSTREAM_UNAVAILABLE"
+    );
+
+    let results = outbox
+        .retry_dead_letters(RetrySelection::Ids(vec![
+            id.clone(),
+            "dlv_missing".to_owned(),
+        ]))
+        .await
+        .unwrap();
+    assert!(results[0].requeued);
+    assert_eq!(
+        results[1].error.as_ref().unwrap().reason,
+        "DELIVERY_NOT_FOUND"
+    );
+    // The retry window is zero, but a requeued delivery gets one attempt now: it succeeds.
+    wait_for_state(&outbox, &id, DeliveryState::Delivered).await;
+    assert_eq!(outbox.get(&id).await.unwrap().unwrap().replay_count, 1);
+    trigger.start();
+    worker.await.unwrap();
+}
+
+#[tokio::test]
+async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(store.clone(), fast_settings());
+    let safe = outbox
+        .enqueue(delivery("UpsertCustomers", "dave", &["dave"], true))
+        .await
+        .unwrap();
+    let unsafe_ = outbox
+        .enqueue(delivery("TrackEvent", "erin", &["erin"], false))
+        .await
+        .unwrap();
+    // Simulate a crash after both were claimed and sent.
+    store
+        .write(|tx| tx.execute("UPDATE outbox SET state = 2", []))
+        .await
+        .unwrap();
+    let (requeued, in_doubt) = outbox.recover().await.unwrap();
+    assert_eq!((requeued, in_doubt), (1, 1));
+    assert_eq!(
+        outbox.get(&safe).await.unwrap().unwrap().state,
+        DeliveryState::Pending
+    );
+    let doubtful = outbox.get(&unsafe_).await.unwrap().unwrap();
+    assert_eq!(doubtful.state, DeliveryState::DeadLettered);
+    assert_eq!(doubtful.last_error.unwrap().reason, "DELIVERY_IN_DOUBT");
+}
+
+#[tokio::test]
+async fn idempotency_returns_the_first_response_and_refuses_a_reused_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let idempotency = Idempotency::new(store, Duration::from_secs(3600));
+    let calls = Arc::new(Mutex::new(0));
+    let hash = request_hash(b"request-a");
+
+    let run = |hash: Vec<u8>| {
+        let calls = Arc::clone(&calls);
+        let idempotency = idempotency.clone();
+        async move {
+            idempotency
+                .run("UpsertCustomers", "key-1", hash, async move {
+                    tokio::task::yield_now().await;
+                    *calls.lock().unwrap() += 1;
+                    Ok(Fresh {
+                        response: b"first".to_vec(),
+                        remember: true,
+                    })
+                })
+                .await
+        }
+    };
+    // Concurrent repeats: one runs, the others wait for it.
+    let (a, b, c) = tokio::join!(run(hash.clone()), run(hash.clone()), run(hash.clone()));
+    for response in [a, b, c] {
+        assert_eq!(response.unwrap(), b"first");
+    }
+    assert_eq!(*calls.lock().unwrap(), 1);
+
+    let error = run(request_hash(b"request-b")).await.unwrap_err();
+    assert_eq!(error.code(), ErrorCode::FailedPrecondition);
+    assert_eq!(error.reason(), "IDEMPOTENCY_KEY_REUSED");
+}
+
+#[tokio::test]
+async fn calls_that_reached_nothing_are_not_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let idempotency = Idempotency::new(store, Duration::from_secs(3600));
+    let hash = request_hash(b"request");
+    let first = idempotency
+        .run("SendSurvey", "k", hash.clone(), async {
+            Ok(Fresh {
+                response: b"rejected".to_vec(),
+                remember: false,
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(first, b"rejected");
+    let second = idempotency
+        .run("SendSurvey", "k", hash, async {
+            Ok(Fresh {
+                response: b"ran again".to_vec(),
+                remember: true,
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(second, b"ran again");
+}
