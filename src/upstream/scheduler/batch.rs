@@ -1,0 +1,460 @@
+//! Coalescing of concurrent writes into one upstream call, with one result per caller.
+//!
+//! Items with the same key (a survey's campaign and delay; "all customer upserts") join an open
+//! batch. Each batch has a runner task that:
+//! 1. waits for its turn: at most one *partial* batch per key is in flight, while full batches
+//!    go at once;
+//! 2. asks the lane for a budget slot — items keep joining while it waits, so under load batches
+//!    fill up;
+//! 3. seals the batch when the slot is granted and sends it.
+//!
+//! There is no linger timer: at low load a lone item is sent as soon as the budget allows (no
+//! added latency); under load, items that arrive while a partial batch is in flight, or while
+//! the budget is empty, collect into the next one. This is "natural batching" (as in group
+//! commit): the cost is that a partial batch may wait for one upstream round trip of the
+//! previous one for its key.
+//!
+//! An item never shares a batch with another item of the same identity (a recipient's email, a
+//! customer id): it goes to the next batch instead, so duplicates are applied in arrival order
+//! and each caller gets the upstream's answer for its own request.
+//!
+//! A caller whose deadline passes while its item still sits in an open batch takes the item
+//! out and gets `RESOURCE_EXHAUSTED` (the budget had no room in time). Once sealed, the batch's
+//! attempts are bounded by the earliest deadline among its items, so every caller hears back in
+//! time; items with less than `min_attempt_time` left are not sealed in.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::upstream::context::{CallContext, Priority};
+
+/// Size limits of one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_items: usize,
+    /// Sum of the items' encoded sizes; keeps a request body reasonable when items are large.
+    pub max_bytes: usize,
+}
+
+/// An item waiting in a batch.
+pub struct Pending<I, O> {
+    pub item: I,
+    pub priority: Priority,
+    pub deadline: Option<Instant>,
+    id: u64,
+    identity: Option<String>,
+    reply: oneshot::Sender<Result<O>>,
+}
+
+impl<I, O> Pending<I, O> {
+    /// Answers the caller (who may have gone; then nothing happens).
+    pub fn reply(self, result: Result<O>) {
+        let _ = self.reply.send(result);
+    }
+}
+
+struct OpenBatch<I, O> {
+    id: u64,
+    items: Vec<Pending<I, O>>,
+    bytes: usize,
+    identities: HashSet<String>,
+    /// No more items fit (count or size): the batch may go without waiting its turn.
+    full: bool,
+}
+
+struct KeyState<I, O> {
+    open: Vec<OpenBatch<I, O>>,
+    /// Partial batches of this key sent and not yet answered.
+    in_flight: usize,
+    turn: Arc<Notify>,
+}
+
+struct State<K, I, O> {
+    keys: HashMap<K, KeyState<I, O>>,
+    next_id: u64,
+}
+
+/// Collects items per key into batches; see the module documentation.
+pub struct Batcher<K, I, O> {
+    state: Arc<Mutex<State<K, I, O>>>,
+    limits: BatchLimits,
+}
+
+impl<K, I, O> Clone for Batcher<K, I, O> {
+    fn clone(&self) -> Self {
+        Self {
+            state: Arc::clone(&self.state),
+            limits: self.limits,
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections only move items between collections; a poisoned lock still holds
+    // consistent state.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where an item sits, for the caller that may have to take it out again.
+enum Placement {
+    Open { batch: u64 },
+}
+
+impl<K, I, O> Batcher<K, I, O>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    pub fn new(limits: BatchLimits) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                keys: HashMap::new(),
+                next_id: 0,
+            })),
+            limits: BatchLimits {
+                max_items: limits.max_items.max(1),
+                max_bytes: limits.max_bytes.max(1),
+            },
+        }
+    }
+
+    /// Adds `item` to a batch of `key` and waits for its own result. `runner` is started for
+    /// every new batch; it drives the batch through its [`BatchHandle`].
+    ///
+    /// `on_timeout` builds the error for a caller whose deadline passes while its item is still
+    /// waiting in an open batch.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit<R, E>(
+        &self,
+        key: K,
+        item: I,
+        ctx: &CallContext,
+        identity: Option<String>,
+        bytes: usize,
+        runner: R,
+        on_timeout: E,
+    ) -> Result<O>
+    where
+        R: FnOnce(BatchHandle<K, I, O>) -> BoxFuture<'static, ()>,
+        E: FnOnce() -> Error,
+    {
+        let (reply, mut answer) = oneshot::channel();
+        let (item_id, placement) = {
+            let mut state = lock(&self.state);
+            let item_id = state.next_id;
+            state.next_id += 1;
+            let pending = Pending {
+                item,
+                priority: ctx.priority,
+                deadline: ctx.deadline,
+                id: item_id,
+                identity,
+                reply,
+            };
+            let (placement, new_batch) = self.place(&mut state, &key, pending, bytes);
+            drop(state);
+            if let Some(batch) = new_batch {
+                tokio::spawn(runner(BatchHandle {
+                    batcher: self.clone(),
+                    key: key.clone(),
+                    batch,
+                    turn_taken: false,
+                }));
+            }
+            (item_id, placement)
+        };
+        let Placement::Open { batch } = placement;
+        if let Some(deadline) = ctx.deadline {
+            tokio::select! {
+                result = &mut answer => return flatten(result),
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+            if self.withdraw(&key, batch, item_id) {
+                return Err(on_timeout());
+            }
+        }
+        // Sealed: the runner's attempts are bounded by this item's deadline, so the answer
+        // comes; the runner dropping the item without one is reported, never a hang.
+        flatten(answer.await)
+    }
+
+    /// Puts the item in the first open batch of `key` that takes it, or in a new one.
+    fn place(
+        &self,
+        state: &mut State<K, I, O>,
+        key: &K,
+        pending: Pending<I, O>,
+        bytes: usize,
+    ) -> (Placement, Option<u64>) {
+        let limits = self.limits;
+        let new_id = state.next_id;
+        let entry = state.keys.entry(key.clone()).or_insert_with(|| KeyState {
+            open: Vec::new(),
+            in_flight: 0,
+            turn: Arc::new(Notify::new()),
+        });
+        let fits = |batch: &OpenBatch<I, O>| {
+            !batch.full
+                && batch.items.len() < limits.max_items
+                && (batch.items.is_empty() || batch.bytes + bytes <= limits.max_bytes)
+                && pending
+                    .identity
+                    .as_ref()
+                    .is_none_or(|identity| !batch.identities.contains(identity))
+        };
+        let position = entry.open.iter().position(fits);
+        let (batch, created) = match position {
+            Some(index) => (&mut entry.open[index], false),
+            None => {
+                // A batch refused this item for size: nothing more will fit, let it go.
+                for batch in &mut entry.open {
+                    if batch.bytes + bytes > limits.max_bytes {
+                        batch.full = true;
+                    }
+                }
+                entry.open.push(OpenBatch {
+                    id: new_id,
+                    items: Vec::new(),
+                    bytes: 0,
+                    identities: HashSet::new(),
+                    full: false,
+                });
+                let last = entry.open.len() - 1;
+                (&mut entry.open[last], true)
+            }
+        };
+        if let Some(identity) = &pending.identity {
+            batch.identities.insert(identity.clone());
+        }
+        batch.bytes += bytes;
+        batch.items.push(pending);
+        if batch.items.len() >= limits.max_items || batch.bytes >= limits.max_bytes {
+            batch.full = true;
+        }
+        let batch_id = batch.id;
+        let became_full = batch.full;
+        if became_full {
+            entry.turn.notify_waiters();
+        }
+        if created {
+            state.next_id += 1;
+        }
+        (
+            Placement::Open { batch: batch_id },
+            created.then_some(batch_id),
+        )
+    }
+
+    /// Takes an item out of a still-open batch. `false` when the batch was already sealed.
+    fn withdraw(&self, key: &K, batch: u64, item: u64) -> bool {
+        let mut state = lock(&self.state);
+        let Some(entry) = state.keys.get_mut(key) else {
+            return false;
+        };
+        let Some(open) = entry.open.iter_mut().find(|open| open.id == batch) else {
+            return false;
+        };
+        let Some(index) = open.items.iter().position(|pending| pending.id == item) else {
+            return false;
+        };
+        let pending = open.items.remove(index);
+        if let Some(identity) = &pending.identity {
+            open.identities.remove(identity);
+        }
+        true
+    }
+}
+
+fn flatten<O>(result: std::result::Result<Result<O>, oneshot::error::RecvError>) -> Result<O> {
+    result.unwrap_or_else(|_| Err(Error::internal("batch ended without an answer for an item")))
+}
+
+/// The runner's view of its batch.
+pub struct BatchHandle<K, I, O>
+where
+    K: Eq + Hash,
+{
+    batcher: Batcher<K, I, O>,
+    key: K,
+    batch: u64,
+    turn_taken: bool,
+}
+
+impl<K, I, O> BatchHandle<K, I, O>
+where
+    K: Eq + Hash + Clone,
+{
+    pub fn key(&self) -> &K {
+        &self.key
+    }
+
+    /// Waits until this batch may be sent: it is full, or no partial batch of its key is in
+    /// flight. Returns `false` when the batch emptied meanwhile (every caller left).
+    pub async fn wait_turn(&mut self) -> bool {
+        let turn = {
+            let state = lock(&self.batcher.state);
+            match state.keys.get(&self.key) {
+                Some(entry) => Arc::clone(&entry.turn),
+                None => return false,
+            }
+        };
+        loop {
+            let mut notified = pin!(turn.notified());
+            // Registered before checking, so a notification between the check and the await
+            // is not lost.
+            notified.as_mut().enable();
+            {
+                let mut state = lock(&self.batcher.state);
+                let Some(entry) = state.keys.get_mut(&self.key) else {
+                    return false;
+                };
+                let Some(open) = entry.open.iter().find(|open| open.id == self.batch) else {
+                    return false;
+                };
+                if open.items.is_empty() {
+                    return false;
+                }
+                if open.full || entry.in_flight == 0 {
+                    entry.in_flight += 1;
+                    self.turn_taken = true;
+                    return true;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The context to wait for budget with: the most urgent priority among the items, and the
+    /// latest deadline (`None` if any item has none). `None` when the batch is empty.
+    pub fn waiting_context(&self) -> Option<CallContext> {
+        let state = lock(&self.batcher.state);
+        let open = state
+            .keys
+            .get(&self.key)?
+            .open
+            .iter()
+            .find(|open| open.id == self.batch)?;
+        combined(open.items.iter(), Pick::Latest)
+    }
+
+    /// Closes the batch to new items and takes its items. Items with less than `min_time` left
+    /// are answered with `too_late()` and left out.
+    pub fn seal(
+        &self,
+        min_time: Duration,
+        too_late: impl Fn() -> Error,
+    ) -> (Vec<Pending<I, O>>, Option<CallContext>) {
+        let items = {
+            let mut state = lock(&self.batcher.state);
+            let Some(entry) = state.keys.get_mut(&self.key) else {
+                return (Vec::new(), None);
+            };
+            match entry.open.iter().position(|open| open.id == self.batch) {
+                Some(index) => {
+                    let open = entry.open.remove(index);
+                    // A batch that was refused an item for size left its successor waiting.
+                    entry.turn.notify_waiters();
+                    open.items
+                }
+                None => Vec::new(),
+            }
+        };
+        let now = Instant::now();
+        let (keep, late): (Vec<_>, Vec<_>) = items.into_iter().partition(|pending| {
+            pending
+                .deadline
+                .is_none_or(|deadline| deadline.saturating_duration_since(now) >= min_time)
+        });
+        for pending in late {
+            pending.reply(Err(too_late()));
+        }
+        // Sealed attempts must finish before the earliest deadline among the items.
+        let ctx = combined(keep.iter(), Pick::Earliest);
+        (keep, ctx)
+    }
+
+    /// Seals the batch and fails every item with `error`.
+    pub fn fail_all(&self, error: &Error) {
+        let (items, _) = self.seal(Duration::ZERO, || error.clone());
+        for pending in items {
+            pending.reply(Err(error.clone()));
+        }
+    }
+}
+
+/// Which deadline of a batch's items bounds the batch.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    /// While waiting for budget: as long as any item still wants to wait (`None` if any item
+    /// has no deadline).
+    Latest,
+    /// Once sealed: the first deadline, so every caller hears back in time.
+    Earliest,
+}
+
+/// The most urgent priority among the items and the deadline chosen by `pick`; `None` when
+/// there are no items.
+fn combined<'a, I: 'a, O: 'a>(
+    items: impl Iterator<Item = &'a Pending<I, O>>,
+    pick: Pick,
+) -> Option<CallContext> {
+    let mut priority: Option<Priority> = None;
+    let mut deadlines = Vec::new();
+    let mut unbounded = false;
+    for pending in items {
+        priority = Some(priority.map_or(pending.priority, |p| p.max(pending.priority)));
+        match pending.deadline {
+            Some(deadline) => deadlines.push(deadline),
+            None => unbounded = true,
+        }
+    }
+    let deadline = match pick {
+        Pick::Latest if unbounded => None,
+        Pick::Latest => deadlines.into_iter().max(),
+        Pick::Earliest => deadlines.into_iter().min(),
+    };
+    Some(CallContext {
+        priority: priority?,
+        deadline,
+        caller: None,
+    })
+}
+
+impl<K, I, O> Drop for BatchHandle<K, I, O>
+where
+    K: Eq + Hash,
+{
+    fn drop(&mut self) {
+        let mut state = lock(&self.batcher.state);
+        let Some(entry) = state.keys.get_mut(&self.key) else {
+            return;
+        };
+        if self.turn_taken {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+        // Items of a batch whose runner ended without sealing it would wait forever: answer
+        // them.
+        if let Some(index) = entry.open.iter().position(|open| open.id == self.batch) {
+            let open = entry.open.remove(index);
+            for pending in open.items {
+                pending.reply(Err(Error::internal("batch runner stopped before sending")));
+            }
+        }
+        entry.turn.notify_waiters();
+        if entry.open.is_empty() && entry.in_flight == 0 {
+            state.keys.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,394 @@
+//! Batching tests with a paused clock: coalescing, per-item results, duplicates, deadlines.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+
+use super::*;
+use crate::error::ErrorCode;
+
+/// What the fake upstream saw: one entry per call, with the items of that call.
+type Calls = Arc<Mutex<Vec<Vec<String>>>>;
+
+fn batcher(max_items: usize) -> Batcher<&'static str, String, String> {
+    Batcher::new(BatchLimits {
+        max_items,
+        max_bytes: 1 << 20,
+    })
+}
+
+/// A runner that takes its turn, seals, "sends" for 10 ms and answers each item with
+/// `<item>@<call number>`.
+fn runner(
+    calls: &Calls,
+) -> impl FnOnce(BatchHandle<&'static str, String, String>) -> BoxFuture<'static, ()> + use<> {
+    let calls = Arc::clone(calls);
+    move |mut handle| {
+        async move {
+            if !handle.wait_turn().await {
+                return;
+            }
+            let (items, _) = handle.seal(Duration::ZERO, || Error::internal("late"));
+            let call = {
+                let mut calls = calls.lock().unwrap();
+                calls.push(items.iter().map(|p| p.item.clone()).collect());
+                calls.len()
+            };
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            for pending in items {
+                let answer = format!("{}@{call}", pending.item);
+                pending.reply(Ok(answer));
+            }
+        }
+        .boxed()
+    }
+}
+
+fn budget_error() -> Error {
+    Error::new(
+        ErrorCode::ResourceExhausted,
+        "UPSTREAM_BUDGET_EXHAUSTED",
+        "no room",
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_items_coalesce_into_full_batches_and_each_gets_its_own_result() {
+    let batcher = batcher(100);
+    let calls: Calls = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..250 {
+        let batcher = batcher.clone();
+        let runner = runner(&calls);
+        tasks.push(tokio::spawn(async move {
+            let item = format!("r{i}");
+            let ctx = CallContext::interactive(None);
+            let identity = Some(item.clone());
+            batcher
+                .submit("campaign", item, &ctx, identity, 10, runner, budget_error)
+                .await
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let answer = task.await.unwrap().unwrap();
+        assert!(answer.starts_with(&format!("r{i}@")), "{answer}");
+    }
+    let calls = calls.lock().unwrap();
+    let sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 250);
+    assert!(sizes.iter().all(|&size| size <= 100), "{sizes:?}");
+    assert!(calls.len() <= 4, "{sizes:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_item_is_sent_without_delay() {
+    let batcher = batcher(100);
+    let calls: Calls = Arc::default();
+    let start = tokio::time::Instant::now();
+    let answer = batcher
+        .submit(
+            "campaign",
+            "solo".to_owned(),
+            &CallContext::interactive(None),
+            None,
+            10,
+            runner(&calls),
+            budget_error,
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer, "solo@1");
+    // Only the fake upstream's 10 ms: no linger.
+    assert_eq!(start.elapsed(), Duration::from_millis(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_partial_batch_in_flight_per_key_while_others_fill() {
+    let batcher = batcher(100);
+    let calls: Calls = Arc::default();
+    let first = {
+        let batcher = batcher.clone();
+        let runner = runner(&calls);
+        tokio::spawn(async move {
+            batcher
+                .submit(
+                    "k",
+                    "a".to_owned(),
+                    &CallContext::interactive(None),
+                    None,
+                    1,
+                    runner,
+                    budget_error,
+                )
+                .await
+        })
+    };
+    // Let the first batch go out alone.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut rest = Vec::new();
+    for name in ["b", "c", "d"] {
+        let batcher = batcher.clone();
+        let runner = runner(&calls);
+        rest.push(tokio::spawn(async move {
+            batcher
+                .submit(
+                    "k",
+                    name.to_owned(),
+                    &CallContext::interactive(None),
+                    None,
+                    1,
+                    runner,
+                    budget_error,
+                )
+                .await
+        }));
+    }
+    first.await.unwrap().unwrap();
+    for task in rest {
+        task.await.unwrap().unwrap();
+    }
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        vec![
+            vec!["a".to_owned()],
+            vec!["b".into(), "c".into(), "d".into()]
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_identity_goes_to_the_next_batch() {
+    let batcher = batcher(100);
+    let calls: Calls = Arc::default();
+    let mut tasks = Vec::new();
+    for (item, identity) in [("first", "ann@x"), ("other", "bob@x"), ("second", "ann@x")] {
+        let batcher = batcher.clone();
+        let runner = runner(&calls);
+        tasks.push(tokio::spawn(async move {
+            batcher
+                .submit(
+                    "k",
+                    item.to_owned(),
+                    &CallContext::interactive(None),
+                    Some(identity.to_owned()),
+                    1,
+                    runner,
+                    budget_error,
+                )
+                .await
+        }));
+    }
+    let answers: Vec<String> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    assert_eq!(answers, vec!["first@1", "other@1", "second@2"]);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    assert!(calls.iter().all(|call| {
+        call.iter()
+            .filter(|i| i.starts_with("first") || i.starts_with("second"))
+            .count()
+            <= 1
+    }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn different_keys_never_share_a_batch() {
+    let batcher = batcher(100);
+    let calls: Calls = Arc::default();
+    let ctx = CallContext::interactive(None);
+    let a = batcher.submit(
+        "a",
+        "x".to_owned(),
+        &ctx,
+        None,
+        1,
+        runner(&calls),
+        budget_error,
+    );
+    let b = batcher.submit(
+        "b",
+        "y".to_owned(),
+        &ctx,
+        None,
+        1,
+        runner(&calls),
+        budget_error,
+    );
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!((a.unwrap().as_str(), b.unwrap().as_str()), ("x@1", "y@2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_item_whose_deadline_passes_before_sealing_is_withdrawn() {
+    let batcher = batcher(100);
+    let calls: Calls = Arc::default();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    // A runner that waits for the gate (as if queued for budget) before sealing.
+    let gated = {
+        let calls = Arc::clone(&calls);
+        let gate = Arc::clone(&gate);
+        move |mut handle: BatchHandle<&'static str, String, String>| {
+            async move {
+                handle.wait_turn().await;
+                gate.notified().await;
+                let (items, ctx) = handle.seal(Duration::ZERO, || Error::internal("late"));
+                assert!(ctx.is_some_and(|ctx| ctx.deadline.is_none()));
+                calls
+                    .lock()
+                    .unwrap()
+                    .push(items.iter().map(|p| p.item.clone()).collect());
+                for pending in items {
+                    pending.reply(Ok("sent".to_owned()));
+                }
+            }
+            .boxed()
+        }
+    };
+    let impatient = {
+        let batcher = batcher.clone();
+        let gated = gated.clone();
+        tokio::spawn(async move {
+            batcher
+                .submit(
+                    "k",
+                    "impatient".to_owned(),
+                    &CallContext::interactive_within(Duration::from_secs(1)),
+                    None,
+                    1,
+                    gated,
+                    budget_error,
+                )
+                .await
+        })
+    };
+    let patient = {
+        let batcher = batcher.clone();
+        tokio::spawn(async move {
+            batcher
+                .submit(
+                    "k",
+                    "patient".to_owned(),
+                    &CallContext::interactive(None),
+                    None,
+                    1,
+                    gated,
+                    budget_error,
+                )
+                .await
+        })
+    };
+    let error = impatient
+        .await
+        .unwrap()
+        .expect_err("deadline passed in the open batch");
+    assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+    gate.notify_one();
+    assert_eq!(patient.await.unwrap().unwrap(), "sent");
+    assert_eq!(*calls.lock().unwrap(), vec![vec!["patient".to_owned()]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sealing_leaves_out_items_too_close_to_their_deadline() {
+    let batcher = batcher(100);
+    let answers = Arc::new(Mutex::new(None));
+    let seal_late = {
+        let answers = Arc::clone(&answers);
+        move |mut handle: BatchHandle<&'static str, String, String>| {
+            async move {
+                handle.wait_turn().await;
+                // Wait until the first item has only 0.5 s left.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (items, ctx) = handle.seal(Duration::from_secs(1), || budget_error());
+                *answers.lock().unwrap() = Some((items.len(), ctx.and_then(|c| c.deadline)));
+                for pending in items {
+                    pending.reply(Ok("sent".to_owned()));
+                }
+            }
+            .boxed()
+        }
+    };
+    let start = tokio::time::Instant::now();
+    let short_ctx = CallContext::interactive_within(Duration::from_secs(1));
+    let long_ctx = CallContext::interactive_within(Duration::from_secs(10));
+    let short = batcher.submit(
+        "k",
+        "short".to_owned(),
+        &short_ctx,
+        None,
+        1,
+        seal_late.clone(),
+        budget_error,
+    );
+    let long = batcher.submit(
+        "k",
+        "long".to_owned(),
+        &long_ctx,
+        None,
+        1,
+        seal_late,
+        budget_error,
+    );
+    let (short, long) = tokio::join!(short, long);
+    assert_eq!(short.unwrap_err().code(), ErrorCode::ResourceExhausted);
+    assert_eq!(long.unwrap(), "sent");
+    let (count, deadline) = answers.lock().unwrap().unwrap();
+    assert_eq!(count, 1);
+    assert_eq!(deadline, Some(start + Duration::from_secs(10)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_gives_up_answers_its_items() {
+    let batcher = batcher(100);
+    let quitter = |_handle: BatchHandle<&'static str, String, String>| async {}.boxed();
+    let error = batcher
+        .submit(
+            "k",
+            "x".to_owned(),
+            &CallContext::interactive(None),
+            None,
+            1,
+            quitter,
+            budget_error,
+        )
+        .await
+        .expect_err("no answer");
+    assert_eq!(error.code(), ErrorCode::Internal);
+}
+
+#[tokio::test(start_paused = true)]
+async fn size_limit_splits_batches() {
+    let batcher: Batcher<&'static str, String, String> = Batcher::new(BatchLimits {
+        max_items: 100,
+        max_bytes: 25,
+    });
+    let calls: Calls = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let batcher = batcher.clone();
+        let runner = runner(&calls);
+        tasks.push(tokio::spawn(async move {
+            batcher
+                .submit(
+                    "k",
+                    format!("i{i}"),
+                    &CallContext::interactive(None),
+                    None,
+                    10,
+                    runner,
+                    budget_error,
+                )
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let sizes: Vec<usize> = calls.lock().unwrap().iter().map(Vec::len).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 5);
+    assert!(sizes.iter().all(|&s| s <= 2), "{sizes:?}");
+}

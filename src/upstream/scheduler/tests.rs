@@ -1,0 +1,486 @@
+//! Lane tests with a paused clock: budget, queueing and shedding, priorities, retries, breaker.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+use crate::error::ErrorCode;
+
+fn settings(limit: u32) -> SchedulerSettings {
+    SchedulerSettings {
+        jitter_margin: Duration::ZERO,
+        backoff: BackoffPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(1),
+            max_attempts: 4,
+        },
+        ..SchedulerSettings::new(limit)
+    }
+}
+
+fn transient() -> AttemptError {
+    AttemptError {
+        error: Error::new(
+            ErrorCode::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            "retently failed",
+        ),
+        class: FailureClass::Transient,
+        retry_after: None,
+    }
+}
+
+fn max_in_any_window(grants: &[Instant], window: Duration) -> usize {
+    let mut sorted = grants.to_vec();
+    sorted.sort();
+    (0..sorted.len())
+        .map(|i| {
+            sorted[i..]
+                .iter()
+                .take_while(|&&t| t < sorted[i] + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_calls_never_exceed_the_budget_in_any_window() {
+    let lane = Lane::new(
+        "retently",
+        SchedulerSettings {
+            max_queue_wait: Duration::from_secs(300),
+            ..settings(5)
+        },
+    );
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let lane = lane.clone();
+        let sent = Arc::clone(&sent);
+        tasks.push(tokio::spawn(async move {
+            let ctx = CallContext::interactive_within(Duration::from_secs(200));
+            lane.call(&ctx, Idempotency::Idempotent, |_| {
+                let sent = Arc::clone(&sent);
+                async move {
+                    sent.lock().unwrap().push(Instant::now());
+                    Ok::<_, AttemptError>(())
+                }
+            })
+            .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let sent = sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 20);
+    assert!(max_in_any_window(&sent, Duration::from_secs(60)) <= 5);
+    assert_eq!(lane.counters().granted, 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sheds_at_once_when_the_wait_exceeds_the_deadline_and_queues_otherwise() {
+    let lane = Lane::new("retently", settings(3));
+    let ok = |_| async { Ok::<_, AttemptError>(()) };
+    for _ in 0..3 {
+        lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+            .await
+            .unwrap();
+    }
+    let start = Instant::now();
+    let short = CallContext::interactive_within(Duration::from_secs(10));
+    let error = lane
+        .call(&short, Idempotency::Idempotent, ok)
+        .await
+        .expect_err("no room within 10 s");
+    assert_eq!(Instant::now(), start, "shed without waiting");
+    assert_eq!(error.code(), ErrorCode::ResourceExhausted);
+    assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(60)));
+    assert_eq!(error.metadata()["upstream"], "retently");
+
+    let long = CallContext::interactive_within(Duration::from_secs(70));
+    lane.call(&long, Idempotency::Idempotent, ok)
+        .await
+        .expect("queued until a slot freed");
+    assert_eq!(Instant::now() - start, Duration::from_secs(60));
+    assert_eq!(lane.counters().shed, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_deadline_the_queue_wait_is_still_bounded() {
+    let lane = Lane::new(
+        "retainly",
+        SchedulerSettings {
+            max_queue_wait: Duration::from_secs(30),
+            ..settings(1)
+        },
+    );
+    let ok = |_| async { Ok::<_, AttemptError>(()) };
+    lane.call(&CallContext::background(), Idempotency::Idempotent, ok)
+        .await
+        .unwrap();
+    let error = lane
+        .call(&CallContext::background(), Idempotency::Idempotent, ok)
+        .await
+        .expect_err("a 60 s wait is over the 30 s bound");
+    assert_eq!(error.code(), ErrorCode::ResourceExhausted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_sheds() {
+    let lane = Lane::new(
+        "retently",
+        SchedulerSettings {
+            max_queue: 2,
+            max_queue_wait: Duration::from_secs(300),
+            ..settings(1)
+        },
+    );
+    let ok = |_| async { Ok::<_, AttemptError>(()) };
+    lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+        .await
+        .unwrap();
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let lane = lane.clone();
+            tokio::spawn(async move {
+                lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+                    .await
+            })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let error = lane
+        .call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+        .await
+        .expect_err("queue is full");
+    assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+    for task in waiting {
+        task.await.unwrap().expect("queued calls still run");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn interactive_goes_first_and_background_does_not_starve() {
+    let lane = Lane::new(
+        "retently",
+        SchedulerSettings {
+            window: Duration::from_secs(1),
+            ..settings(1)
+        },
+    );
+    let ok = |_| async { Ok::<_, AttemptError>(()) };
+    // Use the only slot so everyone below queues.
+    lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+        .await
+        .unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (priority, count) in [(Priority::Background, 3), (Priority::Interactive, 12)] {
+        for _ in 0..count {
+            let lane = lane.clone();
+            let order = Arc::clone(&order);
+            let ctx = CallContext {
+                priority,
+                deadline: None,
+                caller: None,
+            };
+            tasks.push(tokio::spawn(async move {
+                lane.call(&ctx, Idempotency::Idempotent, |_| {
+                    let order = Arc::clone(&order);
+                    async move {
+                        order.lock().unwrap().push(priority);
+                        Ok::<_, AttemptError>(())
+                    }
+                })
+                .await
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let first_background = order
+        .iter()
+        .position(|p| *p == Priority::Background)
+        .unwrap();
+    // The first grant after the queue formed goes to interactive work...
+    assert_eq!(order[0], Priority::Interactive);
+    // ...but background gets one slot in every five while both wait.
+    assert_eq!(first_background, 4, "{order:?}");
+    let backgrounds: Vec<usize> = order
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| **p == Priority::Background)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(backgrounds, vec![4, 9, 14], "{order:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_only_when_safe() {
+    let lane = Lane::new("retently", settings(100));
+    let attempts = AtomicU32::new(0);
+    let ctx = CallContext::interactive(None);
+    let flaky = |_| {
+        let n = attempts.fetch_add(1, Ordering::SeqCst);
+        async move { if n == 0 { Err(transient()) } else { Ok(n) } }
+    };
+    assert_eq!(
+        lane.call(&ctx, Idempotency::Idempotent, flaky)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+
+    attempts.store(0, Ordering::SeqCst);
+    let error = lane
+        .call(&ctx, Idempotency::UnsafeToRepeat, flaky)
+        .await
+        .expect_err("a 5xx on a survey send is not repeated");
+    assert_eq!(error.code(), ErrorCode::Unavailable);
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+
+    attempts.store(0, Ordering::SeqCst);
+    let never_sent = |_| {
+        let n = attempts.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err(AttemptError {
+                    class: FailureClass::NotSent,
+                    ..transient()
+                })
+            } else {
+                Ok(n)
+            }
+        }
+    };
+    assert_eq!(
+        lane.call(&ctx, Idempotency::UnsafeToRepeat, never_sent)
+            .await
+            .unwrap(),
+        1,
+        "a connect error is safe to repeat even for a survey send"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_failures_are_not_retried_and_attempts_are_capped() {
+    let lane = Lane::new("retently", settings(100));
+    let attempts = AtomicU32::new(0);
+    let ctx = CallContext::interactive(None);
+    let bad = |_| {
+        attempts.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>(AttemptError::permanent(Error::internal("bad"))) }
+    };
+    lane.call(&ctx, Idempotency::Idempotent, bad)
+        .await
+        .unwrap_err();
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+
+    attempts.store(0, Ordering::SeqCst);
+    let down = |_| {
+        attempts.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>(transient()) }
+    };
+    lane.call(&ctx, Idempotency::Idempotent, down)
+        .await
+        .unwrap_err();
+    assert_eq!(attempts.load(Ordering::SeqCst), 4, "max_attempts");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_and_pauses_the_whole_lane() {
+    let lane = Lane::new("retently", settings(100));
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let ctx = CallContext::interactive_within(Duration::from_secs(30));
+    let limited = |_| {
+        let attempts = Arc::clone(&attempts);
+        async move {
+            let mut attempts = attempts.lock().unwrap();
+            attempts.push(Instant::now());
+            if attempts.len() == 1 {
+                Err(AttemptError {
+                    error: Error::new(ErrorCode::ResourceExhausted, "UPSTREAM_RATE_LIMITED", "429"),
+                    class: FailureClass::Refused,
+                    retry_after: Some(Duration::from_secs(7)),
+                })
+            } else {
+                Ok(())
+            }
+        }
+    };
+    lane.call(&ctx, Idempotency::UnsafeToRepeat, limited)
+        .await
+        .expect("retried after the upstream's delay");
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 2);
+    assert!(attempts[1] - start >= Duration::from_secs(7));
+    assert!(attempts[1] - start <= Duration::from_secs(8));
+    assert_eq!(lane.counters().upstream_rate_limited, 1);
+
+    // While blocked, other callers wait too instead of provoking another 429.
+    let blocked = Lane::new("retently", settings(100));
+    blocked
+        .lock()
+        .budget
+        .block_until(Instant::now() + Duration::from_secs(5));
+    let before = Instant::now();
+    blocked
+        .call(&ctx, Idempotency::Idempotent, |_| async {
+            Ok::<_, AttemptError>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(Instant::now() - before, Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_beyond_the_deadline_returns_the_error_at_once() {
+    let lane = Lane::new("retently", settings(100));
+    let ctx = CallContext::interactive_within(Duration::from_secs(2));
+    let start = Instant::now();
+    let error = lane
+        .call(&ctx, Idempotency::Idempotent, |_| async {
+            Err::<(), _>(AttemptError {
+                error: Error::new(ErrorCode::ResourceExhausted, "UPSTREAM_RATE_LIMITED", "429")
+                    .with_retry_after(Duration::from_secs(30)),
+                class: FailureClass::Refused,
+                retry_after: Some(Duration::from_secs(30)),
+            })
+        })
+        .await
+        .expect_err("cannot wait 30 s");
+    assert_eq!(Instant::now(), start);
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(30)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_budget_caps_retries() {
+    let lane = Lane::new(
+        "retently",
+        SchedulerSettings {
+            retry_budget: RetryBudgetConfig {
+                ratio: 0.1,
+                floor: 1,
+                window: Duration::from_secs(60),
+            },
+            breaker: BreakerConfig {
+                threshold: 1000,
+                ..BreakerConfig::default()
+            },
+            ..settings(1000)
+        },
+    );
+    let attempts = AtomicU32::new(0);
+    let ctx = CallContext::interactive(None);
+    for _ in 0..20 {
+        let _ = lane
+            .call(&ctx, Idempotency::Idempotent, |_| {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(transient()) }
+            })
+            .await;
+    }
+    // 20 calls; the budget allows 1 + 10 % of 20 = 3 retries in the window.
+    assert_eq!(attempts.load(Ordering::SeqCst), 23);
+    assert_eq!(lane.counters().retries, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_fails_fast_then_probes() {
+    let lane = Lane::new(
+        "retainly",
+        SchedulerSettings {
+            breaker: BreakerConfig {
+                threshold: 2,
+                open_for: Duration::from_secs(5),
+                max_open_for: Duration::from_secs(60),
+            },
+            backoff: BackoffPolicy {
+                max_attempts: 1,
+                ..BackoffPolicy::default()
+            },
+            ..settings(1000)
+        },
+    );
+    let attempts = AtomicU32::new(0);
+    let ctx = CallContext::interactive(None);
+    let down = |_| {
+        attempts.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), _>(transient()) }
+    };
+    for _ in 0..2 {
+        lane.call(&ctx, Idempotency::Idempotent, down)
+            .await
+            .unwrap_err();
+    }
+    let error = lane
+        .call(&ctx, Idempotency::Idempotent, down)
+        .await
+        .expect_err("open");
+    assert_eq!(error.code(), ErrorCode::Unavailable);
+    assert_eq!(error.reason(), "UPSTREAM_CIRCUIT_OPEN");
+    assert_eq!(error.retry_after(), Some(Duration::from_secs(5)));
+    assert_eq!(attempts.load(Ordering::SeqCst), 2, "no attempt while open");
+    let granted = lane.counters().granted;
+
+    tokio::time::advance(Duration::from_secs(5)).await;
+    lane.call(&ctx, Idempotency::Idempotent, |_| async {
+        Ok::<_, AttemptError>(())
+    })
+    .await
+    .expect("the probe goes through");
+    assert_eq!(
+        lane.counters().granted,
+        granted + 1,
+        "the probe took a slot"
+    );
+    lane.call(&ctx, Idempotency::Idempotent, |_| async {
+        Ok::<_, AttemptError>(())
+    })
+    .await
+    .expect("closed again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_leaving_the_queue_gives_its_place_back() {
+    let lane = Lane::new("retently", settings(1));
+    let ok = |_| async { Ok::<_, AttemptError>(()) };
+    lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+        .await
+        .unwrap();
+    // Queued with a 61 s deadline, then dropped by its caller before a slot frees.
+    let leaver = {
+        let lane = lane.clone();
+        tokio::spawn(async move {
+            lane.call(
+                &CallContext::interactive_within(Duration::from_secs(61)),
+                Idempotency::Idempotent,
+                ok,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    leaver.abort();
+    let _ = leaver.await;
+    let start = Instant::now();
+    lane.call(
+        &CallContext::interactive_within(Duration::from_secs(120)),
+        Idempotency::Idempotent,
+        ok,
+    )
+    .await
+    .expect("gets the slot the leaver would have had");
+    assert_eq!(Instant::now() - start, Duration::from_secs(59));
+    assert_eq!(lane.counters().granted, 2);
+}
