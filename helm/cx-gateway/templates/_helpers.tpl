@@ -1,0 +1,133 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "cx-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name.
+We truncate at 63 chars because some Kubernetes name fields are limited to this (by the DNS naming spec).
+If release name contains chart name it will be used as a full name.
+*/}}
+{{- define "cx-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Create chart name and version as used by the chart label.
+*/}}
+{{- define "cx-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels
+*/}}
+{{- define "cx-gateway.labels" -}}
+helm.sh/chart: {{ include "cx-gateway.chart" . }}
+{{ include "cx-gateway.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels. These also label the StatefulSet's volume claim template, whose metadata is
+immutable: keep them free of anything that changes between releases (versions, chart labels).
+*/}}
+{{- define "cx-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cx-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Create the name of the service account to use
+*/}}
+{{- define "cx-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "cx-gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The headless Service that gives the StatefulSet's pod its stable network identity.
+*/}}
+{{- define "cx-gateway.headlessServiceName" -}}
+{{- printf "%s-headless" (include "cx-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The container image: a digest pins it exactly; otherwise the tag, defaulting to the app version.
+*/}}
+{{- define "cx-gateway.image" -}}
+{{- $repository := .Values.image.repository }}
+{{- if .Values.image.registry }}
+{{- $repository = printf "%s/%s" .Values.image.registry .Values.image.repository }}
+{{- end }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the upstream keys: the operator's own one, or the one this chart renders.
+*/}}
+{{- define "cx-gateway.secretName" -}}
+{{- if .Values.upstreamKeys.existingSecret }}
+{{- .Values.upstreamKeys.existingSecret }}
+{{- else }}
+{{- include "cx-gateway.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the pod reads upstream keys at all: the sandbox mode talks to the in-process emulator.
+*/}}
+{{- define "cx-gateway.usesKeys" -}}
+{{- if not .Values.sandbox.enabled }}true{{ end }}
+{{- end }}
+
+{{/*
+The only path the gateway's webhook receiver answers on; Ingress and HTTPRoute expose nothing else
+of the admin port (which also serves /livez, /readyz and /metrics).
+*/}}
+{{- define "cx-gateway.webhookPath" -}}
+/webhooks/retently
+{{- end }}
+
+{{/*
+Where the key files are mounted; the *_FILE variables point into it.
+*/}}
+{{- define "cx-gateway.secretsDir" -}}
+/etc/cx-gateway/secrets
+{{- end }}
+
+{{/*
+How long Kubernetes waits between SIGTERM and SIGKILL: the preStop pause, the gateway's own drain
+window (CXGW_SHUTDOWN_GRACE) and a margin for closing the store, so a clean drain is never cut.
+*/}}
+{{- define "cx-gateway.terminationGracePeriodSeconds" -}}
+{{- add (.Values.lifecycle.preStopSleepSeconds | int64) (.Values.config.shutdownGraceSeconds | int64) (.Values.lifecycle.terminationGraceMarginSeconds | int64) }}
+{{- end }}
+
+{{/*
+The label a client pod carries to reach the gateway when networkPolicy.allowExternal is false.
+*/}}
+{{- define "cx-gateway.clientLabel" -}}
+{{- printf "%s-client" (include "cx-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
