@@ -1,0 +1,853 @@
+"""Checks of the Helm chart (helm/cx-gateway), the Dockerfile and the .dockerignore.
+
+For the default values and every value set in helm/cx-gateway/ci/: lint (strict), render offline
+through the Helm v4 SDK, validate every rendered object with kubernetes-validate in strict mode
+against the oldest Kubernetes the chart supports and the newest the validator knows, and assert
+the properties operators rely on (gRPC probes on the grpc port, hardening, keys only as files,
+the data volume at CXGW_DATA_DIR, drain timing). Then a table of bad value sets, each of which
+the schema must refuse. Prints one line per check and `N passed, N failed` last; exits 1 on any
+failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import dockerfile
+import helm_python as helm
+import kubernetes_validate
+import yaml
+from kubernetes_validate import utils as kv
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "cx-gateway"
+RELEASE = "cxgw"
+NAMESPACE = "cx"
+FULLNAME = "cxgw-cx-gateway"
+# The oldest Kubernetes the chart accepts (Chart.yaml kubeVersion) and the newest the validator
+# ships schemas for.
+KUBE_VERSIONS = ["1.30.0", kv.latest_version()]
+# Custom resources: kubernetes-validate has schemas for built-in kinds only, so these are skipped
+# there and checked field by field below instead.
+CRD_KINDS = {"ServiceMonitor", "GRPCRoute", "HTTPRoute"}
+# Values that must never leave the Secret: searched for, in clear and in base64, in everything else.
+CANARIES = {
+    "retentlyApiKey": "rk-canary-7f3a9c51",
+    "retainlyApiKey": "rak-canary-21be04d7",
+    "retainlyApiSecret": "ras-canary-d95e11a0",
+}
+KEY_FILE_VARS = {
+    "CXGW_RETENTLY_API_KEY_FILE": "retentlyApiKey",
+    "CXGW_RETAINLY_API_KEY_FILE": "retainlyApiKey",
+    "CXGW_RETAINLY_API_SECRET_FILE": "retainlyApiSecret",
+}
+SECRET_NAME = re.compile(r"(API_KEY|API_SECRET)$")
+GATEWAY_SERVICES = [
+    "cx.gateway.v1.CustomerService",
+    "cx.gateway.v1.SurveyService",
+    "cx.gateway.v1.EventService",
+    "cx.gateway.v1.FeedbackStream",
+]
+
+
+class Results:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+
+    def check(self, name: str, body: Callable[[], None]) -> bool:
+        try:
+            body()
+        except Exception as error:  # a failed check is reported, never fatal to the run
+            self.failed += 1
+            detail = str(error) or type(error).__name__
+            if not isinstance(error, AssertionError):
+                detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+            print(f"FAIL {name}: {detail}")
+            return False
+        self.passed += 1
+        print(f"ok   {name}")
+        return True
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class Rendered:
+    """One rendering: the merged values, the manifests by template and the parsed objects."""
+
+    def __init__(self, chart: helm.Chart, values: dict[str, Any]) -> None:
+        self.values = chart.merge_values(values)
+        self.manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        self.notes = self.manifests.get("cx-gateway/templates/NOTES.txt", "")
+        self.objects: list[tuple[str, dict[str, Any]]] = []
+        for template, text in sorted(self.manifests.items()):
+            if not template.endswith((".yaml", ".yml")):
+                continue
+            for document in yaml.safe_load_all(text):
+                if document:
+                    self.objects.append((template, document))
+
+    def kind(self, kind: str) -> list[dict[str, Any]]:
+        return [obj for _, obj in self.objects if obj.get("kind") == kind]
+
+    def one(self, kind: str) -> dict[str, Any]:
+        found = self.kind(kind)
+        assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+        return found[0]
+
+    def hook_pods(self) -> list[dict[str, Any]]:
+        return [
+            o for o in self.kind("Pod")
+            if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"
+        ]
+
+    def workload(self) -> dict[str, Any]:
+        return self.one("StatefulSet")
+
+    def pod_spec(self) -> dict[str, Any]:
+        return self.workload()["spec"]["template"]["spec"]
+
+    def container(self) -> dict[str, Any]:
+        containers = self.pod_spec()["containers"]
+        assert len(containers) == 1, f"expected one container, found {len(containers)}"
+        return containers[0]
+
+    def env(self) -> dict[str, dict[str, Any]]:
+        return {item["name"]: item for item in self.container().get("env", [])}
+
+    def config_map(self) -> dict[str, str]:
+        maps = [
+            o for o in self.kind("ConfigMap") if o["metadata"]["name"] == FULLNAME
+        ]
+        assert len(maps) == 1, "the settings ConfigMap is missing"
+        return maps[0]["data"]
+
+    def service(self, name: str) -> dict[str, Any]:
+        found = [o for o in self.kind("Service") if o["metadata"]["name"] == name]
+        assert len(found) == 1, f"service {name} missing"
+        return found[0]
+
+
+def image_uid_gid() -> tuple[int, int]:
+    """The numeric USER of the Dockerfile's final stage."""
+    user = None
+    for command in dockerfile.parse_file(str(ROOT / "Dockerfile")):
+        if command.cmd.upper() == "FROM":
+            user = None
+        elif command.cmd.upper() == "USER":
+            user = command.value[0]
+    assert user, "the final stage sets no USER"
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and gid.isdigit(), f"USER {user} is not numeric uid:gid"
+    return int(uid), int(gid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties every rendering must have.
+
+
+def check_lint(values: dict[str, Any]) -> Callable[[], None]:
+    def body() -> None:
+        report = helm.lint(
+            str(CHART), values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0"
+        )
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not report["errors"] and not problems, json.dumps(report, indent=1)
+
+    return body
+
+
+def check_kubernetes_validate(rendered: Rendered, version: str) -> Callable[[], None]:
+    def body() -> None:
+        errors = []
+        validated = 0
+        for template, obj in rendered.objects:
+            if obj["kind"] in CRD_KINDS:
+                continue
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+                validated += 1
+            except kv.ValidationError as error:
+                path = ".".join(str(p) for p in error.path)
+                errors.append(f"{template} {obj['kind']}: {path}: {error.message}")
+            except kv.SchemaNotFoundError as error:
+                errors.append(f"{template}: {error.message}")
+        assert not errors, "\n  ".join(errors)
+        assert validated >= 6, f"only {validated} objects validated"
+
+    return body
+
+
+def check_labels(rendered: Rendered) -> None:
+    required = [
+        "helm.sh/chart",
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/managed-by",
+        "app.kubernetes.io/version",
+    ]
+    for template, obj in rendered.objects:
+        labels = obj["metadata"].get("labels", {})
+        missing = [label for label in required if label not in labels]
+        assert not missing, f"{template} {obj['kind']} lacks {missing}"
+    workload = rendered.workload()
+    selector = workload["spec"]["selector"]["matchLabels"]
+    assert selector == {
+        "app.kubernetes.io/name": "cx-gateway",
+        "app.kubernetes.io/instance": RELEASE,
+    }, f"selector {selector} is not the stable selector labels"
+    pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items(), "pod labels do not carry the selector"
+
+
+def check_single_writer(rendered: Rendered) -> None:
+    workload = rendered.workload()
+    assert not rendered.kind("Deployment"), "a Deployment next to the StatefulSet"
+    assert workload["spec"].get("replicas") == 1, "the embedded store allows one replica"
+    assert workload["spec"]["serviceName"] == f"{FULLNAME}-headless"
+    headless = rendered.service(f"{FULLNAME}-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert not rendered.kind("HorizontalPodAutoscaler"), "an HPA with the embedded store"
+
+
+def check_ports(rendered: Rendered) -> None:
+    values = rendered.values
+    ports = {p["name"]: p for p in rendered.container()["ports"]}
+    assert set(ports) == {"grpc", "http"}, f"container ports {sorted(ports)}"
+    assert ports["grpc"]["containerPort"] == values["containerPorts"]["grpc"]
+    assert ports["http"]["containerPort"] == values["containerPorts"]["http"]
+    settings = rendered.config_map()
+    assert settings["CXGW_GRPC_ADDR"] == f"0.0.0.0:{values['containerPorts']['grpc']}"
+    assert settings["CXGW_ADMIN_ADDR"] == f"0.0.0.0:{values['containerPorts']['http']}"
+    for name in (FULLNAME, f"{FULLNAME}-headless"):
+        service_ports = {p["name"]: p for p in rendered.service(name)["spec"]["ports"]}
+        assert set(service_ports) == {"grpc", "http"}, f"{name} ports {sorted(service_ports)}"
+        assert service_ports["grpc"]["targetPort"] == "grpc"
+        assert service_ports["http"]["targetPort"] == "http"
+    main = {p["name"]: p for p in rendered.service(FULLNAME)["spec"]["ports"]}
+    assert main["grpc"]["port"] == values["service"]["ports"]["grpc"]
+    assert main["http"]["port"] == values["service"]["ports"]["http"]
+
+
+def check_probes(rendered: Rendered) -> None:
+    container = rendered.container()
+    grpc_port = rendered.values["containerPorts"]["grpc"]
+    for probe_name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = container.get(probe_name)
+        assert probe, f"{probe_name} missing"
+        handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & set(probe)
+        assert handlers == {"grpc"}, f"{probe_name} uses {sorted(handlers)}, not grpc"
+        assert probe["grpc"]["port"] == grpc_port, f"{probe_name} is not on the grpc port"
+        assert probe["timeoutSeconds"] >= 1 and probe["periodSeconds"] >= 1
+
+
+def check_drain_timing(rendered: Rendered) -> None:
+    values = rendered.values
+    grace = values["config"]["shutdownGraceSeconds"]
+    pause = values["lifecycle"]["preStopSleepSeconds"]
+    margin = values["lifecycle"]["terminationGraceMarginSeconds"]
+    assert rendered.config_map()["CXGW_SHUTDOWN_GRACE"] == f"{grace}s"
+    total = rendered.pod_spec()["terminationGracePeriodSeconds"]
+    assert total == pause + grace + margin, f"terminationGracePeriodSeconds {total}"
+    assert total > pause + grace, "no margin after the drain window"
+    pre_stop = rendered.container().get("lifecycle", {}).get("preStop", {})
+    if pause:
+        assert pre_stop == {"sleep": {"seconds": pause}}, f"preStop {pre_stop}"
+    else:
+        assert not pre_stop
+
+
+def check_security(rendered: Rendered) -> None:
+    uid, gid = image_uid_gid()
+    pod = rendered.pod_spec()
+    pod_ctx = pod["securityContext"]
+    assert pod_ctx.get("runAsNonRoot") is True
+    assert pod_ctx.get("runAsUser") == uid, f"pod uid {pod_ctx.get('runAsUser')} != image {uid}"
+    assert pod_ctx.get("runAsGroup") == gid
+    assert pod_ctx.get("fsGroup") == gid, "the data volume must be group-writable"
+    assert pod_ctx.get("seccompProfile") == {"type": "RuntimeDefault"}
+    assert pod.get("automountServiceAccountToken") is False
+    assert pod.get("enableServiceLinks") is False
+    ctx = rendered.container()["securityContext"]
+    assert ctx.get("readOnlyRootFilesystem") is True
+    assert ctx.get("allowPrivilegeEscalation") is False
+    assert ctx.get("privileged") is False
+    assert ctx.get("runAsNonRoot") is True
+    assert ctx.get("capabilities") == {"drop": ["ALL"]}, f"capabilities {ctx.get('capabilities')}"
+    assert ctx.get("seccompProfile") == {"type": "RuntimeDefault"}
+    for account in rendered.kind("ServiceAccount"):
+        assert account.get("automountServiceAccountToken") is False
+
+
+def check_resources(rendered: Rendered) -> None:
+    resources = rendered.container()["resources"]
+    for section in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            assert resource in resources.get(section, {}), f"no {section}.{resource}"
+
+
+def check_writable_paths(rendered: Rendered) -> None:
+    values = rendered.values
+    data_dir = rendered.config_map()["CXGW_DATA_DIR"]
+    assert data_dir == values["persistence"]["mountPath"]
+    mounts = rendered.container()["volumeMounts"]
+    writable = {m["mountPath"]: m["name"] for m in mounts if not m.get("readOnly")}
+    assert writable == {data_dir: "data", "/tmp": "tmp"}, f"writable mounts {writable}"
+    volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+    assert "emptyDir" in volumes["tmp"], "/tmp is not an emptyDir"
+    templates = rendered.workload()["spec"].get("volumeClaimTemplates", [])
+    persistence = values["persistence"]
+    if not persistence["enabled"]:
+        assert "emptyDir" in volumes["data"] and not templates
+    elif persistence["existingClaim"]:
+        claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
+        assert claim == persistence["existingClaim"] and not templates
+    else:
+        assert "data" not in volumes, "data is both a volume and a claim template"
+        assert [t["metadata"]["name"] for t in templates] == ["data"]
+        spec = templates[0]["spec"]
+        assert spec["resources"]["requests"]["storage"] == persistence["size"]
+        assert spec["accessModes"] == persistence["accessModes"]
+        # Claim template metadata is immutable: nothing version-dependent may label it.
+        assert set(templates[0]["metadata"]["labels"]) == {
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+        }
+        if persistence["storageClass"]:
+            assert spec["storageClassName"] == persistence["storageClass"]
+
+
+def check_settings(rendered: Rendered) -> None:
+    values = rendered.values
+    settings = rendered.config_map()
+    for key, value in settings.items():
+        assert key.startswith("CXGW_"), f"{key} in the settings ConfigMap"
+        assert isinstance(value, str), f"{key} is not a string"
+    config = values["config"]
+    expected = {
+        "CXGW_LOG_FORMAT": config["logFormat"],
+        "CXGW_LOG": config["log"],
+        "CXGW_REFLECTION": str(config["reflection"]).lower(),
+        "CXGW_MAX_MESSAGE_BYTES": str(config["maxMessageBytes"]),
+        "CXGW_MAX_CONCURRENT_STREAMS": str(config["maxConcurrentStreams"]),
+        "CXGW_MAX_CONNECTION_AGE": config["maxConnectionAge"],
+        "CXGW_RETENTLY_BASE_URL": config["retently"]["baseUrl"],
+        "CXGW_RETENTLY_REQUESTS_PER_MINUTE": str(config["retently"]["requestsPerMinute"]),
+        "CXGW_RETAINLY_BASE_URL": config["retainly"]["baseUrl"],
+        "CXGW_RETAINLY_REQUESTS_PER_MINUTE": str(config["retainly"]["requestsPerMinute"]),
+    }
+    for name, value in config["extraSettings"].items():
+        expected[name] = str(value)
+    wrong = {k: (settings.get(k), v) for k, v in expected.items() if settings.get(k) != v}
+    assert not wrong, f"settings differ (rendered, expected): {wrong}"
+    envelope = rendered.container()["envFrom"]
+    assert envelope == [{"configMapRef": {"name": FULLNAME}}], f"envFrom {envelope}"
+    annotations = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations.get("checksum/config", "")), "no config checksum"
+
+
+def check_keys_are_files(rendered: Rendered) -> None:
+    """The keys reach the pod only as files from the Secret; nothing else carries them."""
+    values = rendered.values
+    keys = values["upstreamKeys"]
+    settings = rendered.config_map()
+    leaked = [k for k in settings if SECRET_NAME.search(k) or k.endswith("_FILE")]
+    assert not leaked, f"key settings in the ConfigMap: {leaked}"
+    env = rendered.env()
+    inline = [name for name in env if SECRET_NAME.search(name)]
+    assert not inline, f"keys as environment variables: {inline}"
+    if values["sandbox"]["enabled"]:
+        assert not rendered.kind("Secret"), "a key Secret in sandbox mode"
+        assert not set(KEY_FILE_VARS) & set(env), "key files in sandbox mode"
+        assert rendered.container()["args"] == ["serve", "--sandbox"]
+        return
+    assert rendered.container()["args"] == ["serve"]
+    secret_name = keys["existingSecret"] or FULLNAME
+    volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+    key_volumes = [v for v in volumes.values() if v.get("secret", {}).get("secretName") == secret_name]
+    assert len(key_volumes) == 1, f"no volume from Secret {secret_name}"
+    volume = key_volumes[0]
+    mount = [m for m in rendered.container()["volumeMounts"] if m["name"] == volume["name"]]
+    assert len(mount) == 1 and mount[0].get("readOnly") is True, "key volume not mounted read-only"
+    assert volume["secret"]["defaultMode"] == 0o440, "key files readable beyond the pod's group"
+    paths = {item["key"]: item["path"] for item in volume["secret"]["items"]}
+    for variable, field in KEY_FILE_VARS.items():
+        assert variable in env, f"{variable} not set"
+        key_name = keys["secretKeys"][field]
+        assert key_name in paths, f"Secret key {key_name} not mounted"
+        assert env[variable]["value"] == f"{mount[0]['mountPath']}/{paths[key_name]}", variable
+    if keys["existingSecret"]:
+        assert not rendered.kind("Secret"), "a Secret rendered although existingSecret is set"
+        return
+    secret = rendered.one("Secret")
+    for field, canary in CANARIES.items():
+        stored = secret["data"][keys["secretKeys"][field]]
+        assert base64.b64decode(stored).decode() == canary, f"Secret {field} does not hold the value"
+    annotations = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/secret" in annotations, "pods would not roll when the keys change"
+
+
+def check_no_key_outside_secret(rendered: Rendered) -> None:
+    forms = []
+    for canary in CANARIES.values():
+        forms += [canary, base64.b64encode(canary.encode()).decode()]
+    for template, text in rendered.manifests.items():
+        if template.endswith("/secret.yaml"):
+            continue
+        found = [form for form in forms if form in text]
+        assert not found, f"{template} contains a key value"
+
+
+def check_otel(rendered: Rendered) -> None:
+    otel = rendered.values["otel"]
+    env = rendered.env()
+    names = [item["name"] for item in rendered.container().get("env", [])]
+    otel_names = [n for n in names if n.startswith("OTEL_")]
+    if not otel["enabled"]:
+        assert not otel_names, f"OTEL_* set while otel is disabled: {otel_names}"
+        return
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == otel["endpoint"]
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == otel["protocol"]
+    assert env["OTEL_SERVICE_NAME"]["value"] == (otel["serviceName"] or FULLNAME)
+    assert env["OTEL_TRACES_SAMPLER"]["value"] == otel["sampler"]
+    assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == otel["samplerArg"]
+    attributes = env["OTEL_RESOURCE_ATTRIBUTES"]["value"].split(",")
+    for attribute, variable in [
+        ("k8s.namespace.name", "OTEL_K8S_NAMESPACE"),
+        ("k8s.pod.name", "OTEL_K8S_POD_NAME"),
+        ("k8s.node.name", "OTEL_K8S_NODE_NAME"),
+    ]:
+        assert f"{attribute}=$({variable})" in attributes, f"{attribute} missing"
+        # $(VAR) expands only when VAR is defined earlier in the list.
+        assert names.index(variable) < names.index("OTEL_RESOURCE_ATTRIBUTES")
+        assert "fieldRef" in env[variable]["valueFrom"]
+    for name, value in otel["resourceAttributes"].items():
+        assert f"{name}={value}" in attributes, f"resource attribute {name} missing"
+    if otel["headersSecret"]["name"]:
+        reference = env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"]
+        assert reference == {"name": otel["headersSecret"]["name"], "key": otel["headersSecret"]["key"]}
+        assert "value" not in env["OTEL_EXPORTER_OTLP_HEADERS"]
+    for name, value in otel["extraEnv"].items():
+        assert env[name]["value"] == str(value), name
+
+
+def check_network_policy(rendered: Rendered) -> None:
+    policy_values = rendered.values["networkPolicy"]
+    if not policy_values["enabled"]:
+        assert not rendered.kind("NetworkPolicy")
+        return
+    policy = rendered.one("NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    ports = rendered.values["containerPorts"]
+    first = policy["ingress"][0]
+    assert sorted(p["port"] for p in first["ports"]) == sorted([ports["grpc"], ports["http"]])
+    if policy_values["allowExternal"]:
+        assert "from" not in first
+    else:
+        peers = first["from"]
+        assert {"podSelector": {"matchLabels": {f"{FULLNAME}-client": "true"}}} in peers
+        if policy_values["ingressNSMatchLabels"]:
+            assert any(
+                p.get("namespaceSelector", {}).get("matchLabels") == policy_values["ingressNSMatchLabels"]
+                for p in peers
+            ), "namespace selector missing"
+        test_pods = rendered.hook_pods()
+        for pod in test_pods:
+            assert pod["metadata"]["labels"].get(f"{FULLNAME}-client") == "true", "helm test pod blocked"
+    if policy_values["allowExternalEgress"]:
+        assert policy["egress"] == [{}]
+    else:
+        assert {} not in policy["egress"], "egress open although allowExternalEgress is false"
+        opened = {(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule.get("ports", [])}
+        assert {(53, "UDP"), (53, "TCP"), (443, "TCP")} <= opened, f"egress ports {opened}"
+        for rule in policy_values["extraEgress"]:
+            assert rule in policy["egress"]
+
+
+def check_pdb(rendered: Rendered) -> None:
+    pdb_values = rendered.values["pdb"]
+    if not pdb_values["enabled"]:
+        assert not rendered.kind("PodDisruptionBudget")
+        return
+    spec = rendered.one("PodDisruptionBudget")["spec"]
+    # Helm drops null values when merging, so an unset bound is simply absent.
+    if pdb_values.get("minAvailable") is not None:
+        assert spec.get("minAvailable") == pdb_values["minAvailable"] and "maxUnavailable" not in spec
+    else:
+        assert spec.get("maxUnavailable") == pdb_values["maxUnavailable"] and "minAvailable" not in spec
+        # One replica and minAvailable 1 would block every node drain.
+        assert spec["maxUnavailable"] != 0
+    assert spec["selector"]["matchLabels"] == rendered.workload()["spec"]["selector"]["matchLabels"]
+
+
+def check_exposure(rendered: Rendered) -> None:
+    """Ingress and HTTPRoute carry only the webhook path to the http port; GRPCRoute the gRPC API."""
+    values = rendered.values
+    ingress_values = values["ingress"]
+    if ingress_values["enabled"]:
+        ingress = rendered.one("Ingress")["spec"]
+        assert [r["host"] for r in ingress["rules"]] == ingress_values["hosts"]
+        for rule in ingress["rules"]:
+            paths = rule["http"]["paths"]
+            assert len(paths) == 1 and paths[0]["path"] == "/webhooks/retently"
+            assert paths[0]["backend"]["service"] == {"name": FULLNAME, "port": {"name": "http"}}
+        if ingress_values["tls"]:
+            assert ingress["tls"] == ingress_values["tls"]
+        if ingress_values["className"]:
+            assert ingress["ingressClassName"] == ingress_values["className"]
+    else:
+        assert not rendered.kind("Ingress")
+    route_values = values["httpRoute"]
+    if route_values["enabled"]:
+        route = rendered.one("HTTPRoute")
+        assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+        spec = route["spec"]
+        assert spec["parentRefs"] == route_values["parentRefs"]
+        assert spec["hostnames"] == route_values["hostnames"]
+        assert spec["rules"] == [{
+            "matches": [{"path": {"type": "PathPrefix", "value": "/webhooks/retently"}}],
+            "backendRefs": [{"name": FULLNAME, "port": values["service"]["ports"]["http"]}],
+        }], f"HTTPRoute rules {spec['rules']}"
+    else:
+        assert not rendered.kind("HTTPRoute")
+    grpc_values = values["grpcRoute"]
+    if grpc_values["enabled"]:
+        route = rendered.one("GRPCRoute")
+        assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+        spec = route["spec"]
+        assert spec["parentRefs"] == grpc_values["parentRefs"]
+        (rule,) = spec["rules"]
+        assert rule["backendRefs"] == [{"name": FULLNAME, "port": values["service"]["ports"]["grpc"]}]
+        matched = [m["method"]["service"] for m in rule.get("matches", [])]
+        assert matched == grpc_values["services"], f"GRPCRoute services {matched}"
+        assert all(m["method"]["type"] == "Exact" for m in rule.get("matches", []))
+    else:
+        assert not rendered.kind("GRPCRoute")
+
+
+def check_service_monitor(rendered: Rendered) -> None:
+    monitor_values = rendered.values["metrics"]["serviceMonitor"]
+    if not monitor_values["enabled"]:
+        assert not rendered.kind("ServiceMonitor")
+        return
+    monitor = rendered.one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    for name, value in monitor_values["labels"].items():
+        assert monitor["metadata"]["labels"].get(name) == value
+    spec = monitor["spec"]
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert endpoint["interval"] == monitor_values["interval"]
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    # It must select the regular Service and not the headless one (no double scraping).
+    selector = spec["selector"]
+
+    def selects(service: dict[str, Any]) -> bool:
+        labels = service["metadata"]["labels"]
+        if not selector["matchLabels"].items() <= labels.items():
+            return False
+        for expression in selector.get("matchExpressions", []):
+            assert expression["operator"] == "DoesNotExist"
+            if expression["key"] in labels:
+                return False
+        return True
+
+    selected = [s["metadata"]["name"] for s in rendered.kind("Service") if selects(s)]
+    assert selected == [FULLNAME], f"ServiceMonitor selects {selected}"
+
+
+def check_test_hook(rendered: Rendered) -> None:
+    tests = rendered.values["tests"]
+    pods = rendered.hook_pods()
+    if not tests["enabled"]:
+        assert not pods
+        return
+    assert len(pods) == 1, f"{len(pods)} test pods"
+    pod = pods[0]
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert isinstance(spec["securityContext"]["runAsUser"], int)
+    target = f"{FULLNAME}:{rendered.values['service']['ports']['grpc']}"
+    containers = spec["containers"]
+    assert len(containers) == len(tests["services"])
+    for container, service in zip(containers, tests["services"]):
+        assert container["image"] == f"{tests['image']['repository']}:{tests['image']['tag']}"
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        command = container["command"]
+        if tests["tool"] == "grpc_health_probe":
+            assert command[0] == "grpc_health_probe"
+            assert f"-addr={target}" in command and f"-service={service}" in command
+        else:
+            script = command[-1]
+            assert command[:2] == ["/bin/sh", "-c"]
+            assert "grpc.health.v1.Health/Check" in script and target in script
+            assert json.dumps({"service": service}).replace('{"service": ', "") in script
+            # grpcurl exits 0 on NOT_SERVING: the script must look at the answer.
+            assert "grep -q '\"SERVING\"'" in script
+
+
+def check_notes(rendered: Rendered) -> None:
+    notes = rendered.notes
+    assert f"port-forward service/{FULLNAME}" in notes, "no port-forward instructions"
+    assert "grpcurl -plaintext" in notes and "grpc.health.v1.Health/Check" in notes
+    values = rendered.values
+    keys = values["upstreamKeys"]
+    keys_missing = (
+        not values["sandbox"]["enabled"]
+        and not keys["existingSecret"]
+        and not all(keys[f] for f in CANARIES)
+    )
+    assert ("upstream keys are missing" in notes) == keys_missing, "missing-keys warning wrong"
+    assert ("persistence is disabled" in notes) == (not values["persistence"]["enabled"])
+
+
+def check_image(rendered: Rendered) -> None:
+    image = rendered.values["image"]
+    reference = rendered.container()["image"]
+    repository = f"{image['registry']}/{image['repository']}" if image["registry"] else image["repository"]
+    if image["digest"]:
+        assert reference == f"{repository}@{image['digest']}"
+    else:
+        chart_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+        assert reference == f"{repository}:{image['tag'] or chart_version}"
+
+
+PROPERTY_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
+    ("labels", check_labels),
+    ("single writer", check_single_writer),
+    ("ports grpc/http", check_ports),
+    ("grpc probes", check_probes),
+    ("drain timing", check_drain_timing),
+    ("security contexts", check_security),
+    ("resources", check_resources),
+    ("read-only root, data at CXGW_DATA_DIR", check_writable_paths),
+    ("settings ConfigMap", check_settings),
+    ("keys only as files", check_keys_are_files),
+    ("no key value outside the Secret", check_no_key_outside_secret),
+    ("OTEL_* variables", check_otel),
+    ("network policy", check_network_policy),
+    ("disruption budget", check_pdb),
+    ("ingress and routes", check_exposure),
+    ("service monitor", check_service_monitor),
+    ("helm test pod", check_test_hook),
+    ("NOTES", check_notes),
+    ("image reference", check_image),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Values the schema must refuse: (name, values, text the error must contain).
+
+BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
+    ("negative replicas", {"replicaCount": -1}, "/replicaCount"),
+    ("replicas as a string", {"replicaCount": "1"}, "/replicaCount"),
+    ("replicas fractional", {"replicaCount": 1.5}, "/replicaCount"),
+    ("two replicas with the embedded store", {"replicaCount": 2}, "/replicaCount"),
+    ("autoscaling with the embedded store", {"autoscaling": {"enabled": True}}, "/autoscaling/enabled"),
+    ("store mode not built", {"store": {"mode": "redis"}}, "/store/mode"),
+    ("unknown top-level key", {"replicas": 1}, "replicas"),
+    ("unknown nested key", {"config": {"logLevel": "debug"}}, "logLevel"),
+    ("unknown persistence key", {"persistence": {"sizeGi": 5}}, "sizeGi"),
+    ("log format not supported", {"config": {"logFormat": "xml"}}, "/config/logFormat"),
+    ("grace as a duration string", {"config": {"shutdownGraceSeconds": "20s"}}, "/config/shutdownGraceSeconds"),
+    ("zero grace", {"config": {"shutdownGraceSeconds": 0}}, "/config/shutdownGraceSeconds"),
+    ("bad duration", {"config": {"maxConnectionAge": "30 minutes"}}, "/config/maxConnectionAge"),
+    ("base URL not http", {"config": {"retently": {"baseUrl": "ftp://example.com"}}}, "/config/retently/baseUrl"),
+    ("base URL with credentials", {"config": {"retainly": {"baseUrl": "https://u:p@track.retainly.app"}}}, "/config/retainly/baseUrl"),
+    ("budget as a string", {"config": {"retently": {"requestsPerMinute": "150"}}}, "/config/retently/requestsPerMinute"),
+    ("key inlined through extraSettings", {"config": {"extraSettings": {"CXGW_RETENTLY_API_KEY": "x"}}}, "'CXGW_RETENTLY_API_KEY'"),
+    ("key file through extraSettings", {"config": {"extraSettings": {"CXGW_RETAINLY_API_SECRET_FILE": "/x"}}}, "'CXGW_RETAINLY_API_SECRET_FILE'"),
+    ("non-CXGW extra setting", {"config": {"extraSettings": {"LOG": "debug"}}}, "'LOG'"),
+    ("extra setting the chart owns", {"config": {"extraSettings": {"CXGW_DATA_DIR": "/x"}}}, "'CXGW_DATA_DIR'"),
+    ("key inlined through extraEnv", {"extraEnv": [{"name": "CXGW_RETAINLY_API_KEY", "value": "x"}]}, "/extraEnv/0/name"),
+    ("key as a number", {"upstreamKeys": {"retentlyApiKey": 12345}}, "/upstreamKeys/retentlyApiKey"),
+    ("port out of range", {"containerPorts": {"grpc": 70000}}, "/containerPorts/grpc"),
+    ("service port as a string", {"service": {"ports": {"http": "8080"}}}, "/service/ports/http"),
+    ("service type unknown", {"service": {"type": "External"}}, "/service/type"),
+    ("pull policy unknown", {"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ("digest malformed", {"image": {"digest": "latest"}}, "/image/digest"),
+    ("size not a quantity", {"persistence": {"size": "lots"}}, "/persistence/size"),
+    ("access mode unknown", {"persistence": {"accessModes": ["ReadWriteSometimes"]}}, "/persistence/accessModes/0"),
+    ("probe period zero", {"livenessProbe": {"periodSeconds": 0}}, "/livenessProbe/periodSeconds"),
+    ("probe health service malformed", {"readinessProbe": {"service": "not a service"}}, "/readinessProbe/service"),
+    ("negative preStop pause", {"lifecycle": {"preStopSleepSeconds": -5}}, "/lifecycle/preStopSleepSeconds"),
+    ("boolean as a string", {"networkPolicy": {"allowExternal": "yes"}}, "/networkPolicy/allowExternal"),
+    ("PDB with neither bound", {"pdb": {"maxUnavailable": None, "minAvailable": None}}, "/pdb"),
+    ("PDB percentage malformed", {"pdb": {"maxUnavailable": "half"}}, "/pdb/maxUnavailable"),
+    ("OTEL enabled without an endpoint", {"otel": {"enabled": True}}, "/otel/endpoint"),
+    ("OTEL protocol unknown", {"otel": {"protocol": "thrift"}}, "/otel/protocol"),
+    ("OTEL extra variable not OTEL_", {"otel": {"extraEnv": {"JAEGER_ENDPOINT": "x"}}}, "'JAEGER_ENDPOINT'"),
+    ("OTEL headers secret without key", {"otel": {"headersSecret": {"name": "auth"}}}, "/otel/headersSecret/key"),
+    ("ingress without hosts", {"ingress": {"enabled": True}}, "/ingress/hosts"),
+    ("HTTPRoute without parents", {"httpRoute": {"enabled": True}}, "/httpRoute/parentRefs"),
+    ("GRPCRoute without parents", {"grpcRoute": {"enabled": True}}, "/grpcRoute/parentRefs"),
+    ("GRPCRoute service malformed", {"grpcRoute": {"services": ["Customer Service"]}}, "/grpcRoute/services/0"),
+    ("test tool unknown", {"tests": {"tool": "curl"}}, "/tests/tool"),
+    ("test services empty", {"tests": {"services": []}}, "/tests/services"),
+    ("pod annotations not strings", {"podAnnotations": {"a": 1}}, "/podAnnotations/a"),
+]
+
+
+def check_bad_values(chart: helm.Chart, values: dict[str, Any], fragment: str) -> Callable[[], None]:
+    def body() -> None:
+        try:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        except helm.HelmValuesError as error:
+            message = str(error)
+            assert "schema" in message, f"refused, but not by the schema: {message}"
+            assert fragment in message, f"refused for another reason: {message.strip()}"
+            return
+        raise AssertionError("rendered although the values are invalid")
+
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates the shipped schema keeps out of reach, and the image.
+
+
+def check_hpa_template() -> None:
+    """The HPA needs a scale-out store mode, which no release offers yet, so the shipped schema
+    refuses autoscaling. Render it from a copy of the chart without that one rule, so the
+    template is known to produce a valid object the day the mode arrives."""
+    with tempfile.TemporaryDirectory() as scratch:
+        copy_dir = Path(scratch) / "cx-gateway"
+        shutil.copytree(CHART, copy_dir)
+        schema_path = copy_dir / "values.schema.json"
+        schema = json.loads(schema_path.read_text())
+        rules = [r for r in schema["allOf"] if "autoscaling" not in json.dumps(r.get("then", {}))]
+        assert len(rules) == len(schema["allOf"]) - 1, "the embedded-store rule moved"
+        if rules:
+            schema["allOf"] = rules
+        else:
+            del schema["allOf"]
+        schema_path.write_text(json.dumps(schema))
+        with helm.Chart.load(str(copy_dir)) as chart:
+            rendered = Rendered(chart, {"autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}})
+    hpa = rendered.one("HorizontalPodAutoscaler")
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(hpa, version, strict=True)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": FULLNAME}
+    assert hpa["spec"]["minReplicas"] == 1 and hpa["spec"]["maxReplicas"] == 3
+    metrics = {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in hpa["spec"]["metrics"]}
+    assert metrics == {"cpu": 75, "memory": 80}, f"metrics {metrics}"
+    assert "replicas" not in rendered.workload()["spec"], "replicas fights the HPA"
+
+
+def check_dockerfile() -> None:
+    commands = dockerfile.parse_file(str(ROOT / "Dockerfile"))
+    stages = [c for c in commands if c.cmd.upper() == "FROM"]
+    assert len(stages) == 2, f"{len(stages)} stages"
+    assert stages[0].value[0] == "rust:1.95-bookworm", f"builder {stages[0].value}"
+    assert stages[1].value[0].startswith("gcr.io/distroless/cc-debian12:nonroot"), stages[1].value
+    final = commands[commands.index(stages[1]):]
+    by_name: dict[str, list[Any]] = {}
+    for command in final:
+        by_name.setdefault(command.cmd.upper(), []).append(command)
+    assert [c.value for c in by_name["ENTRYPOINT"]] == [("/usr/local/bin/cx-gateway",)]
+    assert by_name["ENTRYPOINT"][0].json, "ENTRYPOINT must be exec form (signals reach the gateway)"
+    assert [c.value for c in by_name["CMD"]] == [("serve",)]
+    assert sorted(v for c in by_name["EXPOSE"] for v in c.value) == ["50051", "8080"]
+    uid, gid = image_uid_gid()
+    assert uid != 0 and gid != 0
+    build = " ".join(" ".join(c.value) for c in commands if c.cmd.upper() == "RUN")
+    assert "--release" in build and "--locked" in build, "not a locked release build"
+    assert not by_name.get("ADD"), "ADD in the final stage"
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    data_env = [v for c in by_name.get("ENV", []) for v in c.value]
+    assert chart_values["persistence"]["mountPath"] in data_env, "image and chart data dirs differ"
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for entry in (".git", "target", ".venv", "node_modules"):
+        assert entry in ignored, f".dockerignore lacks {entry}"
+
+
+def check_package() -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = helm.package(str(CHART), destination=scratch)
+        assert Path(archive).name == "cx-gateway-0.1.0.tgz", archive
+        with helm.Chart.load(archive) as packaged:
+            assert packaged.schema is not None, "the schema is not in the package"
+            packaged.render(None, name=RELEASE, namespace=NAMESPACE)
+
+
+def value_sets() -> list[tuple[str, dict[str, Any]]]:
+    sets = [("default", {})]
+    for path in sorted((CHART / "ci").glob("*-values.yaml")):
+        sets.append((path.name, yaml.safe_load(path.read_text()) or {}))
+    return sets
+
+
+def with_canaries(values: dict[str, Any]) -> dict[str, Any]:
+    """The value set with recognisable key values, unless it takes keys from elsewhere."""
+    keys = values.get("upstreamKeys", {})
+    if keys.get("existingSecret") or values.get("sandbox", {}).get("enabled"):
+        return values
+    return deep_merge(values, {"upstreamKeys": dict(CANARIES)})
+
+
+def main() -> int:
+    results = Results()
+    print(f"helm sdk {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__}, "
+          f"kubernetes {', '.join(KUBE_VERSIONS)}")
+    with helm.Chart.load(str(CHART)) as chart:
+        sets = value_sets()
+
+        def enough_sets() -> None:
+            assert len(sets) - 1 >= 3, f"only {len(sets) - 1} value sets under ci/"
+
+        results.check("ci value sets present", enough_sets)
+        for set_name, raw in sets:
+            results.check(f"[{set_name}] schema accepts", lambda raw=raw: chart.validate_schema(raw))
+            results.check(f"[{set_name}] lint --strict", check_lint(raw))
+            holder: dict[str, Rendered] = {}
+
+            def render(raw: dict[str, Any] = raw) -> None:
+                holder["r"] = Rendered(chart, raw)
+
+            results.check(f"[{set_name}] renders", render)
+            # The same set again with canary key values, for the key-handling checks.
+            canary_holder: dict[str, Rendered] = {}
+
+            def render_canaries(raw: dict[str, Any] = raw) -> None:
+                canary_holder["r"] = Rendered(chart, with_canaries(raw))
+
+            if not results.check(f"[{set_name}] renders with key values", render_canaries):
+                continue
+            rendered = canary_holder["r"]
+            for version in KUBE_VERSIONS:
+                results.check(
+                    f"[{set_name}] kubernetes-validate --strict {version}",
+                    check_kubernetes_validate(rendered, version),
+                )
+            for check_name, check in PROPERTY_CHECKS:
+                results.check(f"[{set_name}] {check_name}", lambda check=check: check(rendered))
+        for name, values, fragment in BAD_VALUES:
+            results.check(f"[bad values] {name} is refused", check_bad_values(chart, values, fragment))
+    results.check("[hpa] template renders a valid autoscaler for a scale-out mode", check_hpa_template)
+    results.check("[image] Dockerfile: locked release build, distroless, non-root", check_dockerfile)
+    results.check("[package] chart packages and renders from the archive", check_package)
+    print(f"{results.passed} passed, {results.failed} failed")
+    return 0 if results.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
