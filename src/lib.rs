@@ -26,6 +26,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod sandbox_mode;
 pub mod server;
 pub mod shutdown;
 pub mod store;

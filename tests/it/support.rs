@@ -1,0 +1,87 @@
+//! Starts the real gateway on `127.0.0.1:0` against an in-process sandbox, the way
+//! `serve --sandbox` does, and hands tests a channel plus the sandbox's observation handle.
+
+// Helpers here serve every test module; not each uses all of them.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use cx_gateway::config::{Config, MapSource, UpstreamMode};
+use cx_gateway::sandbox_mode::{self, EmbeddedSandbox};
+use cx_gateway::server::{self, Listeners};
+use cx_sandbox::{Sandbox, SandboxConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+pub struct TestGateway {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub channel: Channel,
+    pub sandbox: EmbeddedSandbox,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        Self::start_with(SandboxConfig::default(), Vec::new()).await
+    }
+
+    /// Starts with a custom sandbox and extra `CXGW_*` settings.
+    pub async fn start_with(
+        sandbox_config: SandboxConfig,
+        settings: Vec<(&'static str, String)>,
+    ) -> TestGateway {
+        let sandbox = EmbeddedSandbox::spawn(
+            Sandbox::new(sandbox_config),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        )
+        .unwrap();
+        let mut config = Config::load(&MapSource::new(settings), UpstreamMode::Sandbox).unwrap();
+        sandbox_mode::apply(&mut config, &sandbox).unwrap();
+        let listeners = Listeners {
+            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let grpc_addr = listeners.grpc.local_addr().unwrap();
+        let admin_addr = listeners.admin.local_addr().unwrap();
+        let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listeners, config, async move {
+            let _ = shutdown_signal.await;
+        }));
+        let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        TestGateway {
+            grpc_addr,
+            admin_addr,
+            channel,
+            sandbox,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        self.sandbox.sandbox()
+    }
+
+    /// Starts the drain without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Drains and returns what `server::run` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.begin_shutdown();
+        let result = self.task.take().unwrap().await.unwrap();
+        self.sandbox.stop().await;
+        result
+    }
+}
