@@ -9,12 +9,16 @@ use anyhow::Context as _;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::domain::idempotency::Idempotency;
+use crate::domain::outbox::{Outbox, OutboxSettings};
 use crate::shutdown::Drain;
 use crate::store::Store;
 
 pub struct App {
     pub config: Arc<Config>,
     pub store: Store,
+    pub outbox: Outbox,
+    pub idempotency: Idempotency,
     pub drain: Drain,
     /// Workers that run until draining starts; each must watch `drain` and return promptly.
     background: Mutex<JoinSet<()>>,
@@ -40,9 +44,19 @@ impl App {
         let store = Store::open(&data_dir)
             .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
         tracing::info!(data_dir = %data_dir.display(), temporary = temporary.is_some(), "store open");
+        let outbox = Outbox::new(
+            store.clone(),
+            OutboxSettings {
+                retry_window: config.writes.retry_window,
+                ..OutboxSettings::default()
+            },
+        );
+        let idempotency = Idempotency::new(store.clone(), config.writes.idempotency_window);
         Ok(App {
             config: Arc::new(config),
             store,
+            outbox,
+            idempotency,
             drain,
             background: Mutex::new(JoinSet::new()),
             _temporary_data_dir: temporary,

@@ -179,6 +179,15 @@ pub struct SandboxSettings {
     pub feedback_per_second: Option<f64>,
 }
 
+/// Durability and deduplication of writes.
+#[derive(Debug, Clone)]
+pub struct WriteSettings {
+    /// How long an asynchronous write is retried before it is dead-lettered.
+    pub retry_window: Duration,
+    /// How long idempotency keys and event message ids are remembered.
+    pub idempotency_window: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
@@ -192,6 +201,7 @@ pub struct Config {
     pub retently: RetentlyConfig,
     pub retainly: RetainlyConfig,
     pub sandbox: SandboxSettings,
+    pub writes: WriteSettings,
 }
 
 impl Config {
@@ -314,6 +324,12 @@ impl Config {
             },
             retently,
             retainly,
+            writes: WriteSettings {
+                retry_window: s
+                    .duration("CXGW_OUTBOX_RETRY_WINDOW", Duration::from_secs(4 * 3600))?,
+                idempotency_window: s
+                    .duration("CXGW_IDEMPOTENCY_WINDOW", Duration::from_secs(24 * 3600))?,
+            },
             sandbox: SandboxSettings {
                 addr: s.parse("CXGW_SANDBOX_ADDR", SocketAddr::from(([0, 0, 0, 0], 8090)))?,
                 retently_requests_per_minute: s.parse_in(

@@ -121,11 +121,13 @@ pub async fn run(
             .send_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
-            pb::delivery_service_server::DeliveryServiceServer::new(grpc::DeliveryApi::new())
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Gzip),
+            pb::delivery_service_server::DeliveryServiceServer::new(grpc::DeliveryApi::new(
+                Arc::clone(&app),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip),
         );
     if config.reflection {
         // Both versions: grpcurl 1.8.6 and many other tools still speak only v1alpha.

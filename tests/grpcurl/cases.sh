@@ -14,3 +14,12 @@ case_ "overall health is SERVING" 0 '"status": "SERVING"' -- \
   -d '{"service": ""}' "$addr" grpc.health.v1.Health/Check
 case_ "per-service health is SERVING" 0 '"status": "SERVING"' -- \
   -d '{"service": "cx.gateway.v1.SurveyService"}' "$addr" grpc.health.v1.Health/Check
+
+# DeliveryService
+case_ "ListDeadLetters starts empty" 0 '"totalSize": "0"' -- \
+  -d '{"page_size": 10}' "$addr" cx.gateway.v1.DeliveryService/ListDeadLetters
+case_ "GetDelivery of an unknown id is NOT_FOUND" 69 'Code: NotFound' 'DELIVERY_NOT_FOUND' -- \
+  -d '{"delivery_id": "dlv_unknown"}' "$addr" cx.gateway.v1.DeliveryService/GetDelivery
+case_ "RetryDeadLetters with bad input is INVALID_ARGUMENT with field violations" 67 \
+  'Code: InvalidArgument' 'INVALID_FIELDS' '"field":"delivery_ids\[1\]"' -- \
+  -d '{"delivery_ids": ["dlv_a", "dlv_a"]}' "$addr" cx.gateway.v1.DeliveryService/RetryDeadLetters
