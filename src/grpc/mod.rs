@@ -12,6 +12,7 @@ pub mod events;
 pub mod feedback;
 pub mod paging;
 pub mod surveys;
+pub mod validate;
 
 pub use customers::CustomerApi;
 pub use deliveries::DeliveryApi;
