@@ -281,7 +281,7 @@ pub fn properties(v: &mut Violations, field: &str, properties: &[pb::Property]) 
             }
             Some(Kind::IntegerValue(number)) => {
                 v.check(
-                    number.unsigned_abs() <= (1 << 53) - 1,
+                    number.unsigned_abs() < (1 << 53),
                     format!("{at}.value.integer_value"),
                     "must be within +-(2^53 - 1)",
                 );
