@@ -69,8 +69,12 @@ class Results:
             body()
         except Exception as error:  # a failed check is reported, never fatal to the run
             self.failed += 1
-            detail = str(error) or type(error).__name__
-            if not isinstance(error, AssertionError):
+            detail = str(error)
+            if isinstance(error, AssertionError) and not detail:
+                # A bare assert: its own source line says what was expected.
+                frame = traceback.extract_tb(error.__traceback__)[-1]
+                detail = f"line {frame.lineno}: {frame.line}"
+            elif not isinstance(error, AssertionError):
                 detail = "".join(traceback.format_exception_only(type(error), error)).strip()
             print(f"FAIL {name}: {detail}")
             return False
@@ -114,7 +118,8 @@ class Rendered:
 
     def hook_pods(self) -> list[dict[str, Any]]:
         return [
-            o for o in self.kind("Pod")
+            o
+            for o in self.kind("Pod")
             if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"
         ]
 
@@ -133,9 +138,7 @@ class Rendered:
         return {item["name"]: item for item in self.container().get("env", [])}
 
     def config_map(self) -> dict[str, str]:
-        maps = [
-            o for o in self.kind("ConfigMap") if o["metadata"]["name"] == FULLNAME
-        ]
+        maps = [o for o in self.kind("ConfigMap") if o["metadata"]["name"] == FULLNAME]
         assert len(maps) == 1, "the settings ConfigMap is missing"
         return maps[0]["data"]
 
@@ -360,7 +363,9 @@ def check_settings(rendered: Rendered) -> None:
     envelope = rendered.container()["envFrom"]
     assert envelope == [{"configMapRef": {"name": FULLNAME}}], f"envFrom {envelope}"
     annotations = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
-    assert re.fullmatch(r"[0-9a-f]{64}", annotations.get("checksum/config", "")), "no config checksum"
+    assert re.fullmatch(
+        r"[0-9a-f]{64}", annotations.get("checksum/config", "")
+    ), "no config checksum"
 
 
 def check_keys_are_files(rendered: Rendered) -> None:
@@ -381,7 +386,9 @@ def check_keys_are_files(rendered: Rendered) -> None:
     assert rendered.container()["args"] == ["serve"]
     secret_name = keys["existingSecret"] or FULLNAME
     volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
-    key_volumes = [v for v in volumes.values() if v.get("secret", {}).get("secretName") == secret_name]
+    key_volumes = [
+        v for v in volumes.values() if v.get("secret", {}).get("secretName") == secret_name
+    ]
     assert len(key_volumes) == 1, f"no volume from Secret {secret_name}"
     volume = key_volumes[0]
     mount = [m for m in rendered.container()["volumeMounts"] if m["name"] == volume["name"]]
@@ -399,7 +406,9 @@ def check_keys_are_files(rendered: Rendered) -> None:
     secret = rendered.one("Secret")
     for field, canary in CANARIES.items():
         stored = secret["data"][keys["secretKeys"][field]]
-        assert base64.b64decode(stored).decode() == canary, f"Secret {field} does not hold the value"
+        assert (
+            base64.b64decode(stored).decode() == canary
+        ), f"Secret {field} does not hold the value"
     annotations = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
     assert "checksum/secret" in annotations, "pods would not roll when the keys change"
 
@@ -442,7 +451,10 @@ def check_otel(rendered: Rendered) -> None:
         assert f"{name}={value}" in attributes, f"resource attribute {name} missing"
     if otel["headersSecret"]["name"]:
         reference = env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"]
-        assert reference == {"name": otel["headersSecret"]["name"], "key": otel["headersSecret"]["key"]}
+        assert reference == {
+            "name": otel["headersSecret"]["name"],
+            "key": otel["headersSecret"]["key"],
+        }
         assert "value" not in env["OTEL_EXPORTER_OTLP_HEADERS"]
     for name, value in otel["extraEnv"].items():
         assert env[name]["value"] == str(value), name
@@ -465,17 +477,22 @@ def check_network_policy(rendered: Rendered) -> None:
         assert {"podSelector": {"matchLabels": {f"{FULLNAME}-client": "true"}}} in peers
         if policy_values["ingressNSMatchLabels"]:
             assert any(
-                p.get("namespaceSelector", {}).get("matchLabels") == policy_values["ingressNSMatchLabels"]
+                p.get("namespaceSelector", {}).get("matchLabels")
+                == policy_values["ingressNSMatchLabels"]
                 for p in peers
             ), "namespace selector missing"
         test_pods = rendered.hook_pods()
         for pod in test_pods:
-            assert pod["metadata"]["labels"].get(f"{FULLNAME}-client") == "true", "helm test pod blocked"
+            assert (
+                pod["metadata"]["labels"].get(f"{FULLNAME}-client") == "true"
+            ), "helm test pod blocked"
     if policy_values["allowExternalEgress"]:
         assert policy["egress"] == [{}]
     else:
         assert {} not in policy["egress"], "egress open although allowExternalEgress is false"
-        opened = {(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule.get("ports", [])}
+        opened = {
+            (p["port"], p["protocol"]) for rule in policy["egress"] for p in rule.get("ports", [])
+        }
         assert {(53, "UDP"), (53, "TCP"), (443, "TCP")} <= opened, f"egress ports {opened}"
         for rule in policy_values["extraEgress"]:
             assert rule in policy["egress"]
@@ -489,9 +506,14 @@ def check_pdb(rendered: Rendered) -> None:
     spec = rendered.one("PodDisruptionBudget")["spec"]
     # Helm drops null values when merging, so an unset bound is simply absent.
     if pdb_values.get("minAvailable") is not None:
-        assert spec.get("minAvailable") == pdb_values["minAvailable"] and "maxUnavailable" not in spec
+        assert (
+            spec.get("minAvailable") == pdb_values["minAvailable"] and "maxUnavailable" not in spec
+        )
     else:
-        assert spec.get("maxUnavailable") == pdb_values["maxUnavailable"] and "minAvailable" not in spec
+        assert (
+            spec.get("maxUnavailable") == pdb_values["maxUnavailable"]
+            and "minAvailable" not in spec
+        )
         # One replica and minAvailable 1 would block every node drain.
         assert spec["maxUnavailable"] != 0
     assert spec["selector"]["matchLabels"] == rendered.workload()["spec"]["selector"]["matchLabels"]
@@ -521,10 +543,12 @@ def check_exposure(rendered: Rendered) -> None:
         spec = route["spec"]
         assert spec["parentRefs"] == route_values["parentRefs"]
         assert spec["hostnames"] == route_values["hostnames"]
-        assert spec["rules"] == [{
-            "matches": [{"path": {"type": "PathPrefix", "value": "/webhooks/retently"}}],
-            "backendRefs": [{"name": FULLNAME, "port": values["service"]["ports"]["http"]}],
-        }], f"HTTPRoute rules {spec['rules']}"
+        assert spec["rules"] == [
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/webhooks/retently"}}],
+                "backendRefs": [{"name": FULLNAME, "port": values["service"]["ports"]["http"]}],
+            }
+        ], f"HTTPRoute rules {spec['rules']}"
     else:
         assert not rendered.kind("HTTPRoute")
     grpc_values = values["grpcRoute"]
@@ -534,7 +558,9 @@ def check_exposure(rendered: Rendered) -> None:
         spec = route["spec"]
         assert spec["parentRefs"] == grpc_values["parentRefs"]
         (rule,) = spec["rules"]
-        assert rule["backendRefs"] == [{"name": FULLNAME, "port": values["service"]["ports"]["grpc"]}]
+        assert rule["backendRefs"] == [
+            {"name": FULLNAME, "port": values["service"]["ports"]["grpc"]}
+        ]
         matched = [m["method"]["service"] for m in rule.get("matches", [])]
         assert matched == grpc_values["services"], f"GRPCRoute services {matched}"
         assert all(m["method"]["type"] == "Exact" for m in rule.get("matches", []))
@@ -623,7 +649,9 @@ def check_notes(rendered: Rendered) -> None:
 def check_image(rendered: Rendered) -> None:
     image = rendered.values["image"]
     reference = rendered.container()["image"]
-    repository = f"{image['registry']}/{image['repository']}" if image["registry"] else image["repository"]
+    repository = (
+        f"{image['registry']}/{image['repository']}" if image["registry"] else image["repository"]
+    )
     if image["digest"]:
         assert reference == f"{repository}@{image['digest']}"
     else:
@@ -662,52 +690,122 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("replicas as a string", {"replicaCount": "1"}, "/replicaCount"),
     ("replicas fractional", {"replicaCount": 1.5}, "/replicaCount"),
     ("two replicas with the embedded store", {"replicaCount": 2}, "/replicaCount"),
-    ("autoscaling with the embedded store", {"autoscaling": {"enabled": True}}, "/autoscaling/enabled"),
+    (
+        "autoscaling with the embedded store",
+        {"autoscaling": {"enabled": True}},
+        "/autoscaling/enabled",
+    ),
     ("store mode not built", {"store": {"mode": "redis"}}, "/store/mode"),
     ("unknown top-level key", {"replicas": 1}, "replicas"),
     ("unknown nested key", {"config": {"logLevel": "debug"}}, "logLevel"),
     ("unknown persistence key", {"persistence": {"sizeGi": 5}}, "sizeGi"),
     ("log format not supported", {"config": {"logFormat": "xml"}}, "/config/logFormat"),
-    ("grace as a duration string", {"config": {"shutdownGraceSeconds": "20s"}}, "/config/shutdownGraceSeconds"),
+    (
+        "grace as a duration string",
+        {"config": {"shutdownGraceSeconds": "20s"}},
+        "/config/shutdownGraceSeconds",
+    ),
     ("zero grace", {"config": {"shutdownGraceSeconds": 0}}, "/config/shutdownGraceSeconds"),
     ("bad duration", {"config": {"maxConnectionAge": "30 minutes"}}, "/config/maxConnectionAge"),
-    ("base URL not http", {"config": {"retently": {"baseUrl": "ftp://example.com"}}}, "/config/retently/baseUrl"),
-    ("base URL with credentials", {"config": {"retainly": {"baseUrl": "https://u:p@track.retainly.app"}}}, "/config/retainly/baseUrl"),
-    ("budget as a string", {"config": {"retently": {"requestsPerMinute": "150"}}}, "/config/retently/requestsPerMinute"),
-    ("key inlined through extraSettings", {"config": {"extraSettings": {"CXGW_RETENTLY_API_KEY": "x"}}}, "'CXGW_RETENTLY_API_KEY'"),
-    ("key file through extraSettings", {"config": {"extraSettings": {"CXGW_RETAINLY_API_SECRET_FILE": "/x"}}}, "'CXGW_RETAINLY_API_SECRET_FILE'"),
+    (
+        "base URL not http",
+        {"config": {"retently": {"baseUrl": "ftp://example.com"}}},
+        "/config/retently/baseUrl",
+    ),
+    (
+        "base URL with credentials",
+        {"config": {"retainly": {"baseUrl": "https://u:p@track.retainly.app"}}},
+        "/config/retainly/baseUrl",
+    ),
+    (
+        "budget as a string",
+        {"config": {"retently": {"requestsPerMinute": "150"}}},
+        "/config/retently/requestsPerMinute",
+    ),
+    (
+        "key inlined through extraSettings",
+        {"config": {"extraSettings": {"CXGW_RETENTLY_API_KEY": "x"}}},
+        "'CXGW_RETENTLY_API_KEY'",
+    ),
+    (
+        "key file through extraSettings",
+        {"config": {"extraSettings": {"CXGW_RETAINLY_API_SECRET_FILE": "/x"}}},
+        "'CXGW_RETAINLY_API_SECRET_FILE'",
+    ),
     ("non-CXGW extra setting", {"config": {"extraSettings": {"LOG": "debug"}}}, "'LOG'"),
-    ("extra setting the chart owns", {"config": {"extraSettings": {"CXGW_DATA_DIR": "/x"}}}, "'CXGW_DATA_DIR'"),
-    ("key inlined through extraEnv", {"extraEnv": [{"name": "CXGW_RETAINLY_API_KEY", "value": "x"}]}, "/extraEnv/0/name"),
-    ("key as a number", {"upstreamKeys": {"retentlyApiKey": 12345}}, "/upstreamKeys/retentlyApiKey"),
+    (
+        "extra setting the chart owns",
+        {"config": {"extraSettings": {"CXGW_DATA_DIR": "/x"}}},
+        "'CXGW_DATA_DIR'",
+    ),
+    (
+        "key inlined through extraEnv",
+        {"extraEnv": [{"name": "CXGW_RETAINLY_API_KEY", "value": "x"}]},
+        "/extraEnv/0/name",
+    ),
+    (
+        "key as a number",
+        {"upstreamKeys": {"retentlyApiKey": 12345}},
+        "/upstreamKeys/retentlyApiKey",
+    ),
     ("port out of range", {"containerPorts": {"grpc": 70000}}, "/containerPorts/grpc"),
     ("service port as a string", {"service": {"ports": {"http": "8080"}}}, "/service/ports/http"),
     ("service type unknown", {"service": {"type": "External"}}, "/service/type"),
     ("pull policy unknown", {"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ("digest malformed", {"image": {"digest": "latest"}}, "/image/digest"),
     ("size not a quantity", {"persistence": {"size": "lots"}}, "/persistence/size"),
-    ("access mode unknown", {"persistence": {"accessModes": ["ReadWriteSometimes"]}}, "/persistence/accessModes/0"),
+    (
+        "access mode unknown",
+        {"persistence": {"accessModes": ["ReadWriteSometimes"]}},
+        "/persistence/accessModes/0",
+    ),
     ("probe period zero", {"livenessProbe": {"periodSeconds": 0}}, "/livenessProbe/periodSeconds"),
-    ("probe health service malformed", {"readinessProbe": {"service": "not a service"}}, "/readinessProbe/service"),
-    ("negative preStop pause", {"lifecycle": {"preStopSleepSeconds": -5}}, "/lifecycle/preStopSleepSeconds"),
-    ("boolean as a string", {"networkPolicy": {"allowExternal": "yes"}}, "/networkPolicy/allowExternal"),
+    (
+        "probe health service malformed",
+        {"readinessProbe": {"service": "not a service"}},
+        "/readinessProbe/service",
+    ),
+    (
+        "negative preStop pause",
+        {"lifecycle": {"preStopSleepSeconds": -5}},
+        "/lifecycle/preStopSleepSeconds",
+    ),
+    (
+        "boolean as a string",
+        {"networkPolicy": {"allowExternal": "yes"}},
+        "/networkPolicy/allowExternal",
+    ),
     ("PDB with neither bound", {"pdb": {"maxUnavailable": None, "minAvailable": None}}, "/pdb"),
     ("PDB percentage malformed", {"pdb": {"maxUnavailable": "half"}}, "/pdb/maxUnavailable"),
     ("OTEL enabled without an endpoint", {"otel": {"enabled": True}}, "/otel/endpoint"),
     ("OTEL protocol unknown", {"otel": {"protocol": "thrift"}}, "/otel/protocol"),
-    ("OTEL extra variable not OTEL_", {"otel": {"extraEnv": {"JAEGER_ENDPOINT": "x"}}}, "'JAEGER_ENDPOINT'"),
-    ("OTEL headers secret without key", {"otel": {"headersSecret": {"name": "auth"}}}, "/otel/headersSecret/key"),
+    (
+        "OTEL extra variable not OTEL_",
+        {"otel": {"extraEnv": {"JAEGER_ENDPOINT": "x"}}},
+        "'JAEGER_ENDPOINT'",
+    ),
+    (
+        "OTEL headers secret without key",
+        {"otel": {"headersSecret": {"name": "auth"}}},
+        "/otel/headersSecret/key",
+    ),
     ("ingress without hosts", {"ingress": {"enabled": True}}, "/ingress/hosts"),
     ("HTTPRoute without parents", {"httpRoute": {"enabled": True}}, "/httpRoute/parentRefs"),
     ("GRPCRoute without parents", {"grpcRoute": {"enabled": True}}, "/grpcRoute/parentRefs"),
-    ("GRPCRoute service malformed", {"grpcRoute": {"services": ["Customer Service"]}}, "/grpcRoute/services/0"),
+    (
+        "GRPCRoute service malformed",
+        {"grpcRoute": {"services": ["Customer Service"]}},
+        "/grpcRoute/services/0",
+    ),
     ("test tool unknown", {"tests": {"tool": "curl"}}, "/tests/tool"),
     ("test services empty", {"tests": {"services": []}}, "/tests/services"),
     ("pod annotations not strings", {"podAnnotations": {"a": 1}}, "/podAnnotations/a"),
 ]
 
 
-def check_bad_values(chart: helm.Chart, values: dict[str, Any], fragment: str) -> Callable[[], None]:
+def check_bad_values(
+    chart: helm.Chart, values: dict[str, Any], fragment: str
+) -> Callable[[], None]:
     def body() -> None:
         try:
             chart.render(values, name=RELEASE, namespace=NAMESPACE)
@@ -742,13 +840,22 @@ def check_hpa_template() -> None:
             del schema["allOf"]
         schema_path.write_text(json.dumps(schema))
         with helm.Chart.load(str(copy_dir)) as chart:
-            rendered = Rendered(chart, {"autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}})
+            rendered = Rendered(
+                chart, {"autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}}
+            )
     hpa = rendered.one("HorizontalPodAutoscaler")
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(hpa, version, strict=True)
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": FULLNAME}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": FULLNAME,
+    }
     assert hpa["spec"]["minReplicas"] == 1 and hpa["spec"]["maxReplicas"] == 3
-    metrics = {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in hpa["spec"]["metrics"]}
+    metrics = {
+        m["resource"]["name"]: m["resource"]["target"]["averageUtilization"]
+        for m in hpa["spec"]["metrics"]
+    }
     assert metrics == {"cpu": 75, "memory": 80}, f"metrics {metrics}"
     assert "replicas" not in rendered.workload()["spec"], "replicas fights the HPA"
 
@@ -759,7 +866,7 @@ def check_dockerfile() -> None:
     assert len(stages) == 2, f"{len(stages)} stages"
     assert stages[0].value[0] == "rust:1.95-bookworm", f"builder {stages[0].value}"
     assert stages[1].value[0].startswith("gcr.io/distroless/cc-debian12:nonroot"), stages[1].value
-    final = commands[commands.index(stages[1]):]
+    final = commands[commands.index(stages[1]) :]
     by_name: dict[str, list[Any]] = {}
     for command in final:
         by_name.setdefault(command.cmd.upper(), []).append(command)
@@ -778,6 +885,21 @@ def check_dockerfile() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     for entry in (".git", "target", ".venv", "node_modules"):
         assert entry in ignored, f".dockerignore lacks {entry}"
+
+
+def check_values_documented() -> None:
+    """Every key in values.yaml has a comment on the line above or on its own line."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^\s*([A-Za-z][\w.-]*):", line)
+        if not match:
+            continue
+        previous = next((p for p in reversed(lines[:number]) if p.strip()), "")
+        if previous.strip().startswith("#") or "#" in line.split(":", 1)[1]:
+            continue
+        undocumented.append(f"{number + 1}: {match.group(1)}")
+    assert not undocumented, f"values without a comment: {undocumented}"
 
 
 def check_package() -> None:
@@ -806,8 +928,10 @@ def with_canaries(values: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     results = Results()
-    print(f"helm sdk {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__}, "
-          f"kubernetes {', '.join(KUBE_VERSIONS)}")
+    print(
+        f"helm sdk {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__}, "
+        f"kubernetes {', '.join(KUBE_VERSIONS)}"
+    )
     with helm.Chart.load(str(CHART)) as chart:
         sets = value_sets()
 
@@ -816,7 +940,9 @@ def main() -> int:
 
         results.check("ci value sets present", enough_sets)
         for set_name, raw in sets:
-            results.check(f"[{set_name}] schema accepts", lambda raw=raw: chart.validate_schema(raw))
+            results.check(
+                f"[{set_name}] schema accepts", lambda raw=raw: chart.validate_schema(raw)
+            )
             results.check(f"[{set_name}] lint --strict", check_lint(raw))
             holder: dict[str, Rendered] = {}
 
@@ -841,9 +967,16 @@ def main() -> int:
             for check_name, check in PROPERTY_CHECKS:
                 results.check(f"[{set_name}] {check_name}", lambda check=check: check(rendered))
         for name, values, fragment in BAD_VALUES:
-            results.check(f"[bad values] {name} is refused", check_bad_values(chart, values, fragment))
-    results.check("[hpa] template renders a valid autoscaler for a scale-out mode", check_hpa_template)
-    results.check("[image] Dockerfile: locked release build, distroless, non-root", check_dockerfile)
+            results.check(
+                f"[bad values] {name} is refused", check_bad_values(chart, values, fragment)
+            )
+    results.check(
+        "[hpa] template renders a valid autoscaler for a scale-out mode", check_hpa_template
+    )
+    results.check(
+        "[image] Dockerfile: locked release build, distroless, non-root", check_dockerfile
+    )
+    results.check("[values] every value is documented", check_values_documented)
     results.check("[package] chart packages and renders from the archive", check_package)
     print(f"{results.passed} passed, {results.failed} failed")
     return 0 if results.failed == 0 else 1
