@@ -298,9 +298,7 @@ pub(crate) fn seed(world: &mut World, config: &SeedConfig, now: DateTime<Utc>) {
     if world.retently.campaigns.is_empty() || world.retently.customers.is_empty() {
         return;
     }
-    // Customers in a stable order so that the generator's picks do not depend on hash order.
-    let mut customer_ids: Vec<String> = world.retently.customers.keys().cloned().collect();
-    customer_ids.sort();
+    let customer_ids: Vec<String> = world.retently.customers.keys().cloned().collect();
     let mut responses = Vec::with_capacity(config.feedback);
     for _ in 0..config.feedback {
         let responded = now - minutes(world, 5, 90 * 24 * 60);
@@ -566,9 +564,9 @@ pub(crate) fn respond(world: &mut World, survey_index: usize, at: DateTime<Utc>)
     Some(world.retently.feedback.len() - 1)
 }
 
-/// New responses arriving now: each answers a survey that was sent and is still unanswered when
-/// there is one (half of the time), otherwise a fresh survey of an active campaign to a random
-/// customer. Returns the indexes of the new feedback; fewer than `count` only when there is no
+/// New responses arriving now: half of them answer a survey that was sent and is still
+/// unanswered (when a few random probes find one), the others a fresh survey of an active campaign
+/// to a random customer. Returns the indexes of the new feedback; fewer than `count` only when there is no
 /// campaign or no customer to answer.
 pub(crate) fn simulate(world: &mut World, count: usize, now: DateTime<Utc>) -> Vec<usize> {
     let mut created = Vec::with_capacity(count);
@@ -576,29 +574,36 @@ pub(crate) fn simulate(world: &mut World, count: usize, now: DateTime<Utc>) -> V
         if world.retently.campaigns.is_empty() || world.retently.customers.is_empty() {
             break;
         }
-        let pending: Vec<usize> = world
-            .retently
-            .outbox
-            .iter()
-            .enumerate()
-            .filter(|(_, survey)| {
-                survey.response_id.is_none()
+        // Half of the time, answer a survey that is out and unanswered: a few random probes of
+        // the outbox rather than a scan, so simulation stays cheap however large it grows.
+        let answer_pending = world.rng.random_bool(0.5);
+        let mut survey_index = None;
+        if answer_pending && !world.retently.outbox.is_empty() {
+            for _ in 0..8 {
+                let index = world.rng.random_range(0..world.retently.outbox.len());
+                let survey = &world.retently.outbox[index];
+                if survey.response_id.is_none()
                     && !survey.bounced
                     && !survey.opted_out
                     && survey.sent <= now
                     && world.retently.customers.contains_key(&survey.customer_id)
-            })
-            .map(|(index, _)| index)
-            .collect();
-        let survey_index = if !pending.is_empty() && world.rng.random_bool(0.5) {
-            pending[world.rng.random_range(0..pending.len())]
-        } else {
-            let campaign_index = pick_campaign(world);
-            let mut customer_ids: Vec<&String> = world.retently.customers.keys().collect();
-            customer_ids.sort();
-            let customer_id = customer_ids[world.rng.random_range(0..customer_ids.len())].clone();
-            let sent = now - minutes(world, 1, 120);
-            new_survey(world, campaign_index, &customer_id, sent, "campaign")
+                {
+                    survey_index = Some(index);
+                    break;
+                }
+            }
+        }
+        let survey_index = match survey_index {
+            Some(index) => index,
+            None => {
+                let campaign_index = pick_campaign(world);
+                let nth = world.rng.random_range(0..world.retently.customers.len());
+                let Some(customer_id) = world.retently.customers.keys().nth(nth).cloned() else {
+                    break;
+                };
+                let sent = now - minutes(world, 1, 120);
+                new_survey(world, campaign_index, &customer_id, sent, "campaign")
+            }
         };
         created.extend(respond(world, survey_index, now));
     }

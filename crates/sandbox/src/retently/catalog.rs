@@ -9,11 +9,10 @@ use axum::http::Uri;
 use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 
-use super::envelope::{Params, RetentlyError, success};
+use super::envelope::{Params, RetentlyError, SortValue, success};
 use super::model::{Campaign, Company, Score, SentSurvey, Template, normalize_email};
 use crate::ids::is_object_id;
 use crate::state::Shared;
-use crate::time::iso;
 
 /// `{"campaigns":[…]}` as connectors read it, plus the envelope and a `data` duplicate for
 /// clients that expect one.
@@ -88,9 +87,9 @@ pub(crate) async fn companies(
         companies,
         |company| {
             let primary = match paging.field.as_str() {
-                "companyName" => company.name.to_lowercase(),
-                "domain" => company.domain.clone(),
-                _ => iso(company.created),
+                "companyName" => SortValue::Text(company.name.to_lowercase()),
+                "domain" => SortValue::Text(company.domain.clone()),
+                _ => SortValue::Time(company.created),
             };
             (primary, company.id.clone())
         },
@@ -173,9 +172,9 @@ pub(crate) async fn outbox(
         surveys,
         |survey| {
             let primary = match paging.field.as_str() {
-                "sentDate" => iso(survey.sent),
-                "email" => survey.email.clone(),
-                _ => iso(survey.created),
+                "sentDate" => SortValue::Time(survey.sent),
+                "email" => SortValue::Text(survey.email.clone()),
+                _ => SortValue::Time(survey.created),
             };
             (primary, survey.survey_id.clone())
         },

@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 use super::envelope::{
-    Params, RetentlyError, object_list, optional_string, parse_body, success, success_with,
+    Params, RetentlyError, SortValue, object_list, optional_string, parse_body, success,
+    success_with,
 };
 use super::model::{Company, Customer, Property, normalize_email, snake_case};
 use crate::ids::is_object_id;
@@ -55,13 +56,13 @@ pub(crate) async fn list(
 }
 
 /// Ties (same date) fall back to the id so that pages never overlap.
-fn sort_key(customer: &Customer, field: &str) -> (String, String) {
+fn sort_key(customer: &Customer, field: &str) -> (SortValue, String) {
     let primary = match field {
-        "updatedDate" => iso(customer.updated),
-        "email" => customer.email.clone(),
-        "firstName" => customer.first_name.clone().unwrap_or_default(),
-        "lastName" => customer.last_name.clone().unwrap_or_default(),
-        _ => iso(customer.created),
+        "updatedDate" => SortValue::Time(customer.updated),
+        "email" => SortValue::Text(customer.email.clone()),
+        "firstName" => SortValue::Text(customer.first_name.clone().unwrap_or_default()),
+        "lastName" => SortValue::Text(customer.last_name.clone().unwrap_or_default()),
+        _ => SortValue::Time(customer.created),
     };
     (primary, customer.id.clone())
 }

@@ -8,11 +8,10 @@ use axum::extract::{Path, State};
 use axum::http::Uri;
 use serde_json::{Map, Value, json};
 
-use super::envelope::{Params, RetentlyError, optional_string, parse_body, success};
+use super::envelope::{Params, RetentlyError, SortValue, optional_string, parse_body, success};
 use super::model::{Feedback, Metric, Score, Topic, normalize_email};
 use crate::ids::is_object_id;
 use crate::state::Shared;
-use crate::time::iso;
 
 const SORTS: &[&str] = &["createdDate", "score", "email"];
 
@@ -45,12 +44,11 @@ pub(crate) async fn list(
     Ok(success(data))
 }
 
-fn sort_key(item: &Feedback, field: &str) -> (String, String) {
+fn sort_key(item: &Feedback, field: &str) -> (SortValue, String) {
     let primary = match field {
-        // Scores range from 0 to 10: zero-padding keeps the text order numeric.
-        "score" => format!("{:03}", item.score),
-        "email" => item.email.clone(),
-        _ => iso(item.created),
+        "score" => SortValue::Int(item.score),
+        "email" => SortValue::Text(item.email.clone()),
+        _ => SortValue::Time(item.created),
     };
     (primary, item.id.clone())
 }

@@ -1,6 +1,6 @@
 //! The Retently account's state and how each record looks on the wire.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -398,7 +398,8 @@ impl SentSurvey {
 /// Everything a Retently account holds.
 #[derive(Debug, Default)]
 pub struct RetentlyStore {
-    pub customers: HashMap<String, Customer>,
+    /// Ordered by id so that random picks from a seeded generator are reproducible.
+    pub customers: BTreeMap<String, Customer>,
     /// Normalised email → customer id.
     pub by_email: HashMap<String, String>,
     pub campaigns: Vec<Campaign>,
