@@ -179,6 +179,49 @@ pub struct SandboxSettings {
     pub feedback_per_second: Option<f64>,
 }
 
+/// Event names mapped to the Retently transactional campaigns they trigger, ordered by event name.
+pub type EventMappings = std::collections::BTreeMap<String, Vec<String>>;
+
+/// Parses `event=campaign[,campaign...][;event=...]` (whitespace around parts ignored).
+fn parse_event_mappings(raw: &str) -> Result<EventMappings, ConfigError> {
+    const KEY: &str = "CXGW_EVENT_MAPPINGS";
+    let mut mappings = EventMappings::new();
+    for entry in raw.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((event, campaigns)) = entry.split_once('=') else {
+            return Err(ConfigError::new(
+                KEY,
+                format!("`{entry}` is not event=campaign_id[,campaign_id...]"),
+            ));
+        };
+        let event = event.trim();
+        if event.is_empty() || event.chars().count() > 50 {
+            return Err(ConfigError::new(
+                KEY,
+                format!("event name `{event}` must be 1 to 50 characters"),
+            ));
+        }
+        let campaigns: Vec<String> = campaigns
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if campaigns.is_empty() {
+            return Err(ConfigError::new(
+                KEY,
+                format!("event `{event}` maps to no campaign"),
+            ));
+        }
+        if mappings.insert(event.to_owned(), campaigns).is_some() {
+            return Err(ConfigError::new(
+                KEY,
+                format!("event `{event}` is mapped twice"),
+            ));
+        }
+    }
+    Ok(mappings)
+}
+
 /// Durability and deduplication of writes.
 #[derive(Debug, Clone)]
 pub struct WriteSettings {
@@ -202,6 +245,8 @@ pub struct Config {
     pub retainly: RetainlyConfig,
     pub sandbox: SandboxSettings,
     pub writes: WriteSettings,
+    /// Which tracked events trigger which Retently surveys (like Segment's Retently destination).
+    pub event_mappings: EventMappings,
 }
 
 impl Config {
@@ -330,6 +375,7 @@ impl Config {
                 idempotency_window: s
                     .duration("CXGW_IDEMPOTENCY_WINDOW", Duration::from_secs(24 * 3600))?,
             },
+            event_mappings: parse_event_mappings(&s.string("CXGW_EVENT_MAPPINGS", ""))?,
             sandbox: SandboxSettings {
                 addr: s.parse("CXGW_SANDBOX_ADDR", SocketAddr::from(([0, 0, 0, 0], 8090)))?,
                 retently_requests_per_minute: s.parse_in(
@@ -577,6 +623,27 @@ mod tests {
         assert_eq!(config.shutdown_grace, Duration::from_secs(7));
         assert_eq!(config.retently.requests_per_minute, 90);
         assert_eq!(config.retently.api_key.unwrap().expose(), "from-file");
+    }
+
+    #[test]
+    fn event_mappings_parse_and_reject_malformed_entries() {
+        let mut pairs = keys();
+        pairs.push((
+            "CXGW_EVENT_MAPPINGS",
+            " order_completed = c1, c2 ; signup=c3;",
+        ));
+        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        assert_eq!(
+            config.event_mappings.get("order_completed").unwrap(),
+            &["c1".to_owned(), "c2".to_owned()]
+        );
+        assert_eq!(config.event_mappings.len(), 2);
+        for bad in ["no_equals", "e=", "=c1", "a=c1;a=c2"] {
+            let mut pairs = keys();
+            pairs.push(("CXGW_EVENT_MAPPINGS", bad));
+            let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+            assert_eq!(error.key, "CXGW_EVENT_MAPPINGS", "{bad}");
+        }
     }
 
     #[test]

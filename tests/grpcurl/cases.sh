@@ -23,3 +23,7 @@ case_ "GetDelivery of an unknown id is NOT_FOUND" 69 'Code: NotFound' 'DELIVERY_
 case_ "RetryDeadLetters with bad input is INVALID_ARGUMENT with field violations" 67 \
   'Code: InvalidArgument' 'INVALID_FIELDS' '"field":"delivery_ids\[1\]"' -- \
   -d '{"delivery_ids": ["dlv_a", "dlv_a"]}' "$addr" cx.gateway.v1.DeliveryService/RetryDeadLetters
+
+# EventService
+case_ "ListEventMappings answers (none configured by default)" 0 '"totalSize": "0"' -- \
+  -d '{}' "$addr" cx.gateway.v1.EventService/ListEventMappings
