@@ -3,14 +3,18 @@
 # runs offline), then lints, renders and validates helm/cx-gateway and its value sets, asserts the
 # properties operators rely on, and feeds the schema a table of bad values.
 # Prints `N passed, N failed` last and exits non-zero on any failure.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-if ! .venv/bin/pip install --quiet --disable-pip-version-check -r tests/helm/requirements.txt; then
-  echo "could not install the chart check tools from tests/helm/requirements.txt"
+setup() {
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv || return 1
+  fi
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/helm/requirements.txt
+}
+
+if ! setup; then
+  echo "could not install the chart check tools listed in tests/helm/requirements.txt"
   echo "0 passed, 1 failed"
   exit 1
 fi
