@@ -7,16 +7,35 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::Uri;
 use chrono::{Duration, Utc};
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::envelope::{Params, RetentlyError, SortValue, success};
+use super::envelope::{Envelope, Params, RetentlyError, SortValue, success};
 use super::model::{Campaign, Company, Score, SentSurvey, Template, normalize_email};
 use crate::ids::is_object_id;
 use crate::state::Shared;
 
 /// `{"campaigns":[…]}` as connectors read it, plus the envelope and a `data` duplicate for
 /// clients that expect one.
-pub(crate) async fn campaigns(State(shared): State<Arc<Shared>>) -> Json<Value> {
+/// `{"campaigns":[…]}` plus the envelope and a `data` duplicate, keys in that order.
+#[derive(Serialize)]
+pub(crate) struct CampaignsBody {
+    message: &'static str,
+    code: u16,
+    campaigns: Vec<Value>,
+    data: Vec<Value>,
+}
+
+/// `{"data":[…],"templates":[…]}` plus the envelope.
+#[derive(Serialize)]
+pub(crate) struct TemplatesBody {
+    message: &'static str,
+    code: u16,
+    data: Vec<Value>,
+    templates: Vec<Value>,
+}
+
+pub(crate) async fn campaigns(State(shared): State<Arc<Shared>>) -> Json<CampaignsBody> {
     let world = shared.world();
     let campaigns: Vec<Value> = world
         .retently
@@ -24,16 +43,16 @@ pub(crate) async fn campaigns(State(shared): State<Arc<Shared>>) -> Json<Value> 
         .iter()
         .map(Campaign::to_json)
         .collect();
-    Json(json!({
-        "message": "Success.",
-        "code": 200,
-        "campaigns": campaigns,
-        "data": campaigns,
-    }))
+    Json(CampaignsBody {
+        message: "Success.",
+        code: 200,
+        data: campaigns.clone(),
+        campaigns,
+    })
 }
 
 /// Both readings of the templates envelope: `data` and `templates`.
-pub(crate) async fn templates(State(shared): State<Arc<Shared>>) -> Json<Value> {
+pub(crate) async fn templates(State(shared): State<Arc<Shared>>) -> Json<TemplatesBody> {
     let world = shared.world();
     let templates: Vec<Value> = world
         .retently
@@ -41,18 +60,18 @@ pub(crate) async fn templates(State(shared): State<Arc<Shared>>) -> Json<Value> 
         .iter()
         .map(Template::to_json)
         .collect();
-    Json(json!({
-        "message": "Success.",
-        "code": 200,
-        "data": templates,
-        "templates": templates,
-    }))
+    Json(TemplatesBody {
+        message: "Success.",
+        code: 200,
+        data: templates.clone(),
+        templates,
+    })
 }
 
 pub(crate) async fn template(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     if !is_object_id(&id) {
         return Err(RetentlyError::bad_request("The template id is invalid."));
     }
@@ -71,7 +90,7 @@ const COMPANY_SORTS: &[&str] = &["createdDate", "companyName", "domain"];
 pub(crate) async fn companies(
     State(shared): State<Arc<Shared>>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let params = Params::from_uri(&uri)?;
     let paging = params.paging("-createdDate", COMPANY_SORTS)?;
     let range = params.date_range()?;
@@ -103,7 +122,7 @@ pub(crate) async fn companies(
 pub(crate) async fn company(
     State(shared): State<Arc<Shared>>,
     Path(key): Path<String>,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let world = shared.world();
     let store = &world.retently;
     let found = if is_object_id(&key) {
@@ -127,7 +146,7 @@ const SENT_BY: &[&str] = &["campaign", "reminder", "manual", "test", "imported"]
 pub(crate) async fn outbox(
     State(shared): State<Arc<Shared>>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let params = Params::from_uri(&uri)?;
     let paging = params.paging("-surveyCreatedDate", OUTBOX_SORTS)?;
     let range = params.date_range()?;
@@ -187,7 +206,7 @@ pub(crate) async fn outbox(
 pub(crate) async fn reports(
     State(shared): State<Arc<Shared>>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     report_list(&shared, None, &uri)
 }
 
@@ -195,7 +214,7 @@ pub(crate) async fn campaign_report(
     State(shared): State<Arc<Shared>>,
     Path(campaign_id): Path<String>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     if !is_object_id(&campaign_id) {
         return Err(RetentlyError::bad_request("The campaign id is invalid."));
     }
@@ -209,7 +228,7 @@ fn report_list(
     shared: &Shared,
     campaign_id: Option<&str>,
     uri: &Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let params = Params::from_uri(uri)?;
     let mut range = params.date_range()?;
     let now = Utc::now();
@@ -278,6 +297,6 @@ fn report_list(
 }
 
 /// A credential probe: 200 with the account status.
-pub(crate) async fn ping() -> Json<Value> {
+pub(crate) async fn ping() -> Json<Envelope> {
     success(json!({"status": "active", "account": "Retently sandbox"}))
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
 use super::envelope::{
-    Params, RetentlyError, SortValue, object_list, optional_string, parse_body, success,
+    Envelope, Params, RetentlyError, SortValue, object_list, optional_string, parse_body, success,
     success_with,
 };
 use super::model::{Company, Customer, Property, normalize_email, snake_case};
@@ -33,7 +33,7 @@ const SORTS: &[&str] = &[
 pub(crate) async fn list(
     State(shared): State<Arc<Shared>>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let params = Params::from_uri(&uri)?;
     let paging = params.paging("-createdDate", SORTS)?;
     let range = params.date_range()?;
@@ -70,7 +70,7 @@ fn sort_key(customer: &Customer, field: &str) -> (SortValue, String) {
 pub(crate) async fn get(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     if !is_object_id(&id) {
         return Err(RetentlyError::bad_request("The customer id is invalid."));
     }
@@ -87,7 +87,7 @@ pub(crate) async fn get(
 pub(crate) async fn upsert(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let body = parse_body(&body)?;
     let items = object_list(&body, "subscribers")?;
     if items.is_empty() || items.len() > MAX_UPSERT {
@@ -473,7 +473,7 @@ fn company_for(
 pub(crate) async fn delete(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let body = parse_body(&body)?;
     let items = object_list(&body, "subscribers")?;
     if items.is_empty() {
@@ -526,14 +526,14 @@ fn target(item: &Map<String, Value>, path: &str) -> Result<(String, bool), Reten
 pub(crate) async fn unsubscribe(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     set_subscription(&shared, &body, true)
 }
 
 pub(crate) async fn resubscribe(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     set_subscription(&shared, &body, false)
 }
 
@@ -543,7 +543,7 @@ fn set_subscription(
     shared: &Shared,
     body: &Bytes,
     unsubscribe: bool,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let body = parse_body(body)?;
     let message = optional_string(&body, &["message"], "")?;
     let items = object_list(&body, "subscribers")?;

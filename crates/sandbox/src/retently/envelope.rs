@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::time::parse_filter_date;
@@ -61,7 +62,11 @@ impl RetentlyError {
 
 impl IntoResponse for RetentlyError {
     fn into_response(self) -> Response {
-        let body = json!({"message": self.message, "code": self.status.as_u16(), "data": null});
+        let body = Envelope {
+            message: self.message,
+            code: self.status.as_u16(),
+            data: Value::Null,
+        };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(seconds) = self.retry_after {
             response
@@ -72,13 +77,26 @@ impl IntoResponse for RetentlyError {
     }
 }
 
+/// The envelope as a struct so that its keys keep the documented order (`message`, `code`,
+/// `data`); serde_json's maps would sort them.
+#[derive(Debug, Serialize)]
+pub(crate) struct Envelope {
+    pub message: String,
+    pub code: u16,
+    pub data: Value,
+}
+
 /// `{"message":"Success.","code":200,"data":…}`.
-pub(crate) fn success(data: Value) -> Json<Value> {
+pub(crate) fn success(data: Value) -> Json<Envelope> {
     success_with("Success.", data)
 }
 
-pub(crate) fn success_with(message: &str, data: Value) -> Json<Value> {
-    Json(json!({"message": message, "code": 200, "data": data}))
+pub(crate) fn success_with(message: &str, data: Value) -> Json<Envelope> {
+    Json(Envelope {
+        message: message.to_owned(),
+        code: 200,
+        data,
+    })
 }
 
 /// The query string as a map (a repeated name keeps its last value).

@@ -8,7 +8,9 @@ use axum::extract::{Path, State};
 use axum::http::Uri;
 use serde_json::{Map, Value, json};
 
-use super::envelope::{Params, RetentlyError, SortValue, optional_string, parse_body, success};
+use super::envelope::{
+    Envelope, Params, RetentlyError, SortValue, optional_string, parse_body, success,
+};
 use super::model::{Feedback, Metric, Score, Topic, normalize_email};
 use crate::ids::is_object_id;
 use crate::state::Shared;
@@ -18,7 +20,7 @@ const SORTS: &[&str] = &["createdDate", "score", "email"];
 pub(crate) async fn list(
     State(shared): State<Arc<Shared>>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let params = Params::from_uri(&uri)?;
     let paging = params.paging("-createdDate", SORTS)?;
     let range = params.date_range()?;
@@ -59,7 +61,7 @@ pub(crate) async fn get(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     if !is_object_id(&id) {
         return Err(RetentlyError::bad_request("The feedback id is invalid."));
     }
@@ -112,7 +114,7 @@ fn response_id(body: &Map<String, Value>) -> Result<String, RetentlyError> {
 pub(crate) async fn set_tags(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let body = parse_body(&body)?;
     let id = response_id(&body)?;
     let append = append_mode(&body)?;
@@ -158,7 +160,7 @@ pub(crate) async fn set_tags(
 pub(crate) async fn set_topics(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let body = parse_body(&body)?;
     let id = response_id(&body)?;
     let append = append_mode(&body)?;
@@ -222,7 +224,7 @@ pub(crate) async fn score(
     State(shared): State<Arc<Shared>>,
     Path(metric): Path<String>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let metric = Metric::from_path(&metric)
         .ok_or_else(|| RetentlyError::not_found("Unknown metric: use nps, csat, ces or star."))?;
     score_of(&shared, metric, &uri)
@@ -232,11 +234,11 @@ pub(crate) async fn score(
 pub(crate) async fn nps_score(
     State(shared): State<Arc<Shared>>,
     uri: Uri,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     score_of(&shared, Metric::Nps, &uri)
 }
 
-fn score_of(shared: &Shared, metric: Metric, uri: &Uri) -> Result<Json<Value>, RetentlyError> {
+fn score_of(shared: &Shared, metric: Metric, uri: &Uri) -> Result<Json<Envelope>, RetentlyError> {
     let params = Params::from_uri(uri)?;
     let range = params.date_range()?;
     let campaign_id = params.get("campaignId");

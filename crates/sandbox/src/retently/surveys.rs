@@ -19,7 +19,7 @@ use chrono::{Duration, Utc};
 use serde_json::{Map, Value, json};
 
 use super::customers::{CustomerInput, upsert_customer};
-use super::envelope::{RetentlyError, object_list, parse_body, success};
+use super::envelope::{Envelope, RetentlyError, object_list, parse_body, success};
 use super::model::CampaignKind;
 use crate::state::{Shared, SurveySend};
 use crate::time::iso;
@@ -32,7 +32,7 @@ const MAX_DELAY_DAYS: u64 = 365;
 pub(crate) async fn send(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     send_survey(&shared, &body, true)
 }
 
@@ -41,7 +41,7 @@ pub(crate) async fn send(
 pub(crate) async fn send_deprecated(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     send_survey(&shared, &body, false)
 }
 
@@ -49,7 +49,7 @@ fn send_survey(
     shared: &Shared,
     body: &Bytes,
     campaign_options: bool,
-) -> Result<Json<Value>, RetentlyError> {
+) -> Result<Json<Envelope>, RetentlyError> {
     let body = parse_body(body)?;
     let campaign_id = match body.get("campaign") {
         None | Some(Value::Null) => {
