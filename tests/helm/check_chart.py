@@ -16,6 +16,7 @@ import copy
 import json
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -887,6 +888,28 @@ def check_dockerfile() -> None:
         assert entry in ignored, f".dockerignore lacks {entry}"
 
 
+def check_cli(all_rendered: list[tuple[str, Rendered]]) -> None:
+    """The command operators run, over every rendered built-in object of every value set."""
+    with tempfile.TemporaryDirectory() as scratch:
+        files = []
+        for set_name, rendered in all_rendered:
+            objects = [obj for _, obj in rendered.objects if obj["kind"] not in CRD_KINDS]
+            path = Path(scratch) / f"{set_name}.yaml"
+            path.write_text(yaml.safe_dump_all(objects))
+            files.append(str(path))
+        assert len(files) == len(value_sets()), "a value set did not render"
+        command = [str(Path(sys.executable).with_name("kubernetes-validate")), "--strict"]
+        for version in KUBE_VERSIONS:
+            command += ["-k", version]
+        result = subprocess.run(command + files, capture_output=True, text=True, timeout=300)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        lines = output.splitlines()
+        assert not [line for line in lines if not line.startswith("INFO ")], output
+        passed = [line for line in lines if " passed for resource " in line]
+        assert len(passed) >= 6 * len(files) * len(KUBE_VERSIONS), f"{len(passed)} validations"
+
+
 def check_values_documented() -> None:
     """Every key in values.yaml has a comment on the line above or on its own line."""
     lines = (CHART / "values.yaml").read_text().splitlines()
@@ -939,17 +962,13 @@ def main() -> int:
             assert len(sets) - 1 >= 3, f"only {len(sets) - 1} value sets under ci/"
 
         results.check("ci value sets present", enough_sets)
+        all_rendered: list[tuple[str, Rendered]] = []
         for set_name, raw in sets:
             results.check(
                 f"[{set_name}] schema accepts", lambda raw=raw: chart.validate_schema(raw)
             )
             results.check(f"[{set_name}] lint --strict", check_lint(raw))
-            holder: dict[str, Rendered] = {}
-
-            def render(raw: dict[str, Any] = raw) -> None:
-                holder["r"] = Rendered(chart, raw)
-
-            results.check(f"[{set_name}] renders", render)
+            results.check(f"[{set_name}] renders", lambda raw=raw: Rendered(chart, raw))
             # The same set again with canary key values, for the key-handling checks.
             canary_holder: dict[str, Rendered] = {}
 
@@ -959,6 +978,7 @@ def main() -> int:
             if not results.check(f"[{set_name}] renders with key values", render_canaries):
                 continue
             rendered = canary_holder["r"]
+            all_rendered.append((set_name, rendered))
             for version in KUBE_VERSIONS:
                 results.check(
                     f"[{set_name}] kubernetes-validate --strict {version}",
@@ -970,6 +990,10 @@ def main() -> int:
             results.check(
                 f"[bad values] {name} is refused", check_bad_values(chart, values, fragment)
             )
+        results.check(
+            "[cli] kubernetes-validate --strict accepts every rendered manifest",
+            lambda: check_cli(all_rendered),
+        )
     results.check(
         "[hpa] template renders a valid autoscaler for a scale-out mode", check_hpa_template
     )
