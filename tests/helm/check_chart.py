@@ -894,7 +894,7 @@ def check_cli(all_rendered: list[tuple[str, Rendered]]) -> None:
         files = []
         for set_name, rendered in all_rendered:
             objects = [obj for _, obj in rendered.objects if obj["kind"] not in CRD_KINDS]
-            path = Path(scratch) / f"{set_name}.yaml"
+            path = Path(scratch) / f"{set_name.removesuffix('.yaml')}.yaml"
             path.write_text(yaml.safe_dump_all(objects))
             files.append(str(path))
         assert len(files) == len(value_sets()), "a value set did not render"
@@ -902,10 +902,9 @@ def check_cli(all_rendered: list[tuple[str, Rendered]]) -> None:
         for version in KUBE_VERSIONS:
             command += ["-k", version]
         result = subprocess.run(command + files, capture_output=True, text=True, timeout=300)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output
-        lines = output.splitlines()
-        assert not [line for line in lines if not line.startswith("INFO ")], output
+        lines = (result.stdout + result.stderr).splitlines()
+        problems = "\n  ".join(line for line in lines if not line.startswith("INFO "))
+        assert result.returncode == 0 and not problems, f"exit {result.returncode}:\n  {problems}"
         passed = [line for line in lines if " passed for resource " in line]
         assert len(passed) >= 6 * len(files) * len(KUBE_VERSIONS), f"{len(passed)} validations"
 
