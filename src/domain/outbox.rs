@@ -159,7 +159,8 @@ pub enum Attempt {
 /// Replays queued writes. Implemented by the gRPC layer, which owns the request encoding.
 #[tonic::async_trait]
 pub trait Executor: Send + Sync + 'static {
-    async fn execute(&self, method: &str, request: &[u8]) -> Attempt;
+    /// Attempts the write once; `delivery_id` goes into the result the RPC reports.
+    async fn execute(&self, method: &str, request: &[u8], delivery_id: &str) -> Attempt;
 }
 
 #[derive(Debug, Clone)]
@@ -715,7 +716,7 @@ impl Outbox {
                 let outbox = self.clone();
                 let executor = Arc::clone(&executor);
                 tokio::spawn(async move {
-                    let attempt = executor.execute(&method, &request).await;
+                    let attempt = executor.execute(&method, &request, &delivery_id).await;
                     if let Attempt::Retry { error, .. } | Attempt::Failed { error } = &attempt {
                         tracing::info!(%delivery_id, %method, attempts, reason = %error.reason, "delivery attempt failed");
                     }

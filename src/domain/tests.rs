@@ -45,7 +45,7 @@ struct ScriptedExecutor {
 
 #[tonic::async_trait]
 impl Executor for ScriptedExecutor {
-    async fn execute(&self, _method: &str, request: &[u8]) -> Attempt {
+    async fn execute(&self, _method: &str, request: &[u8], _delivery_id: &str) -> Attempt {
         let body = String::from_utf8_lossy(request).into_owned();
         let _ = self.attempts.send(body.clone());
         let mut fail_first = self.fail_first.lock().unwrap();
