@@ -156,11 +156,20 @@ impl Params {
     }
 
     /// `page`, `limit` and `sort` of a list endpoint. `sorts` are the accepted field names.
+    ///
+    /// Attribute filters (`attributes[]`, `match`) are refused rather than ignored: their
+    /// operator vocabulary is unpublished, and silently returning unfiltered records would let a
+    /// client's test pass for the wrong reason.
     pub(crate) fn paging(
         &self,
         default_sort: &str,
         sorts: &[&str],
     ) -> Result<Paging, RetentlyError> {
+        if self.0.keys().any(|name| name.starts_with("attributes")) {
+            return Err(RetentlyError::bad_request(
+                "The sandbox does not emulate attributes filters.",
+            ));
+        }
         let page = self.positive("page", 1)?;
         let limit = self.positive("limit", DEFAULT_LIMIT)?.min(MAX_LIMIT);
         let sort = self.get("sort").unwrap_or(default_sort);

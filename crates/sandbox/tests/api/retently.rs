@@ -223,7 +223,14 @@ async fn limit_above_1000_is_clamped_and_bad_paging_is_refused() {
         .await;
     assert_eq!(body["data"]["responses"].as_array().unwrap().len(), 200);
 
-    for query in ["page=0", "page=abc", "limit=0", "limit=-5", "sort=-bogus"] {
+    for query in [
+        "page=0",
+        "page=abc",
+        "limit=0",
+        "limit=-5",
+        "sort=-bogus",
+        "attributes[0][name]=plan&attributes[0][value]=pro",
+    ] {
         let (status, body) = sandbox
             .retently_get(&format!("/api/v2/customers?{query}"))
             .await;
