@@ -31,6 +31,7 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;
 
 /// Code generated from the protobuf contract (`proto/cx/gateway/v1`, package `cx.gateway.v1`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

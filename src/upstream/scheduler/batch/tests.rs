@@ -303,7 +303,7 @@ async fn sealing_leaves_out_items_too_close_to_their_deadline() {
                 handle.wait_turn().await;
                 // Wait until the first item has only 0.5 s left.
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let (items, ctx) = handle.seal(Duration::from_secs(1), || budget_error());
+                let (items, ctx) = handle.seal(Duration::from_secs(1), budget_error);
                 *answers.lock().unwrap() = Some((items.len(), ctx.and_then(|c| c.deadline)));
                 for pending in items {
                     pending.reply(Ok("sent".to_owned()));

@@ -1,0 +1,235 @@
+//! Driving one coalesced batch through the lane, and splitting the upstream's answer back to
+//! the callers — shared by the Retently and Retainly batchers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, ErrorCode, FieldViolation, Result};
+use crate::upstream::scheduler::batch::{BatchHandle, Pending};
+use crate::upstream::scheduler::{AttemptError, Idempotency, Lane};
+
+/// How many times a batch is re-sent without the items the upstream rejected by index.
+const MAX_ROUNDS: usize = 3;
+
+/// Runs a batch: waits for its turn and a budget slot, seals it, sends it with `send`, and
+/// answers every item. When the upstream rejects the whole request because of some items
+/// (`400/422` naming `<list_field>[i]`), those items get the rejection (fields rebased to the
+/// item) and the others are sent again, so one caller's bad input does not fail its batch mates.
+pub async fn drive<K, I, O, S, Fut>(
+    lane: Lane,
+    mut handle: BatchHandle<K, I, O>,
+    idempotency: Idempotency,
+    list_field: &'static str,
+    send: S,
+) where
+    K: Eq + std::hash::Hash + Clone,
+    I: Clone,
+    S: Fn(Arc<Vec<I>>, Duration) -> Fut,
+    Fut: Future<Output = Result<Vec<Result<O>>, AttemptError>>,
+{
+    if !handle.wait_turn().await {
+        return;
+    }
+    let Some(waiting) = handle.waiting_context() else {
+        return;
+    };
+    let permit = match lane.admit(&waiting).await {
+        Ok(permit) => permit,
+        Err(error) => {
+            handle.fail_all(&error);
+            return;
+        }
+    };
+    let min_time = lane.settings().min_attempt_time;
+    let (items, ctx) = handle.seal(min_time, || lane.budget_error_for(waiting.priority));
+    let Some(ctx) = ctx else {
+        lane.refund(permit);
+        return;
+    };
+    let mut items = items;
+    let mut permit = Some(permit);
+    for _ in 0..MAX_ROUNDS {
+        let inputs = Arc::new(
+            items
+                .iter()
+                .map(|pending| pending.item.clone())
+                .collect::<Vec<I>>(),
+        );
+        let attempt = |timeout| send(Arc::clone(&inputs), timeout);
+        let result = match permit.take() {
+            Some(permit) => lane.run_admitted(permit, &ctx, idempotency, attempt).await,
+            None => lane.call(&ctx, idempotency, attempt).await,
+        };
+        match result {
+            Ok(outcomes) => {
+                answer(items, outcomes);
+                return;
+            }
+            Err(error) => match split_rejection(&error, list_field, items.len()) {
+                Some(rejected) if rejected.len() < items.len() => {
+                    items = reject_some(items, rejected, &error);
+                }
+                Some(rejected) => {
+                    reject_some(items, rejected, &error);
+                    return;
+                }
+                None => {
+                    fail(items, &error);
+                    return;
+                }
+            },
+        }
+    }
+    fail(
+        items,
+        &Error::internal("a batch was rejected too many times; its items were not sent"),
+    );
+}
+
+fn answer<I, O>(items: Vec<Pending<I, O>>, outcomes: Vec<Result<O>>) {
+    if outcomes.len() != items.len() {
+        let error =
+            Error::internal("the upstream answered a batch with a different number of results");
+        fail(items, &error);
+        return;
+    }
+    for (pending, outcome) in items.into_iter().zip(outcomes) {
+        pending.reply(outcome);
+    }
+}
+
+fn fail<I, O>(items: Vec<Pending<I, O>>, error: &Error) {
+    for pending in items {
+        pending.reply(Err(error.clone()));
+    }
+}
+
+/// Answers the rejected items and returns the others.
+fn reject_some<I, O>(
+    items: Vec<Pending<I, O>>,
+    mut rejected: Vec<(usize, Vec<FieldViolation>)>,
+    error: &Error,
+) -> Vec<Pending<I, O>> {
+    let mut keep = Vec::new();
+    for (index, pending) in items.into_iter().enumerate() {
+        match rejected.iter().position(|(rejected, _)| *rejected == index) {
+            Some(position) => {
+                let (_, violations) = rejected.swap_remove(position);
+                pending.reply(Err(rebased(error, violations)));
+            }
+            None => keep.push(pending),
+        }
+    }
+    keep
+}
+
+/// The error one item gets: the upstream's rejection with only its own violations.
+fn rebased(error: &Error, violations: Vec<FieldViolation>) -> Error {
+    let message = match violations.as_slice() {
+        [only] if only.field.is_empty() => {
+            format!("the upstream rejected this item: {}", only.description)
+        }
+        [only] => format!(
+            "the upstream rejected this item: {}: {}",
+            only.field, only.description
+        ),
+        many => format!("the upstream rejected {} fields of this item", many.len()),
+    };
+    let mut rebased = Error::new(error.code(), error.reason(), message).with_violations(violations);
+    for (key, value) in error.metadata() {
+        rebased = rebased.with_metadata(key.clone(), value.clone());
+    }
+    rebased
+}
+
+/// For an `INVALID_ARGUMENT` whose every violation names `<list_field>[i]`, the violations per
+/// item index with fields relative to the item. `None` when the rejection is not per item.
+fn split_rejection(
+    error: &Error,
+    list_field: &str,
+    len: usize,
+) -> Option<Vec<(usize, Vec<FieldViolation>)>> {
+    if error.code() != ErrorCode::InvalidArgument || error.violations().is_empty() {
+        return None;
+    }
+    let mut per_item: Vec<(usize, Vec<FieldViolation>)> = Vec::new();
+    for violation in error.violations() {
+        let rest = violation
+            .field
+            .strip_prefix(list_field)?
+            .strip_prefix('[')?;
+        let (index, rest) = rest.split_once(']')?;
+        let index: usize = index.parse().ok()?;
+        if index >= len {
+            return None;
+        }
+        let field = rest.strip_prefix('.').unwrap_or(rest).to_owned();
+        let description = violation.description.clone();
+        let violation = FieldViolation::new(field, description);
+        match per_item.iter_mut().find(|(i, _)| *i == index) {
+            Some((_, violations)) => violations.push(violation),
+            None => per_item.push((index, vec![violation])),
+        }
+    }
+    Some(per_item)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(fields: &[&str]) -> Error {
+        Error::new(
+            ErrorCode::InvalidArgument,
+            "UPSTREAM_INVALID_ARGUMENT",
+            "rejected",
+        )
+        .with_violations(
+            fields
+                .iter()
+                .map(|f| FieldViolation::new(*f, "bad"))
+                .collect(),
+        )
+        .with_metadata("upstream", "retently")
+    }
+
+    #[test]
+    fn violations_naming_items_are_split_per_item() {
+        let split = split_rejection(
+            &invalid(&[
+                "subscribers[2].email",
+                "subscribers[0].properties[1].value",
+                "subscribers[2].tags",
+            ]),
+            "subscribers",
+            3,
+        )
+        .unwrap();
+        assert_eq!(split.len(), 2);
+        assert_eq!(split[0].0, 2);
+        assert_eq!(split[0].1[0].field, "email");
+        assert_eq!(split[0].1[1].field, "tags");
+        assert_eq!(split[1].1[0].field, "properties[1].value");
+    }
+
+    #[test]
+    fn rejections_not_about_items_are_not_split() {
+        assert!(split_rejection(&invalid(&["campaign"]), "subscribers", 3).is_none());
+        assert!(split_rejection(&invalid(&["subscribers[5].email"]), "subscribers", 3).is_none());
+        let unavailable = Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down");
+        assert!(split_rejection(&unavailable, "subscribers", 3).is_none());
+    }
+
+    #[test]
+    fn rebased_errors_keep_code_reason_and_metadata() {
+        let error = rebased(&invalid(&["x"]), vec![FieldViolation::new("email", "bad")]);
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+        assert_eq!(error.reason(), "UPSTREAM_INVALID_ARGUMENT");
+        assert_eq!(error.metadata()["upstream"], "retently");
+        assert_eq!(
+            error.message(),
+            "the upstream rejected this item: email: bad"
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! The Retainly HTTP client: one method per endpoint, one attempt per call.
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::Serialize;
+use serde_json::json;
+
+use super::error::parse_rejection;
+use super::model::*;
+use crate::config::Secret;
+use crate::error::{Error, ErrorCode};
+use crate::upstream::http::{Route, Transport};
+use crate::upstream::scheduler::AttemptError;
+
+pub const UPSTREAM: &str = "retainly";
+
+pub(crate) mod routes {
+    use crate::upstream::http::Route;
+
+    pub const UPSERT_CUSTOMERS: Route = Route::new("POST", "/customers", "customer");
+    pub const DELETE_CUSTOMERS: Route = Route::new("DELETE", "/customers", "customer");
+    pub const UPSERT_ARRAYS: Route = Route::new("POST", "/arrays", "customer");
+    pub const DELETE_ARRAYS: Route = Route::new("DELETE", "/arrays", "customer");
+    pub const EVENTS: Route = Route::new("POST", "/events", "customer");
+}
+
+use routes::*;
+
+/// Typed access to Retainly's tracking API for one workspace.
+#[derive(Debug, Clone)]
+pub struct RetainlyClient {
+    transport: Transport,
+}
+
+impl RetainlyClient {
+    /// Key and secret travel as the documented `key` and `secret` headers, marked sensitive.
+    pub fn new(
+        base_url: reqwest::Url,
+        api_key: &Secret,
+        api_secret: &Secret,
+    ) -> Result<Self, Error> {
+        let mut headers = HeaderMap::new();
+        for (name, secret) in [("key", api_key), ("secret", api_secret)] {
+            let mut value = HeaderValue::from_str(secret.expose()).map_err(|_| {
+                Error::new(
+                    ErrorCode::FailedPrecondition,
+                    "UPSTREAM_CREDENTIALS_INVALID",
+                    format!(
+                        "the retainly api {name} contains characters not allowed in an http header"
+                    ),
+                )
+                .with_metadata("upstream", UPSTREAM)
+            })?;
+            value.set_sensitive(true);
+            headers.insert(HeaderName::from_static(name), value);
+        }
+        Ok(Self {
+            transport: Transport::new(UPSTREAM, base_url, headers, parse_rejection)?,
+        })
+    }
+
+    async fn write(
+        &self,
+        route: Route,
+        segment: &str,
+        body: &impl Serialize,
+        timeout: Duration,
+    ) -> Result<(), AttemptError> {
+        let bytes = serde_json::to_vec(body).map_err(|error| {
+            AttemptError::permanent(Error::internal(format!(
+                "cannot encode {route} body: {error}"
+            )))
+        })?;
+        // Success bodies are a JSON string ("ok") or empty; their content is undocumented and
+        // carries nothing the gateway uses.
+        self.transport
+            .send(route, &[segment], &[], Some(bytes), timeout)
+            .await
+            .map(drop)
+    }
+
+    /// `POST /customers` (1–10,000 customers). The upstream answers for the whole request, so
+    /// every customer gets the same outcome.
+    pub async fn upsert_customers(
+        &self,
+        customers: &[RetainlyCustomer],
+        timeout: Duration,
+    ) -> Result<Vec<Result<(), Error>>, AttemptError> {
+        self.write(
+            UPSERT_CUSTOMERS,
+            "customers",
+            &json!({ "customers": customers }),
+            timeout,
+        )
+        .await?;
+        Ok(customers.iter().map(|_| Ok(())).collect())
+    }
+
+    /// `DELETE /customers` (1–10,000 ids); unknown ids are not an error.
+    pub async fn delete_customers(
+        &self,
+        ids: &[RetainlyId],
+        timeout: Duration,
+    ) -> Result<(), AttemptError> {
+        self.write(
+            DELETE_CUSTOMERS,
+            "customers",
+            &json!({ "customers_ids": ids }),
+            timeout,
+        )
+        .await
+    }
+
+    /// `POST /arrays` (1–10,000 records).
+    pub async fn upsert_array_items(
+        &self,
+        records: &[ArrayRecord],
+        timeout: Duration,
+    ) -> Result<(), AttemptError> {
+        self.write(
+            UPSERT_ARRAYS,
+            "arrays",
+            &json!({ "records": records }),
+            timeout,
+        )
+        .await
+    }
+
+    /// `DELETE /arrays` (1–10,000 records); missing customers or fields are not an error.
+    pub async fn delete_array_items(
+        &self,
+        records: &[ArrayDeletion],
+        timeout: Duration,
+    ) -> Result<(), AttemptError> {
+        self.write(
+            DELETE_ARRAYS,
+            "arrays",
+            &json!({ "records": records }),
+            timeout,
+        )
+        .await
+    }
+
+    /// `POST /events`.
+    pub async fn track_event(
+        &self,
+        event: &RetainlyEvent,
+        timeout: Duration,
+    ) -> Result<(), AttemptError> {
+        self.write(EVENTS, "events", event, timeout).await
+    }
+}

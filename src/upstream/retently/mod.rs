@@ -1,0 +1,741 @@
+//! Retently behind the scheduler: [`RetentlyApi`] is what domain services call.
+//!
+//! Every method takes a [`CallContext`] and goes through the account's [`Lane`] (budget,
+//! priorities, retries, breaker). On top of that:
+//! - survey sends to the same (campaign, delay) coalesce into `POST /survey` calls of up to 100
+//!   recipients, and customer upserts into `POST /customers` calls of up to
+//!   [`MAX_UPSERT_BATCH`]; each caller gets its own recipient's outcome;
+//! - identical in-flight reads share one call; campaigns, templates, a template by id, scores
+//!   and reports are cached for `cache_ttl`.
+//!
+//! # Idempotency (what is retried after a failure that may have been applied)
+//! - Reads, customer upserts (keyed by email), deletes, unsubscribes, resubscribes and tag/topic
+//!   *replacement*: retried on any transient failure.
+//! - `POST /survey`: a repeat would send a second survey, so it is retried only when the
+//!   upstream surely did not act — connect errors (nothing sent) and 429/408 (refused up front).
+//!   After a timeout, a dropped connection or a 5xx the caller gets `UNAVAILABLE` and the
+//!   domain layer decides (the outbox treats it as in doubt). Tag/topic *appends* follow the
+//!   same rule.
+
+pub mod client;
+pub mod error;
+pub mod model;
+
+use std::fmt;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::join_all;
+
+pub use self::client::{CustomerChange, RetentlyClient};
+pub use self::model::*;
+use crate::config::{RetentlyConfig, Secret};
+use crate::error::{Error, ErrorCode, FieldViolation, Result};
+use crate::upstream::batching;
+use crate::upstream::context::CallContext;
+use crate::upstream::scheduler::batch::{BatchHandle, BatchLimits, Batcher};
+use crate::upstream::scheduler::cache::{Caching, Reads};
+use crate::upstream::scheduler::{Idempotency, Lane, LaneCounters, SchedulerSettings};
+
+/// Recipients per `POST /survey`, as documented (1–100).
+pub const MAX_SURVEY_BATCH: usize = 100;
+/// Customers per coalesced `POST /customers`. The current API documents no cap; the legacy
+/// guidelines capped writes at 100 per request, so 100 is the size known to be accepted.
+pub const MAX_UPSERT_BATCH: usize = 100;
+/// Addresses per delete/unsubscribe/resubscribe call (same reasoning as upserts).
+pub const MAX_CHANGE_BATCH: usize = 100;
+/// Encoded size a coalesced batch stays under; a few KB per customer with properties.
+const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+/// Where survey sends coalesce: one campaign with one delay.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SurveyKey {
+    campaign_id: String,
+    delay_days: u32,
+}
+
+struct Inner {
+    client: RetentlyClient,
+    lane: Lane,
+    surveys: Batcher<SurveyKey, CustomerInput, SurveyOutcome>,
+    upserts: Batcher<(), CustomerInput, CustomerUpsert>,
+    campaigns: Reads<(), Arc<[Campaign]>>,
+    templates: Reads<(), Arc<[Template]>>,
+    template: Reads<String, Template>,
+    scores: Reads<Metric, Score>,
+    reports: Reads<Option<String>, Arc<[Report]>>,
+    customer: Reads<String, Customer>,
+    customers: Reads<String, Page<Customer>>,
+    feedback_item: Reads<String, Feedback>,
+    feedback: Reads<String, Page<Feedback>>,
+    company: Reads<String, Company>,
+    companies: Reads<String, Page<Company>>,
+    outbox: Reads<String, Page<SentSurvey>>,
+}
+
+/// The Retently account as domain services see it. Cheap to clone.
+#[derive(Clone)]
+pub struct RetentlyApi {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RetentlyApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetentlyApi")
+            .field("client", &self.inner.client)
+            .field("lane", &self.inner.lane)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RetentlyApi {
+    /// Builds the client and the scheduler from the gateway's settings. Must run inside a tokio
+    /// runtime (the scheduler spawns its dispatcher).
+    pub fn from_config(config: &RetentlyConfig) -> Result<Self> {
+        let api_key = config.api_key.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorCode::FailedPrecondition,
+                "UPSTREAM_CREDENTIALS_MISSING",
+                "no retently api key is configured",
+            )
+            .with_metadata("upstream", client::UPSTREAM)
+        })?;
+        Self::new(
+            config.base_url.clone(),
+            api_key,
+            SchedulerSettings::new(config.requests_per_minute),
+        )
+    }
+
+    pub fn new(
+        base_url: reqwest::Url,
+        api_key: &Secret,
+        settings: SchedulerSettings,
+    ) -> Result<Self> {
+        let client = RetentlyClient::new(base_url, api_key)?;
+        Ok(Self::with_client(client, settings))
+    }
+
+    pub fn with_client(client: RetentlyClient, settings: SchedulerSettings) -> Self {
+        let ttl = settings.cache_ttl;
+        let capacity = settings.cache_capacity;
+        let limits = |max_items| BatchLimits {
+            max_items,
+            max_bytes: MAX_BATCH_BYTES,
+        };
+        let inner = Inner {
+            lane: Lane::new(client::UPSTREAM, settings),
+            client,
+            surveys: Batcher::new(limits(MAX_SURVEY_BATCH)),
+            upserts: Batcher::new(limits(MAX_UPSERT_BATCH)),
+            campaigns: Reads::new(client::UPSTREAM, ttl, capacity),
+            templates: Reads::new(client::UPSTREAM, ttl, capacity),
+            template: Reads::new(client::UPSTREAM, ttl, capacity),
+            scores: Reads::new(client::UPSTREAM, ttl, capacity),
+            reports: Reads::new(client::UPSTREAM, ttl, capacity),
+            customer: Reads::new(client::UPSTREAM, ttl, capacity),
+            customers: Reads::new(client::UPSTREAM, ttl, capacity),
+            feedback_item: Reads::new(client::UPSTREAM, ttl, capacity),
+            feedback: Reads::new(client::UPSTREAM, ttl, capacity),
+            company: Reads::new(client::UPSTREAM, ttl, capacity),
+            companies: Reads::new(client::UPSTREAM, ttl, capacity),
+            outbox: Reads::new(client::UPSTREAM, ttl, capacity),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// What the scheduler has done so far (grants, sheds, retries, 429s seen).
+    pub fn counters(&self) -> LaneCounters {
+        self.inner.lane.counters()
+    }
+
+    // ---- surveys ----
+
+    /// Sends a transactional survey to one recipient. Concurrent sends to the same campaign and
+    /// delay share `POST /survey` calls.
+    pub async fn send_survey(
+        &self,
+        ctx: &CallContext,
+        request: SurveyRequest,
+    ) -> Result<SurveyOutcome> {
+        check_email(&request.recipient.email, "recipient.email")?;
+        if request.campaign_id.trim().is_empty() {
+            return Err(Error::invalid_argument(vec![FieldViolation::new(
+                "campaign_id",
+                "must not be empty",
+            )]));
+        }
+        let key = SurveyKey {
+            campaign_id: request.campaign_id,
+            delay_days: request.delay_days.unwrap_or(0),
+        };
+        let identity = email_key(&request.recipient.email);
+        let bytes = encoded_len(&request.recipient);
+        let inner = Arc::clone(&self.inner);
+        let lane = self.inner.lane.clone();
+        let priority = ctx.priority;
+        self.inner
+            .surveys
+            .submit(
+                key,
+                request.recipient,
+                ctx,
+                Some(identity),
+                bytes,
+                move |handle| survey_batch(inner, handle).boxed(),
+                move || lane.budget_error_for(priority),
+            )
+            .await
+    }
+
+    /// Sends one campaign's survey to several recipients; one outcome per recipient, in order.
+    pub async fn send_surveys(
+        &self,
+        ctx: &CallContext,
+        campaign_id: &str,
+        delay_days: Option<u32>,
+        recipients: Vec<CustomerInput>,
+    ) -> Vec<Result<SurveyOutcome>> {
+        join_all(recipients.into_iter().map(|recipient| {
+            self.send_survey(
+                ctx,
+                SurveyRequest {
+                    campaign_id: campaign_id.to_owned(),
+                    delay_days,
+                    recipient,
+                },
+            )
+        }))
+        .await
+    }
+
+    // ---- customers ----
+
+    /// Creates or updates one customer (by email). Concurrent upserts share `POST /customers`
+    /// calls.
+    pub async fn upsert_customer(
+        &self,
+        ctx: &CallContext,
+        customer: CustomerInput,
+    ) -> Result<CustomerUpsert> {
+        check_email(&customer.email, "email")?;
+        let identity = email_key(&customer.email);
+        let bytes = encoded_len(&customer);
+        let inner = Arc::clone(&self.inner);
+        let lane = self.inner.lane.clone();
+        let priority = ctx.priority;
+        self.inner
+            .upserts
+            .submit(
+                (),
+                customer,
+                ctx,
+                Some(identity),
+                bytes,
+                move |handle| upsert_batch(inner, handle).boxed(),
+                move || lane.budget_error_for(priority),
+            )
+            .await
+    }
+
+    /// Upserts several customers; one result per customer, in order.
+    pub async fn upsert_customers(
+        &self,
+        ctx: &CallContext,
+        customers: Vec<CustomerInput>,
+    ) -> Vec<Result<CustomerUpsert>> {
+        join_all(
+            customers
+                .into_iter()
+                .map(|customer| self.upsert_customer(ctx, customer)),
+        )
+        .await
+    }
+
+    pub async fn list_customers(
+        &self,
+        ctx: &CallContext,
+        query: CustomerQuery,
+    ) -> Result<Page<Customer>> {
+        let inner = Arc::clone(&self.inner);
+        let key = format!("{query:?}");
+        let read_ctx = ctx.clone();
+        self.inner
+            .customers
+            .get(key, ctx, Caching::SingleFlightOnly, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let query = query.clone();
+                            async move { client.list_customers(&query, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    pub async fn get_customer(&self, ctx: &CallContext, id: &str) -> Result<Customer> {
+        check_id(id, "id")?;
+        let id = id.to_owned();
+        let inner = Arc::clone(&self.inner);
+        let read_ctx = ctx.clone();
+        self.inner
+            .customer
+            .get(id.clone(), ctx, Caching::SingleFlightOnly, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let id = id.clone();
+                            async move { client.get_customer(&id, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Deletes customers by email; one outcome per address (`failed`/`not_found` ones are
+    /// `NOT_FOUND` errors).
+    pub async fn delete_customers(
+        &self,
+        ctx: &CallContext,
+        emails: Vec<String>,
+    ) -> Result<Vec<Result<EmailOutcome>>> {
+        self.change(ctx, CustomerChange::Delete, emails, None).await
+    }
+
+    /// Opts customers out of surveys, with an optional opt-out message.
+    pub async fn unsubscribe_customers(
+        &self,
+        ctx: &CallContext,
+        emails: Vec<String>,
+        message: Option<String>,
+    ) -> Result<Vec<Result<EmailOutcome>>> {
+        self.change(ctx, CustomerChange::Unsubscribe, emails, message)
+            .await
+    }
+
+    pub async fn resubscribe_customers(
+        &self,
+        ctx: &CallContext,
+        emails: Vec<String>,
+    ) -> Result<Vec<Result<EmailOutcome>>> {
+        self.change(ctx, CustomerChange::Resubscribe, emails, None)
+            .await
+    }
+
+    async fn change(
+        &self,
+        ctx: &CallContext,
+        change: CustomerChange,
+        emails: Vec<String>,
+        message: Option<String>,
+    ) -> Result<Vec<Result<EmailOutcome>>> {
+        for (index, email) in emails.iter().enumerate() {
+            check_email(email, &format!("emails[{index}]"))?;
+        }
+        let mut outcomes = Vec::with_capacity(emails.len());
+        for chunk in emails.chunks(MAX_CHANGE_BATCH) {
+            let client = self.inner.client.clone();
+            let result = self
+                .inner
+                .lane
+                .call(ctx, Idempotency::Idempotent, |timeout| {
+                    let client = client.clone();
+                    let message = message.clone();
+                    async move {
+                        client
+                            .change_customers(change, chunk, message.as_deref(), timeout)
+                            .await
+                    }
+                })
+                .await?;
+            outcomes.extend(result);
+        }
+        Ok(outcomes)
+    }
+
+    // ---- feedback ----
+
+    pub async fn list_feedback(
+        &self,
+        ctx: &CallContext,
+        query: FeedbackQuery,
+    ) -> Result<Page<Feedback>> {
+        let inner = Arc::clone(&self.inner);
+        let key = format!("{query:?}");
+        let read_ctx = ctx.clone();
+        self.inner
+            .feedback
+            .get(key, ctx, Caching::SingleFlightOnly, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let query = query.clone();
+                            async move { client.list_feedback(&query, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    pub async fn get_feedback(&self, ctx: &CallContext, id: &str) -> Result<Feedback> {
+        check_id(id, "id")?;
+        let id = id.to_owned();
+        let inner = Arc::clone(&self.inner);
+        let read_ctx = ctx.clone();
+        self.inner
+            .feedback_item
+            .get(id.clone(), ctx, Caching::SingleFlightOnly, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let id = id.clone();
+                            async move { client.get_feedback(&id, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Replaces (or appends to) a response's tags.
+    pub async fn set_response_tags(
+        &self,
+        ctx: &CallContext,
+        feedback_id: &str,
+        tags: Vec<String>,
+        op: LabelOp,
+    ) -> Result<()> {
+        check_id(feedback_id, "feedback_id")?;
+        let client = self.inner.client.clone();
+        self.inner
+            .lane
+            .call(ctx, label_idempotency(op), |timeout| {
+                let client = client.clone();
+                let tags = tags.clone();
+                async move { client.set_tags(feedback_id, &tags, op, timeout).await }
+            })
+            .await
+    }
+
+    /// Replaces (or appends to) a response's topics.
+    pub async fn set_response_topics(
+        &self,
+        ctx: &CallContext,
+        feedback_id: &str,
+        topics: Vec<Topic>,
+        op: LabelOp,
+    ) -> Result<()> {
+        check_id(feedback_id, "feedback_id")?;
+        let client = self.inner.client.clone();
+        self.inner
+            .lane
+            .call(ctx, label_idempotency(op), |timeout| {
+                let client = client.clone();
+                let topics = topics.clone();
+                async move { client.set_topics(feedback_id, &topics, op, timeout).await }
+            })
+            .await
+    }
+
+    // ---- cached reads ----
+
+    /// The latest score of `metric` (cached for the TTL).
+    pub async fn score(&self, ctx: &CallContext, metric: Metric) -> Result<Score> {
+        let inner = Arc::clone(&self.inner);
+        let read_ctx = ctx.clone();
+        self.inner
+            .scores
+            .get(metric, ctx, Caching::Cached, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            async move { client.score(metric, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Every campaign (cached for the TTL).
+    pub async fn campaigns(&self, ctx: &CallContext) -> Result<Arc<[Campaign]>> {
+        let inner = Arc::clone(&self.inner);
+        let read_ctx = ctx.clone();
+        self.inner
+            .campaigns
+            .get((), ctx, Caching::Cached, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            async move { client.campaigns(timeout).await.map(Arc::from) }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Every template (cached for the TTL).
+    pub async fn templates(&self, ctx: &CallContext) -> Result<Arc<[Template]>> {
+        let inner = Arc::clone(&self.inner);
+        let read_ctx = ctx.clone();
+        self.inner
+            .templates
+            .get((), ctx, Caching::Cached, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            async move { client.templates(timeout).await.map(Arc::from) }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// One template (cached for the TTL).
+    pub async fn template(&self, ctx: &CallContext, id: &str) -> Result<Template> {
+        check_id(id, "id")?;
+        let id = id.to_owned();
+        let inner = Arc::clone(&self.inner);
+        let read_ctx = ctx.clone();
+        self.inner
+            .template
+            .get(id.clone(), ctx, Caching::Cached, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let id = id.clone();
+                            async move { client.template(&id, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Reports of every campaign, or of one (cached for the TTL).
+    pub async fn reports(
+        &self,
+        ctx: &CallContext,
+        campaign_id: Option<&str>,
+    ) -> Result<Arc<[Report]>> {
+        if let Some(id) = campaign_id {
+            check_id(id, "campaign_id")?;
+        }
+        let campaign_id = campaign_id.map(str::to_owned);
+        let inner = Arc::clone(&self.inner);
+        let read_ctx = ctx.clone();
+        self.inner
+            .reports
+            .get(campaign_id.clone(), ctx, Caching::Cached, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let campaign_id = campaign_id.clone();
+                            async move {
+                                client
+                                    .reports(campaign_id.as_deref(), timeout)
+                                    .await
+                                    .map(Arc::from)
+                            }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    // ---- companies, outbox ----
+
+    pub async fn list_companies(
+        &self,
+        ctx: &CallContext,
+        query: CompanyQuery,
+    ) -> Result<Page<Company>> {
+        let inner = Arc::clone(&self.inner);
+        let key = format!("{query:?}");
+        let read_ctx = ctx.clone();
+        self.inner
+            .companies
+            .get(key, ctx, Caching::SingleFlightOnly, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let query = query.clone();
+                            async move { client.list_companies(&query, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// One company by id or domain.
+    pub async fn company(&self, ctx: &CallContext, id_or_domain: &str) -> Result<Company> {
+        check_id(id_or_domain, "id_or_domain")?;
+        let key = id_or_domain.to_owned();
+        let inner = Arc::clone(&self.inner);
+        let read_ctx = ctx.clone();
+        self.inner
+            .company
+            .get(key.clone(), ctx, Caching::SingleFlightOnly, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let key = key.clone();
+                            async move { client.company(&key, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Sent surveys.
+    pub async fn outbox(&self, ctx: &CallContext, query: OutboxQuery) -> Result<Page<SentSurvey>> {
+        let inner = Arc::clone(&self.inner);
+        let key = format!("{query:?}");
+        let read_ctx = ctx.clone();
+        self.inner
+            .outbox
+            .get(key, ctx, Caching::SingleFlightOnly, move || {
+                async move {
+                    let client = inner.client.clone();
+                    inner
+                        .lane
+                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
+                            let client = client.clone();
+                            let query = query.clone();
+                            async move { client.outbox(&query, timeout).await }
+                        })
+                        .await
+                }
+                .boxed()
+            })
+            .await
+    }
+}
+
+fn label_idempotency(op: LabelOp) -> Idempotency {
+    match op {
+        LabelOp::Replace => Idempotency::Idempotent,
+        LabelOp::Append => Idempotency::UnsafeToRepeat,
+    }
+}
+
+async fn survey_batch(
+    inner: Arc<Inner>,
+    handle: BatchHandle<SurveyKey, CustomerInput, SurveyOutcome>,
+) {
+    let key = handle.key().clone();
+    let client = inner.client.clone();
+    batching::drive(
+        inner.lane.clone(),
+        handle,
+        Idempotency::UnsafeToRepeat,
+        "subscribers",
+        move |recipients, timeout| {
+            let client = client.clone();
+            let key = key.clone();
+            async move {
+                let delay = Some(key.delay_days).filter(|days| *days > 0);
+                client
+                    .send_survey(&key.campaign_id, delay, &recipients, timeout)
+                    .await
+            }
+        },
+    )
+    .await;
+}
+
+async fn upsert_batch(inner: Arc<Inner>, handle: BatchHandle<(), CustomerInput, CustomerUpsert>) {
+    let client = inner.client.clone();
+    batching::drive(
+        inner.lane.clone(),
+        handle,
+        Idempotency::Idempotent,
+        "subscribers",
+        move |customers, timeout| {
+            let client = client.clone();
+            async move { client.upsert_customers(&customers, timeout).await }
+        },
+    )
+    .await;
+}
+
+fn encoded_len(customer: &CustomerInput) -> usize {
+    serde_json::to_vec(customer).map_or(256, |bytes| bytes.len())
+}
+
+/// The one check made before spending budget: without an address there is nothing to key on.
+fn check_email(email: &str, field: &str) -> Result<()> {
+    let email = email.trim();
+    if email.is_empty() || !email.contains('@') {
+        return Err(Error::invalid_argument(vec![FieldViolation::new(
+            field,
+            "must be an email address",
+        )]));
+    }
+    Ok(())
+}
+
+fn check_id(id: &str, field: &str) -> Result<()> {
+    if id.trim().is_empty() {
+        return Err(Error::invalid_argument(vec![FieldViolation::new(
+            field,
+            "must not be empty",
+        )]));
+    }
+    Ok(())
+}
