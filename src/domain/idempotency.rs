@@ -56,6 +56,13 @@ impl Drop for Gate {
     }
 }
 
+/// A response, and whether it is the remembered one of an earlier call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    pub response: Vec<u8>,
+    pub repeated: bool,
+}
+
 /// What a first call produced.
 pub struct Fresh {
     pub response: Vec<u8>,
@@ -145,21 +152,24 @@ impl Idempotency {
     }
 
     /// Runs `first` unless `(scope, key)` was seen: then returns the remembered response (or
-    /// waits for the running first call and returns its).
+    /// waits for the running first call and returns its), marked as a repeat.
     pub async fn run<F>(
         &self,
         scope: &str,
         key: &str,
         hash: Vec<u8>,
         first: F,
-    ) -> Result<Vec<u8>, Error>
+    ) -> Result<Remembered, Error>
     where
         F: Future<Output = Result<Fresh, Error>>,
     {
         let gate_key = (scope.to_owned(), key.to_owned());
         loop {
             if let Some(response) = self.lookup(scope, key, &hash).await? {
-                return Ok(response);
+                return Ok(Remembered {
+                    response,
+                    repeated: true,
+                });
             }
             let waiting = {
                 let Ok(mut running) = self.running.lock() else {
@@ -201,7 +211,10 @@ impl Idempotency {
                 .write(Self::record_job(scope, key, hash, fresh.response.clone()))
                 .await?;
         }
-        Ok(fresh.response)
+        Ok(Remembered {
+            response: fresh.response,
+            repeated: false,
+        })
     }
 
     /// Forgets records older than the window.

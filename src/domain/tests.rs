@@ -235,9 +235,13 @@ async fn idempotency_returns_the_first_response_and_refuses_a_reused_key() {
     };
     // Concurrent repeats: one runs, the others wait for it.
     let (a, b, c) = tokio::join!(run(hash.clone()), run(hash.clone()), run(hash.clone()));
-    for response in [a, b, c] {
-        assert_eq!(response.unwrap(), b"first");
+    let mut repeats = 0;
+    for outcome in [a, b, c] {
+        let outcome = outcome.unwrap();
+        assert_eq!(outcome.response, b"first");
+        repeats += usize::from(outcome.repeated);
     }
+    assert_eq!(repeats, 2, "one call ran, two were answered from its record");
     assert_eq!(*calls.lock().unwrap(), 1);
 
     let error = run(request_hash(b"request-b")).await.unwrap_err();
@@ -260,7 +264,7 @@ async fn calls_that_reached_nothing_are_not_remembered() {
         })
         .await
         .unwrap();
-    assert_eq!(first, b"rejected");
+    assert_eq!(first.response, b"rejected");
     let second = idempotency
         .run("SendSurvey", "k", hash, async {
             Ok(Fresh {
@@ -270,5 +274,6 @@ async fn calls_that_reached_nothing_are_not_remembered() {
         })
         .await
         .unwrap();
-    assert_eq!(second, b"ran again");
+    assert_eq!(second.response, b"ran again");
+    assert!(!second.repeated);
 }
