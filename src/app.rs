@@ -13,12 +13,17 @@ use crate::domain::idempotency::Idempotency;
 use crate::domain::outbox::{Outbox, OutboxSettings};
 use crate::shutdown::Drain;
 use crate::store::Store;
+use crate::upstream::{RetainlyApi, RetentlyApi};
 
 pub struct App {
     pub config: Arc<Config>,
     pub store: Store,
     pub outbox: Outbox,
     pub idempotency: Idempotency,
+    /// The Retently account behind its scheduler (budget, batching, caching, retries).
+    pub retently: RetentlyApi,
+    /// The Retainly workspace behind its scheduler.
+    pub retainly: RetainlyApi,
     pub drain: Drain,
     /// Workers that run until draining starts; each must watch `drain` and return promptly.
     background: Mutex<JoinSet<()>>,
@@ -28,7 +33,8 @@ pub struct App {
 
 impl App {
     /// Opens the store in the configured data directory, or in a fresh temporary one when none is
-    /// configured (sandbox mode).
+    /// configured (sandbox mode), and builds the upstream clients. Must run inside the runtime
+    /// (the schedulers spawn their dispatchers).
     pub fn open(config: Config, drain: Drain) -> anyhow::Result<App> {
         let (temporary, data_dir): (Option<tempfile::TempDir>, PathBuf) = match &config.data_dir {
             Some(dir) => (None, dir.clone()),
@@ -52,7 +58,11 @@ impl App {
             },
         );
         let idempotency = Idempotency::new(store.clone(), config.writes.idempotency_window);
+        let retently = RetentlyApi::from_config(&config.retently)?;
+        let retainly = RetainlyApi::from_config(&config.retainly)?;
         Ok(App {
+            retently,
+            retainly,
             config: Arc::new(config),
             store,
             outbox,

@@ -19,6 +19,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
+use crate::grpc::writes::WriteExecutor;
 use crate::pb;
 use crate::shutdown;
 
@@ -61,6 +62,14 @@ pub async fn run(
     let shutdown_grace = config.shutdown_grace;
     let app = Arc::new(App::open(config, drain.clone())?);
     let config = Arc::clone(&app.config);
+    // Asynchronous writes are delivered from the outbox by one worker, replaying each through
+    // the same code as a synchronous call.
+    app.spawn_background(app.outbox.clone().run_worker(
+        Arc::new(WriteExecutor {
+            app: Arc::clone(&app),
+        }),
+        drain.clone(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {

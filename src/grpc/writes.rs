@@ -1,0 +1,211 @@
+//! The one path every write RPC takes after validation: SYNC or ASYNC, with or without an
+//! idempotency key.
+//!
+//! - SYNC: the write runs now at interactive priority; with a key, its response is remembered
+//!   (once anything reached an upstream) and a repeat returns it.
+//! - ASYNC: the validated request is queued in the outbox, as its protobuf encoding (a format made
+//!   for evolution, so a queue written by one version is read by the next), and the call returns
+//!   a `delivery_id` once that is durable. The outbox worker later replays the request through the
+//!   very same execution function at background priority ([`WriteExecutor`]). With a key, the
+//!   idempotency record is committed in the same transaction as the queued delivery.
+
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::app::App;
+use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
+use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
+use crate::error::{Error, ErrorCode};
+use crate::pb;
+use crate::upstream::CallContext;
+
+/// A write RPC's request type and what the write path needs to know about it.
+pub trait WriteRpc: Message + Default + Clone + Send + 'static {
+    type Response: Message + Default + Send + 'static;
+    /// Full gRPC method name, as `Delivery.method` reports it.
+    const METHOD: &'static str;
+    /// Whether sending it twice is harmless (see the outbox's module doc on crash safety).
+    const REPLAY_SAFE: bool;
+
+    /// The request without its `options`, which are not part of what is written.
+    fn without_options(self) -> Self;
+    fn set_delivery_id(response: &mut Self::Response, delivery_id: String);
+    /// Whether the response holds an item that failed in a way a later attempt may fix; an
+    /// asynchronous delivery whose operation is replay-safe is then attempted again.
+    fn has_transient_failure(_response: &Self::Response) -> bool {
+        false
+    }
+}
+
+/// What the outbox records about a write besides its request.
+pub struct DeliveryFacts {
+    pub destinations: Vec<pb::Destination>,
+    pub item_count: usize,
+    /// The customers it touches, for per-customer ordering.
+    pub ordering_keys: Vec<String>,
+}
+
+/// Runs a validated write in the mode the caller chose.
+pub async fn run<R, F, Fut>(
+    app: &Arc<App>,
+    request: R,
+    mode: pb::DeliveryMode,
+    idempotency_key: Option<String>,
+    facts: DeliveryFacts,
+    execute_now: F,
+) -> Result<R::Response, Error>
+where
+    R: WriteRpc,
+    F: FnOnce(R) -> Fut,
+    Fut: Future<Output = Result<R::Response, Error>>,
+{
+    let request = request.without_options();
+    let encoded = request.encode_to_vec();
+    match (mode, idempotency_key) {
+        (pb::DeliveryMode::Async, key) => enqueue::<R>(app, encoded, key, facts).await,
+        (_, None) => execute_now(request).await,
+        (_, Some(key)) => {
+            let hash = request_hash(&encoded);
+            let response = app
+                .idempotency
+                .run(R::METHOD, &key, hash, async move {
+                    let response = execute_now(request).await?;
+                    Ok(Fresh {
+                        response: response.encode_to_vec(),
+                        remember: true,
+                    })
+                })
+                .await?;
+            decode_response::<R>(&response.response)
+        }
+    }
+}
+
+async fn enqueue<R: WriteRpc>(
+    app: &Arc<App>,
+    encoded: Vec<u8>,
+    key: Option<String>,
+    facts: DeliveryFacts,
+) -> Result<R::Response, Error> {
+    let delivery_id = new_delivery_id();
+    let mut response = R::Response::default();
+    R::set_delivery_id(&mut response, delivery_id.clone());
+    let response_bytes = response.encode_to_vec();
+    let delivery = NewDelivery {
+        method: R::METHOD.to_owned(),
+        request: encoded.clone(),
+        destinations: facts.destinations.iter().map(|d| *d as i32).collect(),
+        item_count: u32::try_from(facts.item_count).unwrap_or(u32::MAX),
+        ordering_keys: facts.ordering_keys,
+        idempotency_key: key.clone(),
+        replay_safe: R::REPLAY_SAFE,
+    };
+    let Some(key) = key else {
+        app.outbox
+            .enqueue_with(delivery_id, delivery, |_| Ok(()))
+            .await?;
+        return Ok(response);
+    };
+    let hash = request_hash(&encoded);
+    let outbox = app.outbox.clone();
+    let record = Idempotency::record_job(R::METHOD, &key, hash.clone(), response_bytes.clone());
+    // The gate serialises concurrent repeats; the record itself is committed with the delivery,
+    // so `remember: false` here (it is already stored).
+    let stored = app
+        .idempotency
+        .run(R::METHOD, &key, hash, async move {
+            outbox.enqueue_with(delivery_id, delivery, record).await?;
+            Ok(Fresh {
+                response: response_bytes,
+                remember: false,
+            })
+        })
+        .await?;
+    decode_response::<R>(&stored.response)
+}
+
+fn decode_response<R: WriteRpc>(bytes: &[u8]) -> Result<R::Response, Error> {
+    R::Response::decode(bytes)
+        .map_err(|error| Error::internal(format!("a remembered response does not decode: {error}")))
+}
+
+/// Whether a failed attempt may succeed later.
+fn is_transient(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Unavailable
+            | ErrorCode::ResourceExhausted
+            | ErrorCode::DeadlineExceeded
+            | ErrorCode::Aborted
+            | ErrorCode::Cancelled
+    )
+}
+
+/// Replays one queued write through its execution function and classifies the outcome.
+pub async fn replay<R, F, Fut>(request: &[u8], delivery_id: &str, execute: F) -> Attempt
+where
+    R: WriteRpc,
+    F: FnOnce(R, CallContext) -> Fut,
+    Fut: Future<Output = Result<R::Response, Error>>,
+{
+    let request = match R::decode(request) {
+        Ok(request) => request,
+        Err(error) => {
+            return Attempt::Failed {
+                error: DeliveryError::from(&Error::internal(format!(
+                    "the queued request does not decode: {error}"
+                ))),
+            };
+        }
+    };
+    match execute(request, CallContext::background()).await {
+        Ok(mut response) => {
+            if R::REPLAY_SAFE && R::has_transient_failure(&response) {
+                return Attempt::Retry {
+                    error: DeliveryError {
+                        code: tonic::Code::Unavailable as i32,
+                        reason: "PARTIAL_DELIVERY".to_owned(),
+                        message: "some items failed transiently and are attempted again".to_owned(),
+                        metadata: Default::default(),
+                    },
+                    retry_after: None,
+                };
+            }
+            R::set_delivery_id(&mut response, delivery_id.to_owned());
+            Attempt::Delivered {
+                result: response.encode_to_vec(),
+            }
+        }
+        Err(error) if is_transient(error.code()) => Attempt::Retry {
+            retry_after: error.retry_after(),
+            error: DeliveryError::from(&error),
+        },
+        Err(error) => Attempt::Failed {
+            error: DeliveryError::from(&error),
+        },
+    }
+}
+
+/// The outbox's executor: dispatches each queued write to its RPC's execution function.
+pub struct WriteExecutor {
+    pub app: Arc<App>,
+}
+
+#[tonic::async_trait]
+impl Executor for WriteExecutor {
+    async fn execute(&self, method: &str, _request: &[u8], _delivery_id: &str) -> Attempt {
+        #[allow(clippy::match_single_binding)]
+        match method {
+            // Each write RPC adds its arm: `methods::X => replay::<pb::XRequest, _, _>(request,
+            // delivery_id, |r, ctx| execute_x(&self.app, r, ctx)).await`.
+            _ => Attempt::Failed {
+                error: DeliveryError::from(&Error::new(
+                    ErrorCode::Unimplemented,
+                    "NOT_IMPLEMENTED",
+                    format!("{method} cannot be delivered by this build"),
+                )),
+            },
+        }
+    }
+}
