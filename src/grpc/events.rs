@@ -1,13 +1,38 @@
-//! `cx.gateway.v1.EventService`.
+//! `cx.gateway.v1.EventService`: customer events to Retainly, and the Retently surveys that
+//! configured event names trigger (the way Segment's Retently destination maps track events to
+//! transactional campaigns).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use prost::Message as _;
+use serde_json::{Map, Value};
+use tokio_stream::StreamExt as _;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
-use crate::error::Violations;
-use crate::grpc::{paging, validate};
+use crate::error::{Error, Violations};
+use crate::grpc::convert::{error_to_item, recipient_outcome, timestamp_to_ms};
+use crate::grpc::deadline::Deadline;
+use crate::grpc::writes::{self, DeliveryFacts, WriteRpc};
+use crate::grpc::{methods, paging, validate};
 use crate::pb;
+use crate::upstream::CallContext;
+use crate::upstream::retainly::{RetainlyEvent, RetainlyId};
+use crate::upstream::retently::{CustomerInput, PropertyInput, PropertyType, SurveyRequest};
+
+/// Retainly's event name limit.
+const MAX_EVENT_NAME: usize = 50;
+/// Retainly's limit on event data fields.
+const MAX_DATA_FIELDS: usize = 50;
+/// The data key that carries `occur_time` (Retainly has no event time field).
+const OCCURRED_AT: &str = "occurred_at";
+/// Events per TrackEvents message.
+const MAX_EVENTS_PER_MESSAGE: usize = 1000;
+/// Rejected events listed in a TrackEvents response (the counts stay exact).
+const MAX_LISTED_REJECTIONS: usize = 1000;
+/// How far in the future an event time may lie (clock skew between services).
+const MAX_FUTURE_SECONDS: i64 = 300;
 
 /// `cx.gateway.v1.EventService`.
 #[derive(Clone)]
@@ -21,15 +46,428 @@ impl EventApi {
     }
 }
 
+impl WriteRpc for pb::TrackEventRequest {
+    type Response = pb::TrackEventResponse;
+    const METHOD: &'static str = methods::TRACK_EVENT;
+    // A Retainly event starts workflows each time it is recorded.
+    const REPLAY_SAFE: bool = false;
+
+    fn without_options(mut self) -> Self {
+        self.options = None;
+        self
+    }
+
+    fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
+        response.delivery_id = delivery_id;
+    }
+}
+
+/// An event that passed validation, with what its delivery needs.
+struct CheckedEvent {
+    event: pb::Event,
+    /// `message_id`, or the idempotency key when the message id is empty.
+    dedup_key: Option<String>,
+    campaigns: Vec<String>,
+}
+
+/// Validates one event; `prefix` is its field path (`event` or `events[3]`).
+fn check_event(
+    app: &App,
+    v: &mut Violations,
+    prefix: &str,
+    event: Option<&pb::Event>,
+    options_key: Option<&str>,
+) -> Option<CheckedEvent> {
+    let Some(event) = event else {
+        v.add(prefix, "is required");
+        return None;
+    };
+    validate::customer_id(v, format!("{prefix}.customer_id"), &event.customer_id);
+    let name_ok = validate::required(v, format!("{prefix}.name"), &event.name, MAX_EVENT_NAME);
+    let campaigns = if name_ok {
+        app.config
+            .event_mappings
+            .get(&event.name)
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let email = if event.email.is_empty() {
+        if !campaigns.is_empty() {
+            v.add(
+                format!("{prefix}.email"),
+                format!(
+                    "is required because event `{}` triggers surveys in {} campaign(s)",
+                    event.name,
+                    campaigns.len()
+                ),
+            );
+        }
+        None
+    } else {
+        validate::email(v, format!("{prefix}.email"), &event.email)
+    };
+
+    let fields = event.properties.as_ref().map(|p| &p.fields);
+    let limit = if event.occur_time.is_some() {
+        MAX_DATA_FIELDS - 1
+    } else {
+        MAX_DATA_FIELDS
+    };
+    if let Some(fields) = fields {
+        if fields.len() > limit {
+            v.add(
+                format!("{prefix}.properties"),
+                format!("at most {limit} fields (Retainly allows {MAX_DATA_FIELDS}, one is taken by occur_time when set)"),
+            );
+        }
+        for (key, value) in fields {
+            let field = format!("{prefix}.properties.{key}");
+            if key == OCCURRED_AT {
+                v.add(field, "is reserved for occur_time");
+                continue;
+            }
+            if validate::max_len(v, field.clone(), key, 100) {
+                validate::retainly_value(v, &field, value, 0, false);
+            }
+        }
+    }
+    if let Some(seconds) = validate::timestamp(
+        v,
+        &format!("{prefix}.occur_time"),
+        event.occur_time.as_ref(),
+    ) {
+        let latest = chrono::Utc::now().timestamp() + MAX_FUTURE_SECONDS;
+        v.check(
+            seconds <= latest,
+            format!("{prefix}.occur_time"),
+            "must not be more than 5 minutes in the future",
+        );
+    }
+    let message_id = &event.message_id;
+    if !message_id.is_empty() {
+        let printable = message_id.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        v.check(
+            message_id.len() <= validate::MAX_KEY_CHARS && printable,
+            format!("{prefix}.message_id"),
+            "must be at most 128 characters of printable ASCII without spaces",
+        );
+    }
+    let dedup_key = match (message_id.is_empty(), options_key) {
+        (false, Some(key)) if key != message_id => {
+            v.add(
+                "options.idempotency_key",
+                "must equal event.message_id when both are set (the message id is the deduplication key)",
+            );
+            None
+        }
+        (false, _) => Some(message_id.clone()),
+        (true, key) => key.map(str::to_owned),
+    };
+    let mut event = event.clone();
+    if let Some(email) = email {
+        event.email = email;
+    }
+    Some(CheckedEvent {
+        event,
+        dedup_key,
+        campaigns,
+    })
+}
+
+fn facts(checked: &CheckedEvent) -> DeliveryFacts {
+    let mut destinations = vec![pb::Destination::Retainly];
+    if !checked.campaigns.is_empty() {
+        destinations.push(pb::Destination::Retently);
+    }
+    DeliveryFacts {
+        destinations,
+        item_count: 1,
+        // Events of one customer reach Retainly in the order they were accepted.
+        ordering_keys: vec![format!("retainly:{}", checked.event.customer_id)],
+    }
+}
+
+/// Records the event at Retainly, then sends the surveys its name maps to. Shared by SYNC calls
+/// and the outbox worker.
+pub(crate) async fn execute_track_event(
+    app: &App,
+    request: pb::TrackEventRequest,
+    ctx: CallContext,
+) -> Result<pb::TrackEventResponse, Error> {
+    let Some(event) = request.event else {
+        return Err(Error::internal("a validated event is missing"));
+    };
+    let mut data: Map<String, Value> = event
+        .properties
+        .as_ref()
+        .map(|properties| {
+            properties
+                .fields
+                .iter()
+                .map(|(key, value)| (key.clone(), struct_value_to_json(value)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(time) = &event.occur_time {
+        let occurred = chrono::DateTime::from_timestamp_millis(timestamp_to_ms(time))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        data.insert(OCCURRED_AT.to_owned(), Value::String(occurred));
+    }
+    let campaigns = app
+        .config
+        .event_mappings
+        .get(&event.name)
+        .cloned()
+        .unwrap_or_default();
+    // Retainly first: if recording the event fails, no survey is sent, so the call can be
+    // repeated as a whole.
+    app.retainly
+        .track_event(
+            &ctx,
+            RetainlyEvent {
+                customer_id: RetainlyId::Text(event.customer_id.clone()),
+                event: event.name.clone(),
+                data: (!data.is_empty()).then_some(data),
+            },
+        )
+        .await?;
+
+    let recipient = recipient_from_event(&event);
+    let sends = campaigns.iter().map(|campaign_id| {
+        app.retently.send_survey(
+            &ctx,
+            SurveyRequest {
+                campaign_id: campaign_id.clone(),
+                delay_days: None,
+                recipient: recipient.clone(),
+            },
+        )
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let triggered_surveys = campaigns
+        .into_iter()
+        .zip(results)
+        .map(|(campaign_id, result)| {
+            let (outcome, error) = recipient_outcome(&result);
+            pb::TriggeredSurvey {
+                campaign_id,
+                outcome: outcome as i32,
+                error,
+            }
+        })
+        .collect();
+    Ok(pb::TrackEventResponse {
+        delivery_id: String::new(),
+        duplicate: false,
+        triggered_surveys,
+    })
+}
+
+fn struct_value_to_json(value: &prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(flag)) => Value::Bool(*flag),
+        Some(Kind::NumberValue(number)) => serde_json::Number::from_f64(*number)
+            .map(Value::Number)
+            .unwrap_or(Value::Null),
+        Some(Kind::StringValue(text)) => Value::String(text.clone()),
+        Some(Kind::ListValue(list)) => {
+            Value::Array(list.values.iter().map(struct_value_to_json).collect())
+        }
+        Some(Kind::StructValue(object)) => Value::Object(
+            object
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), struct_value_to_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// The survey recipient an event describes, as Segment's Retently destination reads a track
+/// event: names, company and tags from their usual keys, other top-level scalars as properties.
+fn recipient_from_event(event: &pb::Event) -> CustomerInput {
+    use prost_types::value::Kind;
+    let fields: BTreeMap<&str, &prost_types::Value> = event
+        .properties
+        .as_ref()
+        .map(|p| p.fields.iter().map(|(k, v)| (k.as_str(), v)).collect())
+        .unwrap_or_default();
+    let text = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|key| match fields.get(key).and_then(|v| v.kind.as_ref()) {
+                Some(Kind::StringValue(text)) if !text.is_empty() => Some(text.clone()),
+                _ => None,
+            })
+    };
+    let standard = [
+        "first_name",
+        "firstName",
+        "last_name",
+        "lastName",
+        "company",
+        "companyName",
+        "tags",
+    ];
+    let tags = match fields.get("tags").and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(text)) => Some(
+            text.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ),
+        Some(Kind::ListValue(list)) => Some(
+            list.values
+                .iter()
+                .filter_map(|v| match &v.kind {
+                    Some(Kind::StringValue(t)) if !t.is_empty() => Some(t.clone()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        _ => None,
+    };
+    let properties = fields
+        .iter()
+        .filter(|(key, _)| !standard.contains(key))
+        .filter_map(|(key, value)| {
+            let (kind, text) = match value.kind.as_ref()? {
+                Kind::StringValue(text) => (PropertyType::String, text.clone()),
+                Kind::BoolValue(flag) => (PropertyType::Boolean, flag.to_string()),
+                Kind::NumberValue(number) if number.fract() == 0.0 && number.abs() < 9.0e15 => {
+                    (PropertyType::Integer, format!("{number:.0}"))
+                }
+                Kind::NumberValue(number) => (PropertyType::String, number.to_string()),
+                _ => return None,
+            };
+            Some(PropertyInput {
+                label: (*key).to_owned(),
+                kind: Some(kind),
+                value: Some(text),
+            })
+        })
+        .collect();
+    CustomerInput {
+        email: event.email.clone(),
+        first_name: text(&["first_name", "firstName"]),
+        last_name: text(&["last_name", "lastName"]),
+        company: text(&["company", "companyName"]),
+        tags,
+        properties,
+        ..CustomerInput::default()
+    }
+}
+
 #[tonic::async_trait]
 impl pb::event_service_server::EventService for EventApi {
+    async fn track_event(
+        &self,
+        request: Request<pb::TrackEventRequest>,
+    ) -> Result<Response<pb::TrackEventResponse>, Status> {
+        let ctx = CallContext::interactive(Deadline::of(&request).map(|d| d.0));
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let (mode, options_key) = validate::write_options(&mut v, request.options.as_ref());
+        let checked = check_event(
+            &self.app,
+            &mut v,
+            "event",
+            request.event.as_ref(),
+            options_key.as_deref(),
+        );
+        v.into_result()?;
+        let Some(checked) = checked else {
+            return Err(Error::internal("no event after validation").into());
+        };
+        let facts = facts(&checked);
+        let request = pb::TrackEventRequest {
+            event: Some(checked.event),
+            options: None,
+        };
+        let app = Arc::clone(&self.app);
+        let written = writes::run_dedup(
+            &self.app,
+            request,
+            mode,
+            checked.dedup_key,
+            facts,
+            |request| async move { execute_track_event(&app, request, ctx).await },
+        )
+        .await?;
+        let mut response = written.response;
+        response.duplicate = written.repeated;
+        Ok(Response::new(response))
+    }
+
+    async fn track_events(
+        &self,
+        request: Request<Streaming<pb::TrackEventsRequest>>,
+    ) -> Result<Response<pb::TrackEventsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut summary = pb::TrackEventsResponse::default();
+        let mut index: i64 = 0;
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            if message.events.len() > MAX_EVENTS_PER_MESSAGE {
+                let mut v = Violations::new();
+                v.add(
+                    "events",
+                    format!("at most {MAX_EVENTS_PER_MESSAGE} events per message"),
+                );
+                v.into_result()?;
+            }
+            for event in message.events {
+                let position = index;
+                index += 1;
+                let mut v = Violations::new();
+                let checked = check_event(&self.app, &mut v, "event", Some(&event), None);
+                let checked = match (v.into_result(), checked) {
+                    (Ok(()), Some(checked)) => checked,
+                    (Err(error), _) => {
+                        reject(&mut summary, position, &event.message_id, &error);
+                        continue;
+                    }
+                    (Ok(()), None) => continue,
+                };
+                let facts = facts(&checked);
+                let encoded = pb::TrackEventRequest {
+                    event: Some(checked.event),
+                    options: None,
+                }
+                .encode_to_vec();
+                // Every event is its own delivery (Retainly takes one event per call), queued
+                // under TrackEvents and deduplicated together with TrackEvent.
+                let written = writes::enqueue::<pb::TrackEventRequest>(
+                    &self.app,
+                    methods::TRACK_EVENTS,
+                    methods::TRACK_EVENT,
+                    encoded,
+                    checked.dedup_key,
+                    facts,
+                )
+                .await?;
+                if written.repeated {
+                    summary.duplicate_count += 1;
+                } else {
+                    summary.accepted_count += 1;
+                }
+            }
+        }
+        Ok(Response::new(summary))
+    }
+
     async fn list_event_mappings(
         &self,
         request: Request<pb::ListEventMappingsRequest>,
     ) -> Result<Response<pb::ListEventMappingsResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        validate::max_len(&mut violations, "event", &request.event, 50);
+        validate::max_len(&mut violations, "event", &request.event, MAX_EVENT_NAME);
         let filters = format!("event={}", request.event);
         let (size, position) = paging::page_request(
             &mut violations,
@@ -64,5 +502,21 @@ impl pb::event_service_server::EventService for EventApi {
             next_page_token: paging::next_page_token(next_after, size, &filters),
             total_size: i64::try_from(matching.len()).unwrap_or(i64::MAX),
         }))
+    }
+}
+
+fn reject(summary: &mut pb::TrackEventsResponse, index: i64, message_id: &str, error: &Error) {
+    summary.rejected_count += 1;
+    if summary.rejected.len() < MAX_LISTED_REJECTIONS {
+        let mut item = error_to_item(error);
+        if let Some(first) = error.violations().first() {
+            item.metadata
+                .insert("field".to_owned(), first.field.clone());
+        }
+        summary.rejected.push(pb::RejectedEvent {
+            index,
+            message_id: message_id.to_owned(),
+            error: Some(item),
+        });
     }
 }

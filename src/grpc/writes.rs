@@ -17,6 +17,7 @@ use crate::app::App;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
 use crate::error::{Error, ErrorCode};
+use crate::grpc::methods;
 use crate::pb;
 use crate::upstream::CallContext;
 
@@ -60,14 +61,44 @@ where
     F: FnOnce(R) -> Fut,
     Fut: Future<Output = Result<R::Response, Error>>,
 {
+    run_dedup(app, request, mode, idempotency_key, facts, execute_now)
+        .await
+        .map(|written| written.response)
+}
+
+/// A write's response, and whether it repeats an earlier call's (same idempotency key).
+pub struct Written<T> {
+    pub response: T,
+    pub repeated: bool,
+}
+
+/// [`run`], also telling whether the response is a remembered one.
+pub async fn run_dedup<R, F, Fut>(
+    app: &Arc<App>,
+    request: R,
+    mode: pb::DeliveryMode,
+    idempotency_key: Option<String>,
+    facts: DeliveryFacts,
+    execute_now: F,
+) -> Result<Written<R::Response>, Error>
+where
+    R: WriteRpc,
+    F: FnOnce(R) -> Fut,
+    Fut: Future<Output = Result<R::Response, Error>>,
+{
     let request = request.without_options();
     let encoded = request.encode_to_vec();
     match (mode, idempotency_key) {
-        (pb::DeliveryMode::Async, key) => enqueue::<R>(app, encoded, key, facts).await,
-        (_, None) => execute_now(request).await,
+        (pb::DeliveryMode::Async, key) => {
+            enqueue::<R>(app, R::METHOD, R::METHOD, encoded, key, facts).await
+        }
+        (_, None) => Ok(Written {
+            response: execute_now(request).await?,
+            repeated: false,
+        }),
         (_, Some(key)) => {
             let hash = request_hash(&encoded);
-            let response = app
+            let remembered = app
                 .idempotency
                 .run(R::METHOD, &key, hash, async move {
                     let response = execute_now(request).await?;
@@ -77,23 +108,30 @@ where
                     })
                 })
                 .await?;
-            decode_response::<R>(&response.response)
+            Ok(Written {
+                response: decode_response::<R>(&remembered.response)?,
+                repeated: remembered.repeated,
+            })
         }
     }
 }
 
-async fn enqueue<R: WriteRpc>(
+/// Queues an encoded request of `R` under `method` (the RPC it came from, which may carry
+/// several `R`s, as TrackEvents does), deduplicated within `scope`.
+pub async fn enqueue<R: WriteRpc>(
     app: &Arc<App>,
+    method: &'static str,
+    scope: &'static str,
     encoded: Vec<u8>,
     key: Option<String>,
     facts: DeliveryFacts,
-) -> Result<R::Response, Error> {
+) -> Result<Written<R::Response>, Error> {
     let delivery_id = new_delivery_id();
     let mut response = R::Response::default();
     R::set_delivery_id(&mut response, delivery_id.clone());
     let response_bytes = response.encode_to_vec();
     let delivery = NewDelivery {
-        method: R::METHOD.to_owned(),
+        method: method.to_owned(),
         request: encoded.clone(),
         destinations: facts.destinations.iter().map(|d| *d as i32).collect(),
         item_count: u32::try_from(facts.item_count).unwrap_or(u32::MAX),
@@ -105,16 +143,19 @@ async fn enqueue<R: WriteRpc>(
         app.outbox
             .enqueue_with(delivery_id, delivery, |_| Ok(()))
             .await?;
-        return Ok(response);
+        return Ok(Written {
+            response,
+            repeated: false,
+        });
     };
     let hash = request_hash(&encoded);
     let outbox = app.outbox.clone();
-    let record = Idempotency::record_job(R::METHOD, &key, hash.clone(), response_bytes.clone());
+    let record = Idempotency::record_job(scope, &key, hash.clone(), response_bytes.clone());
     // The gate serialises concurrent repeats; the record itself is committed with the delivery,
     // so `remember: false` here (it is already stored).
     let stored = app
         .idempotency
-        .run(R::METHOD, &key, hash, async move {
+        .run(scope, &key, hash, async move {
             outbox.enqueue_with(delivery_id, delivery, record).await?;
             Ok(Fresh {
                 response: response_bytes,
@@ -122,7 +163,10 @@ async fn enqueue<R: WriteRpc>(
             })
         })
         .await?;
-    decode_response::<R>(&stored.response)
+    Ok(Written {
+        response: decode_response::<R>(&stored.response)?,
+        repeated: stored.repeated,
+    })
 }
 
 fn decode_response<R: WriteRpc>(bytes: &[u8]) -> Result<R::Response, Error> {
@@ -139,6 +183,15 @@ fn is_transient(code: ErrorCode) -> bool {
             | ErrorCode::DeadlineExceeded
             | ErrorCode::Aborted
             | ErrorCode::Cancelled
+    )
+}
+
+/// Whether a failed call may nonetheless have been applied upstream: the request was sent and
+/// no clear refusal came back (a timeout, a dropped connection, a 5xx).
+pub fn possibly_applied(error: &Error) -> bool {
+    matches!(
+        error.reason(),
+        "UPSTREAM_TIMEOUT" | "UPSTREAM_CONNECTION_FAILED" | "UPSTREAM_UNAVAILABLE"
     )
 }
 
@@ -177,6 +230,11 @@ where
                 result: response.encode_to_vec(),
             }
         }
+        // An operation that must not run twice is not retried when the upstream may have
+        // applied it; the delivery goes to the dead letters for an operator to check.
+        Err(error) if !R::REPLAY_SAFE && possibly_applied(&error) => Attempt::Failed {
+            error: DeliveryError::from(&error.with_metadata("in_doubt", "true")),
+        },
         Err(error) if is_transient(error.code()) => Attempt::Retry {
             retry_after: error.retry_after(),
             error: DeliveryError::from(&error),
@@ -194,11 +252,15 @@ pub struct WriteExecutor {
 
 #[tonic::async_trait]
 impl Executor for WriteExecutor {
-    async fn execute(&self, method: &str, _request: &[u8], _delivery_id: &str) -> Attempt {
-        #[allow(clippy::match_single_binding)]
+    async fn execute(&self, method: &str, request: &[u8], delivery_id: &str) -> Attempt {
+        let app = &self.app;
         match method {
-            // Each write RPC adds its arm: `methods::X => replay::<pb::XRequest, _, _>(request,
-            // delivery_id, |r, ctx| execute_x(&self.app, r, ctx)).await`.
+            methods::TRACK_EVENT | methods::TRACK_EVENTS => {
+                replay::<pb::TrackEventRequest, _, _>(request, delivery_id, |r, ctx| {
+                    crate::grpc::events::execute_track_event(app, r, ctx)
+                })
+                .await
+            }
             _ => Attempt::Failed {
                 error: DeliveryError::from(&Error::new(
                     ErrorCode::Unimplemented,

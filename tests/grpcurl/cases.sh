@@ -27,3 +27,14 @@ case_ "RetryDeadLetters with bad input is INVALID_ARGUMENT with field violations
 # EventService
 case_ "ListEventMappings answers (none configured by default)" 0 '"totalSize": "0"' -- \
   -d '{}' "$addr" cx.gateway.v1.EventService/ListEventMappings
+case_ "TrackEvent records an event at Retainly" 0 '"duplicate": false' -- \
+  -d '{"event": {"customer_id": "grpcurl-1", "name": "grpcurl_event", "message_id": "grpcurl-msg-1"}}' \
+  "$addr" cx.gateway.v1.EventService/TrackEvent
+case_ "TrackEvent with the same message id is a duplicate" 0 '"duplicate": true' -- \
+  -d '{"event": {"customer_id": "grpcurl-1", "name": "grpcurl_event", "message_id": "grpcurl-msg-1"}}' \
+  "$addr" cx.gateway.v1.EventService/TrackEvent
+case_ "TrackEvent with bad input names the fields" 67 'INVALID_FIELDS' '"field":"event.customer_id"' \
+  '"field":"event.name"' -- -d '{"event": {"name": ""}}' "$addr" cx.gateway.v1.EventService/TrackEvent
+case_ "TrackEvents (client stream) counts events" 0 '"acceptedCount": "2"' -- \
+  -d '{"events": [{"customer_id": "g2", "name": "bulk"}]} {"events": [{"customer_id": "g3", "name": "bulk"}]}' \
+  "$addr" cx.gateway.v1.EventService/TrackEvents

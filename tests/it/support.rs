@@ -85,3 +85,27 @@ impl TestGateway {
         result
     }
 }
+
+/// Waits until `condition` holds, checking after each short pause, for effects that happen in
+/// another component (the sandbox) and announce themselves through no signal; panics after
+/// `limit` so a broken test fails instead of hanging.
+pub async fn eventually(
+    what: &str,
+    limit: std::time::Duration,
+    mut condition: impl FnMut() -> bool,
+) {
+    let start = tokio::time::Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// The id of the seeded sandbox's active transactional NPS campaign (seeds are deterministic, so
+/// every sandbox started with the default seed has the same one).
+pub fn seeded_transactional_campaign() -> String {
+    Sandbox::new(SandboxConfig::default())
+        .handle()
+        .transactional_campaign("NPS")
+        .expect("the default seed has a transactional NPS campaign")
+}
