@@ -11,6 +11,8 @@ use crate::upstream::scheduler::{AttemptError, Idempotency, Lane};
 
 /// How many times a batch is re-sent without the items the upstream rejected by index.
 const MAX_ROUNDS: usize = 3;
+/// Scheduler yields a batch waits at most for runnable callers to join before it is sealed.
+const SETTLE_YIELDS: usize = 16;
 
 /// Runs a batch: waits for its turn and a budget slot, seals it, sends it with `send`, and
 /// answers every item. When the upstream rejects the whole request because of some items
@@ -41,6 +43,7 @@ pub async fn drive<K, I, O, S, Fut>(
             return;
         }
     };
+    handle.settle(SETTLE_YIELDS).await;
     let min_time = lane.settings().min_attempt_time;
     let (items, ctx) = handle.seal(min_time, || lane.budget_error_for(waiting.priority));
     let Some(ctx) = ctx else {

@@ -490,7 +490,10 @@ fn sanitize_data_error(message: &str) -> String {
             return format!("{prefix}{kind}, expected {expected}");
         }
     }
-    if message.starts_with("missing field ") || message.starts_with("invalid length ") {
+    if message.starts_with("missing field ")
+        || message.starts_with("duplicate field ")
+        || message.starts_with("invalid length ")
+    {
         return message.to_owned();
     }
     if message.starts_with("unknown variant ") {

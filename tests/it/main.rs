@@ -4,3 +4,4 @@
 mod events;
 mod foundation;
 mod support;
+mod upstream;

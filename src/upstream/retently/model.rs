@@ -321,29 +321,69 @@ impl Metric {
 /// The latest score of one metric. Percentages are whole numbers; `score` is the metric's
 /// headline number (NPS −100..100, CSAT/CES share of positive answers, STAR mean rating).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(try_from = "RawScore")]
 pub struct Score {
-    /// Older bodies call it `nps`, newer ones `score`.
-    #[serde(alias = "nps", deserialize_with = "de::f64")]
+    /// Older bodies call it `nps`, newer ones `score` (the emulator sends both).
     pub score: f64,
-    #[serde(default, deserialize_with = "de::opt_f64")]
     pub score_sum: Option<f64>,
-    #[serde(default, deserialize_with = "de::opt_string")]
     pub metrics_type: Option<String>,
-    #[serde(default, deserialize_with = "de::i64_or_zero")]
     pub promoters: i64,
-    #[serde(default, deserialize_with = "de::i64_or_zero")]
     pub passives: i64,
-    #[serde(default, deserialize_with = "de::i64_or_zero")]
     pub detractors: i64,
-    #[serde(default, deserialize_with = "de::i64_or_zero")]
     pub promoters_count: i64,
-    #[serde(default, deserialize_with = "de::i64_or_zero")]
     pub passives_count: i64,
-    #[serde(default, deserialize_with = "de::i64_or_zero")]
     pub detractors_count: i64,
-    #[serde(default, deserialize_with = "de::i64_or_zero")]
     pub total_responses: i64,
+}
+
+/// The wire form of [`Score`]: the headline number under `score`, `nps`, or both.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawScore {
+    #[serde(default, deserialize_with = "de::opt_f64")]
+    score: Option<f64>,
+    #[serde(default, deserialize_with = "de::opt_f64")]
+    nps: Option<f64>,
+    #[serde(default, deserialize_with = "de::opt_f64")]
+    score_sum: Option<f64>,
+    #[serde(default, deserialize_with = "de::opt_string")]
+    metrics_type: Option<String>,
+    #[serde(default, deserialize_with = "de::i64_or_zero")]
+    promoters: i64,
+    #[serde(default, deserialize_with = "de::i64_or_zero")]
+    passives: i64,
+    #[serde(default, deserialize_with = "de::i64_or_zero")]
+    detractors: i64,
+    #[serde(default, deserialize_with = "de::i64_or_zero")]
+    promoters_count: i64,
+    #[serde(default, deserialize_with = "de::i64_or_zero")]
+    passives_count: i64,
+    #[serde(default, deserialize_with = "de::i64_or_zero")]
+    detractors_count: i64,
+    #[serde(default, deserialize_with = "de::i64_or_zero")]
+    total_responses: i64,
+}
+
+impl TryFrom<RawScore> for Score {
+    type Error = &'static str;
+
+    fn try_from(raw: RawScore) -> Result<Self, Self::Error> {
+        Ok(Score {
+            score: raw
+                .score
+                .or(raw.nps)
+                .ok_or("missing field `score` (or `nps`)")?,
+            score_sum: raw.score_sum,
+            metrics_type: raw.metrics_type,
+            promoters: raw.promoters,
+            passives: raw.passives,
+            detractors: raw.detractors,
+            promoters_count: raw.promoters_count,
+            passives_count: raw.passives_count,
+            detractors_count: raw.detractors_count,
+            total_responses: raw.total_responses,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -6,11 +6,12 @@
 //!    go at once;
 //! 2. asks the lane for a budget slot — items keep joining while it waits, so under load batches
 //!    fill up;
-//! 3. seals the batch when the slot is granted and sends it.
+//! 3. seals the batch when the slot is granted and no more items are queued — it yields to the
+//!    scheduler until the batch stops growing ([`BatchHandle::settle`]) — and sends it.
 //!
-//! There is no linger timer: at low load a lone item is sent as soon as the budget allows (no
-//! added latency); under load, items that arrive while a partial batch is in flight, or while
-//! the budget is empty, collect into the next one. This is "natural batching" (as in group
+//! There is no linger timer: at low load a lone item is sent as soon as the budget allows (a
+//! scheduler yield, microseconds); under load, items that arrive while a partial batch is in
+//! flight, or while the budget is empty, collect into the next one. This is "natural batching" (as in group
 //! commit): the cost is that a partial batch may wait for one upstream round trip of the
 //! previous one for its key.
 //!
@@ -330,6 +331,35 @@ where
                 }
             }
             notified.await;
+        }
+    }
+
+    /// Items in the batch while it is open (0 once sealed or emptied), and whether it is full.
+    pub fn open_len(&self) -> (usize, bool) {
+        let state = lock(&self.batcher.state);
+        state
+            .keys
+            .get(&self.key)
+            .and_then(|entry| entry.open.iter().find(|open| open.id == self.batch))
+            .map_or((0, true), |open| (open.items.len(), open.full))
+    }
+
+    /// Lets callers that are already runnable join before the batch is sealed: yields to the
+    /// scheduler until the batch stops growing (or is full), at most `max_yields` times. This is
+    /// the "no more items queued" condition of the flush: it costs microseconds, so a lone item
+    /// is not delayed, while a burst of callers arriving together ends up in one call.
+    pub async fn settle(&self, max_yields: usize) {
+        let (mut size, mut full) = self.open_len();
+        for _ in 0..max_yields {
+            if full {
+                return;
+            }
+            tokio::task::yield_now().await;
+            let (now, now_full) = self.open_len();
+            if now == size {
+                return;
+            }
+            (size, full) = (now, now_full);
         }
     }
 

@@ -42,6 +42,9 @@ use self::retry::{BackoffPolicy, RetryBudget, RetryBudgetConfig};
 use crate::error::{Error, ErrorCode, Result};
 use crate::upstream::context::{CallContext, Priority, deadline_exceeded};
 
+/// Time kept between an attempt's timeout and the caller's deadline to hand the answer back.
+const REPLY_MARGIN: Duration = Duration::from_millis(10);
+
 /// Tuning of one upstream's scheduler. [`SchedulerSettings::new`] gives production defaults for
 /// a budget; tests shorten the window and the delays.
 #[derive(Debug, Clone)]
@@ -491,7 +494,11 @@ impl Lane {
                     self.release_unused(permit);
                     return Err(deadline_exceeded(self.shared.upstream));
                 }
-                Some(remaining) => remaining.min(self.shared.settings.max_attempt_timeout),
+                // The attempt ends a little before the deadline so the caller learns why
+                // (a timeout upstream) rather than only that its time ran out.
+                Some(remaining) => remaining
+                    .saturating_sub(REPLY_MARGIN)
+                    .min(self.shared.settings.max_attempt_timeout),
                 None => self.shared.settings.max_attempt_timeout,
             };
             let mut guard = ProbeGuard {
