@@ -1,7 +1,8 @@
 //! Integration tests: the real server on `127.0.0.1:0` against the in-process sandbox. One test
 //! binary with modules, so the whole stack is linked once.
 
+mod child;
+mod crash;
 mod events;
 mod foundation;
 mod support;
-mod upstream;
