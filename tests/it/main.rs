@@ -6,3 +6,4 @@ mod crash;
 mod events;
 mod foundation;
 mod support;
+mod upstream;
