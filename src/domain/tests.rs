@@ -241,7 +241,10 @@ async fn idempotency_returns_the_first_response_and_refuses_a_reused_key() {
         assert_eq!(outcome.response, b"first");
         repeats += usize::from(outcome.repeated);
     }
-    assert_eq!(repeats, 2, "one call ran, two were answered from its record");
+    assert_eq!(
+        repeats, 2,
+        "one call ran, two were answered from its record"
+    );
     assert_eq!(*calls.lock().unwrap(), 1);
 
     let error = run(request_hash(b"request-b")).await.unwrap_err();
