@@ -414,7 +414,11 @@ impl Lane {
         let (id, mut granted) = {
             let mut state = self.lock();
             let ahead = state.ahead(ctx.priority, settings.background_share);
-            if ahead == 0 && state.budget.try_acquire(now).is_ok() {
+            // Straight through only when nobody waits at all: a free slot with waiters is the
+            // dispatcher's to hand out by weight, or interactive arrivals could starve
+            // background work that is already queued.
+            let nobody_waits = !state.interactive.has_live() && !state.background.has_live();
+            if nobody_waits && state.budget.try_acquire(now).is_ok() {
                 state.counters.granted += 1;
                 return Ok(now);
             }
