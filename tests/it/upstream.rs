@@ -1135,3 +1135,70 @@ async fn documented_variations_decode_and_malformed_bodies_name_the_field() {
         error.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_fill_up_while_they_wait_for_budget() {
+    let upstream = sandbox(SandboxConfig {
+        retently_requests_per_minute: 0,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let api = retently(
+        &upstream,
+        SchedulerSettings {
+            window: Duration::from_secs(2),
+            jitter_margin: Duration::ZERO,
+            ..settings(3)
+        },
+    );
+    // Spend the whole budget of the window.
+    for _ in 0..3 {
+        let error = api
+            .get_customer(&within(10), "0123456789abcdef01234567")
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), ErrorCode::NotFound);
+    }
+    let campaign = transactional_campaign(&upstream);
+    let ctx = within(20);
+    let recipients = (0..250)
+        .map(|i| CustomerInput::new(format!("waiting.{i}@example.com")))
+        .collect();
+    let outcomes = bounded(api.send_surveys(&ctx, &campaign, None, recipients)).await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    let sizes: Vec<usize> = upstream
+        .handle
+        .survey_sends()
+        .iter()
+        .map(|send| send.recipients.len())
+        .collect();
+    assert_eq!(sizes, [100, 100, 50], "full batches once the budget frees");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_reported_not_followed() {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let followed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let router = axum::Router::new()
+        .route(
+            "/api/v2/campaigns",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/elsewhere")]) }),
+        )
+        .route(
+            "/elsewhere",
+            get({
+                let followed = Arc::clone(&followed);
+                move || async move {
+                    followed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    "{}"
+                }
+            }),
+        );
+    let (api, _stop) = fake_retently(router).await;
+    let error = api.campaigns(&within(10)).await.unwrap_err();
+    assert_eq!(error.code(), ErrorCode::Internal, "{error:?}");
+    assert_eq!(error.reason(), "UPSTREAM_UNEXPECTED_STATUS");
+    assert_eq!(error.metadata()["status"], "302");
+    assert!(!followed.load(std::sync::atomic::Ordering::SeqCst));
+}
