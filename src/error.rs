@@ -134,6 +134,12 @@ impl Error {
         self
     }
 
+    /// The same error under another code (the reason, message and details stay).
+    pub fn with_code(mut self, code: ErrorCode) -> Self {
+        self.0.code = code;
+        self
+    }
+
     pub fn with_violations(mut self, violations: Vec<FieldViolation>) -> Self {
         self.0.violations = violations;
         self

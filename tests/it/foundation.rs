@@ -144,3 +144,29 @@ async fn admin_port_answers_liveness_and_readiness() {
     }
     gateway.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_expired_caller_deadline_is_deadline_exceeded_not_cancelled() {
+    let gateway = TestGateway::start().await;
+    gateway.sandbox().handle().set_faults(
+        cx_sandbox::Api::Retainly,
+        cx_sandbox::FaultConfig {
+            latency_ms: 5_000,
+            ..Default::default()
+        },
+    );
+    let mut client =
+        cx_gateway::pb::event_service_client::EventServiceClient::new(gateway.channel.clone());
+    let mut request = tonic::Request::new(cx_gateway::pb::TrackEventRequest {
+        event: Some(cx_gateway::pb::Event {
+            customer_id: "slow-1".to_owned(),
+            name: "slow_event".to_owned(),
+            ..Default::default()
+        }),
+        options: None,
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let status = client.track_event(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    gateway.stop().await.unwrap();
+}

@@ -492,6 +492,7 @@ impl Lane {
         let mut retry = 0u32;
         loop {
             let now = Instant::now();
+            let max_attempt = self.shared.settings.max_attempt_timeout;
             let timeout = match ctx.remaining(now) {
                 Some(remaining) if remaining < self.shared.settings.min_attempt_time => {
                     // Too late to start: give the slot back rather than waste it.
@@ -500,11 +501,11 @@ impl Lane {
                 }
                 // The attempt ends a little before the deadline so the caller learns why
                 // (a timeout upstream) rather than only that its time ran out.
-                Some(remaining) => remaining
-                    .saturating_sub(REPLY_MARGIN)
-                    .min(self.shared.settings.max_attempt_timeout),
-                None => self.shared.settings.max_attempt_timeout,
+                Some(remaining) => remaining.saturating_sub(REPLY_MARGIN).min(max_attempt),
+                None => max_attempt,
             };
+            // Whether the caller's deadline, not the gateway's own attempt limit, cut this attempt.
+            let bounded_by_deadline = timeout < max_attempt;
             let mut guard = ProbeGuard {
                 lane: self,
                 probe: permit.probe,
@@ -520,6 +521,11 @@ impl Lane {
             };
             guard.settle(Some(&failure));
             let Some(delay) = self.retry_delay(ctx, idempotency, &failure, retry) else {
+                // A timeout cut short by the caller's deadline is DEADLINE_EXCEEDED (AIP-193),
+                // still saying which upstream did not answer in its reason and metadata.
+                if bounded_by_deadline && failure.error.reason() == "UPSTREAM_TIMEOUT" {
+                    return Err(failure.error.with_code(ErrorCode::DeadlineExceeded));
+                }
                 return Err(failure.error);
             };
             tracing::debug!(
