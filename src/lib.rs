@@ -9,7 +9,7 @@
 //!
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
-//! - [`domain`]: plain-Rust domain logic: outbox, idempotency.
+//! - [`domain`]: plain-Rust domain logic: the outbox of asynchronous writes, idempotency.
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`error`]: the one error type and its one mapping to `tonic::Status` with details.
 //! - [`server`]: `run(listeners, config, shutdown)`: services, health, reflection, layers, drain.
@@ -17,6 +17,8 @@
 //! - [`admin`]: the admin HTTP port (liveness, readiness).
 //! - [`shutdown`]: the drain signal shared by every long-lived task.
 //! - [`sandbox_mode`]: starting the built-in upstream emulator for `serve --sandbox`.
+//! - [`upstream`]: typed Retently and Retainly clients behind one scheduler per account
+//!   (budget, priorities, batching, single-flight and caching, retries, circuit breaker).
 //! - [`telemetry`]: logging setup.
 //! - [`pb`]: code generated from `proto/cx/gateway/v1`.
 
