@@ -174,16 +174,22 @@ fn decode_response<R: WriteRpc>(bytes: &[u8]) -> Result<R::Response, Error> {
         .map_err(|error| Error::internal(format!("a remembered response does not decode: {error}")))
 }
 
-/// Whether a failed attempt may succeed later.
-fn is_transient(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::Unavailable
-            | ErrorCode::ResourceExhausted
-            | ErrorCode::DeadlineExceeded
-            | ErrorCode::Aborted
-            | ErrorCode::Cancelled
-    )
+/// Whether a failed attempt may succeed later: the upstream was unavailable or busy, or it
+/// refused the gateway's own credentials (an operator fixing the key lets the queue drain).
+fn is_transient(error: &Error) -> bool {
+    let credentials = matches!(
+        error.reason(),
+        "UPSTREAM_CREDENTIALS_REJECTED" | "UPSTREAM_CREDENTIALS_INVALID"
+    );
+    credentials
+        || matches!(
+            error.code(),
+            ErrorCode::Unavailable
+                | ErrorCode::ResourceExhausted
+                | ErrorCode::DeadlineExceeded
+                | ErrorCode::Aborted
+                | ErrorCode::Cancelled
+        )
 }
 
 /// Whether a failed call may nonetheless have been applied upstream: the request was sent and
@@ -235,7 +241,7 @@ where
         Err(error) if !R::REPLAY_SAFE && possibly_applied(&error) => Attempt::Failed {
             error: DeliveryError::from(&error.with_metadata("in_doubt", "true")),
         },
-        Err(error) if is_transient(error.code()) => Attempt::Retry {
+        Err(error) if is_transient(&error) => Attempt::Retry {
             retry_after: error.retry_after(),
             error: DeliveryError::from(&error),
         },
