@@ -18,6 +18,9 @@ use std::time::Duration;
 
 use reqwest::Url;
 
+use crate::auth::{CallerRegistry, CallersSource};
+use crate::tls::{ClientAuth, TlsSettings};
+
 /// Where settings come from.
 pub trait Source {
     /// The raw value of a setting by its environment name (`CXGW_GRPC_ADDR`).
@@ -231,6 +234,20 @@ pub struct WriteSettings {
     pub idempotency_window: Duration,
 }
 
+/// Who may call, and how the gateway learns it.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// The callers in force (`CXGW_CALLERS_FILE` or `CXGW_CALLERS`); `None` turns
+    /// authentication off, which only `serve --sandbox` and a trusted mesh allow.
+    pub callers: Option<CallerRegistry>,
+    /// `CXGW_TRUSTED_MESH`: a service mesh in front authenticates callers, so `serve` may run
+    /// without callers.
+    pub trusted_mesh: bool,
+    /// How often the callers file and the TLS files are checked for changes (SIGHUP reloads at
+    /// once).
+    pub reload_interval: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
@@ -247,6 +264,9 @@ pub struct Config {
     pub writes: WriteSettings,
     /// Which tracked events trigger which Retently surveys (like Segment's Retently destination).
     pub event_mappings: EventMappings,
+    pub auth: AuthSettings,
+    /// TLS on the gRPC port; `None` serves plaintext (for a mesh that encrypts, or local use).
+    pub tls: Option<TlsSettings>,
 }
 
 impl Config {
@@ -300,6 +320,9 @@ impl Config {
                 }
             }
         }
+
+        let auth = auth_settings(&s, mode)?;
+        let tls = tls_settings(&s)?;
 
         let log_format = match s.string("CXGW_LOG_FORMAT", "text").as_str() {
             "text" => LogFormat::Text,
@@ -385,7 +408,100 @@ impl Config {
                 )?,
                 feedback_per_second,
             },
+            auth,
+            tls,
         })
+    }
+}
+
+/// The callers, and whether running without them is allowed in this mode.
+fn auth_settings(s: &Reader<'_>, mode: UpstreamMode) -> Result<AuthSettings, ConfigError> {
+    const FILE: &str = "CXGW_CALLERS_FILE";
+    const INLINE: &str = "CXGW_CALLERS";
+    const MESH: &str = "CXGW_TRUSTED_MESH";
+    let source = match (s.source.get(INLINE), s.source.get(FILE)) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                INLINE,
+                format!("set either {INLINE} or {FILE}, not both"),
+            ));
+        }
+        (Some(text), None) => Some(CallersSource::Inline(Secret::new(text))),
+        (None, Some(path)) if path.trim().is_empty() => {
+            return Err(ConfigError::new(FILE, "must not be empty"));
+        }
+        (None, Some(path)) => Some(CallersSource::File(PathBuf::from(path))),
+        (None, None) => None,
+    };
+    let callers = match source {
+        Some(source) => {
+            let setting = source.setting();
+            Some(CallerRegistry::load(source).map_err(|reason| ConfigError::new(setting, reason))?)
+        }
+        None => None,
+    };
+    let trusted_mesh = s.boolean(MESH, false)?;
+    if callers.is_none() && !trusted_mesh && mode == UpstreamMode::Real {
+        return Err(ConfigError::new(
+            FILE,
+            format!(
+                "`serve` needs to know its callers: set {FILE} (or {INLINE}) to a callers file, \
+                 or {MESH}=true if a service mesh in front of the gateway authenticates every \
+                 caller, or run `serve --sandbox` to try the gateway locally"
+            ),
+        ));
+    }
+    Ok(AuthSettings {
+        callers,
+        trusted_mesh,
+        reload_interval: s.duration("CXGW_RELOAD_INTERVAL", Duration::from_secs(10))?,
+    })
+}
+
+/// TLS is on when a certificate is configured; its files are read (and checked) at start.
+fn tls_settings(s: &Reader<'_>) -> Result<Option<TlsSettings>, ConfigError> {
+    let path = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
+        match s.source.get(key) {
+            Some(path) if path.trim().is_empty() => Err(ConfigError::new(key, "must not be empty")),
+            Some(path) => Ok(Some(PathBuf::from(path))),
+            None => Ok(None),
+        }
+    };
+    let cert = path("CXGW_TLS_CERT_FILE")?;
+    let key = path("CXGW_TLS_KEY_FILE")?;
+    let client_ca = path("CXGW_TLS_CLIENT_CA_FILE")?;
+    let client_auth = match s.string("CXGW_TLS_CLIENT_AUTH", "required").trim() {
+        "required" => ClientAuth::Required,
+        "optional" => ClientAuth::Optional,
+        other => {
+            return Err(ConfigError::new(
+                "CXGW_TLS_CLIENT_AUTH",
+                format!("expected `required` or `optional`, got `{other}`"),
+            ));
+        }
+    };
+    let handshake_timeout = s.duration("CXGW_TLS_HANDSHAKE_TIMEOUT", Duration::from_secs(10))?;
+    match (cert, key) {
+        (Some(cert_file), Some(key_file)) => Ok(Some(TlsSettings {
+            cert_file,
+            key_file,
+            client_ca_file: client_ca,
+            client_auth,
+            handshake_timeout,
+        })),
+        (None, None) if client_ca.is_some() => Err(ConfigError::new(
+            "CXGW_TLS_CLIENT_CA_FILE",
+            "mutual TLS needs CXGW_TLS_CERT_FILE and CXGW_TLS_KEY_FILE too",
+        )),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::new(
+            "CXGW_TLS_KEY_FILE",
+            "required when CXGW_TLS_CERT_FILE is set",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            "CXGW_TLS_CERT_FILE",
+            "required when CXGW_TLS_KEY_FILE is set",
+        )),
     }
 }
 
@@ -531,6 +647,7 @@ mod tests {
 
     fn keys() -> Vec<(&'static str, &'static str)> {
         vec![
+            ("CXGW_TRUSTED_MESH", "true"),
             ("CXGW_RETENTLY_API_KEY", "rk-canary-123"),
             ("CXGW_RETAINLY_API_KEY", "key-canary"),
             ("CXGW_RETAINLY_API_SECRET", "secret-canary"),
@@ -617,6 +734,7 @@ mod tests {
             ("CXGW_RETENTLY_API_KEY_FILE", key_file.to_str().unwrap()),
             ("CXGW_RETAINLY_API_KEY", "k"),
             ("CXGW_RETAINLY_API_SECRET", "s"),
+            ("CXGW_TRUSTED_MESH", "true"),
         ]);
         let config = Config::load(&source, UpstreamMode::Real).unwrap();
         assert_eq!(config.grpc_addr.port(), 6000);
@@ -652,5 +770,105 @@ mod tests {
         pairs.push(("CXGW_RETENTLY_API_KEY_FILE", "/nonexistent"));
         let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
         assert_eq!(error.key, "CXGW_RETENTLY_API_KEY");
+    }
+
+    fn without_mesh() -> Vec<(&'static str, &'static str)> {
+        keys()
+            .into_iter()
+            .filter(|(key, _)| *key != "CXGW_TRUSTED_MESH")
+            .collect()
+    }
+
+    #[test]
+    fn serve_without_callers_refuses_unless_behind_a_trusted_mesh() {
+        let error = Config::load(&MapSource::new(without_mesh()), UpstreamMode::Real).unwrap_err();
+        assert_eq!(error.key, "CXGW_CALLERS_FILE");
+        for named in [
+            "CXGW_CALLERS_FILE",
+            "CXGW_CALLERS",
+            "CXGW_TRUSTED_MESH",
+            "--sandbox",
+        ] {
+            assert!(
+                error.to_string().contains(named),
+                "{error} should name {named}"
+            );
+        }
+        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        assert!(config.auth.callers.is_none());
+        assert!(config.auth.trusted_mesh);
+        let sandbox = Config::load(&MapSource::default(), UpstreamMode::Sandbox).unwrap();
+        assert!(sandbox.auth.callers.is_none());
+    }
+
+    #[test]
+    fn callers_load_from_a_file_or_inline_and_errors_name_the_setting() {
+        let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let text = format!(
+            "[[caller]]\nname = \"a\"\ntoken_sha256 = \"{digest}\"\npermissions = [\"read\"]\n"
+        );
+        let mut pairs: Vec<(&str, &str)> = without_mesh();
+        pairs.push(("CXGW_CALLERS", &text));
+        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        let callers = config.auth.callers.clone().unwrap().current();
+        assert!(callers.by_token("test").is_some());
+        assert!(!format!("{:?}", config.auth.callers).contains(digest));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("callers.toml");
+        std::fs::write(&file, text.replace("read", "rread")).unwrap();
+        let mut pairs = without_mesh();
+        pairs.push(("CXGW_CALLERS_FILE", file.to_str().unwrap()));
+        let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+        assert_eq!(error.key, "CXGW_CALLERS_FILE");
+        assert!(
+            error.reason.contains("unknown permission `rread`"),
+            "{error}"
+        );
+
+        let mut pairs: Vec<(&str, &str)> = without_mesh();
+        pairs.push(("CXGW_CALLERS_FILE", "/nonexistent/callers.toml"));
+        pairs.push(("CXGW_CALLERS", &text));
+        let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+        assert_eq!(error.key, "CXGW_CALLERS");
+    }
+
+    #[test]
+    fn tls_settings_come_in_pairs() {
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut pairs = keys();
+            pairs.extend_from_slice(extra);
+            Config::load(&MapSource::new(pairs), UpstreamMode::Real)
+        };
+        assert!(with(&[]).unwrap().tls.is_none());
+        let tls = with(&[
+            ("CXGW_TLS_CERT_FILE", "/c.pem"),
+            ("CXGW_TLS_KEY_FILE", "/k.pem"),
+        ])
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(tls.client_auth, ClientAuth::Required);
+        assert!(tls.client_ca_file.is_none());
+        assert_eq!(
+            with(&[("CXGW_TLS_CERT_FILE", "/c.pem")]).unwrap_err().key,
+            "CXGW_TLS_KEY_FILE"
+        );
+        assert_eq!(
+            with(&[("CXGW_TLS_CLIENT_CA_FILE", "/ca.pem")])
+                .unwrap_err()
+                .key,
+            "CXGW_TLS_CLIENT_CA_FILE"
+        );
+        assert_eq!(
+            with(&[
+                ("CXGW_TLS_CERT_FILE", "/c.pem"),
+                ("CXGW_TLS_KEY_FILE", "/k.pem"),
+                ("CXGW_TLS_CLIENT_AUTH", "sometimes")
+            ])
+            .unwrap_err()
+            .key,
+            "CXGW_TLS_CLIENT_AUTH"
+        );
     }
 }

@@ -7,6 +7,9 @@
 //!
 //! # Layout
 //!
+//! - [`auth`]: callers, their permissions and shares; the layer that authenticates each call.
+//! - [`tls`]: TLS and mutual TLS on the gRPC port, with certificates that rotate in place.
+//! - [`reload`]: reloading the callers and TLS files on SIGHUP and on change.
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
 //! - [`domain`]: plain-Rust domain logic: the outbox of asynchronous writes, idempotency.
@@ -24,15 +27,18 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod reload;
 pub mod sandbox_mode;
 pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 /// Code generated from the protobuf contract (`proto/cx/gateway/v1`, package `cx.gateway.v1`).

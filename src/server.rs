@@ -16,12 +16,15 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::app::App;
+use crate::auth::AuthLayer;
 use crate::config::Config;
 use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
 use crate::grpc::writes::WriteExecutor;
 use crate::pb;
+use crate::reload::{self, Reloadable};
 use crate::shutdown;
+use crate::tls::{self, ReloadingTls};
 
 /// The sockets the gateway serves on, bound by the caller so tests can use `127.0.0.1:0`.
 #[derive(Debug)]
@@ -71,6 +74,37 @@ pub async fn run(
         drain.clone(),
     ));
 
+    let callers = config.auth.callers.clone();
+    match &callers {
+        Some(registry) => tracing::info!(
+            callers = registry.current().len(),
+            setting = registry.source().setting(),
+            "authenticating callers"
+        ),
+        None if config.auth.trusted_mesh => tracing::warn!(
+            "authentication is off: CXGW_TRUSTED_MESH=true says the mesh in front authenticates \
+             every caller; every call that reaches this port is accepted"
+        ),
+        None => tracing::warn!(
+            "AUTHENTICATION IS OFF: no callers configured (CXGW_CALLERS_FILE or CXGW_CALLERS), so \
+             every call is accepted; fine for trying the sandbox, never for real traffic"
+        ),
+    }
+    let tls = match config.tls.clone() {
+        Some(settings) => Some(Arc::new(
+            ReloadingTls::load(settings).context("cannot set up tls on the grpc port")?,
+        )),
+        None => None,
+    };
+    reload::spawn(
+        Reloadable {
+            callers: callers.clone(),
+            tls: tls.clone(),
+        },
+        config.auth.reload_interval,
+        drain.clone(),
+    );
+
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {
         health
@@ -95,6 +129,8 @@ pub async fn run(
         .max_connection_age_grace(config.shutdown_grace)
         .layer(
             tower::ServiceBuilder::new()
+                // Who is calling and may they call this RPC; names the caller on the call's span.
+                .layer(AuthLayer::new(callers))
                 // Every call gets a deadline, and an expired one is DEADLINE_EXCEEDED.
                 .layer(DeadlineLayer::new(limits.default_deadline)),
         )
@@ -155,13 +191,29 @@ pub async fn run(
             );
     }
 
-    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc_server = router.serve_with_incoming_shutdown(incoming, drain.clone().signaled());
+    type ServeFuture =
+        std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let grpc_server: ServeFuture = match tls.clone() {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            tls::incoming(listeners.grpc, tls, drain.clone()),
+            drain.clone().signaled(),
+        )),
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            drain.clone().signaled(),
+        )),
+    };
     let admin_server = axum::serve(listeners.admin, crate::admin::router(drain.clone()))
         .with_graceful_shutdown(drain.clone().signaled())
         .into_future();
 
-    tracing::info!(%grpc_addr, %admin_addr, "gateway serving");
+    tracing::info!(
+        %grpc_addr,
+        %admin_addr,
+        tls = tls.is_some(),
+        mutual_tls = config.tls.as_ref().is_some_and(|tls| tls.client_ca_file.is_some()),
+        "gateway serving"
+    );
     let mut grpc_server = std::pin::pin!(grpc_server);
     let mut admin_server = std::pin::pin!(admin_server);
     tokio::select! {

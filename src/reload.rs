@@ -1,0 +1,163 @@
+//! Reloads what may change while the gateway runs — the callers file and the TLS files — on
+//! SIGHUP and whenever their content changes, without dropping a connection.
+//!
+//! Content is polled rather than watched with inotify: Kubernetes updates a mounted Secret by
+//! swapping a symlink, which file watches miss or report late, while reading a few small files
+//! every `CXGW_RELOAD_INTERVAL` costs nothing and works everywhere. SIGHUP reloads at once for
+//! those who want the change in force before they move on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::time::MissedTickBehavior;
+
+use crate::auth::{CallerRegistry, Reloaded};
+use crate::shutdown::Drain;
+use crate::tls::ReloadingTls;
+
+/// Everything that reloads.
+#[derive(Debug, Clone, Default)]
+pub struct Reloadable {
+    pub callers: Option<CallerRegistry>,
+    pub tls: Option<Arc<ReloadingTls>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Signal,
+    Poll,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "sighup",
+            Trigger::Poll => "change",
+        }
+    }
+}
+
+/// The last failure of each kind, so a broken file is reported once per distinct problem rather
+/// than at every poll.
+#[derive(Default)]
+struct Failures {
+    callers: Option<String>,
+    tls: Option<String>,
+}
+
+impl Reloadable {
+    fn is_empty(&self) -> bool {
+        self.callers
+            .as_ref()
+            .and_then(CallerRegistry::path)
+            .is_none()
+            && self.tls.is_none()
+    }
+
+    fn reload(&self, trigger: Trigger, failures: &mut Failures) {
+        if let Some(callers) = &self.callers
+            && let Some(path) = callers.path()
+        {
+            match callers.reload() {
+                Ok(Reloaded::Replaced { callers }) => {
+                    failures.callers = None;
+                    tracing::info!(
+                        file = %path.display(),
+                        callers,
+                        trigger = trigger.as_str(),
+                        "callers reloaded"
+                    );
+                }
+                Ok(Reloaded::Unchanged) => failures.callers = None,
+                Err(error) => {
+                    if trigger == Trigger::Signal || failures.callers.as_ref() != Some(&error) {
+                        tracing::warn!(
+                            setting = "CXGW_CALLERS_FILE",
+                            %error,
+                            "cannot reload the callers, keeping the previous ones"
+                        );
+                    }
+                    failures.callers = Some(error);
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(true) => {
+                    failures.tls = None;
+                    tracing::info!(trigger = trigger.as_str(), "tls certificates reloaded");
+                }
+                Ok(false) => failures.tls = None,
+                Err(error) => {
+                    let error = format!("{error:#}");
+                    if trigger == Trigger::Signal || failures.tls.as_ref() != Some(&error) {
+                        tracing::warn!(
+                            %error,
+                            "cannot reload the tls certificates, keeping the previous ones"
+                        );
+                    }
+                    failures.tls = Some(error);
+                }
+            }
+        }
+    }
+}
+
+/// Starts watching. The SIGHUP handler is installed before this returns, so a signal sent once
+/// the server is up never falls back to the default action (which would end the process).
+pub fn spawn(reloadable: Reloadable, interval: Duration, drain: Drain) {
+    if reloadable.is_empty() {
+        return;
+    }
+    let hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => Some(hangup),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP, reloading only on change");
+            None
+        }
+    };
+    tokio::spawn(watch(reloadable, hangup, interval, drain));
+}
+
+async fn watch(
+    reloadable: Reloadable,
+    mut hangup: Option<Signal>,
+    interval: Duration,
+    drain: Drain,
+) {
+    let mut failures = Failures::default();
+    let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick fires at once; everything was just loaded.
+    ticks.tick().await;
+    let drained = drain.signaled();
+    let mut drained = std::pin::pin!(drained);
+    loop {
+        let trigger = tokio::select! {
+            () = &mut drained => return,
+            _ = ticks.tick() => Trigger::Poll,
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => Trigger::Signal,
+        };
+        // Reading and parsing files blocks; keep it off the runtime's worker threads.
+        let work = reloadable.clone();
+        let mut taken = std::mem::take(&mut failures);
+        failures = match tokio::task::spawn_blocking(move || {
+            work.reload(trigger, &mut taken);
+            taken
+        })
+        .await
+        {
+            Ok(failures) => failures,
+            Err(error) => {
+                tracing::error!(%error, "a reload failed unexpectedly");
+                Failures::default()
+            }
+        };
+    }
+}
