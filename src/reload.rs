@@ -144,11 +144,13 @@ async fn watch(
                 }
             } => Trigger::Signal,
         };
-        // Reading and parsing files blocks; keep it off the runtime's worker threads.
+        // Reading and parsing files blocks; keep it off the runtime's worker threads, logging
+        // to the same subscriber as this task.
         let work = reloadable.clone();
         let mut taken = std::mem::take(&mut failures);
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
         failures = match tokio::task::spawn_blocking(move || {
-            work.reload(trigger, &mut taken);
+            tracing::dispatcher::with_default(&dispatch, || work.reload(trigger, &mut taken));
             taken
         })
         .await

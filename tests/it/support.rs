@@ -13,7 +13,16 @@ use cx_sandbox::{Sandbox, SandboxConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// How to start a test gateway: the emulator's configuration, extra `CXGW_*` settings, and the
+/// TLS the test's own channel uses (`None` for plaintext).
+#[derive(Default)]
+pub struct Options {
+    pub sandbox: SandboxConfig,
+    pub settings: Vec<(&'static str, String)>,
+    pub client_tls: Option<ClientTlsConfig>,
+}
 
 pub struct TestGateway {
     pub grpc_addr: SocketAddr,
@@ -34,6 +43,20 @@ impl TestGateway {
         sandbox_config: SandboxConfig,
         settings: Vec<(&'static str, String)>,
     ) -> TestGateway {
+        Self::start_with_options(Options {
+            sandbox: sandbox_config,
+            settings,
+            client_tls: None,
+        })
+        .await
+    }
+
+    pub async fn start_with_options(options: Options) -> TestGateway {
+        let Options {
+            sandbox: sandbox_config,
+            settings,
+            client_tls,
+        } = options;
         let sandbox = EmbeddedSandbox::spawn(
             Sandbox::new(sandbox_config),
             TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -51,11 +74,7 @@ impl TestGateway {
         let task = tokio::spawn(server::run(listeners, config, async move {
             let _ = shutdown_signal.await;
         }));
-        let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = connect(grpc_addr, client_tls).await.unwrap();
         TestGateway {
             grpc_addr,
             admin_addr,
@@ -64,6 +83,14 @@ impl TestGateway {
             shutdown: Some(shutdown),
             task: Some(task),
         }
+    }
+
+    /// A new connection to the gateway (plaintext, or TLS with `tls`).
+    pub async fn connect(
+        &self,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Channel, tonic::transport::Error> {
+        connect(self.grpc_addr, tls).await
     }
 
     pub fn sandbox(&self) -> &Sandbox {
@@ -108,4 +135,25 @@ pub fn seeded_transactional_campaign() -> String {
         .handle()
         .transactional_campaign("NPS")
         .expect("the default seed has a transactional NPS campaign")
+}
+
+/// Connects to `addr`; with TLS the server's certificate is checked for `localhost`, the name
+/// test certificates are issued for.
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    match tls {
+        None => {
+            Endpoint::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await
+        }
+        Some(tls) => {
+            Endpoint::from_shared(format!("https://{addr}"))?
+                .tls_config(tls.domain_name("localhost"))?
+                .connect()
+                .await
+        }
+    }
 }
