@@ -13,6 +13,7 @@ use crate::domain::idempotency::Idempotency;
 use crate::domain::outbox::{Outbox, OutboxSettings};
 use crate::shutdown::Drain;
 use crate::store::Store;
+use crate::upstream::scheduler::fair::{CallerShares, EqualShares};
 use crate::upstream::{RetainlyApi, RetentlyApi};
 
 pub struct App {
@@ -58,8 +59,14 @@ impl App {
             },
         );
         let idempotency = Idempotency::new(store.clone(), config.writes.idempotency_window);
-        let retently = RetentlyApi::from_config(&config.retently)?;
-        let retainly = RetainlyApi::from_config(&config.retainly)?;
+        // Callers share each upstream budget by the weights and quotas of the callers file, read
+        // at every admission so a reload applies at once.
+        let shares: Arc<dyn CallerShares> = match &config.auth.callers {
+            Some(registry) => Arc::new(registry.clone()),
+            None => Arc::new(EqualShares),
+        };
+        let retently = RetentlyApi::from_config(&config.retently, Arc::clone(&shares))?;
+        let retainly = RetainlyApi::from_config(&config.retainly, shares)?;
         Ok(App {
             retently,
             retainly,

@@ -29,6 +29,7 @@ use serde::Deserialize;
 
 use super::permissions::{Permission, PermissionSet};
 use crate::config::Secret;
+use crate::upstream::scheduler::fair::{CallerShare, CallerShares};
 
 /// Where the callers come from.
 #[derive(Debug, Clone)]
@@ -423,6 +424,17 @@ impl CallerRegistry {
             text_digest: digest,
         };
         Ok(Reloaded::Replaced { callers })
+    }
+}
+
+impl CallerShares for CallerRegistry {
+    fn share(&self, caller: &str) -> CallerShare {
+        self.current()
+            .by_name(caller)
+            .map_or_else(CallerShare::default, |caller| CallerShare {
+                weight: caller.weight,
+                quota_per_minute: caller.quota_per_minute,
+            })
     }
 }
 

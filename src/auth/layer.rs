@@ -20,7 +20,9 @@ use tracing::Instrument as _;
 use super::callers::{Caller, CallerRegistry, CallerTable};
 use super::permissions::{is_open, required_permission};
 use crate::error::{Error, ErrorCode};
+use crate::grpc::deadline::Deadline;
 use crate::tls::TlsConnectInfo;
+use crate::upstream::CallContext;
 
 /// The caller of the current request, as established by [`AuthLayer`].
 #[derive(Debug, Clone)]
@@ -39,6 +41,16 @@ impl AuthenticatedCaller {
     /// The caller's name, the key of its fair share in the upstream scheduler.
     pub fn name_of<T>(request: &tonic::Request<T>) -> Option<Arc<str>> {
         Self::of(request).map(|caller| Arc::clone(caller.name()))
+    }
+}
+
+/// The upstream context of an interactive call: its deadline and its caller, so the scheduler
+/// shares the budget fairly between callers.
+pub fn interactive_context<T>(request: &tonic::Request<T>) -> CallContext {
+    let context = CallContext::interactive(Deadline::of(request).map(|deadline| deadline.0));
+    match AuthenticatedCaller::name_of(request) {
+        Some(name) => context.with_caller(name),
+        None => context,
     }
 }
 

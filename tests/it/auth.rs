@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cx_gateway::error::ErrorCode;
 use cx_gateway::pb;
 use cx_gateway::pb::delivery_service_client::DeliveryServiceClient;
 use cx_gateway::pb::survey_service_client::SurveyServiceClient;
@@ -629,4 +630,86 @@ async fn a_rotated_certificate_is_served_without_a_restart_or_a_dropped_connecti
         .await
         .unwrap();
     gateway.stop().await.unwrap();
+}
+
+/// Caller A floods at ten times the budget while caller B asks now and then: against the
+/// sandbox (which enforces the same small budget), B is always served within its deadline of
+/// about one budget window, A is refused for its excess, and the upstream never answers 429.
+#[tokio::test]
+async fn a_flooding_caller_cannot_crowd_out_a_trickling_one_against_the_sandbox() {
+    use cx_gateway::upstream::{CallContext, RetentlyApi, SchedulerSettings};
+    use cx_sandbox::{Api, Sandbox, SandboxConfig};
+
+    const BUDGET: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(1);
+    let sandbox = cx_gateway::sandbox_mode::EmbeddedSandbox::spawn(
+        Sandbox::new(SandboxConfig {
+            retently_requests_per_minute: BUDGET,
+            rate_limit_window: WINDOW,
+            ..SandboxConfig::default()
+        }),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .unwrap();
+    let api = RetentlyApi::new(
+        sandbox.base_url().clone(),
+        &cx_gateway::config::Secret::new(cx_sandbox::DEFAULT_RETENTLY_API_KEY),
+        SchedulerSettings {
+            window: WINDOW,
+            jitter_margin: Duration::from_millis(100),
+            ..SchedulerSettings::new(BUDGET)
+        },
+    )
+    .unwrap();
+    let known_customer = sandbox.sandbox().handle().retently_customers()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Enough for one window plus its margin, and a little to answer in.
+    let deadline = WINDOW + Duration::from_millis(600);
+
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..(BUDGET * 10) {
+        let api = api.clone();
+        flood.spawn(async move {
+            let ctx = CallContext::interactive_within(deadline).with_caller("flood");
+            // Distinct ids, so no two reads share one upstream call.
+            api.get_customer(&ctx, &format!("flood-{i}")).await
+        });
+    }
+    let mut trickle_waits = Vec::new();
+    for _ in 0..8 {
+        tokio::time::sleep(WINDOW / 5).await;
+        let ctx = CallContext::interactive_within(deadline).with_caller("trickle");
+        let asked = tokio::time::Instant::now();
+        let customer = api.get_customer(&ctx, &known_customer).await;
+        assert!(customer.is_ok(), "the trickle was refused: {customer:?}");
+        trickle_waits.push(asked.elapsed());
+    }
+    let (mut answered, mut refused) = (0, 0);
+    while let Some(result) = flood.join_next().await {
+        match result.unwrap() {
+            // The ids are made up, so the upstream refuses them: an upstream answer, so the
+            // request was sent.
+            Err(error) if error.metadata().contains_key("status") => answered += 1,
+            Err(error) if error.code() == ErrorCode::ResourceExhausted => {
+                assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+                assert!(error.retry_after().is_some());
+                refused += 1;
+            }
+            other => panic!("unexpected flood outcome {other:?}"),
+        }
+    }
+    let rate_limited = sandbox.sandbox().handle().rate_limited(Api::Retently);
+    eprintln!(
+        "fairness: flood answered {answered}, refused {refused}; trickle waits {:?}; upstream 429s {rate_limited}",
+        trickle_waits
+    );
+    assert_eq!(rate_limited, 0, "the gateway let the upstream refuse");
+    assert_eq!(answered + refused, BUDGET as usize * 10);
+    assert!(
+        refused >= BUDGET as usize * 7,
+        "the flood's excess was not refused: answered {answered}, refused {refused}"
+    );
+    sandbox.stop().await;
 }

@@ -32,6 +32,7 @@ use crate::error::{Error, ErrorCode, FieldViolation, Result};
 use crate::upstream::batching;
 use crate::upstream::context::CallContext;
 use crate::upstream::scheduler::batch::{BatchHandle, BatchLimits, Batcher};
+use crate::upstream::scheduler::fair::CallerShares;
 use crate::upstream::scheduler::{Idempotency, Lane, LaneCounters, SchedulerSettings};
 
 /// Objects per request, as documented.
@@ -63,9 +64,9 @@ impl fmt::Debug for RetainlyApi {
 }
 
 impl RetainlyApi {
-    /// Builds the client and the scheduler from the gateway's settings. Must run inside a tokio
-    /// runtime.
-    pub fn from_config(config: &RetainlyConfig) -> Result<Self> {
+    /// Builds the client and the scheduler from the gateway's settings, sharing the budget
+    /// between callers by `shares`. Must run inside a tokio runtime.
+    pub fn from_config(config: &RetainlyConfig, shares: Arc<dyn CallerShares>) -> Result<Self> {
         let missing = |what: &str| {
             Error::new(
                 ErrorCode::FailedPrecondition,
@@ -82,7 +83,7 @@ impl RetainlyApi {
         let client = RetainlyClient::new(config.base_url.clone(), key, secret)?;
         Ok(Self::with_client(
             client,
-            SchedulerSettings::new(config.requests_per_minute),
+            SchedulerSettings::new(config.requests_per_minute).with_shares(shares),
         ))
     }
 

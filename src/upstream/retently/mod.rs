@@ -35,6 +35,7 @@ use crate::upstream::batching;
 use crate::upstream::context::CallContext;
 use crate::upstream::scheduler::batch::{BatchHandle, BatchLimits, Batcher};
 use crate::upstream::scheduler::cache::{Caching, Reads};
+use crate::upstream::scheduler::fair::CallerShares;
 use crate::upstream::scheduler::{Idempotency, Lane, LaneCounters, SchedulerSettings};
 
 /// Recipients per `POST /survey`, as documented (1–100).
@@ -89,9 +90,10 @@ impl fmt::Debug for RetentlyApi {
 }
 
 impl RetentlyApi {
-    /// Builds the client and the scheduler from the gateway's settings. Must run inside a tokio
-    /// runtime (the scheduler spawns its dispatcher).
-    pub fn from_config(config: &RetentlyConfig) -> Result<Self> {
+    /// Builds the client and the scheduler from the gateway's settings, sharing the budget
+    /// between callers by `shares`. Must run inside a tokio runtime (the scheduler spawns its
+    /// dispatcher).
+    pub fn from_config(config: &RetentlyConfig, shares: Arc<dyn CallerShares>) -> Result<Self> {
         let api_key = config.api_key.as_ref().ok_or_else(|| {
             Error::new(
                 ErrorCode::FailedPrecondition,
@@ -103,7 +105,7 @@ impl RetentlyApi {
         Self::new(
             config.base_url.clone(),
             api_key,
-            SchedulerSettings::new(config.requests_per_minute),
+            SchedulerSettings::new(config.requests_per_minute).with_shares(shares),
         )
     }
 

@@ -11,7 +11,9 @@
 //!
 //! One dispatcher task per lane hands out slots as they free, choosing between the classes so
 //! interactive work goes first while background work gets at least one slot in
-//! `background_share + 1` when both wait.
+//! `background_share + 1` when both wait. Inside a class, callers share the slots by weight
+//! ([`fair`]), and a caller with a hard quota is refused with `RESOURCE_EXHAUSTED`/
+//! `CALLER_QUOTA_EXCEEDED` once it has started that many attempts in the quota window.
 //!
 //! # Layout
 //! - [`budget`]: the sliding-window log that never allows more than N requests in any window.
@@ -19,14 +21,16 @@
 //! - [`breaker`]: the circuit breaker.
 //! - [`batch`]: coalescing of concurrent writes into one upstream call, with per-item results.
 //! - [`cache`]: single-flight and the TTL cache for reads.
+//! - [`fair`]: weighted fair queueing between callers and their quotas.
 
 pub mod batch;
 pub mod breaker;
 pub mod budget;
 pub mod cache;
+pub mod fair;
 pub mod retry;
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -38,6 +42,7 @@ use tokio::time::Instant;
 
 use self::breaker::{Admission, Breaker, BreakerConfig};
 use self::budget::SlidingWindow;
+use self::fair::{CallerShare, CallerShares, EqualShares, FairQueue, FlowKey};
 use self::retry::{BackoffPolicy, RetryBudget, RetryBudgetConfig};
 use crate::error::{Error, ErrorCode, Result};
 use crate::upstream::context::{CallContext, Priority, deadline_exceeded};
@@ -77,6 +82,10 @@ pub struct SchedulerSettings {
     pub cache_ttl: Duration,
     /// Cached reads kept at most (template ids are caller-chosen, so the cache is bounded).
     pub cache_capacity: usize,
+    /// Each caller's weight and quota (the callers file); everyone equal by default.
+    pub shares: Arc<dyn CallerShares>,
+    /// The window of `CallerShare::quota_per_minute`: a minute, shortened only by tests.
+    pub quota_window: Duration,
 }
 
 impl SchedulerSettings {
@@ -96,7 +105,15 @@ impl SchedulerSettings {
             breaker: BreakerConfig::default(),
             cache_ttl: Duration::from_secs(30),
             cache_capacity: 1024,
+            shares: Arc::new(EqualShares),
+            quota_window: Duration::from_secs(60),
         }
+    }
+
+    /// The same settings with callers' weights and quotas from `shares`.
+    pub fn with_shares(mut self, shares: Arc<dyn CallerShares>) -> Self {
+        self.shares = shares;
+        self
     }
 }
 
@@ -148,60 +165,35 @@ impl AttemptError {
 pub struct Permit {
     granted_at: Instant,
     probe: bool,
+    /// The caller's quota slot this attempt took, given back with an unused permit.
+    quota: Option<QuotaCharge>,
 }
 
-/// Attempts waiting for a slot, in arrival order.
-///
-/// This is the seam for per-caller weighted fair queueing: replacing the single FIFO by one FIFO
-/// per `CallContext::caller` served round-robin with weights keeps every caller of a class from
-/// starving the others, without touching the lane.
-#[derive(Debug, Default)]
-struct ClassQueue {
-    waiters: VecDeque<Waiter>,
+/// One attempt counted against a caller's quota.
+#[derive(Debug, Clone)]
+struct QuotaCharge {
+    caller: Arc<str>,
+    at: Instant,
 }
 
+/// An attempt waiting for a slot; the dispatcher sends it the grant time.
 #[derive(Debug)]
 struct Waiter {
     id: u64,
     grant: oneshot::Sender<Instant>,
 }
 
-impl ClassQueue {
-    fn len(&self) -> usize {
-        self.waiters.len()
-    }
-
-    fn push(&mut self, waiter: Waiter) {
-        self.waiters.push_back(waiter);
-    }
-
-    /// The next waiter still listening (waiters whose caller left are dropped here).
-    fn pop(&mut self) -> Option<Waiter> {
-        while let Some(waiter) = self.waiters.pop_front() {
-            if !waiter.grant.is_closed() {
-                return Some(waiter);
-            }
-        }
-        None
-    }
-
-    fn has_live(&mut self) -> bool {
-        while self.waiters.front().is_some_and(|w| w.grant.is_closed()) {
-            self.waiters.pop_front();
-        }
-        !self.waiters.is_empty()
-    }
-
-    fn remove(&mut self, id: u64) {
-        self.waiters.retain(|waiter| waiter.id != id);
-    }
-}
+/// Quota windows kept before idle ones are dropped (callers come from the callers file, so this
+/// is only reached after many reloads that renamed callers).
+const MAX_QUOTA_WINDOWS: usize = 1024;
 
 #[derive(Debug)]
 struct LaneState {
     budget: SlidingWindow,
-    interactive: ClassQueue,
-    background: ClassQueue,
+    interactive: FairQueue,
+    background: FairQueue,
+    /// Attempts started per caller in the quota window, for callers with a quota.
+    quotas: HashMap<Arc<str>, SlidingWindow>,
     /// Interactive grants since background work last got one while it was waiting.
     interactive_streak: u32,
     breaker: Breaker,
@@ -224,17 +216,37 @@ pub struct LaneCounters {
     pub circuit_rejections: u64,
     /// 429 answers received from the upstream.
     pub upstream_rate_limited: u64,
+    /// Attempts refused because their caller had used its quota.
+    pub quota_rejections: u64,
 }
 
 impl LaneState {
-    /// Number of grants that would precede a new attempt of `priority` under the weighting.
+    /// Number of grants that would precede a new attempt of `priority` under the weighting, for
+    /// a caller behind everyone already waiting in its class.
     fn ahead(&self, priority: Priority, share: u32) -> usize {
-        let interactive = self.interactive.len();
-        let background = self.background.len();
+        let in_class = self.queue_ref(priority).len();
+        self.with_other_class(priority, in_class, share)
+    }
+
+    /// Number of grants that would precede a new attempt of caller `flow` (at `weight`): in its
+    /// class only what fair queueing serves first, plus the other class's share of the grants.
+    fn ahead_of(&self, priority: Priority, flow: &FlowKey, weight: u32, share: u32) -> usize {
+        let in_class = self.queue_ref(priority).ahead(flow, weight);
+        self.with_other_class(priority, in_class, share)
+    }
+
+    fn with_other_class(&self, priority: Priority, in_class: usize, share: u32) -> usize {
         let share = share.max(1) as usize;
         match priority {
-            Priority::Interactive => interactive + background.min(interactive / share),
-            Priority::Background => background + interactive.min((background + 1) * share),
+            Priority::Interactive => in_class + self.background.len().min(in_class / share),
+            Priority::Background => in_class + self.interactive.len().min((in_class + 1) * share),
+        }
+    }
+
+    fn queue_ref(&self, priority: Priority) -> &FairQueue {
+        match priority {
+            Priority::Interactive => &self.interactive,
+            Priority::Background => &self.background,
         }
     }
 
@@ -251,7 +263,7 @@ impl LaneState {
         }
     }
 
-    fn queue(&mut self, priority: Priority) -> &mut ClassQueue {
+    fn queue(&mut self, priority: Priority) -> &mut FairQueue {
         match priority {
             Priority::Interactive => &mut self.interactive,
             Priority::Background => &mut self.background,
@@ -296,8 +308,9 @@ impl Lane {
                 settings.requests_per_window,
                 settings.window + settings.jitter_margin,
             ),
-            interactive: ClassQueue::default(),
-            background: ClassQueue::default(),
+            interactive: FairQueue::default(),
+            background: FairQueue::default(),
+            quotas: HashMap::new(),
             interactive_streak: 0,
             breaker: Breaker::new(settings.breaker.clone()),
             retry_budget: RetryBudget::new(settings.retry_budget.clone()),
@@ -378,7 +391,11 @@ impl Lane {
             }
         };
         match self.acquire(ctx).await {
-            Ok(granted_at) => Ok(Permit { granted_at, probe }),
+            Ok((granted_at, quota)) => Ok(Permit {
+                granted_at,
+                probe,
+                quota,
+            }),
             Err(error) => {
                 if probe {
                     self.lock().breaker.on_inconclusive(Instant::now());
@@ -401,8 +418,69 @@ impl Lane {
         .with_metadata("upstream", self.shared.upstream)
     }
 
-    /// Waits for a budget slot, or sheds. Returns the grant time.
-    async fn acquire(&self, ctx: &CallContext) -> Result<Instant> {
+    /// The error for a caller that has started its whole quota in the current window.
+    fn quota_exceeded(&self, caller: &str, limit: u32, wait: Duration) -> Error {
+        let retry = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+        Error::new(
+            ErrorCode::ResourceExhausted,
+            "CALLER_QUOTA_EXCEEDED",
+            format!(
+                "caller {caller} has used its quota of {limit} {} requests per {}",
+                self.shared.upstream,
+                humantime::format_duration(self.shared.settings.quota_window)
+            ),
+        )
+        .with_retry_after(retry.max(Duration::from_secs(1)))
+        .with_metadata("upstream", self.shared.upstream)
+        .with_metadata("caller", caller)
+        .with_metadata("quota", limit.to_string())
+    }
+
+    /// Counts one attempt against the caller's quota, or refuses it.
+    fn charge_quota(
+        &self,
+        state: &mut LaneState,
+        caller: Option<&Arc<str>>,
+        share: CallerShare,
+        now: Instant,
+    ) -> Result<Option<QuotaCharge>> {
+        let (Some(caller), Some(limit)) = (caller, share.quota_per_minute) else {
+            return Ok(None);
+        };
+        let window = self.shared.settings.quota_window;
+        if state.quotas.len() >= MAX_QUOTA_WINDOWS && !state.quotas.contains_key(caller) {
+            state.quotas.retain(|_, log| log.in_window(now) > 0);
+        }
+        let log = state
+            .quotas
+            .entry(Arc::clone(caller))
+            .or_insert_with(|| SlidingWindow::new(limit, window));
+        if log.limit() != limit.max(1) as usize {
+            // The quota changed with a reload: start counting afresh against the new one.
+            *log = SlidingWindow::new(limit, window);
+        }
+        match log.try_acquire(now) {
+            Ok(()) => Ok(Some(QuotaCharge {
+                caller: Arc::clone(caller),
+                at: now,
+            })),
+            Err(free_at) => {
+                state.counters.quota_rejections += 1;
+                Err(self.quota_exceeded(caller, limit, free_at - now))
+            }
+        }
+    }
+
+    fn refund_quota(state: &mut LaneState, charge: Option<&QuotaCharge>) {
+        if let Some(charge) = charge
+            && let Some(log) = state.quotas.get_mut(&charge.caller)
+        {
+            log.refund(charge.at);
+        }
+    }
+
+    /// Waits for a budget slot, or sheds. Returns the grant time and the quota charge.
+    async fn acquire(&self, ctx: &CallContext) -> Result<(Instant, Option<QuotaCharge>)> {
         let settings = &self.shared.settings;
         let now = Instant::now();
         let wait_limit = match ctx.remaining(now) {
@@ -411,23 +489,32 @@ impl Lane {
                 .min(settings.max_queue_wait),
             None => settings.max_queue_wait,
         };
-        let (id, mut granted) = {
+        let share = ctx
+            .caller
+            .as_deref()
+            .map_or_else(CallerShare::default, |caller| settings.shares.share(caller));
+        let flow: FlowKey = ctx.caller.clone();
+        let (id, mut granted, charge) = {
             let mut state = self.lock();
-            let ahead = state.ahead(ctx.priority, settings.background_share);
+            let charge = self.charge_quota(&mut state, ctx.caller.as_ref(), share, now)?;
+            let ahead =
+                state.ahead_of(ctx.priority, &flow, share.weight, settings.background_share);
             // Straight through only when nobody waits at all: a free slot with waiters is the
             // dispatcher's to hand out by weight, or interactive arrivals could starve
-            // background work that is already queued.
+            // background work that is already queued (and newcomers jump other callers).
             let nobody_waits = !state.interactive.has_live() && !state.background.has_live();
             if nobody_waits && state.budget.try_acquire(now).is_ok() {
                 state.counters.granted += 1;
-                return Ok(now);
+                return Ok((now, charge));
             }
             let wait = state.budget.estimate(now, ahead) - now;
             if wait > wait_limit || state.queue(ctx.priority).len() >= settings.max_queue {
                 state.counters.shed += 1;
+                Self::refund_quota(&mut state, charge.as_ref());
                 drop(state);
                 tracing::debug!(
                     upstream = self.shared.upstream,
+                    caller = ctx.caller.as_deref(),
                     wait_ms = wait.as_millis() as u64,
                     "shedding call: upstream budget has no room in time"
                 );
@@ -436,26 +523,38 @@ impl Lane {
             let id = state.next_waiter;
             state.next_waiter += 1;
             let (grant, granted) = oneshot::channel();
-            state.queue(ctx.priority).push(Waiter { id, grant });
-            (id, granted)
+            state
+                .queue(ctx.priority)
+                .push(flow.clone(), share.weight, Waiter { id, grant });
+            (id, granted, charge)
         };
         self.shared.wake.notify_one();
         tokio::select! {
-            result = &mut granted => result.map_err(|_| Error::internal(format!(
-                "{} scheduler stopped", self.shared.upstream
-            ))),
+            result = &mut granted => match result {
+                Ok(at) => Ok((at, charge)),
+                Err(_) => {
+                    Self::refund_quota(&mut self.lock(), charge.as_ref());
+                    Err(Error::internal(format!("{} scheduler stopped", self.shared.upstream)))
+                }
+            },
             () = tokio::time::sleep_until(now + wait_limit) => {
                 granted.close();
                 // The dispatcher may have granted just before the close; the wait limit keeps
                 // `min_attempt_time` in reserve, so the slot is still worth using.
                 if let Ok(at) = granted.try_recv() {
-                    return Ok(at);
+                    return Ok((at, charge));
                 }
+                let now = Instant::now();
                 let mut state = self.lock();
                 state.queue(ctx.priority).remove(id);
+                Self::refund_quota(&mut state, charge.as_ref());
+                state.counters.shed += 1;
+                let ahead =
+                    state.ahead_of(ctx.priority, &flow, share.weight, settings.background_share);
+                let wait = state.budget.estimate(now, ahead) - now;
                 drop(state);
                 self.shared.wake.notify_one();
-                Err(self.budget_error_for(ctx.priority))
+                Err(self.budget_exhausted(wait))
             }
         }
     }
@@ -544,6 +643,7 @@ impl Lane {
     fn release_unused(&self, permit: Permit) {
         let mut state = self.lock();
         state.budget.refund(permit.granted_at);
+        Self::refund_quota(&mut state, permit.quota.as_ref());
         state.counters.granted -= 1;
         if permit.probe {
             state.breaker.on_inconclusive(Instant::now());
