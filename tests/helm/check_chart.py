@@ -253,13 +253,60 @@ def check_ports(rendered: Rendered) -> None:
 def check_probes(rendered: Rendered) -> None:
     container = rendered.container()
     grpc_port = rendered.values["containerPorts"]["grpc"]
-    for probe_name in ("startupProbe", "livenessProbe", "readinessProbe"):
+    # Kubelet's gRPC probes cannot speak TLS: with TLS on, the admin port's endpoints answer.
+    tls = bool(rendered.values["tls"]["secretName"])
+    paths = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+    for probe_name, path in paths.items():
         probe = container.get(probe_name)
         assert probe, f"{probe_name} missing"
         handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & set(probe)
-        assert handlers == {"grpc"}, f"{probe_name} uses {sorted(handlers)}, not grpc"
-        assert probe["grpc"]["port"] == grpc_port, f"{probe_name} is not on the grpc port"
+        if tls:
+            assert handlers == {"httpGet"}, f"{probe_name} uses {sorted(handlers)} with tls"
+            assert probe["httpGet"] == {"path": path, "port": "http"}, probe_name
+        else:
+            assert handlers == {"grpc"}, f"{probe_name} uses {sorted(handlers)}, not grpc"
+            assert probe["grpc"]["port"] == grpc_port, f"{probe_name} is not on the grpc port"
         assert probe["timeoutSeconds"] >= 1 and probe["periodSeconds"] >= 1
+
+
+def check_callers_and_tls(rendered: Rendered) -> None:
+    """Callers and certificates reach the pod as read-only files from Secrets, mounted as whole
+    directories (a subPath mount would never see a Secret update, so nothing would reload)."""
+    values = rendered.values
+    env = rendered.env()
+    settings = rendered.config_map()
+    mounts = {m["name"]: m for m in rendered.container()["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+    assert settings["CXGW_TRUSTED_MESH"] == str(values["callers"]["trustedMesh"]).lower()
+    assert settings["CXGW_RELOAD_INTERVAL"] == values["callers"]["reloadInterval"]
+    expected_files = {}
+    callers = values["callers"]
+    if callers["existingSecret"]:
+        expected_files["CXGW_CALLERS_FILE"] = ("callers", callers["existingSecret"], "callers.toml")
+    tls = values["tls"]
+    if tls["secretName"]:
+        expected_files["CXGW_TLS_CERT_FILE"] = ("tls", tls["secretName"], "tls.crt")
+        expected_files["CXGW_TLS_KEY_FILE"] = ("tls", tls["secretName"], "tls.key")
+    if tls["clientCaSecretName"]:
+        expected_files["CXGW_TLS_CLIENT_CA_FILE"] = (
+            "client-ca",
+            tls["clientCaSecretName"],
+            "ca.crt",
+        )
+        assert settings["CXGW_TLS_CLIENT_AUTH"] == tls["clientAuth"]
+    for variable in ("CXGW_CALLERS_FILE", "CXGW_TLS_CERT_FILE", "CXGW_TLS_KEY_FILE",
+                     "CXGW_TLS_CLIENT_CA_FILE"):
+        assert variable not in settings, f"{variable} in the ConfigMap"
+        if variable not in expected_files:
+            assert variable not in env, f"{variable} set without its Secret"
+    for variable, (volume_name, secret_name, file_name) in expected_files.items():
+        mount = mounts[volume_name]
+        assert mount.get("readOnly") is True and "subPath" not in mount, volume_name
+        assert env[variable]["value"] == f"{mount['mountPath']}/{file_name}", variable
+        secret = volumes[volume_name]["secret"]
+        assert secret["secretName"] == secret_name, volume_name
+        assert secret["defaultMode"] == 0o440, volume_name
+        assert file_name in {item["path"] for item in secret["items"]}, volume_name
 
 
 def check_drain_timing(rendered: Rendered) -> None:
@@ -635,8 +682,15 @@ def check_test_hook(rendered: Rendered) -> None:
 def check_notes(rendered: Rendered) -> None:
     notes = rendered.notes
     assert f"port-forward service/{FULLNAME}" in notes, "no port-forward instructions"
-    assert "grpcurl -plaintext" in notes and "grpc.health.v1.Health/Check" in notes
     values = rendered.values
+    grpcurl = "grpcurl -cacert" if values["tls"]["secretName"] else "grpcurl -plaintext"
+    assert grpcurl in notes and "grpc.health.v1.Health/Check" in notes
+    callers_missing = not (
+        values["sandbox"]["enabled"]
+        or values["callers"]["existingSecret"]
+        or values["callers"]["trustedMesh"]
+    )
+    assert ("no callers are configured" in notes) == callers_missing, "missing-callers warning"
     keys = values["upstreamKeys"]
     keys_missing = (
         not values["sandbox"]["enabled"]
@@ -665,6 +719,7 @@ PROPERTY_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("single writer", check_single_writer),
     ("ports grpc/http", check_ports),
     ("grpc probes", check_probes),
+    ("callers and tls as files", check_callers_and_tls),
     ("drain timing", check_drain_timing),
     ("security contexts", check_security),
     ("resources", check_resources),
@@ -687,6 +742,14 @@ PROPERTY_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
 # Values the schema must refuse: (name, values, text the error must contain).
 
 BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "client CA without a server certificate",
+        {"tls": {"clientCaSecretName": "ca"}},
+        "/tls/secretName",
+    ),
+    ("client auth not known", {"tls": {"clientAuth": "sometimes"}}, "/tls/clientAuth"),
+    ("reload interval not a duration", {"callers": {"reloadInterval": "soon"}}, "reloadInterval"),
+    ("callers inline in the ConfigMap", {"config": {"extraSettings": {"CXGW_CALLERS": "x"}}}, "CXGW_CALLERS"),
     ("negative replicas", {"replicaCount": -1}, "/replicaCount"),
     ("replicas as a string", {"replicaCount": "1"}, "/replicaCount"),
     ("replicas fractional", {"replicaCount": 1.5}, "/replicaCount"),

@@ -131,3 +131,35 @@ The label a client pod carries to reach the gateway when networkPolicy.allowExte
 {{- define "cx-gateway.clientLabel" -}}
 {{- printf "%s-client" (include "cx-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/*
+Where the callers file, the server certificate and the client CA bundle are mounted (read-only).
+*/}}
+{{- define "cx-gateway.callersDir" -}}
+/etc/cx-gateway/callers
+{{- end }}
+{{- define "cx-gateway.tlsDir" -}}
+/etc/cx-gateway/tls
+{{- end }}
+{{- define "cx-gateway.clientCaDir" -}}
+/etc/cx-gateway/client-ca
+{{- end }}
+
+{{/*
+A probe: native gRPC health on the grpc port, or the admin port's HTTP endpoints when the gRPC
+port speaks TLS (kubelet's gRPC probes cannot). Call with (dict "ctx" $ "probe" .Values.xProbe
+"path" "/livez").
+*/}}
+{{- define "cx-gateway.probeHandler" -}}
+{{- if .ctx.Values.tls.secretName }}
+httpGet:
+  path: {{ .path }}
+  port: http
+{{- else }}
+grpc:
+  port: {{ .ctx.Values.containerPorts.grpc }}
+  {{- with .probe.service }}
+  service: {{ . | quote }}
+  {{- end }}
+{{- end }}
+{{- end }}
