@@ -47,6 +47,8 @@ impl ChildGateway {
                 "CXGW_RETAINLY_API_SECRET",
                 cx_sandbox::DEFAULT_RETAINLY_SECRET,
             )
+            // `serve` needs callers or a trusted mesh; these tests are about durability, not auth.
+            .env("CXGW_TRUSTED_MESH", "true")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (key, value) in settings {
