@@ -86,7 +86,7 @@ pub async fn run(
              every caller; every call that reaches this port is accepted"
         ),
         None => tracing::warn!(
-            "AUTHENTICATION IS OFF: no callers configured (CXGW_CALLERS_FILE or CXGW_CALLERS), so \
+            "authentication is off: no callers configured (CXGW_CALLERS_FILE or CXGW_CALLERS), so \
              every call is accepted; fine for trying the sandbox, never for real traffic"
         ),
     }

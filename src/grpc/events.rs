@@ -13,7 +13,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::app::App;
 use crate::error::{Error, Violations};
 use crate::grpc::convert::{error_to_item, recipient_outcome, timestamp_to_ms};
-use crate::grpc::deadline::Deadline;
 use crate::grpc::writes::{self, DeliveryFacts, WriteRpc};
 use crate::grpc::{methods, paging, validate};
 use crate::pb;
@@ -369,7 +368,8 @@ impl pb::event_service_server::EventService for EventApi {
         &self,
         request: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
-        let ctx = CallContext::interactive(Deadline::of(&request).map(|d| d.0));
+        // The deadline and the caller, whose fair share of the budget the call spends.
+        let ctx = crate::auth::interactive_context(&request);
         let request = request.into_inner();
         let mut v = Violations::new();
         let (mode, options_key) = validate::write_options(&mut v, request.options.as_ref());

@@ -713,3 +713,57 @@ async fn a_flooding_caller_cannot_crowd_out_a_trickling_one_against_the_sandbox(
     );
     sandbox.stop().await;
 }
+
+/// The caller named by its token reaches the scheduler: a caller with a quota of two upstream
+/// requests per minute gets its third TrackEvent refused with CALLER_QUOTA_EXCEEDED and RetryInfo,
+/// while another caller goes on unaffected.
+#[tokio::test]
+async fn a_callers_quota_applies_to_its_own_calls_only() {
+    use cx_gateway::pb::event_service_client::EventServiceClient;
+
+    let dir = dir();
+    let callers = dir.path.join("callers.toml");
+    let text = format!(
+        "{}[[caller]]\nname = \"capped\"\ntoken_sha256 = \"{}\"\npermissions = [\"events:write\"]\nquota_per_minute = 2\n",
+        callers_file(&[("free", SENDER_TOKEN, &["events:write"])], &[]),
+        sha256_hex(READER_TOKEN)
+    );
+    write_atomically(&callers, &text);
+    let gateway = start_with_callers(&callers, Vec::new()).await;
+    let track = |token: &'static str, n: usize| {
+        let channel = gateway.channel.clone();
+        async move {
+            let event = pb::Event {
+                customer_id: format!("cust-{n}"),
+                name: "page_viewed".to_owned(),
+                ..Default::default()
+            };
+            EventServiceClient::new(channel)
+                .track_event(with_token(
+                    pb::TrackEventRequest {
+                        event: Some(event),
+                        options: None,
+                    },
+                    Some(token),
+                ))
+                .await
+        }
+    };
+    track(READER_TOKEN, 1).await.unwrap();
+    track(READER_TOKEN, 2).await.unwrap();
+    let refused = track(READER_TOKEN, 3).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(reason(&refused), "CALLER_QUOTA_EXCEEDED");
+    let details = refused.get_error_details();
+    assert_eq!(details.error_info().unwrap().metadata["caller"], "capped");
+    assert!(details.retry_info().is_some_and(|retry| {
+        retry
+            .retry_delay
+            .is_some_and(|delay| delay >= Duration::from_secs(1))
+    }));
+    for n in 4..8 {
+        track(SENDER_TOKEN, n).await.unwrap();
+    }
+    assert_eq!(gateway.sandbox().handle().retainly_events().len(), 6);
+    gateway.stop().await.unwrap();
+}
