@@ -136,11 +136,13 @@ pub async fn run(
         )
         .add_service(health_service)
         .add_service(
-            pb::customer_service_server::CustomerServiceServer::new(grpc::CustomerApi::new())
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Gzip),
+            pb::customer_service_server::CustomerServiceServer::new(grpc::CustomerApi::new(
+                Arc::clone(&app),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
             pb::survey_service_server::SurveyServiceServer::new(grpc::SurveyApi::new())

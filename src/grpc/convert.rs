@@ -1,7 +1,9 @@
 //! Conversions shared by the adapters.
 
 use crate::domain::outbox::DeliveryError;
+use crate::error::Error;
 use crate::pb;
+use crate::upstream::retently;
 
 pub fn timestamp_from_ms(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -27,9 +29,24 @@ pub fn item_error(error: DeliveryError) -> pb::ItemError {
     }
 }
 
-/// A gateway error as the per-item `ItemError` of a response.
-pub fn error_to_item(error: &crate::error::Error) -> pb::ItemError {
-    item_error(DeliveryError::from(error))
+/// The longest `ItemError.message` the contract allows.
+const MAX_ITEM_MESSAGE_CHARS: usize = 1000;
+
+/// A gateway error as the per-item `ItemError` of a response: its code, reason, message and
+/// metadata, plus `field` when the upstream named the offending field (a 400/422 split per item).
+pub fn error_to_item(error: &Error) -> pb::ItemError {
+    let mut item = item_error(DeliveryError::from(error));
+    if let Some(violation) = error.violations().first()
+        && !violation.field.is_empty()
+    {
+        item.metadata
+            .entry("field".to_owned())
+            .or_insert_with(|| violation.field.clone());
+    }
+    if item.message.chars().count() > MAX_ITEM_MESSAGE_CHARS {
+        item.message = item.message.chars().take(MAX_ITEM_MESSAGE_CHARS).collect();
+    }
+    item
 }
 
 /// What one recipient's survey send came to, as the contract reports it: an answer is
@@ -72,5 +89,49 @@ pub fn recipient_outcome(
             (pb::RecipientOutcome::Unknown, Some(error_to_item(error)))
         }
         Err(error) => (pb::RecipientOutcome::Failed, Some(error_to_item(error))),
+    }
+}
+
+/// An upstream RFC 3339 instant (`2019-07-28T04:33:13.217Z`); `None` when absent or unreadable,
+/// since a missing date must not fail a whole read.
+pub fn timestamp_from_rfc3339(text: Option<&str>) -> Option<prost_types::Timestamp> {
+    let parsed = chrono::DateTime::parse_from_rfc3339(text?.trim()).ok()?;
+    Some(timestamp_from_ms(parsed.timestamp_millis()))
+}
+
+/// A Retently customer property, converted by its upstream `type`: `text`/`string` → string,
+/// `date` → timestamp, `integer`, `boolean`, `collection` → string list; a value its type cannot
+/// read, or an unknown type, stays a string so nothing is lost.
+pub fn property_from_retently(property: &retently::Property) -> pb::Property {
+    use pb::property_value::Kind;
+    let text = property.value.clone().unwrap_or_default();
+    let kind = property.kind.as_deref().unwrap_or("text");
+    let value = match kind.to_ascii_lowercase().as_str() {
+        "date" => timestamp_from_rfc3339(Some(&text)).map(Kind::TimestampValue),
+        "integer" => text.trim().parse().ok().map(Kind::IntegerValue),
+        "boolean" => match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "y" => Some(Kind::BoolValue(true)),
+            "false" | "0" | "no" | "n" => Some(Kind::BoolValue(false)),
+            _ => None,
+        },
+        "collection" => Some(Kind::StringListValue(pb::StringList {
+            values: text
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        })),
+        _ => None,
+    }
+    .unwrap_or(Kind::StringValue(text));
+    pb::Property {
+        name: property
+            .name
+            .clone()
+            .or_else(|| property.label.clone())
+            .unwrap_or_default(),
+        value: Some(pb::PropertyValue { kind: Some(value) }),
+        label: property.label.clone().unwrap_or_default(),
     }
 }

@@ -1,16 +1,330 @@
-//! `cx.gateway.v1.CustomerService`.
+//! `cx.gateway.v1.CustomerService`: customers and companies at Retently and Retainly.
+//!
+//! Each RPC validates its request ([`validation`]), then reads through `App::retently` or, for
+//! writes, takes the one write path ([`writes::run`]: SYNC or ASYNC, idempotency keys) with an
+//! execution function ([`execute`]) that the outbox worker also replays. Conversions live in
+//! [`convert`].
 
+mod convert;
+mod execute;
+mod validation;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tonic::{Request, Response, Status};
+
+pub(crate) use self::execute::{
+    execute_delete_array_items, execute_delete_customers, execute_resubscribe_customers,
+    execute_unsubscribe_customers, execute_upsert_array_items, execute_upsert_customers,
+};
+use self::validation::CustomerLookup;
+use crate::app::App;
+use crate::error::{Error, ErrorCode};
+use crate::grpc::deadline::Deadline;
+use crate::grpc::writes::{self, WriteRpc};
+use crate::grpc::{methods, paging};
 use crate::pb;
+use crate::upstream::CallContext;
+use crate::upstream::retently::{self, CompanyQuery, CustomerQuery, PageRequest};
 
 /// `cx.gateway.v1.CustomerService`.
-#[derive(Debug, Clone, Default)]
-pub struct CustomerApi {}
+#[derive(Clone)]
+pub struct CustomerApi {
+    app: Arc<App>,
+}
 
 impl CustomerApi {
-    pub fn new() -> Self {
-        Self {}
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
     }
 }
 
+/// The upstream context of a call: interactive, bounded by the caller's deadline.
+fn context<T>(request: &Request<T>) -> CallContext {
+    CallContext::interactive(Deadline::of(request).map(|deadline| deadline.0))
+}
+
+/// Whether a per-item failure may pass on a later attempt (the outbox then retries the write).
+fn is_transient(error: Option<&pb::ItemError>) -> bool {
+    use tonic::Code;
+    error.is_some_and(|error| {
+        [
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::Cancelled,
+        ]
+        .iter()
+        .any(|code| *code as i32 == error.code)
+    })
+}
+
+fn customer_results_transient(results: &[pb::CustomerWriteResult]) -> bool {
+    results
+        .iter()
+        .flat_map(|result| &result.outcomes)
+        .any(|outcome| is_transient(outcome.error.as_ref()))
+}
+
+fn record_results_transient(results: &[pb::ArrayRecordResult]) -> bool {
+    results
+        .iter()
+        .any(|result| is_transient(result.error.as_ref()))
+}
+
+/// Implements [`WriteRpc`] for a request and its response. `$results` names the function that
+/// tells whether a response holds a transient per-item failure.
+macro_rules! write_rpc {
+    ($request:ty, $response:ty, $method:expr, replay_safe: $safe:expr, $results:ident) => {
+        impl WriteRpc for $request {
+            type Response = $response;
+            const METHOD: &'static str = $method;
+            const REPLAY_SAFE: bool = $safe;
+
+            fn without_options(mut self) -> Self {
+                self.options = None;
+                self
+            }
+
+            fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
+                response.delivery_id = delivery_id;
+            }
+
+            fn has_transient_failure(response: &Self::Response) -> bool {
+                $results(&response.results)
+            }
+        }
+    };
+}
+
+// Upserts, deletes and (un)subscribes leave the upstream as one success would when repeated.
+write_rpc!(pb::UpsertCustomersRequest, pb::UpsertCustomersResponse,
+    methods::UPSERT_CUSTOMERS, replay_safe: true, customer_results_transient);
+write_rpc!(pb::DeleteCustomersRequest, pb::DeleteCustomersResponse,
+    methods::DELETE_CUSTOMERS, replay_safe: true, customer_results_transient);
+write_rpc!(pb::UnsubscribeCustomersRequest, pb::UnsubscribeCustomersResponse,
+    methods::UNSUBSCRIBE_CUSTOMERS, replay_safe: true, customer_results_transient);
+write_rpc!(pb::ResubscribeCustomersRequest, pb::ResubscribeCustomersResponse,
+    methods::RESUBSCRIBE_CUSTOMERS, replay_safe: true, customer_results_transient);
+// Array items without an `item_id` are appended, so a repeat could add them twice.
+write_rpc!(pb::UpsertCustomerArrayItemsRequest, pb::UpsertCustomerArrayItemsResponse,
+    methods::UPSERT_CUSTOMER_ARRAY_ITEMS, replay_safe: false, record_results_transient);
+write_rpc!(pb::DeleteCustomerArrayItemsRequest, pb::DeleteCustomerArrayItemsResponse,
+    methods::DELETE_CUSTOMER_ARRAY_ITEMS, replay_safe: true, record_results_transient);
+
+fn date_time(seconds: i64) -> Result<DateTime<Utc>, Error> {
+    DateTime::from_timestamp(seconds, 0)
+        .ok_or_else(|| Error::internal(format!("{seconds} is not a representable instant")))
+}
+
+/// Upstream page numbers and sizes in the upstream's terms.
+fn page(size: usize, page: u32, sort: &str) -> PageRequest {
+    PageRequest {
+        page: Some(page),
+        // Validation bounds sizes to 1..=1,000.
+        limit: Some(u32::try_from(size).unwrap_or(retently::MAX_PAGE_SIZE)),
+        sort: Some(sort.to_owned()),
+    }
+}
+
+/// The token of the page after `page`, when Retently says there is one.
+fn next_page<T>(page: &retently::Page<T>, requested: u32) -> Option<i64> {
+    page.has_more().then(|| i64::from(requested) + 1)
+}
+
 #[tonic::async_trait]
-impl pb::customer_service_server::CustomerService for CustomerApi {}
+impl pb::customer_service_server::CustomerService for CustomerApi {
+    async fn upsert_customers(
+        &self,
+        request: Request<pb::UpsertCustomersRequest>,
+    ) -> Result<Response<pb::UpsertCustomersResponse>, Status> {
+        let ctx = context(&request);
+        let request = request.into_inner();
+        let write = validation::upsert_customers(&request)?;
+        let app = &self.app;
+        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
+            execute_upsert_customers(app, r, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_customer(
+        &self,
+        request: Request<pb::GetCustomerRequest>,
+    ) -> Result<Response<pb::GetCustomerResponse>, Status> {
+        let ctx = context(&request);
+        let lookup = validation::get_customer(request.get_ref())?;
+        let customer = match lookup {
+            CustomerLookup::RetentlyId(id) => self.app.retently.get_customer(&ctx, &id).await?,
+            CustomerLookup::Email(email) => {
+                let query = CustomerQuery {
+                    email: Some(email),
+                    page: PageRequest {
+                        page: None,
+                        // An exact match: one record at most is expected.
+                        limit: Some(1),
+                        sort: None,
+                    },
+                    ..CustomerQuery::default()
+                };
+                let page = self.app.retently.list_customers(&ctx, query).await?;
+                page.items.into_iter().next().ok_or_else(|| {
+                    Error::new(
+                        ErrorCode::NotFound,
+                        "UPSTREAM_NOT_FOUND",
+                        "retently has no customer with this email",
+                    )
+                    .with_metadata("upstream", "retently")
+                    .with_metadata("status", "200")
+                })?
+            }
+        };
+        Ok(Response::new(pb::GetCustomerResponse {
+            customer: Some(convert::customer(&customer)),
+        }))
+    }
+
+    async fn list_customers(
+        &self,
+        request: Request<pb::ListCustomersRequest>,
+    ) -> Result<Response<pb::ListCustomersResponse>, Status> {
+        let ctx = context(&request);
+        let list = validation::list_customers(request.get_ref(), Utc::now().timestamp())?;
+        let query = CustomerQuery {
+            email: list.email.clone(),
+            created_from: list.start.map(date_time).transpose()?,
+            created_to: Some(date_time(list.end)?),
+            page: page(list.size, list.page, list.sort),
+        };
+        let page = self.app.retently.list_customers(&ctx, query).await?;
+        Ok(Response::new(pb::ListCustomersResponse {
+            customers: page.items.iter().map(convert::customer).collect(),
+            next_page_token: paging::next_pinned_page_token(
+                next_page(&page, list.page),
+                list.size,
+                &list.filters,
+                list.end,
+            ),
+            total_size: page
+                .total
+                .map_or(0, |total| i64::try_from(total).unwrap_or(i64::MAX)),
+        }))
+    }
+
+    async fn delete_customers(
+        &self,
+        request: Request<pb::DeleteCustomersRequest>,
+    ) -> Result<Response<pb::DeleteCustomersResponse>, Status> {
+        let ctx = context(&request);
+        let request = request.into_inner();
+        let write = validation::delete_customers(&request)?;
+        let app = &self.app;
+        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
+            execute_delete_customers(app, r, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn unsubscribe_customers(
+        &self,
+        request: Request<pb::UnsubscribeCustomersRequest>,
+    ) -> Result<Response<pb::UnsubscribeCustomersResponse>, Status> {
+        let ctx = context(&request);
+        let request = request.into_inner();
+        let write = validation::subscription_change(
+            &request.emails,
+            &request.message,
+            request.options.as_ref(),
+        )?;
+        let app = &self.app;
+        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
+            execute_unsubscribe_customers(app, r, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn resubscribe_customers(
+        &self,
+        request: Request<pb::ResubscribeCustomersRequest>,
+    ) -> Result<Response<pb::ResubscribeCustomersResponse>, Status> {
+        let ctx = context(&request);
+        let request = request.into_inner();
+        let write = validation::subscription_change(&request.emails, "", request.options.as_ref())?;
+        let app = &self.app;
+        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
+            execute_resubscribe_customers(app, r, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn upsert_customer_array_items(
+        &self,
+        request: Request<pb::UpsertCustomerArrayItemsRequest>,
+    ) -> Result<Response<pb::UpsertCustomerArrayItemsResponse>, Status> {
+        let ctx = context(&request);
+        let request = request.into_inner();
+        let write = validation::upsert_array_items(&request)?;
+        let app = &self.app;
+        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
+            execute_upsert_array_items(app, r, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn delete_customer_array_items(
+        &self,
+        request: Request<pb::DeleteCustomerArrayItemsRequest>,
+    ) -> Result<Response<pb::DeleteCustomerArrayItemsResponse>, Status> {
+        let ctx = context(&request);
+        let request = request.into_inner();
+        let write = validation::delete_array_items(&request)?;
+        let app = &self.app;
+        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
+            execute_delete_array_items(app, r, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_companies(
+        &self,
+        request: Request<pb::ListCompaniesRequest>,
+    ) -> Result<Response<pb::ListCompaniesResponse>, Status> {
+        let ctx = context(&request);
+        let list = validation::list_companies(request.get_ref())?;
+        let query = CompanyQuery {
+            page: page(list.size, list.page, list.sort),
+        };
+        let page = self.app.retently.list_companies(&ctx, query).await?;
+        Ok(Response::new(pb::ListCompaniesResponse {
+            companies: page.items.iter().map(convert::company).collect(),
+            next_page_token: paging::next_page_token(
+                next_page(&page, list.page),
+                list.size,
+                &list.filters,
+            ),
+            total_size: page
+                .total
+                .map_or(0, |total| i64::try_from(total).unwrap_or(i64::MAX)),
+        }))
+    }
+
+    async fn get_company(
+        &self,
+        request: Request<pb::GetCompanyRequest>,
+    ) -> Result<Response<pb::GetCompanyResponse>, Status> {
+        let ctx = context(&request);
+        let key = validation::get_company(request.get_ref())?;
+        let company = self.app.retently.company(&ctx, &key).await?;
+        Ok(Response::new(pb::GetCompanyResponse {
+            company: Some(convert::company(&company)),
+        }))
+    }
+}

@@ -3,6 +3,10 @@
 //! A token carries the position to continue after, the page size it was issued for, and a
 //! fingerprint of the request's filters: a token reused with other filters or another page size
 //! is refused (AIP-158) instead of returning a silently inconsistent page.
+//!
+//! Lists over data that grows while a caller pages (customers, feedback) pin the end of their
+//! time range on the first page ([`pinned_page_request`]); the pinned instant travels in the
+//! token, so every later page asks the upstream for the same range.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -36,22 +40,81 @@ pub fn page_request(
     if page_token.is_empty() {
         return (size, PagePosition { after: 0 });
     }
+    match checked(violations, page_token, size, filters) {
+        Some((after, None)) => (size, PagePosition { after }),
+        Some((_, Some(_))) => {
+            violations.add("page_token", "is not a token this list issued");
+            (size, PagePosition { after: 0 })
+        }
+        None => (size, PagePosition { after: 0 }),
+    }
+}
+
+/// Like [`page_request`], for a list whose time range ends at an instant pinned by the first
+/// page: returns the instant the token carries, or `now` on the first page.
+pub fn pinned_page_request(
+    violations: &mut Violations,
+    page_size: i32,
+    page_token: &str,
+    (default, max): (usize, usize),
+    filters: &str,
+    now: i64,
+) -> (usize, PagePosition, i64) {
+    let (size, _) = page_request(violations, page_size, "", default, max, filters);
+    if page_token.is_empty() {
+        return (size, PagePosition { after: 0 }, now);
+    }
+    match checked(violations, page_token, size, filters) {
+        Some((after, Some(pinned))) => (size, PagePosition { after }, pinned),
+        Some((_, None)) => {
+            violations.add("page_token", "is not a token this list issued");
+            (size, PagePosition { after: 0 }, now)
+        }
+        None => (size, PagePosition { after: 0 }, now),
+    }
+}
+
+/// The token for the page after `after` of a list pinned at `pinned`, or empty when there is
+/// none.
+pub fn next_pinned_page_token(
+    after: Option<i64>,
+    size: usize,
+    filters: &str,
+    pinned: i64,
+) -> String {
+    match after {
+        None => String::new(),
+        Some(after) => URL_SAFE_NO_PAD.encode(format!(
+            "v1:{after}:{size}:{:016x}:{pinned}",
+            filters_fingerprint(filters)
+        )),
+    }
+}
+
+/// Decodes a token and checks it against the request, recording a violation when it does not
+/// fit; returns its position and pinned instant.
+fn checked(
+    violations: &mut Violations,
+    page_token: &str,
+    size: usize,
+    filters: &str,
+) -> Option<(i64, Option<i64>)> {
     match decode(page_token) {
-        Some((after, token_size, fingerprint))
+        Some((after, token_size, fingerprint, pinned))
             if token_size == size && fingerprint == filters_fingerprint(filters) =>
         {
-            (size, PagePosition { after })
+            Some((after, pinned))
         }
         Some(_) => {
             violations.add(
                 "page_token",
                 "was issued for other filters or another page_size",
             );
-            (size, PagePosition { after: 0 })
+            None
         }
         None => {
             violations.add("page_token", "is not a token this list issued");
-            (size, PagePosition { after: 0 })
+            None
         }
     }
 }
@@ -67,7 +130,7 @@ pub fn next_page_token(after: Option<i64>, size: usize, filters: &str) -> String
     }
 }
 
-fn decode(token: &str) -> Option<(i64, usize, u64)> {
+fn decode(token: &str) -> Option<(i64, usize, u64, Option<i64>)> {
     let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
     let text = String::from_utf8(bytes).ok()?;
     let mut parts = text.split(':');
@@ -77,7 +140,14 @@ fn decode(token: &str) -> Option<(i64, usize, u64)> {
     let after = parts.next()?.parse().ok()?;
     let size = parts.next()?.parse().ok()?;
     let fingerprint = u64::from_str_radix(parts.next()?, 16).ok()?;
-    parts.next().is_none().then_some((after, size, fingerprint))
+    let pinned = match parts.next() {
+        None => None,
+        Some(pinned) => Some(pinned.parse().ok()?),
+    };
+    parts
+        .next()
+        .is_none()
+        .then_some((after, size, fingerprint, pinned))
 }
 
 /// FNV-1a: stable across builds and platforms (unlike `DefaultHasher`), and only needs to tell
@@ -106,6 +176,28 @@ mod tests {
             let error = violations.into_result().unwrap_err();
             assert_eq!(error.violations()[0].field, "page_token");
         }
+    }
+
+    #[test]
+    fn pinned_tokens_carry_their_instant_and_are_not_plain_tokens() {
+        let mut violations = Violations::new();
+        let (size, position, pinned) =
+            pinned_page_request(&mut violations, 0, "", (20, 1000), "f", 1_700_000_000);
+        assert_eq!((size, position.after, pinned), (20, 0, 1_700_000_000));
+        let token = next_pinned_page_token(Some(2), size, "f", pinned);
+        let (_, position, pinned) =
+            pinned_page_request(&mut violations, 0, &token, (20, 1000), "f", 1_800_000_000);
+        assert!(violations.is_empty());
+        assert_eq!((position.after, pinned), (2, 1_700_000_000));
+
+        // Each kind of list refuses the other's tokens.
+        let plain = next_page_token(Some(2), 20, "f");
+        pinned_page_request(&mut violations, 0, &plain, (20, 1000), "f", 0);
+        page_request(&mut violations, 0, &token, 20, 1000, "f");
+        pinned_page_request(&mut violations, 0, &token, (20, 1000), "g", 0);
+        let error = violations.into_result().unwrap_err();
+        assert_eq!(error.violations().len(), 3);
+        assert!(error.violations().iter().all(|v| v.field == "page_token"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::app::App;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
 use crate::error::{Error, ErrorCode};
-use crate::grpc::methods;
+use crate::grpc::{customers, methods};
 use crate::pb;
 use crate::upstream::CallContext;
 
@@ -265,6 +265,46 @@ impl Executor for WriteExecutor {
                 replay::<pb::TrackEventRequest, _, _>(request, delivery_id, |r, ctx| {
                     crate::grpc::events::execute_track_event(app, r, ctx)
                 })
+                .await
+            }
+            methods::UPSERT_CUSTOMERS => {
+                replay::<pb::UpsertCustomersRequest, _, _>(request, delivery_id, |r, ctx| {
+                    customers::execute_upsert_customers(app, r, ctx)
+                })
+                .await
+            }
+            methods::DELETE_CUSTOMERS => {
+                replay::<pb::DeleteCustomersRequest, _, _>(request, delivery_id, |r, ctx| {
+                    customers::execute_delete_customers(app, r, ctx)
+                })
+                .await
+            }
+            methods::UNSUBSCRIBE_CUSTOMERS => {
+                replay::<pb::UnsubscribeCustomersRequest, _, _>(request, delivery_id, |r, ctx| {
+                    customers::execute_unsubscribe_customers(app, r, ctx)
+                })
+                .await
+            }
+            methods::RESUBSCRIBE_CUSTOMERS => {
+                replay::<pb::ResubscribeCustomersRequest, _, _>(request, delivery_id, |r, ctx| {
+                    customers::execute_resubscribe_customers(app, r, ctx)
+                })
+                .await
+            }
+            methods::UPSERT_CUSTOMER_ARRAY_ITEMS => {
+                replay::<pb::UpsertCustomerArrayItemsRequest, _, _>(
+                    request,
+                    delivery_id,
+                    |r, ctx| customers::execute_upsert_array_items(app, r, ctx),
+                )
+                .await
+            }
+            methods::DELETE_CUSTOMER_ARRAY_ITEMS => {
+                replay::<pb::DeleteCustomerArrayItemsRequest, _, _>(
+                    request,
+                    delivery_id,
+                    |r, ctx| customers::execute_delete_array_items(app, r, ctx),
+                )
                 .await
             }
             _ => Attempt::Failed {
