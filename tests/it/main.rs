@@ -4,6 +4,7 @@
 mod auth;
 mod child;
 mod crash;
+mod customers;
 mod events;
 mod foundation;
 mod support;

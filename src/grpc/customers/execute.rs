@@ -5,6 +5,7 @@
 use std::future::Future;
 
 use futures_util::future::join_all;
+use tokio::time::Instant;
 
 use super::convert::{self, applied, failed};
 use super::validation::MAX_ITEMS;
@@ -33,15 +34,29 @@ fn normalised_email(email: &str) -> String {
 }
 
 /// The contract answers DEADLINE_EXCEEDED when the deadline passes before every outcome is known,
-/// rather than reporting items as failed that may well have been applied.
-fn deadline_passed<'a>(errors: impl IntoIterator<Item = &'a Error>) -> Result<()> {
-    match errors
-        .into_iter()
-        .find(|error| error.code() == ErrorCode::DeadlineExceeded)
-    {
-        Some(error) => Err(error.clone()),
-        None => Ok(()),
+/// rather than reporting items as failed that may well have been applied: an item the scheduler
+/// gave up on for lack of time, or one whose upstream call was still unanswered (timed out, cut
+/// off) when the deadline came.
+fn unknown_at_deadline<'a>(
+    ctx: &CallContext,
+    errors: impl IntoIterator<Item = &'a Error>,
+) -> Result<()> {
+    let passed = ctx
+        .deadline
+        .is_some_and(|deadline| Instant::now() >= deadline);
+    for error in errors {
+        let unknown = error.code() == ErrorCode::DeadlineExceeded
+            || (passed && error.code() == ErrorCode::Unavailable);
+        if unknown {
+            return Err(Error::new(
+                ErrorCode::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+                "the deadline passed before every outcome was known; some writes may have been \
+                 applied, repeat the call with the same idempotency key",
+            ));
+        }
     }
+    Ok(())
 }
 
 /// One slot per item and destination, filled as the upstream calls answer.
@@ -98,7 +113,11 @@ fn email_outcome(outcome: &Result<EmailOutcome>) -> pb::DestinationOutcome {
 
 /// Sends address changes in calls of Retently's size, so one failed call fails only its own
 /// addresses; one outcome per address, in order.
-async fn change_emails<F, Fut>(emails: Vec<String>, change: F) -> Result<Vec<Result<EmailOutcome>>>
+async fn change_emails<F, Fut>(
+    ctx: &CallContext,
+    emails: Vec<String>,
+    change: F,
+) -> Result<Vec<Result<EmailOutcome>>>
 where
     F: Fn(Vec<String>) -> Fut,
     Fut: Future<Output = Result<Vec<Result<EmailOutcome>>>>,
@@ -121,8 +140,7 @@ where
             Err(error) => outcomes.extend((0..size).map(|_| Err(error.clone()))),
         }
     }
-    let errors: Vec<&Error> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
-    deadline_passed(errors)?;
+    unknown_at_deadline(ctx, outcomes.iter().filter_map(|o| o.as_ref().err()))?;
     Ok(outcomes)
 }
 
@@ -169,7 +187,7 @@ pub(crate) async fn execute_upsert_customers(
         .flatten()
         .filter_map(|r| r.as_ref().err())
         .chain(retainly.iter().flatten().filter_map(|r| r.as_ref().err()));
-    deadline_passed(errors)?;
+    unknown_at_deadline(&ctx, errors)?;
     let mut per_destination = Vec::new();
     if let Some(outcomes) = retently {
         let outcomes = outcomes
@@ -225,7 +243,7 @@ pub(crate) async fn execute_delete_customers(
             .map(|c| normalised_email(&c.email))
             .collect();
         Some(
-            change_emails(emails, |chunk| {
+            change_emails(&ctx, emails, |chunk| {
                 let ctx = ctx.clone();
                 async move { app.retently.delete_customers(&ctx, chunk).await }
             })
@@ -245,7 +263,7 @@ pub(crate) async fn execute_delete_customers(
     };
     let (retently, retainly) = tokio::join!(retently, retainly);
     if let Some(Err(error)) = &retainly {
-        deadline_passed([error])?;
+        unknown_at_deadline(&ctx, [error])?;
     }
     let mut per_destination = Vec::new();
     if let Some(outcomes) = retently {
@@ -284,7 +302,7 @@ async fn subscription_change(
         emails.iter().map(|email| (String::new(), email.clone())),
     );
     let normalised = emails.iter().map(|email| normalised_email(email)).collect();
-    let outcomes = change_emails(normalised, |chunk| {
+    let outcomes = change_emails(&ctx, normalised, |chunk| {
         let ctx = ctx.clone();
         let message = message.clone();
         async move {
@@ -481,7 +499,7 @@ pub(crate) async fn execute_upsert_array_items(
         async move { app.retainly.upsert_array_items(&ctx, batch).await }
     })
     .await;
-    deadline_passed(outcomes.iter().filter_map(|o| o.as_ref().err()))?;
+    unknown_at_deadline(&ctx, outcomes.iter().filter_map(|o| o.as_ref().err()))?;
     Ok(pb::UpsertCustomerArrayItemsResponse {
         delivery_id: String::new(),
         results: record_results(
@@ -509,7 +527,7 @@ pub(crate) async fn execute_delete_array_items(
         async move { app.retainly.delete_array_items(&ctx, batch).await }
     })
     .await;
-    deadline_passed(outcomes.iter().filter_map(|o| o.as_ref().err()))?;
+    unknown_at_deadline(&ctx, outcomes.iter().filter_map(|o| o.as_ref().err()))?;
     Ok(pb::DeleteCustomerArrayItemsResponse {
         delivery_id: String::new(),
         results: record_results(
@@ -530,6 +548,7 @@ const _: () = assert!(MAX_ITEMS <= crate::upstream::retainly::MAX_BATCH);
 mod tests {
     use super::*;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     fn invalid(fields: &[&str]) -> Error {
         Error::new(
@@ -583,6 +602,23 @@ mod tests {
         // A violation outside the records is about the call, not a record.
         let outcomes = send_records(vec![1, 2], |_| async { Err(invalid(&["records"])) }).await;
         assert!(outcomes.iter().all(Result::is_err));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_unknown_at_the_deadline_fail_the_call() {
+        let unavailable = Error::new(ErrorCode::Unavailable, "UPSTREAM_TIMEOUT", "no answer");
+        let rejected = invalid(&["records[0]"]);
+        let later = CallContext::interactive_within(Duration::from_secs(1));
+        assert!(unknown_at_deadline(&later, [&unavailable, &rejected]).is_ok());
+        let passed = CallContext::interactive(Some(Instant::now()));
+        let error = unknown_at_deadline(&passed, [&rejected, &unavailable]).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::DeadlineExceeded);
+        // Known outcomes stay per item even after the deadline.
+        assert!(unknown_at_deadline(&passed, [&rejected]).is_ok());
+        // The scheduler's own verdict counts whenever it comes.
+        let gave_up = Error::new(ErrorCode::DeadlineExceeded, "DEADLINE_EXCEEDED", "too late");
+        assert!(unknown_at_deadline(&later, [&gave_up]).is_err());
+        assert!(unknown_at_deadline(&CallContext::background(), [&unavailable]).is_ok());
     }
 
     #[test]
