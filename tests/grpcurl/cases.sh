@@ -38,3 +38,46 @@ case_ "TrackEvent with bad input names the fields" 67 'INVALID_FIELDS' '"field":
 case_ "TrackEvents (client stream) counts events" 0 '"acceptedCount": "2"' -- \
   -d '{"events": [{"customer_id": "g2", "name": "bulk"}]} {"events": [{"customer_id": "g3", "name": "bulk"}]}' \
   "$addr" cx.gateway.v1.EventService/TrackEvents
+
+# CustomerService
+customers='{"customers": [{"customer_id": "gc-1", "email": "Ann@grpcurl-demo.com", "first_name": "Ann",
+  "company": "Grpcurl Demo", "tags": ["vip"], "properties": [{"name": "plan", "value": {"string_value": "pro"}},
+  {"name": "seats", "value": {"integer_value": "12"}}]}], "destinations": ["DESTINATION_RETENTLY", "DESTINATION_RETAINLY"]}'
+case_ "UpsertCustomers writes both destinations" 0 '"outcome": "WRITE_OUTCOME_CREATED"' \
+  '"outcome": "WRITE_OUTCOME_APPLIED"' '"retentlyId": "[0-9a-f]{24}"' -- \
+  -d "$customers" "$addr" cx.gateway.v1.CustomerService/UpsertCustomers
+case_ "UpsertCustomers ASYNC answers with a delivery id" 0 '"deliveryId": "dlv_[0-9a-f]{32}"' -- \
+  -d '{"customers": [{"customer_id": "gc-2"}], "destinations": ["DESTINATION_RETAINLY"],
+  "options": {"mode": "DELIVERY_MODE_ASYNC"}}' "$addr" cx.gateway.v1.CustomerService/UpsertCustomers
+case_ "UpsertCustomers with bad input names the field" 67 'Code: InvalidArgument' \
+  '"field":"customers\[0\]\.email"' -- \
+  -d '{"customers": [{"email": "not-an-address"}], "destinations": ["DESTINATION_RETENTLY"]}' \
+  "$addr" cx.gateway.v1.CustomerService/UpsertCustomers
+case_ "GetCustomer by email reads typed properties" 0 '"email": "ann@grpcurl-demo.com"' \
+  '"integerValue": "12"' -- \
+  -d '{"email": "ann@grpcurl-demo.com"}' "$addr" cx.gateway.v1.CustomerService/GetCustomer
+case_ "GetCustomer of an unknown id is NOT_FOUND" 69 'Code: NotFound' 'UPSTREAM_NOT_FOUND' -- \
+  -d '{"retently_id": "0123456789abcdef01234567"}' "$addr" cx.gateway.v1.CustomerService/GetCustomer
+case_ "ListCustomers pages newest first" 0 '"nextPageToken": "[A-Za-z0-9_-]+"' '"totalSize": "20[01]"' -- \
+  -d '{"page_size": 2}' "$addr" cx.gateway.v1.CustomerService/ListCustomers
+case_ "UnsubscribeCustomers opts out at Retently" 0 '"outcome": "WRITE_OUTCOME_APPLIED"' -- \
+  -d '{"emails": ["ann@grpcurl-demo.com"], "message": "asked by phone"}' \
+  "$addr" cx.gateway.v1.CustomerService/UnsubscribeCustomers
+case_ "ResubscribeCustomers opts back in" 0 '"outcome": "WRITE_OUTCOME_APPLIED"' -- \
+  -d '{"emails": ["ann@grpcurl-demo.com"]}' "$addr" cx.gateway.v1.CustomerService/ResubscribeCustomers
+case_ "UpsertCustomerArrayItems adds items" 0 '"field": "purchases"' '"outcome": "WRITE_OUTCOME_APPLIED"' -- \
+  -d '{"records": [{"customer_id": "gc-1", "field": "purchases",
+  "items": [{"item_id": "p1", "fields": {"amount": 12, "products": [{"name": "apple"}]}}]}]}' \
+  "$addr" cx.gateway.v1.CustomerService/UpsertCustomerArrayItems
+case_ "DeleteCustomerArrayItems removes items by id" 0 '"outcome": "WRITE_OUTCOME_APPLIED"' -- \
+  -d '{"records": [{"customer_id": "gc-1", "field": "purchases", "item_ids": ["p1"]}]}' \
+  "$addr" cx.gateway.v1.CustomerService/DeleteCustomerArrayItems
+case_ "ListCompanies pages newest first" 0 '"companyId": "[0-9a-f]{24}"' '"nextPageToken": "[A-Za-z0-9_-]+"' -- \
+  -d '{"page_size": 3}' "$addr" cx.gateway.v1.CustomerService/ListCompanies
+case_ "GetCompany by domain" 0 '"name": "Grpcurl Demo"' '"domain": "grpcurl-demo.com"' -- \
+  -d '{"domain": "GRPCURL-DEMO.com"}' "$addr" cx.gateway.v1.CustomerService/GetCompany
+case_ "DeleteCustomers deletes at both destinations" 0 '"destination": "DESTINATION_RETENTLY"' \
+  '"destination": "DESTINATION_RETAINLY"' '"outcome": "WRITE_OUTCOME_APPLIED"' -- \
+  -d '{"customers": [{"customer_id": "gc-1", "email": "ann@grpcurl-demo.com"}],
+  "destinations": ["DESTINATION_RETENTLY", "DESTINATION_RETAINLY"]}' \
+  "$addr" cx.gateway.v1.CustomerService/DeleteCustomers
