@@ -45,19 +45,25 @@ fn context<T>(request: &Request<T>) -> CallContext {
     CallContext::interactive(Deadline::of(request).map(|deadline| deadline.0))
 }
 
-/// Whether a per-item failure may pass on a later attempt (the outbox then retries the write).
+/// Whether a per-item failure may pass on a later attempt (the outbox then retries the write):
+/// the same rule the outbox applies to a failed call.
 fn is_transient(error: Option<&pb::ItemError>) -> bool {
     use tonic::Code;
     error.is_some_and(|error| {
-        [
-            Code::Unavailable,
-            Code::ResourceExhausted,
-            Code::DeadlineExceeded,
-            Code::Aborted,
-            Code::Cancelled,
-        ]
-        .iter()
-        .any(|code| *code as i32 == error.code)
+        let credentials = matches!(
+            error.reason.as_str(),
+            "UPSTREAM_CREDENTIALS_REJECTED" | "UPSTREAM_CREDENTIALS_INVALID"
+        );
+        credentials
+            || [
+                Code::Unavailable,
+                Code::ResourceExhausted,
+                Code::DeadlineExceeded,
+                Code::Aborted,
+                Code::Cancelled,
+            ]
+            .iter()
+            .any(|code| *code as i32 == error.code)
     })
 }
 

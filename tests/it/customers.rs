@@ -1126,6 +1126,43 @@ async fn an_async_write_is_retried_until_the_upstream_recovers() {
 }
 
 #[tokio::test]
+async fn an_async_append_retainly_may_have_applied_is_dead_lettered_in_doubt() {
+    let gateway = TestGateway::start().await;
+    let mut client = client(&gateway);
+    let sandbox = sandbox(&gateway);
+    sandbox.set_faults(
+        Api::Retainly,
+        FaultConfig {
+            error_rate: 1.0,
+            error_statuses: vec![502],
+            ..Default::default()
+        },
+    );
+    // An item without an id is appended: sent twice, it would be stored twice.
+    let queued = client
+        .upsert_customer_array_items(pb::UpsertCustomerArrayItemsRequest {
+            records: vec![pb::CustomerArrayItems {
+                customer_id: "c-doubt".to_owned(),
+                field: "purchases".to_owned(),
+                items: vec![item("", json!({"amount": 1}))],
+            }],
+            options: options(pb::DeliveryMode::Async, ""),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let delivery = finished(&gateway.channel, &queued.delivery_id).await;
+    assert_eq!(delivery.state, pb::DeliveryState::DeadLettered as i32);
+    let error = delivery.last_error.unwrap();
+    assert_eq!(error.code, tonic::Code::Unavailable as i32);
+    assert_eq!(error.metadata["in_doubt"], "true");
+    assert_eq!(error.metadata["upstream"], "retainly");
+    // Sent once, never repeated.
+    assert_eq!(count(&sandbox, Api::Retainly, "/arrays", 502), 1);
+    gateway.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_passed_deadline_is_deadline_exceeded() {
     // The deadline comes from the gateway's default: a client-side timeout would make the tonic
     // client give up on its own (as CANCELLED) at the same instant.

@@ -12,8 +12,8 @@ use super::validation::MAX_ITEMS;
 use crate::app::App;
 use crate::error::{Error, ErrorCode, FieldViolation, Result};
 use crate::pb;
-use crate::upstream::CallContext;
 use crate::upstream::retently::{EmailOutcome, MAX_CHANGE_BATCH};
+use crate::upstream::{CallContext, Priority};
 
 /// How many times array records are sent again without the records Retainly rejected by index.
 const MAX_SPLIT_ROUNDS: usize = 3;
@@ -462,6 +462,21 @@ fn record_error(error: &Error, violations: Vec<FieldViolation>) -> Error {
     rejected
 }
 
+/// The shared error when every record failed with the same transient error (one failed call),
+/// `None` when any record was applied or rejected on its own.
+fn failed_as_a_whole(outcomes: &[Result<()>]) -> Option<Error> {
+    let mut errors = outcomes.iter().map(|outcome| outcome.as_ref().err());
+    let first = errors.next()??;
+    let transient = matches!(
+        first.code(),
+        ErrorCode::Unavailable | ErrorCode::ResourceExhausted | ErrorCode::DeadlineExceeded
+    );
+    let shared = errors.all(|error| {
+        error.is_some_and(|e| e.code() == first.code() && e.reason() == first.reason())
+    });
+    (transient && shared).then(|| first.clone())
+}
+
 fn record_results(
     records: impl Iterator<Item = (String, String)>,
     outcomes: Vec<Result<()>>,
@@ -500,6 +515,16 @@ pub(crate) async fn execute_upsert_array_items(
     })
     .await;
     unknown_at_deadline(&ctx, outcomes.iter().filter_map(|o| o.as_ref().err()))?;
+    // This write must not run twice (items without an id are appended), so the outbox is not
+    // allowed to repeat it on a failed item. When it replays the write (at background priority)
+    // and the call failed as a whole, the failure is the call's error instead: the outbox then
+    // retries what surely did not reach Retainly and dead-letters, in doubt, what may have. A
+    // caller waiting in SYNC mode gets per-record outcomes, as the contract says.
+    if ctx.priority == Priority::Background
+        && let Some(error) = failed_as_a_whole(&outcomes)
+    {
+        return Err(error);
+    }
     Ok(pb::UpsertCustomerArrayItemsResponse {
         delivery_id: String::new(),
         results: record_results(
@@ -619,6 +644,15 @@ mod tests {
         let gave_up = Error::new(ErrorCode::DeadlineExceeded, "DEADLINE_EXCEEDED", "too late");
         assert!(unknown_at_deadline(&later, [&gave_up]).is_err());
         assert!(unknown_at_deadline(&CallContext::background(), [&unavailable]).is_ok());
+    }
+
+    #[test]
+    fn only_a_whole_failed_call_is_the_error_of_a_replay() {
+        let down = Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down");
+        assert!(failed_as_a_whole(&[Err(down.clone()), Err(down.clone())]).is_some());
+        assert!(failed_as_a_whole(&[Err(down.clone()), Ok(())]).is_none());
+        assert!(failed_as_a_whole(&[Err(invalid(&["records[0]"])), Err(down)]).is_none());
+        assert!(failed_as_a_whole(&[Err(invalid(&["records[0]"]))]).is_none());
     }
 
     #[test]
