@@ -40,27 +40,22 @@ pub fn retainly_key(customer_id: &str) -> String {
     format!("retainly:{customer_id}")
 }
 
-/// Records a violation on `field` when `key` was already seen at `first`.
-fn unique(
-    v: &mut Violations,
-    seen: &mut HashMap<String, String>,
-    key: String,
-    field: String,
-    first: &str,
-) {
+/// Records a violation on `field` when `key` was already seen (at the field `seen` remembers).
+fn unique(v: &mut Violations, seen: &mut HashMap<String, String>, key: String, field: String) {
     match seen.get(&key) {
         Some(earlier) => v.add(
             field,
             format!("repeats {earlier}; each key may appear once"),
         ),
         None => {
-            seen.insert(key, first.to_owned());
+            seen.insert(key, field);
         }
     }
 }
 
-/// The keys of a customer write: each destination's key is required, valid and unique; a key
-/// given for a destination not written to is still checked (an email is sent to Retainly too).
+/// The keys of a customer write: each destination's key is required, valid and unique. A key
+/// given for a destination not written to is still checked, so whether a request is valid does
+/// not depend on its destinations (and an upsert sends the email to Retainly as a field).
 struct CustomerKeys {
     to_retently: bool,
     to_retainly: bool,
@@ -85,13 +80,7 @@ impl CustomerKeys {
         if self.to_retently || !email.is_empty() {
             let email = validate::email(v, email_field.clone(), email);
             if let Some(email) = email.filter(|_| self.to_retently) {
-                unique(
-                    v,
-                    &mut self.emails,
-                    email_key(&email),
-                    email_field.clone(),
-                    &email_field,
-                );
+                unique(v, &mut self.emails, email_key(&email), email_field.clone());
                 self.ordering_keys.push(retently_key(&email));
             }
         }
@@ -99,13 +88,7 @@ impl CustomerKeys {
         if self.to_retainly || !customer_id.is_empty() {
             let valid = validate::customer_id(v, id_field.clone(), customer_id);
             if valid && self.to_retainly {
-                unique(
-                    v,
-                    &mut self.ids,
-                    customer_id.to_owned(),
-                    id_field.clone(),
-                    &id_field,
-                );
+                unique(v, &mut self.ids, customer_id.to_owned(), id_field.clone());
                 self.ordering_keys.push(retainly_key(customer_id));
             }
         }
@@ -185,7 +168,7 @@ pub fn subscription_change(
     for (index, email) in emails.iter().enumerate() {
         let field = format!("emails[{index}]");
         if let Some(email) = validate::email(&mut v, field.clone(), email) {
-            unique(&mut v, &mut seen, email_key(&email), field.clone(), &field);
+            unique(&mut v, &mut seen, email_key(&email), field.clone());
             ordering_keys.push(retently_key(&email));
         }
     }
@@ -216,15 +199,10 @@ fn array_target(
     if !(id_ok && field_ok) {
         return None;
     }
-    // A pair is its customer and field joined by a character neither may hold unescaped.
-    let pair = format!("{}\u{0}{field}", customer_id);
-    unique(
-        v,
-        pairs,
-        pair,
-        format!("{at}.field"),
-        &format!("{at}.field"),
-    );
+    // Joined by NUL, which neither holds (ids refuse control characters, fields are
+    // `[a-z0-9_]`), so two different pairs never make the same key.
+    let pair = format!("{customer_id}\u{0}{field}");
+    unique(v, pairs, pair, format!("{at}.field"));
     let fields = fields_per_customer
         .entry(customer_id.to_owned())
         .or_default();
@@ -277,7 +255,6 @@ pub fn upsert_array_items(request: &pb::UpsertCustomerArrayItemsRequest) -> Resu
                     &mut item_ids,
                     item.item_id.clone(),
                     id_field.clone(),
-                    &id_field,
                 );
             }
             let Some(fields) = &item.fields else {
