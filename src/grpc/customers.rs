@@ -21,7 +21,6 @@ pub(crate) use self::execute::{
 use self::validation::CustomerLookup;
 use crate::app::App;
 use crate::error::{Error, ErrorCode};
-use crate::grpc::deadline::Deadline;
 use crate::grpc::writes::{self, WriteRpc};
 use crate::grpc::{methods, paging};
 use crate::pb;
@@ -40,9 +39,10 @@ impl CustomerApi {
     }
 }
 
-/// The upstream context of a call: interactive, bounded by the caller's deadline.
+/// The upstream context of a call: interactive, bounded by the caller's deadline, and spending
+/// the caller's fair share of the upstream budget.
 fn context<T>(request: &Request<T>) -> CallContext {
-    CallContext::interactive(Deadline::of(request).map(|deadline| deadline.0))
+    crate::auth::interactive_context(request)
 }
 
 /// Whether a per-item failure may pass on a later attempt (the outbox then retries the write):
