@@ -261,7 +261,11 @@ async fn a_retainly_refusal_fails_a_sync_call_and_sends_no_survey() {
         event: Some(event("cust-6", "x@example.com", "order_completed", &[])),
         options: None,
     });
-    request.set_timeout(Duration::from_secs(2));
+    // The deadline travels as `grpc-timeout` and only the server enforces it, so the answer is
+    // the gateway's own (a client-side timer would race it and report CANCELLED).
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "2S".parse().unwrap());
     let status = client.track_event(request).await.unwrap_err();
     assert!(
         matches!(
