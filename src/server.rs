@@ -145,11 +145,13 @@ pub async fn run(
             .send_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
-            pb::survey_service_server::SurveyServiceServer::new(grpc::SurveyApi::new())
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Gzip),
+            pb::survey_service_server::SurveyServiceServer::new(grpc::SurveyApi::new(Arc::clone(
+                &app,
+            )))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
             pb::event_service_server::EventServiceServer::new(grpc::EventApi::new(Arc::clone(

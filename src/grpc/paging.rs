@@ -152,7 +152,7 @@ fn decode(token: &str) -> Option<(i64, usize, u64, Option<i64>)> {
 
 /// FNV-1a: stable across builds and platforms (unlike `DefaultHasher`), and only needs to tell
 /// different filter sets apart, not resist an adversary.
-fn filters_fingerprint(filters: &str) -> u64 {
+pub(crate) fn filters_fingerprint(filters: &str) -> u64 {
     filters.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -1,16 +1,619 @@
-//! `cx.gateway.v1.SurveyService`.
+//! `cx.gateway.v1.SurveyService`: transactional survey sends, campaigns, templates, scores,
+//! feedback and its tags and topics, the outbox of sent surveys, and campaign reports, over
+//! [`crate::upstream::RetentlyApi`] (which owns batching, caching, retries and the budget).
+//!
+//! # Layout
+//! - [`validation`]: request checks with exact field paths.
+//! - [`convert`]: protobuf ⇄ Retently types for this service.
+//! - [`cursor`]: page tokens of the lists Retently pages itself (feedback, sent surveys).
 
+pub mod convert;
+pub mod cursor;
+pub mod validation;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::app::App;
+// The caller's deadline and name: the name picks the fair share of the budget a call spends.
+use crate::auth::interactive_context;
+use crate::error::{Error, Violations};
+use crate::grpc::convert::{feedback_to_pb, timestamp_to_ms};
+use crate::grpc::writes::{self, WriteRpc};
+use crate::grpc::{methods, paging, validate};
 use crate::pb;
+use crate::upstream::CallContext;
+use crate::upstream::retently::{FeedbackQuery, OutboxQuery, PageRequest};
+
+use self::validation::{ValidWrite, email_filter, id_filter, known};
+
+/// Page size of the lists the gateway pages itself (campaigns, templates, reports).
+const DEFAULT_LOCAL_PAGE: usize = 100;
+const MAX_LOCAL_PAGE: usize = 1000;
 
 /// `cx.gateway.v1.SurveyService`.
-#[derive(Debug, Clone, Default)]
-pub struct SurveyApi {}
+#[derive(Clone)]
+pub struct SurveyApi {
+    app: Arc<App>,
+}
 
 impl SurveyApi {
-    pub fn new() -> Self {
-        Self {}
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// One page of a list held whole in memory: `(items, next_page_token, total_size)`.
+fn local_page<T>(
+    items: Vec<T>,
+    size: usize,
+    position: &paging::PagePosition,
+    filters: &str,
+) -> (Vec<T>, String, i64) {
+    let total = items.len();
+    let start = usize::try_from(position.after).unwrap_or(usize::MAX);
+    let page: Vec<T> = items.into_iter().skip(start).take(size).collect();
+    let next = start.saturating_add(page.len());
+    let next_after = (next < total).then(|| i64::try_from(next).unwrap_or(i64::MAX));
+    (
+        page,
+        paging::next_page_token(next_after, size, filters),
+        i64::try_from(total).unwrap_or(i64::MAX),
+    )
+}
+
+/// Upstream sort of a time-ordered list: newest first unless asked otherwise.
+fn sort(order: pb::TimeOrder, field: &str) -> String {
+    match order {
+        pb::TimeOrder::OldestFirst => field.to_owned(),
+        pb::TimeOrder::Unspecified | pb::TimeOrder::NewestFirst => format!("-{field}"),
     }
 }
 
 #[tonic::async_trait]
-impl pb::survey_service_server::SurveyService for SurveyApi {}
+impl pb::survey_service_server::SurveyService for SurveyApi {
+    async fn send_survey(
+        &self,
+        request: Request<pb::SendSurveyRequest>,
+    ) -> Result<Response<pb::SendSurveyResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let ValidWrite { mode, key, facts } = validation::send_survey(&request)?;
+        let app = &self.app;
+        let response = writes::run(app, request, mode, key, facts, |request| {
+            execute_send_survey(app, request, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_campaigns(
+        &self,
+        request: Request<pb::ListCampaignsRequest>,
+    ) -> Result<Response<pb::ListCampaignsResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let metric: Option<pb::Metric> = known(&mut v, "metric", request.metric);
+        let kind: Option<pb::CampaignType> = known(&mut v, "type", request.r#type);
+        let filters = format!(
+            "campaigns;metric={};type={};active={:?}",
+            request.metric, request.r#type, request.active
+        );
+        let (size, position) = paging::page_request(
+            &mut v,
+            request.page_size,
+            &request.page_token,
+            DEFAULT_LOCAL_PAGE,
+            MAX_LOCAL_PAGE,
+            &filters,
+        );
+        v.into_result()?;
+        let campaigns = self.app.retently.campaigns(&ctx).await?;
+        let mut matching: Vec<pb::Campaign> = campaigns
+            .iter()
+            .map(convert::campaign)
+            .filter(|c| metric.is_none_or(|m| m == pb::Metric::Unspecified || c.metric == m as i32))
+            .filter(|c| {
+                kind.is_none_or(|k| k == pb::CampaignType::Unspecified || c.r#type == k as i32)
+            })
+            .filter(|c| request.active.is_none_or(|active| c.active == active))
+            .collect();
+        matching.sort_by(|a, b| (&a.name, &a.campaign_id).cmp(&(&b.name, &b.campaign_id)));
+        let (campaigns, next_page_token, total_size) =
+            local_page(matching, size, &position, &filters);
+        Ok(Response::new(pb::ListCampaignsResponse {
+            campaigns,
+            next_page_token,
+            total_size,
+        }))
+    }
+
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let metric: Option<pb::Metric> = known(&mut v, "metric", request.metric);
+        let channel: Option<pb::Channel> = known(&mut v, "channel", request.channel);
+        let filters = format!(
+            "templates;metric={};channel={}",
+            request.metric, request.channel
+        );
+        let (size, position) = paging::page_request(
+            &mut v,
+            request.page_size,
+            &request.page_token,
+            DEFAULT_LOCAL_PAGE,
+            MAX_LOCAL_PAGE,
+            &filters,
+        );
+        v.into_result()?;
+        let templates = self.app.retently.templates(&ctx).await?;
+        let mut matching: Vec<pb::Template> = templates
+            .iter()
+            .map(convert::template)
+            .filter(|t| metric.is_none_or(|m| m == pb::Metric::Unspecified || t.metric == m as i32))
+            .filter(|t| {
+                channel.is_none_or(|c| c == pb::Channel::Unspecified || t.channel == c as i32)
+            })
+            .collect();
+        matching.sort_by(|a, b| (&a.name, &a.template_id).cmp(&(&b.name, &b.template_id)));
+        let (templates, next_page_token, total_size) =
+            local_page(matching, size, &position, &filters);
+        Ok(Response::new(pb::ListTemplatesResponse {
+            templates,
+            next_page_token,
+            total_size,
+        }))
+    }
+
+    async fn get_template(
+        &self,
+        request: Request<pb::GetTemplateRequest>,
+    ) -> Result<Response<pb::GetTemplateResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        validate::retently_path_id(&mut v, "template_id", &request.template_id);
+        v.into_result()?;
+        let template = self
+            .app
+            .retently
+            .template(&ctx, &request.template_id)
+            .await?;
+        Ok(Response::new(pb::GetTemplateResponse {
+            template: Some(convert::template(&template)),
+        }))
+    }
+
+    async fn get_score(
+        &self,
+        request: Request<pb::GetScoreRequest>,
+    ) -> Result<Response<pb::GetScoreResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let metric = pb::Metric::try_from(request.metric).ok();
+        let upstream_metric = metric.and_then(convert::metric);
+        v.check(
+            upstream_metric.is_some(),
+            "metric",
+            "must be NPS, CSAT, CES or STAR",
+        );
+        v.into_result()?;
+        let (Some(metric), Some(upstream_metric)) = (metric, upstream_metric) else {
+            return Err(Error::internal("no metric after validation").into());
+        };
+        let score = self.app.retently.score(&ctx, upstream_metric).await?;
+        Ok(Response::new(convert::score(&score, metric)))
+    }
+
+    async fn list_feedback(
+        &self,
+        request: Request<pb::ListFeedbackRequest>,
+    ) -> Result<Response<pb::ListFeedbackResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        id_filter(&mut v, "campaign_id", &request.campaign_id);
+        id_filter(
+            &mut v,
+            "retently_customer_id",
+            &request.retently_customer_id,
+        );
+        email_filter(&mut v, "email", &request.email);
+        let (start, end) = validate::time_range(
+            &mut v,
+            "start_time",
+            request.start_time.as_ref(),
+            "end_time",
+            request.end_time.as_ref(),
+        );
+        let order: Option<pb::TimeOrder> = known(&mut v, "order", request.order);
+        let filters = format!(
+            "feedback;campaign={:?};customer={:?};email={:?};start={:?};end={:?};order={}",
+            request.campaign_id,
+            request.retently_customer_id,
+            request.email,
+            request.start_time.as_ref().map(timestamp_to_ms),
+            request.end_time.as_ref().map(timestamp_to_ms),
+            request.order,
+        );
+        let now = now_ms();
+        let cursor = cursor::resolve(
+            &mut v,
+            request.page_size,
+            &request.page_token,
+            &filters,
+            end,
+            now,
+        );
+        v.into_result()?;
+        let non_empty = |value: String| (!value.is_empty()).then_some(value);
+        let query = FeedbackQuery {
+            email: non_empty(request.email),
+            customer_id: non_empty(request.retently_customer_id),
+            campaign_id: non_empty(request.campaign_id),
+            start_date: start.and_then(convert::instant),
+            end_date: convert::instant(cursor.end_secs),
+            page: PageRequest {
+                page: Some(cursor.page),
+                limit: Some(cursor.size),
+                sort: Some(sort(order.unwrap_or_default(), "createdDate")),
+            },
+        };
+        let page = self.app.retently.list_feedback(&ctx, query).await?;
+        Ok(Response::new(pb::ListFeedbackResponse {
+            feedback: page.items.iter().map(feedback_to_pb).collect(),
+            next_page_token: cursor::next_token(cursor, page.has_more(), &filters, now),
+            total_size: total_size(page.total, &cursor, page.items.len()),
+        }))
+    }
+
+    async fn get_feedback(
+        &self,
+        request: Request<pb::GetFeedbackRequest>,
+    ) -> Result<Response<pb::GetFeedbackResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        validate::retently_path_id(&mut v, "feedback_id", &request.feedback_id);
+        v.into_result()?;
+        let feedback = self
+            .app
+            .retently
+            .get_feedback(&ctx, &request.feedback_id)
+            .await?;
+        Ok(Response::new(pb::GetFeedbackResponse {
+            feedback: Some(feedback_to_pb(&feedback)),
+        }))
+    }
+
+    async fn set_feedback_tags(
+        &self,
+        request: Request<pb::SetFeedbackTagsRequest>,
+    ) -> Result<Response<pb::SetFeedbackTagsResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let ValidWrite { mode, key, facts } = validation::set_feedback_tags(&request)?;
+        let app = &self.app;
+        let response = writes::run(app, request, mode, key, facts, |request| {
+            execute_set_feedback_tags(app, request, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn set_feedback_topics(
+        &self,
+        request: Request<pb::SetFeedbackTopicsRequest>,
+    ) -> Result<Response<pb::SetFeedbackTopicsResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let ValidWrite { mode, key, facts } = validation::set_feedback_topics(&request)?;
+        let app = &self.app;
+        let response = writes::run(app, request, mode, key, facts, |request| {
+            execute_set_feedback_topics(app, request, ctx)
+        })
+        .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_sent_surveys(
+        &self,
+        request: Request<pb::ListSentSurveysRequest>,
+    ) -> Result<Response<pb::ListSentSurveysResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        id_filter(&mut v, "campaign_id", &request.campaign_id);
+        email_filter(&mut v, "email", &request.email);
+        let channel = match pb::Channel::try_from(request.channel) {
+            Ok(pb::Channel::Other) | Err(_) => {
+                v.add(
+                    "channel",
+                    "must be EMAIL, LINK, IN_APP or INTERCOM, or unset",
+                );
+                None
+            }
+            Ok(channel) => convert::channel_filter(channel),
+        };
+        let sent_by = match pb::SentBy::try_from(request.sent_by) {
+            Ok(pb::SentBy::Other) | Err(_) => {
+                v.add(
+                    "sent_by",
+                    "must be CAMPAIGN, REMINDER, MANUAL, TEST or IMPORTED, or unset",
+                );
+                None
+            }
+            Ok(sent_by) => convert::sent_by_filter(sent_by),
+        };
+        let (start, end) = validate::time_range(
+            &mut v,
+            "start_time",
+            request.start_time.as_ref(),
+            "end_time",
+            request.end_time.as_ref(),
+        );
+        let order: Option<pb::TimeOrder> = known(&mut v, "order", request.order);
+        let filters = format!(
+            "sent_surveys;campaign={:?};email={:?};channel={};sent_by={};start={:?};end={:?};order={}",
+            request.campaign_id,
+            request.email,
+            request.channel,
+            request.sent_by,
+            request.start_time.as_ref().map(timestamp_to_ms),
+            request.end_time.as_ref().map(timestamp_to_ms),
+            request.order,
+        );
+        let now = now_ms();
+        let cursor = cursor::resolve(
+            &mut v,
+            request.page_size,
+            &request.page_token,
+            &filters,
+            end,
+            now,
+        );
+        v.into_result()?;
+        let non_empty = |value: String| (!value.is_empty()).then_some(value);
+        let query = OutboxQuery {
+            email: non_empty(request.email),
+            campaign_id: non_empty(request.campaign_id),
+            channel: channel.map(str::to_owned),
+            sent_by: sent_by.map(str::to_owned),
+            start_date: start.and_then(convert::instant),
+            end_date: convert::instant(cursor.end_secs),
+            page: PageRequest {
+                page: Some(cursor.page),
+                limit: Some(cursor.size),
+                sort: Some(sort(order.unwrap_or_default(), "surveyCreatedDate")),
+            },
+        };
+        let page = self.app.retently.outbox(&ctx, query).await?;
+        Ok(Response::new(pb::ListSentSurveysResponse {
+            sent_surveys: page.items.iter().map(convert::sent_survey).collect(),
+            next_page_token: cursor::next_token(cursor, page.has_more(), &filters, now),
+            total_size: total_size(page.total, &cursor, page.items.len()),
+        }))
+    }
+
+    async fn list_reports(
+        &self,
+        request: Request<pb::ListReportsRequest>,
+    ) -> Result<Response<pb::ListReportsResponse>, Status> {
+        let ctx = interactive_context(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        if !request.campaign_id.is_empty() {
+            validate::retently_path_id(&mut v, "campaign_id", &request.campaign_id);
+        }
+        let filters = format!("reports;campaign={:?}", request.campaign_id);
+        let (size, position) = paging::page_request(
+            &mut v,
+            request.page_size,
+            &request.page_token,
+            DEFAULT_LOCAL_PAGE,
+            MAX_LOCAL_PAGE,
+            &filters,
+        );
+        v.into_result()?;
+        let campaign_id = (!request.campaign_id.is_empty()).then_some(request.campaign_id.as_str());
+        let reports = self.app.retently.reports(&ctx, campaign_id).await?;
+        let mut reports: Vec<pb::CampaignReport> = reports.iter().map(convert::report).collect();
+        reports.sort_by(|a, b| (&a.name, &a.campaign_id).cmp(&(&b.name, &b.campaign_id)));
+        let (reports, next_page_token, total_size) = local_page(reports, size, &position, &filters);
+        Ok(Response::new(pb::ListReportsResponse {
+            reports,
+            next_page_token,
+            total_size,
+        }))
+    }
+}
+
+/// The upstream's `total`, or, when it gives none, what the pages read so far show.
+fn total_size(total: Option<u64>, cursor: &cursor::Cursor, on_page: usize) -> i64 {
+    match total {
+        Some(total) => i64::try_from(total).unwrap_or(i64::MAX),
+        None => {
+            let before = i64::from(cursor.page.saturating_sub(1)) * i64::from(cursor.size);
+            before.saturating_add(i64::try_from(on_page).unwrap_or(i64::MAX))
+        }
+    }
+}
+
+// ---- writes ----
+
+impl WriteRpc for pb::SendSurveyRequest {
+    type Response = pb::SendSurveyResponse;
+    const METHOD: &'static str = methods::SEND_SURVEY;
+    /// A second send would survey the recipients twice.
+    const REPLAY_SAFE: bool = false;
+
+    fn without_options(mut self) -> Self {
+        self.options = None;
+        self
+    }
+
+    fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
+        response.delivery_id = delivery_id;
+    }
+
+    /// A send where every recipient failed before its request left the gateway (budget,
+    /// circuit, connection refused) or was refused up front (429) is not remembered: a repeat
+    /// under the same key, as the RetryInfo invites, runs anew.
+    fn remember(response: &Self::Response) -> bool {
+        !response.results.iter().all(|result| {
+            result.outcome == pb::RecipientOutcome::Failed as i32
+                && result.error.as_ref().is_some_and(|error| {
+                    matches!(
+                        error.reason.as_str(),
+                        "UPSTREAM_BUDGET_EXHAUSTED"
+                            | "UPSTREAM_CIRCUIT_OPEN"
+                            | "UPSTREAM_UNREACHABLE"
+                            | "UPSTREAM_RATE_LIMITED"
+                            | "DEADLINE_EXCEEDED"
+                    )
+                })
+        })
+    }
+}
+
+impl WriteRpc for pb::SetFeedbackTagsRequest {
+    type Response = pb::SetFeedbackTagsResponse;
+    const METHOD: &'static str = methods::SET_FEEDBACK_TAGS;
+    /// Appends are not replay-safe; see [`WriteRpc::replay_safe`] for the per-request answer.
+    const REPLAY_SAFE: bool = false;
+
+    fn replay_safe(&self) -> bool {
+        self.mode == pb::UpdateMode::Replace as i32
+    }
+
+    fn without_options(mut self) -> Self {
+        self.options = None;
+        self
+    }
+
+    fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
+        response.delivery_id = delivery_id;
+    }
+}
+
+impl WriteRpc for pb::SetFeedbackTopicsRequest {
+    type Response = pb::SetFeedbackTopicsResponse;
+    const METHOD: &'static str = methods::SET_FEEDBACK_TOPICS;
+    /// Appends are not replay-safe; see [`WriteRpc::replay_safe`] for the per-request answer.
+    const REPLAY_SAFE: bool = false;
+
+    fn replay_safe(&self) -> bool {
+        self.mode == pb::UpdateMode::Replace as i32
+    }
+
+    fn without_options(mut self) -> Self {
+        self.options = None;
+        self
+    }
+
+    fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
+        response.delivery_id = delivery_id;
+    }
+}
+
+/// What a send did: the response, and when no recipient got anywhere, why.
+struct SendReport {
+    response: pb::SendSurveyResponse,
+    /// Set when nothing was scheduled, throttled or possibly sent: the error of the send as a
+    /// whole (a transient one if any recipient's failure may pass).
+    nothing_sent: Option<Error>,
+}
+
+async fn send(app: &App, request: pb::SendSurveyRequest, ctx: CallContext) -> SendReport {
+    let delay = request.delay_days.and_then(|days| u32::try_from(days).ok());
+    let recipients = request.recipients.iter().map(convert::recipient).collect();
+    let outcomes = app
+        .retently
+        .send_surveys(&ctx, &request.campaign_id, delay, recipients)
+        .await;
+    let mut results = Vec::with_capacity(outcomes.len());
+    let mut reached = false;
+    let mut first_error: Option<Error> = None;
+    for (index, (recipient, outcome)) in request.recipients.iter().zip(outcomes).enumerate() {
+        let (result, error) = convert::recipient_result(index, &recipient.email, outcome);
+        // Scheduled, throttled, or possibly sent: the upstream has (or may have) taken it.
+        reached |= result.outcome != pb::RecipientOutcome::Failed as i32;
+        results.push(result);
+        if let Some(error) = error {
+            let transient = writes::is_transient(&error);
+            match &first_error {
+                Some(first) if !transient || writes::is_transient(first) => {}
+                _ => first_error = Some(error),
+            }
+        }
+    }
+    SendReport {
+        response: pb::SendSurveyResponse {
+            delivery_id: String::new(),
+            results,
+        },
+        nothing_sent: if reached { None } else { first_error },
+    }
+}
+
+/// Sends a validated SendSurvey request now: one result per recipient, in request order.
+pub(crate) async fn execute_send_survey(
+    app: &App,
+    request: pb::SendSurveyRequest,
+    ctx: CallContext,
+) -> Result<pb::SendSurveyResponse, Error> {
+    Ok(send(app, request, ctx).await.response)
+}
+
+/// The outbox's delivery of a queued SendSurvey. When no recipient got anywhere, the attempt
+/// fails as a whole, which is safe to repeat since nothing went out: the outbox retries it when
+/// the cause may pass (budget, outage) and dead-letters it otherwise (an unknown campaign), where
+/// an operator sees it. Otherwise it is delivered, with every recipient's outcome in the
+/// delivery's result.
+pub(crate) async fn deliver_send_survey(
+    app: &App,
+    request: pb::SendSurveyRequest,
+    ctx: CallContext,
+) -> Result<pb::SendSurveyResponse, Error> {
+    let report = send(app, request, ctx).await;
+    match report.nothing_sent {
+        Some(error) => Err(error),
+        None => Ok(report.response),
+    }
+}
+
+pub(crate) async fn execute_set_feedback_tags(
+    app: &App,
+    request: pb::SetFeedbackTagsRequest,
+    ctx: CallContext,
+) -> Result<pb::SetFeedbackTagsResponse, Error> {
+    let op = convert::label_op(request.mode)?;
+    app.retently
+        .set_response_tags(&ctx, &request.feedback_id, request.tags, op)
+        .await?;
+    Ok(pb::SetFeedbackTagsResponse::default())
+}
+
+pub(crate) async fn execute_set_feedback_topics(
+    app: &App,
+    request: pb::SetFeedbackTopicsRequest,
+    ctx: CallContext,
+) -> Result<pb::SetFeedbackTopicsResponse, Error> {
+    let op = convert::label_op(request.mode)?;
+    let topics = request.topics.iter().map(convert::topic).collect();
+    app.retently
+        .set_response_topics(&ctx, &request.feedback_id, topics, op)
+        .await?;
+    Ok(pb::SetFeedbackTopicsResponse::default())
+}

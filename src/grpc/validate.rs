@@ -333,6 +333,24 @@ pub fn tags(v: &mut Violations, field: &str, tags: &[String]) {
     }
 }
 
+/// Longest Retently record id the gateway passes on (upstream ids are 24 hex characters).
+pub const MAX_RETENTLY_ID_CHARS: usize = 64;
+
+/// A Retently record id that goes into a URL path (`/templates/{id}`): 1..64 characters, without
+/// control characters, and not `.` or `..`, which a URL resolves to another path (`/feedback/..`
+/// would read the list endpoint).
+pub fn retently_path_id(v: &mut Violations, field: impl Into<String>, value: &str) -> bool {
+    let field = field.into();
+    if !required(v, field.clone(), value, MAX_RETENTLY_ID_CHARS) {
+        return false;
+    }
+    v.check(
+        value != "." && value != ".." && !value.chars().any(char::is_control),
+        field,
+        "must be a record id (not . or .., no control characters)",
+    )
+}
+
 /// A value Retainly accepts in a customer field, array item or event data: scalars, lists of
 /// scalars or objects; objects only inside lists; at most one further level of lists inside
 /// such objects; strings at most 1,000 characters.

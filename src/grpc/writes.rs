@@ -17,7 +17,7 @@ use crate::app::App;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
 use crate::error::{Error, ErrorCode};
-use crate::grpc::{customers, methods};
+use crate::grpc::{customers, methods, surveys};
 use crate::pb;
 use crate::upstream::CallContext;
 
@@ -28,6 +28,19 @@ pub trait WriteRpc: Message + Default + Clone + Send + 'static {
     const METHOD: &'static str;
     /// Whether sending it twice is harmless (see the outbox's module doc on crash safety).
     const REPLAY_SAFE: bool;
+
+    /// Whether sending this request twice is harmless. [`Self::REPLAY_SAFE`] unless the answer
+    /// depends on the request (appending tags is not replay-safe, replacing them is).
+    fn replay_safe(&self) -> bool {
+        Self::REPLAY_SAFE
+    }
+
+    /// Whether a SYNC response is remembered under its idempotency key. A response that only
+    /// reports that nothing reached the upstream (every item shed by the budget) is not, so a
+    /// repeat, which the RetryInfo invites, runs anew.
+    fn remember(_response: &Self::Response) -> bool {
+        true
+    }
 
     /// The request without its `options`, which are not part of what is written.
     fn without_options(self) -> Self;
@@ -90,7 +103,8 @@ where
     let encoded = request.encode_to_vec();
     match (mode, idempotency_key) {
         (pb::DeliveryMode::Async, key) => {
-            enqueue::<R>(app, R::METHOD, R::METHOD, encoded, key, facts).await
+            let replay_safe = request.replay_safe();
+            enqueue_as::<R>(app, R::METHOD, R::METHOD, encoded, key, facts, replay_safe).await
         }
         (_, None) => Ok(Written {
             response: execute_now(request).await?,
@@ -103,8 +117,8 @@ where
                 .run(R::METHOD, &key, hash, async move {
                     let response = execute_now(request).await?;
                     Ok(Fresh {
+                        remember: R::remember(&response),
                         response: response.encode_to_vec(),
-                        remember: true,
                     })
                 })
                 .await?;
@@ -126,6 +140,19 @@ pub async fn enqueue<R: WriteRpc>(
     key: Option<String>,
     facts: DeliveryFacts,
 ) -> Result<Written<R::Response>, Error> {
+    enqueue_as::<R>(app, method, scope, encoded, key, facts, R::REPLAY_SAFE).await
+}
+
+/// [`enqueue`] of a request whose replay safety is `replay_safe` (see [`WriteRpc::replay_safe`]).
+async fn enqueue_as<R: WriteRpc>(
+    app: &Arc<App>,
+    method: &'static str,
+    scope: &'static str,
+    encoded: Vec<u8>,
+    key: Option<String>,
+    facts: DeliveryFacts,
+    replay_safe: bool,
+) -> Result<Written<R::Response>, Error> {
     let delivery_id = new_delivery_id();
     let mut response = R::Response::default();
     R::set_delivery_id(&mut response, delivery_id.clone());
@@ -137,7 +164,7 @@ pub async fn enqueue<R: WriteRpc>(
         item_count: u32::try_from(facts.item_count).unwrap_or(u32::MAX),
         ordering_keys: facts.ordering_keys,
         idempotency_key: key.clone(),
-        replay_safe: R::REPLAY_SAFE,
+        replay_safe,
     };
     let Some(key) = key else {
         app.outbox
@@ -176,7 +203,7 @@ fn decode_response<R: WriteRpc>(bytes: &[u8]) -> Result<R::Response, Error> {
 
 /// Whether a failed attempt may succeed later: the upstream was unavailable or busy, or it
 /// refused the gateway's own credentials (an operator fixing the key lets the queue drain).
-fn is_transient(error: &Error) -> bool {
+pub(crate) fn is_transient(error: &Error) -> bool {
     let credentials = matches!(
         error.reason(),
         "UPSTREAM_CREDENTIALS_REJECTED" | "UPSTREAM_CREDENTIALS_INVALID"
@@ -218,9 +245,10 @@ where
             };
         }
     };
+    let replay_safe = request.replay_safe();
     match execute(request, CallContext::background()).await {
         Ok(mut response) => {
-            if R::REPLAY_SAFE && R::has_transient_failure(&response) {
+            if replay_safe && R::has_transient_failure(&response) {
                 return Attempt::Retry {
                     error: DeliveryError {
                         code: tonic::Code::Unavailable as i32,
@@ -238,7 +266,7 @@ where
         }
         // An operation that must not run twice is not retried when the upstream may have
         // applied it; the delivery goes to the dead letters for an operator to check.
-        Err(error) if !R::REPLAY_SAFE && possibly_applied(&error) => Attempt::Failed {
+        Err(error) if !replay_safe && possibly_applied(&error) => Attempt::Failed {
             error: DeliveryError::from(&error.with_metadata("in_doubt", "true")),
         },
         Err(error) if is_transient(&error) => Attempt::Retry {
@@ -261,6 +289,24 @@ impl Executor for WriteExecutor {
     async fn execute(&self, method: &str, request: &[u8], delivery_id: &str) -> Attempt {
         let app = &self.app;
         match method {
+            methods::SEND_SURVEY => {
+                replay::<pb::SendSurveyRequest, _, _>(request, delivery_id, |r, ctx| {
+                    surveys::deliver_send_survey(app, r, ctx)
+                })
+                .await
+            }
+            methods::SET_FEEDBACK_TAGS => {
+                replay::<pb::SetFeedbackTagsRequest, _, _>(request, delivery_id, |r, ctx| {
+                    surveys::execute_set_feedback_tags(app, r, ctx)
+                })
+                .await
+            }
+            methods::SET_FEEDBACK_TOPICS => {
+                replay::<pb::SetFeedbackTopicsRequest, _, _>(request, delivery_id, |r, ctx| {
+                    surveys::execute_set_feedback_topics(app, r, ctx)
+                })
+                .await
+            }
             methods::TRACK_EVENT | methods::TRACK_EVENTS => {
                 replay::<pb::TrackEventRequest, _, _>(request, delivery_id, |r, ctx| {
                     crate::grpc::events::execute_track_event(app, r, ctx)

@@ -396,6 +396,8 @@ impl RetentlyClient {
     // ---- surveys ----
 
     /// `POST /survey` to `campaign_id` for `recipients` (1–100); one outcome per recipient.
+    /// `delay_days` is sent as `delay` when given, 0 included (no delay, whatever the campaign's
+    /// setting).
     pub async fn send_survey(
         &self,
         campaign_id: &str,
@@ -404,7 +406,7 @@ impl RetentlyClient {
         timeout: Duration,
     ) -> Result<Vec<Result<SurveyOutcome, Error>>, AttemptError> {
         let mut body = json!({ "campaign": campaign_id, "subscribers": recipients });
-        if let (Some(days), Some(object)) = (delay_days.filter(|d| *d > 0), body.as_object_mut()) {
+        if let (Some(days), Some(object)) = (delay_days, body.as_object_mut()) {
             object.insert("delay".to_owned(), json!(days));
         }
         let (status, response) = self

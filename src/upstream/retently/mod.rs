@@ -48,11 +48,12 @@ pub const MAX_CHANGE_BATCH: usize = 100;
 /// Encoded size a coalesced batch stays under; a few KB per customer with properties.
 const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
-/// Where survey sends coalesce: one campaign with one delay.
+/// Where survey sends coalesce: one campaign with one delay (`None`: the campaign's own delay,
+/// which differs from an explicit 0).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct SurveyKey {
     campaign_id: String,
-    delay_days: u32,
+    delay_days: Option<u32>,
 }
 
 struct Inner {
@@ -171,7 +172,7 @@ impl RetentlyApi {
         }
         let key = SurveyKey {
             campaign_id: request.campaign_id,
-            delay_days: request.delay_days.unwrap_or(0),
+            delay_days: request.delay_days,
         };
         let identity = email_key(&request.recipient.email);
         let bytes = encoded_len(&request.recipient);
@@ -476,7 +477,11 @@ impl RetentlyApi {
                         .lane
                         .call(&read_ctx, Idempotency::Idempotent, |timeout| {
                             let client = client.clone();
-                            async move { client.score(metric, timeout).await }
+                            async move {
+                                let mut score = client.score(metric, timeout).await?;
+                                score.fetched_at = Some(std::time::SystemTime::now());
+                                Ok(score)
+                            }
                         })
                         .await
                 }
@@ -691,9 +696,8 @@ async fn survey_batch(
             let client = client.clone();
             let key = key.clone();
             async move {
-                let delay = Some(key.delay_days).filter(|days| *days > 0);
                 client
-                    .send_survey(&key.campaign_id, delay, &recipients, timeout)
+                    .send_survey(&key.campaign_id, key.delay_days, &recipients, timeout)
                     .await
             }
         },

@@ -183,7 +183,7 @@ pub struct EmailOutcome {
 pub struct SurveyRequest {
     /// A transactional campaign's id.
     pub campaign_id: String,
-    /// Days before the survey goes out; `None` or 0 means the campaign's own setting.
+    /// Days before the survey goes out; `None` means the campaign's own setting.
     pub delay_days: Option<u32>,
     pub recipient: CustomerInput,
 }
@@ -216,7 +216,12 @@ pub struct SurveyOutcome {
 pub struct Topic {
     #[serde(deserialize_with = "de::string")]
     pub name: String,
-    #[serde(default, deserialize_with = "de::opt_string")]
+    /// Left out of requests when `None`, so the upstream applies its default (neutral).
+    #[serde(
+        default,
+        deserialize_with = "de::opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sentiment: Option<String>,
 }
 
@@ -277,6 +282,8 @@ pub struct Feedback {
     pub feedback_topics: Vec<Topic>,
     #[serde(default, deserialize_with = "de::string_list")]
     pub feedback_tags: Vec<String>,
+    #[serde(default, deserialize_with = "de::string_list")]
+    pub feedback_tags_new: Vec<String>,
     #[serde(default, deserialize_with = "de::list")]
     pub notes: Vec<Value>,
     #[serde(default, deserialize_with = "de::opt_string")]
@@ -334,6 +341,9 @@ pub struct Score {
     pub passives_count: i64,
     pub detractors_count: i64,
     pub total_responses: i64,
+    /// When the gateway read it from the upstream (set by the API handle, not in the body), so
+    /// a cached score can say how old it is.
+    pub fetched_at: Option<std::time::SystemTime>,
 }
 
 /// The wire form of [`Score`]: the headline number under `score`, `nps`, or both.
@@ -382,6 +392,7 @@ impl TryFrom<RawScore> for Score {
             passives_count: raw.passives_count,
             detractors_count: raw.detractors_count,
             total_responses: raw.total_responses,
+            fetched_at: None,
         })
     }
 }
@@ -544,6 +555,23 @@ pub struct SentSurvey {
     pub person_tags: Vec<String>,
     #[serde(default)]
     pub detailed_status: Option<DetailedStatus>,
+    #[serde(default)]
+    pub attributes: Option<SentSurveyAttributes>,
+    #[serde(default, deserialize_with = "de::opt_string")]
+    pub mandrill_message_id: Option<String>,
+    /// Item shape not documented upstream.
+    #[serde(default, deserialize_with = "de::list")]
+    pub additional_recipients: Vec<Value>,
+}
+
+/// The customer data recorded with a sent survey.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SentSurveyAttributes {
+    #[serde(default, deserialize_with = "de::string_list")]
+    pub customer_tags: Vec<String>,
+    #[serde(default, deserialize_with = "de::list")]
+    pub custom_props: Vec<Property>,
 }
 
 /// Counts of a report's period (`last`) or of one day (`trend`).

@@ -1,0 +1,217 @@
+//! Validation of SurveyService requests: every problem is recorded with its exact field path
+//! before anything is sent or queued, and what the calls need is returned normalised.
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+
+use crate::error::{Error, Violations};
+use crate::grpc::validate::{self, MAX_EMAIL_CHARS, MAX_RETENTLY_ID_CHARS, MAX_STRING_CHARS};
+use crate::grpc::writes::DeliveryFacts;
+use crate::pb;
+use crate::upstream::retently::email_key;
+
+/// Recipients per SendSurvey call.
+pub const MAX_RECIPIENTS: usize = 10_000;
+/// Longest delay Retently accepts, in days.
+const MAX_DELAY_DAYS: i32 = 365;
+/// Tags or topics per SetFeedbackTags / SetFeedbackTopics call.
+const MAX_LABELS: usize = 100;
+
+/// What a validated write needs: how to deliver it and what the outbox records.
+pub struct ValidWrite {
+    pub mode: pb::DeliveryMode,
+    pub key: Option<String>,
+    pub facts: DeliveryFacts,
+}
+
+/// The outbox ordering key of a Retently customer: survey sends upsert the recipient, so they
+/// are ordered with the other writes to the same address.
+fn customer_key(email: &str) -> String {
+    format!("retently:{}", email_key(email))
+}
+
+/// The outbox ordering key of a survey response: an append followed by a replacement must reach
+/// Retently in that order.
+fn feedback_key(feedback_id: &str) -> String {
+    format!("retently-feedback:{feedback_id}")
+}
+
+pub fn send_survey(request: &pb::SendSurveyRequest) -> Result<ValidWrite, Error> {
+    let mut v = Violations::new();
+    validate::required(
+        &mut v,
+        "campaign_id",
+        &request.campaign_id,
+        MAX_RETENTLY_ID_CHARS,
+    );
+    validate::batch_len(
+        &mut v,
+        "recipients",
+        request.recipients.len(),
+        MAX_RECIPIENTS,
+    );
+    let mut first_index: HashMap<String, usize> = HashMap::new();
+    let mut ordering_keys = Vec::with_capacity(request.recipients.len());
+    for (index, recipient) in request.recipients.iter().enumerate() {
+        let at = format!("recipients[{index}]");
+        if let Some(email) = validate::email(&mut v, format!("{at}.email"), &recipient.email) {
+            match first_index.get(&email) {
+                Some(first) => v.add(
+                    format!("{at}.email"),
+                    format!("repeats recipients[{first}].email; each address once per request"),
+                ),
+                None => {
+                    ordering_keys.push(customer_key(&email));
+                    first_index.insert(email, index);
+                }
+            }
+        }
+        for (field, value) in [
+            ("first_name", &recipient.first_name),
+            ("last_name", &recipient.last_name),
+            ("company", &recipient.company),
+        ] {
+            validate::max_len(&mut v, format!("{at}.{field}"), value, MAX_STRING_CHARS);
+        }
+        validate::tags(&mut v, &format!("{at}.tags"), &recipient.tags);
+        validate::properties(&mut v, &format!("{at}.properties"), &recipient.properties);
+    }
+    if let Some(days) = request.delay_days {
+        v.check(
+            (0..=MAX_DELAY_DAYS).contains(&days),
+            "delay_days",
+            "must be between 0 and 365",
+        );
+    }
+    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
+    v.into_result()?;
+    Ok(ValidWrite {
+        mode,
+        key,
+        facts: DeliveryFacts {
+            destinations: vec![pb::Destination::Retently],
+            item_count: request.recipients.len(),
+            ordering_keys,
+        },
+    })
+}
+
+/// APPEND or REPLACE; with APPEND at least one entry.
+fn update_mode(v: &mut Violations, mode: i32, entries: usize, list: &str) {
+    match pb::UpdateMode::try_from(mode) {
+        Ok(pb::UpdateMode::Append) => {
+            v.check(
+                entries > 0,
+                list,
+                "must hold at least one entry to append",
+            );
+        }
+        Ok(pb::UpdateMode::Replace) => {}
+        Ok(pb::UpdateMode::Unspecified) | Err(_) => v.add(
+            "mode",
+            "must be APPEND or REPLACE (replacing drops the existing entries, so it is never implied)",
+        ),
+    }
+}
+
+/// 1..1,000 characters and unique within the list.
+fn label<'a>(v: &mut Violations, field: String, value: &'a str, seen: &mut HashSet<&'a str>) {
+    if validate::required(v, field.clone(), value, MAX_STRING_CHARS) && !seen.insert(value) {
+        v.add(field, "is repeated");
+    }
+}
+
+fn label_write(
+    v: Violations,
+    options: Option<&pb::WriteOptions>,
+    feedback_id: &str,
+    entries: usize,
+) -> Result<ValidWrite, Error> {
+    let mut v = v;
+    let (mode, key) = validate::write_options(&mut v, options);
+    v.into_result()?;
+    Ok(ValidWrite {
+        mode,
+        key,
+        facts: DeliveryFacts {
+            destinations: vec![pb::Destination::Retently],
+            item_count: entries.max(1),
+            ordering_keys: vec![feedback_key(feedback_id)],
+        },
+    })
+}
+
+pub fn set_feedback_tags(request: &pb::SetFeedbackTagsRequest) -> Result<ValidWrite, Error> {
+    let mut v = Violations::new();
+    validate::required(
+        &mut v,
+        "feedback_id",
+        &request.feedback_id,
+        MAX_RETENTLY_ID_CHARS,
+    );
+    if request.tags.len() > MAX_LABELS {
+        v.add("tags", format!("at most {MAX_LABELS} tags"));
+    }
+    let mut seen = HashSet::new();
+    for (index, tag) in request.tags.iter().enumerate() {
+        label(&mut v, format!("tags[{index}]"), tag, &mut seen);
+    }
+    update_mode(&mut v, request.mode, request.tags.len(), "tags");
+    label_write(
+        v,
+        request.options.as_ref(),
+        &request.feedback_id,
+        request.tags.len(),
+    )
+}
+
+pub fn set_feedback_topics(request: &pb::SetFeedbackTopicsRequest) -> Result<ValidWrite, Error> {
+    let mut v = Violations::new();
+    validate::required(
+        &mut v,
+        "feedback_id",
+        &request.feedback_id,
+        MAX_RETENTLY_ID_CHARS,
+    );
+    if request.topics.len() > MAX_LABELS {
+        v.add("topics", format!("at most {MAX_LABELS} topics"));
+    }
+    let mut seen = HashSet::new();
+    for (index, topic) in request.topics.iter().enumerate() {
+        label(
+            &mut v,
+            format!("topics[{index}].name"),
+            &topic.name,
+            &mut seen,
+        );
+        v.check(
+            pb::Sentiment::try_from(topic.sentiment).is_ok(),
+            format!("topics[{index}].sentiment"),
+            "must be a known sentiment",
+        );
+    }
+    update_mode(&mut v, request.mode, request.topics.len(), "topics");
+    label_write(
+        v,
+        request.options.as_ref(),
+        &request.feedback_id,
+        request.topics.len(),
+    )
+}
+
+/// An enum field that must hold one of its known values; `None` when it does not.
+pub fn known<E: TryFrom<i32>>(v: &mut Violations, field: &str, value: i32) -> Option<E> {
+    let known = E::try_from(value).ok();
+    v.check(known.is_some(), field, "is not a known value");
+    known
+}
+
+/// An optional id filter: at most 64 characters.
+pub fn id_filter(v: &mut Violations, field: &str, value: &str) {
+    validate::max_len(v, field, value, MAX_RETENTLY_ID_CHARS);
+}
+
+/// An optional email filter: at most 254 characters.
+pub fn email_filter(v: &mut Violations, field: &str, value: &str) {
+    validate::max_len(v, field, value, MAX_EMAIL_CHARS);
+}
