@@ -230,11 +230,9 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             &request.retently_customer_id,
         );
         email_filter(&mut v, "email", &request.email);
-        let (start, end) = validate::time_range(
+        let (start, end) = time_range(
             &mut v,
-            "start_time",
             request.start_time.as_ref(),
-            "end_time",
             request.end_time.as_ref(),
         );
         let order: Option<pb::TimeOrder> = known(&mut v, "order", request.order);
@@ -263,7 +261,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             customer_id: non_empty(request.retently_customer_id),
             campaign_id: non_empty(request.campaign_id),
             start_date: start.and_then(convert::instant),
-            end_date: convert::instant(cursor.end_secs),
+            end_date: convert::instant(cursor.inclusive_end_ms()),
             page: PageRequest {
                 page: Some(cursor.page),
                 limit: Some(cursor.size),
@@ -356,11 +354,9 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             }
             Ok(sent_by) => convert::sent_by_filter(sent_by),
         };
-        let (start, end) = validate::time_range(
+        let (start, end) = time_range(
             &mut v,
-            "start_time",
             request.start_time.as_ref(),
-            "end_time",
             request.end_time.as_ref(),
         );
         let order: Option<pb::TimeOrder> = known(&mut v, "order", request.order);
@@ -391,7 +387,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             channel: channel.map(str::to_owned),
             sent_by: sent_by.map(str::to_owned),
             start_date: start.and_then(convert::instant),
-            end_date: convert::instant(cursor.end_secs),
+            end_date: convert::instant(cursor.inclusive_end_ms()),
             page: PageRequest {
                 page: Some(cursor.page),
                 limit: Some(cursor.size),
@@ -437,6 +433,29 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             total_size,
         }))
     }
+}
+
+/// A valid `[start_time, end_time)` range in UNIX milliseconds, the upstream's precision; an
+/// instant between two milliseconds is rounded up, which keeps both bounds exact.
+fn time_range(
+    v: &mut Violations,
+    start: Option<&prost_types::Timestamp>,
+    end: Option<&prost_types::Timestamp>,
+) -> (Option<i64>, Option<i64>) {
+    let mut millis = |field: &str, value: Option<&prost_types::Timestamp>| {
+        validate::timestamp(v, field, value)?;
+        let value = value?;
+        let partial = value.nanos % 1_000_000 != 0;
+        Some(timestamp_to_ms(value) + i64::from(partial))
+    };
+    let start = millis("start_time", start);
+    let end = millis("end_time", end);
+    if let (Some(start), Some(end)) = (start, end)
+        && start >= end
+    {
+        v.add("end_time", "must be after start_time");
+    }
+    (start, end)
 }
 
 /// The upstream's `total`, or, when it gives none, what the pages read so far show.
@@ -616,4 +635,59 @@ pub(crate) async fn execute_set_feedback_topics(
         .set_response_topics(&ctx, &request.feedback_id, topics, op)
         .await?;
     Ok(pb::SetFeedbackTopicsResponse::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(reason: &str) -> pb::RecipientResult {
+        pb::RecipientResult {
+            outcome: pb::RecipientOutcome::Failed as i32,
+            error: Some(pb::ItemError {
+                reason: reason.to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sends_that_never_left_the_gateway_are_not_remembered() {
+        let response = |results| pb::SendSurveyResponse {
+            delivery_id: String::new(),
+            results,
+        };
+        let shed = response(vec![
+            failed("UPSTREAM_BUDGET_EXHAUSTED"),
+            failed("UPSTREAM_CIRCUIT_OPEN"),
+        ]);
+        assert!(!pb::SendSurveyRequest::remember(&shed));
+        let refused = response(vec![failed("UPSTREAM_NOT_FOUND")]);
+        assert!(pb::SendSurveyRequest::remember(&refused));
+        let mixed = response(vec![
+            failed("UPSTREAM_BUDGET_EXHAUSTED"),
+            pb::RecipientResult {
+                outcome: pb::RecipientOutcome::Scheduled as i32,
+                ..Default::default()
+            },
+        ]);
+        assert!(pb::SendSurveyRequest::remember(&mixed));
+    }
+
+    #[test]
+    fn only_replacements_are_replay_safe() {
+        let tags = |mode: pb::UpdateMode| pb::SetFeedbackTagsRequest {
+            mode: mode as i32,
+            ..Default::default()
+        };
+        assert!(tags(pb::UpdateMode::Replace).replay_safe());
+        assert!(!tags(pb::UpdateMode::Append).replay_safe());
+        let topics = pb::SetFeedbackTopicsRequest {
+            mode: pb::UpdateMode::Append as i32,
+            ..Default::default()
+        };
+        assert!(!topics.replay_safe());
+        assert!(!pb::SendSurveyRequest::default().replay_safe());
+    }
 }

@@ -8,4 +8,5 @@ mod customers;
 mod events;
 mod foundation;
 mod support;
+mod surveys;
 mod upstream;

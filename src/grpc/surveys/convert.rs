@@ -97,9 +97,9 @@ pub fn sent_by_filter(sent_by: pb::SentBy) -> Option<&'static str> {
     }
 }
 
-/// An instant in whole UNIX seconds, the resolution of the upstream's date filters.
-pub fn instant(seconds: i64) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(seconds, 0)
+/// An instant in UNIX milliseconds.
+pub fn instant(millis: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(millis)
 }
 
 // ---- survey send results ----

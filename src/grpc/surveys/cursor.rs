@@ -1,10 +1,10 @@
 //! Page tokens of the lists that Retently pages itself (feedback, sent surveys).
 //!
 //! A token names the upstream page to read next, the page size fixed by the first call, the end
-//! of the time range (the caller's, or the instant pinned by the first call so that new records
-//! do not shift later pages), when it was issued (tokens last 24 hours), and a fingerprint of the
-//! filters: a token used with other filters is refused rather than answered with a page of
-//! another list.
+//! of the time range (the caller's, or the instant of the first call, pinned so that records
+//! created later do not shift later pages), when it was issued (tokens last 24 hours), and a
+//! fingerprint of the filters: a token used with other filters is refused rather than answered
+//! with a page of another list.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,23 +18,33 @@ const TOKEN_LIFETIME_SECS: i64 = 24 * 60 * 60;
 /// Retently's default page size, which the contract adopts.
 const DEFAULT_PAGE_SIZE: u32 = 20;
 
-/// Where a list call reads: upstream page `page` (1-based) of `size` records, up to `end`.
+/// Where a list call reads: upstream page `page` (1-based) of `size` records, created before
+/// `end_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     pub page: u32,
     pub size: u32,
-    /// End of the time range in UNIX seconds.
-    pub end_secs: i64,
+    /// End of the time range (exclusive) in UNIX milliseconds.
+    pub end_ms: i64,
 }
 
-/// Resolves a list request's page: the first page (size from `page_size`, end from `end_secs`
-/// or pinned just after `now_ms`), or the page a token names. Problems are recorded in `v`.
+impl Cursor {
+    /// The upstream's inclusive `endDate` for this exclusive end: one millisecond earlier, at
+    /// the precision of the upstream's timestamps.
+    pub fn inclusive_end_ms(&self) -> i64 {
+        self.end_ms.saturating_sub(1)
+    }
+}
+
+/// Resolves a list request's page: the first page (size from `page_size`, end from `end_ms` or
+/// pinned to `now_ms`, keeping what exists at that instant), or the page a token names. Problems
+/// are recorded in `v`.
 pub fn resolve(
     v: &mut Violations,
     page_size: i32,
     page_token: &str,
     filters: &str,
-    end_secs: Option<i64>,
+    end_ms: Option<i64>,
     now_ms: i64,
 ) -> Cursor {
     let size = match u32::try_from(page_size) {
@@ -48,12 +58,10 @@ pub fn resolve(
             DEFAULT_PAGE_SIZE
         }
     };
-    // The upstream filters by whole seconds; rounding the pinned end up keeps a record created
-    // in the same second as the first call in the list.
     let first = Cursor {
         page: 1,
         size,
-        end_secs: end_secs.unwrap_or_else(|| now_ms.div_euclid(1000) + 1),
+        end_ms: end_ms.unwrap_or(now_ms.saturating_add(1)),
     };
     if page_token.is_empty() {
         return first;
@@ -86,7 +94,7 @@ pub fn next_token(cursor: Cursor, more: bool, filters: &str, now_ms: i64) -> Str
         "u1:{}:{}:{}:{}:{:016x}",
         cursor.page.saturating_add(1),
         cursor.size,
-        cursor.end_secs,
+        cursor.end_ms,
         now_ms.div_euclid(1000),
         filters_fingerprint(filters)
     ))
@@ -107,16 +115,12 @@ fn decode(token: &str) -> Option<Token> {
     }
     let page: u32 = parts.next()?.parse().ok()?;
     let size: u32 = parts.next()?.parse().ok()?;
-    let end_secs = parts.next()?.parse().ok()?;
+    let end_ms = parts.next()?.parse().ok()?;
     let issued_secs = parts.next()?.parse().ok()?;
     let fingerprint = u64::from_str_radix(parts.next()?, 16).ok()?;
     let valid = parts.next().is_none() && page >= 1 && (1..=MAX_PAGE_SIZE).contains(&size);
     valid.then_some(Token {
-        cursor: Cursor {
-            page,
-            size,
-            end_secs,
-        },
+        cursor: Cursor { page, size, end_ms },
         issued_secs,
         fingerprint,
     })
@@ -137,9 +141,10 @@ mod tests {
             Cursor {
                 page: 1,
                 size: 20,
-                end_secs: 1_700_000_001
+                end_ms: NOW_MS + 1
             }
         );
+        assert_eq!(first.inclusive_end_ms(), NOW_MS);
         let token = next_token(first, true, "f", NOW_MS);
         // A later call with another page_size still reads the token's size and end.
         let second = resolve(&mut v, 500, &token, "f", None, NOW_MS + 60_000);
@@ -149,7 +154,7 @@ mod tests {
             Cursor {
                 page: 2,
                 size: 20,
-                end_secs: 1_700_000_001
+                end_ms: NOW_MS + 1
             }
         );
         assert!(next_token(second, false, "f", NOW_MS).is_empty());
@@ -158,8 +163,8 @@ mod tests {
     #[test]
     fn a_given_end_is_kept() {
         let mut v = Violations::new();
-        let first = resolve(&mut v, 5, "", "f", Some(1_600_000_000), NOW_MS);
-        assert_eq!(first.end_secs, 1_600_000_000);
+        let first = resolve(&mut v, 5, "", "f", Some(1_600_000_000_000), NOW_MS);
+        assert_eq!(first.end_ms, 1_600_000_000_000);
         assert_eq!(first.size, 5);
     }
 
@@ -169,7 +174,7 @@ mod tests {
             Cursor {
                 page: 1,
                 size: 10,
-                end_secs: 5,
+                end_ms: 5,
             },
             true,
             "f",

@@ -683,13 +683,14 @@ pub(crate) fn page_params(page: &PageRequest, params: &mut Vec<(&'static str, St
     }
 }
 
-/// `startDate`/`endDate` in the ISO form the upstream documents.
+/// `startDate`/`endDate` as ISO 8601 instants (a form the upstream documents) with milliseconds,
+/// the precision of its own timestamps, so a range can end exactly after a given record.
 pub(crate) fn date_param(
     name: &'static str,
     date: Option<DateTime<Utc>>,
     params: &mut Vec<(&'static str, String)>,
 ) {
     if let Some(date) = date {
-        params.push((name, date.to_rfc3339_opts(SecondsFormat::Secs, true)));
+        params.push((name, date.to_rfc3339_opts(SecondsFormat::Millis, true)));
     }
 }
