@@ -81,3 +81,71 @@ case_ "DeleteCustomers deletes at both destinations" 0 '"destination": "DESTINAT
   -d '{"customers": [{"customer_id": "gc-1", "email": "ann@grpcurl-demo.com"}],
   "destinations": ["DESTINATION_RETENTLY", "DESTINATION_RETAINLY"]}' \
   "$addr" cx.gateway.v1.CustomerService/DeleteCustomers
+
+
+# SurveyService
+# `json_field PATH...` prints one field of the JSON grpcurl printed, for ids later cases need.
+json_field() {
+  python3 -c 'import json, sys
+value = json.load(sys.stdin)
+for key in sys.argv[1:]:
+    value = value[int(key)] if key.isdigit() else value[key]
+print(value)' "$@"
+}
+survey() { grpcurl -plaintext -emit-defaults -d "$1" "$addr" "cx.gateway.v1.SurveyService/$2"; }
+
+case_ "ListCampaigns filters by type and state" 0 '"campaignId": "[0-9a-f]{24}"' \
+  '"type": "CAMPAIGN_TYPE_TRANSACTIONAL"' '"active": true' '"totalSize": "[1-9]' -- \
+  -d '{"type": "CAMPAIGN_TYPE_TRANSACTIONAL", "active": true}' "$addr" \
+  cx.gateway.v1.SurveyService/ListCampaigns
+campaign_id=$(survey '{"type": "CAMPAIGN_TYPE_TRANSACTIONAL", "active": true, "metric": "METRIC_NPS"}' \
+  ListCampaigns | json_field campaigns 0 campaignId)
+case_ "SendSurvey schedules each recipient" 0 '"outcome": "RECIPIENT_OUTCOME_SCHEDULED"' \
+  '"email": "ann@example.com"' -- \
+  -d "{\"campaign_id\": \"$campaign_id\", \"recipients\": [{\"email\": \"ann@example.com\", \"first_name\": \"Ann\"}], \"delay_days\": 2}" \
+  "$addr" cx.gateway.v1.SurveyService/SendSurvey
+case_ "SendSurvey in ASYNC mode answers with a delivery id" 0 '"deliveryId": "dlv_' -- \
+  -d "{\"campaign_id\": \"$campaign_id\", \"recipients\": [{\"email\": \"bob@example.com\"}], \"options\": {\"mode\": \"DELIVERY_MODE_ASYNC\"}}" \
+  "$addr" cx.gateway.v1.SurveyService/SendSurvey
+case_ "SendSurvey to an unknown campaign fails the recipient with NOT_FOUND" 0 \
+  '"outcome": "RECIPIENT_OUTCOME_FAILED"' '"reason": "UPSTREAM_NOT_FOUND"' -- \
+  -d '{"campaign_id": "0123456789abcdef01234567", "recipients": [{"email": "cy@example.com"}]}' \
+  "$addr" cx.gateway.v1.SurveyService/SendSurvey
+case_ "SendSurvey with bad input is INVALID_ARGUMENT with field violations" 67 \
+  'Code: InvalidArgument' '"field":"recipients\[1\].email"' '"field":"delay_days"' -- \
+  -d "{\"campaign_id\": \"$campaign_id\", \"recipients\": [{\"email\": \"a@example.com\"}, {\"email\": \"nope\"}], \"delay_days\": 400}" \
+  "$addr" cx.gateway.v1.SurveyService/SendSurvey
+case_ "ListTemplates lists templates" 0 '"templateId": "[0-9a-f]{24}"' '"metric": "METRIC_' -- \
+  -d '{"page_size": 5}' "$addr" cx.gateway.v1.SurveyService/ListTemplates
+template_id=$(survey '{"page_size": 1}' ListTemplates | json_field templates 0 templateId)
+case_ "GetTemplate reads one template" 0 "\"templateId\": \"$template_id\"" -- \
+  -d "{\"template_id\": \"$template_id\"}" "$addr" cx.gateway.v1.SurveyService/GetTemplate
+case_ "GetTemplate of an unknown id is NOT_FOUND" 69 'Code: NotFound' 'UPSTREAM_NOT_FOUND' -- \
+  -d '{"template_id": "0123456789abcdef01234567"}' "$addr" cx.gateway.v1.SurveyService/GetTemplate
+case_ "GetScore reads the NPS" 0 '"metric": "METRIC_NPS"' '"totalResponses": "[1-9]' '"fetchTime": "' -- \
+  -d '{"metric": "METRIC_NPS"}' "$addr" cx.gateway.v1.SurveyService/GetScore
+case_ "GetScore without a metric is INVALID_ARGUMENT" 67 '"field":"metric"' -- \
+  -d '{}' "$addr" cx.gateway.v1.SurveyService/GetScore
+case_ "ListFeedback pages responses newest first" 0 '"feedbackId": "[0-9a-f]{24}"' \
+  '"scoreCategory": "SCORE_CATEGORY_' '"nextPageToken": "[^"]+"' -- \
+  -d "{\"page_size\": 2, \"campaign_id\": \"$campaign_id\"}" "$addr" cx.gateway.v1.SurveyService/ListFeedback
+feedback_id=$(survey '{"page_size": 1}' ListFeedback | json_field feedback 0 feedbackId)
+case_ "GetFeedback reads one response" 0 "\"feedbackId\": \"$feedback_id\"" '"createTime": "' -- \
+  -d "{\"feedback_id\": \"$feedback_id\"}" "$addr" cx.gateway.v1.SurveyService/GetFeedback
+case_ "SetFeedbackTags replaces the tags" 0 '"deliveryId": ""' -- \
+  -d "{\"feedback_id\": \"$feedback_id\", \"tags\": [\"pricing\", \"support\"], \"mode\": \"UPDATE_MODE_REPLACE\"}" \
+  "$addr" cx.gateway.v1.SurveyService/SetFeedbackTags
+case_ "SetFeedbackTags without a mode is INVALID_ARGUMENT" 67 '"field":"mode"' -- \
+  -d "{\"feedback_id\": \"$feedback_id\", \"tags\": [\"x\"]}" "$addr" cx.gateway.v1.SurveyService/SetFeedbackTags
+case_ "SetFeedbackTopics appends a topic" 0 '"deliveryId": ""' -- \
+  -d "{\"feedback_id\": \"$feedback_id\", \"topics\": [{\"name\": \"Price\", \"sentiment\": \"SENTIMENT_NEGATIVE\"}], \"mode\": \"UPDATE_MODE_APPEND\"}" \
+  "$addr" cx.gateway.v1.SurveyService/SetFeedbackTopics
+case_ "GetFeedback shows the new tags and topic" 0 '"pricing"' '"name": "Price"' -- \
+  -d "{\"feedback_id\": \"$feedback_id\"}" "$addr" cx.gateway.v1.SurveyService/GetFeedback
+case_ "ListSentSurveys finds the survey sent above" 0 '"email": "ann@example.com"' \
+  '"sentBy": "SENT_BY_' '"totalSize": "1"' -- \
+  -d "{\"email\": \"ann@example.com\", \"end_time\": \"2100-01-01T00:00:00Z\"}" "$addr" \
+  cx.gateway.v1.SurveyService/ListSentSurveys
+case_ "ListReports reports one campaign" 0 "\"campaignId\": \"$campaign_id\"" '"deliveryStats"' \
+  '"totalSize": "1"' -- \
+  -d "{\"campaign_id\": \"$campaign_id\"}" "$addr" cx.gateway.v1.SurveyService/ListReports
