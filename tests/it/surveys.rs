@@ -166,6 +166,36 @@ async fn a_send_schedules_every_recipient_in_one_upstream_call() {
 }
 
 #[tokio::test]
+async fn a_large_send_is_split_into_calls_of_at_most_a_hundred() {
+    let gateway = TestGateway::start().await;
+    let handle = handle(&gateway);
+    let campaign_id = campaign(&handle, "NPS");
+    let emails: Vec<String> = (0..250).map(|i| format!("bulk{i}@example.com")).collect();
+    let response = client(&gateway)
+        .send_survey(pb::SendSurveyRequest {
+            campaign_id,
+            recipients: emails.iter().map(|email| recipient(email)).collect(),
+            delay_days: None,
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.results.len(), 250);
+    for (index, result) in response.results.iter().enumerate() {
+        assert_eq!(result.index, index as i32);
+        assert_eq!(result.email, emails[index]);
+        assert_eq!(result.outcome, pb::RecipientOutcome::Scheduled as i32);
+    }
+    let sends = handle.survey_sends();
+    let sizes: Vec<usize> = sends.iter().map(|s| s.recipients.len()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 250);
+    assert!(sizes.iter().all(|size| *size <= 100), "{sizes:?}");
+    assert_eq!(sends.len(), 3, "{sizes:?}");
+    gateway.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_recipient_surveyed_recently_is_throttled() {
     let gateway = TestGateway::start().await;
     let handle = handle(&gateway);
@@ -435,8 +465,10 @@ async fn a_thousand_concurrent_sends_share_about_ten_upstream_calls() {
     let gateway = TestGateway::start().await;
     let handle = handle(&gateway);
     let campaign_id = campaign(&handle, "NPS");
-    // A round trip as to a SaaS API across the internet rather than to a loopback emulator:
-    // calls that arrive while a send is in flight wait for it and share the next one.
+    // A round trip closer to a SaaS API's than a loopback emulator's: with answers in a
+    // millisecond, how many calls a test machine's scheduling lets arrive in each round trip
+    // varies (10 to 12 measured on two busy cores), while the property under test is that calls
+    // in flight together share upstream requests.
     handle.set_faults(
         Api::Retently,
         FaultConfig {
@@ -494,7 +526,7 @@ async fn a_thousand_concurrent_sends_share_about_ten_upstream_calls() {
         "{CALLERS} concurrent SendSurvey calls -> {upstream_calls} POST /survey requests \
          (recipients per request: {sizes:?})"
     );
-    // Ten full calls, plus the one that went out alone before the others arrived.
+    // Ten full calls, give or take a partial one that went out before the others arrived.
     assert!(upstream_calls <= 12, "{upstream_calls} upstream calls");
     assert_eq!(handle.rate_limited(Api::Retently), 0);
     assert_eq!(handle.status_count(Api::Retently, 429), 0);

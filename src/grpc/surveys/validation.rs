@@ -121,13 +121,12 @@ fn label<'a>(v: &mut Violations, field: String, value: &'a str, seen: &mut HashS
     }
 }
 
+/// A tag or topic change touches one item: the survey response.
 fn label_write(
-    v: Violations,
+    mut v: Violations,
     options: Option<&pb::WriteOptions>,
     feedback_id: &str,
-    entries: usize,
 ) -> Result<ValidWrite, Error> {
-    let mut v = v;
     let (mode, key) = validate::write_options(&mut v, options);
     v.into_result()?;
     Ok(ValidWrite {
@@ -135,7 +134,7 @@ fn label_write(
         key,
         facts: DeliveryFacts {
             destinations: vec![pb::Destination::Retently],
-            item_count: entries.max(1),
+            item_count: 1,
             ordering_keys: vec![feedback_key(feedback_id)],
         },
     })
@@ -157,12 +156,7 @@ pub fn set_feedback_tags(request: &pb::SetFeedbackTagsRequest) -> Result<ValidWr
         label(&mut v, format!("tags[{index}]"), tag, &mut seen);
     }
     update_mode(&mut v, request.mode, request.tags.len(), "tags");
-    label_write(
-        v,
-        request.options.as_ref(),
-        &request.feedback_id,
-        request.tags.len(),
-    )
+    label_write(v, request.options.as_ref(), &request.feedback_id)
 }
 
 pub fn set_feedback_topics(request: &pb::SetFeedbackTopicsRequest) -> Result<ValidWrite, Error> {
@@ -191,12 +185,7 @@ pub fn set_feedback_topics(request: &pb::SetFeedbackTopicsRequest) -> Result<Val
         );
     }
     update_mode(&mut v, request.mode, request.topics.len(), "topics");
-    label_write(
-        v,
-        request.options.as_ref(),
-        &request.feedback_id,
-        request.topics.len(),
-    )
+    label_write(v, request.options.as_ref(), &request.feedback_id)
 }
 
 /// An enum field that must hold one of its known values; `None` when it does not.
