@@ -301,19 +301,8 @@ pub fn property_to_retently(property: &pb::Property) -> Option<retently::Propert
         Kind::NumberValue(number) => (PropertyType::String, number.to_string()),
         Kind::IntegerValue(number) => (PropertyType::Integer, number.to_string()),
         Kind::BoolValue(flag) => (PropertyType::Boolean, flag.to_string()),
-        Kind::DateValue(date) => (
-            PropertyType::Date,
-            format!("{:04}-{:02}-{:02}", date.year, date.month, date.day),
-        ),
-        Kind::TimestampValue(timestamp) => {
-            let nanos = u32::try_from(timestamp.nanos).ok()?;
-            let instant =
-                chrono::DateTime::<chrono::Utc>::from_timestamp(timestamp.seconds, nanos)?;
-            (
-                PropertyType::Date,
-                instant.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            )
-        }
+        Kind::DateValue(date) => (PropertyType::Date, date_text(date)),
+        Kind::TimestampValue(timestamp) => (PropertyType::Date, instant_text(timestamp)?),
         Kind::StringListValue(list) => (PropertyType::Collection, list.values.join(",")),
     };
     Some(retently::PropertyInput {
@@ -321,4 +310,47 @@ pub fn property_to_retently(property: &pb::Property) -> Option<retently::Propert
         kind: Some(kind),
         value: Some(value),
     })
+}
+
+/// A calendar date as `YYYY-MM-DD`, the form both upstreams read.
+pub fn date_text(date: &pb::Date) -> String {
+    format!("{:04}-{:02}-{:02}", date.year, date.month, date.day)
+}
+
+/// RFC 3339 UTC with milliseconds (`2022-02-25T21:00:00.000Z`), the form both upstreams show.
+pub fn instant_text(timestamp: &prost_types::Timestamp) -> Option<String> {
+    let nanos = u32::try_from(timestamp.nanos).ok()?;
+    let instant = chrono::DateTime::<chrono::Utc>::from_timestamp(timestamp.seconds, nanos)?;
+    Some(instant.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// Largest integer a double holds exactly (2^53 - 1).
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
+/// A `google.protobuf.Value` as JSON. Struct numbers are doubles; whole ones within the safe
+/// range go out as integers so `123` stays `123` rather than becoming `123.0` upstream.
+pub fn json_value(value: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    use serde_json::{Number, Value};
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(flag)) => Value::Bool(*flag),
+        Some(Kind::NumberValue(number)) => {
+            if number.fract() == 0.0 && number.abs() <= MAX_SAFE_INTEGER {
+                // Exact: a whole double within ±2^53 converts to i64 without loss.
+                Value::Number(Number::from(*number as i64))
+            } else {
+                Number::from_f64(*number).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(Kind::StringValue(text)) => Value::String(text.clone()),
+        Some(Kind::ListValue(list)) => Value::Array(list.values.iter().map(json_value).collect()),
+        Some(Kind::StructValue(object)) => Value::Object(
+            object
+                .fields
+                .iter()
+                .map(|(key, value)| (key.clone(), json_value(value)))
+                .collect(),
+        ),
+    }
 }

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
 use crate::error::{Error, Violations};
-use crate::grpc::convert::{error_to_item, recipient_outcome, timestamp_to_ms};
+use crate::grpc::convert::{error_to_item, json_value, recipient_outcome, timestamp_to_ms};
 use crate::grpc::writes::{self, DeliveryFacts, WriteRpc};
 use crate::grpc::{methods, paging, validate};
 use crate::pb;
@@ -205,7 +205,7 @@ pub(crate) async fn execute_track_event(
             properties
                 .fields
                 .iter()
-                .map(|(key, value)| (key.clone(), struct_value_to_json(value)))
+                .map(|(key, value)| (key.clone(), json_value(value)))
                 .collect()
         })
         .unwrap_or_default();
@@ -263,28 +263,6 @@ pub(crate) async fn execute_track_event(
         duplicate: false,
         triggered_surveys,
     })
-}
-
-fn struct_value_to_json(value: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match &value.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(flag)) => Value::Bool(*flag),
-        Some(Kind::NumberValue(number)) => serde_json::Number::from_f64(*number)
-            .map(Value::Number)
-            .unwrap_or(Value::Null),
-        Some(Kind::StringValue(text)) => Value::String(text.clone()),
-        Some(Kind::ListValue(list)) => {
-            Value::Array(list.values.iter().map(struct_value_to_json).collect())
-        }
-        Some(Kind::StructValue(object)) => Value::Object(
-            object
-                .fields
-                .iter()
-                .map(|(k, v)| (k.clone(), struct_value_to_json(v)))
-                .collect(),
-        ),
-    }
 }
 
 /// The survey recipient an event describes, as Segment's Retently destination reads a track

@@ -1,17 +1,16 @@
 //! CustomerService messages ⇄ the upstream clients' types, field by field as the contract's
 //! comments map them.
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Number, Value};
 
 use crate::error::Error;
-use crate::grpc::convert::{error_to_item, property_from_retently, timestamp_from_rfc3339};
+use crate::grpc::convert::{
+    date_text, error_to_item, instant_text, json_value, property_from_retently,
+    property_to_retently, timestamp_from_rfc3339,
+};
 use crate::pb;
 use crate::upstream::retainly::{ArrayDeletion, ArrayRecord, RetainlyCustomer, RetainlyId};
-use crate::upstream::retently::{self, CustomerInput, PropertyInput, PropertyType, UpsertStatus};
-
-/// Integers beyond this lose precision in JSON parsers that read numbers as doubles.
-const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+use crate::upstream::retently::{self, CustomerInput, UpsertStatus};
 
 /// Empty strings are "not set" in proto3, and the contract promises an upsert never clears a
 /// stored value by omission: they are left out of the upstream request.
@@ -34,42 +33,9 @@ pub fn retently_customer(customer: &pb::Customer, email: String) -> CustomerInpu
         properties: customer
             .properties
             .iter()
-            .filter_map(retently_property)
+            .filter_map(property_to_retently)
             .collect(),
     }
-}
-
-/// `{label, type, value}`: the key goes out as the label, which Retently turns into the same
-/// snake_case name.
-fn retently_property(property: &pb::Property) -> Option<PropertyInput> {
-    use pb::property_value::Kind;
-    let (kind, value) = match property.value.as_ref()?.kind.as_ref()? {
-        Kind::StringValue(text) => (PropertyType::String, text.clone()),
-        // Retently has no decimal type; Rust's `Display` of a double is the shortest text that
-        // reads back as the same number.
-        Kind::NumberValue(number) => (PropertyType::String, number.to_string()),
-        Kind::IntegerValue(number) => (PropertyType::Integer, number.to_string()),
-        Kind::BoolValue(flag) => (PropertyType::Boolean, flag.to_string()),
-        Kind::DateValue(date) => (PropertyType::Date, date_text(date)),
-        Kind::TimestampValue(timestamp) => (PropertyType::Date, instant_text(timestamp)?),
-        Kind::StringListValue(list) => (PropertyType::Collection, list.values.join(",")),
-    };
-    Some(PropertyInput {
-        label: property.name.clone(),
-        kind: Some(kind),
-        value: Some(value),
-    })
-}
-
-fn date_text(date: &pb::Date) -> String {
-    format!("{:04}-{:02}-{:02}", date.year, date.month, date.day)
-}
-
-/// RFC 3339 UTC with milliseconds (`2022-02-25T21:00:00.000Z`), the form both upstreams show.
-fn instant_text(timestamp: &prost_types::Timestamp) -> Option<String> {
-    let nanos = u32::try_from(timestamp.nanos).ok()?;
-    let instant = DateTime::<Utc>::from_timestamp(timestamp.seconds, nanos)?;
-    Some(instant.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
 // ---- requests to Retainly ----
@@ -153,33 +119,6 @@ pub fn array_deletion(record: &pb::CustomerArrayItemIds) -> ArrayDeletion {
         customer_id: RetainlyId::Text(record.customer_id.clone()),
         field: record.field.clone(),
         ids: record.item_ids.iter().cloned().map(Value::String).collect(),
-    }
-}
-
-/// A `google.protobuf.Value` as JSON. Struct numbers are doubles; whole ones within the safe
-/// range go out as integers so `123` stays `123` rather than becoming `123.0` upstream.
-pub fn json_value(value: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match &value.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(flag)) => Value::Bool(*flag),
-        Some(Kind::NumberValue(number)) => {
-            if number.fract() == 0.0 && number.abs() <= MAX_SAFE_INTEGER {
-                // Exact: a whole double within ±2^53 converts to i64 without loss.
-                Value::Number(Number::from(*number as i64))
-            } else {
-                Number::from_f64(*number).map_or(Value::Null, Value::Number)
-            }
-        }
-        Some(Kind::StringValue(text)) => Value::String(text.clone()),
-        Some(Kind::ListValue(list)) => Value::Array(list.values.iter().map(json_value).collect()),
-        Some(Kind::StructValue(object)) => Value::Object(
-            object
-                .fields
-                .iter()
-                .map(|(key, value)| (key.clone(), json_value(value)))
-                .collect(),
-        ),
     }
 }
 
