@@ -22,7 +22,10 @@ pub mod error;
 pub mod model;
 
 use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::join_all;
@@ -36,7 +39,9 @@ use crate::upstream::context::CallContext;
 use crate::upstream::scheduler::batch::{BatchHandle, BatchLimits, Batcher};
 use crate::upstream::scheduler::cache::{Caching, Reads};
 use crate::upstream::scheduler::fair::CallerShares;
-use crate::upstream::scheduler::{Idempotency, Lane, LaneCounters, SchedulerSettings};
+use crate::upstream::scheduler::{
+    AttemptError, Idempotency, Lane, LaneCounters, SchedulerSettings,
+};
 
 /// Recipients per `POST /survey`, as documented (1–100).
 pub const MAX_SURVEY_BATCH: usize = 100;
@@ -262,50 +267,30 @@ impl RetentlyApi {
         ctx: &CallContext,
         query: CustomerQuery,
     ) -> Result<Page<Customer>> {
-        let inner = Arc::clone(&self.inner);
         let key = format!("{query:?}");
-        let read_ctx = ctx.clone();
-        self.inner
-            .customers
-            .get(key, ctx, Caching::SingleFlightOnly, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let query = query.clone();
-                            async move { client.list_customers(&query, timeout).await }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.customers,
+            ctx,
+            key,
+            Caching::SingleFlightOnly,
+            query,
+            |client, query, timeout| async move { client.list_customers(&query, timeout).await },
+        )
+        .await
     }
 
     pub async fn get_customer(&self, ctx: &CallContext, id: &str) -> Result<Customer> {
         check_id(id, "id")?;
         let id = id.to_owned();
-        let inner = Arc::clone(&self.inner);
-        let read_ctx = ctx.clone();
-        self.inner
-            .customer
-            .get(id.clone(), ctx, Caching::SingleFlightOnly, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let id = id.clone();
-                            async move { client.get_customer(&id, timeout).await }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.customer,
+            ctx,
+            id.clone(),
+            Caching::SingleFlightOnly,
+            id,
+            |client, id, timeout| async move { client.get_customer(&id, timeout).await },
+        )
+        .await
     }
 
     /// Deletes customers by email; one outcome per address (`failed`/`not_found` ones are
@@ -376,50 +361,30 @@ impl RetentlyApi {
         ctx: &CallContext,
         query: FeedbackQuery,
     ) -> Result<Page<Feedback>> {
-        let inner = Arc::clone(&self.inner);
         let key = format!("{query:?}");
-        let read_ctx = ctx.clone();
-        self.inner
-            .feedback
-            .get(key, ctx, Caching::SingleFlightOnly, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let query = query.clone();
-                            async move { client.list_feedback(&query, timeout).await }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.feedback,
+            ctx,
+            key,
+            Caching::SingleFlightOnly,
+            query,
+            |client, query, timeout| async move { client.list_feedback(&query, timeout).await },
+        )
+        .await
     }
 
     pub async fn get_feedback(&self, ctx: &CallContext, id: &str) -> Result<Feedback> {
         check_id(id, "id")?;
         let id = id.to_owned();
-        let inner = Arc::clone(&self.inner);
-        let read_ctx = ctx.clone();
-        self.inner
-            .feedback_item
-            .get(id.clone(), ctx, Caching::SingleFlightOnly, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let id = id.clone();
-                            async move { client.get_feedback(&id, timeout).await }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.feedback_item,
+            ctx,
+            id.clone(),
+            Caching::SingleFlightOnly,
+            id,
+            |client, id, timeout| async move { client.get_feedback(&id, timeout).await },
+        )
+        .await
     }
 
     /// Replaces (or appends to) a response's tags.
@@ -466,97 +431,60 @@ impl RetentlyApi {
 
     /// The latest score of `metric` (cached for the TTL).
     pub async fn score(&self, ctx: &CallContext, metric: Metric) -> Result<Score> {
-        let inner = Arc::clone(&self.inner);
-        let read_ctx = ctx.clone();
-        self.inner
-            .scores
-            .get(metric, ctx, Caching::Cached, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            async move {
-                                let mut score = client.score(metric, timeout).await?;
-                                score.fetched_at = Some(std::time::SystemTime::now());
-                                Ok(score)
-                            }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.scores,
+            ctx,
+            metric,
+            Caching::Cached,
+            metric,
+            |client, metric, timeout| async move {
+                let mut score = client.score(metric, timeout).await?;
+                score.fetched_at = Some(std::time::SystemTime::now());
+                Ok(score)
+            },
+        )
+        .await
     }
 
     /// Every campaign (cached for the TTL).
     pub async fn campaigns(&self, ctx: &CallContext) -> Result<Arc<[Campaign]>> {
-        let inner = Arc::clone(&self.inner);
-        let read_ctx = ctx.clone();
-        self.inner
-            .campaigns
-            .get((), ctx, Caching::Cached, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            async move { client.campaigns(timeout).await.map(Arc::from) }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.campaigns,
+            ctx,
+            (),
+            Caching::Cached,
+            (),
+            |client, (), timeout| async move { client.campaigns(timeout).await.map(Arc::from) },
+        )
+        .await
     }
 
     /// Every template (cached for the TTL).
     pub async fn templates(&self, ctx: &CallContext) -> Result<Arc<[Template]>> {
-        let inner = Arc::clone(&self.inner);
-        let read_ctx = ctx.clone();
-        self.inner
-            .templates
-            .get((), ctx, Caching::Cached, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            async move { client.templates(timeout).await.map(Arc::from) }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.templates,
+            ctx,
+            (),
+            Caching::Cached,
+            (),
+            |client, (), timeout| async move { client.templates(timeout).await.map(Arc::from) },
+        )
+        .await
     }
 
     /// One template (cached for the TTL).
     pub async fn template(&self, ctx: &CallContext, id: &str) -> Result<Template> {
         check_id(id, "id")?;
         let id = id.to_owned();
-        let inner = Arc::clone(&self.inner);
-        let read_ctx = ctx.clone();
-        self.inner
-            .template
-            .get(id.clone(), ctx, Caching::Cached, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let id = id.clone();
-                            async move { client.template(&id, timeout).await }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.template,
+            ctx,
+            id.clone(),
+            Caching::Cached,
+            id,
+            |client, id, timeout| async move { client.template(&id, timeout).await },
+        )
+        .await
     }
 
     /// Reports of every campaign, or of one (cached for the TTL).
@@ -569,30 +497,20 @@ impl RetentlyApi {
             check_id(id, "campaign_id")?;
         }
         let campaign_id = campaign_id.map(str::to_owned);
-        let inner = Arc::clone(&self.inner);
-        let read_ctx = ctx.clone();
-        self.inner
-            .reports
-            .get(campaign_id.clone(), ctx, Caching::Cached, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let campaign_id = campaign_id.clone();
-                            async move {
-                                client
-                                    .reports(campaign_id.as_deref(), timeout)
-                                    .await
-                                    .map(Arc::from)
-                            }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.reports,
+            ctx,
+            campaign_id.clone(),
+            Caching::Cached,
+            campaign_id,
+            |client, campaign_id, timeout| async move {
+                client
+                    .reports(campaign_id.as_deref(), timeout)
+                    .await
+                    .map(Arc::from)
+            },
+        )
+        .await
     }
 
     // ---- companies, outbox ----
@@ -602,69 +520,77 @@ impl RetentlyApi {
         ctx: &CallContext,
         query: CompanyQuery,
     ) -> Result<Page<Company>> {
-        let inner = Arc::clone(&self.inner);
         let key = format!("{query:?}");
-        let read_ctx = ctx.clone();
-        self.inner
-            .companies
-            .get(key, ctx, Caching::SingleFlightOnly, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let query = query.clone();
-                            async move { client.list_companies(&query, timeout).await }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.companies,
+            ctx,
+            key,
+            Caching::SingleFlightOnly,
+            query,
+            |client, query, timeout| async move { client.list_companies(&query, timeout).await },
+        )
+        .await
     }
 
     /// One company by id or domain.
     pub async fn company(&self, ctx: &CallContext, id_or_domain: &str) -> Result<Company> {
         check_id(id_or_domain, "id_or_domain")?;
         let key = id_or_domain.to_owned();
-        let inner = Arc::clone(&self.inner);
-        let read_ctx = ctx.clone();
-        self.inner
-            .company
-            .get(key.clone(), ctx, Caching::SingleFlightOnly, move || {
-                async move {
-                    let client = inner.client.clone();
-                    inner
-                        .lane
-                        .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let key = key.clone();
-                            async move { client.company(&key, timeout).await }
-                        })
-                        .await
-                }
-                .boxed()
-            })
-            .await
+        self.read(
+            &self.inner.company,
+            ctx,
+            key.clone(),
+            Caching::SingleFlightOnly,
+            key,
+            |client, key, timeout| async move { client.company(&key, timeout).await },
+        )
+        .await
     }
 
     /// Sent surveys.
     pub async fn outbox(&self, ctx: &CallContext, query: OutboxQuery) -> Result<Page<SentSurvey>> {
-        let inner = Arc::clone(&self.inner);
         let key = format!("{query:?}");
+        self.read(
+            &self.inner.outbox,
+            ctx,
+            key,
+            Caching::SingleFlightOnly,
+            query,
+            |client, query, timeout| async move { client.outbox(&query, timeout).await },
+        )
+        .await
+    }
+
+    /// One read through `reads` and the lane: served from the cache (with `Caching::Cached`)
+    /// or an identical in-flight read under `key`, else fetched by `fetch` with its own copy of
+    /// `request` per attempt. Reads change nothing upstream, so the lane retries them on any
+    /// transient failure. The fetch runs in its own task (see [`Reads::get`]), hence the
+    /// `'static` bounds and the owned client and request.
+    async fn read<K, R, V, F, Fut>(
+        &self,
+        reads: &Reads<K, V>,
+        ctx: &CallContext,
+        key: K,
+        caching: Caching,
+        request: R,
+        fetch: F,
+    ) -> Result<V>
+    where
+        K: Eq + Hash + Clone + Send + 'static,
+        V: Clone + Send + Sync + 'static,
+        R: Clone + Send + Sync + 'static,
+        F: Fn(RetentlyClient, R, Duration) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<V, AttemptError>> + Send,
+    {
+        let inner = Arc::clone(&self.inner);
         let read_ctx = ctx.clone();
-        self.inner
-            .outbox
-            .get(key, ctx, Caching::SingleFlightOnly, move || {
+        reads
+            .get(key, ctx, caching, move || {
                 async move {
-                    let client = inner.client.clone();
                     inner
                         .lane
                         .call(&read_ctx, Idempotency::Idempotent, |timeout| {
-                            let client = client.clone();
-                            let query = query.clone();
-                            async move { client.outbox(&query, timeout).await }
+                            fetch(inner.client.clone(), request.clone(), timeout)
                         })
                         .await
                 }
