@@ -73,24 +73,25 @@ impl RetentlyClient {
         })
     }
 
+    /// `GET` `route` with its `{placeholders}` filled by `args` (see [`segments`]).
     async fn get(
         &self,
         route: Route,
-        segments: &[&str],
+        args: &[&str],
         query: &[(&str, String)],
         timeout: Duration,
     ) -> Result<(StatusCode, Value), AttemptError> {
         let answer = self
             .transport
-            .send(route, segments, query, None, timeout)
+            .send(route, &segments(route, args), query, None, timeout)
             .await?;
         self.body(route, &answer)
     }
 
+    /// Sends `body` to `route`; no write route has placeholders.
     async fn write(
         &self,
         route: Route,
-        segments: &[&str],
         body: &Value,
         timeout: Duration,
     ) -> Result<(StatusCode, Value), AttemptError> {
@@ -101,7 +102,7 @@ impl RetentlyClient {
         })?;
         let answer = self
             .transport
-            .send(route, segments, &[], Some(bytes), timeout)
+            .send(route, &segments(route, &[]), &[], Some(bytes), timeout)
             .await?;
         self.body(route, &answer)
     }
@@ -218,6 +219,72 @@ impl RetentlyClient {
         }
     }
 
+    /// `GET` one list page: `filters` and then the paging parameters as the query, records
+    /// under `key` (see [`Self::page`]).
+    async fn get_page<T: DeserializeOwned>(
+        &self,
+        route: Route,
+        mut filters: Vec<(&'static str, String)>,
+        key: &str,
+        request: &PageRequest,
+        timeout: Duration,
+    ) -> Result<Page<T>, AttemptError> {
+        page_params(request, &mut filters);
+        let (status, body) = self.get(route, &[], &filters, timeout).await?;
+        self.page(route, status, &body, key, request)
+    }
+
+    /// `GET` one record (see [`Self::single`]).
+    async fn get_single<T: DeserializeOwned>(
+        &self,
+        route: Route,
+        args: &[&str],
+        key: &str,
+        timeout: Duration,
+    ) -> Result<T, AttemptError> {
+        let (status, body) = self.get(route, args, &[], timeout).await?;
+        self.single(route, status, body, key)
+    }
+
+    /// `GET` a whole collection: top-level `<key>` (documented), else `data`, `data.data`,
+    /// `data.<key>`.
+    async fn get_collection<T: DeserializeOwned>(
+        &self,
+        route: Route,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Vec<T>, AttemptError> {
+        let (status, body) = self.get(route, &[], &[], timeout).await?;
+        self.records(
+            route,
+            status,
+            &body,
+            &[&[key], &["data"], &["data", "data"], &["data", key]],
+        )
+    }
+
+    /// Replaces (or, with `append`, adds to) one kind of label of a response, sent as the
+    /// body's `field` (`tags`, `topics`).
+    async fn set_labels(
+        &self,
+        route: Route,
+        field: &str,
+        feedback_id: &str,
+        labels: Value,
+        op: LabelOp,
+        timeout: Duration,
+    ) -> Result<(), AttemptError> {
+        let mut body = Map::new();
+        body.insert("id".to_owned(), json!(feedback_id));
+        body.insert(field.to_owned(), labels);
+        if op == LabelOp::Append {
+            body.insert("op".to_owned(), json!("append"));
+        }
+        self.write(route, &Value::Object(body), timeout)
+            .await
+            .map(drop)
+    }
+
     // ---- customers ----
 
     pub async fn list_customers(
@@ -225,22 +292,11 @@ impl RetentlyClient {
         query: &CustomerQuery,
         timeout: Duration,
     ) -> Result<Page<Customer>, AttemptError> {
-        let mut params = Vec::new();
-        if let Some(email) = &query.email {
-            params.push(("email", email.clone()));
-        }
+        let mut params = filter_params([("email", &query.email)]);
         date_param("startDate", query.created_from, &mut params);
         date_param("endDate", query.created_to, &mut params);
-        page_params(&query.page, &mut params);
-        let (status, body) = self
-            .get(
-                LIST_CUSTOMERS,
-                &["api", "v2", "customers"],
-                &params,
-                timeout,
-            )
-            .await?;
-        self.page(LIST_CUSTOMERS, status, &body, "subscribers", &query.page)
+        self.get_page(LIST_CUSTOMERS, params, "subscribers", &query.page, timeout)
+            .await
     }
 
     pub async fn get_customer(
@@ -248,10 +304,8 @@ impl RetentlyClient {
         id: &str,
         timeout: Duration,
     ) -> Result<Customer, AttemptError> {
-        let (status, body) = self
-            .get(GET_CUSTOMER, &["api", "v2", "customers", id], &[], timeout)
-            .await?;
-        self.single(GET_CUSTOMER, status, body, "subscribers")
+        self.get_single(GET_CUSTOMER, &[id], "subscribers", timeout)
+            .await
     }
 
     /// `POST /customers` with every input; one result per input, in order.
@@ -261,14 +315,7 @@ impl RetentlyClient {
         timeout: Duration,
     ) -> Result<Vec<Result<CustomerUpsert, Error>>, AttemptError> {
         let body = json!({ "subscribers": customers });
-        let (status, body) = self
-            .write(
-                UPSERT_CUSTOMERS,
-                &["api", "v2", "customers"],
-                &body,
-                timeout,
-            )
-            .await?;
+        let (status, body) = self.write(UPSERT_CUSTOMERS, &body, timeout).await?;
         let outcomes = self.per_email(
             UPSERT_CUSTOMERS,
             status,
@@ -310,18 +357,12 @@ impl RetentlyClient {
         if let Some(message) = message {
             body.insert("message".to_owned(), Value::String(message.to_owned()));
         }
-        let (route, segments): (Route, &[&str]) = match change {
-            CustomerChange::Delete => (DELETE_CUSTOMERS, &["api", "v2", "customers"]),
-            CustomerChange::Unsubscribe => {
-                (UNSUBSCRIBE, &["api", "v2", "customers", "unsubscribe"])
-            }
-            CustomerChange::Resubscribe => {
-                (RESUBSCRIBE, &["api", "v2", "customers", "resubscribe"])
-            }
+        let route = match change {
+            CustomerChange::Delete => DELETE_CUSTOMERS,
+            CustomerChange::Unsubscribe => UNSUBSCRIBE,
+            CustomerChange::Resubscribe => RESUBSCRIBE,
         };
-        let (status, body) = self
-            .write(route, segments, &Value::Object(body), timeout)
-            .await?;
+        let (status, body) = self.write(route, &Value::Object(body), timeout).await?;
         self.per_email(route, status, &body, emails.iter().map(String::as_str))
     }
 
@@ -409,9 +450,7 @@ impl RetentlyClient {
         if let (Some(days), Some(object)) = (delay_days, body.as_object_mut()) {
             object.insert("delay".to_owned(), json!(days));
         }
-        let (status, response) = self
-            .write(SURVEY, &["api", "v2", "survey"], &body, timeout)
-            .await?;
+        let (status, response) = self.write(SURVEY, &body, timeout).await?;
         let data = response.get("data").unwrap_or(&Value::Null);
         let outcomes = self.per_email(
             SURVEY,
@@ -460,23 +499,15 @@ impl RetentlyClient {
         query: &FeedbackQuery,
         timeout: Duration,
     ) -> Result<Page<Feedback>, AttemptError> {
-        let mut params = Vec::new();
-        for (name, value) in [
+        let mut params = filter_params([
             ("email", &query.email),
             ("customerId", &query.customer_id),
             ("campaignId", &query.campaign_id),
-        ] {
-            if let Some(value) = value {
-                params.push((name, value.clone()));
-            }
-        }
+        ]);
         date_param("startDate", query.start_date, &mut params);
         date_param("endDate", query.end_date, &mut params);
-        page_params(&query.page, &mut params);
-        let (status, body) = self
-            .get(LIST_FEEDBACK, &["api", "v2", "feedback"], &params, timeout)
-            .await?;
-        self.page(LIST_FEEDBACK, status, &body, "responses", &query.page)
+        self.get_page(LIST_FEEDBACK, params, "responses", &query.page, timeout)
+            .await
     }
 
     pub async fn get_feedback(
@@ -484,10 +515,8 @@ impl RetentlyClient {
         id: &str,
         timeout: Duration,
     ) -> Result<Feedback, AttemptError> {
-        let (status, body) = self
-            .get(GET_FEEDBACK, &["api", "v2", "feedback", id], &[], timeout)
-            .await?;
-        self.single(GET_FEEDBACK, status, body, "responses")
+        self.get_single(GET_FEEDBACK, &[id], "responses", timeout)
+            .await
     }
 
     /// Sets tags (`append` adds, `replace` overwrites) on a response.
@@ -498,13 +527,8 @@ impl RetentlyClient {
         op: LabelOp,
         timeout: Duration,
     ) -> Result<(), AttemptError> {
-        let mut body = json!({ "id": feedback_id, "tags": tags });
-        if let (LabelOp::Append, Some(object)) = (op, body.as_object_mut()) {
-            object.insert("op".to_owned(), json!("append"));
-        }
-        self.write(TAGS, &["api", "v2", "response", "tags"], &body, timeout)
+        self.set_labels(TAGS, "tags", feedback_id, json!(tags), op, timeout)
             .await
-            .map(drop)
     }
 
     pub async fn set_topics(
@@ -514,64 +538,27 @@ impl RetentlyClient {
         op: LabelOp,
         timeout: Duration,
     ) -> Result<(), AttemptError> {
-        let mut body = json!({ "id": feedback_id, "topics": topics });
-        if let (LabelOp::Append, Some(object)) = (op, body.as_object_mut()) {
-            object.insert("op".to_owned(), json!("append"));
-        }
-        self.write(TOPICS, &["api", "v2", "response", "topics"], &body, timeout)
+        self.set_labels(TOPICS, "topics", feedback_id, json!(topics), op, timeout)
             .await
-            .map(drop)
     }
 
     // ---- scores, campaigns, templates ----
 
     pub async fn score(&self, metric: Metric, timeout: Duration) -> Result<Score, AttemptError> {
-        let (status, body) = self
-            .get(SCORE, &["api", "v2", metric.path(), "score"], &[], timeout)
-            .await?;
-        self.single(SCORE, status, body, "score")
+        self.get_single(SCORE, &[metric.path()], "score", timeout)
+            .await
     }
 
     pub async fn campaigns(&self, timeout: Duration) -> Result<Vec<Campaign>, AttemptError> {
-        let (status, body) = self
-            .get(CAMPAIGNS, &["api", "v2", "campaigns"], &[], timeout)
-            .await?;
-        // Top-level `campaigns` (documented), else `data`, `data.data`, `data.campaigns`.
-        self.records(
-            CAMPAIGNS,
-            status,
-            &body,
-            &[
-                &["campaigns"],
-                &["data"],
-                &["data", "data"],
-                &["data", "campaigns"],
-            ],
-        )
+        self.get_collection(CAMPAIGNS, "campaigns", timeout).await
     }
 
     pub async fn templates(&self, timeout: Duration) -> Result<Vec<Template>, AttemptError> {
-        let (status, body) = self
-            .get(TEMPLATES, &["api", "v2", "templates"], &[], timeout)
-            .await?;
-        self.records(
-            TEMPLATES,
-            status,
-            &body,
-            &[
-                &["templates"],
-                &["data"],
-                &["data", "data"],
-                &["data", "templates"],
-            ],
-        )
+        self.get_collection(TEMPLATES, "templates", timeout).await
     }
 
     pub async fn template(&self, id: &str, timeout: Duration) -> Result<Template, AttemptError> {
-        let (status, body) = self
-            .get(TEMPLATE, &["api", "v2", "templates", id], &[], timeout)
-            .await?;
-        self.single(TEMPLATE, status, body, "templates")
+        self.get_single(TEMPLATE, &[id], "templates", timeout).await
     }
 
     // ---- companies, outbox, reports ----
@@ -581,12 +568,8 @@ impl RetentlyClient {
         query: &CompanyQuery,
         timeout: Duration,
     ) -> Result<Page<Company>, AttemptError> {
-        let mut params = Vec::new();
-        page_params(&query.page, &mut params);
-        let (status, body) = self
-            .get(COMPANIES, &["api", "v2", "companies"], &params, timeout)
-            .await?;
-        self.page(COMPANIES, status, &body, "companies", &query.page)
+        self.get_page(COMPANIES, Vec::new(), "companies", &query.page, timeout)
+            .await
     }
 
     /// One company by its id or its domain.
@@ -595,15 +578,8 @@ impl RetentlyClient {
         id_or_domain: &str,
         timeout: Duration,
     ) -> Result<Company, AttemptError> {
-        let (status, body) = self
-            .get(
-                COMPANY,
-                &["api", "v2", "companies", id_or_domain],
-                &[],
-                timeout,
-            )
-            .await?;
-        self.single(COMPANY, status, body, "companies")
+        self.get_single(COMPANY, &[id_or_domain], "companies", timeout)
+            .await
     }
 
     pub async fn outbox(
@@ -611,24 +587,16 @@ impl RetentlyClient {
         query: &OutboxQuery,
         timeout: Duration,
     ) -> Result<Page<SentSurvey>, AttemptError> {
-        let mut params = Vec::new();
-        for (name, value) in [
+        let mut params = filter_params([
             ("email", &query.email),
             ("campaignId", &query.campaign_id),
             ("channel", &query.channel),
             ("sentBy", &query.sent_by),
-        ] {
-            if let Some(value) = value {
-                params.push((name, value.clone()));
-            }
-        }
+        ]);
         date_param("startDate", query.start_date, &mut params);
         date_param("endDate", query.end_date, &mut params);
-        page_params(&query.page, &mut params);
-        let (status, body) = self
-            .get(OUTBOX, &["api", "v2", "outbox"], &params, timeout)
-            .await?;
-        self.page(OUTBOX, status, &body, "surveys", &query.page)
+        self.get_page(OUTBOX, params, "surveys", &query.page, timeout)
+            .await
     }
 
     /// Reports of every campaign, or of one.
@@ -637,20 +605,13 @@ impl RetentlyClient {
         campaign_id: Option<&str>,
         timeout: Duration,
     ) -> Result<Vec<Report>, AttemptError> {
-        let (route, status, body) = match campaign_id {
-            Some(id) => {
-                let (status, body) = self
-                    .get(CAMPAIGN_REPORT, &["api", "v2", "reports", id], &[], timeout)
-                    .await?;
-                (CAMPAIGN_REPORT, status, body)
-            }
-            None => {
-                let (status, body) = self
-                    .get(REPORTS, &["api", "v2", "reports"], &[], timeout)
-                    .await?;
-                (REPORTS, status, body)
-            }
+        let route = match campaign_id {
+            Some(_) => CAMPAIGN_REPORT,
+            None => REPORTS,
         };
+        let (status, body) = self
+            .get(route, campaign_id.as_slice(), &[], timeout)
+            .await?;
         if let Some(data) = body.get("data").filter(|data| data.is_object()) {
             // A single campaign's report may come as one object.
             if campaign_id.is_some() && data.get("campaignId").is_some() {
@@ -672,6 +633,39 @@ pub enum CustomerChange {
     Delete,
     Unsubscribe,
     Resubscribe,
+}
+
+/// The path segments of `route`, its `{placeholders}` filled by `args` in order. Every route
+/// of this client is called with as many values as it has placeholders.
+fn segments<'a>(route: Route, args: &[&'a str]) -> Vec<&'a str> {
+    let mut args = args.iter();
+    let segments = route
+        .template
+        .split('/')
+        .filter(|segment| !segment.is_empty())
+        .map(|segment| {
+            if segment.starts_with('{') {
+                args.next().copied().unwrap_or(segment)
+            } else {
+                segment
+            }
+        })
+        .collect();
+    debug_assert!(
+        args.next().is_none(),
+        "{route}: more values than placeholders"
+    );
+    segments
+}
+
+/// The filters that are set, by their query names, in the order given.
+fn filter_params<'a>(
+    filters: impl IntoIterator<Item = (&'static str, &'a Option<String>)>,
+) -> Vec<(&'static str, String)> {
+    filters
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value.clone()?)))
+        .collect()
 }
 
 fn lookup<'a>(body: &'a Value, path: &[&str]) -> Option<&'a Value> {
@@ -709,4 +703,35 @@ fn item_rejected(route: Route, reason: Option<&str>) -> Error {
     .with_metadata("status", "200")
     .with_metadata("route", route.to_string())
     .with_metadata("upstream_reason", reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_fill_placeholders_in_order() {
+        assert_eq!(segments(LIST_CUSTOMERS, &[]), ["api", "v2", "customers"]);
+        assert_eq!(
+            segments(GET_CUSTOMER, &["c-1"]),
+            ["api", "v2", "customers", "c-1"]
+        );
+        assert_eq!(segments(SCORE, &["nps"]), ["api", "v2", "nps", "score"]);
+        assert_eq!(
+            segments(UNSUBSCRIBE, &[]),
+            ["api", "v2", "customers", "unsubscribe"]
+        );
+    }
+
+    #[test]
+    fn only_set_filters_become_parameters() {
+        let (email, none) = (Some("a@b.c".to_owned()), None);
+        assert_eq!(
+            filter_params([("email", &email), ("campaignId", &none), ("sentBy", &email)]),
+            [
+                ("email", "a@b.c".to_owned()),
+                ("sentBy", "a@b.c".to_owned())
+            ]
+        );
+    }
 }
