@@ -2,17 +2,53 @@
 //! the callers — shared by the Retently and Retainly batchers.
 
 use std::future::Future;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+
 use crate::error::{Error, ErrorCode, FieldViolation, Result};
-use crate::upstream::scheduler::batch::{BatchHandle, Pending};
+use crate::upstream::context::CallContext;
+use crate::upstream::scheduler::batch::{BatchHandle, Batcher, Pending};
 use crate::upstream::scheduler::{AttemptError, Idempotency, Lane};
 
 /// How many times a batch is re-sent without the items the upstream rejected by index.
 const MAX_ROUNDS: usize = 3;
 /// Scheduler yields a batch waits at most for runnable callers to join before it is sealed.
 const SETTLE_YIELDS: usize = 16;
+
+/// Adds one caller's `item` to `batcher`'s batch of `key` and waits for the item's own
+/// outcome. A new batch is driven by `run` (usually through [`drive`]); `identity` names the
+/// item among its batch mates, and its encoded size counts toward the batch's byte limit. A
+/// caller whose deadline passes while its item still waits in an open batch gets the lane's
+/// budget error for its priority.
+pub async fn submit_one<K, I, O, R>(
+    lane: &Lane,
+    batcher: &Batcher<K, I, O>,
+    key: K,
+    item: I,
+    ctx: &CallContext,
+    identity: String,
+    run: R,
+) -> Result<O>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    I: Serialize + Send + 'static,
+    O: Send + 'static,
+    R: FnOnce(BatchHandle<K, I, O>) -> BoxFuture<'static, ()>,
+{
+    // The size only decides where batches split; an item that cannot be measured counts as a
+    // small one.
+    let bytes = serde_json::to_vec(&item).map_or(256, |bytes| bytes.len());
+    let priority = ctx.priority;
+    batcher
+        .submit(key, item, ctx, Some(identity), bytes, run, || {
+            lane.budget_error_for(priority)
+        })
+        .await
+}
 
 /// Runs a batch: waits for its turn and a budget slot, seals it, sends it with `send`, and
 /// answers every item. When the upstream rejects the whole request because of some items

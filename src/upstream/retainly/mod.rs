@@ -117,22 +117,17 @@ impl RetainlyApi {
             )]));
         }
         let identity = customer.id.to_string();
-        let bytes = serde_json::to_vec(&customer).map_or(256, |bytes| bytes.len());
         let inner = Arc::clone(&self.inner);
-        let lane = self.inner.lane.clone();
-        let priority = ctx.priority;
-        self.inner
-            .upserts
-            .submit(
-                (),
-                customer,
-                ctx,
-                Some(identity),
-                bytes,
-                move |handle| upsert_batch(inner, handle).boxed(),
-                move || lane.budget_error_for(priority),
-            )
-            .await
+        batching::submit_one(
+            &self.inner.lane,
+            &self.inner.upserts,
+            (),
+            customer,
+            ctx,
+            identity,
+            move |handle| upsert_batch(inner, handle).boxed(),
+        )
+        .await
     }
 
     /// Upserts several customers; one result per customer, in order.

@@ -180,22 +180,17 @@ impl RetentlyApi {
             delay_days: request.delay_days,
         };
         let identity = email_key(&request.recipient.email);
-        let bytes = encoded_len(&request.recipient);
         let inner = Arc::clone(&self.inner);
-        let lane = self.inner.lane.clone();
-        let priority = ctx.priority;
-        self.inner
-            .surveys
-            .submit(
-                key,
-                request.recipient,
-                ctx,
-                Some(identity),
-                bytes,
-                move |handle| survey_batch(inner, handle).boxed(),
-                move || lane.budget_error_for(priority),
-            )
-            .await
+        batching::submit_one(
+            &self.inner.lane,
+            &self.inner.surveys,
+            key,
+            request.recipient,
+            ctx,
+            identity,
+            move |handle| survey_batch(inner, handle).boxed(),
+        )
+        .await
     }
 
     /// Sends one campaign's survey to several recipients; one outcome per recipient, in order.
@@ -230,22 +225,17 @@ impl RetentlyApi {
     ) -> Result<CustomerUpsert> {
         check_email(&customer.email, "email")?;
         let identity = email_key(&customer.email);
-        let bytes = encoded_len(&customer);
         let inner = Arc::clone(&self.inner);
-        let lane = self.inner.lane.clone();
-        let priority = ctx.priority;
-        self.inner
-            .upserts
-            .submit(
-                (),
-                customer,
-                ctx,
-                Some(identity),
-                bytes,
-                move |handle| upsert_batch(inner, handle).boxed(),
-                move || lane.budget_error_for(priority),
-            )
-            .await
+        batching::submit_one(
+            &self.inner.lane,
+            &self.inner.upserts,
+            (),
+            customer,
+            ctx,
+            identity,
+            move |handle| upsert_batch(inner, handle).boxed(),
+        )
+        .await
     }
 
     /// Upserts several customers; one result per customer, in order.
@@ -644,10 +634,6 @@ async fn upsert_batch(inner: Arc<Inner>, handle: BatchHandle<(), CustomerInput, 
         },
     )
     .await;
-}
-
-fn encoded_len(customer: &CustomerInput) -> usize {
-    serde_json::to_vec(customer).map_or(256, |bytes| bytes.len())
 }
 
 /// The one check made before spending budget: without an address there is nothing to key on.
