@@ -438,36 +438,18 @@ pub struct Template {
     pub metric: Option<String>,
 }
 
-/// Per-metric scores of a company (`null` when it has no responses of that metric).
+/// Per-metric scores of a company (`null` when it has no responses of that metric), under
+/// upper-case names (`NPS`) or lower-case ones.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub struct CxMetrics {
-    #[serde(
-        rename = "NPS",
-        alias = "nps",
-        default,
-        deserialize_with = "de::opt_f64"
-    )]
+    #[serde(alias = "nps", default, deserialize_with = "de::opt_f64")]
     pub nps: Option<f64>,
-    #[serde(
-        rename = "CSAT",
-        alias = "csat",
-        default,
-        deserialize_with = "de::opt_f64"
-    )]
+    #[serde(alias = "csat", default, deserialize_with = "de::opt_f64")]
     pub csat: Option<f64>,
-    #[serde(
-        rename = "CES",
-        alias = "ces",
-        default,
-        deserialize_with = "de::opt_f64"
-    )]
+    #[serde(alias = "ces", default, deserialize_with = "de::opt_f64")]
     pub ces: Option<f64>,
-    #[serde(
-        rename = "STAR",
-        alias = "star",
-        default,
-        deserialize_with = "de::opt_f64"
-    )]
+    #[serde(alias = "star", default, deserialize_with = "de::opt_f64")]
     pub star: Option<f64>,
 }
 
@@ -692,5 +674,31 @@ pub(crate) fn date_param(
 ) {
     if let Some(date) = date {
         params.push((name, date.to_rfc3339_opts(SecondsFormat::Millis, true)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn company_metrics_decode_under_either_case() {
+        let upper: CxMetrics =
+            serde_json::from_str(r#"{"NPS": 40, "CSAT": "87.5", "CES": null}"#).unwrap();
+        assert_eq!(
+            upper,
+            CxMetrics {
+                nps: Some(40.0),
+                csat: Some(87.5),
+                ces: None,
+                star: None,
+            }
+        );
+        let lower: CxMetrics = serde_json::from_str(r#"{"star": 4.5, "ces": 5}"#).unwrap();
+        assert_eq!(
+            (lower.star, lower.ces, lower.nps),
+            (Some(4.5), Some(5.0), None)
+        );
+        assert!(serde_json::from_str::<CxMetrics>(r#"{"NPS": "high"}"#).is_err());
     }
 }
