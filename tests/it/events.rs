@@ -257,15 +257,10 @@ async fn a_retainly_refusal_fails_a_sync_call_and_sends_no_survey() {
         },
     );
     let mut client = EventServiceClient::new(gateway.channel.clone());
-    let mut request = tonic::Request::new(pb::TrackEventRequest {
+    let request = tonic::Request::new(pb::TrackEventRequest {
         event: Some(event("cust-6", "x@example.com", "order_completed", &[])),
         options: None,
     });
-    // The deadline travels as `grpc-timeout` and only the server enforces it, so the answer is
-    // the gateway's own (a client-side timer would race it and report CANCELLED).
-    request
-        .metadata_mut()
-        .insert("grpc-timeout", "2S".parse().unwrap());
     let status = client.track_event(request).await.unwrap_err();
     assert!(
         matches!(

@@ -145,9 +145,17 @@ async fn admin_port_answers_liveness_and_readiness() {
     gateway.stop().await.unwrap();
 }
 
+/// A call past its deadline is DEADLINE_EXCEEDED (tonic would say CANCELLED). The deadline here
+/// is the gateway's default for calls without one: a client-sent `grpc-timeout` also arms the
+/// client's own timer, which races the server's answer; the header path is unit-tested in
+/// `grpc::deadline`.
 #[tokio::test]
-async fn an_expired_caller_deadline_is_deadline_exceeded_not_cancelled() {
-    let gateway = TestGateway::start().await;
+async fn a_call_past_its_deadline_is_deadline_exceeded_not_cancelled() {
+    let gateway = TestGateway::start_with(
+        cx_sandbox::SandboxConfig::default(),
+        vec![("CXGW_DEFAULT_DEADLINE", "300ms".to_owned())],
+    )
+    .await;
     gateway.sandbox().handle().set_faults(
         cx_sandbox::Api::Retainly,
         cx_sandbox::FaultConfig {
@@ -157,19 +165,17 @@ async fn an_expired_caller_deadline_is_deadline_exceeded_not_cancelled() {
     );
     let mut client =
         cx_gateway::pb::event_service_client::EventServiceClient::new(gateway.channel.clone());
-    let mut request = tonic::Request::new(cx_gateway::pb::TrackEventRequest {
-        event: Some(cx_gateway::pb::Event {
-            customer_id: "slow-1".to_owned(),
-            name: "slow_event".to_owned(),
-            ..Default::default()
-        }),
-        options: None,
-    });
-    // Sent as `grpc-timeout` without a client-side timer, so the status is the server's own.
-    request
-        .metadata_mut()
-        .insert("grpc-timeout", "300m".parse().unwrap());
-    let status = client.track_event(request).await.unwrap_err();
+    let status = client
+        .track_event(cx_gateway::pb::TrackEventRequest {
+            event: Some(cx_gateway::pb::Event {
+                customer_id: "slow-1".to_owned(),
+                name: "slow_event".to_owned(),
+                ..Default::default()
+            }),
+            options: None,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     gateway.stop().await.unwrap();
 }
