@@ -267,6 +267,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// TLS on the gRPC port; `None` serves plaintext (for a mesh that encrypts, or local use).
     pub tls: Option<TlsSettings>,
+    /// Trace and metric export from the standard `OTEL_*` variables.
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 impl Config {
@@ -399,6 +401,7 @@ impl Config {
                     .duration("CXGW_IDEMPOTENCY_WINDOW", Duration::from_secs(24 * 3600))?,
             },
             event_mappings: parse_event_mappings(&s.string("CXGW_EVENT_MAPPINGS", ""))?,
+            telemetry: crate::telemetry::TelemetryConfig::from_source(source)?,
             sandbox: SandboxSettings {
                 addr: s.parse("CXGW_SANDBOX_ADDR", SocketAddr::from(([0, 0, 0, 0], 8090)))?,
                 retently_requests_per_minute: s.parse_in(

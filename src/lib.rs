@@ -22,7 +22,7 @@
 //! - [`sandbox_mode`]: starting the built-in upstream emulator for `serve --sandbox`.
 //! - [`upstream`]: typed Retently and Retainly clients behind one scheduler per account
 //!   (budget, priorities, batching, single-flight and caching, retries, circuit breaker).
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logs, traces (OpenTelemetry, W3C context), metrics (`/metrics`, OTLP), redaction.
 //! - [`pb`]: code generated from `proto/cx/gateway/v1`.
 
 pub mod admin;

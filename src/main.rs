@@ -58,13 +58,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { sandbox: false } => {
             let config = Config::load(&EnvSource, UpstreamMode::Real)?;
-            telemetry::init(&config.log)?;
+            telemetry::init(&config)?;
             let listeners = Listeners::bind(&config).await?;
             server::run(listeners, config, server::shutdown_signal()).await
         }
         Command::Serve { sandbox: true } => {
             let mut config = Config::load(&EnvSource, UpstreamMode::Sandbox)?;
-            telemetry::init(&config.log)?;
+            telemetry::init(&config)?;
             let emulator = sandbox_mode::start_embedded(&config.sandbox)
                 .await
                 .context("cannot start the embedded sandbox")?;
@@ -80,7 +80,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sandbox => {
             let config = Config::load(&EnvSource, UpstreamMode::Sandbox)?;
-            telemetry::init(&config.log)?;
+            telemetry::init(&config)?;
             sandbox_mode::serve_standalone(&config.sandbox, server::shutdown_signal()).await
         }
     }

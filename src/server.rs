@@ -24,6 +24,8 @@ use crate::grpc::writes::WriteExecutor;
 use crate::pb;
 use crate::reload::{self, Reloadable};
 use crate::shutdown;
+use crate::telemetry;
+use crate::telemetry::grpc::TelemetryLayer;
 use crate::tls::{self, ReloadingTls};
 
 /// The sockets the gateway serves on, bound by the caller so tests can use `127.0.0.1:0`.
@@ -129,6 +131,9 @@ pub async fn run(
         .max_connection_age_grace(config.shutdown_grace)
         .layer(
             tower::ServiceBuilder::new()
+                // The server span and RPC metrics; outermost, so it sees every final status
+                // (refused calls included).
+                .layer(TelemetryLayer::new(grpc_addr))
                 // Who is calling and may they call this RPC; names the caller on the call's span.
                 .layer(AuthLayer::new(callers))
                 // Every call gets a deadline, and an expired one is DEADLINE_EXCEEDED.
@@ -258,6 +263,8 @@ pub async fn run(
     // the step they are in (everything they do is durable and resumes at the next start).
     app.stop_background(shutdown_grace.min(Duration::from_secs(5)))
         .await;
+    // Last, so the spans and metrics of the drain itself are delivered too.
+    telemetry::flush().await;
     Ok(())
 }
 

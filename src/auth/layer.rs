@@ -15,7 +15,6 @@ use std::task::{Context, Poll};
 use tonic::codegen::http;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
-use tracing::Instrument as _;
 
 use super::callers::{Caller, CallerRegistry, CallerTable};
 use super::permissions::{is_open, required_permission};
@@ -108,37 +107,31 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let path = request.uri().path().to_owned();
-        let span = match &self.registry {
-            Some(registry) if !is_open(&path) => {
-                let table = registry.current();
-                let caller = match authorize(&table, &request, &path) {
-                    Ok(caller) => caller,
-                    Err(error) => {
-                        tracing::info!(
-                            rpc = %path,
-                            peer = peer(&request).map(tracing::field::display),
-                            reason = error.reason(),
-                            cause = error.metadata().get("cause").map(String::as_str),
-                            permission = error.metadata().get("permission").map(String::as_str),
-                            caller = error.metadata().get("caller").map(String::as_str),
-                            "call refused"
-                        );
-                        return Box::pin(async move { Ok(tonic::Status::from(error).into_http()) });
-                    }
-                };
-                let span = tracing::info_span!("rpc", rpc = %path, caller = %caller.name());
-                request.extensions_mut().insert(AuthenticatedCaller(caller));
-                span
-            }
-            _ => tracing::info_span!("rpc", rpc = %path),
-        };
-        Box::pin(
-            async move {
-                tracing::debug!("call authorized");
-                inner.call(request).await
-            }
-            .instrument(span),
-        )
+        if let Some(registry) = &self.registry
+            && !is_open(&path)
+        {
+            let table = registry.current();
+            let caller = match authorize(&table, &request, &path) {
+                Ok(caller) => caller,
+                Err(error) => {
+                    tracing::info!(
+                        rpc = %path,
+                        peer = peer(&request).map(tracing::field::display),
+                        reason = error.reason(),
+                        cause = error.metadata().get("cause").map(String::as_str),
+                        permission = error.metadata().get("permission").map(String::as_str),
+                        caller = error.metadata().get("caller").map(String::as_str),
+                        "call refused"
+                    );
+                    return Box::pin(async move { Ok(tonic::Status::from(error).into_http()) });
+                }
+            };
+            // The call's span is the server span of the telemetry layer around this one.
+            tracing::Span::current().record("caller", &**caller.name());
+            request.extensions_mut().insert(AuthenticatedCaller(caller));
+            tracing::debug!("call authorized");
+        }
+        Box::pin(inner.call(request))
     }
 }
 

@@ -12,10 +12,12 @@
 use std::fmt;
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::error::{Error, ErrorCode, FieldViolation};
 use crate::upstream::scheduler::{AttemptError, FailureClass};
@@ -149,6 +151,11 @@ impl Transport {
     }
 
     /// Sends one attempt and returns a 2xx answer, or the classified failure.
+    ///
+    /// Each attempt is a client span (`http.request.method`, `url.template`, the response
+    /// status, the retry number) carrying the W3C trace context to the upstream, and one
+    /// measurement of `cxgw.upstream.requests` and its latency. The URL itself is never
+    /// recorded: its path and query can hold emails.
     pub async fn send(
         &self,
         route: Route,
@@ -157,11 +164,85 @@ impl Transport {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Answer, AttemptError> {
+        let retry = crate::upstream::scheduler::current_retry();
+        let span = tracing::info_span!(
+            "upstream.http",
+            otel.name = %route,
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            upstream = self.upstream,
+            http.request.method = route.method,
+            url.template = route.template,
+            url.scheme = self.base.scheme(),
+            server.address = self.base.host_str().unwrap_or_default(),
+            server.port = self.base.port_or_known_default().unwrap_or_default(),
+            http.request.resend_count = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        if retry > 0 {
+            span.record("http.request.resend_count", retry);
+        }
+        let mut trace_headers = HeaderMap::new();
+        span.in_scope(|| crate::telemetry::propagation::inject_current(&mut trace_headers));
+        let started = tokio::time::Instant::now();
+        let result = self
+            .attempt(route, segments, query, body, timeout, trace_headers)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &result {
+            Ok(answer) => Ok(answer.status.as_u16()),
+            Err(failure) => {
+                let status = failure.error.metadata().get("status").map(String::as_str);
+                match status.and_then(|status| status.parse::<u16>().ok()) {
+                    Some(code) => Ok(code),
+                    None => Err(status.unwrap_or("error").to_owned()),
+                }
+            }
+        };
+        let mut attributes = vec![
+            KeyValue::new("upstream", self.upstream),
+            KeyValue::new("http.request.method", route.method),
+            KeyValue::new("url.template", route.template),
+        ];
+        match outcome {
+            Ok(code) => {
+                span.record("http.response.status_code", code);
+                if code >= 400 {
+                    span.record("error.type", code);
+                    span.record("otel.status_code", "ERROR");
+                }
+                attributes.push(KeyValue::new("http.response.status_code", i64::from(code)));
+            }
+            Err(kind) => {
+                span.record("error.type", kind.as_str());
+                span.record("otel.status_code", "ERROR");
+                attributes.push(KeyValue::new("error.type", kind));
+            }
+        }
+        let metrics = crate::telemetry::metrics();
+        metrics.upstream_requests.add(1, &attributes);
+        metrics
+            .upstream_duration
+            .record(started.elapsed().as_secs_f64(), &attributes);
+        result
+    }
+
+    async fn attempt(
+        &self,
+        route: Route,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+        trace_headers: HeaderMap,
+    ) -> Result<Answer, AttemptError> {
         let url = self.url(segments).map_err(AttemptError::permanent)?;
         let mut request = self
             .client
             .request(route.http_method(), url)
             .timeout(timeout)
+            .headers(trace_headers)
             .header(reqwest::header::ACCEPT, "application/json");
         if !query.is_empty() {
             request = request.query(query);

@@ -48,6 +48,22 @@ async fn gate(shared: Arc<Shared>, api: Api, request: Request, next: Next) -> Re
         .get::<MatchedPath>()
         .map(|path| path.as_str().to_owned())
         .unwrap_or_else(|| request.uri().path().to_owned());
+    if let Some(traceparent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+    {
+        let mut control = shared.control();
+        let seen = &mut control.stats.traceparents;
+        if seen.len() == crate::state::MAX_TRACEPARENTS {
+            seen.pop_front();
+        }
+        seen.push_back(crate::state::TraceparentSeen {
+            api,
+            route: route.clone(),
+            traceparent: traceparent.to_owned(),
+        });
+    }
     let plan = shared.control().faults[api.index()].plan();
     if plan.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(plan.latency_ms)).await;

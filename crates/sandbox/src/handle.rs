@@ -12,7 +12,7 @@ use crate::config::WebhookConfig;
 use crate::faults::{FaultConfig, FaultCounts};
 use crate::retainly::model::{RetainlyCustomer, RetainlyEvent, id_key};
 use crate::retently::model::{Campaign, Customer, Feedback, Template, normalize_email};
-use crate::state::{Shared, SurveySend, WebhookStats};
+use crate::state::{Shared, SurveySend, TraceparentSeen, WebhookStats};
 
 /// Requests seen for one (API, route template, status). Status 0 means the connection was
 /// dropped by fault injection.
@@ -99,6 +99,18 @@ impl SandboxHandle {
             .filter(|((a, _, s), _)| *a == api && *s == status)
             .map(|(_, count)| count)
             .sum()
+    }
+
+    /// The W3C `traceparent` headers of the latest requests that sent one (at most 1,024),
+    /// oldest first; cleared by [`SandboxHandle::reset_counters`].
+    pub fn traceparents(&self) -> Vec<TraceparentSeen> {
+        self.shared
+            .control()
+            .stats
+            .traceparents
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Requests refused by the rate limit (not counting forced 429 bursts).

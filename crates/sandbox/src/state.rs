@@ -47,7 +47,21 @@ pub(crate) struct World {
 pub(crate) struct Stats {
     pub requests: BTreeMap<(Api, String, u16), u64>,
     pub rate_limited: [u64; 2],
+    /// The W3C `traceparent` of the latest requests that carried one, oldest first.
+    pub traceparents: std::collections::VecDeque<TraceparentSeen>,
 }
+
+/// A request that carried a W3C `traceparent` header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TraceparentSeen {
+    pub api: Api,
+    /// The route template, as in the request counts.
+    pub route: String,
+    pub traceparent: String,
+}
+
+/// Traceparents kept: enough for a test scenario, bounded for a long-running emulator.
+pub(crate) const MAX_TRACEPARENTS: usize = 1024;
 
 /// Webhook deliveries since the last reset.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

@@ -79,6 +79,16 @@ impl SlidingWindow {
         }
     }
 
+    /// Requests that would be granted at `now` (0 while an upstream `Retry-After` holds).
+    pub fn available(&mut self, now: Instant) -> usize {
+        self.evict(now);
+        if self.blocked_until.is_some() {
+            0
+        } else {
+            self.limit - self.log.len()
+        }
+    }
+
     /// Gives back a slot granted at `at` that was never used (its caller left before sending).
     pub fn refund(&mut self, at: Instant) {
         if let Some(position) = self.log.iter().rposition(|&granted| granted == at) {

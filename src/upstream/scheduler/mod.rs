@@ -35,10 +35,12 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use self::breaker::{Admission, Breaker, BreakerConfig};
 use self::budget::SlidingWindow;
@@ -49,6 +51,23 @@ use crate::upstream::context::{CallContext, Priority, deadline_exceeded};
 
 /// Time kept between an attempt's timeout and the caller's deadline to hand the answer back.
 const REPLY_MARGIN: Duration = Duration::from_millis(10);
+
+tokio::task_local! {
+    /// The retry number of the attempt being run (0 for the first), for the HTTP span.
+    static RETRY: u32;
+}
+
+/// The retry number of the current attempt: 0 outside a retry or outside the scheduler.
+pub fn current_retry() -> u32 {
+    RETRY.try_with(|retry| *retry).unwrap_or(0)
+}
+
+fn priority_name(priority: Priority) -> &'static str {
+    match priority {
+        Priority::Interactive => "interactive",
+        Priority::Background => "background",
+    }
+}
 
 /// Tuning of one upstream's scheduler. [`SchedulerSettings::new`] gives production defaults for
 /// a budget; tests shorten the window and the delays.
@@ -326,6 +345,7 @@ impl Lane {
             wake: Arc::clone(&wake),
         });
         tokio::spawn(dispatch(Arc::downgrade(&shared), wake));
+        register_probes(&shared);
         Self { shared }
     }
 
@@ -377,8 +397,40 @@ impl Lane {
         self.budget_exhausted(wait)
     }
 
-    /// Asks the breaker and then the budget for one attempt slot.
+    /// Asks the breaker and then the budget for one attempt slot, in a `scheduler.wait` span
+    /// whose length is how long the budget held the call.
     pub async fn admit(&self, ctx: &CallContext) -> Result<Permit> {
+        let upstream = self.shared.upstream;
+        let priority = priority_name(ctx.priority);
+        let span = tracing::info_span!(
+            "scheduler.wait",
+            upstream,
+            priority,
+            outcome = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let result = self.admit_inner(ctx).instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(_) => "granted",
+            Err(error) => match error.reason() {
+                "UPSTREAM_CIRCUIT_OPEN" => "circuit_open",
+                "DEADLINE_EXCEEDED" => "deadline_exceeded",
+                _ => "shed",
+            },
+        };
+        span.record("outcome", outcome);
+        crate::telemetry::metrics().scheduler_wait.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("upstream", upstream),
+                KeyValue::new("priority", priority),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
+        result
+    }
+
+    async fn admit_inner(&self, ctx: &CallContext) -> Result<Permit> {
         let probe = {
             let mut state = self.lock();
             match state.breaker.admit(Instant::now()) {
@@ -610,7 +662,7 @@ impl Lane {
                 probe: permit.probe,
                 settled: false,
             };
-            let outcome = attempt(timeout).await;
+            let outcome = RETRY.scope(retry, attempt(timeout)).await;
             let failure = match outcome {
                 Ok(value) => {
                     guard.settle(None);
@@ -729,6 +781,62 @@ impl Drop for ProbeGuard<'_> {
             self.lane.lock().breaker.on_inconclusive(Instant::now());
         }
     }
+}
+
+/// Reports the lane's budget, queues and decisions to the metrics until the lane is dropped.
+fn register_probes(shared: &Arc<Shared>) {
+    use crate::telemetry::metrics::{Observed, register_probe};
+    let probe =
+        |kind: Observed, read: fn(&Shared, &mut LaneState, &mut Vec<(u64, Vec<KeyValue>)>)| {
+            let lane = Arc::downgrade(shared);
+            register_probe(kind, move |readings| {
+                let Some(shared) = lane.upgrade() else {
+                    return false;
+                };
+                let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+                read(&shared, &mut state, readings);
+                true
+            });
+        };
+    probe(Observed::BudgetAvailable, |shared, state, readings| {
+        let available = state.budget.available(Instant::now());
+        readings.push((
+            available as u64,
+            vec![KeyValue::new("upstream", shared.upstream)],
+        ));
+    });
+    probe(Observed::SchedulerQueueDepth, |shared, state, readings| {
+        for (priority, depth) in [
+            (Priority::Interactive, state.interactive.len()),
+            (Priority::Background, state.background.len()),
+        ] {
+            readings.push((
+                depth as u64,
+                vec![
+                    KeyValue::new("upstream", shared.upstream),
+                    KeyValue::new("priority", priority_name(priority)),
+                ],
+            ));
+        }
+    });
+    probe(Observed::SchedulerEvents, |shared, state, readings| {
+        let counters = state.counters;
+        for (event, value) in [
+            ("granted", counters.granted),
+            ("shed", counters.shed),
+            ("retried", counters.retries),
+            ("circuit_rejected", counters.circuit_rejections),
+            ("upstream_rate_limited", counters.upstream_rate_limited),
+        ] {
+            readings.push((
+                value,
+                vec![
+                    KeyValue::new("upstream", shared.upstream),
+                    KeyValue::new("event", event),
+                ],
+            ));
+        }
+    });
 }
 
 /// Hands out slots to waiters as the budget frees them. Exits when the lane is dropped.

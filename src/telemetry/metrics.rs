@@ -1,0 +1,311 @@
+//! The gateway's metrics: one OpenTelemetry meter provider per process, read two ways — a pull
+//! reader that the admin port's `/metrics` encodes as Prometheus text on every scrape, and, when
+//! configured, a periodic OTLP exporter.
+//!
+//! Why the OpenTelemetry SDK and not `prometheus-client`: the gateway must export the same
+//! series through OTLP and Prometheus; one instrumentation API with two readers keeps them
+//! identical, where two libraries would need every measurement recorded twice. The SDK has no
+//! maintained Prometheus exporter (`opentelemetry-prometheus` is frozen on an old `prometheus`
+//! crate), so [`super::prometheus`] encodes the text format itself (about 150 lines, tested);
+//! pulling on scrape needs the SDK's `ManualReader`, which 0.33 ships behind its
+//! `experimental_metrics_custom_reader` feature (the reader itself is a stable part of the OTel
+//! specification; the version is pinned).
+//!
+//! The provider is process-wide, like the `tracing` dispatcher: instrumented code anywhere in the
+//! crate records through [`metrics()`] without a handle being threaded through every
+//! constructor. Several gateways in one process (integration tests) therefore share series;
+//! tests that assert exact values run the gateway in a child process.
+//!
+//! Every attribute value is bounded: RPC names come from the contract's descriptor, routes are
+//! templates, codes are enumerations. No caller input becomes a label.
+
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{
+    Counter, Histogram, Meter, MeterProvider as _, ObservableCounter, ObservableGauge,
+};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::{
+    InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
+};
+
+/// Latency buckets in seconds, from a cache hit (0.5 ms) to a long scheduler wait (2 min).
+const LATENCY_BOUNDS: [f64; 17] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+/// Batch sizes: single items to a full 10,000-customer Retainly call.
+const SIZE_BOUNDS: [f64; 11] = [
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 2500.0, 10000.0,
+];
+
+/// Values observed on collection (gauges, and counters kept elsewhere such as the scheduler's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Observed {
+    /// Requests the upstream budget would grant right now.
+    BudgetAvailable,
+    /// Attempts waiting for budget, by priority.
+    SchedulerQueueDepth,
+    /// Scheduler decisions since start, by kind (granted, shed, retried, ...).
+    SchedulerEvents,
+    /// Outbox deliveries by state.
+    OutboxDeliveries,
+}
+
+/// One reading: the value and its attributes.
+pub type Reading = (u64, Vec<KeyValue>);
+
+/// Reports the current readings of one source; returns `false` once the source is gone, which
+/// unregisters the probe.
+type Probe = Box<dyn Fn(&mut Vec<Reading>) -> bool + Send + Sync>;
+
+#[derive(Default)]
+struct Probes {
+    probes: Mutex<Vec<(Observed, Probe)>>,
+}
+
+impl Probes {
+    fn read(&self, kind: Observed) -> Vec<Reading> {
+        let mut readings = Vec::new();
+        let mut probes = self.probes.lock().unwrap_or_else(PoisonError::into_inner);
+        probes.retain(|(probe_kind, probe)| *probe_kind != kind || probe(&mut readings));
+        readings
+    }
+}
+
+/// The instruments every part of the gateway records into.
+pub struct Metrics {
+    provider: SdkMeterProvider,
+    reader: SharedReader,
+    probes: Arc<Probes>,
+    /// `rpc.server.call.duration`: one per finished call (streams: when the stream ends).
+    pub rpc_duration: Histogram<f64>,
+    /// `rpc.server.calls`: finished calls by method and status code.
+    pub rpc_calls: Counter<u64>,
+    /// `cxgw.upstream.requests`: HTTP attempts by upstream, route template and status.
+    pub upstream_requests: Counter<u64>,
+    /// `cxgw.upstream.request.duration`: HTTP attempt latency.
+    pub upstream_duration: Histogram<f64>,
+    /// `cxgw.scheduler.wait`: how long an attempt waited for the budget.
+    pub scheduler_wait: Histogram<f64>,
+    /// `cxgw.upstream.batch.size`: items per coalesced upstream call.
+    pub batch_size: Histogram<u64>,
+    /// `cxgw.outbox.enqueued`: writes accepted into the outbox.
+    pub outbox_enqueued: Counter<u64>,
+    /// `cxgw.outbox.dead_lettered`: deliveries moved to the dead-letter list.
+    pub outbox_dead_lettered: Counter<u64>,
+    _observed: Vec<ObservedInstrument>,
+}
+
+#[allow(dead_code)] // Held only to keep the callbacks registered.
+enum ObservedInstrument {
+    Gauge(ObservableGauge<u64>),
+    Counter(ObservableCounter<u64>),
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process's metrics, created on first use with only the Prometheus reader unless
+/// [`super::init`] installed them with an OTLP exporter first.
+pub fn metrics() -> &'static Metrics {
+    METRICS.get_or_init(|| Metrics::build(None::<SharedReader>, Resource::builder_empty().build()))
+}
+
+/// Installs the process's metrics with an extra (OTLP) reader. Returns `false` if metrics were
+/// already in use, in which case the extra reader is not attached.
+pub(crate) fn install<R: MetricReader>(extra: Option<R>, resource: Resource) -> bool {
+    let mut installed = false;
+    METRICS.get_or_init(|| {
+        installed = true;
+        Metrics::build(extra, resource)
+    });
+    installed
+}
+
+/// Registers a probe read whenever `kind` is collected.
+pub fn register_probe(
+    kind: Observed,
+    probe: impl Fn(&mut Vec<Reading>) -> bool + Send + Sync + 'static,
+) {
+    metrics()
+        .probes
+        .probes
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((kind, Box::new(probe)));
+}
+
+impl Metrics {
+    fn build<R: MetricReader>(extra: Option<R>, resource: Resource) -> Metrics {
+        let reader = SharedReader(Arc::new(
+            ManualReader::builder()
+                .with_temporality(Temporality::Cumulative)
+                .build(),
+        ));
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_reader(reader.clone());
+        if let Some(extra) = extra {
+            builder = builder.with_reader(extra);
+        }
+        let provider = builder.build();
+        let meter = provider.meter("cx-gateway");
+        let probes = Arc::new(Probes::default());
+        let observed = observed_instruments(&meter, &probes);
+        Metrics {
+            rpc_duration: meter
+                .f64_histogram("rpc.server.call.duration")
+                .with_unit("s")
+                .with_description("Duration of gRPC calls handled by the gateway")
+                .with_boundaries(LATENCY_BOUNDS.to_vec())
+                .build(),
+            rpc_calls: meter
+                .u64_counter("rpc.server.calls")
+                .with_description("gRPC calls handled by the gateway")
+                .build(),
+            upstream_requests: meter
+                .u64_counter("cxgw.upstream.requests")
+                .with_description("HTTP requests sent to an upstream API, by route and status")
+                .build(),
+            upstream_duration: meter
+                .f64_histogram("cxgw.upstream.request.duration")
+                .with_unit("s")
+                .with_description("Duration of HTTP requests to an upstream API")
+                .with_boundaries(LATENCY_BOUNDS.to_vec())
+                .build(),
+            scheduler_wait: meter
+                .f64_histogram("cxgw.scheduler.wait")
+                .with_unit("s")
+                .with_description("Time an upstream attempt waited for the request budget")
+                .with_boundaries(LATENCY_BOUNDS.to_vec())
+                .build(),
+            batch_size: meter
+                .u64_histogram("cxgw.upstream.batch.size")
+                .with_description("Items coalesced into one upstream request")
+                .with_boundaries(SIZE_BOUNDS.to_vec())
+                .build(),
+            outbox_enqueued: meter
+                .u64_counter("cxgw.outbox.enqueued")
+                .with_description("Asynchronous writes accepted into the durable outbox")
+                .build(),
+            outbox_dead_lettered: meter
+                .u64_counter("cxgw.outbox.dead_lettered")
+                .with_description("Outbox deliveries moved to the dead-letter list")
+                .build(),
+            provider,
+            reader,
+            probes,
+            _observed: observed,
+        }
+    }
+
+    /// Collects every series now (running the probes) for the Prometheus endpoint.
+    pub fn collect(&self) -> Result<ResourceMetrics, String> {
+        let mut collected = ResourceMetrics::default();
+        self.reader
+            .0
+            .collect(&mut collected)
+            .map_err(|error| format!("cannot collect metrics: {error}"))?;
+        Ok(collected)
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn prometheus_text(&self) -> Result<String, String> {
+        Ok(super::prometheus::encode(&self.collect()?))
+    }
+
+    /// Pushes what the OTLP reader holds; blocking, so called off the async threads.
+    pub(crate) fn flush(&self) -> OTelSdkResult {
+        self.provider.force_flush()
+    }
+}
+
+fn observed_instruments(meter: &Meter, probes: &Arc<Probes>) -> Vec<ObservedInstrument> {
+    let gauge = |name: &'static str, description: &'static str, kind: Observed| {
+        let probes = Arc::clone(probes);
+        ObservedInstrument::Gauge(
+            meter
+                .u64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for (value, attributes) in probes.read(kind) {
+                        observer.observe(value, &attributes);
+                    }
+                })
+                .build(),
+        )
+    };
+    let counter = |name: &'static str, description: &'static str, kind: Observed| {
+        let probes = Arc::clone(probes);
+        ObservedInstrument::Counter(
+            meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for (value, attributes) in probes.read(kind) {
+                        observer.observe(value, &attributes);
+                    }
+                })
+                .build(),
+        )
+    };
+    vec![
+        gauge(
+            "cxgw.scheduler.budget.available",
+            "Requests the upstream budget would grant now",
+            Observed::BudgetAvailable,
+        ),
+        gauge(
+            "cxgw.scheduler.queue.depth",
+            "Upstream attempts waiting for the budget",
+            Observed::SchedulerQueueDepth,
+        ),
+        counter(
+            "cxgw.scheduler.events",
+            "Scheduler decisions: granted, shed, retried, circuit rejections, upstream 429s",
+            Observed::SchedulerEvents,
+        ),
+        gauge(
+            "cxgw.outbox.deliveries",
+            "Outbox deliveries by state, dead letters included",
+            Observed::OutboxDeliveries,
+        ),
+    ]
+}
+
+/// The pull reader, shared between the provider (which registers its pipeline) and the
+/// `/metrics` handler (which collects through it).
+#[derive(Clone, Debug)]
+struct SharedReader(Arc<ManualReader>);
+
+impl MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: std::sync::Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline);
+    }
+
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+/// Seconds as the histograms record them.
+pub fn seconds(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}

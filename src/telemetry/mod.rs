@@ -1,0 +1,234 @@
+//! Logs, traces and metrics.
+//!
+//! - Logs: human-readable by default, JSON when configured, filtered by `CXGW_LOG`; every line
+//!   carries the trace and span ids of the span it was written in ([`logfmt`]).
+//! - Traces: `tracing` spans exported through `tracing-opentelemetry` and OTLP/gRPC when an
+//!   endpoint is configured through the standard `OTEL_*` variables ([`settings`]); W3C trace
+//!   context in from callers and out to the upstreams ([`propagation`]); one server span per
+//!   RPC from a tower layer ([`grpc`]).
+//! - Metrics: OpenTelemetry instruments read by `/metrics` on the admin port and, when
+//!   configured, pushed through OTLP ([`metrics`], [`prometheus`]).
+//! - Redaction: every log line and exported span passes one guard ([`redact`]).
+//!
+//! Everything here is process-wide (like `tracing`'s global dispatcher), so [`init`] runs once,
+//! in `main`. In-process tests that never call it still get metrics (Prometheus only) and no
+//! trace export; the telemetry tests run the binary in a child process.
+
+pub mod grpc;
+pub mod logfmt;
+pub mod metrics;
+pub mod prometheus;
+pub mod propagation;
+pub mod redact;
+pub mod settings;
+
+use std::io::IsTerminal as _;
+use std::sync::{Mutex, PoisonError};
+
+use anyhow::Context as _;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, Temporality};
+use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracerProvider};
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::JsonFields;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+pub use self::metrics::metrics;
+pub use self::settings::TelemetryConfig;
+use self::settings::{OtlpTarget, SamplerSetting};
+use crate::config::{Config, LogFormat};
+
+/// The tracer provider [`init`] installed, flushed by [`flush`].
+static TRACER_PROVIDER: Mutex<Option<SdkTracerProvider>> = Mutex::new(None);
+
+/// Installs the global subscriber (logs, and spans to OTLP when configured) and the metrics
+/// pipeline. Fails if a setting cannot be used, naming it. Must run inside the tokio runtime:
+/// the OTLP channels are created here.
+pub fn init(config: &Config) -> anyhow::Result<()> {
+    register_secrets(config);
+    let telemetry = &config.telemetry;
+    let resource = resource(telemetry);
+
+    let metric_reader = match &telemetry.metrics {
+        Some(target) => {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(&target.endpoint)
+                .with_timeout(target.timeout)
+                .with_metadata(metadata(target)?)
+                .with_temporality(Temporality::Cumulative)
+                .build()
+                .context("cannot build the otlp metric exporter")?;
+            Some(
+                PeriodicReader::builder(exporter)
+                    .with_interval(telemetry.metric_export_interval)
+                    .build(),
+            )
+        }
+        None => None,
+    };
+    let metrics_to_otlp = metric_reader.is_some();
+    let metrics_installed = metrics::install(metric_reader, resource.clone());
+
+    let tracer_provider = match &telemetry.traces {
+        Some(target) => Some(tracer_provider(target, telemetry.sampler, resource)?),
+        None => None,
+    };
+
+    let filter = EnvFilter::try_new(&config.log.filter)
+        .map_err(|error| anyhow::anyhow!("invalid setting CXGW_LOG: {error}"))?;
+    let fmt_layer = match config.log.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .event_format(logfmt::TextFormat::new(std::io::stdout().is_terminal()))
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(logfmt::JsonFormat)
+            .with_filter(filter)
+            .boxed(),
+    };
+    // Spans reach the trace whatever CXGW_LOG says: the log filter is for lines, and a
+    // `CXGW_LOG=warn` must not cut traces. Only the gateway's own spans are traced (not those
+    // of hyper, h2 or reqwest).
+    let otel_layer = tracer_provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("cx-gateway"))
+            .with_threads(false)
+            .with_location(false)
+            .with_filter(
+                Targets::new()
+                    .with_target("cx_gateway", Level::INFO)
+                    .with_target("cx_sandbox", Level::ERROR),
+            )
+    });
+    tracing_subscriber::registry()
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init()?;
+
+    if !metrics_installed {
+        tracing::warn!("metrics were in use before telemetry started; otlp metric export is off");
+    }
+    if let Some(target) = &telemetry.traces {
+        tracing::info!(endpoint = %target.endpoint, service = %telemetry.service_name, "exporting traces");
+    }
+    if metrics_to_otlp && metrics_installed {
+        tracing::info!(interval = ?telemetry.metric_export_interval, "exporting metrics");
+    }
+    *TRACER_PROVIDER
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = tracer_provider;
+    Ok(())
+}
+
+/// Every secret of the configuration is known to the redaction guard before anything is logged.
+fn register_secrets(config: &Config) {
+    let secrets = [
+        config.retently.api_key.as_ref(),
+        config.retainly.api_key.as_ref(),
+        config.retainly.api_secret.as_ref(),
+    ];
+    for secret in secrets.into_iter().flatten() {
+        redact::register_secret(secret);
+    }
+    for target in [&config.telemetry.traces, &config.telemetry.metrics]
+        .into_iter()
+        .flatten()
+    {
+        for (_, value) in &target.headers {
+            redact::register_secret(value);
+        }
+    }
+}
+
+fn resource(telemetry: &TelemetryConfig) -> Resource {
+    Resource::builder_empty()
+        .with_service_name(telemetry.service_name.clone())
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .with_attributes(
+            telemetry
+                .resource_attributes
+                .iter()
+                .map(|(key, value)| KeyValue::new(key.clone(), value.clone())),
+        )
+        .build()
+}
+
+fn metadata(target: &OtlpTarget) -> anyhow::Result<tonic::metadata::MetadataMap> {
+    let mut map = tonic::metadata::MetadataMap::new();
+    for (name, value) in &target.headers {
+        let key = tonic::metadata::MetadataKey::from_bytes(name.as_bytes())
+            .map_err(|_| anyhow::anyhow!("invalid otlp header name `{name}`"))?;
+        // The value is a credential: the error names the header, never the value.
+        let mut value = tonic::metadata::MetadataValue::try_from(value.expose())
+            .map_err(|_| anyhow::anyhow!("the value of otlp header `{name}` is not valid"))?;
+        value.set_sensitive(true);
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+fn tracer_provider(
+    target: &OtlpTarget,
+    sampler: SamplerSetting,
+    resource: Resource,
+) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(&target.endpoint)
+        .with_timeout(target.timeout)
+        .with_metadata(metadata(target)?)
+        .build()
+        .context("cannot build the otlp span exporter")?;
+    let sampler = match sampler {
+        SamplerSetting::AlwaysOn => Sampler::AlwaysOn,
+        SamplerSetting::AlwaysOff => Sampler::AlwaysOff,
+        SamplerSetting::TraceIdRatio(ratio) => Sampler::TraceIdRatioBased(ratio),
+        SamplerSetting::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        SamplerSetting::ParentBasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        SamplerSetting::ParentBasedTraceIdRatio(ratio) => {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+        }
+    };
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(redact::RedactingProcessor::new(
+            BatchSpanProcessor::builder(exporter).build(),
+        ))
+        .with_sampler(sampler)
+        .with_resource(resource)
+        .build())
+}
+
+/// Exports whatever spans and metrics are still buffered. `server::run` awaits it last, so a
+/// stopped gateway has delivered its telemetry. A no-op when nothing is exported.
+pub async fn flush() {
+    let provider = TRACER_PROVIDER
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    // The SDK's flush blocks until the exporter answered (bounded by the OTLP timeout).
+    let flushed = tokio::task::spawn_blocking(move || {
+        let traces = provider.map(|provider| provider.force_flush());
+        let metrics = metrics().flush();
+        (traces, metrics)
+    })
+    .await;
+    match flushed {
+        Ok((traces, metrics)) => {
+            if let Some(Err(error)) = traces {
+                tracing::warn!(%error, "cannot flush traces");
+            }
+            if let Err(error) = metrics {
+                tracing::warn!(%error, "cannot flush metrics");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "the telemetry flush task failed"),
+    }
+}
