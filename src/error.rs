@@ -218,6 +218,10 @@ impl Violations {
         self.0.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// `Ok(())` when nothing was recorded, else an `INVALID_ARGUMENT` error carrying them all.
     pub fn into_result(self) -> Result<()> {
         if self.0.is_empty() {

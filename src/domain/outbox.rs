@@ -25,6 +25,7 @@ use rand::Rng as _;
 use rusqlite::{OptionalExtension as _, Row, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument as _;
 
 use crate::error::Error;
 use crate::shutdown::Drain;
@@ -304,6 +305,12 @@ impl Outbox {
     ) -> Result<String, Error> {
         let expire_ms = now_ms().saturating_add(millis(self.settings.retry_window));
         let id = delivery_id.clone();
+        let method = delivery.method.clone();
+        let span = tracing::info_span!(
+            "outbox.enqueue",
+            method = %method,
+            items = delivery.item_count,
+        );
         self.store
             .write(move |tx| {
                 let now = now_ms();
@@ -340,7 +347,11 @@ impl Outbox {
                 }
                 also(tx)
             })
+            .instrument(span)
             .await?;
+        crate::telemetry::metrics()
+            .outbox_enqueued
+            .add(1, &[opentelemetry::KeyValue::new("method", method)]);
         self.wake.notify_one();
         Ok(delivery_id)
     }
@@ -715,8 +726,25 @@ impl Outbox {
                 };
                 let outbox = self.clone();
                 let executor = Arc::clone(&executor);
+                // Each attempt is a trace of its own: the call that queued it has long returned.
+                let span = tracing::info_span!(
+                    parent: None,
+                    "outbox.delivery",
+                    otel.kind = "consumer",
+                    method = %method,
+                    attempt = attempts,
+                    outcome = tracing::field::Empty,
+                );
                 tokio::spawn(async move {
                     let attempt = executor.execute(&method, &request, &delivery_id).await;
+                    tracing::Span::current().record(
+                        "outcome",
+                        match &attempt {
+                            Attempt::Delivered { .. } => "delivered",
+                            Attempt::Retry { .. } => "retry",
+                            Attempt::Failed { .. } => "failed",
+                        },
+                    );
                     if let Attempt::Retry { error, .. } | Attempt::Failed { error } = &attempt {
                         tracing::info!(%delivery_id, %method, attempts, reason = %error.reason, "delivery attempt failed");
                     }
@@ -727,7 +755,7 @@ impl Outbox {
                     drop(permit);
                     // A finished delivery may unblock the next one for the same customer.
                     outbox.wake.notify_one();
-                });
+                }.instrument(span));
             }
             if last_prune.elapsed() > Duration::from_secs(600) {
                 last_prune = tokio::time::Instant::now();

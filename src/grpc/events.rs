@@ -349,15 +349,21 @@ impl pb::event_service_server::EventService for EventApi {
         // The deadline and the caller, whose fair share of the budget the call spends.
         let ctx = crate::auth::interactive_context(&request);
         let request = request.into_inner();
+        let validation = crate::telemetry::validation_span();
         let mut v = Violations::new();
-        let (mode, options_key) = validate::write_options(&mut v, request.options.as_ref());
-        let checked = check_event(
-            &self.app,
-            &mut v,
-            "event",
-            request.event.as_ref(),
-            options_key.as_deref(),
-        );
+        let (mode, checked) = validation.in_scope(|| {
+            let (mode, options_key) = validate::write_options(&mut v, request.options.as_ref());
+            let checked = check_event(
+                &self.app,
+                &mut v,
+                "event",
+                request.event.as_ref(),
+                options_key.as_deref(),
+            );
+            (mode, checked)
+        });
+        crate::telemetry::record_violations(&validation, &v);
+        drop(validation);
         v.into_result()?;
         let Some(checked) = checked else {
             return Err(Error::internal("no event after validation").into());

@@ -206,6 +206,46 @@ fn tracer_provider(
         .build())
 }
 
+/// A span around a request's validation; [`record_violations`] says how it ended.
+pub fn validation_span() -> tracing::Span {
+    tracing::info_span!("validate", violations = tracing::field::Empty)
+}
+
+/// Records on a validation span how many field violations were found.
+pub fn record_violations(span: &tracing::Span, violations: &crate::error::Violations) {
+    span.record("violations", violations.len());
+}
+
+/// Reports the outbox's queued deliveries and dead letters until the app is dropped.
+pub fn register_outbox_probe(app: &std::sync::Arc<crate::app::App>) {
+    let app = std::sync::Arc::downgrade(app);
+    let runtime = tokio::runtime::Handle::current();
+    metrics::register_probe(metrics::Observed::OutboxDeliveries, move |readings| {
+        let Some(app) = app.upgrade() else {
+            return false;
+        };
+        // Probes run on the metrics reader's own thread or a blocking thread, never on an async
+        // worker, so waiting here blocks no task. The bound keeps a stuck store from holding a
+        // scrape forever.
+        let depth = runtime.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(2), app.outbox.depth()).await
+        });
+        match depth {
+            Ok(Ok((queued, dead))) => {
+                for (state, count) in [("queued", queued), ("dead_letter", dead)] {
+                    readings.push((
+                        u64::try_from(count).unwrap_or(0),
+                        vec![KeyValue::new("state", state)],
+                    ));
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "cannot read the outbox depth"),
+            Err(_elapsed) => tracing::warn!("reading the outbox depth timed out"),
+        }
+        true
+    });
+}
+
 /// Exports whatever spans and metrics are still buffered. `server::run` awaits it last, so a
 /// stopped gateway has delivered its telemetry. A no-op when nothing is exported.
 pub async fn flush() {

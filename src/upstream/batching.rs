@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
+use tracing::Instrument as _;
 
 use crate::error::{Error, ErrorCode, FieldViolation, Result};
 use crate::upstream::context::CallContext;
@@ -56,10 +57,37 @@ where
 /// item) and the others are sent again, so one caller's bad input does not fail its batch mates.
 pub async fn drive<K, I, O, S, Fut>(
     lane: Lane,
+    handle: BatchHandle<K, I, O>,
+    idempotency: Idempotency,
+    list_field: &'static str,
+    send: S,
+) where
+    K: Eq + std::hash::Hash + Clone,
+    I: Clone,
+    S: Fn(Arc<Vec<I>>, Duration) -> Fut,
+    Fut: Future<Output = Result<Vec<Result<O>>, AttemptError>>,
+{
+    // One span per flushed batch: from its opening to the last answer, with its size once
+    // sealed. Items that join later belong to other calls' traces; this one is in the trace of
+    // the call that opened the batch.
+    let span = tracing::info_span!(
+        "upstream.batch",
+        upstream = lane.upstream(),
+        items = list_field,
+        batch.size = tracing::field::Empty,
+    );
+    drive_batch(lane, handle, idempotency, list_field, send, span.clone())
+        .instrument(span)
+        .await;
+}
+
+async fn drive_batch<K, I, O, S, Fut>(
+    lane: Lane,
     mut handle: BatchHandle<K, I, O>,
     idempotency: Idempotency,
     list_field: &'static str,
     send: S,
+    span: tracing::Span,
 ) where
     K: Eq + std::hash::Hash + Clone,
     I: Clone,
@@ -87,6 +115,14 @@ pub async fn drive<K, I, O, S, Fut>(
         return;
     };
     let mut items = items;
+    span.record("batch.size", items.len());
+    crate::telemetry::metrics().batch_size.record(
+        items.len() as u64,
+        &[
+            opentelemetry::KeyValue::new("upstream", lane.upstream()),
+            opentelemetry::KeyValue::new("items", list_field),
+        ],
+    );
     let mut permit = Some(permit);
     for _ in 0..MAX_ROUNDS {
         let inputs = Arc::new(

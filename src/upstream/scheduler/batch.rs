@@ -33,6 +33,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::upstream::context::{CallContext, Priority};
@@ -164,12 +165,16 @@ where
             let (placement, new_batch) = self.place(&mut state, &key, pending, bytes);
             drop(state);
             if let Some(batch) = new_batch {
-                tokio::spawn(runner(BatchHandle {
-                    batcher: self.clone(),
-                    key: key.clone(),
-                    batch,
-                    turn_taken: false,
-                }));
+                // The batch's spans join the trace of the call that opened it.
+                tokio::spawn(
+                    runner(BatchHandle {
+                        batcher: self.clone(),
+                        key: key.clone(),
+                        batch,
+                        turn_taken: false,
+                    })
+                    .in_current_span(),
+                );
             }
             (item_id, placement)
         };
