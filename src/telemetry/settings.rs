@@ -108,13 +108,13 @@ impl TelemetryConfig {
                 ));
             }
         };
-        if let Some(protocol) = get("OTEL_EXPORTER_OTLP_PROTOCOL") {
-            if protocol != "grpc" {
-                return Err(error(
-                    "OTEL_EXPORTER_OTLP_PROTOCOL",
-                    format!("only `grpc` is supported, got `{protocol}`"),
-                ));
-            }
+        if let Some(protocol) = get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            && protocol != "grpc"
+        {
+            return Err(error(
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                format!("only `grpc` is supported, got `{protocol}`"),
+            ));
         }
         let timeout = millis(&get, "OTEL_EXPORTER_OTLP_TIMEOUT", DEFAULT_TIMEOUT)?;
         let headers = match get("OTEL_EXPORTER_OTLP_HEADERS") {

@@ -14,9 +14,12 @@ use tonic::transport::{Channel, Endpoint};
 pub struct ChildGateway {
     pub process: Child,
     pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub channel: Channel,
     /// The log lines read so far (JSON, one per line).
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The thread reading stdout; it ends when the child closes its stdout.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ChildGateway {
@@ -57,24 +60,26 @@ impl ChildGateway {
         let mut process = command.spawn().expect("the gateway binary starts");
         let stdout = process.stdout.take().expect("piped stdout");
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<(SocketAddr, SocketAddr)>();
         let lines = std::sync::Arc::clone(&log);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(tx) = addr_tx.take_if(|_| line.contains("gateway serving")) {
                     let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                    if let Some(addr) = parsed["grpc_addr"].as_str().and_then(|a| a.parse().ok()) {
-                        let _ = tx.send(addr);
+                    let addr = |key: &str| parsed[key].as_str().and_then(|a| a.parse().ok());
+                    if let (Some(grpc), Some(admin)) = (addr("grpc_addr"), addr("admin_addr")) {
+                        let _ = tx.send((grpc, admin));
                     }
                 }
                 lines.lock().unwrap().push(line);
             }
         });
-        let grpc_addr = tokio::time::timeout(std::time::Duration::from_secs(60), addr_rx)
-            .await
-            .expect("the gateway reports it is serving")
-            .expect("the gateway's log names its address");
+        let (grpc_addr, admin_addr) =
+            tokio::time::timeout(std::time::Duration::from_secs(60), addr_rx)
+                .await
+                .expect("the gateway reports it is serving")
+                .expect("the gateway's log names its address");
         let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))
             .unwrap()
             .connect()
@@ -83,8 +88,10 @@ impl ChildGateway {
         ChildGateway {
             process,
             grpc_addr,
+            admin_addr,
             channel,
             log,
+            reader: Some(reader),
         }
     }
 
@@ -92,6 +99,18 @@ impl ChildGateway {
     pub fn kill(mut self) {
         self.process.kill().expect("the child can be killed");
         self.process.wait().expect("the child is reaped");
+    }
+
+    /// SIGTERM, then the exit status and every line the child wrote.
+    pub fn terminate_with_log(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let log = std::sync::Arc::clone(&self.log);
+        let reader = self.reader.take();
+        let status = self.terminate();
+        if let Some(reader) = reader {
+            reader.join().expect("the log reader finishes");
+        }
+        let lines = log.lock().unwrap().clone();
+        (status, lines)
     }
 
     /// SIGTERM and wait for the exit status.
@@ -103,5 +122,14 @@ impl ChildGateway {
             .arg(pid.to_string())
             .status();
         self.process.wait().expect("the child exits")
+    }
+}
+
+impl Drop for ChildGateway {
+    /// A failing test must not leave a gateway running (it would also hold the test's output
+    /// pipe open); after `kill` or `terminate` this finds the child already reaped.
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }

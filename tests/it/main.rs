@@ -9,4 +9,5 @@ mod events;
 mod foundation;
 mod support;
 mod surveys;
+mod telemetry;
 mod upstream;

@@ -785,19 +785,18 @@ impl Drop for ProbeGuard<'_> {
 
 /// Reports the lane's budget, queues and decisions to the metrics until the lane is dropped.
 fn register_probes(shared: &Arc<Shared>) {
-    use crate::telemetry::metrics::{Observed, register_probe};
-    let probe =
-        |kind: Observed, read: fn(&Shared, &mut LaneState, &mut Vec<(u64, Vec<KeyValue>)>)| {
-            let lane = Arc::downgrade(shared);
-            register_probe(kind, move |readings| {
-                let Some(shared) = lane.upgrade() else {
-                    return false;
-                };
-                let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
-                read(&shared, &mut state, readings);
-                true
-            });
-        };
+    use crate::telemetry::metrics::{Observed, Reading, register_probe};
+    let probe = |kind: Observed, read: fn(&Shared, &mut LaneState, &mut Vec<Reading>)| {
+        let lane = Arc::downgrade(shared);
+        register_probe(kind, move |readings| {
+            let Some(shared) = lane.upgrade() else {
+                return false;
+            };
+            let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+            read(&shared, &mut state, readings);
+            true
+        });
+    };
     probe(Observed::BudgetAvailable, |shared, state, readings| {
         let available = state.budget.available(Instant::now());
         readings.push((

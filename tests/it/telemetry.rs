@@ -1,0 +1,564 @@
+//! Traces, metrics and logs of the built binary, observed from outside: a child gateway exports
+//! to an in-process OTLP collector (opentelemetry-proto's tonic services on 127.0.0.1:0), calls
+//! an in-process sandbox that records the `traceparent` it receives, and writes JSON logs to a
+//! pipe. The child process keeps the process-wide tracer and meter providers out of the other
+//! tests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cx_gateway::pb;
+use cx_gateway::pb::event_service_client::EventServiceClient;
+use cx_gateway::sandbox_mode::EmbeddedSandbox;
+use cx_sandbox::{Api, FaultConfig, Sandbox, SandboxConfig};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::child::ChildGateway;
+use crate::support::seeded_transactional_campaign;
+
+/// Everything the fake collector received.
+#[derive(Clone, Default)]
+struct Collector {
+    traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.traces.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.metrics.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    /// Serves OTLP/gRPC on an ephemeral loopback port for the rest of the test.
+    async fn start() -> (Collector, String) {
+        let collector = Collector::default();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let server = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .add_service(MetricsServiceServer::new(collector.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        (collector, endpoint)
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.traces
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|request| &request.resource_spans)
+            .flat_map(|resource| &resource.scope_spans)
+            .flat_map(|scope| scope.spans.clone())
+            .collect()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute(span: &Span, key: &str) -> Option<AnyValue> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.clone())
+        .and_then(|value| value.value)
+}
+
+fn string_attribute(span: &Span, key: &str) -> Option<String> {
+    match attribute(span, key)? {
+        AnyValue::StringValue(text) => Some(text),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn int_attribute(span: &Span, key: &str) -> Option<i64> {
+    match attribute(span, key)? {
+        AnyValue::IntValue(value) => Some(value),
+        AnyValue::StringValue(text) => text.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Whether `span` lies below `ancestor` in its trace.
+fn descends_from(span: &Span, ancestor: &Span, by_id: &HashMap<Vec<u8>, &Span>) -> bool {
+    let mut parent = span.parent_span_id.clone();
+    while !parent.is_empty() {
+        if parent == ancestor.span_id {
+            return true;
+        }
+        match by_id.get(&parent) {
+            Some(next) => parent = next.parent_span_id.clone(),
+            None => return false,
+        }
+    }
+    false
+}
+
+async fn start_sandbox(config: SandboxConfig) -> (Sandbox, EmbeddedSandbox) {
+    let sandbox = Sandbox::new(config);
+    let emulator = EmbeddedSandbox::spawn(
+        sandbox.clone(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .unwrap();
+    (sandbox, emulator)
+}
+
+fn order_completed(customer: &str, email: &str) -> pb::TrackEventRequest {
+    pb::TrackEventRequest {
+        event: Some(pb::Event {
+            customer_id: customer.to_owned(),
+            email: email.to_owned(),
+            name: "order_completed".to_owned(),
+            ..Default::default()
+        }),
+        options: None,
+    }
+}
+
+const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rpc_is_one_trace_from_the_caller_to_the_upstream() {
+    let (collector, endpoint) = Collector::start().await;
+    let (sandbox, emulator) = start_sandbox(SandboxConfig::default()).await;
+    let data = tempfile::tempdir().unwrap();
+    let campaign = seeded_transactional_campaign();
+    let gateway = ChildGateway::start(
+        &emulator,
+        data.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_SERVICE_NAME", "cx-gateway-it".to_owned()),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=test".to_owned(),
+            ),
+            ("CXGW_EVENT_MAPPINGS", format!("order_completed={campaign}")),
+        ],
+    )
+    .await;
+    let mut events = EventServiceClient::new(gateway.channel.clone());
+
+    // A caller inside a trace: its traceparent travels in the gRPC metadata.
+    let mut request = tonic::Request::new(order_completed("trace-1", "buyer@example.com"));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")
+            .parse()
+            .unwrap(),
+    );
+    let response = events.track_event(request).await.unwrap().into_inner();
+    assert_eq!(response.triggered_surveys.len(), 1);
+    // A caller without a trace, and one whose call fails validation.
+    events
+        .list_event_mappings(pb::ListEventMappingsRequest::default())
+        .await
+        .unwrap();
+    let invalid = events
+        .track_event(order_completed("", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+
+    // SIGTERM: `server::run` returns only after the spans were flushed.
+    assert!(gateway.terminate().success());
+    let spans = collector.spans();
+    let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+    let servers: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server as i32)
+        .collect();
+    assert_eq!(servers.len(), 3, "one server span per RPC: {servers:#?}");
+    let mut traces: Vec<Vec<u8>> = servers.iter().map(|s| s.trace_id.clone()).collect();
+    traces.dedup();
+    assert_eq!(traces.len(), 3, "each RPC is its own trace");
+
+    // The caller's span is the parent of the server span.
+    let server = servers
+        .iter()
+        .find(|s| hex(&s.trace_id) == CALLER_TRACE)
+        .expect("the caller's trace continues in the gateway");
+    assert_eq!(hex(&server.parent_span_id), CALLER_SPAN);
+    assert_eq!(server.name, "cx.gateway.v1.EventService/TrackEvent");
+    for (key, value) in [
+        ("rpc.system", "grpc"),
+        ("rpc.service", "cx.gateway.v1.EventService"),
+        ("rpc.method", "TrackEvent"),
+        ("server.address", "127.0.0.1"),
+    ] {
+        assert_eq!(
+            string_attribute(server, key).as_deref(),
+            Some(value),
+            "{key}"
+        );
+    }
+    assert_eq!(int_attribute(server, "rpc.grpc.status_code"), Some(0));
+    assert_eq!(
+        int_attribute(server, "server.port"),
+        Some(i64::from(gateway_port(server)))
+    );
+
+    // Every other span of that trace lies below the server span; both upstream calls are there
+    // as client spans with the HTTP attributes.
+    let in_trace: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.trace_id == server.trace_id && s.span_id != server.span_id)
+        .collect();
+    for span in &in_trace {
+        assert!(
+            descends_from(span, server, &by_id),
+            "{} is not below the server span",
+            span.name
+        );
+    }
+    let clients: Vec<&&Span> = in_trace
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client as i32)
+        .collect();
+    let templates: Vec<String> = clients
+        .iter()
+        .filter_map(|s| string_attribute(s, "url.template"))
+        .collect();
+    assert!(templates.iter().any(|t| t == "/events"), "{templates:?}");
+    assert!(
+        templates.iter().any(|t| t.ends_with("/survey")),
+        "{templates:?}"
+    );
+    for client in &clients {
+        assert_eq!(
+            string_attribute(client, "http.request.method").as_deref(),
+            Some("POST")
+        );
+        let status = int_attribute(client, "http.response.status_code").unwrap();
+        assert!((200..300).contains(&status), "{status}");
+    }
+    let names: Vec<&str> = in_trace.iter().map(|s| s.name.as_str()).collect();
+    for expected in ["validate", "scheduler.wait", "upstream.batch"] {
+        assert!(names.contains(&expected), "no {expected} span in {names:?}");
+    }
+    let batch = in_trace
+        .iter()
+        .find(|s| s.name == "upstream.batch")
+        .unwrap();
+    assert_eq!(int_attribute(batch, "batch.size"), Some(1));
+
+    // The upstream received the context of the attempt that called it.
+    let seen = sandbox.handle().traceparents();
+    for client in &clients {
+        let expected = format!("00-{CALLER_TRACE}-{}-01", hex(&client.span_id));
+        assert!(
+            seen.iter().any(|s| s.traceparent == expected),
+            "the sandbox did not receive {expected}: {seen:?}"
+        );
+    }
+    assert!(
+        seen.iter()
+            .any(|s| s.api == Api::Retainly && s.route == "/events")
+    );
+
+    // The invalid call is a trace of its own with the status code and no upstream span.
+    let failed = servers
+        .iter()
+        .find(|s| int_attribute(s, "rpc.grpc.status_code") == Some(3))
+        .expect("the invalid call has a server span with INVALID_ARGUMENT");
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.trace_id == failed.trace_id && s.kind == SpanKind::Client as i32)
+    );
+
+    // The resource names the service as configured.
+    let resource = collector.traces.lock().unwrap()[0].resource_spans[0]
+        .resource
+        .clone()
+        .unwrap();
+    let service = resource
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "service.name")
+        .and_then(|kv| kv.value.clone())
+        .and_then(|v| v.value);
+    assert_eq!(
+        service,
+        Some(AnyValue::StringValue("cx-gateway-it".to_owned()))
+    );
+    emulator.stop().await;
+}
+
+fn gateway_port(server: &Span) -> u16 {
+    int_attribute(server, "server.port")
+        .and_then(|port| u16::try_from(port).ok())
+        .unwrap_or_default()
+}
+
+async fn scrape(gateway: &ChildGateway) -> String {
+    let response = reqwest::get(format!("http://{}/metrics", gateway.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    response.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
+    const RETENTLY_KEY: &str = "rk-canary-9f3a77e1c2";
+    const RETAINLY_KEY: &str = "rn-canary-key-51d0aa";
+    const RETAINLY_SECRET: &str = "rn-canary-secret-c83e";
+    const EMAIL: &str = "canary.person@canary-mail.example";
+    const COLLECTOR_TOKEN: &str = "otlp-canary-token-77aa";
+    let (collector, endpoint) = Collector::start().await;
+    let (sandbox, emulator) = start_sandbox(SandboxConfig {
+        retently_api_keys: vec![RETENTLY_KEY.to_owned()],
+        retainly_credentials: vec![(RETAINLY_KEY.to_owned(), RETAINLY_SECRET.to_owned())],
+        ..SandboxConfig::default()
+    })
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let campaign = seeded_transactional_campaign();
+    let gateway = ChildGateway::start(
+        &emulator,
+        data.path(),
+        &[
+            ("CXGW_RETENTLY_API_KEY", RETENTLY_KEY.to_owned()),
+            ("CXGW_RETAINLY_API_KEY", RETAINLY_KEY.to_owned()),
+            ("CXGW_RETAINLY_API_SECRET", RETAINLY_SECRET.to_owned()),
+            // Debug lines too: they name routes, statuses and retries.
+            ("CXGW_LOG", "debug".to_owned()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                format!("authorization=Bearer%20{COLLECTOR_TOKEN}"),
+            ),
+            ("CXGW_EVENT_MAPPINGS", format!("order_completed={campaign}")),
+        ],
+    )
+    .await;
+    let mut events = EventServiceClient::new(gateway.channel.clone());
+
+    // Success through both upstreams, synchronously and through the outbox.
+    events
+        .track_event(order_completed("canary-1", EMAIL))
+        .await
+        .unwrap();
+    let mut queued = order_completed("canary-2", EMAIL);
+    queued.options = Some(pb::WriteOptions {
+        mode: pb::DeliveryMode::Async as i32,
+        idempotency_key: String::new(),
+    });
+    events.track_event(queued).await.unwrap();
+    // The caller's own mistake: an email where it does not belong, and no customer.
+    let mut bad = order_completed("", "");
+    bad.event.as_mut().unwrap().name = EMAIL.to_owned();
+    let _ = events.track_event(bad).await.unwrap_err();
+    // Upstream failures: every Retainly call answers 500 for a while.
+    sandbox.handle().set_faults(
+        Api::Retainly,
+        FaultConfig {
+            error_rate: 1.0,
+            ..FaultConfig::default()
+        },
+    );
+    let _ = events.track_event(order_completed("canary-3", EMAIL)).await;
+    sandbox
+        .handle()
+        .set_faults(Api::Retainly, FaultConfig::default());
+    // The write really carried the email to the upstream: the test would prove nothing if the
+    // scenario never handled it.
+    assert!(
+        sandbox
+            .handle()
+            .survey_sends()
+            .iter()
+            .any(|send| send.recipients.iter().any(|r| r == EMAIL)),
+        "the scenario did not reach the upstream"
+    );
+    let metrics_text = scrape(&gateway).await;
+    let (status, lines) = gateway.terminate_with_log();
+    assert!(status.success());
+
+    let spans = format!("{:?}", collector.traces.lock().unwrap());
+    let otlp_metrics = format!("{:?}", collector.metrics.lock().unwrap());
+    assert!(spans.contains("TrackEvent"), "no spans were exported");
+    assert!(
+        otlp_metrics.contains("rpc.server.calls"),
+        "no metrics were exported"
+    );
+    assert!(lines.len() > 10, "too few log lines: {}", lines.len());
+    for canary in [
+        RETENTLY_KEY,
+        RETAINLY_KEY,
+        RETAINLY_SECRET,
+        EMAIL,
+        "canary-mail.example",
+        COLLECTOR_TOKEN,
+    ] {
+        assert!(!spans.contains(canary), "{canary} in an exported span");
+        assert!(
+            !otlp_metrics.contains(canary),
+            "{canary} in exported metrics"
+        );
+        assert!(!metrics_text.contains(canary), "{canary} in /metrics");
+        for line in &lines {
+            assert!(!line.contains(canary), "{canary} in a log line: {line}");
+        }
+    }
+    emulator.stop().await;
+}
+
+/// The value of the sample `name{labels}` in a Prometheus exposition, labels given sorted.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let rendered: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let prefix = format!("{name}{{{}}} ", rendered.join(","));
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_rpcs_by_method_and_code_and_upstream_calls_by_route() {
+    let (_sandbox, emulator) = start_sandbox(SandboxConfig::default()).await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = ChildGateway::start(&emulator, data.path(), &[]).await;
+    let mut events = EventServiceClient::new(gateway.channel.clone());
+    for _ in 0..3 {
+        events
+            .list_event_mappings(pb::ListEventMappingsRequest::default())
+            .await
+            .unwrap();
+    }
+    let invalid = events
+        .list_event_mappings(pb::ListEventMappingsRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    events
+        .track_event(order_completed("metrics-1", ""))
+        .await
+        .unwrap();
+
+    let text = scrape(&gateway).await;
+    let rpc = |method: &'static str, code: &'static str| {
+        [
+            ("rpc_grpc_status_code", code),
+            ("rpc_method", method),
+            ("rpc_service", "cx.gateway.v1.EventService"),
+            ("rpc_system", "grpc"),
+        ]
+    };
+    assert!(text.contains("# TYPE rpc_server_calls counter"), "{text}");
+    assert!(text.contains("# TYPE rpc_server_call_duration_seconds histogram"));
+    assert_eq!(
+        sample(
+            &text,
+            "rpc_server_calls_total",
+            &rpc("ListEventMappings", "0")
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "rpc_server_calls_total",
+            &rpc("ListEventMappings", "3")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "rpc_server_call_duration_seconds_count",
+            &rpc("ListEventMappings", "0")
+        ),
+        Some(3.0)
+    );
+    let mut bucket = rpc("ListEventMappings", "0").to_vec();
+    bucket.insert(0, ("le", "+Inf"));
+    bucket.sort();
+    assert_eq!(
+        sample(&text, "rpc_server_call_duration_seconds_bucket", &bucket),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "rpc_server_calls_total", &rpc("TrackEvent", "0")),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "cxgw_upstream_requests_total",
+            &[
+                ("http_request_method", "POST"),
+                ("http_response_status_code", "200"),
+                ("upstream", "retainly"),
+                ("url_template", "/events"),
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // The scheduler's gauges are there for both upstreams.
+    for upstream in ["retently", "retainly"] {
+        assert!(
+            sample(
+                &text,
+                "cxgw_scheduler_budget_available",
+                &[("upstream", upstream)]
+            )
+            .is_some(),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        sample(&text, "cxgw_outbox_deliveries", &[("state", "dead_letter")]),
+        Some(0.0)
+    );
+    assert!(gateway.terminate().success());
+    emulator.stop().await;
+}
