@@ -85,6 +85,10 @@ fn scrub_emails(text: &str) -> String {
             while end < chars.len() && is_domain_char(chars[end]) {
                 end += 1;
             }
+            // A sentence's full stop after an address is not part of it.
+            while end > i + 1 && matches!(chars[end - 1], '.' | '-') {
+                end -= 1;
+            }
             if start < i && end > i + 1 {
                 out.extend(&chars[emitted..start]);
                 out.push_str("[email]");
