@@ -127,7 +127,7 @@ where
                 }
             };
             // The call's span is the server span of the telemetry layer around this one.
-            tracing::Span::current().record("caller", &**caller.name());
+            tracing::Span::current().record("caller", tracing::field::display(caller.name()));
             request.extensions_mut().insert(AuthenticatedCaller(caller));
             tracing::debug!("call authorized");
         }

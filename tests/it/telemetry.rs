@@ -349,6 +349,10 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
     const RETAINLY_SECRET: &str = "rn-canary-secret-c83e";
     const EMAIL: &str = "canary.person@canary-mail.example";
     const COLLECTOR_TOKEN: &str = "otlp-canary-token-77aa";
+    const CALLER_TOKEN: &str = "caller-canary-token-0b5e2d9a";
+    const WRONG_TOKEN: &str = "caller-canary-wrong-4c1f";
+    let digest = ring::digest::digest(&ring::digest::SHA256, CALLER_TOKEN.as_bytes());
+    let digest: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     let (collector, endpoint) = Collector::start().await;
     let (sandbox, emulator) = start_sandbox(SandboxConfig {
         retently_api_keys: vec![RETENTLY_KEY.to_owned()],
@@ -373,11 +377,36 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
                 format!("authorization=Bearer%20{COLLECTOR_TOKEN}"),
             ),
             ("CXGW_EVENT_MAPPINGS", format!("order_completed={campaign}")),
+            ("CXGW_TRUSTED_MESH", "false".to_owned()),
+            (
+                "CXGW_CALLERS",
+                format!(
+                    "[[caller]]\nname = \"canary-caller\"\ntoken_sha256 = \"{digest}\"\n\
+                     permissions = [\"read\", \"events:write\"]\n"
+                ),
+            ),
         ],
     )
     .await;
-    let mut events = EventServiceClient::new(gateway.channel.clone());
+    fn bearer(metadata: &mut tonic::metadata::MetadataMap, token: &str) {
+        metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let mut events = EventServiceClient::with_interceptor(
+        gateway.channel.clone(),
+        |mut request: tonic::Request<()>| {
+            bearer(request.metadata_mut(), CALLER_TOKEN);
+            Ok(request)
+        },
+    );
 
+    // A caller with a wrong token is refused (and logged as such).
+    let mut refused = tonic::Request::new(pb::ListEventMappingsRequest::default());
+    bearer(refused.metadata_mut(), WRONG_TOKEN);
+    let status = EventServiceClient::new(gateway.channel.clone())
+        .list_event_mappings(refused)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
     // Success through both upstreams, synchronously and through the outbox.
     events
         .track_event(order_completed("canary-1", EMAIL))
@@ -419,6 +448,20 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
     let (status, lines) = gateway.terminate_with_log();
     assert!(status.success());
 
+    // The caller is named on its calls' spans; its token is nowhere.
+    let tracked: Vec<Span> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| s.kind == SpanKind::Server as i32 && s.name.ends_with("/TrackEvent"))
+        .collect();
+    assert!(!tracked.is_empty());
+    for span in &tracked {
+        assert_eq!(
+            string_attribute(span, "caller").as_deref(),
+            Some("canary-caller")
+        );
+    }
+    assert!(lines.iter().any(|l| l.contains("call refused")));
     let spans = format!("{:?}", collector.traces.lock().unwrap());
     let otlp_metrics = format!("{:?}", collector.metrics.lock().unwrap());
     assert!(spans.contains("TrackEvent"), "no spans were exported");
@@ -434,6 +477,8 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
         EMAIL,
         "canary-mail.example",
         COLLECTOR_TOKEN,
+        CALLER_TOKEN,
+        WRONG_TOKEN,
     ] {
         assert!(!spans.contains(canary), "{canary} in an exported span");
         assert!(
