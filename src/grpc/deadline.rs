@@ -27,6 +27,10 @@ impl Deadline {
     }
 }
 
+/// How much earlier than tonic's own `grpc-timeout` timer this layer's fires: two timer ticks
+/// cover the time between the two timers' start in any build.
+const TONIC_TIMER_MARGIN: Duration = Duration::from_millis(2);
+
 #[derive(Debug, Clone, Copy)]
 pub struct DeadlineLayer {
     default: Duration,
@@ -75,8 +79,16 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let timeout = parse_grpc_timeout(request.headers()).unwrap_or(self.default);
-        let deadline = Instant::now() + timeout;
+        let (timeout, deadline) = match parse_grpc_timeout(request.headers()) {
+            // tonic started its own timer for this deadline a little earlier (the layers run
+            // when the router first polls them), and timers fire by whole milliseconds: without
+            // a margin, tonic's timer can fire one tick before this one and answer CANCELLED.
+            Some(timeout) => (
+                timeout,
+                Instant::now() + timeout.saturating_sub(TONIC_TIMER_MARGIN),
+            ),
+            None => (self.default, Instant::now() + self.default),
+        };
         request.extensions_mut().insert(Deadline(deadline));
         // The service that was polled ready is the one that must be called.
         let clone = self.inner.clone();
@@ -197,7 +209,11 @@ mod tests {
         let started = Instant::now();
         let response = service.call(request).await.unwrap();
         assert_eq!(grpc_status(&response), Some("4"), "4 is DEADLINE_EXCEEDED");
-        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        // Just before tonic's own timer for the same header.
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(100) - TONIC_TIMER_MARGIN
+        );
     }
 
     #[tokio::test(start_paused = true)]

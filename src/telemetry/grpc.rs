@@ -84,6 +84,9 @@ pub struct TelemetryLayer {
 
 impl TelemetryLayer {
     pub fn new(local: std::net::SocketAddr) -> Self {
+        // Built now rather than on the first call: decoding the descriptors takes milliseconds,
+        // and the first call's deadline timers are already running (tonic's included).
+        method_names();
         Self {
             address: Box::leak(local.ip().to_string().into_boxed_str()),
             port: local.port(),

@@ -97,8 +97,6 @@ pub struct Metrics {
     pub batch_size: Histogram<u64>,
     /// `cxgw.outbox.enqueued`: writes accepted into the outbox.
     pub outbox_enqueued: Counter<u64>,
-    /// `cxgw.outbox.dead_lettered`: deliveries moved to the dead-letter list.
-    pub outbox_dead_lettered: Counter<u64>,
     _observed: Vec<ObservedInstrument>,
 }
 
@@ -192,10 +190,6 @@ impl Metrics {
             outbox_enqueued: meter
                 .u64_counter("cxgw.outbox.enqueued")
                 .with_description("Asynchronous writes accepted into the durable outbox")
-                .build(),
-            outbox_dead_lettered: meter
-                .u64_counter("cxgw.outbox.dead_lettered")
-                .with_description("Outbox deliveries moved to the dead-letter list")
                 .build(),
             provider,
             reader,

@@ -166,6 +166,7 @@ async fn each_rpc_is_one_trace_from_the_caller_to_the_upstream() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
             ("OTEL_SERVICE_NAME", "cx-gateway-it".to_owned()),
+            ("CXGW_LOG", "info,cx_gateway=debug".to_owned()),
             (
                 "OTEL_RESOURCE_ATTRIBUTES",
                 "deployment.environment=test".to_owned(),
@@ -198,7 +199,9 @@ async fn each_rpc_is_one_trace_from_the_caller_to_the_upstream() {
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
 
     // SIGTERM: `server::run` returns only after the spans were flushed.
-    assert!(gateway.terminate().success());
+    let grpc_port = gateway.grpc_addr.port();
+    let (status, lines) = gateway.terminate_with_log();
+    assert!(status.success());
     let spans = collector.spans();
     let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
     let servers: Vec<&Span> = spans
@@ -232,7 +235,7 @@ async fn each_rpc_is_one_trace_from_the_caller_to_the_upstream() {
     assert_eq!(int_attribute(server, "rpc.grpc.status_code"), Some(0));
     assert_eq!(
         int_attribute(server, "server.port"),
-        Some(i64::from(gateway_port(server)))
+        Some(i64::from(grpc_port))
     );
 
     // Every other span of that trace lies below the server span; both upstream calls are there
@@ -293,6 +296,22 @@ async fn each_rpc_is_one_trace_from_the_caller_to_the_upstream() {
             .any(|s| s.api == Api::Retainly && s.route == "/events")
     );
 
+    // Log lines written inside the call carry its trace and span ids and the call's fields.
+    let inside: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["trace_id"] == CALLER_TRACE)
+        .collect();
+    assert!(
+        !inside.is_empty(),
+        "no log line carries the caller's trace id"
+    );
+    for line in &inside {
+        let span_id = line["span_id"].as_str().unwrap();
+        assert!(by_id.keys().any(|id| hex(id) == span_id), "{line}");
+        assert_eq!(line["spans"]["rpc.method"], "TrackEvent", "{line}");
+    }
+
     // The invalid call is a trace of its own with the status code and no upstream span.
     let failed = servers
         .iter()
@@ -320,12 +339,6 @@ async fn each_rpc_is_one_trace_from_the_caller_to_the_upstream() {
         Some(AnyValue::StringValue("cx-gateway-it".to_owned()))
     );
     emulator.stop().await;
-}
-
-fn gateway_port(server: &Span) -> u16 {
-    int_attribute(server, "server.port")
-        .and_then(|port| u16::try_from(port).ok())
-        .unwrap_or_default()
 }
 
 async fn scrape(gateway: &ChildGateway) -> String {

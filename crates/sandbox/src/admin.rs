@@ -19,6 +19,7 @@ pub(crate) fn router(handle: SandboxHandle) -> Router {
     Router::new()
         .route("/_sandbox/stats", get(stats))
         .route("/_sandbox/stats/reset", post(reset))
+        .route("/_sandbox/traceparents", get(traceparents))
         .route(
             "/_sandbox/faults/{api}",
             get(get_faults).put(put_faults).delete(delete_faults),
@@ -63,6 +64,10 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
 
 async fn stats(State(handle): State<SandboxHandle>) -> Json<Value> {
     Json(json!(handle.stats()))
+}
+
+async fn traceparents(State(handle): State<SandboxHandle>) -> Json<Value> {
+    Json(json!({ "traceparents": handle.traceparents() }))
 }
 
 async fn reset(State(handle): State<SandboxHandle>) -> StatusCode {

@@ -173,3 +173,30 @@ async fn rate_limit_and_simulation_over_http() {
         .unwrap();
     assert_eq!(too_many.status(), 400);
 }
+
+#[tokio::test]
+async fn traceparents_of_requests_are_recorded_by_route() {
+    let sandbox = TestSandbox::start().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = sandbox
+        .retently(Method::GET, "/api/v2/campaigns")
+        .header("traceparent", traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // A request without one is not recorded.
+    sandbox.retently_get("/api/v2/templates").await;
+    let seen = sandbox.handle.traceparents();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].api, Api::Retently);
+    assert_eq!(seen[0].route, "/api/v2/campaigns");
+    assert_eq!(
+        admin_get(&sandbox, "/_sandbox/traceparents").await,
+        json!({"traceparents": [
+            {"api": "retently", "route": "/api/v2/campaigns", "traceparent": traceparent}
+        ]})
+    );
+    sandbox.handle.reset_counters();
+    assert!(sandbox.handle.traceparents().is_empty());
+}
