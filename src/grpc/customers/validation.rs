@@ -95,6 +95,9 @@ impl CustomerKeys {
     }
 }
 
+// Each check below runs in a `validate` span under the call's server span (the request itself
+// is not recorded).
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<Write, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "customers", request.customers.len(), MAX_ITEMS);
@@ -131,6 +134,7 @@ pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<Write, E
     })
 }
 
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<Write, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "customers", request.customers.len(), MAX_ITEMS);
@@ -154,6 +158,7 @@ pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<Write, E
 }
 
 /// Unsubscribe and resubscribe: unique valid addresses, an optional note.
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn subscription_change(
     emails: &[String],
     message: &str,
@@ -218,6 +223,7 @@ fn array_target(
     Some(retainly_key(customer_id))
 }
 
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn upsert_array_items(request: &pb::UpsertCustomerArrayItemsRequest) -> Result<Write, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "records", request.records.len(), MAX_ITEMS);
@@ -284,6 +290,7 @@ pub fn upsert_array_items(request: &pb::UpsertCustomerArrayItemsRequest) -> Resu
     })
 }
 
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn delete_array_items(request: &pb::DeleteCustomerArrayItemsRequest) -> Result<Write, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "records", request.records.len(), MAX_ITEMS);
@@ -365,6 +372,7 @@ pub enum CustomerLookup {
     RetentlyId(String),
 }
 
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn get_customer(request: &pb::GetCustomerRequest) -> Result<CustomerLookup, Error> {
     use pb::get_customer_request::Lookup;
     let mut v = Violations::new();
@@ -385,6 +393,7 @@ pub fn get_customer(request: &pb::GetCustomerRequest) -> Result<CustomerLookup, 
     lookup.ok_or_else(|| Error::internal("a customer lookup passed validation without a value"))
 }
 
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn get_company(request: &pb::GetCompanyRequest) -> Result<String, Error> {
     use pb::get_company_request::Lookup;
     let mut v = Violations::new();
@@ -434,6 +443,7 @@ pub struct CustomerList {
 
 /// Validates a ListCustomers request; `now` (UNIX seconds) pins an unset `end_time` on the
 /// first page.
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn list_customers(request: &pb::ListCustomersRequest, now: i64) -> Result<CustomerList, Error> {
     let mut v = Violations::new();
     let email = request.email.trim().to_ascii_lowercase();
@@ -499,6 +509,7 @@ pub struct CompanyList {
     pub filters: String,
 }
 
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn list_companies(request: &pb::ListCompaniesRequest) -> Result<CompanyList, Error> {
     let mut v = Violations::new();
     let sort = sort(&mut v, request.order);
