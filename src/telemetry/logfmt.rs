@@ -7,20 +7,35 @@
 //!   enclosing span, outermost first, inner ones winning), `trace_id` and `span_id`.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::trace::TraceContextExt as _;
 use serde_json::{Map, Value};
+use tracing::dispatcher::WeakDispatch;
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use tracing::{Dispatch, Event, Subscriber};
 use tracing_subscriber::fmt::format::{Format, Full, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::redact::scrub;
 
+/// The dispatcher the formatters belong to, set once it is built. The formatters cannot ask
+/// `tracing` for it: while an event is being dispatched, `tracing` hands out no dispatcher (its
+/// re-entrancy guard), and the OpenTelemetry context of a span is found through it.
+#[derive(Clone, Default)]
+pub struct DispatchSlot(Arc<OnceLock<WeakDispatch>>);
+
+impl DispatchSlot {
+    /// Points the formatters at `dispatch`; later calls are ignored.
+    pub fn set(&self, dispatch: &Dispatch) {
+        let _ = self.0.set(dispatch.downgrade());
+    }
+}
+
 /// The ids of the OpenTelemetry span behind the innermost `tracing` span of the event, if the
 /// OpenTelemetry layer is installed and the span context is valid.
-fn trace_ids<S, N>(ctx: &FmtContext<'_, S, N>) -> Option<(String, String)>
+fn trace_ids<S, N>(ctx: &FmtContext<'_, S, N>, slot: &DispatchSlot) -> Option<(String, String)>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -29,9 +44,8 @@ where
     let id = span.id();
     // The registry's extensions must not be held here: `get_otel_context` locks them.
     drop(span);
-    let context = tracing::dispatcher::get_default(|dispatch| {
-        tracing_opentelemetry::get_otel_context(&id, dispatch)
-    })?;
+    let dispatch = slot.0.get()?.upgrade()?;
+    let context = tracing_opentelemetry::get_otel_context(&id, &dispatch)?;
     let otel_span = context.span();
     let span_context = otel_span.span_context();
     span_context.is_valid().then(|| {
@@ -45,12 +59,14 @@ where
 /// Human-readable lines.
 pub struct TextFormat {
     inner: Format<Full>,
+    dispatch: DispatchSlot,
 }
 
 impl TextFormat {
-    pub fn new(ansi: bool) -> Self {
+    pub fn new(ansi: bool, dispatch: DispatchSlot) -> Self {
         Self {
             inner: Format::default().with_target(true).with_ansi(ansi),
+            dispatch,
         }
     }
 }
@@ -73,7 +89,7 @@ where
             .format_event(ctx, Writer::new(&mut line), event)?;
         let body = line.trim_end_matches('\n');
         writer.write_str(&scrub(body))?;
-        if let Some((trace_id, span_id)) = trace_ids(ctx) {
+        if let Some((trace_id, span_id)) = trace_ids(ctx, &self.dispatch) {
             write!(writer, " trace_id={trace_id} span_id={span_id}")?;
         }
         writer.write_char('\n')
@@ -81,7 +97,9 @@ where
 }
 
 /// One JSON object per line.
-pub struct JsonFormat;
+pub struct JsonFormat {
+    pub dispatch: DispatchSlot,
+}
 
 impl<S, N> FormatEvent<S, N> for JsonFormat
 where
@@ -128,7 +146,7 @@ where
                 object.insert("spans".into(), Value::Object(span_fields));
             }
         }
-        if let Some((trace_id, span_id)) = trace_ids(ctx) {
+        if let Some((trace_id, span_id)) = trace_ids(ctx, &self.dispatch) {
             object.insert("trace_id".into(), trace_id.into());
             object.insert("span_id".into(), span_id.into());
         }
@@ -183,5 +201,135 @@ impl Visit for JsonVisitor<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.record_str(field, &format!("{value:?}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    use tracing_subscriber::fmt::MakeWriter;
+    use tracing_subscriber::fmt::format::JsonFields;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    impl Buffer {
+        fn lines(&self) -> Vec<String> {
+            String::from_utf8(self.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// Logs one line inside a traced span and one outside; returns the lines and the span's
+    /// trace id.
+    fn scenario(dispatch: tracing::Dispatch, slot: &DispatchSlot) -> String {
+        slot.set(&dispatch);
+        tracing::dispatcher::with_default(&dispatch, || {
+            let span = tracing::info_span!("grpc.server", rpc.method = "TrackEvent");
+            let trace_id = span.context().span().span_context().trace_id().to_string();
+            span.in_scope(|| {
+                tracing::info!(recipient = "ann@example.com", count = 2, "sent");
+            });
+            tracing::info!("outside");
+            trace_id
+        })
+    }
+
+    fn tracer() -> opentelemetry_sdk::trace::SdkTracer {
+        SdkTracerProvider::builder().build().tracer("test")
+    }
+
+    #[test]
+    fn json_lines_carry_trace_ids_span_fields_and_no_email() {
+        let buffer = Buffer::default();
+        let slot = DispatchSlot::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(tracer()))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .fmt_fields(JsonFields::new())
+                    .event_format(JsonFormat {
+                        dispatch: slot.clone(),
+                    })
+                    .with_writer(buffer.clone()),
+            );
+        let trace_id = scenario(tracing::Dispatch::new(subscriber), &slot);
+        let lines: Vec<Value> = buffer
+            .lines()
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        let inside = &lines[0];
+        assert_eq!(inside["message"], "sent");
+        assert_eq!(inside["recipient"], "[email]");
+        assert_eq!(inside["count"], 2);
+        assert_eq!(inside["level"], "INFO");
+        assert_eq!(inside["span"], "grpc.server");
+        assert_eq!(inside["spans"]["rpc.method"], "TrackEvent");
+        assert_eq!(inside["trace_id"], trace_id.as_str());
+        assert_eq!(inside["span_id"].as_str().unwrap().len(), 16);
+        let outside = &lines[1];
+        assert_eq!(outside["message"], "outside");
+        assert!(outside.get("trace_id").is_none() && outside.get("span").is_none());
+    }
+
+    #[test]
+    fn text_lines_end_with_trace_ids_inside_a_span() {
+        let buffer = Buffer::default();
+        let slot = DispatchSlot::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(tracer()))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .event_format(TextFormat::new(false, slot.clone()))
+                    .with_writer(buffer.clone()),
+            );
+        let trace_id = scenario(tracing::Dispatch::new(subscriber), &slot);
+        let lines = buffer.lines();
+        assert_eq!(lines.len(), 2);
+        assert!(
+            lines[0].contains("grpc.server{rpc.method=\"TrackEvent\"}"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].contains("recipient=\"[email]\""), "{}", lines[0]);
+        assert!(
+            lines[0].contains(&format!(" trace_id={trace_id} span_id=")),
+            "{}",
+            lines[0]
+        );
+        assert!(!lines[1].contains("trace_id"), "{}", lines[1]);
     }
 }

@@ -83,14 +83,22 @@ pub fn init(config: &Config) -> anyhow::Result<()> {
 
     let filter = EnvFilter::try_new(&config.log.filter)
         .map_err(|error| anyhow::anyhow!("invalid setting CXGW_LOG: {error}"))?;
+    let slot = logfmt::DispatchSlot::default();
+    // Colour codes only where a person reads a terminal, never in collected logs.
+    let ansi = std::io::stdout().is_terminal();
     let fmt_layer = match config.log.format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
-            .event_format(logfmt::TextFormat::new(std::io::stdout().is_terminal()))
+            // Span fields are formatted by the layer, the line by the event format: both follow.
+            .with_ansi(ansi)
+            .event_format(logfmt::TextFormat::new(ansi, slot.clone()))
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_ansi(false)
             .fmt_fields(JsonFields::new())
-            .event_format(logfmt::JsonFormat)
+            .event_format(logfmt::JsonFormat {
+                dispatch: slot.clone(),
+            })
             .with_filter(filter)
             .boxed(),
     };
@@ -108,10 +116,13 @@ pub fn init(config: &Config) -> anyhow::Result<()> {
                     .with_target("cx_sandbox", Level::ERROR),
             )
     });
-    tracing_subscriber::registry()
-        .with(fmt_layer)
-        .with(otel_layer)
-        .try_init()?;
+    let dispatch = tracing::Dispatch::new(
+        tracing_subscriber::registry()
+            .with(fmt_layer)
+            .with(otel_layer),
+    );
+    slot.set(&dispatch);
+    dispatch.try_init()?;
 
     if !metrics_installed {
         tracing::warn!("metrics were in use before telemetry started; otlp metric export is off");
