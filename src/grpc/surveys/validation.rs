@@ -36,6 +36,8 @@ fn feedback_key(feedback_id: &str) -> String {
     format!("retently-feedback:{feedback_id}")
 }
 
+// Runs in a `validate` span under the call's server span (the request is not recorded).
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn send_survey(request: &pb::SendSurveyRequest) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
     validate::required(
@@ -140,6 +142,7 @@ fn label_write(
     })
 }
 
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn set_feedback_tags(request: &pb::SetFeedbackTagsRequest) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
     validate::required(
@@ -159,6 +162,7 @@ pub fn set_feedback_tags(request: &pb::SetFeedbackTagsRequest) -> Result<ValidWr
     label_write(v, request.options.as_ref(), &request.feedback_id)
 }
 
+#[tracing::instrument(name = "validate", skip_all)]
 pub fn set_feedback_topics(request: &pb::SetFeedbackTopicsRequest) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
     validate::required(
