@@ -153,9 +153,11 @@ where
                 server.port = self.port,
                 caller = Empty,
             );
-            let parent = propagation::extract(request.headers());
-            // Only fails when the span is disabled, which leaves nothing to continue.
-            let _ = span.set_parent(parent);
+            if super::traces_exported() {
+                let parent = propagation::extract(request.headers());
+                // Only fails when the span is disabled, which leaves nothing to continue.
+                let _ = span.set_parent(parent);
+            }
             span
         };
         let call = Call {

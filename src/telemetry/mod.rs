@@ -23,6 +23,7 @@ pub mod redact;
 pub mod settings;
 
 use std::io::IsTerminal as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::Context as _;
@@ -46,6 +47,13 @@ use crate::config::{Config, LogFormat};
 
 /// The tracer provider [`init`] installed, flushed by [`flush`].
 static TRACER_PROVIDER: Mutex<Option<SdkTracerProvider>> = Mutex::new(None);
+/// Whether spans go to a collector; without, the caller's trace context is not even parsed.
+static TRACES_EXPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`init`] installed a trace exporter.
+pub fn traces_exported() -> bool {
+    TRACES_EXPORTED.load(Ordering::Relaxed)
+}
 
 /// Installs the global subscriber (logs, and spans to OTLP when configured) and the metrics
 /// pipeline. Fails if a setting cannot be used, naming it. Must run inside the tokio runtime:
@@ -133,6 +141,7 @@ pub fn init(config: &Config) -> anyhow::Result<()> {
     if metrics_to_otlp && metrics_installed {
         tracing::info!(interval = ?telemetry.metric_export_interval, "exporting metrics");
     }
+    TRACES_EXPORTED.store(tracer_provider.is_some(), Ordering::Relaxed);
     *TRACER_PROVIDER
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = tracer_provider;
