@@ -140,6 +140,13 @@ where
         let span = if UNTRACED_SERVICES.contains(&service) {
             tracing::Span::none()
         } else {
+            // The name the caller used (`:authority`) says more than the listen address, which
+            // is 0.0.0.0 in a pod.
+            let authority = request.uri().authority();
+            let address = authority.map_or(self.address, |authority| authority.host());
+            let port = authority
+                .and_then(|authority| authority.port_u16())
+                .unwrap_or(self.port);
             let span = tracing::info_span!(
                 "grpc.server",
                 otel.name = %format_args!("{service}/{method}"),
@@ -149,8 +156,8 @@ where
                 rpc.service = service,
                 rpc.method = method,
                 rpc.grpc.status_code = Empty,
-                server.address = self.address,
-                server.port = self.port,
+                server.address = address,
+                server.port = port,
                 caller = Empty,
             );
             if super::traces_exported() {
