@@ -106,6 +106,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
     std::fs::write(&path, json).with_context(|| format!("cannot write {}", path.display()))?;
     println!("json report: {}", path.display());
+    // Missed targets and scenarios that cannot run yet are findings, not failures of the
+    // command; a scenario that broke is, so a smoke run in the test suite catches rot.
+    let failed: Vec<&str> = report
+        .scenarios
+        .iter()
+        .filter(|s| matches!(s.status, report::Status::Failed(_)))
+        .map(|s| s.id)
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "scenarios failed: {}", failed.join(", "));
     Ok(())
 }
 
