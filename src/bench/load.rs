@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,8 @@ pub struct LoadResult {
     pub send_lag: Option<Summary>,
     /// Open-loop only: requests not sent because too many were outstanding.
     pub not_sent: u64,
+    /// Every request completed, warm-up included (for CPU per request).
+    pub completed_total: u64,
 }
 
 impl LoadResult {
@@ -52,6 +54,7 @@ impl LoadResult {
             merged.ok += result.ok;
             merged.window_s += result.window_s;
             merged.not_sent += result.not_sent;
+            merged.completed_total += result.completed_total;
             for (class, count) in &result.errors {
                 *merged.errors.entry(class.clone()).or_default() += count;
             }
@@ -92,6 +95,7 @@ where
         tasks.push(tokio::spawn(async move {
             let mut samples: Vec<u64> = Vec::new();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut completed = 0u64;
             loop {
                 let sent = Instant::now();
                 if sent >= end {
@@ -99,6 +103,7 @@ where
                 }
                 let outcome = call(caller).await;
                 let done = Instant::now();
+                completed += 1;
                 // Only requests that both started and finished inside the window count, so the
                 // rate is not inflated by work begun during the warm-up.
                 if sent < measure_from || done > end {
@@ -109,7 +114,7 @@ where
                     Err(class) => *errors.entry(class).or_default() += 1,
                 }
             }
-            (samples, errors)
+            (samples, errors, completed)
         }));
     }
     let mut result = LoadResult {
@@ -118,8 +123,9 @@ where
     };
     for task in tasks {
         match task.await {
-            Ok((samples, errors)) => {
+            Ok((samples, errors, completed)) => {
                 result.ok += samples.len() as u64;
+                result.completed_total += completed;
                 latencies.extend(samples);
                 for (class, count) in errors {
                     *result.errors.entry(class).or_default() += count;
@@ -167,6 +173,7 @@ where
     let runtime = tokio::runtime::Handle::current();
     let samples: OpenSamples = Arc::new(Mutex::new((Vec::new(), Vec::new(), BTreeMap::new())));
     let outstanding = Arc::new(AtomicUsize::new(0));
+    let completed = Arc::new(AtomicU64::new(0));
     // Every request task holds a sender; the channel closes when the scheduler and all of them
     // are done, which is the signal that the run is complete.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -176,6 +183,7 @@ where
     let scheduler = {
         let samples = Arc::clone(&samples);
         let outstanding = Arc::clone(&outstanding);
+        let completed = Arc::clone(&completed);
         std::thread::Builder::new()
             .name("bench-open-loop".into())
             .spawn(move || {
@@ -199,12 +207,14 @@ where
                     let call = Arc::clone(&call);
                     let samples = Arc::clone(&samples);
                     let outstanding = Arc::clone(&outstanding);
+                    let completed = Arc::clone(&completed);
                     let done_tx = done_tx.clone();
                     runtime.spawn(async move {
                         let sent = Instant::now();
                         let outcome = call(index).await;
                         let done = Instant::now();
                         outstanding.fetch_sub(1, Ordering::Relaxed);
+                        completed.fetch_add(1, Ordering::Relaxed);
                         if measured && let Ok(mut samples) = samples.lock() {
                             match outcome {
                                 Ok(()) => {
@@ -249,6 +259,7 @@ where
         errors,
         window_s: spec.measure.as_secs_f64(),
         not_sent,
+        completed_total: completed.load(Ordering::Relaxed),
         ..LoadResult::default()
     };
     result.rps = result.ok as f64 / result.window_s;

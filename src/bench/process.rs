@@ -206,6 +206,35 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS line")
 }
 
+/// CPU time (user + system) a process has used so far. Per-request CPU is steadier than
+/// throughput on a shared machine: other load slows a server down but does not make its work
+/// more expensive.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces; count after it.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed stat line")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let ticks = |index: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(index)
+            .context("short stat line")?
+            .parse::<u64>()?)
+    };
+    let total = ticks(11)? + ticks(12)?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second)
+        .ok()
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    Ok(Duration::from_secs_f64(total as f64 / per_second as f64))
+}
+
 /// One HTTP/2 connection (tonic opens exactly one per `connect`).
 pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
     connect_with(addr, |endpoint| endpoint).await

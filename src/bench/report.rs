@@ -192,6 +192,7 @@ pub fn format_value(value: f64, unit: &str) -> String {
         // it does not.
         "us" if value.abs() >= 10_000.0 => format!("{:.1} ms", value / 1_000.0),
         "us" | "ms" | "s" | "%" | "KiB" | "MiB" => format!("{value:.1} {unit}"),
+        "cores" => format!("{value:.2} {unit}"),
         "rps" | "items/s" => format!("{value:.0} {unit}"),
         "" => format_count(value),
         _ => format!("{} {unit}", format_count(value)),

@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use super::{request, unimplemented};
 use crate::bench::hist::Latencies;
 use crate::bench::load::{LoadResult, OpenLoop, grpc_class, open_loop};
-use crate::bench::process::connect_many;
+use crate::bench::process::{connect_many, cpu_time};
 use crate::bench::report::{ScenarioReport, Status};
 use crate::bench::stage::Stage;
 use crate::pb::GetFeedbackRequest;
@@ -119,6 +119,7 @@ async fn compare(
     };
     let mut direct = Side::new();
     let mut gateway = Side::new();
+    let mut gateway_cpu = Duration::ZERO;
     for _ in 0..rounds {
         let result = {
             let (http, base, ids) = (http.clone(), base.clone(), Arc::clone(&ids));
@@ -155,6 +156,7 @@ async fn compare(
         if gateway_missing.is_some() {
             continue;
         }
+        let cpu_before = cpu_time(stage.gateway.pid())?;
         let result = {
             let (clients, ids) = (Arc::clone(&clients), Arc::clone(&ids));
             open_loop(
@@ -175,6 +177,7 @@ async fn compare(
             )
             .await
         };
+        gateway_cpu += cpu_time(stage.gateway.pid())?.saturating_sub(cpu_before);
         gateway.rounds.push(result);
     }
 
@@ -217,6 +220,11 @@ async fn compare(
             added_p99 <= 1_000.0,
         );
         report.figure("gateway requests answered", gateway.ok as f64, "");
+        report.figure(
+            "gateway CPU per request",
+            gateway_cpu.as_secs_f64() * 1e6 / gateway.completed_total.max(1) as f64,
+            "us",
+        );
         if gateway.error_count() + gateway.not_sent > 0 {
             report.note(format!(
                 "gateway errors: {:?}, not sent (too many outstanding): {}",

@@ -24,7 +24,7 @@ use tonic_types::StatusExt as _;
 use super::percent;
 use super::raw_rpc::mib;
 use crate::bench::hist::{Latencies, Summary};
-use crate::bench::process::{connect, connect_with, rss_bytes};
+use crate::bench::process::{connect, connect_with, cpu_time, rss_bytes};
 use crate::bench::report::{ScenarioReport, Status};
 use crate::bench::stage::Stage;
 use crate::pb::feedback_stream_client::FeedbackStreamClient;
@@ -65,6 +65,10 @@ struct RunFigures {
     rss_end: u64,
     healthy_errors: BTreeMap<String, u64>,
     stalled_ends: BTreeMap<String, u64>,
+    /// From the first item published to the end of delivery.
+    delivery_wall: Duration,
+    gateway_cpu: Duration,
+    generator_cpu: Duration,
 }
 
 impl RunFigures {
@@ -241,6 +245,22 @@ fn describe(report: &mut ScenarioReport, prefix: &str, run: &RunFigures) {
         mib(run.rss_end),
         "MiB",
     );
+    let wall = run.delivery_wall.as_secs_f64().max(f64::MIN_POSITIVE);
+    report.figure(
+        format!("{prefix}gateway CPU while delivering"),
+        run.gateway_cpu.as_secs_f64() / wall,
+        "cores",
+    );
+    report.figure(
+        format!("{prefix}gateway CPU per delivery"),
+        run.gateway_cpu.as_secs_f64() * 1e6 / run.delivered.max(1) as f64,
+        "us",
+    );
+    report.figure(
+        format!("{prefix}bench process CPU while delivering"),
+        run.generator_cpu.as_secs_f64() / wall,
+        "cores",
+    );
     if !run.open_failures.is_empty() {
         report.note(format!(
             "{prefix}subscriptions that failed to open: {:?}",
@@ -398,6 +418,8 @@ async fn drive(
         peak
     });
 
+    let cpu_start = (cpu_time(pid)?, cpu_time(std::process::id())?);
+    let delivery_start = Instant::now();
     let mut items = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(1_000 / ITEMS_PER_SECOND));
     let publish_until = Instant::now() + duration;
@@ -412,6 +434,9 @@ async fn drive(
     while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < give_up {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let delivery_wall = delivery_start.elapsed();
+    let gateway_cpu = cpu_time(pid)?.saturating_sub(cpu_start.0);
+    let generator_cpu = cpu_time(std::process::id())?.saturating_sub(cpu_start.1);
     let rss_end = rss_bytes(pid)?;
     let _ = sampler_stop.send(true);
     let rss_peak = sampler.await.unwrap_or(0).max(rss_end);
@@ -426,6 +451,9 @@ async fn drive(
         rss_idle,
         rss_peak,
         rss_end,
+        delivery_wall,
+        gateway_cpu,
+        generator_cpu,
         ..RunFigures::default()
     };
     for task in tasks {

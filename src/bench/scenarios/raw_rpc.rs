@@ -16,7 +16,7 @@ use tonic_health::pb::health_client::HealthClient;
 use super::{request, unimplemented};
 use crate::bench::hist::Latencies;
 use crate::bench::load::{ClosedLoop, LoadResult, closed_loop, grpc_class};
-use crate::bench::process::{ChildServer, connect_many, free_loopback_addr};
+use crate::bench::process::{ChildServer, connect_many, cpu_time, free_loopback_addr};
 use crate::bench::report::ScenarioReport;
 use crate::bench::stage::Stage;
 use crate::pb::ListCampaignsRequest;
@@ -37,6 +37,8 @@ enum Target {
 struct Totals {
     rounds: Vec<LoadResult>,
     latencies: Latencies,
+    /// CPU the serving process used during the runs.
+    cpu: Duration,
 }
 
 impl Totals {
@@ -44,7 +46,14 @@ impl Totals {
         Totals {
             rounds: Vec::new(),
             latencies: Latencies::new(),
+            cpu: Duration::ZERO,
         }
+    }
+
+    /// Server CPU per completed request, in microseconds.
+    fn cpu_per_request_us(&self) -> f64 {
+        let completed: u64 = self.rounds.iter().map(|r| r.completed_total).sum();
+        self.cpu.as_secs_f64() * 1e6 / completed.max(1) as f64
     }
 
     fn merged(&self) -> LoadResult {
@@ -125,6 +134,11 @@ async fn measure_all(
                 Target::GatewayList => &mut list_totals,
                 Target::GatewayHealth => &mut health_totals,
             };
+            let pid = match target {
+                Target::Bare => bare.pid(),
+                Target::GatewayList | Target::GatewayHealth => stage.gateway.pid(),
+            };
+            let cpu_before = cpu_time(pid)?;
             let result = match target {
                 Target::Bare => health_load(spec, &bare_channels, &mut totals.latencies).await,
                 Target::GatewayHealth => {
@@ -134,6 +148,7 @@ async fn measure_all(
                     list_load(spec, &gateway_channels, &mut totals.latencies).await
                 }
             };
+            totals.cpu += cpu_time(pid)?.saturating_sub(cpu_before);
             totals.rounds.push(result);
         }
     }
@@ -150,6 +165,12 @@ async fn measure_all(
     if list_missing.is_none() {
         let list_result = list_totals.merged();
         compare(report, "ListCampaigns", &list_result, &bare_result);
+        report.compared(
+            "ListCampaigns server CPU per request",
+            list_totals.cpu_per_request_us(),
+            bare_totals.cpu_per_request_us(),
+            "us",
+        );
         let share = list_result.rps / bare_result.rps.max(f64::MIN_POSITIVE);
         report.target(
             "throughput",
@@ -167,6 +188,12 @@ async fn measure_all(
         errors_note(report, "ListCampaigns", &list_result);
     }
     compare(report, "gateway health Check", &health_result, &bare_result);
+    report.compared(
+        "gateway health Check server CPU per request",
+        health_totals.cpu_per_request_us(),
+        bare_totals.cpu_per_request_us(),
+        "us",
+    );
     errors_note(report, "gateway health Check", &health_result);
     errors_note(report, "bare health Check", &bare_result);
     report.note("baseline: tonic health Check on a bare tonic server (child process, same binary)");
