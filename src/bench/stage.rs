@@ -2,6 +2,7 @@
 //! pointed at it. Each scenario builds a fresh one, so counters, caches and budgets start clean.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use cx_sandbox::{
@@ -9,12 +10,54 @@ use cx_sandbox::{
     SandboxConfig, SandboxHandle,
 };
 use tokio::net::TcpListener;
+use tonic::metadata::{Ascii, MetadataValue};
 
 use super::process::{ChildServer, free_loopback_addr};
 use crate::sandbox_mode::EmbeddedSandbox;
 
+/// The benchmark's identity at the gateway: a random bearer token registered as the only caller,
+/// so every measured call pays for authentication as in production.
+#[derive(Clone)]
+pub struct Caller {
+    authorization: MetadataValue<Ascii>,
+}
+
+impl Caller {
+    fn generate() -> anyhow::Result<(Caller, String)> {
+        let token: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let digest: String = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let callers = format!(
+            "[[caller]]\nname = \"bench\"\ntoken_sha256 = [\"{digest}\"]\n\
+             permissions = [\"read\", \"surveys:send\", \"customers:write\", \"feedback:subscribe\"]\n"
+        );
+        let authorization = MetadataValue::try_from(format!("Bearer {token}"))
+            .context("the token is not a valid header value")?;
+        Ok((Caller { authorization }, callers))
+    }
+
+    /// A request carrying the token, with a deadline when given (streams get none).
+    pub fn request<T>(&self, message: T, timeout: Option<Duration>) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        if let Some(timeout) = timeout {
+            request.set_timeout(timeout);
+        }
+        request
+    }
+}
+
 pub struct Stage {
     pub sandbox: EmbeddedSandbox,
+    pub caller: Caller,
     pub gateway: ChildServer,
     /// When the gateway process was started: its background work (feedback sync) begins then.
     pub gateway_spawned: std::time::Instant,
@@ -44,6 +87,7 @@ impl Stage {
         let grpc_addr = free_loopback_addr()?;
         let admin_addr = free_loopback_addr()?;
         let base_url = sandbox.base_url().to_string();
+        let (caller, callers) = Caller::generate()?;
         let mut envs: Vec<(String, String)> = vec![
             ("CXGW_GRPC_ADDR".into(), grpc_addr.to_string()),
             ("CXGW_ADMIN_ADDR".into(), admin_addr.to_string()),
@@ -52,6 +96,7 @@ impl Stage {
                 dir.path().join("data").display().to_string(),
             ),
             ("CXGW_LOG".into(), "warn".into()),
+            ("CXGW_CALLERS".into(), callers),
             ("CXGW_RETENTLY_BASE_URL".into(), base_url.clone()),
             (
                 "CXGW_RETENTLY_API_KEY".into(),
@@ -79,6 +124,7 @@ impl Stage {
         .await?;
         Ok(Stage {
             sandbox,
+            caller,
             gateway,
             gateway_spawned,
             dir,

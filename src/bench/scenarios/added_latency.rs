@@ -10,7 +10,7 @@ use std::time::Duration;
 use cx_sandbox::{Api, DEFAULT_RETENTLY_API_KEY, SandboxConfig};
 use tonic::transport::Channel;
 
-use super::{request, unimplemented};
+use super::unimplemented;
 use crate::bench::hist::Latencies;
 use crate::bench::load::{LoadResult, OpenLoop, grpc_class, open_loop};
 use crate::bench::process::{connect_many, cpu_time};
@@ -91,11 +91,11 @@ async fn compare(
 
     let probe = clients[0]
         .clone()
-        .get_feedback(request(
+        .get_feedback(stage.caller.request(
             GetFeedbackRequest {
                 feedback_id: ids[0].clone(),
             },
-            CALL_TIMEOUT,
+            Some(CALL_TIMEOUT),
         ))
         .await;
     let gateway_missing = match &probe {
@@ -159,6 +159,7 @@ async fn compare(
         let cpu_before = cpu_time(stage.gateway.pid())?;
         let result = {
             let (clients, ids) = (Arc::clone(&clients), Arc::clone(&ids));
+            let caller = stage.caller.clone();
             open_loop(
                 spec,
                 &mut gateway.latencies,
@@ -166,9 +167,11 @@ async fn compare(
                 move |index| {
                     let mut client = clients[index % clients.len()].clone();
                     let feedback_id = ids[index % ids.len()].clone();
+                    let request =
+                        caller.request(GetFeedbackRequest { feedback_id }, Some(CALL_TIMEOUT));
                     async move {
                         client
-                            .get_feedback(request(GetFeedbackRequest { feedback_id }, CALL_TIMEOUT))
+                            .get_feedback(request)
                             .await
                             .map(drop)
                             .map_err(|status| grpc_class(&status))

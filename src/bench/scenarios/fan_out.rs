@@ -26,7 +26,7 @@ use super::raw_rpc::mib;
 use crate::bench::hist::{Latencies, Summary};
 use crate::bench::process::{connect, connect_with, cpu_time, rss_bytes};
 use crate::bench::report::{ScenarioReport, Status};
-use crate::bench::stage::Stage;
+use crate::bench::stage::{Caller, Stage};
 use crate::pb::feedback_stream_client::FeedbackStreamClient;
 use crate::pb::subscribe_request::Start;
 use crate::pb::subscribe_response::Payload;
@@ -333,7 +333,7 @@ async fn drive(
     let addr = stage.grpc_addr();
     let pid = stage.gateway.pid();
     let probe = FeedbackStreamClient::new(connect(addr).await?)
-        .subscribe(latest())
+        .subscribe(stage.caller.request(latest(), None))
         .await;
     match probe {
         Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(None),
@@ -368,6 +368,7 @@ async fn drive(
     let spawn = |channel: &Channel, is_stalled: bool| {
         tokio::spawn(subscriber(
             FeedbackStreamClient::new(channel.clone()),
+            stage.caller.clone(),
             is_stalled,
             Arc::clone(&shared),
             stop_rx.clone(),
@@ -506,6 +507,7 @@ fn latest() -> SubscribeRequest {
 
 async fn subscriber(
     mut client: FeedbackStreamClient<Channel>,
+    caller: Caller,
     stalled: bool,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
@@ -513,7 +515,10 @@ async fn subscriber(
     let mut outcome = SubscriberOutcome::default();
     let opened = async {
         let _permit = shared.opening.acquire().await;
-        let mut stream = client.subscribe(latest()).await?.into_inner();
+        let mut stream = client
+            .subscribe(caller.request(latest(), None))
+            .await?
+            .into_inner();
         // The contract sends a Heartbeat at once: the stream is registered when it arrives.
         match stream.message().await? {
             Some(_) => Ok(stream),

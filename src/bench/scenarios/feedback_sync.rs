@@ -81,10 +81,13 @@ async fn measure(
             None => Start::Position(StreamPosition::Earliest as i32),
         };
         let subscribed = client
-            .subscribe(SubscribeRequest {
-                filter: None,
-                start: Some(start),
-            })
+            .subscribe(stage.caller.request(
+                SubscribeRequest {
+                    filter: None,
+                    start: Some(start),
+                },
+                None,
+            ))
             .await;
         let mut stream = match subscribed {
             Ok(response) => response.into_inner(),

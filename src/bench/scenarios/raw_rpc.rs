@@ -18,7 +18,7 @@ use crate::bench::hist::Latencies;
 use crate::bench::load::{ClosedLoop, LoadResult, closed_loop, grpc_class};
 use crate::bench::process::{ChildServer, connect_many, cpu_time, free_loopback_addr};
 use crate::bench::report::ScenarioReport;
-use crate::bench::stage::Stage;
+use crate::bench::stage::{Caller, Stage};
 use crate::pb::ListCampaignsRequest;
 use crate::pb::survey_service_client::SurveyServiceClient;
 
@@ -105,7 +105,11 @@ async fn measure_all(
     // One call first: it says whether the RPC exists, and fills the gateway's campaign cache so
     // the measured calls are the cache-served ones this scenario is about.
     let probe = SurveyServiceClient::new(gateway_channels[0].clone())
-        .list_campaigns(request(ListCampaignsRequest::default(), CALL_TIMEOUT))
+        .list_campaigns(
+            stage
+                .caller
+                .request(ListCampaignsRequest::default(), Some(CALL_TIMEOUT)),
+        )
         .await;
     let list_missing = match &probe {
         Ok(_) => None,
@@ -145,7 +149,13 @@ async fn measure_all(
                     health_load(spec, &gateway_channels, &mut totals.latencies).await
                 }
                 Target::GatewayList => {
-                    list_load(spec, &gateway_channels, &mut totals.latencies).await
+                    list_load(
+                        spec,
+                        &gateway_channels,
+                        &stage.caller,
+                        &mut totals.latencies,
+                    )
+                    .await
                 }
             };
             totals.cpu += cpu_time(pid)?.saturating_sub(cpu_before);
@@ -267,8 +277,10 @@ async fn health_load(
 async fn list_load(
     spec: ClosedLoop,
     channels: &[Channel],
+    caller: &Caller,
     latencies: &mut Latencies,
 ) -> LoadResult {
+    let caller = caller.clone();
     let clients: Arc<Vec<SurveyServiceClient<Channel>>> = Arc::new(
         channels
             .iter()
@@ -276,11 +288,12 @@ async fn list_load(
             .map(SurveyServiceClient::new)
             .collect(),
     );
-    closed_loop(spec, latencies, move |caller| {
-        let mut client = clients[caller % clients.len()].clone();
+    closed_loop(spec, latencies, move |index| {
+        let mut client = clients[index % clients.len()].clone();
+        let request = caller.request(ListCampaignsRequest::default(), Some(CALL_TIMEOUT));
         async move {
             client
-                .list_campaigns(request(ListCampaignsRequest::default(), CALL_TIMEOUT))
+                .list_campaigns(request)
                 .await
                 .map(drop)
                 .map_err(|status| grpc_class(&status))

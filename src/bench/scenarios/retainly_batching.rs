@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use cx_sandbox::{Api, SandboxConfig};
 use tonic::transport::Channel;
 
-use super::{percent, request, unimplemented};
+use super::{percent, unimplemented};
 use crate::bench::hist::Latencies;
 use crate::bench::process::connect_many;
 use crate::bench::report::{ScenarioReport, Status};
@@ -50,12 +50,12 @@ async fn measure(report: &mut ScenarioReport, stage: &Stage, upserts: usize) -> 
     // An empty request is invalid, so it tells whether the RPC exists without writing anything.
     let probe = clients[0]
         .clone()
-        .upsert_customers(request(
+        .upsert_customers(stage.caller.request(
             UpsertCustomersRequest {
                 destinations: vec![Destination::Retainly as i32],
                 ..UpsertCustomersRequest::default()
             },
-            Duration::from_secs(10),
+            Some(Duration::from_secs(10)),
         ))
         .await;
     if let Err(status) = &probe
@@ -73,6 +73,7 @@ async fn measure(report: &mut ScenarioReport, stage: &Stage, upserts: usize) -> 
         let mut client = clients[caller % clients.len()].clone();
         let first = caller * per_caller;
         let last = ((caller + 1) * per_caller).min(upserts);
+        let identity = stage.caller.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = CallerTally::default();
             for n in first..last {
@@ -85,13 +86,13 @@ async fn measure(report: &mut ScenarioReport, stage: &Stage, upserts: usize) -> 
                 };
                 let sent = Instant::now();
                 let answer = client
-                    .upsert_customers(request(
+                    .upsert_customers(identity.request(
                         UpsertCustomersRequest {
                             customers: vec![customer],
                             destinations: vec![Destination::Retainly as i32],
                             options: None,
                         },
-                        CALL_TIMEOUT,
+                        Some(CALL_TIMEOUT),
                     ))
                     .await;
                 match answer {

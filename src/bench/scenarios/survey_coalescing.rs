@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use cx_sandbox::{Api, SandboxConfig};
 use tonic::transport::Channel;
 
-use super::{percent, request, unimplemented};
+use super::{percent, unimplemented};
 use crate::bench::hist::Latencies;
 use crate::bench::process::connect_many;
 use crate::bench::report::ScenarioReport;
@@ -53,12 +53,12 @@ async fn measure(
     // An empty request is invalid, so it tells whether the RPC exists without sending anything.
     let probe = clients[0]
         .clone()
-        .send_survey(request(
+        .send_survey(stage.caller.request(
             SendSurveyRequest {
                 campaign_id: campaign_id.clone(),
                 ..SendSurveyRequest::default()
             },
-            Duration::from_secs(10),
+            Some(Duration::from_secs(10)),
         ))
         .await;
     if let Err(status) = &probe
@@ -75,6 +75,7 @@ async fn measure(
     for caller in 0..callers {
         let mut client = clients[caller % clients.len()].clone();
         let campaign_id = campaign_id.clone();
+        let caller_identity = stage.caller.clone();
         tasks.push(tokio::spawn(async move {
             let recipients = (0..RECIPIENTS_PER_CALLER)
                 .map(|n| Recipient {
@@ -85,13 +86,13 @@ async fn measure(
                 .collect();
             let sent = Instant::now();
             let answer = client
-                .send_survey(request(
+                .send_survey(caller_identity.request(
                     SendSurveyRequest {
                         campaign_id,
                         recipients,
                         ..SendSurveyRequest::default()
                     },
-                    call_timeout,
+                    Some(call_timeout),
                 ))
                 .await;
             (sent.elapsed(), answer)
