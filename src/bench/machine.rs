@@ -68,3 +68,14 @@ impl Machine {
 fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0 * 1024.0)
 }
+
+/// The 1-minute load average: more runnable tasks than cores means every figure of the run shared
+/// the CPU with someone else.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

@@ -84,7 +84,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for scenario in selected {
         println!("running {} ...", scenario.id());
         let scenario_started = Instant::now();
-        let report = scenario.run(args.quick).await;
+        let load_before = machine::load_average();
+        let mut report = scenario.run(args.quick).await;
+        report.load_average = [load_before, machine::load_average()];
         let report = report.with_duration(scenario_started.elapsed());
         println!("{}", report.render());
         reports.push(report);

@@ -53,6 +53,8 @@ pub struct ScenarioReport {
     pub targets: Vec<Target>,
     pub notes: Vec<String>,
     pub duration_s: f64,
+    /// 1-minute load average when the scenario started and ended (other work on the machine).
+    pub load_average: [Option<f64>; 2],
 }
 
 impl ScenarioReport {
@@ -65,6 +67,7 @@ impl ScenarioReport {
             targets: Vec::new(),
             notes: Vec::new(),
             duration_s: 0.0,
+            load_average: [None, None],
         }
     }
 
@@ -137,9 +140,13 @@ impl ScenarioReport {
             Status::NotRun(reason) => format!("not run: {reason}"),
             Status::Failed(reason) => format!("FAILED: {reason}"),
         };
+        let load = match self.load_average {
+            [Some(start), Some(end)] => format!(", load average {start:.1} -> {end:.1}"),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "== {} — {} ({status}, {:.0} s)",
+            "== {} — {} ({status}, {:.0} s{load})",
             self.id, self.title, self.duration_s
         );
         if !self.figures.is_empty() {
