@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use cx_sandbox::{Api, DEFAULT_RETENTLY_API_KEY, SandboxConfig};
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
-use super::unimplemented;
+use super::{request, unimplemented};
 use crate::bench::hist::Latencies;
 use crate::bench::load::{LoadResult, OpenLoop, grpc_class, open_loop};
 use crate::bench::process::{connect_many, cpu_time};
@@ -86,8 +88,13 @@ async fn compare(
     );
     anyhow::ensure!(!ids.is_empty(), "the sandbox has no feedback to read");
     let channels = connect_many(stage.grpc_addr(), GATEWAY_CONNECTIONS).await?;
-    let clients: Arc<Vec<SurveyServiceClient<Channel>>> =
-        Arc::new(channels.into_iter().map(SurveyServiceClient::new).collect());
+    let clients: Arc<Vec<SurveyServiceClient<Channel>>> = Arc::new(
+        channels
+            .iter()
+            .cloned()
+            .map(SurveyServiceClient::new)
+            .collect(),
+    );
 
     let probe = clients[0]
         .clone()
@@ -120,6 +127,12 @@ async fn compare(
     let mut direct = Side::new();
     let mut gateway = Side::new();
     let mut gateway_cpu = Duration::ZERO;
+    // The gRPC hop alone: the gateway's health Check at the same rate, which splits the added
+    // latency into what any gRPC call costs here and what the upstream path adds on top.
+    let mut hop = Side::new();
+    let mut hop_cpu = Duration::ZERO;
+    let health: Arc<Vec<HealthClient<Channel>>> =
+        Arc::new(channels.iter().cloned().map(HealthClient::new).collect());
     for _ in 0..rounds {
         let result = {
             let (http, base, ids) = (http.clone(), base.clone(), Arc::clone(&ids));
@@ -153,6 +166,28 @@ async fn compare(
             .await
         };
         direct.rounds.push(result);
+        let cpu_before = cpu_time(stage.gateway.pid())?;
+        let result = {
+            let health = Arc::clone(&health);
+            open_loop(spec, &mut hop.latencies, &mut hop.lag, move |index| {
+                let mut client = health[index % health.len()].clone();
+                async move {
+                    client
+                        .check(request(
+                            HealthCheckRequest {
+                                service: String::new(),
+                            },
+                            CALL_TIMEOUT,
+                        ))
+                        .await
+                        .map(drop)
+                        .map_err(|status| grpc_class(&status))
+                }
+            })
+            .await
+        };
+        hop_cpu += cpu_time(stage.gateway.pid())?.saturating_sub(cpu_before);
+        hop.rounds.push(result);
         if gateway_missing.is_some() {
             continue;
         }
@@ -185,6 +220,7 @@ async fn compare(
     }
 
     let direct = direct.merged();
+    let hop = hop.merged();
     report.figure("rate", rate, "rps");
     report.figure(
         "measured seconds per side",
@@ -210,6 +246,21 @@ async fn compare(
         let added_p99 = gateway.latency.p99_us - direct.latency.p99_us;
         report.figure("added p50", added_p50, "us");
         report.figure("added p99", added_p99, "us");
+        report.figure(
+            "of which the gRPC hop (health Check) p50",
+            hop.latency.p50_us,
+            "us",
+        );
+        report.figure(
+            "of which the gRPC hop (health Check) p99",
+            hop.latency.p99_us,
+            "us",
+        );
+        report.figure(
+            "gateway CPU per health Check at this rate",
+            hop_cpu.as_secs_f64() * 1e6 / hop.completed_total.max(1) as f64,
+            "us",
+        );
         report.target(
             "added p50",
             "<= 200 us",
