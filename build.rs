@@ -32,6 +32,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         error_details_set.encode_to_vec(),
     )?;
 
+    // `cx-gateway bench` reports the compiler that built it next to its figures.
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let rustc_version = std::process::Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .map(|version| version.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=CXGW_RUSTC_VERSION={rustc_version}");
+
     tonic_prost_build::configure()
         // RPCs that a build does not implement yet answer UNIMPLEMENTED instead of failing to compile.
         .generate_default_stubs(true)

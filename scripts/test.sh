@@ -60,6 +60,9 @@ suite "rust tests" rust_tests
 if build_binary; then
   suite "grpcurl suite" bash tests/grpcurl/run.sh target/debug/cx-gateway
   suite "python client" .venv/bin/python tests/python/test_client.py target/debug/cx-gateway
+  # A scaled-down run of every benchmark scenario, so the benchmark cannot rot; it asserts no
+  # timing, it only has to complete and print its table.
+  suite "bench smoke" target/debug/cx-gateway bench --quick --json target/bench-quick.json
 else
   failed=$((failed + 1))
   failures+=("build")

@@ -11,6 +11,7 @@
 //! - [`tls`]: TLS and mutual TLS on the gRPC port, with certificates that rotate in place.
 //! - [`reload`]: reloading the callers and TLS files on SIGHUP and on change.
 //! - [`app`]: what the services share: settings, store, drain, background workers.
+//! - [`bench`]: `cx-gateway bench`, the benchmark against same-run baselines.
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
 //! - [`domain`]: plain-Rust domain logic: the outbox of asynchronous writes, idempotency.
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
@@ -28,6 +29,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cx_gateway::config::{Config, EnvSource, UpstreamMode};
 use cx_gateway::server::{self, Listeners};
-use cx_gateway::{sandbox_mode, telemetry};
+use cx_gateway::{bench, sandbox_mode, telemetry};
 
 /// gRPC gateway to the Retently and Retainly customer-experience APIs.
 ///
@@ -32,6 +32,9 @@ enum Command {
     /// Serve only the upstream emulator (Retently under /api/v2, Retainly at the root, admin
     /// under /_sandbox) on CXGW_SANDBOX_ADDR.
     Sandbox,
+    /// Measure the gateway against same-run baselines on loopback (emulator in process, gateway
+    /// as a child process) and print a table; build with --release for real figures.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,5 +86,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&config)?;
             sandbox_mode::serve_standalone(&config.sandbox, server::shutdown_signal()).await
         }
+        Command::Bench(args) => bench::run(args).await,
     }
 }
