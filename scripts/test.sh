@@ -68,7 +68,7 @@ else
   failures+=("build")
 fi
 suite "contract lint" bash scripts/buf-lint.sh
-[ -x tests/helm/check.sh ] && suite "helm chart" bash tests/helm/check.sh
+suite "helm chart" bash tests/helm/check.sh
 
 if [ "$failed" -gt 0 ]; then
   echo "failed suites: ${failures[*]}"
