@@ -310,7 +310,124 @@ impl ObservedBody {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+
     use super::*;
+
+    /// A body made of the given frames.
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn trailers(code: &str) -> Frame<Bytes> {
+        let mut map = HeaderMap::new();
+        map.insert("grpc-status", code.parse().unwrap());
+        Frame::trailers(map)
+    }
+
+    /// Answers every call with `headers` and a body of `frames`, through the telemetry layer.
+    async fn call(
+        path: &str,
+        headers: &[(&'static str, &'static str)],
+        frames: Vec<Frame<Bytes>>,
+    ) -> http::Response<tonic::body::Body> {
+        let headers = headers.to_vec();
+        // Called once: the frames move into the one response.
+        let frames = std::sync::Arc::new(std::sync::Mutex::new(Some(VecDeque::from(frames))));
+        let inner = tower::service_fn(move |_request: http::Request<()>| {
+            let frames = frames.lock().unwrap().take().unwrap_or_default();
+            let mut response = http::Response::new(tonic::body::Body::new(Frames(frames)));
+            for (name, value) in &headers {
+                response.headers_mut().insert(*name, value.parse().unwrap());
+            }
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let mut service = TelemetryLayer::new(([127, 0, 0, 1], 50051).into()).layer(inner);
+        let request = http::Request::builder().uri(path).body(()).unwrap();
+        service.call(request).await.unwrap()
+    }
+
+    async fn drain(body: &mut tonic::body::Body) {
+        while std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+            .await
+            .is_some()
+        {}
+    }
+
+    fn calls(text: &str, method: &str, code: &str) -> Option<String> {
+        text.lines()
+            .find(|line| {
+                line.starts_with("rpc_server_calls_total{")
+                    && line.contains(&format!("rpc_grpc_status_code=\"{code}\""))
+                    && line.contains(&format!("rpc_method=\"{method}\""))
+            })
+            .map(|line| line.rsplit(' ').next().unwrap_or_default().to_owned())
+    }
+
+    #[tokio::test]
+    async fn the_status_comes_from_headers_trailers_or_an_abandoned_body() {
+        // Trailers-only: the status is in the headers.
+        call(
+            "/cx.gateway.v1.EventService/TrackEvent",
+            &[("grpc-status", "3")],
+            vec![],
+        )
+        .await;
+        // A stream that ends with NOT_FOUND in its trailers, counted when the body ends.
+        let mut streamed = call(
+            "/cx.gateway.v1.EventService/TrackEvents",
+            &[],
+            vec![Frame::data(Bytes::from_static(b"x")), trailers("5")],
+        )
+        .await;
+        let before = metrics().prometheus_text().unwrap();
+        assert_eq!(
+            calls(&before, "TrackEvents", "5"),
+            None,
+            "counted before the end"
+        );
+        drain(streamed.body_mut()).await;
+        // A stream the client leaves before its end.
+        let abandoned = call(
+            "/cx.gateway.v1.FeedbackStream/Subscribe",
+            &[],
+            vec![Frame::data(Bytes::from_static(b"x")), trailers("0")],
+        )
+        .await;
+        drop(abandoned);
+        // A path outside the contract is labelled _OTHER.
+        call("/no.Such/Thing", &[("grpc-status", "12")], vec![]).await;
+
+        let text = metrics().prometheus_text().unwrap();
+        assert_eq!(
+            calls(&text, "TrackEvent", "3").as_deref(),
+            Some("1"),
+            "{text}"
+        );
+        assert_eq!(
+            calls(&text, "TrackEvents", "5").as_deref(),
+            Some("1"),
+            "{text}"
+        );
+        assert_eq!(
+            calls(&text, "Subscribe", "1").as_deref(),
+            Some("1"),
+            "{text}"
+        );
+        assert_eq!(calls(&text, "Subscribe", "0"), None, "{text}");
+        assert_eq!(calls(&text, "_OTHER", "12").as_deref(), Some("1"), "{text}");
+    }
 
     #[test]
     fn every_contract_method_and_health_are_known() {
