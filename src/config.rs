@@ -419,11 +419,18 @@ impl Config {
             )?,
             overlap: s.duration("CXGW_FEEDBACK_OVERLAP", Duration::from_secs(300))?,
             backfill: s.duration("CXGW_FEEDBACK_BACKFILL", Duration::from_secs(24 * 3600))?,
-            rescan_interval: s
-                .duration("CXGW_FEEDBACK_RESCAN_INTERVAL", Duration::from_secs(15 * 60))?,
-            rescan_window: s
-                .duration("CXGW_FEEDBACK_RESCAN_WINDOW", Duration::from_secs(24 * 3600))?,
-            retention: s.duration("CXGW_FEEDBACK_RETENTION", Duration::from_secs(30 * 24 * 3600))?,
+            rescan_interval: s.duration(
+                "CXGW_FEEDBACK_RESCAN_INTERVAL",
+                Duration::from_secs(15 * 60),
+            )?,
+            rescan_window: s.duration(
+                "CXGW_FEEDBACK_RESCAN_WINDOW",
+                Duration::from_secs(24 * 3600),
+            )?,
+            retention: s.duration(
+                "CXGW_FEEDBACK_RETENTION",
+                Duration::from_secs(30 * 24 * 3600),
+            )?,
             retention_max_entries: s.parse("CXGW_FEEDBACK_RETENTION_MAX_ENTRIES", 0)?,
             retention_interval: s.duration_in(
                 "CXGW_FEEDBACK_RETENTION_INTERVAL",
@@ -436,7 +443,11 @@ impl Config {
                 Duration::from_millis(10)..=Duration::from_secs(3600),
             )?,
             max_subscribers: s.parse_in("CXGW_FEEDBACK_MAX_SUBSCRIBERS", 10_000, 1..=1_000_000)?,
-            subscriber_buffer: s.parse_in("CXGW_FEEDBACK_SUBSCRIBER_BUFFER", 1024, 1..=1_000_000)?,
+            subscriber_buffer: s.parse_in(
+                "CXGW_FEEDBACK_SUBSCRIBER_BUFFER",
+                1024,
+                1..=1_000_000,
+            )?,
         };
         if !feedback.retention.is_zero()
             && feedback.rescan_window.max(feedback.overlap) >= feedback.retention

@@ -1,15 +1,17 @@
-//! Retently's feedback object (an item of `GET /api/v2/feedback` `data.responses`, or the
-//! `feedback` of a webhook call) to the contract's `Feedback` message.
+//! Retently's feedback object (the upstream client's [`retently::Feedback`]: an item of
+//! `GET /api/v2/feedback`, or the `feedback` of a webhook call) to the contract's `Feedback`.
 //!
-//! The upstream documents the field names but not every type (see `retently-api.md` §7.7), so
-//! reading is tolerant: numbers may arrive as strings, strings as numbers, lists as
-//! comma-separated text, and unknown fields are ignored. Only `id` and `createdDate` are
-//! required: without them an item can be neither deduplicated nor placed in time.
+//! The poller and the webhook receiver both go through [`feedback_to_pb`], so the same upstream
+//! object always gives the same message, byte for byte; that is what deduplication compares.
+//! Only `id` and `createdDate` are required: without them a response can be neither
+//! deduplicated nor placed in time. `SurveyService` can use the same function for
+//! `GetFeedback`/`ListFeedback`.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::pb;
+use crate::upstream::retently;
 
 /// Longest feedback id accepted; upstream ids are 24 hex characters.
 const MAX_ID_LEN: usize = 64;
@@ -17,62 +19,71 @@ const MAX_ID_LEN: usize = 64;
 /// Why an upstream item could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConvertError {
-    #[error("the feedback item is not a json object")]
-    NotAnObject,
+    #[error("the feedback item is not a feedback object")]
+    NotFeedback,
     #[error("the feedback item has no usable id")]
     MissingId,
     #[error("the feedback item has no usable createdDate")]
     MissingCreatedDate,
 }
 
-/// Reads one Retently feedback object.
-pub fn feedback_from_retently(value: &Value) -> Result<pb::Feedback, ConvertError> {
-    let object = value.as_object().ok_or(ConvertError::NotAnObject)?;
-    let feedback_id = text(object, &["id", "_id"]);
-    if feedback_id.is_empty() || feedback_id.len() > MAX_ID_LEN {
+/// Reads a feedback object from raw JSON (a webhook body) through the upstream client's model,
+/// so it is read exactly as the poller reads it.
+pub fn feedback_from_json(value: Value) -> Result<pb::Feedback, ConvertError> {
+    let feedback: retently::Feedback =
+        serde_json::from_value(value).map_err(|_| ConvertError::NotFeedback)?;
+    feedback_to_pb(&feedback)
+}
+
+/// The contract's message for one upstream response.
+pub fn feedback_to_pb(feedback: &retently::Feedback) -> Result<pb::Feedback, ConvertError> {
+    let id = feedback.id.trim();
+    if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(ConvertError::MissingId);
     }
-    let create_time = object
-        .get("createdDate")
+    let create_time = feedback
+        .created_date
+        .as_deref()
         .and_then(parse_instant)
         .ok_or(ConvertError::MissingCreatedDate)?;
-    let metric = metric(&text(object, &["metricsType", "metric"]));
-    let score = object.get("score").and_then(number);
+    let text = |value: &Option<String>| value.clone().unwrap_or_default();
+    let metric = metric(feedback.metrics_type.as_deref().unwrap_or_default());
+    let score = feedback.score.filter(|score| score.is_finite());
     Ok(pb::Feedback {
-        feedback_id,
-        survey_id: text(object, &["surveyId"]),
-        campaign_id: text(object, &["campaignId"]),
-        campaign_name: text(object, &["campaignName"]),
+        feedback_id: id.to_owned(),
+        survey_id: text(&feedback.survey_id),
+        campaign_id: text(&feedback.campaign_id),
+        campaign_name: text(&feedback.campaign_name),
         metric: metric as i32,
-        channel: channel(&text(object, &["channel"])) as i32,
+        channel: channel(feedback.channel.as_deref().unwrap_or_default()) as i32,
         score,
         score_category: score_category(metric, score) as i32,
-        comment: text(object, &["comment"]),
-        checkbox: object.get("checkbox").is_some_and(truthy),
-        additional_questions: structs(object.get("additionalQuestions")),
+        comment: text(&feedback.comment),
+        checkbox: feedback.checkbox,
+        additional_questions: structs(&feedback.additional_questions),
         create_time: Some(timestamp(create_time)),
-        retently_customer_id: text(object, &["customerId"]),
-        email: text(object, &["email"]),
-        first_name: text(object, &["firstName", "first_name"]),
-        last_name: text(object, &["lastName", "last_name"]),
-        company_name: text(object, &["companyName"]),
-        company_id: text(object, &["companyId"]),
-        job_title: text(object, &["jobTitle"]),
-        country: text(object, &["country"]),
-        state: text(object, &["state"]),
-        city: text(object, &["city"]),
-        customer_tags: strings(object.get("tags")),
-        customer_properties: properties(object.get("customProps")),
-        topics: topics(object.get("feedbackTopics")),
-        tags: strings(object.get("feedbackTags")),
-        tags_new: strings(object.get("feedbackTagsNew")),
-        notes: structs(object.get("notes")),
-        status: text(object, &["status"]),
-        assignee: assignee(object.get("assigned")),
-        rating_category: text(object, &["ratingCategory"]),
-        resolved: object.get("resolved").is_some_and(truthy),
-        bogus: object.get("isBogus").is_some_and(truthy),
-        submitted: object.get("isSubmitted").is_some_and(truthy),
+        retently_customer_id: text(&feedback.customer_id),
+        email: text(&feedback.email),
+        first_name: text(&feedback.first_name),
+        last_name: text(&feedback.last_name),
+        company_name: text(&feedback.company_name),
+        company_id: text(&feedback.company_id),
+        job_title: text(&feedback.job_title),
+        country: text(&feedback.country),
+        state: text(&feedback.state),
+        city: text(&feedback.city),
+        customer_tags: feedback.tags.clone(),
+        customer_properties: feedback.custom_props.iter().filter_map(property).collect(),
+        topics: feedback.feedback_topics.iter().filter_map(topic).collect(),
+        tags: feedback.feedback_tags.clone(),
+        tags_new: feedback.feedback_tags_new.clone(),
+        notes: structs(&feedback.notes),
+        status: text(&feedback.status),
+        assignee: text(&feedback.assigned),
+        rating_category: text(&feedback.rating_category),
+        resolved: feedback.resolved,
+        bogus: feedback.is_bogus,
+        submitted: feedback.is_submitted,
     })
 }
 
@@ -118,74 +129,28 @@ fn channel(raw: &str) -> pb::Channel {
     }
 }
 
-/// The first of `keys` present as text (numbers and booleans are written out); empty if none.
-fn text(object: &Map<String, Value>, keys: &[&str]) -> String {
-    keys.iter()
-        .find_map(|key| object.get(*key).and_then(scalar_text))
-        .unwrap_or_default()
-}
-
-fn scalar_text(value: &Value) -> Option<String> {
-    match value {
-        Value::String(text) => Some(text.clone()),
-        Value::Number(number) => Some(number.to_string()),
-        Value::Bool(flag) => Some(flag.to_string()),
-        _ => None,
+/// ISO 8601 / RFC 3339 (without a zone it is read as UTC), or UNIX time in seconds (or
+/// milliseconds, for values too large to be seconds).
+pub fn parse_instant(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    if let Ok(instant) = DateTime::parse_from_rfc3339(text) {
+        return Some(instant.with_timezone(&Utc));
     }
-}
-
-fn number(value: &Value) -> Option<f64> {
-    let number = match value {
-        Value::Number(number) => number.as_f64(),
-        Value::String(text) => text.trim().parse::<f64>().ok(),
-        _ => None,
-    }?;
-    number.is_finite().then_some(number)
-}
-
-fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Bool(flag) => *flag,
-        Value::Number(number) => number.as_f64().is_some_and(|n| n != 0.0),
-        Value::String(text) => matches!(
-            text.trim().to_ascii_lowercase().as_str(),
-            "true" | "1" | "yes" | "y"
-        ),
-        _ => false,
-    }
-}
-
-/// ISO 8601 / RFC 3339 (with or without a zone; without one it is read as UTC), or UNIX time in
-/// seconds (or milliseconds, for values too large to be seconds).
-fn parse_instant(value: &Value) -> Option<DateTime<Utc>> {
-    match value {
-        Value::String(text) => {
-            let text = text.trim();
-            if let Ok(instant) = DateTime::parse_from_rfc3339(text) {
-                return Some(instant.with_timezone(&Utc));
-            }
-            for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
-                if let Ok(naive) = NaiveDateTime::parse_from_str(text, format) {
-                    return Some(naive.and_utc());
-                }
-            }
-            text.parse::<i64>().ok().and_then(unix_instant)
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(naive) = NaiveDateTime::parse_from_str(text, format) {
+            return Some(naive.and_utc());
         }
-        Value::Number(number) => number.as_i64().and_then(unix_instant),
-        _ => None,
     }
-}
-
-fn unix_instant(value: i64) -> Option<DateTime<Utc>> {
+    let unix: i64 = text.parse().ok()?;
     // 10^11 seconds is the year 5138: anything larger is milliseconds.
-    if value.abs() < 100_000_000_000 {
-        DateTime::from_timestamp(value, 0)
+    if unix.abs() < 100_000_000_000 {
+        DateTime::from_timestamp(unix, 0)
     } else {
-        DateTime::from_timestamp_millis(value)
+        DateTime::from_timestamp_millis(unix)
     }
 }
 
-pub(crate) fn timestamp(instant: DateTime<Utc>) -> prost_types::Timestamp {
+fn timestamp(instant: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: instant.timestamp(),
         // Sub-second nanoseconds are below 10^9 and fit in i32.
@@ -193,30 +158,9 @@ pub(crate) fn timestamp(instant: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-/// A list of strings from an array (non-string scalars written out) or comma-separated text.
-fn strings(value: Option<&Value>) -> Vec<String> {
-    match value {
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(scalar_text)
-            .filter(|item| !item.is_empty())
-            .collect(),
-        Some(Value::String(text)) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|item| !item.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Objects of an array as `google.protobuf.Struct`; a non-object item is kept as `{"value": …}`
+/// Objects of a list as `google.protobuf.Struct`; a non-object item is kept as `{"value": …}`
 /// so nothing the upstream sent is dropped.
-fn structs(value: Option<&Value>) -> Vec<prost_types::Struct> {
-    let Some(Value::Array(items)) = value else {
-        return Vec::new();
-    };
+fn structs(items: &[Value]) -> Vec<prost_types::Struct> {
     items
         .iter()
         .map(|item| match item {
@@ -228,7 +172,7 @@ fn structs(value: Option<&Value>) -> Vec<prost_types::Struct> {
         .collect()
 }
 
-fn struct_of(fields: &Map<String, Value>) -> prost_types::Struct {
+fn struct_of(fields: &serde_json::Map<String, Value>) -> prost_types::Struct {
     prost_types::Struct {
         fields: fields
             .iter()
@@ -252,112 +196,79 @@ fn struct_value(value: &Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-fn topics(value: Option<&Value>) -> Vec<pb::FeedbackTopic> {
-    let Some(Value::Array(items)) = value else {
-        return Vec::new();
+fn topic(topic: &retently::Topic) -> Option<pb::FeedbackTopic> {
+    let sentiment = match topic
+        .sentiment
+        .as_deref()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "positive" => pb::Sentiment::Positive,
+        "neutral" => pb::Sentiment::Neutral,
+        "negative" => pb::Sentiment::Negative,
+        _ => pb::Sentiment::Unspecified,
     };
-    items
-        .iter()
-        .filter_map(|item| match item {
-            Value::Object(fields) => {
-                let name = text(fields, &["name"]);
-                let sentiment = match text(fields, &["sentiment"]).to_ascii_lowercase().as_str() {
-                    "positive" => pb::Sentiment::Positive,
-                    "neutral" => pb::Sentiment::Neutral,
-                    "negative" => pb::Sentiment::Negative,
-                    _ => pb::Sentiment::Unspecified,
-                };
-                (!name.is_empty()).then_some(pb::FeedbackTopic {
-                    name,
-                    sentiment: sentiment as i32,
-                })
-            }
-            Value::String(name) if !name.is_empty() => Some(pb::FeedbackTopic {
-                name: name.clone(),
-                sentiment: pb::Sentiment::Unspecified as i32,
-            }),
-            _ => None,
-        })
-        .collect()
+    (!topic.name.is_empty()).then(|| pb::FeedbackTopic {
+        name: topic.name.clone(),
+        sentiment: sentiment as i32,
+    })
 }
 
-/// `assigned` is a team member: seen as a name or email string; an object is read by its email,
-/// then its name.
-fn assignee(value: Option<&Value>) -> String {
-    match value {
-        Some(Value::Object(fields)) => text(fields, &["email", "name", "id"]),
-        Some(other) => scalar_text(other).unwrap_or_default(),
-        None => String::new(),
+/// A customer property by its upstream `type` (text, date, integer, boolean, collection); a
+/// value that does not read as its type is kept as text.
+fn property(property: &retently::Property) -> Option<pb::Property> {
+    let label = property.label.clone().unwrap_or_default();
+    let name = match property.name.as_deref().map(str::trim) {
+        Some(name) if !name.is_empty() => name.to_owned(),
+        _ => snake_case(&label),
+    };
+    if name.is_empty() {
+        return None;
     }
+    let kind = property
+        .kind
+        .as_deref()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let value = property.value.as_deref().map(|raw| pb::PropertyValue {
+        kind: Some(property_kind(&kind, raw)),
+    });
+    Some(pb::Property { name, value, label })
 }
 
-fn properties(value: Option<&Value>) -> Vec<pb::Property> {
-    let Some(Value::Array(items)) = value else {
-        return Vec::new();
-    };
-    items
-        .iter()
-        .filter_map(|item| {
-            let fields = item.as_object()?;
-            let label = text(fields, &["label"]);
-            let mut name = text(fields, &["name"]);
-            if name.is_empty() {
-                name = snake_case(&label);
-            }
-            if name.is_empty() {
-                return None;
-            }
-            let kind = text(fields, &["type"]).to_ascii_lowercase();
-            let value = fields
-                .get("value")
-                .filter(|value| !value.is_null())
-                .map(|value| pb::PropertyValue {
-                    kind: Some(property_kind(&kind, value)),
-                });
-            Some(pb::Property { name, value, label })
-        })
-        .collect()
-}
-
-/// A property value by its upstream `type` (text, date, integer, boolean, collection); a value
-/// that does not read as its type is kept as text.
-fn property_kind(kind: &str, value: &Value) -> pb::property_value::Kind {
+fn property_kind(kind: &str, raw: &str) -> pb::property_value::Kind {
     use pb::property_value::Kind;
-    let as_text = || Kind::StringValue(scalar_text(value).unwrap_or_else(|| value.to_string()));
+    let as_text = || Kind::StringValue(raw.to_owned());
     match kind {
-        "date" => parse_instant(value).map_or_else(as_text, |instant| {
-            Kind::TimestampValue(timestamp(instant))
-        }),
-        "integer" => match value {
-            Value::Number(number) if number.is_i64() => {
-                number.as_i64().map_or_else(as_text, Kind::IntegerValue)
-            }
-            Value::String(text) => text
-                .trim()
-                .parse::<i64>()
-                .map_or_else(|_| as_text(), Kind::IntegerValue),
-            _ => as_text(),
-        },
-        "boolean" => match value {
-            Value::Bool(flag) => Kind::BoolValue(*flag),
-            Value::String(text) => match text.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "y" => Kind::BoolValue(true),
-                "false" | "0" | "no" | "n" => Kind::BoolValue(false),
-                _ => as_text(),
-            },
-            Value::Number(number) => Kind::BoolValue(number.as_f64().is_some_and(|n| n != 0.0)),
+        "date" => parse_instant(raw)
+            .map_or_else(as_text, |instant| Kind::TimestampValue(timestamp(instant))),
+        "integer" => raw
+            .trim()
+            .parse::<i64>()
+            .map_or_else(|_| as_text(), Kind::IntegerValue),
+        "boolean" => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "y" => Kind::BoolValue(true),
+            "false" | "0" | "no" | "n" => Kind::BoolValue(false),
             _ => as_text(),
         },
         "collection" => Kind::StringListValue(pb::StringList {
-            values: strings(Some(value)),
+            values: raw
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect(),
         }),
-        "number" | "decimal" | "float" => number(value).map_or_else(as_text, Kind::NumberValue),
-        _ => match value {
-            Value::Array(_) => Kind::StringListValue(pb::StringList {
-                values: strings(Some(value)),
-            }),
-            _ => as_text(),
-        },
+        "number" | "decimal" | "float" => raw
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|number| number.is_finite())
+            .map_or_else(as_text, Kind::NumberValue),
+        _ => as_text(),
     }
 }
 
@@ -405,7 +316,7 @@ mod tests {
             "feedbackTagsNew": "x,y",
             "notes": [],
             "status": "open",
-            "assigned": {"email": "agent@example.com"},
+            "assigned": "agent@example.com",
             "ratingCategory": "Positive",
             "resolved": false,
             "channel": "in-app",
@@ -417,7 +328,7 @@ mod tests {
 
     #[test]
     fn reads_every_documented_field() {
-        let feedback = feedback_from_retently(&sample()).unwrap();
+        let feedback = feedback_from_json(sample()).unwrap();
         assert_eq!(feedback.feedback_id, "5a9d595701c85b37224ab2d0");
         assert_eq!(feedback.metric, pb::Metric::Nps as i32);
         assert_eq!(feedback.channel, pb::Channel::InApp as i32);
@@ -457,17 +368,25 @@ mod tests {
         let mut item = sample();
         item["createdDate"] = json!("yesterday");
         assert_eq!(
-            feedback_from_retently(&item),
+            feedback_from_json(item.clone()),
             Err(ConvertError::MissingCreatedDate)
         );
         item["createdDate"] = json!(1_564_288_393);
-        assert!(feedback_from_retently(&item).is_ok());
+        assert!(feedback_from_json(item.clone()).is_ok());
         item["id"] = json!("");
-        assert_eq!(feedback_from_retently(&item), Err(ConvertError::MissingId));
+        assert_eq!(feedback_from_json(item), Err(ConvertError::MissingId));
         assert_eq!(
-            feedback_from_retently(&json!([1])),
-            Err(ConvertError::NotAnObject)
+            feedback_from_json(json!("text")),
+            Err(ConvertError::NotFeedback)
         );
+    }
+
+    #[test]
+    fn the_same_object_always_gives_the_same_bytes() {
+        use prost::Message as _;
+        let first = feedback_from_json(sample()).unwrap().encode_to_vec();
+        let second = feedback_from_json(sample()).unwrap().encode_to_vec();
+        assert_eq!(first, second);
     }
 
     #[test]
@@ -489,7 +408,11 @@ mod tests {
             (Ces, 4.0, Passive),
             (Ces, 3.0, Detractor),
         ] {
-            assert_eq!(score_category(metric, Some(score)), expected, "{metric:?} {score}");
+            assert_eq!(
+                score_category(metric, Some(score)),
+                expected,
+                "{metric:?} {score}"
+            );
         }
         assert_eq!(score_category(Nps, None), pb::ScoreCategory::Unspecified);
         assert_eq!(
@@ -502,8 +425,11 @@ mod tests {
     fn a_missing_score_stays_unset() {
         let mut item = sample();
         item["score"] = Value::Null;
-        let feedback = feedback_from_retently(&item).unwrap();
+        let feedback = feedback_from_json(item).unwrap();
         assert_eq!(feedback.score, None);
-        assert_eq!(feedback.score_category, pb::ScoreCategory::Unspecified as i32);
+        assert_eq!(
+            feedback.score_category,
+            pb::ScoreCategory::Unspecified as i32
+        );
     }
 }

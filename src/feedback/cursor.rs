@@ -76,7 +76,10 @@ mod tests {
         };
         let text = cursor.encode();
         assert_eq!(text.len(), 23);
-        assert!(text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(
+            text.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
         assert_eq!(Cursor::decode(&text), Ok(cursor));
     }
 

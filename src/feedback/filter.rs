@@ -66,7 +66,10 @@ impl Filter {
                 return false;
             }
         }
-        if self.has_comment.is_some_and(|wanted| wanted != entry.has_comment) {
+        if self
+            .has_comment
+            .is_some_and(|wanted| wanted != entry.has_comment)
+        {
             return false;
         }
         true

@@ -177,6 +177,16 @@ impl Hub {
         *self.sync_time_ms.borrow()
     }
 
+    /// Changes each time a poll completes.
+    pub fn sync_watch(&self) -> watch::Receiver<Option<i64>> {
+        self.sync_time_ms.subscribe()
+    }
+
+    /// Changes each time entries are published.
+    pub fn head_watch(&self) -> watch::Receiver<i64> {
+        self.head.subscribe()
+    }
+
     /// Opens a subscription. Fails at once for a bad or expired start position or when the
     /// gateway serves its maximum number of subscribers. `deadline` is the caller's own, if it
     /// sent one: the stream then ends with `DEADLINE_EXCEEDED` when it passes.

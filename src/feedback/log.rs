@@ -419,9 +419,8 @@ fn prune_boundary(
             .optional()?;
     }
     if let Some(max) = max_entries {
-        let count: i64 = connection.query_row("SELECT COUNT(*) FROM feedback_log", [], |row| {
-            row.get(0)
-        })?;
+        let count: i64 =
+            connection.query_row("SELECT COUNT(*) FROM feedback_log", [], |row| row.get(0))?;
         let excess = count.saturating_sub(i64::try_from(max).unwrap_or(i64::MAX));
         if excess > 0 {
             let by_count: Option<i64> = nth_oldest(connection, excess)?;
@@ -462,7 +461,8 @@ pub(crate) fn append(
     let mut head_time = state.head_time_ms;
     let mut entries = Vec::new();
     let mut counts = Vec::with_capacity(batches.len());
-    let mut known = tx.prepare_cached("SELECT digest FROM feedback_items WHERE feedback_id = ?1")?;
+    let mut known =
+        tx.prepare_cached("SELECT digest FROM feedback_items WHERE feedback_id = ?1")?;
     let mut insert_entry = tx.prepare_cached(
         "INSERT INTO feedback_log (seq, feedback_id, kind, log_time_ms, campaign_id, metric,
                                    score, score_category, has_comment, message)

@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::clock::Clock;
-use super::convert::{ConvertError, feedback_from_retently};
+use super::convert::{ConvertError, feedback_to_pb};
 use super::hub::Hub;
 use super::ingest::{Checkpoint, Ingest};
 use super::log::{Observed, Origin};
@@ -34,6 +34,8 @@ use super::stats::FeedbackStats;
 use crate::error::Error;
 use crate::shutdown::Drain;
 use crate::store::Store;
+use crate::upstream::CallContext;
+use crate::upstream::retently::{self, FeedbackQuery, PageRequest, RetentlyApi};
 
 /// The name of the poller's row in `sync_cursors`.
 pub const CURSOR_NAME: &str = "feedback.retently";
@@ -55,8 +57,8 @@ pub struct ListQuery {
 /// One page of the feedback list.
 #[derive(Debug, Clone, Default)]
 pub struct ListPage {
-    /// `data.responses`, as the upstream sent them.
-    pub items: Vec<serde_json::Value>,
+    /// `data.responses`.
+    pub items: Vec<retently::Feedback>,
     /// `data.page`.
     pub page: u32,
     /// `data.pages` (0 when there is nothing).
@@ -94,6 +96,41 @@ impl Default for SyncSettings {
             rescan_interval: Some(Duration::from_secs(15 * 60)),
             rescan_window: Duration::from_secs(24 * 3600),
         }
+    }
+}
+
+/// The Retently account through its scheduler, at background priority: the poller waits for
+/// budget left by interactive callers, within the scheduler's queue bound.
+impl FeedbackSource for RetentlyApi {
+    fn list_feedback(
+        &self,
+        query: ListQuery,
+    ) -> Pin<Box<dyn Future<Output = Result<ListPage, Error>> + Send + '_>> {
+        Box::pin(async move {
+            let page = RetentlyApi::list_feedback(
+                self,
+                &CallContext::background().with_caller("feedback-sync"),
+                FeedbackQuery {
+                    start_date: Some(query.start),
+                    page: PageRequest {
+                        page: Some(query.page),
+                        limit: Some(query.limit),
+                        sort: Some("createdDate".to_owned()),
+                    },
+                    ..FeedbackQuery::default()
+                },
+            )
+            .await?;
+            Ok(ListPage {
+                pages: page.pages.unwrap_or(if page.has_more() {
+                    page.page.saturating_add(1)
+                } else {
+                    page.page
+                }),
+                page: page.page,
+                items: page.items,
+            })
+        })
     }
 }
 
@@ -205,7 +242,11 @@ impl Poller {
                 return;
             }
             let started_ms = self.clock.now_ms();
-            let start_ms = state.checkpoint_ms.saturating_sub(ms(self.settings.overlap));
+            // Nothing created before the covered range is wanted (the first polls after start).
+            let start_ms = state
+                .checkpoint_ms
+                .saturating_sub(ms(self.settings.overlap))
+                .max(state.covered_from_ms);
             match self.poll(&mut state, start_ms, started_ms, false).await {
                 Ok(()) => {
                     FeedbackStats::add(&self.stats.polls, 1);
@@ -221,9 +262,9 @@ impl Poller {
                     .rescanned_at_ms
                     .is_none_or(|last| started_ms.saturating_sub(last) >= ms(every));
                 if due && !self.drain.is_draining() {
-                    let from = started_ms.saturating_sub(ms(self.settings.rescan_window));
-                    // Nothing before the covered range is wanted (first start, short backfill).
-                    let from = from.max(state.covered_from_ms);
+                    let from = started_ms
+                        .saturating_sub(ms(self.settings.rescan_window))
+                        .max(state.covered_from_ms);
                     match self.poll(&mut state, from, started_ms, true).await {
                         Ok(()) => FeedbackStats::add(&self.stats.rescans, 1),
                         Err(error) => {
@@ -273,7 +314,7 @@ impl Poller {
             let mut next = *state;
             let mut observations = Vec::with_capacity(listed.items.len());
             for item in &listed.items {
-                match feedback_from_retently(item) {
+                match feedback_to_pb(item) {
                     Ok(feedback) => {
                         let observed = Observed::new(&feedback);
                         next.checkpoint_ms = next.checkpoint_ms.max(observed.create_time_ms);

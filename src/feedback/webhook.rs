@@ -28,7 +28,7 @@ use ring::hmac;
 use serde_json::Value;
 
 use super::clock::Clock;
-use super::convert::feedback_from_retently;
+use super::convert::feedback_from_json;
 use super::ingest::Ingest;
 use super::log::{Observed, Origin};
 use super::stats::FeedbackStats;
@@ -223,9 +223,9 @@ impl WebhookReceiver {
         }
         let items = feedback_items(body)?;
         items
-            .iter()
+            .into_iter()
             .map(|item| {
-                feedback_from_retently(item)
+                feedback_from_json(item)
                     .map(|feedback| Observed::new(&feedback))
                     .map_err(|_| Rejection::Malformed)
             })
@@ -280,7 +280,7 @@ fn verify_signature(
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || text.len() > 128 {
+    if !text.len().is_multiple_of(2) || text.len() > 128 {
         return None;
     }
     (0..text.len())

@@ -16,13 +16,13 @@ use std::task::{Context, Poll};
 use futures_util::{Stream, StreamExt as _};
 use prost::Message as _;
 use prost::bytes::{BufMut as _, Bytes};
+use tonic::Status;
 use tonic::codec::{
     BufferSettings, Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings,
     EncodeBuf, Encoder,
 };
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
-use tonic::Status;
 
 use crate::error::{Error, Violations};
 use crate::feedback::cursor::Cursor;
@@ -104,8 +104,10 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if request.uri().path() != SUBSCRIBE_PATH {
             return Box::pin(async move {
-                Ok(Status::unimplemented("unknown method of cx.gateway.v1.FeedbackStream")
-                    .into_http())
+                Ok(
+                    Status::unimplemented("unknown method of cx.gateway.v1.FeedbackStream")
+                        .into_http(),
+                )
             });
         }
         // The caller's own deadline, if it sent one (the server's default deadline is for unary
@@ -200,14 +202,13 @@ pub fn validate(request: pb::SubscribeRequest) -> Result<(Filter, Start), Error>
         "filter.max_score",
         "must be a finite number",
     );
-    if min_ok && max_ok {
-        if let (Some(min), Some(max)) = (filter.min_score, filter.max_score) {
-            violations.check(
-                min <= max,
-                "filter.max_score",
-                "must be greater than or equal to min_score",
-            );
-        }
+    if let (true, true, Some(min), Some(max)) = (min_ok, max_ok, filter.min_score, filter.max_score)
+    {
+        violations.check(
+            min <= max,
+            "filter.max_score",
+            "must be greater than or equal to min_score",
+        );
     }
     let start = match request.start {
         None => Start::Latest,
@@ -389,7 +390,9 @@ mod tests {
         };
         use pb::subscribe_request::Start as S;
         assert_eq!(
-            start(S::Position(pb::StreamPosition::Earliest as i32)).unwrap().1,
+            start(S::Position(pb::StreamPosition::Earliest as i32))
+                .unwrap()
+                .1,
             Start::Earliest
         );
         assert_eq!(
