@@ -522,6 +522,43 @@ async fn a_webhook_and_the_poller_seeing_the_same_response_give_one_event() {
 }
 
 #[tokio::test]
+async fn shutdown_ends_streams_with_a_final_cursor_to_resume_from() {
+    let mut gateway = TestGateway::start_with(sandbox_config(), settings(&[])).await;
+    let mut stream = subscribe(&gateway.channel, pb::SubscribeRequest::default()).await;
+    synced(&mut stream).await;
+    gateway.sandbox().handle().simulate_feedback(2);
+    let received = events(&mut stream, 2).await;
+    gateway.begin_shutdown();
+    // Heartbeats until the end; the last message before the status is the final one.
+    let mut last_heartbeat = None;
+    let status = loop {
+        match tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(message)) => match message.payload.unwrap() {
+                pb::subscribe_response::Payload::Heartbeat(heartbeat) => {
+                    last_heartbeat = Some(heartbeat);
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    let cursor = last_heartbeat.expect("a final heartbeat").cursor;
+    assert_eq!(
+        cursor, received[1].cursor,
+        "the final cursor is the stream's position"
+    );
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    assert_eq!(details.error_info().unwrap().reason, "SERVER_SHUTTING_DOWN");
+    assert!(details.retry_info().is_some());
+    gateway.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_idle_poll_costs_one_upstream_request() {
     // Heartbeats show a completed poll within 50 ms; the next one starts 500 ms after it, so
     // counters read right after such a heartbeat are between polls.
