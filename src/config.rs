@@ -1022,4 +1022,60 @@ mod tests {
             "CXGW_TLS_CLIENT_AUTH"
         );
     }
+
+    #[test]
+    fn feedback_and_webhook_settings_have_defaults_and_are_checked() {
+        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        assert!(config.feedback.sync);
+        assert_eq!(config.feedback.poll_interval, Duration::from_secs(10));
+        assert_eq!(config.feedback.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(
+            config.feedback.retention,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert!(config.webhook.secret.is_none());
+        assert_eq!(config.webhook.secret_header, "x-cx-webhook-secret");
+
+        let mut pairs = keys();
+        pairs.push(("CXGW_WEBHOOK_SECRET", "hook-canary"));
+        pairs.push(("CXGW_WEBHOOK_SECRET_HEADER", "X-Hook-Token"));
+        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        assert_eq!(config.webhook.secret_header, "x-hook-token");
+        assert!(!format!("{config:?}").contains("hook-canary"));
+
+        for (settings, key) in [
+            (
+                vec![("CXGW_WEBHOOK_SIGNING_SECRET", "s")],
+                "CXGW_WEBHOOK_SIGNING_SECRET",
+            ),
+            (
+                vec![
+                    ("CXGW_WEBHOOK_SECRET", "s"),
+                    ("CXGW_WEBHOOK_SECRET_HEADER", "bad header"),
+                ],
+                "CXGW_WEBHOOK_SECRET_HEADER",
+            ),
+            (
+                vec![("CXGW_FEEDBACK_RETENTION", "12h")],
+                "CXGW_FEEDBACK_RETENTION",
+            ),
+            (
+                vec![("CXGW_FEEDBACK_POLL_INTERVAL", "1ms")],
+                "CXGW_FEEDBACK_POLL_INTERVAL",
+            ),
+            (
+                vec![("CXGW_FEEDBACK_MAX_SUBSCRIBERS", "0")],
+                "CXGW_FEEDBACK_MAX_SUBSCRIBERS",
+            ),
+        ] {
+            let mut pairs = keys();
+            pairs.extend(settings);
+            let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+            assert_eq!(error.key, key);
+        }
+        // No age limit lifts the check against the rescan window.
+        let mut pairs = keys();
+        pairs.push(("CXGW_FEEDBACK_RETENTION", "0s"));
+        assert!(Config::load(&MapSource::new(pairs), UpstreamMode::Real).is_ok());
+    }
 }
