@@ -116,7 +116,6 @@ pub async fn run(
         Clock::system(),
         drain.clone(),
     )
-    .await
     .context("cannot open the feedback log")?;
     let feedback = Arc::new(feedback);
     for worker in workers {

@@ -17,7 +17,7 @@
 
 use prost::Message as _;
 use prost::bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension as _, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Transaction, params};
 
 use super::cursor::Cursor;
 use super::filter::EntryFields;
@@ -164,9 +164,15 @@ fn store_error(error: impl std::fmt::Display) -> Error {
 }
 
 impl FeedbackLog {
-    /// Reads the log's identity (the migration created it).
-    pub async fn open(store: Store) -> Result<(FeedbackLog, LogState), Error> {
-        let state = store.read(read_state).await?;
+    /// Reads the log's identity (the migration created it). Blocking, like [`Store::open`], and
+    /// meant for start-up: the gateway does not yield to its first callers half-started.
+    pub fn open(store: Store) -> Result<(FeedbackLog, LogState), Error> {
+        let connection = Connection::open_with_flags(
+            store.path(),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(store_error)?;
+        let state = read_state(&connection).map_err(store_error)?;
         Ok((
             FeedbackLog {
                 store,
@@ -283,8 +289,9 @@ impl FeedbackLog {
 
     /// Deletes one chunk of entries that retention no longer keeps: those logged before
     /// `cutoff_ms`, and the oldest beyond `max_entries`; at most `chunk` per call so the writer
-    /// is never held for long. Also forgets responses created before `cutoff_ms` whose every
-    /// entry is gone. Returns how many entries were deleted.
+    /// is never held for long. In the same transaction, forgets responses created before
+    /// `cutoff_ms` whose every entry is gone. Returns how many entries were deleted; a round
+    /// with nothing to delete only reads.
     pub async fn prune_chunk(
         &self,
         cutoff_ms: Option<i64>,
@@ -295,38 +302,30 @@ impl FeedbackLog {
             .store
             .read(move |connection| prune_boundary(connection, cutoff_ms, max_entries, chunk))
             .await?;
-        let deleted = match boundary {
-            None => 0,
-            Some(boundary) => {
-                self.store
-                    .write(move |tx| {
-                        let last: Option<(i64, i64)> = tx
-                            .query_row(
-                                "SELECT seq, log_time_ms FROM feedback_log WHERE seq <= ?1
-                                 ORDER BY seq DESC LIMIT 1",
-                                [boundary],
-                                |row| Ok((row.get(0)?, row.get(1)?)),
-                            )
-                            .optional()?;
-                        let Some((seq, time)) = last else {
-                            return Ok(0u64);
-                        };
-                        let deleted =
-                            tx.execute("DELETE FROM feedback_log WHERE seq <= ?1", [seq])?;
-                        tx.execute(
-                            "UPDATE feedback_log_meta
-                             SET pruned_seq = max(pruned_seq, ?1),
-                                 pruned_time_ms = max(pruned_time_ms, ?2)",
-                            [seq, time],
-                        )?;
-                        Ok(deleted as u64)
-                    })
-                    .await?
-            }
+        let Some(boundary) = boundary else {
+            return Ok(0);
         };
-        if let Some(cutoff) = cutoff_ms {
-            self.store
-                .write(move |tx| {
+        self.store
+            .write(move |tx| {
+                let last: Option<(i64, i64)> = tx
+                    .query_row(
+                        "SELECT seq, log_time_ms FROM feedback_log WHERE seq <= ?1
+                         ORDER BY seq DESC LIMIT 1",
+                        [boundary],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((seq, time)) = last else {
+                    return Ok(0u64);
+                };
+                let deleted = tx.execute("DELETE FROM feedback_log WHERE seq <= ?1", [seq])?;
+                tx.execute(
+                    "UPDATE feedback_log_meta
+                     SET pruned_seq = max(pruned_seq, ?1),
+                         pruned_time_ms = max(pruned_time_ms, ?2)",
+                    [seq, time],
+                )?;
+                if let Some(cutoff) = cutoff_ms {
                     let forgotten = tx.execute(
                         "DELETE FROM feedback_items WHERE create_time_ms < ?1
                          AND last_seq <= (SELECT pruned_seq FROM feedback_log_meta)",
@@ -339,11 +338,10 @@ impl FeedbackLog {
                             [cutoff],
                         )?;
                     }
-                    Ok(())
-                })
-                .await?;
-        }
-        Ok(deleted)
+                }
+                Ok(deleted as u64)
+            })
+            .await
     }
 
     /// Responses created before this instant may have been forgotten by retention.

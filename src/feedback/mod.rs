@@ -118,7 +118,8 @@ pub struct Feedback {
 impl Feedback {
     /// Opens the log in `store` and builds the pipeline. Returns it with its workers (ingest,
     /// retention, and the poller when `source` is given and sync is on) for the caller to run.
-    pub async fn open(
+    /// Blocks briefly to read the log's identity (start-up only, see [`FeedbackLog::open`]).
+    pub fn open(
         store: Store,
         settings: FeedbackSettings,
         source: Option<Arc<dyn FeedbackSource>>,
@@ -126,7 +127,7 @@ impl Feedback {
         drain: Drain,
     ) -> Result<(Feedback, Vec<Worker>), Error> {
         let stats = Arc::new(FeedbackStats::default());
-        let (log, state) = FeedbackLog::open(store.clone()).await?;
+        let (log, state) = FeedbackLog::open(store.clone())?;
         tracing::info!(
             head = state.head_seq,
             pruned = state.pruned_seq,

@@ -69,7 +69,8 @@ pub async fn enforce(
     }
 }
 
-/// Runs [`enforce`] every `interval` (the first time at once) until draining starts.
+/// Runs [`enforce`] every `interval` until draining starts. The first round comes one interval
+/// after start, so a starting gateway spends its first moments serving, not cleaning up.
 pub async fn run(
     log: FeedbackLog,
     settings: RetentionSettings,
@@ -78,7 +79,14 @@ pub async fn run(
     drain: Drain,
     progress: watch::Sender<RetentionProgress>,
 ) {
-    let mut ticker = tokio::time::interval(settings.interval);
+    if settings.max_age.is_none() && settings.max_entries.is_none() {
+        tracing::info!("feedback log retention is off: entries are kept forever");
+        return;
+    }
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + settings.interval,
+        settings.interval,
+    );
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -202,12 +202,28 @@ pub struct Poller {
     pub drain: Drain,
 }
 
+/// What a completed read of the list stands for.
+#[derive(Debug, Clone, Copy)]
+struct Read {
+    /// It started at the checkpoint (minus the overlap): it moves the sync watermark.
+    incremental: bool,
+    /// It covered the whole rescan window.
+    rescan: bool,
+}
+
 fn ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Poller {
     pub async fn run(self) {
+        // The poller starts after a moment (one interval, at most a second): a gateway that just
+        // started serves its first calls before it spends CPU, store reads and budget on the sync.
+        let first_delay = self.settings.poll_interval.min(Duration::from_secs(1));
+        tokio::select! {
+            () = tokio::time::sleep(first_delay) => {}
+            () = self.drain.clone().signaled() => return,
+        }
         let mut state = loop {
             match SyncState::load(&self.store).await {
                 Ok(Some(state)) => break state,
@@ -247,9 +263,20 @@ impl Poller {
                 .checkpoint_ms
                 .saturating_sub(ms(self.settings.overlap))
                 .max(state.covered_from_ms);
-            match self.poll(&mut state, start_ms, started_ms, false).await {
+            // A poll reaching back over the whole rescan window (the first ones after start)
+            // is a rescan too.
+            let covers_rescan = self.settings.rescan_interval.is_some()
+                && start_ms <= started_ms.saturating_sub(ms(self.settings.rescan_window));
+            let read = Read {
+                incremental: true,
+                rescan: covers_rescan,
+            };
+            match self.poll(&mut state, start_ms, started_ms, read).await {
                 Ok(()) => {
                     FeedbackStats::add(&self.stats.polls, 1);
+                    if covers_rescan {
+                        FeedbackStats::add(&self.stats.rescans, 1);
+                    }
                     self.hub.set_sync_time(state.synced_to_ms);
                 }
                 Err(error) => {
@@ -265,7 +292,11 @@ impl Poller {
                     let from = started_ms
                         .saturating_sub(ms(self.settings.rescan_window))
                         .max(state.covered_from_ms);
-                    match self.poll(&mut state, from, started_ms, true).await {
+                    let read = Read {
+                        incremental: false,
+                        rescan: true,
+                    };
+                    match self.poll(&mut state, from, started_ms, read).await {
                         Ok(()) => FeedbackStats::add(&self.stats.rescans, 1),
                         Err(error) => {
                             FeedbackStats::add(&self.stats.poll_failures, 1);
@@ -294,7 +325,7 @@ impl Poller {
         state: &mut SyncState,
         start_ms: i64,
         started_ms: i64,
-        rescan: bool,
+        read: Read,
     ) -> Result<(), Error> {
         let start = DateTime::from_timestamp_millis(start_ms).unwrap_or_default();
         let mut page = 1u32;
@@ -325,9 +356,10 @@ impl Poller {
             }
             let last = page >= listed.pages || listed.items.len() < PAGE_LIMIT as usize;
             if last {
-                if rescan {
+                if read.rescan {
                     next.rescanned_at_ms = Some(started_ms);
-                } else {
+                }
+                if read.incremental {
                     next.synced_to_ms = Some(started_ms);
                 }
             }

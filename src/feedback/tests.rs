@@ -42,9 +42,8 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (trigger, drain) = shutdown::channel();
-        let (feedback, workers) = Feedback::open(store.clone(), settings, source, clock, drain)
-            .await
-            .unwrap();
+        let (feedback, workers) =
+            Feedback::open(store.clone(), settings, source, clock, drain).unwrap();
         let mut set = JoinSet::new();
         for worker in workers {
             set.spawn(worker);
@@ -401,6 +400,7 @@ async fn idle_streams_get_a_heartbeat_every_interval() {
             heartbeat_interval: Duration::from_secs(15),
             ..HubSettings::default()
         },
+        retention: no_retention(),
         ..FeedbackSettings::default()
     };
     let fixture = Fixture::with(settings, None, Clock::following_tokio()).await;
@@ -466,23 +466,22 @@ async fn draining_ends_streams_with_a_final_cursor() {
     while workers.join_next().await.is_some() {}
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn retention_by_age_deletes_old_entries_and_expired_positions_fail() {
-    let settings = FeedbackSettings {
-        retention: RetentionSettings {
-            max_age: Some(Duration::from_secs(3600)),
-            max_entries: None,
-            interval: Duration::from_secs(60),
+    let clock = Clock::following_tokio();
+    let fixture = Fixture::with(
+        FeedbackSettings {
+            retention: no_retention(),
+            ..FeedbackSettings::default()
         },
-        ..FeedbackSettings::default()
-    };
-    let fixture = Fixture::with(settings.clone(), None, Clock::following_tokio()).await;
-    // Entries are written on a running clock, then the clock is paused and moved.
+        None,
+        clock,
+    )
+    .await;
     let old: Vec<pb::Feedback> = (0..3)
         .map(|i| response(&format!("old{i}"), "c", 5.0, "", &[]))
         .collect();
     fixture.observe(Origin::Poll, &old).await;
-    tokio::time::pause();
     let t0 = fixture.hub().log().state().await.unwrap().head_time_ms;
     tokio::time::advance(Duration::from_secs(1800)).await;
     fixture
@@ -495,9 +494,24 @@ async fn retention_by_age_deletes_old_entries_and_expired_positions_fail() {
         )
         .await;
     tokio::time::advance(Duration::from_secs(1860)).await;
-    let mut progress = fixture.feedback.retention_progress();
+    // The task's first round comes one interval after it starts: at t0 + 1 h 2 min, when the
+    // first three entries are over an hour old and the other two are not.
+    let (progress_sender, mut progress) = tokio::sync::watch::channel(RetentionProgress::default());
+    let (_trigger, drain) = shutdown::channel();
+    tokio::spawn(retention::run(
+        fixture.hub().log().clone(),
+        RetentionSettings {
+            max_age: Some(Duration::from_secs(3600)),
+            max_entries: None,
+            interval: Duration::from_secs(60),
+        },
+        clock,
+        Arc::clone(fixture.feedback.stats()),
+        drain,
+        progress_sender,
+    ));
     let done = progress
-        .wait_for(|progress| progress.deleted >= 3)
+        .wait_for(|progress| progress.rounds >= 1)
         .await
         .unwrap()
         .deleted;
@@ -688,6 +702,16 @@ impl FeedbackSource for ScriptedSource {
     }
 }
 
+/// No retention task: in paused-clock tests its timer would be what the clock jumps to while a
+/// store write is pending.
+fn no_retention() -> RetentionSettings {
+    RetentionSettings {
+        max_age: None,
+        max_entries: None,
+        interval: Duration::from_secs(3600),
+    }
+}
+
 fn sync_settings() -> SyncSettings {
     SyncSettings {
         poll_interval: Duration::from_secs(10),
@@ -718,6 +742,7 @@ async fn the_poller_pages_checkpoints_and_costs_one_request_when_idle() {
     let fixture = Fixture::with(
         FeedbackSettings {
             sync: Some(sync_settings()),
+            retention: no_retention(),
             ..FeedbackSettings::default()
         },
         Some(Arc::clone(&source) as Arc<dyn FeedbackSource>),
@@ -731,7 +756,9 @@ async fn the_poller_pages_checkpoints_and_costs_one_request_when_idle() {
     assert_eq!(first.len(), 2, "{first:?}");
     assert_eq!((first[0].page, first[1].page), (1, 2));
     assert!(first.iter().all(|query| query.limit == 1000));
-    assert_eq!(first[0].start.timestamp_millis(), now - 3_600_000);
+    // The poller starts a second after the gateway; the backfill reaches back from then.
+    let started = now + 1000;
+    assert_eq!(first[0].start.timestamp_millis(), started - 3_600_000);
 
     // The checkpoint is the last creation date; later polls start one overlap before it and,
     // with nothing new, cost one request each.
@@ -757,8 +784,53 @@ async fn the_poller_pages_checkpoints_and_costs_one_request_when_idle() {
     let stats = fixture.feedback.stats().snapshot();
     assert_eq!((stats.created, stats.updated), (1501, 1));
     let covered = fixture.hub().log().covered_range().await.unwrap().unwrap();
-    assert_eq!(covered.from_ms, now - 3_600_000);
+    assert_eq!(covered.from_ms, started - 3_600_000);
     assert!(covered.to_ms > now);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rescans_see_changes_to_responses_older_than_the_overlap() {
+    let clock = Clock::following_tokio();
+    let now = clock.now_ms();
+    let source = Arc::new(ScriptedSource::default());
+    source.add("old", &iso(now - 1_800_000), &[]);
+    source.add("recent", &iso(now - 1000), &[]);
+    let fixture = Fixture::with(
+        FeedbackSettings {
+            sync: Some(SyncSettings {
+                rescan_interval: Some(Duration::from_secs(60)),
+                ..sync_settings()
+            }),
+            retention: no_retention(),
+            ..FeedbackSettings::default()
+        },
+        Some(Arc::clone(&source) as Arc<dyn FeedbackSource>),
+        clock,
+    )
+    .await;
+    let mut synced = fixture.hub().sync_watch();
+    synced.wait_for(Option::is_some).await.unwrap();
+    // The first poll reads the whole backfill window, which counts as the first rescan.
+    assert_eq!(source.queries().len(), 1);
+    assert_eq!(fixture.feedback.stats().snapshot().rescans, 1);
+    assert_eq!(fixture.hub().head(), 2);
+
+    // A change to a response half an hour old is outside every poll's overlap...
+    source.add("old", &iso(now - 1_800_000), &["vip"]);
+    synced.changed().await.unwrap();
+    assert_eq!(fixture.hub().head(), 2);
+    // ...and seen by the next rescan, which reads the last hour again.
+    let mut head = fixture.hub().head_watch();
+    head.wait_for(|head| *head == 3).await.unwrap();
+    let stats = fixture.feedback.stats().snapshot();
+    assert_eq!((stats.updated, stats.rescans), (1, 2));
+    let rescan = source
+        .queries()
+        .into_iter()
+        .rev()
+        .find(|query| query.start.timestamp_millis() < now - 1_000_000)
+        .expect("a rescan query");
+    assert!(rescan.start.timestamp_millis() <= now);
 }
 
 #[tokio::test(start_paused = true)]
@@ -771,6 +843,7 @@ async fn a_failed_poll_does_not_move_the_checkpoint() {
     let fixture = Fixture::with(
         FeedbackSettings {
             sync: Some(sync_settings()),
+            retention: no_retention(),
             ..FeedbackSettings::default()
         },
         Some(Arc::clone(&source) as Arc<dyn FeedbackSource>),
