@@ -326,10 +326,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.hub.subscribers.fetch_sub(1, Ordering::AcqRel);
-        self.hub
-            .stats
-            .subscribers
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.hub.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

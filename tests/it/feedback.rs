@@ -864,10 +864,12 @@ impl Readers {
 #[tokio::test]
 async fn a_stalled_subscriber_does_not_grow_memory_while_a_thousand_others_receive() {
     const SUBSCRIBERS: usize = 1000;
-    const CAMPAIGNS: usize = 100;
-    const ROUNDS: usize = 80;
-    const PER_ROUND: usize = 100;
-    const COMMENT: usize = 8 * 1024;
+    // Each response matches the four subscribers following its campaign.
+    const CAMPAIGNS: usize = 250;
+    const ROUNDS: usize = 90;
+    const PER_ROUND: usize = 40;
+    // Large responses: what the stalled subscriber is not sent adds up quickly.
+    const COMMENT: usize = 16 * 1024;
 
     let sandbox = start_sandbox().await;
     let url = sandbox.base_url().to_string();
@@ -881,6 +883,7 @@ async fn a_stalled_subscriber_does_not_grow_memory_while_a_thousand_others_recei
             ("CXGW_FEEDBACK_POLL_INTERVAL", "1h"),
             ("CXGW_FEEDBACK_HEARTBEAT_INTERVAL", "15s"),
             ("CXGW_FEEDBACK_SUBSCRIBER_BUFFER", "256"),
+            ("CXGW_WEBHOOK_MAX_BODY_BYTES", "4194304"),
             // Keep the stalled connection open for the whole test (a dead peer is otherwise
             // found by keep-alive pings within 40 s).
             ("CXGW_HTTP2_KEEPALIVE_INTERVAL", "1h"),
