@@ -71,6 +71,36 @@ async fn subscribe(
         .into_inner()
 }
 
+/// The bearer token of the caller allowed to subscribe in the child-process tests.
+const READER_TOKEN: &str = "feedback-reader-token-0123456789abcdef";
+
+/// `CXGW_CALLERS` with one caller that may subscribe (its token kept as a SHA-256 digest).
+fn reader_callers() -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, READER_TOKEN.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "[[caller]]\nname = \"stream-reader\"\ntoken_sha256 = [\"{hex}\"]\n\
+         permissions = [\"feedback:subscribe\"]\n"
+    )
+}
+
+/// Subscribes as the caller of [`reader_callers`].
+async fn subscribe_as_reader(
+    channel: &Channel,
+    request: pb::SubscribeRequest,
+) -> Streaming<pb::SubscribeResponse> {
+    let mut request = tonic::Request::new(request);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {READER_TOKEN}").parse().unwrap(),
+    );
+    FeedbackStreamClient::new(channel.clone())
+        .subscribe(request)
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
 fn from_cursor(cursor: &str) -> pb::SubscribeRequest {
     pb::SubscribeRequest {
         filter: None,
@@ -694,9 +724,17 @@ async fn a_killed_gateway_resumes_without_loss_or_duplicates() {
     let url = sandbox.base_url().to_string();
     let data = tempfile::tempdir().unwrap();
 
-    let gateway = ChildGateway::start(&url, data.path(), &[]).await;
+    // `serve` authenticates callers: the stream is subscribed as a caller allowed to.
+    let callers = reader_callers();
+    let auth = [("CXGW_CALLERS", callers.as_str())];
+    let gateway = ChildGateway::start(&url, data.path(), &auth).await;
     let channel = gateway.channel().await;
-    let mut stream = subscribe(&channel, pb::SubscribeRequest::default()).await;
+    let anonymous = FeedbackStreamClient::new(channel.clone())
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    let mut stream = subscribe_as_reader(&channel, pb::SubscribeRequest::default()).await;
     synced(&mut stream).await;
     let first = handle.simulate_feedback(5);
     let received = events(&mut stream, 5).await;
@@ -713,9 +751,9 @@ async fn a_killed_gateway_resumes_without_loss_or_duplicates() {
 
     // Responses keep arriving while the gateway is down.
     let while_down = handle.simulate_feedback(3);
-    let gateway = ChildGateway::start(&url, data.path(), &[]).await;
+    let gateway = ChildGateway::start(&url, data.path(), &auth).await;
     let channel = gateway.channel().await;
-    let mut resumed = subscribe(&channel, from_cursor(&cursor)).await;
+    let mut resumed = subscribe_as_reader(&channel, from_cursor(&cursor)).await;
     let rest = events(&mut resumed, 5).await;
     let mut after_crash = ids(&rest);
     let mut expected: Vec<String> = ids(&received[3..]);
@@ -879,6 +917,8 @@ async fn a_stalled_subscriber_does_not_grow_memory_while_a_thousand_others_recei
         data.path(),
         &[
             ("CXGW_WEBHOOK_SECRET", SECRET),
+            // Authentication is not what this test is about.
+            ("CXGW_TRUSTED_MESH", "true"),
             // Responses come from webhook calls of this test; the poller idles.
             ("CXGW_FEEDBACK_POLL_INTERVAL", "1h"),
             ("CXGW_FEEDBACK_HEARTBEAT_INTERVAL", "15s"),
