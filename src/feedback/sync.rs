@@ -217,11 +217,11 @@ fn ms(duration: Duration) -> i64 {
 
 impl Poller {
     pub async fn run(self) {
-        // The poller starts after a moment (one interval, at most a second): a gateway that just
-        // started serves its first calls before it spends CPU, store reads and budget on the sync.
-        let first_delay = self.settings.poll_interval.min(Duration::from_secs(1));
+        // Polls come one interval apart, the first one interval after start: a gateway that
+        // just started serves its first calls before it spends CPU, store reads and budget on
+        // the sync, and after a restart the sync is no later than it is in steady state.
         tokio::select! {
-            () = tokio::time::sleep(first_delay) => {}
+            () = tokio::time::sleep(self.settings.poll_interval) => {}
             () = self.drain.clone().signaled() => return,
         }
         let mut state = loop {

@@ -680,8 +680,8 @@ impl FeedbackSource for ScriptedSource {
                 .unwrap()
                 .iter()
                 .filter(|item| {
-                    convert::parse_instant(item.created_date.as_deref().unwrap())
-                        .is_some_and(|created| created >= query.start)
+                    chrono::DateTime::parse_from_rfc3339(item.created_date.as_deref().unwrap())
+                        .is_ok_and(|created| created >= query.start)
                 })
                 .cloned()
                 .collect();
@@ -756,8 +756,8 @@ async fn the_poller_pages_checkpoints_and_costs_one_request_when_idle() {
     assert_eq!(first.len(), 2, "{first:?}");
     assert_eq!((first[0].page, first[1].page), (1, 2));
     assert!(first.iter().all(|query| query.limit == 1000));
-    // The poller starts a second after the gateway; the backfill reaches back from then.
-    let started = now + 1000;
+    // The first poll comes one interval (10 s) after start; the backfill reaches back from then.
+    let started = now + 10_000;
     assert_eq!(first[0].start.timestamp_millis(), started - 3_600_000);
 
     // The checkpoint is the last creation date; later polls start one overlap before it and,
