@@ -1,8 +1,11 @@
 //! Counters of the feedback pipeline, served as JSON on the admin port
-//! (`GET /feedback/stats`). Relaxed atomics: each counter is independent and only ever read for
-//! monitoring.
+//! (`GET /feedback/stats`) and as the `cxgw.feedback.events` / `cxgw.feedback.subscribers`
+//! metrics. Relaxed atomics: each counter is independent and only ever read for monitoring.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use opentelemetry::KeyValue;
 
 use serde::Serialize;
 
@@ -65,6 +68,50 @@ pub struct StatsSnapshot {
 }
 
 impl FeedbackStats {
+    /// Reports the counters to the process's metrics until `stats` is dropped.
+    pub fn register_metrics(stats: &Arc<FeedbackStats>) {
+        use crate::telemetry::metrics::{Observed, register_probe};
+        let events = Arc::downgrade(stats);
+        register_probe(Observed::FeedbackEvents, move |readings| {
+            let Some(stats) = events.upgrade() else {
+                return false;
+            };
+            let s = stats.snapshot();
+            for (kind, value) in [
+                ("poll", s.polls),
+                ("rescan", s.rescans),
+                ("poll_request", s.poll_requests),
+                ("poll_failure", s.poll_failures),
+                ("malformed_item", s.malformed_items),
+                ("created", s.created),
+                ("updated", s.updated),
+                ("unchanged", s.unchanged),
+                ("webhook_known", s.ignored),
+                ("webhook_accepted", s.webhook_accepted),
+                ("webhook_rejected_unauthenticated", s.webhook_rejected_unauthenticated),
+                ("webhook_rejected_signature", s.webhook_rejected_signature),
+                ("webhook_rejected_stale", s.webhook_rejected_stale),
+                ("webhook_rejected_malformed", s.webhook_rejected_malformed),
+                ("webhook_rejected_too_large", s.webhook_rejected_too_large),
+                ("webhook_failed", s.webhook_failed),
+                ("subscription", s.subscriptions),
+                ("catch_up", s.catch_ups),
+                ("pruned", s.pruned),
+            ] {
+                readings.push((value, vec![KeyValue::new("kind", kind)]));
+            }
+            true
+        });
+        let open = Arc::downgrade(stats);
+        register_probe(Observed::FeedbackSubscribers, move |readings| {
+            let Some(stats) = open.upgrade() else {
+                return false;
+            };
+            readings.push((stats.subscribers.load(Ordering::Relaxed), Vec::new()));
+            true
+        });
+    }
+
     pub fn add(counter: &AtomicU64, amount: u64) {
         counter.fetch_add(amount, Ordering::Relaxed);
     }

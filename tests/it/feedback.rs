@@ -498,6 +498,21 @@ async fn webhooks_deliver_without_a_poll_and_forged_calls_are_rejected() {
     assert_eq!(counted.webhook_rejected_stale, 1);
     assert_eq!(counted.webhook_rejected_malformed, 1);
     assert_eq!(counted.created, 0);
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // The same counters are metrics (their values are per process, and a test process may run
+    // several gateways, so only the series is checked here).
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("cxgw_feedback_events")
+                && line.contains("kind=\"webhook_rejected_signature\"")),
+        "no feedback metrics in:\n{metrics}"
+    );
 
     // The sandbox's own deliveries get through.
     handle.set_webhook(Some(sandbox_webhook(admin)));
