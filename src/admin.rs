@@ -1,11 +1,18 @@
 //! The admin HTTP port: liveness and readiness for probes and load balancers that cannot speak
-//! gRPC health, and `/metrics` in the Prometheus text format.
+//! gRPC health, `/metrics` in the Prometheus text format, the feedback pipeline's counters and
+//! the Retently webhook receiver.
 
-use axum::Router;
+use std::sync::Arc;
+
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse as _, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 
+use crate::feedback::Feedback;
+use crate::feedback::webhook::{ReceiveError, Rejection, SIGNATURE_HEADER, WebhookReceiver};
 use crate::shutdown::Drain;
 
 #[derive(Clone)]
@@ -65,5 +72,72 @@ async fn prometheus_metrics() -> axum::response::Response {
             )
                 .into_response()
         }
+    }
+}
+
+/// The feedback pipeline's routes: its counters, and the Retently webhook receiver when a
+/// shared secret is configured (`POST /webhooks/retently`; without a secret the path is 404).
+pub fn feedback_routes(feedback: &Feedback) -> Router {
+    let stats = Arc::clone(feedback.stats());
+    let mut router = Router::new().route(
+        "/feedback/stats",
+        get(move || {
+            let stats = Arc::clone(&stats);
+            async move { Json(stats.snapshot()) }
+        }),
+    );
+    if let Some(receiver) = feedback.webhook() {
+        router = router.merge(
+            Router::new()
+                .route("/webhooks/retently", post(retently_webhook))
+                .with_state(receiver),
+        );
+    }
+    router
+}
+
+/// One Retently webhook export call; see [`crate::feedback::webhook`] for what is accepted.
+/// Answers 200 once the responses are durably in the log, 401/400/413 for refused calls (never
+/// echoing what was sent) and 503 when the log cannot take them (the sender should retry).
+async fn retently_webhook(
+    State(receiver): State<Arc<WebhookReceiver>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let limit = receiver.settings().max_body_bytes;
+    let declared_too_large = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+        .is_some_and(|length| length > limit);
+    let bytes = if declared_too_large {
+        None
+    } else {
+        // An error here is a body over the limit (or a sender that hung up mid-way).
+        axum::body::to_bytes(body, limit).await.ok()
+    };
+    let outcome = match bytes {
+        None => Err(receiver.reject(Rejection::TooLarge)),
+        Some(bytes) => {
+            let secret = headers
+                .get(receiver.settings().secret_header.as_str())
+                .map(HeaderValue::as_bytes);
+            let signature = headers.get(SIGNATURE_HEADER).map(HeaderValue::as_bytes);
+            receiver.receive(secret, signature, &bytes).await
+        }
+    };
+    match outcome {
+        Ok(receipt) => (StatusCode::OK, Json(serde_json::json!(receipt))).into_response(),
+        Err(ReceiveError::Rejected(rejection)) => (
+            StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            Json(serde_json::json!({"error": rejection.reason()})),
+        )
+            .into_response(),
+        Err(ReceiveError::Failed(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(serde_json::json!({"error": "unavailable"})),
+        )
+            .into_response(),
     }
 }

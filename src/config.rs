@@ -248,6 +248,52 @@ pub struct AuthSettings {
     pub reload_interval: Duration,
 }
 
+/// The feedback pipeline: sync, log retention and fan-out (`CXGW_FEEDBACK_*`).
+#[derive(Debug, Clone)]
+pub struct FeedbackConfig {
+    /// Whether the poller runs (off: the log is fed by webhooks only).
+    pub sync: bool,
+    /// Pause between polls; an idle poll costs one upstream request.
+    pub poll_interval: Duration,
+    /// How far before the checkpoint each poll starts (timestamps tie, items appear late).
+    pub overlap: Duration,
+    /// How far back the first poll of an empty data directory starts.
+    pub backfill: Duration,
+    /// How often the recent window is read again to see changed responses; zero: never.
+    pub rescan_interval: Duration,
+    /// The window a rescan reads.
+    pub rescan_window: Duration,
+    /// Log entries older than this are deleted; zero keeps them whatever their age.
+    pub retention: Duration,
+    /// The oldest log entries beyond this count are deleted; zero: no count limit.
+    pub retention_max_entries: u64,
+    /// How often retention is enforced.
+    pub retention_interval: Duration,
+    /// Heartbeat interval of idle streams.
+    pub heartbeat_interval: Duration,
+    /// Streams served at once.
+    pub max_subscribers: usize,
+    /// Entries of the shared live buffer: how far a subscriber may fall behind before it
+    /// continues from the log.
+    pub subscriber_buffer: usize,
+}
+
+/// Ingestion of Retently webhook export calls on the admin port (`CXGW_WEBHOOK_*`); enabled by
+/// setting the shared secret.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// The shared secret callers put in `secret_header`; `None` disables the endpoint.
+    pub secret: Option<Secret>,
+    /// Lower-case name of the header carrying the shared secret.
+    pub secret_header: String,
+    /// When set, calls must carry a valid `X-Cx-Signature`.
+    pub signing_secret: Option<Secret>,
+    /// How far a signature's timestamp may be from the gateway's clock.
+    pub tolerance: Duration,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
@@ -269,6 +315,8 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// Trace and metric export from the standard `OTEL_*` variables.
     pub telemetry: crate::telemetry::TelemetryConfig,
+    pub feedback: FeedbackConfig,
+    pub webhook: WebhookConfig,
 }
 
 impl Config {
@@ -362,6 +410,82 @@ impl Config {
             },
         };
 
+        let feedback = FeedbackConfig {
+            sync: s.boolean("CXGW_FEEDBACK_SYNC", true)?,
+            poll_interval: s.duration_in(
+                "CXGW_FEEDBACK_POLL_INTERVAL",
+                Duration::from_secs(10),
+                Duration::from_millis(10)..=Duration::from_secs(24 * 3600),
+            )?,
+            overlap: s.duration("CXGW_FEEDBACK_OVERLAP", Duration::from_secs(300))?,
+            backfill: s.duration("CXGW_FEEDBACK_BACKFILL", Duration::from_secs(24 * 3600))?,
+            rescan_interval: s.duration(
+                "CXGW_FEEDBACK_RESCAN_INTERVAL",
+                Duration::from_secs(15 * 60),
+            )?,
+            rescan_window: s.duration(
+                "CXGW_FEEDBACK_RESCAN_WINDOW",
+                Duration::from_secs(24 * 3600),
+            )?,
+            retention: s.duration(
+                "CXGW_FEEDBACK_RETENTION",
+                Duration::from_secs(30 * 24 * 3600),
+            )?,
+            retention_max_entries: s.parse("CXGW_FEEDBACK_RETENTION_MAX_ENTRIES", 0)?,
+            retention_interval: s.duration_in(
+                "CXGW_FEEDBACK_RETENTION_INTERVAL",
+                Duration::from_secs(60),
+                Duration::from_millis(10)..=Duration::from_secs(24 * 3600),
+            )?,
+            heartbeat_interval: s.duration_in(
+                "CXGW_FEEDBACK_HEARTBEAT_INTERVAL",
+                Duration::from_secs(15),
+                Duration::from_millis(10)..=Duration::from_secs(3600),
+            )?,
+            max_subscribers: s.parse_in("CXGW_FEEDBACK_MAX_SUBSCRIBERS", 10_000, 1..=1_000_000)?,
+            subscriber_buffer: s.parse_in(
+                "CXGW_FEEDBACK_SUBSCRIBER_BUFFER",
+                1024,
+                1..=1_000_000,
+            )?,
+        };
+        if !feedback.retention.is_zero()
+            && feedback.rescan_window.max(feedback.overlap) >= feedback.retention
+        {
+            // A response forgotten by retention and then read again by a rescan would be
+            // logged a second time as new.
+            return Err(ConfigError::new(
+                "CXGW_FEEDBACK_RETENTION",
+                "must be longer than CXGW_FEEDBACK_RESCAN_WINDOW and CXGW_FEEDBACK_OVERLAP",
+            ));
+        }
+        let webhook = WebhookConfig {
+            secret: s.secret("CXGW_WEBHOOK_SECRET")?,
+            secret_header: s
+                .string("CXGW_WEBHOOK_SECRET_HEADER", "x-cx-webhook-secret")
+                .trim()
+                .to_ascii_lowercase(),
+            signing_secret: s.secret("CXGW_WEBHOOK_SIGNING_SECRET")?,
+            tolerance: s.duration("CXGW_WEBHOOK_TOLERANCE", Duration::from_secs(300))?,
+            max_body_bytes: s.parse_in(
+                "CXGW_WEBHOOK_MAX_BODY_BYTES",
+                1024 * 1024,
+                1024..=64 * 1024 * 1024,
+            )?,
+        };
+        if axum::http::HeaderName::from_bytes(webhook.secret_header.as_bytes()).is_err() {
+            return Err(ConfigError::new(
+                "CXGW_WEBHOOK_SECRET_HEADER",
+                "must be a valid HTTP header name",
+            ));
+        }
+        if webhook.signing_secret.is_some() && webhook.secret.is_none() {
+            return Err(ConfigError::new(
+                "CXGW_WEBHOOK_SIGNING_SECRET",
+                "needs CXGW_WEBHOOK_SECRET too (the signature adds to the shared secret)",
+            ));
+        }
+
         Ok(Config {
             grpc_addr: s.parse("CXGW_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             admin_addr: s.parse("CXGW_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
@@ -394,6 +518,8 @@ impl Config {
             },
             retently,
             retainly,
+            feedback,
+            webhook,
             writes: WriteSettings {
                 retry_window: s
                     .duration("CXGW_OUTBOX_RETRY_WINDOW", Duration::from_secs(4 * 3600))?,
@@ -601,6 +727,28 @@ impl Reader<'_> {
                     format!("`{raw}` is not a duration like 30s or 5m: {error}"),
                 )
             }),
+        }
+    }
+
+    fn duration_in(
+        &self,
+        key: &str,
+        default: Duration,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Result<Duration, ConfigError> {
+        let value = self.duration(key, default)?;
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::new(
+                key,
+                format!(
+                    "{} is outside {}..={}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(*range.start()),
+                    humantime::format_duration(*range.end())
+                ),
+            ))
         }
     }
 
@@ -873,5 +1021,61 @@ mod tests {
             .key,
             "CXGW_TLS_CLIENT_AUTH"
         );
+    }
+
+    #[test]
+    fn feedback_and_webhook_settings_have_defaults_and_are_checked() {
+        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        assert!(config.feedback.sync);
+        assert_eq!(config.feedback.poll_interval, Duration::from_secs(10));
+        assert_eq!(config.feedback.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(
+            config.feedback.retention,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert!(config.webhook.secret.is_none());
+        assert_eq!(config.webhook.secret_header, "x-cx-webhook-secret");
+
+        let mut pairs = keys();
+        pairs.push(("CXGW_WEBHOOK_SECRET", "hook-canary"));
+        pairs.push(("CXGW_WEBHOOK_SECRET_HEADER", "X-Hook-Token"));
+        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        assert_eq!(config.webhook.secret_header, "x-hook-token");
+        assert!(!format!("{config:?}").contains("hook-canary"));
+
+        for (settings, key) in [
+            (
+                vec![("CXGW_WEBHOOK_SIGNING_SECRET", "s")],
+                "CXGW_WEBHOOK_SIGNING_SECRET",
+            ),
+            (
+                vec![
+                    ("CXGW_WEBHOOK_SECRET", "s"),
+                    ("CXGW_WEBHOOK_SECRET_HEADER", "bad header"),
+                ],
+                "CXGW_WEBHOOK_SECRET_HEADER",
+            ),
+            (
+                vec![("CXGW_FEEDBACK_RETENTION", "12h")],
+                "CXGW_FEEDBACK_RETENTION",
+            ),
+            (
+                vec![("CXGW_FEEDBACK_POLL_INTERVAL", "1ms")],
+                "CXGW_FEEDBACK_POLL_INTERVAL",
+            ),
+            (
+                vec![("CXGW_FEEDBACK_MAX_SUBSCRIBERS", "0")],
+                "CXGW_FEEDBACK_MAX_SUBSCRIBERS",
+            ),
+        ] {
+            let mut pairs = keys();
+            pairs.extend(settings);
+            let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+            assert_eq!(error.key, key);
+        }
+        // No age limit lifts the check against the rescan window.
+        let mut pairs = keys();
+        pairs.push(("CXGW_FEEDBACK_RETENTION", "0s"));
+        assert!(Config::load(&MapSource::new(pairs), UpstreamMode::Real).is_ok());
     }
 }

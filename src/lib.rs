@@ -14,11 +14,12 @@
 //! - [`bench`]: `cx-gateway bench`, the benchmark against same-run baselines.
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
 //! - [`domain`]: plain-Rust domain logic: the outbox of asynchronous writes, idempotency.
+//! - [`feedback`]: the feedback pipeline: sync, webhook ingestion, durable log, fan-out.
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`error`]: the one error type and its one mapping to `tonic::Status` with details.
 //! - [`server`]: `run(listeners, config, shutdown)`: services, health, reflection, layers, drain.
 //! - [`grpc`]: thin adapters per service and the tower layers of the gRPC stack.
-//! - [`admin`]: the admin HTTP port (liveness, readiness).
+//! - [`admin`]: the admin HTTP port (liveness, readiness, feedback counters, webhooks).
 //! - [`shutdown`]: the drain signal shared by every long-lived task.
 //! - [`sandbox_mode`]: starting the built-in upstream emulator for `serve --sandbox`.
 //! - [`upstream`]: typed Retently and Retainly clients behind one scheduler per account
@@ -33,6 +34,7 @@ pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod feedback;
 pub mod grpc;
 pub mod reload;
 pub mod sandbox_mode;

@@ -18,6 +18,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::config::Config;
+use crate::feedback::{Clock, Feedback, FeedbackSettings, FeedbackSource};
 use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
 use crate::grpc::writes::WriteExecutor;
@@ -52,7 +53,7 @@ pub const SERVICE_NAMES: [&str; 5] = [
     <pb::customer_service_server::CustomerServiceServer<grpc::CustomerApi> as NamedService>::NAME,
     <pb::survey_service_server::SurveyServiceServer<grpc::SurveyApi> as NamedService>::NAME,
     <pb::event_service_server::EventServiceServer<grpc::EventApi> as NamedService>::NAME,
-    <pb::feedback_stream_server::FeedbackStreamServer<grpc::FeedbackApi> as NamedService>::NAME,
+    <grpc::FeedbackApi as NamedService>::NAME,
     <pb::delivery_service_server::DeliveryServiceServer<grpc::DeliveryApi> as NamedService>::NAME,
 ];
 
@@ -107,6 +108,20 @@ pub async fn run(
         config.auth.reload_interval,
         drain.clone(),
     );
+    // The feedback pipeline: the log, its one appender, retention and the Retently poller.
+    let (feedback, workers) = Feedback::open(
+        app.store.clone(),
+        FeedbackSettings::from_config(&config.feedback, &config.webhook),
+        Some(Arc::new(app.retently.clone()) as Arc<dyn FeedbackSource>),
+        Clock::system(),
+        drain.clone(),
+    )
+    .context("cannot open the feedback log")?;
+    let feedback = Arc::new(feedback);
+    crate::feedback::FeedbackStats::register_metrics(feedback.stats());
+    for worker in workers {
+        app.spawn_background(worker);
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES {
@@ -169,13 +184,11 @@ pub async fn run(
             .send_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
-            pb::feedback_stream_server::FeedbackStreamServer::new(grpc::FeedbackApi::new(
-                drain.clone(),
-            ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip),
+            grpc::FeedbackApi::new(Arc::clone(feedback.hub()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
             pb::delivery_service_server::DeliveryServiceServer::new(grpc::DeliveryApi::new(
@@ -213,7 +226,9 @@ pub async fn run(
             drain.clone().signaled(),
         )),
     };
-    let admin_server = axum::serve(listeners.admin, crate::admin::router(drain.clone()))
+    let admin_router =
+        crate::admin::router(drain.clone()).merge(crate::admin::feedback_routes(&feedback));
+    let admin_server = axum::serve(listeners.admin, admin_router)
         .with_graceful_shutdown(drain.clone().signaled())
         .into_future();
 

@@ -118,7 +118,7 @@ fn round_to_millis(duration: Duration) -> Duration {
 
 /// Parses `grpc-timeout` (`<1-8 digits><H|M|S|m|u|n>`); anything malformed counts as absent, as
 /// the gRPC spec lets servers treat it.
-fn parse_grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     let value = headers.get("grpc-timeout")?.to_str().ok()?;
     if value.len() < 2 || value.len() > 9 {
         return None;

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ),
     crate::domain::outbox::MIGRATION,
     crate::domain::idempotency::MIGRATION,
+    crate::feedback::log::MIGRATION,
 ];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {

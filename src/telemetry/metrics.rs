@@ -55,6 +55,10 @@ pub enum Observed {
     SchedulerEvents,
     /// Outbox deliveries by state.
     OutboxDeliveries,
+    /// Feedback pipeline events since start, by kind (polls, created, webhook rejections, ...).
+    FeedbackEvents,
+    /// Open FeedbackStream subscriptions.
+    FeedbackSubscribers,
 }
 
 /// One reading: the value and its attributes.
@@ -268,6 +272,16 @@ fn observed_instruments(meter: &Meter, probes: &Arc<Probes>) -> Vec<ObservedInst
             "cxgw.outbox.deliveries",
             "Outbox deliveries by state, dead letters included",
             Observed::OutboxDeliveries,
+        ),
+        counter(
+            "cxgw.feedback.events",
+            "Feedback sync, log, webhook and fan-out events by kind",
+            Observed::FeedbackEvents,
+        ),
+        gauge(
+            "cxgw.feedback.subscribers",
+            "Open FeedbackStream subscriptions",
+            Observed::FeedbackSubscribers,
         ),
     ]
 }

@@ -6,6 +6,7 @@ mod child;
 mod crash;
 mod customers;
 mod events;
+mod feedback;
 mod foundation;
 mod support;
 mod surveys;

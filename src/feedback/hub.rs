@@ -1,0 +1,522 @@
+//! The hub: fans log entries out to subscribers.
+//!
+//! Live entries go through one `tokio::sync::broadcast` ring of `Arc<LogEntry>` whose messages
+//! were encoded once, when they entered the log; every subscriber sends those same bytes. The
+//! ring is the subscribers' shared bounded buffer: its memory does not depend on how many
+//! subscribers there are or how slow they are, and no publish ever waits for a subscriber.
+//!
+//! A subscriber's stream is pulled by the transport: it takes the next entry only when hyper
+//! asks tonic for more body, which happens only when the HTTP/2 stream has send capacity (the
+//! peer's flow-control window). A subscriber that reads slowly therefore stops pulling; the
+//! ring moves on without it and, when it pulls again, its receiver reports that it lagged. It
+//! then continues from the durable log (slower, never lossy), one bounded page at a time, and
+//! switches back to the ring when it has caught up. If retention deleted entries it had not read
+//! yet, its stream ends with `OUT_OF_RANGE` / `CURSOR_EXPIRED` rather than skip them.
+//!
+//! What one subscriber can hold is thus bounded: one catch-up page
+//! ([`HubSettings::catch_up_bytes`]), tonic's encoding buffer (about 32 KiB) and hyper's
+//! per-stream send buffer (h2 caps it at about 400 KiB), whatever the event rate.
+//!
+//! No gap, no duplicate at the switch between log and ring: a subscriber first takes a fresh
+//! receiver, then reads the log up to the published head; every entry published after the
+//! receiver was taken is in the receiver, and entries are taken from it only if their sequence
+//! is exactly one more than the subscriber's position (older ones are skipped, a jump means it
+//! lagged and reads the log again). Sequences are gap-free, so this check is exact.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::Stream;
+use prost::Message as _;
+use prost::bytes::Bytes;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{Semaphore, broadcast, watch};
+use tokio::time::Instant;
+
+use super::clock::Clock;
+use super::cursor::{Cursor, CursorError};
+use super::filter::Filter;
+use super::log::{FeedbackLog, LogEntry, LogState, ReadOutcome};
+use super::stats::FeedbackStats;
+use crate::error::{Error, ErrorCode, FieldViolation};
+use crate::grpc::convert::timestamp_from_ms;
+use crate::pb;
+use crate::shutdown::Drain;
+
+/// Tuning of the fan-out.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// A Heartbeat is sent after this long without another message (the contract says 15 s).
+    pub heartbeat_interval: Duration,
+    /// Streams served at once; more are refused with `TOO_MANY_SUBSCRIBERS`.
+    pub max_subscribers: usize,
+    /// Entries of the live ring: how far a subscriber may fall behind before it continues from
+    /// the log. Memory is this many entries in total, not per subscriber.
+    pub live_buffer: usize,
+    /// Entries per catch-up read.
+    pub catch_up_entries: usize,
+    /// Bytes per catch-up read (beyond its first entry): what one catching-up subscriber holds.
+    pub catch_up_bytes: usize,
+    /// Catch-up reads running at once, so many lagging subscribers cannot flood the store.
+    pub catch_up_readers: usize,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        HubSettings {
+            heartbeat_interval: Duration::from_secs(15),
+            max_subscribers: 10_000,
+            live_buffer: 1024,
+            catch_up_entries: 256,
+            catch_up_bytes: 64 * 1024,
+            catch_up_readers: 4,
+        }
+    }
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Only entries that enter the log after the call.
+    Latest,
+    /// Every retained entry.
+    Earliest,
+    /// Strictly after this position.
+    After(Cursor),
+    /// Entries logged at or after this instant (UNIX milliseconds).
+    Time(i64),
+}
+
+/// The encoded `SubscribeResponse` messages of one subscription; ends with an error status
+/// (shutdown, expired position, deadline) or when the caller goes away.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>;
+
+pub struct Hub {
+    log: FeedbackLog,
+    live: broadcast::Sender<Arc<LogEntry>>,
+    /// The last published sequence: every entry up to it is in the log and was sent to the ring.
+    head: watch::Sender<i64>,
+    /// The sync watermark (UNIX milliseconds), once known.
+    sync_time_ms: watch::Sender<Option<i64>>,
+    readers: Semaphore,
+    subscribers: AtomicUsize,
+    settings: HubSettings,
+    drain: Drain,
+    clock: Clock,
+    stats: Arc<FeedbackStats>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("head", &*self.head.borrow())
+            .field("subscribers", &self.subscribers.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Hub {
+    pub fn new(
+        log: FeedbackLog,
+        state: LogState,
+        settings: HubSettings,
+        drain: Drain,
+        clock: Clock,
+        stats: Arc<FeedbackStats>,
+    ) -> Arc<Hub> {
+        let (live, _) = broadcast::channel(settings.live_buffer.max(1));
+        Arc::new(Hub {
+            log,
+            live,
+            head: watch::Sender::new(state.head_seq),
+            sync_time_ms: watch::Sender::new(None),
+            readers: Semaphore::new(settings.catch_up_readers.max(1)),
+            subscribers: AtomicUsize::new(0),
+            settings,
+            drain,
+            clock,
+            stats,
+        })
+    }
+
+    pub fn log(&self) -> &FeedbackLog {
+        &self.log
+    }
+
+    pub fn settings(&self) -> &HubSettings {
+        &self.settings
+    }
+
+    /// The last published sequence.
+    pub fn head(&self) -> i64 {
+        *self.head.borrow()
+    }
+
+    /// Publishes entries just committed, in sequence order. Called only by the ingest task, the
+    /// log's one appender, so entries arrive here in the order they were committed.
+    pub(crate) fn publish(&self, entries: Vec<LogEntry>) {
+        for entry in entries {
+            // The head moves first: a subscriber that starts now either finds the entry in the
+            // log (up to the head) or receives it from the ring, and skips the second copy.
+            self.head.send_replace(entry.sequence);
+            // An error only means nobody listens right now.
+            let _ = self.live.send(Arc::new(entry));
+        }
+    }
+
+    pub(crate) fn set_sync_time(&self, sync_time_ms: Option<i64>) {
+        if sync_time_ms.is_some() {
+            self.sync_time_ms.send_replace(sync_time_ms);
+        }
+    }
+
+    pub fn sync_time_ms(&self) -> Option<i64> {
+        *self.sync_time_ms.borrow()
+    }
+
+    /// Changes each time a poll completes.
+    pub fn sync_watch(&self) -> watch::Receiver<Option<i64>> {
+        self.sync_time_ms.subscribe()
+    }
+
+    /// Changes each time entries are published.
+    pub fn head_watch(&self) -> watch::Receiver<i64> {
+        self.head.subscribe()
+    }
+
+    /// Opens a subscription. Fails at once for a bad or expired start position or when the
+    /// gateway serves its maximum number of subscribers. `deadline` is the caller's own, if it
+    /// sent one: the stream then ends with `DEADLINE_EXCEEDED` when it passes.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        filter: Filter,
+        start: Start,
+        deadline: Option<Instant>,
+    ) -> Result<EventStream, Error> {
+        if self.drain.is_draining() {
+            return Err(shutting_down());
+        }
+        let slot = Slot::acquire(self)?;
+        // The receiver is taken before the head is read; see the module comment.
+        let receiver = self.live.subscribe();
+        let head = self.head();
+        let position = self.resolve(start, head).await?;
+        FeedbackStats::add(&self.stats.subscriptions, 1);
+        let subscriber = Subscriber {
+            hub: Arc::clone(self),
+            filter,
+            position,
+            receiver,
+            catching_up: position < head,
+            page: VecDeque::new(),
+            last_sent: Instant::now(),
+            started: false,
+            ending: None,
+            done: false,
+            deadline,
+            _slot: slot,
+        };
+        Ok(Box::pin(futures_util::stream::unfold(
+            subscriber,
+            Subscriber::next,
+        )))
+    }
+
+    async fn resolve(&self, start: Start, head: i64) -> Result<i64, Error> {
+        match start {
+            Start::Latest => Ok(head),
+            Start::Earliest => Ok(self.log.state().await?.pruned_seq.min(head)),
+            Start::After(cursor) => {
+                let violation = if cursor.epoch != self.log.epoch() {
+                    Some(CursorError::OtherLog)
+                } else if cursor.sequence > head {
+                    Some(CursorError::Ahead)
+                } else {
+                    None
+                };
+                if let Some(violation) = violation {
+                    return Err(Error::invalid_argument(vec![FieldViolation::new(
+                        "cursor",
+                        violation.to_string(),
+                    )]));
+                }
+                if cursor.sequence < self.log.state().await?.pruned_seq {
+                    return Err(self.expired_error(None).await);
+                }
+                Ok(cursor.sequence)
+            }
+            Start::Time(time_ms) => {
+                let (before, expired) = self.log.position_before(time_ms).await?;
+                if expired {
+                    return Err(self.expired_error(None).await);
+                }
+                Ok(before.min(head))
+            }
+        }
+    }
+
+    /// `OUT_OF_RANGE` / `CURSOR_EXPIRED` with where the retained log starts, so the caller can
+    /// resume from `oldest_cursor` (accepting the gap) or from `oldest_time`.
+    async fn expired_error(&self, resume: Option<i64>) -> Error {
+        let mut error = Error::new(
+            ErrorCode::OutOfRange,
+            "CURSOR_EXPIRED",
+            "the start position is older than the oldest retained feedback log entry; \
+             resume from oldest_cursor to accept the gap",
+        );
+        if let Ok(state) = self.log.state().await {
+            let oldest_time = match self.log.oldest().await {
+                Ok(Some((_, time))) => time,
+                _ => state.head_time_ms,
+            };
+            error = error
+                .with_metadata("oldest_cursor", self.log.cursor(state.pruned_seq).encode())
+                .with_metadata("oldest_time", rfc3339(oldest_time));
+        }
+        if let Some(resume) = resume {
+            error = error.with_metadata("resume_cursor", self.log.cursor(resume).encode());
+        }
+        error
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+fn shutting_down() -> Error {
+    Error::new(
+        ErrorCode::Unavailable,
+        "SERVER_SHUTTING_DOWN",
+        "the gateway is shutting down; resume from the cursor of the last message",
+    )
+    .with_retry_after(Duration::from_secs(1))
+}
+
+/// One of the `max_subscribers` places; given back when the stream is dropped.
+struct Slot {
+    hub: Arc<Hub>,
+}
+
+impl Slot {
+    fn acquire(hub: &Arc<Hub>) -> Result<Slot, Error> {
+        let max = hub.settings.max_subscribers;
+        let taken = hub.subscribers.fetch_add(1, Ordering::AcqRel);
+        if taken >= max {
+            hub.subscribers.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::new(
+                ErrorCode::ResourceExhausted,
+                "TOO_MANY_SUBSCRIBERS",
+                format!("the gateway already serves its maximum of {max} feedback subscribers"),
+            )
+            .with_retry_after(Duration::from_secs(5)));
+        }
+        FeedbackStats::add(&hub.stats.subscribers, 1);
+        Ok(Slot {
+            hub: Arc::clone(hub),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.hub.subscribers.fetch_sub(1, Ordering::AcqRel);
+        self.hub.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The state of one subscription, advanced one message at a time by [`Subscriber::next`].
+struct Subscriber {
+    hub: Arc<Hub>,
+    filter: Filter,
+    /// Every entry up to this sequence has been examined (sent or filtered out).
+    position: i64,
+    receiver: broadcast::Receiver<Arc<LogEntry>>,
+    catching_up: bool,
+    /// The current catch-up page, oldest first.
+    page: VecDeque<LogEntry>,
+    last_sent: Instant,
+    started: bool,
+    /// The status that ends the stream after the message being returned.
+    ending: Option<Error>,
+    done: bool,
+    deadline: Option<Instant>,
+    _slot: Slot,
+}
+
+type Step = Option<(Result<Bytes, Error>, Subscriber)>;
+
+impl Subscriber {
+    async fn next(mut self) -> Step {
+        if self.done {
+            return None;
+        }
+        if let Some(error) = self.ending.take() {
+            self.done = true;
+            return Some((Err(error), self));
+        }
+        if !self.started {
+            // The first message is a Heartbeat marking the start position.
+            self.started = true;
+            return self.heartbeat();
+        }
+        loop {
+            if self.hub.drain.is_draining() {
+                self.ending = Some(shutting_down());
+                return self.heartbeat();
+            }
+            let now = Instant::now();
+            if self.deadline.is_some_and(|deadline| now >= deadline) {
+                return self.end(Error::new(
+                    ErrorCode::DeadlineExceeded,
+                    "DEADLINE_EXCEEDED",
+                    "the call's deadline passed",
+                ));
+            }
+            let heartbeat_at = self.last_sent + self.hub.settings.heartbeat_interval;
+            if now >= heartbeat_at {
+                return self.heartbeat();
+            }
+            if self.catching_up {
+                if let Some(entry) = self.page.pop_front() {
+                    if entry.sequence <= self.position {
+                        continue;
+                    }
+                    self.position = entry.sequence;
+                    if self.filter.matches(&entry.fields) {
+                        return self.send(entry.message);
+                    }
+                    continue;
+                }
+                let target = self.hub.head();
+                if self.position >= target {
+                    self.catching_up = false;
+                    continue;
+                }
+                match self.read_page(target).await {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        let error = self.hub.expired_error(Some(self.position)).await;
+                        return self.end(error);
+                    }
+                    Err(error) => return self.end(error),
+                }
+            }
+            let drain = self.hub.drain.clone();
+            let deadline = self.deadline;
+            let received = tokio::select! {
+                biased;
+                () = drain.signaled() => None,
+                () = tokio::time::sleep_until(heartbeat_at) => None,
+                () = sleep_until_some(deadline) => None,
+                received = self.receiver.recv() => Some(received),
+            };
+            match received {
+                None => continue,
+                Some(Ok(entry)) => {
+                    if entry.sequence <= self.position {
+                        continue;
+                    }
+                    if entry.sequence != self.position + 1 {
+                        self.fall_behind();
+                        continue;
+                    }
+                    self.position = entry.sequence;
+                    if self.filter.matches(&entry.fields) {
+                        return self.send(entry.message.clone());
+                    }
+                }
+                Some(Err(RecvError::Lagged(_))) => self.fall_behind(),
+                Some(Err(RecvError::Closed)) => return self.end(shutting_down()),
+            }
+        }
+    }
+
+    /// Continue from the log: a fresh receiver (so the stale backlog is dropped) and catch-up.
+    fn fall_behind(&mut self) {
+        self.receiver = self.hub.live.subscribe();
+        self.catching_up = true;
+        self.page.clear();
+        FeedbackStats::add(&self.hub.stats.catch_ups, 1);
+    }
+
+    /// Reads the next page after the position; `false` when retention deleted what comes next.
+    async fn read_page(&mut self, target: i64) -> Result<bool, Error> {
+        let hub = Arc::clone(&self.hub);
+        let drain = hub.drain.clone();
+        let _permit = tokio::select! {
+            biased;
+            () = drain.signaled() => return Ok(true),
+            permit = hub.readers.acquire() => permit.map_err(|_| shutting_down())?,
+        };
+        let settings = &hub.settings;
+        match hub
+            .log
+            .read_after(
+                self.position,
+                target,
+                settings.catch_up_entries.max(1),
+                settings.catch_up_bytes,
+            )
+            .await?
+        {
+            ReadOutcome::Expired => Ok(false),
+            ReadOutcome::Entries(entries) if entries.is_empty() => {
+                // Sequences are gap-free and nothing was pruned, so this cannot happen; if it
+                // did, waiting on the ring is the safe way on.
+                tracing::warn!(
+                    position = self.position,
+                    target,
+                    "feedback log read found no entries below the head"
+                );
+                self.catching_up = false;
+                Ok(true)
+            }
+            ReadOutcome::Entries(entries) => {
+                self.page = entries.into();
+                Ok(true)
+            }
+        }
+    }
+
+    fn send(mut self, message: Bytes) -> Step {
+        self.last_sent = Instant::now();
+        Some((Ok(message), self))
+    }
+
+    fn end(mut self, error: Error) -> Step {
+        self.done = true;
+        Some((Err(error), self))
+    }
+
+    fn heartbeat(self) -> Step {
+        let interval = self.hub.settings.heartbeat_interval;
+        let heartbeat = pb::Heartbeat {
+            server_time: Some(timestamp_from_ms(self.hub.clock.now_ms())),
+            cursor: self.hub.log.cursor(self.position).encode(),
+            sequence: self.position,
+            interval: Some(prost_types::Duration {
+                seconds: i64::try_from(interval.as_secs()).unwrap_or(i64::MAX),
+                // Sub-second nanoseconds are below 10^9 and fit in i32.
+                nanos: i32::try_from(interval.subsec_nanos()).unwrap_or(0),
+            }),
+            sync_time: self.hub.sync_time_ms().map(timestamp_from_ms),
+        };
+        let message = pb::SubscribeResponse {
+            payload: Some(pb::subscribe_response::Payload::Heartbeat(heartbeat)),
+        };
+        self.send(Bytes::from(message.encode_to_vec()))
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,186 @@
+//! The ingest task: the log's one appender.
+//!
+//! The poller and the webhook receiver hand it observations; it compares them with the log and
+//! appends new and changed responses in one store transaction (together with the poller's
+//! checkpoint, so a crash can never keep one without the other), then publishes the new entries
+//! to the hub and answers each caller. Being the only appender is what lets the hub receive
+//! entries in commit order; running as its own task means a caller that goes away (a webhook
+//! sender hanging up) cannot leave a committed entry unpublished.
+//!
+//! Requests that queue up while a transaction commits are merged into the next one, so a burst
+//! of webhook calls costs one commit, not one each.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::clock::Clock;
+use super::hub::Hub;
+use super::log::{self, AppendCounts, Observed, Origin};
+use super::stats::FeedbackStats;
+use crate::error::{Error, ErrorCode};
+use crate::shutdown::Drain;
+use crate::store::Store;
+
+/// Requests waiting for the ingest task; beyond this, callers wait (backpressure on the poller
+/// and on webhook senders rather than memory).
+const QUEUE: usize = 256;
+
+/// Requests merged into one transaction at most.
+const MAX_GROUP: usize = 64;
+
+/// A named sync position written in the same transaction as the observations.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub name: String,
+    pub value: String,
+}
+
+struct Request {
+    origin: Origin,
+    observations: Vec<Observed>,
+    checkpoint: Option<Checkpoint>,
+    reply: oneshot::Sender<Result<AppendCounts, Error>>,
+}
+
+/// A handle to the ingest task; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    requests: mpsc::Sender<Request>,
+}
+
+fn stopped() -> Error {
+    Error::new(
+        ErrorCode::Unavailable,
+        "FEEDBACK_INGEST_STOPPED",
+        "the feedback log no longer accepts observations (the gateway is shutting down)",
+    )
+}
+
+impl Ingest {
+    /// The handle and the task to spawn. The task ends when draining starts (after the
+    /// requests already queued) or when every handle is dropped.
+    pub fn new(
+        store: Store,
+        hub: Arc<Hub>,
+        clock: Clock,
+        stats: Arc<FeedbackStats>,
+        drain: Drain,
+    ) -> (Ingest, impl Future<Output = ()> + Send + 'static) {
+        let (requests, queue) = mpsc::channel(QUEUE);
+        let task = run(queue, store, hub, clock, stats, drain);
+        (Ingest { requests }, task)
+    }
+
+    /// Compares `observations` with the log, appends what is new or changed and returns once
+    /// that is durable and published.
+    pub async fn submit(
+        &self,
+        origin: Origin,
+        observations: Vec<Observed>,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<AppendCounts, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request {
+                origin,
+                observations,
+                checkpoint,
+                reply,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(
+    mut queue: mpsc::Receiver<Request>,
+    store: Store,
+    hub: Arc<Hub>,
+    clock: Clock,
+    stats: Arc<FeedbackStats>,
+    drain: Drain,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            request = queue.recv() => match request {
+                Some(request) => request,
+                None => return,
+            },
+            () = drain.clone().signaled() => {
+                // Finish what was already handed over, then refuse the rest.
+                queue.close();
+                match queue.recv().await {
+                    Some(request) => request,
+                    None => return,
+                }
+            }
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(request) => group.push(request),
+                Err(_) => break,
+            }
+        }
+        process(&store, &hub, &clock, &stats, group).await;
+    }
+}
+
+async fn process(
+    store: &Store,
+    hub: &Hub,
+    clock: &Clock,
+    stats: &FeedbackStats,
+    mut group: Vec<Request>,
+) {
+    let batches: Vec<(Origin, Vec<Observed>)> = group
+        .iter_mut()
+        .map(|request| (request.origin, std::mem::take(&mut request.observations)))
+        .collect();
+    let checkpoints: Vec<Checkpoint> = group
+        .iter()
+        .filter_map(|request| request.checkpoint.clone())
+        .collect();
+    let now_ms = clock.now_ms();
+    let outcome = store
+        .write(move |tx| {
+            let appended = log::append(tx, now_ms, &batches)?;
+            for checkpoint in &checkpoints {
+                tx.execute(
+                    "INSERT INTO sync_cursors (name, value) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (&checkpoint.name, &checkpoint.value),
+                )?;
+            }
+            Ok(appended)
+        })
+        .await;
+    match outcome {
+        Ok((entries, counts)) => {
+            if !entries.is_empty() {
+                tracing::debug!(
+                    appended = entries.len(),
+                    head = entries.last().map_or(0, |entry| entry.sequence),
+                    "feedback log appended"
+                );
+            }
+            hub.publish(entries);
+            for (request, counts) in group.into_iter().zip(counts) {
+                FeedbackStats::add(&stats.created, counts.created);
+                FeedbackStats::add(&stats.updated, counts.updated);
+                FeedbackStats::add(&stats.unchanged, counts.unchanged);
+                FeedbackStats::add(&stats.ignored, counts.ignored);
+                let _ = request.reply.send(Ok(counts));
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, requests = group.len(), "cannot append to the feedback log");
+            for request in group {
+                let _ = request.reply.send(Err(error.clone()));
+            }
+        }
+    }
+}

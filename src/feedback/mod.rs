@@ -1,0 +1,231 @@
+//! The feedback pipeline behind `FeedbackStream`: Retently responses are read by an incremental
+//! poller (and, optionally, received from webhook calls), deduplicated into a durable log, and
+//! fanned out to subscribers.
+//!
+//! ```text
+//!  poller ──┐                       ┌──▶ broadcast ring ──▶ subscriber streams
+//!           ├──▶ ingest ──▶ log ───┤         (live)          ▲
+//!  webhook ─┘   (one appender)      └──▶ catch-up reads ──────┘
+//! ```
+//!
+//! The pipeline stores and fans out encoded protobuf (each log entry keeps the exact
+//! `SubscribeResponse` bytes every subscriber is sent), which is why it lives beside, not inside,
+//! the protocol-free [`crate::domain`].
+//!
+//! # Layout
+//!
+//! - [`convert`]: Retently's feedback JSON to the contract's `Feedback`.
+//! - [`log`]: the durable log, the latest version of every response, queries for
+//!   `SurveyService.ListFeedback` ([`FeedbackLog::query`], [`FeedbackLog::covered_range`]).
+//! - [`ingest`]: the log's one appender: dedup, append, checkpoint, publish.
+//! - [`hub`]: fan-out, start positions, catch-up from the log, heartbeats, drain.
+//! - [`sync`]: the incremental poller and its upstream seam ([`sync::FeedbackSource`]).
+//! - [`webhook`]: authentication and reading of webhook export calls.
+//! - [`retention`]: the task that deletes what the log no longer keeps.
+//! - [`cursor`], [`filter`]: cursors and subscription filters.
+//! - [`clock`], [`stats`]: the pipeline's wall clock and counters.
+
+pub mod clock;
+pub mod convert;
+pub mod cursor;
+pub mod filter;
+pub mod hub;
+pub mod ingest;
+pub mod log;
+pub mod retention;
+pub mod stats;
+pub mod sync;
+pub mod webhook;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+pub use self::clock::Clock;
+pub use self::hub::{Hub, HubSettings, Start};
+pub use self::ingest::Ingest;
+pub use self::log::{FeedbackLog, FeedbackQuery, FeedbackQueryPage};
+pub use self::retention::{RetentionProgress, RetentionSettings};
+pub use self::stats::{FeedbackStats, StatsSnapshot};
+pub use self::sync::{CoveredRange, FeedbackSource, SyncSettings};
+pub use self::webhook::{WebhookReceiver, WebhookSettings};
+use crate::config::{FeedbackConfig, WebhookConfig};
+use crate::error::Error;
+use crate::shutdown::Drain;
+use crate::store::Store;
+
+/// Every setting of the pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct FeedbackSettings {
+    pub sync: Option<SyncSettings>,
+    pub hub: HubSettings,
+    pub retention: RetentionSettings,
+    pub webhook: Option<WebhookSettings>,
+}
+
+impl FeedbackSettings {
+    pub fn from_config(feedback: &FeedbackConfig, webhook: &WebhookConfig) -> FeedbackSettings {
+        let non_zero = |duration: std::time::Duration| (!duration.is_zero()).then_some(duration);
+        FeedbackSettings {
+            sync: feedback.sync.then(|| SyncSettings {
+                poll_interval: feedback.poll_interval,
+                overlap: feedback.overlap,
+                backfill: feedback.backfill,
+                rescan_interval: non_zero(feedback.rescan_interval),
+                rescan_window: feedback.rescan_window,
+            }),
+            hub: HubSettings {
+                heartbeat_interval: feedback.heartbeat_interval,
+                max_subscribers: feedback.max_subscribers,
+                live_buffer: feedback.subscriber_buffer,
+                ..HubSettings::default()
+            },
+            retention: RetentionSettings {
+                max_age: non_zero(feedback.retention),
+                max_entries: (feedback.retention_max_entries > 0)
+                    .then_some(feedback.retention_max_entries),
+                interval: feedback.retention_interval,
+            },
+            webhook: webhook.secret.as_ref().map(|secret| WebhookSettings {
+                secret: secret.clone(),
+                secret_header: webhook.secret_header.clone(),
+                signing_secret: webhook.signing_secret.clone(),
+                tolerance: webhook.tolerance,
+                max_body_bytes: webhook.max_body_bytes,
+            }),
+        }
+    }
+}
+
+/// A task the caller runs until draining starts (see [`crate::app::App::spawn_background`]).
+pub type Worker = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The assembled pipeline; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Feedback {
+    hub: Arc<Hub>,
+    ingest: Ingest,
+    webhook: Option<Arc<WebhookReceiver>>,
+    stats: Arc<FeedbackStats>,
+    retention: watch::Receiver<RetentionProgress>,
+}
+
+impl Feedback {
+    /// Opens the log in `store` and builds the pipeline. Returns it with its workers (ingest,
+    /// retention, and the poller when `source` is given and sync is on) for the caller to run.
+    /// Blocks briefly to read the log's identity (start-up only, see [`FeedbackLog::open`]).
+    pub fn open(
+        store: Store,
+        settings: FeedbackSettings,
+        source: Option<Arc<dyn FeedbackSource>>,
+        clock: Clock,
+        drain: Drain,
+    ) -> Result<(Feedback, Vec<Worker>), Error> {
+        let stats = Arc::new(FeedbackStats::default());
+        let (log, state) = FeedbackLog::open(store.clone())?;
+        tracing::info!(
+            head = state.head_seq,
+            pruned = state.pruned_seq,
+            "feedback log open"
+        );
+        let hub = Hub::new(
+            log.clone(),
+            state,
+            settings.hub.clone(),
+            drain.clone(),
+            clock,
+            Arc::clone(&stats),
+        );
+        let (ingest, ingest_task) = Ingest::new(
+            store.clone(),
+            Arc::clone(&hub),
+            clock,
+            Arc::clone(&stats),
+            drain.clone(),
+        );
+        let (progress, retention) = watch::channel(RetentionProgress::default());
+        let mut workers: Vec<Worker> = vec![
+            Box::pin(ingest_task),
+            Box::pin(retention::run(
+                log,
+                settings.retention.clone(),
+                clock,
+                Arc::clone(&stats),
+                drain.clone(),
+                progress,
+            )),
+        ];
+        match (settings.sync.clone(), source) {
+            (Some(sync), Some(source)) => {
+                let poller = sync::Poller {
+                    source,
+                    ingest: ingest.clone(),
+                    hub: Arc::clone(&hub),
+                    store,
+                    settings: sync,
+                    clock,
+                    stats: Arc::clone(&stats),
+                    drain,
+                };
+                workers.push(Box::pin(poller.run()));
+            }
+            (Some(_), None) => {
+                tracing::warn!("no retently client, the feedback sync does not run");
+            }
+            (None, _) => tracing::info!("feedback sync is off"),
+        }
+        let webhook = match settings.webhook {
+            Some(webhook) => Some(Arc::new(WebhookReceiver::new(
+                webhook,
+                ingest.clone(),
+                clock,
+                Arc::clone(&stats),
+            )?)),
+            None => None,
+        };
+        Ok((
+            Feedback {
+                hub,
+                ingest,
+                webhook,
+                stats,
+                retention,
+            },
+            workers,
+        ))
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// The log, for `SurveyService.ListFeedback` (see [`FeedbackLog::covered_range`] and
+    /// [`FeedbackLog::query`]).
+    pub fn log(&self) -> &FeedbackLog {
+        self.hub.log()
+    }
+
+    /// Other observers of responses (e.g. a `GetFeedback` read) may hand versions to the log.
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
+    }
+
+    /// The webhook receiver, when `CXGW_WEBHOOK_SECRET` is set.
+    pub fn webhook(&self) -> Option<Arc<WebhookReceiver>> {
+        self.webhook.clone()
+    }
+
+    pub fn stats(&self) -> &Arc<FeedbackStats> {
+        &self.stats
+    }
+
+    /// Rounds and deletions of the retention task.
+    pub fn retention_progress(&self) -> watch::Receiver<RetentionProgress> {
+        self.retention.clone()
+    }
+}
