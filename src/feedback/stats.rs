@@ -88,7 +88,10 @@ impl FeedbackStats {
                 ("unchanged", s.unchanged),
                 ("webhook_known", s.ignored),
                 ("webhook_accepted", s.webhook_accepted),
-                ("webhook_rejected_unauthenticated", s.webhook_rejected_unauthenticated),
+                (
+                    "webhook_rejected_unauthenticated",
+                    s.webhook_rejected_unauthenticated,
+                ),
                 ("webhook_rejected_signature", s.webhook_rejected_signature),
                 ("webhook_rejected_stale", s.webhook_rejected_stale),
                 ("webhook_rejected_malformed", s.webhook_rejected_malformed),
