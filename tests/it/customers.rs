@@ -139,36 +139,8 @@ fn count(sandbox: &SandboxHandle, api: Api, route: &str, status: u16) -> u64 {
     sandbox.request_count(api, route, status)
 }
 
-/// Waits until an asynchronous write is finished. Integration tests see the gateway only through
-/// gRPC, and GetDelivery is the one view of progress it offers, so this polls it briefly,
-/// bounded by a total timeout (unit tests of the outbox wait on its outcome signal instead).
 async fn finished(channel: &Channel, delivery_id: &str) -> pb::Delivery {
-    let mut deliveries = DeliveryServiceClient::new(channel.clone());
-    let wait = async {
-        loop {
-            let delivery = deliveries
-                .get_delivery(pb::GetDeliveryRequest {
-                    delivery_id: delivery_id.to_owned(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .delivery
-                .unwrap();
-            let state = pb::DeliveryState::try_from(delivery.state).unwrap();
-            if matches!(
-                state,
-                pb::DeliveryState::Delivered | pb::DeliveryState::DeadLettered
-            ) {
-                return delivery;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    // Generous: a delivery that meets an open circuit breaker waits out its backoff.
-    tokio::time::timeout(Duration::from_secs(60), wait)
-        .await
-        .expect("the delivery finished within 60 s")
+    crate::support::finished_delivery(channel, delivery_id).await
 }
 
 #[tokio::test]

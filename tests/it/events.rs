@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use cx_gateway::pb;
-use cx_gateway::pb::delivery_service_client::DeliveryServiceClient;
 use cx_gateway::pb::event_service_client::EventServiceClient;
 use cx_sandbox::{Api, SandboxConfig};
 use prost_types::value::Kind;
@@ -178,29 +177,12 @@ async fn an_async_event_is_acknowledged_then_delivered() {
         || sandbox.retainly_events().len() == 1,
     )
     .await;
-    let mut deliveries = DeliveryServiceClient::new(gateway.channel.clone());
-    let mut state = 0;
-    for _ in 0..300 {
-        let delivery = deliveries
-            .get_delivery(pb::GetDeliveryRequest {
-                delivery_id: response.delivery_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .delivery
-            .unwrap();
-        state = delivery.state;
-        if state == pb::DeliveryState::Delivered as i32 {
-            assert!(matches!(
-                delivery.result,
-                Some(pb::delivery::Result::TrackEvent(ref r)) if r.delivery_id == response.delivery_id
-            ));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(state, pb::DeliveryState::Delivered as i32);
+    let delivery = crate::support::finished_delivery(&gateway.channel, &response.delivery_id).await;
+    assert_eq!(delivery.state, pb::DeliveryState::Delivered as i32);
+    assert!(matches!(
+        delivery.result,
+        Some(pb::delivery::Result::TrackEvent(ref r)) if r.delivery_id == response.delivery_id
+    ));
     gateway.stop().await.unwrap();
 }
 

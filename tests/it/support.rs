@@ -157,3 +157,36 @@ pub async fn connect(
         }
     }
 }
+
+/// Waits until an asynchronous write is DELIVERED or DEAD_LETTERED. Integration tests see the
+/// gateway only through gRPC, and GetDelivery is the one view of progress it offers, so this polls
+/// it with a short pause, bounded by a total timeout (unit tests of the outbox wait on its outcome
+/// signal instead). Generous: a delivery that meets an open circuit breaker waits out its backoff.
+pub async fn finished_delivery(channel: &Channel, delivery_id: &str) -> cx_gateway::pb::Delivery {
+    use cx_gateway::pb;
+    let mut deliveries = pb::delivery_service_client::DeliveryServiceClient::new(channel.clone());
+    let poll = async {
+        loop {
+            let delivery = deliveries
+                .get_delivery(pb::GetDeliveryRequest {
+                    delivery_id: delivery_id.to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .delivery
+                .unwrap();
+            let state = pb::DeliveryState::try_from(delivery.state).unwrap();
+            if matches!(
+                state,
+                pb::DeliveryState::Delivered | pb::DeliveryState::DeadLettered
+            ) {
+                return delivery;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), poll)
+        .await
+        .expect("the delivery finished within 60 s")
+}

@@ -2,10 +2,8 @@
 //! sandbox recorded.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use cx_gateway::pb;
-use cx_gateway::pb::delivery_service_client::DeliveryServiceClient;
 use cx_gateway::pb::survey_service_client::SurveyServiceClient;
 use cx_sandbox::{Api, FaultConfig, SandboxHandle};
 use serde_json::Value;
@@ -54,34 +52,8 @@ fn text<'a>(value: &'a Value, key: &str) -> &'a str {
     value[key].as_str().unwrap_or_default()
 }
 
-/// Polls GetDelivery until the delivery is finished. The outbox's own signal lives inside the
-/// server, which these tests reach only over gRPC, so they poll with a short pause, bounded.
 async fn finished_delivery(gateway: &TestGateway, delivery_id: &str) -> pb::Delivery {
-    let mut deliveries = DeliveryServiceClient::new(gateway.channel.clone());
-    let poll = async {
-        loop {
-            let delivery = deliveries
-                .get_delivery(pb::GetDeliveryRequest {
-                    delivery_id: delivery_id.to_owned(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .delivery
-                .unwrap();
-            let state = pb::DeliveryState::try_from(delivery.state).unwrap();
-            if matches!(
-                state,
-                pb::DeliveryState::Delivered | pb::DeliveryState::DeadLettered
-            ) {
-                return delivery;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), poll)
-        .await
-        .expect("the delivery finished in time")
+    crate::support::finished_delivery(&gateway.channel, delivery_id).await
 }
 
 // ---- SendSurvey ----
