@@ -55,12 +55,15 @@ pub struct BenchArgs {
     /// Internal: serve the bare tonic server on this address (the baseline of raw-rpc).
     #[arg(long, value_name = "ADDR", hide = true)]
     pub serve_bare: Option<std::net::SocketAddr>,
+    /// Internal: the encoded `ListCampaignsResponse` the bare server answers with.
+    #[arg(long, value_name = "PATH", hide = true, requires = "serve_bare")]
+    pub bare_campaigns: Option<PathBuf>,
 }
 
 /// Runs the selected scenarios, prints the table and writes the JSON report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.serve_bare {
-        return bare::serve(addr).await;
+        return bare::serve(addr, args.bare_campaigns.as_deref()).await;
     }
     let selected = select(&args.scenarios)?;
     process::raise_fd_limit();

@@ -1,14 +1,17 @@
 //! Scenario 1: what one RPC costs in the gateway. A cache-served read (ListCampaigns) at
-//! saturation from 50 connections with 1,000 requests in flight, against the bare tonic server's
-//! health `Check` under the same load. The gateway's own health `Check` is measured too: it has
-//! the gateway's whole tower stack but no handler work, which separates stack cost from handler
-//! cost. Targets run in interleaved rounds so drift on a shared machine hits both alike.
+//! saturation from 50 connections with 1,000 requests in flight, against a bare tonic server
+//! answering the same RPC with the same message (captured from the gateway in this run), so both
+//! put the same bytes on the wire and the load generator does the same work for either. The
+//! gateway's own health `Check` is measured against the bare server's too: it has the gateway's
+//! whole tower stack but no handler work, which separates stack cost from handler cost. Targets
+//! run in interleaved rounds so drift on a shared machine hits all of them alike.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use cx_sandbox::SandboxConfig;
+use prost::Message as _;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -29,8 +32,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What is measured in each round.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
-    Bare,
+    BareList,
     GatewayList,
+    BareHealth,
     GatewayHealth,
 }
 
@@ -68,42 +72,22 @@ pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()>
         (2, Duration::from_secs(1), Duration::from_secs(5))
     };
     let stage = Stage::start(SandboxConfig::default(), &[]).await?;
-    let bare_dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let bare_addr = free_loopback_addr()?;
-    let bare_addr_text = bare_addr.to_string();
-    let bare = ChildServer::start(
-        "bare tonic server",
-        &["bench", "--serve-bare", &bare_addr_text],
-        &[],
-        bare_addr,
-        &bare_dir.path().join("bare.log"),
-    )
-    .await?;
-
-    let result = measure_all(report, &stage, &bare, rounds, warmup, measure).await;
-    report.note(format!(
-        "resident memory after the run: gateway {:.1} MiB, bare server {:.1} MiB",
-        mib(stage.gateway.rss_bytes().unwrap_or(0)),
-        mib(bare.rss_bytes().unwrap_or(0)),
-    ));
-    bare.stop().await;
+    let result = with_bare_server(report, &stage, rounds, warmup, measure).await;
     stage.stop().await;
     result
 }
 
-async fn measure_all(
+async fn with_bare_server(
     report: &mut ScenarioReport,
     stage: &Stage,
-    bare: &ChildServer,
     rounds: usize,
     warmup: Duration,
     measure: Duration,
 ) -> anyhow::Result<()> {
     let gateway_channels = connect_many(stage.grpc_addr(), CONNECTIONS).await?;
-    let bare_channels = connect_many(bare.addr(), CONNECTIONS).await?;
-
-    // One call first: it says whether the RPC exists, and fills the gateway's campaign cache so
-    // the measured calls are the cache-served ones this scenario is about.
+    // One call first: it says whether the RPC exists, fills the gateway's campaign cache so the
+    // measured calls are the cache-served ones this scenario is about, and gives the bare server
+    // the message to answer with.
     let probe = SurveyServiceClient::new(gateway_channels[0].clone())
         .list_campaigns(
             stage
@@ -111,20 +95,74 @@ async fn measure_all(
                 .request(ListCampaignsRequest::default(), Some(CALL_TIMEOUT)),
         )
         .await;
-    let list_missing = match &probe {
-        Ok(_) => None,
-        Err(status) => match unimplemented(status, "SurveyService.ListCampaigns") {
-            Some(reason) => Some(reason),
+    let (list_missing, campaigns) = match probe {
+        Ok(response) => (None, response.into_inner()),
+        Err(status) => match unimplemented(&status, "SurveyService.ListCampaigns") {
+            Some(reason) => (Some(reason), Default::default()),
             None => anyhow::bail!("ListCampaigns failed before the load: {status}"),
         },
     };
 
-    let mut targets = vec![Target::Bare, Target::GatewayHealth];
+    let bare_dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let campaigns_file = bare_dir.path().join("campaigns.pb");
+    std::fs::write(&campaigns_file, campaigns.encode_to_vec())
+        .context("cannot write the bare server's response")?;
+    let bare_addr = free_loopback_addr()?;
+    let bare_addr_text = bare_addr.to_string();
+    let campaigns_arg = campaigns_file.to_string_lossy().into_owned();
+    let bare = ChildServer::start(
+        "bare tonic server",
+        &[
+            "bench",
+            "--serve-bare",
+            &bare_addr_text,
+            "--bare-campaigns",
+            &campaigns_arg,
+        ],
+        &[],
+        bare_addr,
+        &bare_dir.path().join("bare.log"),
+    )
+    .await?;
+    let result = measure_all(
+        report,
+        stage,
+        &gateway_channels,
+        &bare,
+        list_missing,
+        (rounds, warmup, measure),
+    )
+    .await;
+    report.note(format!(
+        "ListCampaigns response: {} bytes, {} campaigns, the same from both servers",
+        campaigns.encoded_len(),
+        campaigns.campaigns.len()
+    ));
+    report.note(format!(
+        "resident memory after the run: gateway {:.1} MiB, bare server {:.1} MiB",
+        mib(stage.gateway.rss_bytes().unwrap_or(0)),
+        mib(bare.rss_bytes().unwrap_or(0)),
+    ));
+    bare.stop().await;
+    result
+}
+
+async fn measure_all(
+    report: &mut ScenarioReport,
+    stage: &Stage,
+    gateway_channels: &[Channel],
+    bare: &ChildServer,
+    list_missing: Option<String>,
+    (rounds, warmup, measure): (usize, Duration, Duration),
+) -> anyhow::Result<()> {
+    let bare_channels = connect_many(bare.addr(), CONNECTIONS).await?;
+    let mut targets = vec![Target::BareHealth, Target::GatewayHealth];
     if list_missing.is_none() {
-        targets.insert(1, Target::GatewayList);
+        targets.splice(0..0, [Target::BareList, Target::GatewayList]);
     }
-    let mut bare_totals = Totals::new();
+    let mut bare_list_totals = Totals::new();
     let mut list_totals = Totals::new();
+    let mut bare_health_totals = Totals::new();
     let mut health_totals = Totals::new();
     let spec = ClosedLoop {
         callers: IN_FLIGHT,
@@ -133,29 +171,21 @@ async fn measure_all(
     };
     for _ in 0..rounds {
         for target in &targets {
-            let totals = match target {
-                Target::Bare => &mut bare_totals,
-                Target::GatewayList => &mut list_totals,
-                Target::GatewayHealth => &mut health_totals,
-            };
-            let pid = match target {
-                Target::Bare => bare.pid(),
-                Target::GatewayList | Target::GatewayHealth => stage.gateway.pid(),
+            let (totals, pid, channels) = match target {
+                Target::BareList => (&mut bare_list_totals, bare.pid(), &bare_channels[..]),
+                Target::GatewayList => (&mut list_totals, stage.gateway.pid(), gateway_channels),
+                Target::BareHealth => (&mut bare_health_totals, bare.pid(), &bare_channels[..]),
+                Target::GatewayHealth => {
+                    (&mut health_totals, stage.gateway.pid(), gateway_channels)
+                }
             };
             let cpu_before = cpu_time(pid)?;
             let result = match target {
-                Target::Bare => health_load(spec, &bare_channels, &mut totals.latencies).await,
-                Target::GatewayHealth => {
-                    health_load(spec, &gateway_channels, &mut totals.latencies).await
+                Target::BareHealth | Target::GatewayHealth => {
+                    health_load(spec, channels, &mut totals.latencies).await
                 }
-                Target::GatewayList => {
-                    list_load(
-                        spec,
-                        &gateway_channels,
-                        &stage.caller,
-                        &mut totals.latencies,
-                    )
-                    .await
+                Target::BareList | Target::GatewayList => {
+                    list_load(spec, channels, &stage.caller, &mut totals.latencies).await
                 }
             };
             totals.cpu += cpu_time(pid)?.saturating_sub(cpu_before);
@@ -163,8 +193,6 @@ async fn measure_all(
         }
     }
 
-    let bare_result = bare_totals.merged();
-    let health_result = health_totals.merged();
     report.figure("connections", CONNECTIONS as f64, "");
     report.figure("requests in flight", IN_FLIGHT as f64, "");
     report.figure(
@@ -174,14 +202,15 @@ async fn measure_all(
     );
     if list_missing.is_none() {
         let list_result = list_totals.merged();
-        compare(report, "ListCampaigns", &list_result, &bare_result);
+        let bare_list_result = bare_list_totals.merged();
+        compare(report, "ListCampaigns", &list_result, &bare_list_result);
         report.compared(
             "ListCampaigns server CPU per request",
             list_totals.cpu_per_request_us(),
-            bare_totals.cpu_per_request_us(),
+            bare_list_totals.cpu_per_request_us(),
             "us",
         );
-        let share = list_result.rps / bare_result.rps.max(f64::MIN_POSITIVE);
+        let share = list_result.rps / bare_list_result.rps.max(f64::MIN_POSITIVE);
         report.target(
             "throughput",
             ">= 90% of the bare server",
@@ -196,20 +225,30 @@ async fn measure_all(
             tail <= 3.0,
         );
         errors_note(report, "ListCampaigns", &list_result);
+        errors_note(report, "bare ListCampaigns", &bare_list_result);
     }
-    compare(report, "gateway health Check", &health_result, &bare_result);
+    let health_result = health_totals.merged();
+    let bare_health_result = bare_health_totals.merged();
+    compare(
+        report,
+        "gateway health Check",
+        &health_result,
+        &bare_health_result,
+    );
     report.compared(
         "gateway health Check server CPU per request",
         health_totals.cpu_per_request_us(),
-        bare_totals.cpu_per_request_us(),
+        bare_health_totals.cpu_per_request_us(),
         "us",
     );
     errors_note(report, "gateway health Check", &health_result);
-    errors_note(report, "bare health Check", &bare_result);
-    report.note("baseline: tonic health Check on a bare tonic server (child process, same binary)");
+    errors_note(report, "bare health Check", &bare_health_result);
+    report.note(
+        "baselines: the same RPC and the health Check on a bare tonic server (child process, same binary)",
+    );
     if let Some(reason) = list_missing {
         report.status = crate::bench::report::Status::NotRun(format!(
-            "{reason}; the baseline and the gateway's own health Check were measured"
+            "{reason}; the health Check of both servers was measured"
         ));
     }
     Ok(())
