@@ -19,6 +19,11 @@ use crate::upstream::scheduler::{AttemptError, Idempotency, Lane};
 const MAX_ROUNDS: usize = 3;
 /// Scheduler yields a batch waits at most for runnable callers to join before it is sealed.
 const SETTLE_YIELDS: usize = 16;
+/// Under load, how long a batch waits for the next caller of the wave it expects before it
+/// gives up on the rest, and how long it waits for the wave at most. Small next to an
+/// upstream round trip, large enough for a caller's next request to cross the gRPC hop.
+const WAVE_QUIET: Duration = Duration::from_millis(2);
+const WAVE_MAX: Duration = Duration::from_millis(5);
 
 /// Adds one caller's `item` to `batcher`'s batch of `key` and waits for the item's own
 /// outcome. A new batch is driven by `run` (usually through [`drive`]); `identity` names the
@@ -108,6 +113,7 @@ async fn drive_batch<K, I, O, S, Fut>(
         }
     };
     handle.settle(SETTLE_YIELDS).await;
+    handle.gather(WAVE_QUIET, WAVE_MAX).await;
     let min_time = lane.settings().min_attempt_time;
     let (items, ctx) = handle.seal(min_time, || lane.budget_error_for(waiting.priority));
     let Some(ctx) = ctx else {

@@ -9,11 +9,20 @@
 //! 3. seals the batch when the slot is granted and no more items are queued — it yields to the
 //!    scheduler until the batch stops growing ([`BatchHandle::settle`]) — and sends it.
 //!
-//! There is no linger timer: at low load a lone item is sent as soon as the budget allows (a
-//! scheduler yield, microseconds); under load, items that arrive while a partial batch is in
-//! flight, or while the budget is empty, collect into the next one. This is "natural batching" (as in group
-//! commit): the cost is that a partial batch may wait for one upstream round trip of the
-//! previous one for its key.
+//! There is no fixed linger timer: at low load a lone item is sent as soon as the budget allows
+//! (a scheduler yield, microseconds); under load, items that arrive while a partial batch is in
+//! flight, or while the budget is empty, collect into the next one. This is "natural batching"
+//! (as in group commit): the cost is that a partial batch may wait for one upstream round trip
+//! of the previous one for its key.
+//!
+//! Natural batching alone splits a steady crowd of callers in two: while batch A is in flight,
+//! the other callers fill B; when A is answered, B goes at once and A's callers, coming back a
+//! moment later, fill C, and so on, halving every batch. So a batch also expects the *wave* of
+//! callers that the previous batch of its key has just answered ([`BatchHandle::gather`]): it
+//! waits for as many more items as that batch answered, and stops waiting as soon as they are
+//! there, when no item has joined for a short quiet gap, or after a small bound. Only a batch
+//! answered in the last [`WAVE_WINDOW`] raises that expectation, so an isolated call never
+//! waits.
 //!
 //! An item never shares a batch with another item of the same identity (a recipient's email, a
 //! customer id): it goes to the next batch instead, so duplicates are applied in arrival order
@@ -27,6 +36,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -37,6 +47,10 @@ use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::upstream::context::{CallContext, Priority};
+
+/// How recently a batch of a key must have been answered for the next batches of that key to
+/// expect its callers back. Callers that loop come back within one gRPC round trip.
+pub const WAVE_WINDOW: Duration = Duration::from_millis(20);
 
 /// Size limits of one batch.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +84,16 @@ struct OpenBatch<I, O> {
     identities: HashSet<String>,
     /// No more items fit (count or size): the batch may go without waiting its turn.
     full: bool,
+    /// Items this batch expects to hold once the callers of the key's last answered batch are
+    /// back (0: none expected); see [`BatchHandle::gather`].
+    expect: usize,
+}
+
+/// The last answered batch of a key: when, and how many callers it answered.
+#[derive(Clone, Copy)]
+struct Wave {
+    at: Instant,
+    size: usize,
 }
 
 struct KeyState<I, O> {
@@ -77,7 +101,24 @@ struct KeyState<I, O> {
     /// Partial batches of this key sent and not yet answered.
     in_flight: usize,
     turn: Arc<Notify>,
+    /// Woken whenever an item joins one of the key's open batches.
+    grew: Arc<Notify>,
+    last_wave: Option<Wave>,
 }
+
+impl<I, O> KeyState<I, O> {
+    /// Nothing open, nothing in flight, and no recent wave to remember.
+    fn idle(&self, now: Instant) -> bool {
+        self.open.is_empty()
+            && self.in_flight == 0
+            && self
+                .last_wave
+                .is_none_or(|wave| now.duration_since(wave.at) >= WAVE_WINDOW)
+    }
+}
+
+/// Keys kept while idle (for their recent wave) before idle ones are pruned.
+const MAX_IDLE_KEYS: usize = 64;
 
 struct State<K, I, O> {
     keys: HashMap<K, KeyState<I, O>>,
@@ -172,6 +213,7 @@ where
                         key: key.clone(),
                         batch,
                         turn_taken: false,
+                        sealed: AtomicUsize::new(0),
                     })
                     .in_current_span(),
                 );
@@ -203,11 +245,22 @@ where
     ) -> (Placement, Option<u64>) {
         let limits = self.limits;
         let new_id = state.next_id;
+        let now = Instant::now();
+        if state.keys.len() >= MAX_IDLE_KEYS && !state.keys.contains_key(key) {
+            state.keys.retain(|_, entry| !entry.idle(now));
+        }
         let entry = state.keys.entry(key.clone()).or_insert_with(|| KeyState {
             open: Vec::new(),
             in_flight: 0,
             turn: Arc::new(Notify::new()),
+            grew: Arc::new(Notify::new()),
+            last_wave: None,
         });
+        // A batch opened right after another was answered expects that one's callers back.
+        let recent_wave = entry
+            .last_wave
+            .filter(|wave| now.duration_since(wave.at) < WAVE_WINDOW)
+            .map_or(0, |wave| wave.size);
         let fits = |batch: &OpenBatch<I, O>| {
             !batch.full
                 && batch.items.len() < limits.max_items
@@ -233,6 +286,7 @@ where
                     bytes: 0,
                     identities: HashSet::new(),
                     full: false,
+                    expect: recent_wave,
                 });
                 let last = entry.open.len() - 1;
                 (&mut entry.open[last], true)
@@ -251,6 +305,7 @@ where
         if became_full {
             entry.turn.notify_waiters();
         }
+        entry.grew.notify_waiters();
         if created {
             state.next_id += 1;
         }
@@ -293,6 +348,8 @@ where
     key: K,
     batch: u64,
     turn_taken: bool,
+    /// Items taken by [`BatchHandle::seal`]: the wave this batch answers.
+    sealed: AtomicUsize,
 }
 
 impl<K, I, O> BatchHandle<K, I, O>
@@ -368,6 +425,49 @@ where
         }
     }
 
+    /// Under sustained load, waits for the callers of the key's last answered batch to come
+    /// back (see the module documentation): until the batch holds the items it expects, is
+    /// full, no item joined for `quiet`, or `max` has passed. Returns at once when no wave is
+    /// expected.
+    pub async fn gather(&self, quiet: Duration, max: Duration) {
+        let Some(grew) = ({
+            let state = lock(&self.batcher.state);
+            state
+                .keys
+                .get(&self.key)
+                .map(|entry| Arc::clone(&entry.grew))
+        }) else {
+            return;
+        };
+        let give_up = Instant::now() + max;
+        loop {
+            let mut notified = pin!(grew.notified());
+            // Registered before checking, so an item joining in between is not missed.
+            notified.as_mut().enable();
+            {
+                let state = lock(&self.batcher.state);
+                let Some(open) = state
+                    .keys
+                    .get(&self.key)
+                    .and_then(|entry| entry.open.iter().find(|open| open.id == self.batch))
+                else {
+                    return;
+                };
+                if open.full || open.items.is_empty() || open.items.len() >= open.expect {
+                    return;
+                }
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until((now + quiet).min(give_up)) => return,
+            }
+        }
+    }
+
     /// The context to wait for budget with: the most urgent priority among the items, and the
     /// latest deadline (`None` if any item has none). `None` when the batch is empty.
     pub fn waiting_context(&self) -> Option<CallContext> {
@@ -398,6 +498,7 @@ where
                     let open = entry.open.remove(index);
                     // A batch that was refused an item for size left its successor waiting.
                     entry.turn.notify_waiters();
+                    self.sealed.store(open.items.len(), Ordering::Relaxed);
                     open.items
                 }
                 None => Vec::new(),
@@ -476,6 +577,19 @@ where
         if self.turn_taken {
             entry.in_flight = entry.in_flight.saturating_sub(1);
         }
+        let answered = self.sealed.load(Ordering::Relaxed);
+        if answered > 0 {
+            // Its callers have their answers and, under load, are about to send again: the
+            // batches open now expect them on top of what they hold.
+            let now = Instant::now();
+            entry.last_wave = Some(Wave {
+                at: now,
+                size: answered,
+            });
+            for open in &mut entry.open {
+                open.expect = open.expect.max(open.items.len() + answered);
+            }
+        }
         // Items of a batch whose runner ended without sealing it would wait forever: answer
         // them.
         if let Some(index) = entry.open.iter().position(|open| open.id == self.batch) {
@@ -485,7 +599,7 @@ where
             }
         }
         entry.turn.notify_waiters();
-        if entry.open.is_empty() && entry.in_flight == 0 {
+        if entry.idle(Instant::now()) {
             state.keys.remove(&self.key);
         }
     }

@@ -392,3 +392,127 @@ async fn size_limit_splits_batches() {
     assert_eq!(sizes.iter().sum::<usize>(), 5);
     assert!(sizes.iter().all(|&s| s <= 2), "{sizes:?}");
 }
+
+/// Like [`runner`], but it also waits for the wave of callers the key's last batch answered.
+fn gathering_runner(
+    calls: &Calls,
+) -> impl FnOnce(BatchHandle<&'static str, String, String>) -> BoxFuture<'static, ()> + use<> {
+    let calls = Arc::clone(calls);
+    move |mut handle| {
+        async move {
+            if !handle.wait_turn().await {
+                return;
+            }
+            handle
+                .gather(Duration::from_millis(2), Duration::from_millis(5))
+                .await;
+            let (items, _) = handle.seal(Duration::ZERO, || Error::internal("late"));
+            let call = {
+                let mut calls = calls.lock().unwrap();
+                calls.push(items.iter().map(|p| p.item.clone()).collect());
+                calls.len()
+            };
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            for pending in items {
+                let answer = format!("{}@{call}", pending.item);
+                pending.reply(Ok(answer));
+            }
+        }
+        .boxed()
+    }
+}
+
+/// `callers` tasks, each sending `rounds` items one after another, and coming back one or two
+/// milliseconds (a network round trip) after each answer. Returns the size of every upstream
+/// call.
+async fn crowd(gather: bool, callers: usize, rounds: usize) -> Vec<usize> {
+    let batcher = batcher(10_000);
+    let calls: Calls = Arc::default();
+    let mut tasks = Vec::new();
+    for caller in 0..callers {
+        let batcher = batcher.clone();
+        let calls = Arc::clone(&calls);
+        tasks.push(tokio::spawn(async move {
+            for round in 0..rounds {
+                // Callers do not arrive in lockstep: some take longer to come back than others.
+                tokio::time::sleep(Duration::from_millis(1 + (caller % 2) as u64)).await;
+                let item = format!("c{caller}-{round}");
+                let ctx = CallContext::interactive(None);
+                let answer = if gather {
+                    let run = gathering_runner(&calls);
+                    batcher
+                        .submit("customers", item.clone(), &ctx, None, 10, run, budget_error)
+                        .await
+                } else {
+                    let run = runner(&calls);
+                    batcher
+                        .submit("customers", item.clone(), &ctx, None, 10, run, budget_error)
+                        .await
+                };
+                assert!(answer.unwrap().starts_with(&format!("{item}@")));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let sizes: Vec<usize> = calls.lock().unwrap().iter().map(Vec::len).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), callers * rounds);
+    sizes
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_steady_crowd_of_callers_is_not_split_in_two() {
+    // Natural batching alone: while one batch is in flight the callers of the one before fill
+    // the next, so 40 looping callers settle into batches of about 20.
+    let split = crowd(false, 40, 20).await;
+    let split_calls = split.len();
+    // Waiting for the wave just answered keeps them together: about one call per round.
+    let gathered = crowd(true, 40, 20).await;
+    assert!(
+        gathered.len() <= 25,
+        "{} calls for 20 rounds of 40 callers: {gathered:?}",
+        gathered.len()
+    );
+    assert!(
+        gathered.len() * 3 < split_calls * 2,
+        "gathered {gathered:?}, split {split:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wave_is_only_expected_right_after_an_answer_and_is_waited_for_briefly() {
+    let batcher = batcher(100);
+    let calls: Calls = Arc::default();
+    let send = |name: &str| {
+        let batcher = batcher.clone();
+        let run = gathering_runner(&calls);
+        let item = name.to_owned();
+        async move {
+            batcher
+                .submit(
+                    "k",
+                    item,
+                    &CallContext::interactive(None),
+                    None,
+                    1,
+                    run,
+                    budget_error,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // Two callers answered together.
+    let (a, b) = tokio::join!(send("a"), send("b"));
+    assert_eq!((a.as_str(), b.as_str()), ("a@1", "b@1"));
+    // One comes back at once, the other never does: the batch waits one quiet gap for it.
+    let start = tokio::time::Instant::now();
+    assert_eq!(send("a2").await, "a2@2");
+    assert_eq!(start.elapsed(), Duration::from_millis(12));
+    // Long after the last answer, nothing is expected: a lone item goes at once.
+    tokio::time::sleep(WAVE_WINDOW * 2).await;
+    let start = tokio::time::Instant::now();
+    assert_eq!(send("solo").await, "solo@3");
+    assert_eq!(start.elapsed(), Duration::from_millis(10));
+}
