@@ -184,11 +184,13 @@ pub async fn run(
             .send_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
+            // Responses are not compressed: each event is encoded once and the same bytes go to
+            // every subscriber, while compression would redo the work per subscriber and keep
+            // two more buffers for the life of every stream.
             grpc::FeedbackApi::new(Arc::clone(feedback.hub()))
                 .max_decoding_message_size(max_message)
                 .max_encoding_message_size(max_message)
-                .accept_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Gzip),
+                .accept_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
             pb::delivery_service_server::DeliveryServiceServer::new(grpc::DeliveryApi::new(

@@ -41,7 +41,6 @@ const MAX_CURSOR_LEN: usize = 256;
 pub struct FeedbackApi {
     hub: Arc<Hub>,
     accept_compression: EnabledCompressionEncodings,
-    send_compression: EnabledCompressionEncodings,
     max_decoding_message_size: Option<usize>,
     max_encoding_message_size: Option<usize>,
 }
@@ -57,7 +56,6 @@ impl FeedbackApi {
         Self {
             hub,
             accept_compression: EnabledCompressionEncodings::default(),
-            send_compression: EnabledCompressionEncodings::default(),
             max_decoding_message_size: None,
             max_encoding_message_size: None,
         }
@@ -66,12 +64,6 @@ impl FeedbackApi {
     #[must_use]
     pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
         self.accept_compression.enable(encoding);
-        self
-    }
-
-    #[must_use]
-    pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
-        self.send_compression.enable(encoding);
         self
     }
 
@@ -117,7 +109,11 @@ where
         let api = self.clone();
         Box::pin(async move {
             let mut grpc = Grpc::new(PreEncodedCodec)
-                .apply_compression_config(api.accept_compression, api.send_compression)
+                // Never compressed on the way out: see where the service is added (server.rs).
+                .apply_compression_config(
+                    api.accept_compression,
+                    EnabledCompressionEncodings::default(),
+                )
                 .apply_max_message_size_config(
                     api.max_decoding_message_size,
                     api.max_encoding_message_size,
@@ -265,6 +261,9 @@ pub fn validate(request: pb::SubscribeRequest) -> Result<(Filter, Start), Error>
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PreEncodedCodec;
 
+/// Initial size of a subscription's encode buffer (see [`PreEncodedEncoder::buffer_settings`]).
+const ENCODE_BUFFER_BYTES: usize = 512;
+
 impl Codec for PreEncodedCodec {
     type Encode = Bytes;
     type Decode = pb::SubscribeRequest;
@@ -293,9 +292,12 @@ impl Encoder for PreEncodedEncoder {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        // Yield to the transport after 16 KiB rather than tonic's 32 KiB: a subscriber catching
-        // up from the log holds less before HTTP/2 flow control applies.
-        BufferSettings::new(8 * 1024, 16 * 1024)
+        // tonic keeps one encode buffer per stream for the stream's whole life, allocated at
+        // this size up front and kept after every flush. An idle subscriber should cost next to
+        // nothing, so it starts small (a heartbeat or a typical event fits) and grows only while
+        // a batch is written. Yield to the transport after 16 KiB rather than tonic's 32 KiB: a
+        // subscriber catching up from the log holds less before HTTP/2 flow control applies.
+        BufferSettings::new(ENCODE_BUFFER_BYTES, 16 * 1024)
     }
 }
 
