@@ -71,12 +71,12 @@ KEY_FILE_VARS = {
 SECRET_NAME = re.compile(r"(API_KEY|API_SECRET)$")
 # Any secret setting of the gateway, by value or by file.
 ANY_SECRET_SETTING = re.compile(r"^CXGW_\w*(API_KEY|SECRET)(_FILE)?$")
-GATEWAY_SERVICES = [
-    "cx.gateway.v1.CustomerService",
-    "cx.gateway.v1.SurveyService",
-    "cx.gateway.v1.EventService",
-    "cx.gateway.v1.FeedbackStream",
-]
+# The gateway's own gRPC services, from the contract: what the GRPCRoute routes by default.
+GATEWAY_SERVICES = sorted(
+    f"cx.gateway.v1.{name}"
+    for proto in (ROOT / "proto" / "cx" / "gateway" / "v1").glob("*.proto")
+    for name in re.findall(r"^service (\w+) \{", proto.read_text(), flags=re.MULTILINE)
+)
 
 
 class Results:
@@ -117,6 +117,7 @@ class Rendered:
     """One rendering: the merged values, the manifests by template and the parsed objects."""
 
     def __init__(self, chart: helm.Chart, values: dict[str, Any]) -> None:
+        self.raw = values
         self.values = chart.merge_values(values)
         self.manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
         self.notes = self.manifests.get("cx-gateway/templates/NOTES.txt", "")
@@ -717,8 +718,12 @@ def check_exposure(rendered: Rendered) -> None:
         assert rule["backendRefs"] == [
             {"name": FULLNAME, "port": values["service"]["ports"]["grpc"]}
         ]
+        assert GATEWAY_SERVICES, "no service found in proto/cx/gateway/v1"
         matched = [m["method"]["service"] for m in rule.get("matches", [])]
         assert matched == grpc_values["services"], f"GRPCRoute services {matched}"
+        if "services" not in rendered.raw.get("grpcRoute", {}):
+            # The default routes every service of the contract, and nothing else.
+            assert sorted(matched) == GATEWAY_SERVICES, f"default GRPCRoute services {matched}"
         assert all(m["method"]["type"] == "Exact" for m in rule.get("matches", []))
     else:
         assert not rendered.kind("GRPCRoute")
@@ -771,6 +776,8 @@ def check_test_hook(rendered: Rendered) -> None:
     containers = spec["containers"]
     assert len(containers) == len(tests["services"])
     for container, service in zip(containers, tests["services"]):
+        # Only names the gateway's health service knows: any other is NOT_FOUND, a failed test.
+        assert service == "" or service in GATEWAY_SERVICES, f"unknown health service {service}"
         assert container["image"] == f"{tests['image']['repository']}:{tests['image']['tag']}"
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
@@ -1136,6 +1143,7 @@ def check_webhook_exposed_with_secret(
             for kind in kinds:
                 rendered.one(kind)
             check_webhook(rendered)
+            check_chart_secret(rendered)
 
     return body
 
