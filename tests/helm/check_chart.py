@@ -773,6 +773,17 @@ def check_test_hook(rendered: Rendered) -> None:
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert isinstance(spec["securityContext"]["runAsUser"], int)
     target = f"{FULLNAME}:{rendered.values['service']['ports']['grpc']}"
+    tls = rendered.values["tls"]
+    # The test speaks what the gRPC port speaks, and under mutual TLS shows a client certificate.
+    client_cert = tls["secretName"] and tests["clientCertSecretName"]
+    client_dir = "/etc/cx-gateway-test/client"
+    if client_cert:
+        (volume,) = spec["volumes"]
+        assert volume["secret"]["secretName"] == tests["clientCertSecretName"]
+        assert volume["secret"]["defaultMode"] == 0o440
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+    else:
+        assert not spec.get("volumes"), "a client certificate without TLS"
     containers = spec["containers"]
     assert len(containers) == len(tests["services"])
     for container, service in zip(containers, tests["services"]):
@@ -782,9 +793,15 @@ def check_test_hook(rendered: Rendered) -> None:
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         command = container["command"]
+        if client_cert:
+            assert container["volumeMounts"] == [
+                {"name": "client-cert", "mountPath": client_dir, "readOnly": True}
+            ]
         if tests["tool"] == "grpc_health_probe":
             assert command[0] == "grpc_health_probe"
             assert f"-addr={target}" in command and f"-service={service}" in command
+            assert ("-tls" in command) == bool(tls["secretName"]), "TLS flag does not match the port"
+            assert (f"-tls-client-cert={client_dir}/tls.crt" in command) == bool(client_cert)
         else:
             script = command[-1]
             assert command[:2] == ["/bin/sh", "-c"]
@@ -792,6 +809,12 @@ def check_test_hook(rendered: Rendered) -> None:
             assert json.dumps({"service": service}).replace('{"service": ', "") in script
             # grpcurl exits 0 on NOT_SERVING: the script must look at the answer.
             assert "grep -q '\"SERVING\"'" in script
+            words = script.split()
+            if tls["secretName"]:
+                assert "-insecure" in words and "-plaintext" not in words, "plaintext to TLS"
+            else:
+                assert "-plaintext" in words and "-insecure" not in words
+            assert ("-cert" in words) == bool(client_cert), "client certificate flag"
 
 
 def check_notes(rendered: Rendered) -> None:
@@ -1175,6 +1198,30 @@ def check_webhook_secret_rolls_pod(chart: helm.Chart) -> None:
     assert checksum(deep_merge(signed, {"webhook": {"signingSecret": "d"}})) != first, "signing"
 
 
+def check_test_pod_under_mutual_tls(chart: helm.Chart) -> None:
+    """A required client certificate the test pod does not have would fail every `helm test`:
+    the chart refuses to render it, and renders it once the certificate is named."""
+    mtls = {
+        "tls": {"secretName": "server", "clientCaSecretName": "ca", "clientAuth": "required"},
+        "callers": {"existingSecret": "callers"},
+    }
+    try:
+        chart.render(mtls, name=RELEASE, namespace=NAMESPACE)
+    except helm.HelmRenderError as error:
+        assert "needs tests.clientCertSecretName" in str(error), str(error)
+    else:
+        raise AssertionError("a test pod without a client certificate under required mutual TLS")
+    optional = deep_merge(mtls, {"tls": {"clientAuth": "optional"}})
+    check_test_hook(Rendered(chart, optional))
+    with_cert = deep_merge(mtls, {"tests": {"clientCertSecretName": "test-client"}})
+    for tool in ("grpcurl", "grpc_health_probe"):
+        rendered = Rendered(chart, deep_merge(with_cert, {"tests": {"tool": tool}}))
+        check_test_hook(rendered)
+        assert rendered.hook_pods()[0]["spec"]["volumes"], "client certificate not mounted"
+    disabled = deep_merge(mtls, {"tests": {"enabled": False}})
+    assert not Rendered(chart, disabled).hook_pods()
+
+
 def check_webhook_key_collision(chart: helm.Chart) -> None:
     """Two chart-managed secrets under one key name would silently lose one of them."""
     values = {
@@ -1385,6 +1432,10 @@ def main() -> int:
         results.check(
             "[webhook] a changed webhook secret rolls the pod",
             lambda: check_webhook_secret_rolls_pod(chart),
+        )
+        results.check(
+            "[helm test] under mutual TLS the test pod needs a client certificate",
+            lambda: check_test_pod_under_mutual_tls(chart),
         )
         results.check(
             "[webhook] a webhook secret key name cannot replace another secret",
