@@ -1343,6 +1343,83 @@ def check_values_documented() -> None:
     assert not undocumented, f"values without a comment: {undocumented}"
 
 
+# Texts whose setting and value names must exist: the operations guide, the values file and the
+# templates (the install notes, the messages of the guards).
+NAMED_IN = [
+    ROOT / "docs" / "operations.md",
+    CHART / "values.yaml",
+    *sorted(p for p in (CHART / "templates").rglob("*") if p.is_file()),
+]
+# OTEL_* variables read by the OpenTelemetry SDK itself rather than by the gateway's code.
+SDK_OTEL_NAMES = {"OTEL_BSP_MAX_QUEUE_SIZE"}
+# Dotted names that are files, not values (tls.crt in a kubernetes.io/tls Secret).
+FILE_SUFFIXES = {"crt", "key", "pem", "toml", "db", "yaml", "json", "md", "txt", "sh"}
+
+
+def settings_read_by_gateway() -> tuple[set[str], set[str]]:
+    """CXGW_* names the gateway reads (with the _FILE form of every secret setting) and the
+    OTEL_* names or name prefixes its code mentions."""
+    cxgw: set[str] = set()
+    otel: set[str] = set()
+    for source in (ROOT / "src").rglob("*.rs"):
+        text = source.read_text()
+        cxgw.update(re.findall(r'"(CXGW_[A-Z0-9_]+)"', text))
+        cxgw.update(f"{name}_FILE" for name in re.findall(r'secret\("(CXGW_[A-Z0-9_]+)"\)', text))
+        otel.update(re.findall(r'"(OTEL_[A-Z0-9_]+)', text))
+    return cxgw, otel
+
+
+def check_named_settings_exist() -> None:
+    """Every CXGW_* and OTEL_* variable the guide, the values file and the notes name is one the
+    gateway (or the chart, or the OpenTelemetry SDK) reads."""
+    cxgw, otel = settings_read_by_gateway()
+    assert "CXGW_WEBHOOK_SECRET_FILE" in cxgw and "CXGW_GRPC_ADDR" in cxgw, "settings not found"
+    chart_text = "".join(path.read_text() for path in (CHART / "templates").rglob("*.yaml"))
+    chart_otel = set(re.findall(r"\b(OTEL_[A-Z0-9_]*[A-Z0-9])\b", chart_text))
+    unknown = []
+    for path in NAMED_IN:
+        text = path.read_text()
+        for name in sorted(set(re.findall(r"\b(CXGW_[A-Z0-9_]*[A-Z0-9])\b", text))):
+            if name not in cxgw:
+                unknown.append(f"{path.relative_to(ROOT)}: {name}")
+        for name in sorted(set(re.findall(r"\b(OTEL_[A-Z0-9_]*[A-Z0-9])\b", text))):
+            known = (
+                name in chart_otel
+                or name in SDK_OTEL_NAMES
+                or any(name == o or (o.endswith("_") and name.startswith(o)) for o in otel)
+            )
+            if not known:
+                unknown.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not unknown, f"names the gateway does not read: {unknown}"
+
+
+def check_named_values_exist() -> None:
+    """Every chart value the guide, the values file and the notes name (`webhook.secretHeader`,
+    `--set callers.existingSecret=...`) exists in values.yaml."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    top = "|".join(sorted(values, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w./$-])((?:{top})(?:\.(?:[A-Za-z][A-Za-z0-9]*|\{{[A-Za-z0-9,]+\}}))+)")
+    missing = []
+    checked = 0
+    for path in NAMED_IN:
+        for name in sorted(set(pattern.findall(path.read_text()))):
+            if name.rsplit(".", 1)[-1] in FILE_SUFFIXES:
+                continue
+            # upstreamKeys.secretKeys.{a,b} names several values.
+            head, _, tail = name.partition(".{")
+            names = [f"{head}.{leaf}" for leaf in tail.rstrip("}").split(",")] if tail else [name]
+            for full in names:
+                checked += 1
+                node: Any = values
+                for part in full.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        missing.append(f"{path.relative_to(ROOT)}: {full}")
+                        break
+                    node = node[part]
+    assert checked >= 50, f"only {checked} value names found"
+    assert not missing, f"values that do not exist: {missing}"
+
+
 def check_package() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         archive = helm.package(str(CHART), destination=scratch)
@@ -1452,6 +1529,8 @@ def main() -> int:
         "[image] Dockerfile: locked release build, distroless, non-root", check_dockerfile
     )
     results.check("[values] every value is documented", check_values_documented)
+    results.check("[docs] every CXGW_*/OTEL_* name in the guide exists", check_named_settings_exist)
+    results.check("[docs] every chart value the guide names exists", check_named_values_exist)
     results.check("[package] chart packages and renders from the archive", check_package)
     print(f"{results.passed} passed, {results.failed} failed")
     return 0 if results.failed == 0 else 1
