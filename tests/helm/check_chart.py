@@ -837,6 +837,13 @@ def check_notes(rendered: Rendered) -> None:
     )
     assert ("upstream keys are missing" in notes) == keys_missing, "missing-keys warning wrong"
     assert ("persistence is disabled" in notes) == (not values["persistence"]["enabled"])
+    webhook = values["webhook"]
+    assert ("Retently webhooks are received" in notes) == webhook["enabled"], "webhook notes"
+    if webhook["enabled"]:
+        assert f'"{webhook["secretHeader"]}: <the shared secret>"' in notes, "secret header"
+        assert ("Signatures are required" in notes) == webhook["requireSignature"]
+        exposed = values["ingress"]["enabled"] or values["httpRoute"]["enabled"]
+        assert ("Nothing exposes them" in notes) == (not exposed), "exposure notes"
 
 
 def check_image(rendered: Rendered) -> None:
