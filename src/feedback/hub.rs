@@ -37,10 +37,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::Stream;
-use prost::Message as _;
-use prost::bytes::Bytes;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt as _;
+use prost::Message as _;
+use prost::bytes::Bytes;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio::time::Instant;
@@ -473,9 +473,7 @@ impl Subscriber {
         self.cause = Cause::Overflow;
         self.page.clear();
         FeedbackStats::add(&self.hub.stats.catch_ups, 1);
-        crate::telemetry::metrics()
-            .subscriber_overflows
-            .add(1, &[]);
+        crate::telemetry::metrics().subscriber_overflows.add(1, &[]);
         self.trace
             .catch_up_started(Cause::Overflow, self.position, self.hub.head());
     }
@@ -741,7 +739,8 @@ impl Drop for Trace {
         self.flush();
         self.span
             .set_attribute("feedback.items.delivered", self.delivered as i64);
-        self.span.set_attribute("feedback.batches", self.batches as i64);
+        self.span
+            .set_attribute("feedback.batches", self.batches as i64);
         self.span
             .set_attribute("feedback.catch_ups", self.catch_ups as i64);
     }

@@ -307,7 +307,10 @@ impl Poller {
                 incremental: true,
                 rescan: covers_rescan,
             };
-            match self.traced_poll(&mut state, start_ms, started_ms, read).await {
+            match self
+                .traced_poll(&mut state, start_ms, started_ms, read)
+                .await
+            {
                 Ok(()) => {
                     FeedbackStats::add(&self.stats.polls, 1);
                     if covers_rescan {

@@ -930,7 +930,10 @@ async fn the_sync_lag_grows_while_polls_fail_and_drops_when_one_completes() {
     assert!(polls("ok") >= ok_before + 1.0);
     assert!(new_items() >= new_before + 1.0);
     let text = crate::telemetry::metrics().prometheus_text().unwrap();
-    assert!(text.contains("# TYPE cxgw_feedback_sync_lag_seconds gauge"), "{text}");
+    assert!(
+        text.contains("# TYPE cxgw_feedback_sync_lag_seconds gauge"),
+        "{text}"
+    );
 }
 
 fn receiver_settings(signing: Option<&str>) -> WebhookSettings {

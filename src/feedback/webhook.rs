@@ -199,7 +199,10 @@ impl WebhookReceiver {
             })?;
         FeedbackStats::add(&self.stats.webhook_accepted, 1);
         span.record("feedback.items.new", counts.created);
-        span.record("feedback.items.duplicates", counts.unchanged + counts.ignored);
+        span.record(
+            "feedback.items.duplicates",
+            counts.unchanged + counts.ignored,
+        );
         span.record("outcome", "accepted");
         Ok(Receipt {
             received,
