@@ -69,7 +69,6 @@ pub fn parse_traceparent(traceparent: &str) -> Option<SpanContext> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::TraceContextExt as _;
 
     #[test]
     fn a_valid_traceparent_is_extracted_and_a_bad_one_ignored() {
