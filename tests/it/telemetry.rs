@@ -686,23 +686,55 @@ async fn metrics_count_rpcs_by_method_and_code_and_upstream_calls_by_route() {
     emulator.stop().await;
 }
 
-/// Reads `stream` until it delivered `count` feedback events; returns their sequences.
+/// The next message of `stream`.
+async fn next_message(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+) -> pb::subscribe_response::Payload {
+    tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+        .await
+        .expect("the gateway sent nothing in time")
+        .expect("the stream failed")
+        .expect("the stream ended")
+        .payload
+        .expect("a payload")
+}
+
+/// Reads `stream` until it delivered `count` feedback events.
 async fn feedback_events(
     stream: &mut tonic::Streaming<pb::SubscribeResponse>,
     count: usize,
-) -> Vec<i64> {
-    let mut sequences = Vec::with_capacity(count);
-    while sequences.len() < count {
-        let message = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
-            .await
-            .expect("the gateway sent nothing in time")
-            .expect("the stream failed")
-            .expect("the stream ended");
-        if let Some(pb::subscribe_response::Payload::FeedbackEvent(event)) = message.payload {
-            sequences.push(event.sequence);
+) -> Vec<pb::FeedbackEvent> {
+    let mut events = Vec::with_capacity(count);
+    while events.len() < count {
+        if let pb::subscribe_response::Payload::FeedbackEvent(event) = next_message(stream).await {
+            events.push(event);
         }
     }
-    sequences
+    events
+}
+
+/// Reads heartbeats until one reports a poll that started after `instant` as complete (and
+/// with it, everything that poll recorded); no event may arrive meanwhile.
+async fn synced_after(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+    instant: prost_types::Timestamp,
+) {
+    let key = |time: &prost_types::Timestamp| (time.seconds, time.nanos);
+    loop {
+        match next_message(stream).await {
+            pb::subscribe_response::Payload::Heartbeat(heartbeat) => {
+                if heartbeat
+                    .sync_time
+                    .is_some_and(|time| key(&time) > key(&instant))
+                {
+                    return;
+                }
+            }
+            pb::subscribe_response::Payload::FeedbackEvent(event) => {
+                panic!("unexpected event {}", event.sequence)
+            }
+        }
+    }
 }
 
 async fn subscribe(
@@ -785,6 +817,7 @@ async fn feedback_polls_webhooks_and_subscriptions_are_traced() {
             ("CXGW_RETENTLY_REQUESTS_PER_MINUTE", "6000".to_owned()),
             ("CXGW_FEEDBACK_POLL_INTERVAL", "100ms".to_owned()),
             ("CXGW_FEEDBACK_RESCAN_INTERVAL", "0s".to_owned()),
+            ("CXGW_FEEDBACK_HEARTBEAT_INTERVAL", "100ms".to_owned()),
             // The seed spreads its responses over 90 days: the first poll reads them all.
             ("CXGW_FEEDBACK_BACKFILL", "100d".to_owned()),
             ("CXGW_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
@@ -796,11 +829,22 @@ async fn feedback_polls_webhooks_and_subscriptions_are_traced() {
     let mut live = subscribe(&gateway.channel, pb::StreamPosition::Latest).await;
     feedback_events(&mut live, seeded).await;
     sandbox.handle().simulate_feedback(5);
-    feedback_events(&mut live, 5).await;
+    let simulated = feedback_events(&mut live, 5).await;
+    // Scraped once the poll that found them has completed (and recorded its metrics).
+    let newest = simulated
+        .iter()
+        .filter_map(|event| event.feedback.as_ref()?.create_time)
+        .max_by_key(|time| (time.seconds, time.nanos))
+        .unwrap();
+    synced_after(&mut live, newest).await;
     let metrics_text = scrape(&gateway).await;
     // A replay of the whole log catches up from it, then 3 arrive live.
     let mut replay = subscribe(&gateway.channel, pb::StreamPosition::Earliest).await;
-    let replayed = feedback_events(&mut replay, seeded + 5).await;
+    let replayed: Vec<i64> = feedback_events(&mut replay, seeded + 5)
+        .await
+        .iter()
+        .map(|event| event.sequence)
+        .collect();
     assert_eq!(replayed, (1..=(seeded + 5) as i64).collect::<Vec<_>>());
     sandbox.handle().simulate_feedback(3);
     feedback_events(&mut replay, 3).await;
@@ -962,7 +1006,8 @@ async fn feedback_polls_webhooks_and_subscriptions_are_traced() {
         assert!(!exported.contains(secret), "{secret} in an exported span");
     }
 
-    // `/metrics`, scraped while the live subscriber was open and after the first poll.
+    // `/metrics`, scraped while the live subscriber was open, after the polls that found the
+    // seeded and the 5 simulated responses.
     assert_eq!(
         sample(&metrics_text, "cxgw_feedback_subscribers", &[]),
         Some(1.0)
