@@ -118,7 +118,7 @@ pub async fn run(
     )
     .context("cannot open the feedback log")?;
     let feedback = Arc::new(feedback);
-    crate::feedback::FeedbackStats::register_metrics(feedback.stats());
+    feedback.register_metrics();
     for worker in workers {
         app.spawn_background(worker);
     }

@@ -26,6 +26,7 @@ use rusqlite::{OptionalExtension as _, Row, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::error::Error;
 use crate::shutdown::Drain;
@@ -61,6 +62,13 @@ pub const MIGRATION: (&str, &str) = (
         PRIMARY KEY (key, seq)
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX outbox_keys_by_seq ON outbox_keys (seq);",
+);
+
+/// The W3C `traceparent` of the span that queued each delivery (NULL when traces were not
+/// exported), so its delivery can link to the trace of the call that was acknowledged.
+pub const TRACE_CONTEXT_MIGRATION: (&str, &str) = (
+    "0011_outbox_traceparent",
+    "ALTER TABLE outbox ADD COLUMN traceparent TEXT;",
 );
 
 /// Delivery states; the numbers are those of `cx.gateway.v1.DeliveryState`.
@@ -233,6 +241,17 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A delivery taken for an attempt.
+struct Claimed {
+    delivery_id: String,
+    method: String,
+    request: Vec<u8>,
+    /// Attempts including this one.
+    attempts: u32,
+    /// The `traceparent` of the span that queued it.
+    traceparent: Option<String>,
+}
+
 /// A fresh delivery id: 128 random bits, so ids are unguessable and never collide in practice.
 pub fn new_delivery_id() -> String {
     let bits: u128 = rand::rng().random();
@@ -311,6 +330,7 @@ impl Outbox {
             method = %method,
             items = delivery.item_count,
         );
+        let traceparent = crate::telemetry::propagation::traceparent(&span);
         self.store
             .write(move |tx| {
                 let now = now_ms();
@@ -323,8 +343,8 @@ impl Outbox {
                 tx.execute(
                     "INSERT INTO outbox (delivery_id, method, request, destinations, item_count,
                         idempotency_key, replay_safe, state, create_ms, update_ms, next_attempt_ms,
-                        expire_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10)",
+                        expire_ms, traceparent)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10, ?11)",
                     params![
                         id,
                         delivery.method,
@@ -336,6 +356,7 @@ impl Outbox {
                         DeliveryState::Pending as i64,
                         now,
                         expire_ms,
+                        traceparent,
                     ],
                 )?;
                 let seq = tx.last_insert_rowid();
@@ -559,12 +580,13 @@ impl Outbox {
 
     /// Claims up to `limit` deliveries that are due and not blocked by an older unfinished
     /// delivery for the same customer, marking them in flight (durably) before they are sent.
-    async fn claim(&self, limit: usize) -> Result<Vec<(String, String, Vec<u8>, u32)>, Error> {
+    async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, Error> {
         self.store
             .write(move |tx| {
                 let now = now_ms();
                 let mut statement = tx.prepare_cached(
-                    "SELECT d.seq, d.delivery_id, d.method, d.request, d.attempt_count FROM outbox d
+                    "SELECT d.seq, d.delivery_id, d.method, d.request, d.attempt_count,
+                        d.traceparent FROM outbox d
                      WHERE d.state IN (1, 3) AND d.next_attempt_ms <= ?1
                        AND NOT EXISTS (
                          SELECT 1 FROM outbox_keys k
@@ -579,10 +601,13 @@ impl Outbox {
                         |row| {
                             Ok((
                                 row.get::<_, i64>(0)?,
-                                row.get::<_, String>(1)?,
-                                row.get::<_, String>(2)?,
-                                row.get::<_, Vec<u8>>(3)?,
-                                row.get::<_, u32>(4)?,
+                                Claimed {
+                                    delivery_id: row.get(1)?,
+                                    method: row.get(2)?,
+                                    request: row.get(3)?,
+                                    attempts: row.get::<_, u32>(4)? + 1,
+                                    traceparent: row.get(5)?,
+                                },
                             ))
                         },
                     )?
@@ -591,13 +616,10 @@ impl Outbox {
                     "UPDATE outbox SET state = 2, attempt_count = attempt_count + 1, update_ms = ?1
                      WHERE seq = ?2",
                 )?;
-                for (seq, ..) in &claimed {
+                for (seq, _) in &claimed {
                     mark.execute(params![now, seq])?;
                 }
-                Ok(claimed
-                    .into_iter()
-                    .map(|(_, id, method, request, attempts)| (id, method, request, attempts + 1))
-                    .collect())
+                Ok(claimed.into_iter().map(|(_, claimed)| claimed).collect())
             })
             .await
     }
@@ -720,13 +742,21 @@ impl Outbox {
                 }
             };
             let claimed_any = !claimed.is_empty();
-            for (delivery_id, method, request, attempts) in claimed {
+            for Claimed {
+                delivery_id,
+                method,
+                request,
+                attempts,
+                traceparent,
+            } in claimed
+            {
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     return;
                 };
                 let outbox = self.clone();
                 let executor = Arc::clone(&executor);
                 // Each attempt is a trace of its own: the call that queued it has long returned.
+                // It links to the span that queued it, so the two traces are one click apart.
                 let span = tracing::info_span!(
                     parent: None,
                     "outbox.delivery",
@@ -735,6 +765,12 @@ impl Outbox {
                     attempt = attempts,
                     outcome = tracing::field::Empty,
                 );
+                if let Some(enqueued) = traceparent
+                    .as_deref()
+                    .and_then(crate::telemetry::propagation::parse_traceparent)
+                {
+                    span.add_link(enqueued);
+                }
                 tokio::spawn(async move {
                     let attempt = executor.execute(&method, &request, &delivery_id).await;
                     tracing::Span::current().record(

@@ -22,6 +22,13 @@
 //! receiver was taken is in the receiver, and entries are taken from it only if their sequence
 //! is exactly one more than the subscriber's position (older ones are skipped, a jump means it
 //! lagged and reads the log again). Sequences are gap-free, so this check is exact.
+//!
+//! Telemetry: a subscription is the RPC's server span, which lasts as long as the stream. What
+//! the stream delivers is reported on it as events, one per *batch* (a catch-up page, or a run
+//! of live entries sent without waiting), never one per message: `feedback.batch` with the
+//! item count, first and last sequence and source, `feedback.catch_up` / `feedback.caught_up`
+//! around each read from the log. Heartbeats are no events. When no trace is exported (or the
+//! span is not sampled) none of this costs more than a flag test per message.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -30,11 +37,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::Stream;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TraceContextExt as _;
 use prost::Message as _;
 use prost::bytes::Bytes;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Semaphore, broadcast, watch};
 use tokio::time::Instant;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::clock::Clock;
 use super::cursor::{Cursor, CursorError};
@@ -205,12 +215,20 @@ impl Hub {
         let head = self.head();
         let position = self.resolve(start, head).await?;
         FeedbackStats::add(&self.stats.subscriptions, 1);
+        // The span current here is the RPC's server span (the caller's subscription).
+        let mut trace = Trace::new(tracing::Span::current(), start, position);
+        let catching_up = position < head;
+        if catching_up {
+            trace.catch_up_started(Cause::Replay, position, head);
+        }
         let subscriber = Subscriber {
             hub: Arc::clone(self),
             filter,
             position,
             receiver,
-            catching_up: position < head,
+            catching_up,
+            cause: Cause::Replay,
+            trace,
             page: VecDeque::new(),
             last_sent: Instant::now(),
             started: false,
@@ -338,6 +356,9 @@ struct Subscriber {
     position: i64,
     receiver: broadcast::Receiver<Arc<LogEntry>>,
     catching_up: bool,
+    /// Why the current (or last) catch-up started.
+    cause: Cause,
+    trace: Trace,
     /// The current catch-up page, oldest first.
     page: VecDeque<LogEntry>,
     last_sent: Instant,
@@ -389,13 +410,16 @@ impl Subscriber {
                     }
                     self.position = entry.sequence;
                     if self.filter.matches(&entry.fields) {
+                        self.trace.delivered(Source::CatchUp, entry.sequence);
                         return self.send(entry.message);
                     }
                     continue;
                 }
+                // A page is one batch.
+                self.trace.flush();
                 let target = self.hub.head();
                 if self.position >= target {
-                    self.catching_up = false;
+                    self.caught_up();
                     continue;
                 }
                 match self.read_page(target).await {
@@ -406,6 +430,10 @@ impl Subscriber {
                     }
                     Err(error) => return self.end(error),
                 }
+            }
+            // A live batch ends where the subscriber would wait.
+            if self.trace.pending() && self.receiver.is_empty() {
+                self.trace.flush();
             }
             let drain = self.hub.drain.clone();
             let deadline = self.deadline;
@@ -428,6 +456,7 @@ impl Subscriber {
                     }
                     self.position = entry.sequence;
                     if self.filter.matches(&entry.fields) {
+                        self.trace.delivered(Source::Live, entry.sequence);
                         return self.send(entry.message.clone());
                     }
                 }
@@ -441,8 +470,21 @@ impl Subscriber {
     fn fall_behind(&mut self) {
         self.receiver = self.hub.live.subscribe();
         self.catching_up = true;
+        self.cause = Cause::Overflow;
         self.page.clear();
         FeedbackStats::add(&self.hub.stats.catch_ups, 1);
+        crate::telemetry::metrics().subscriber_overflows.add(1, &[]);
+        self.trace
+            .catch_up_started(Cause::Overflow, self.position, self.hub.head());
+    }
+
+    /// Back on the live ring after reading the log.
+    fn caught_up(&mut self) {
+        self.catching_up = false;
+        crate::telemetry::metrics()
+            .subscriber_catch_ups
+            .add(1, &[KeyValue::new("cause", self.cause.name())]);
+        self.trace.caught_up(self.cause, self.position);
     }
 
     /// Reads the next page after the position; `false` when retention deleted what comes next.
@@ -474,7 +516,7 @@ impl Subscriber {
                     target,
                     "feedback log read found no entries below the head"
                 );
-                self.catching_up = false;
+                self.caught_up();
                 Ok(true)
             }
             ReadOutcome::Entries(entries) => {
@@ -494,7 +536,8 @@ impl Subscriber {
         Some((Err(error), self))
     }
 
-    fn heartbeat(self) -> Step {
+    fn heartbeat(mut self) -> Step {
+        self.trace.flush();
         let interval = self.hub.settings.heartbeat_interval;
         let heartbeat = pb::Heartbeat {
             server_time: Some(timestamp_from_ms(self.hub.clock.now_ms())),
@@ -518,5 +561,187 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Why a subscriber reads from the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// It fell behind the live ring.
+    Overflow,
+    /// Its start position is in the past.
+    Replay,
+}
+
+impl Cause {
+    fn name(self) -> &'static str {
+        match self {
+            Cause::Overflow => "overflow",
+            Cause::Replay => "replay",
+        }
+    }
+}
+
+/// Where a delivered entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    CatchUp,
+    Live,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::CatchUp => "catch_up",
+            Source::Live => "live",
+        }
+    }
+}
+
+/// Span events a subscription records at most. Events stay in memory until the span ends, and
+/// a stream may last for days with 10,000 of them open: beyond this, batches are only counted
+/// (the totals are span attributes when the stream ends).
+const MAX_SPAN_EVENTS: u32 = 16;
+
+/// A live batch is reported after this many items even if more are ready at once.
+const MAX_BATCH_ITEMS: u64 = 1000;
+
+/// What one subscription delivers, reported on the span it was opened in (see the module
+/// documentation). Inert unless that span is exported.
+struct Trace {
+    span: tracing::Span,
+    on: bool,
+    /// Span events recorded so far.
+    events: u32,
+    /// The batch being collected: its source, size and sequences.
+    source: Source,
+    items: u64,
+    first: i64,
+    last: i64,
+    delivered: u64,
+    batches: u64,
+    catch_ups: u64,
+}
+
+impl Trace {
+    fn new(span: tracing::Span, start: Start, position: i64) -> Trace {
+        // Checked once per subscription: a span that is not exported (no collector, not
+        // sampled, or no span at all) makes every other call here a flag test.
+        let on = crate::telemetry::traces_exported() && span.context().span().is_recording();
+        if on {
+            let start = match start {
+                Start::Latest => "latest",
+                Start::Earliest => "earliest",
+                Start::After(_) => "cursor",
+                Start::Time(_) => "time",
+            };
+            span.set_attribute("feedback.start", start);
+            span.set_attribute("feedback.sequence.start", position);
+        }
+        Trace {
+            span,
+            on,
+            events: 0,
+            source: Source::Live,
+            items: 0,
+            first: 0,
+            last: 0,
+            delivered: 0,
+            batches: 0,
+            catch_ups: 0,
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.items > 0
+    }
+
+    fn delivered(&mut self, source: Source, sequence: i64) {
+        if !self.on {
+            return;
+        }
+        if self.items > 0 && self.source != source {
+            self.flush();
+        }
+        if self.items == 0 {
+            self.source = source;
+            self.first = sequence;
+        }
+        self.items += 1;
+        self.last = sequence;
+        if self.items >= MAX_BATCH_ITEMS {
+            self.flush();
+        }
+    }
+
+    /// Reports the batch collected so far, if any.
+    fn flush(&mut self) {
+        if self.items == 0 {
+            return;
+        }
+        self.batches += 1;
+        self.delivered += self.items;
+        let attributes = vec![
+            KeyValue::new("feedback.items", self.items as i64),
+            KeyValue::new("feedback.sequence.first", self.first),
+            KeyValue::new("feedback.sequence.last", self.last),
+            KeyValue::new("feedback.source", self.source.name()),
+        ];
+        self.items = 0;
+        self.event("feedback.batch", attributes);
+    }
+
+    fn catch_up_started(&mut self, cause: Cause, from: i64, head: i64) {
+        if !self.on {
+            return;
+        }
+        self.flush();
+        self.catch_ups += 1;
+        self.event(
+            "feedback.catch_up",
+            vec![
+                KeyValue::new("feedback.catch_up.cause", cause.name()),
+                KeyValue::new("feedback.sequence.from", from),
+                KeyValue::new("feedback.sequence.head", head),
+            ],
+        );
+    }
+
+    fn caught_up(&mut self, cause: Cause, position: i64) {
+        if !self.on {
+            return;
+        }
+        self.flush();
+        self.event(
+            "feedback.caught_up",
+            vec![
+                KeyValue::new("feedback.catch_up.cause", cause.name()),
+                KeyValue::new("feedback.sequence.to", position),
+            ],
+        );
+    }
+
+    fn event(&mut self, name: &'static str, attributes: Vec<KeyValue>) {
+        if self.events < MAX_SPAN_EVENTS {
+            self.events += 1;
+            self.span.add_event(name, attributes);
+        }
+    }
+}
+
+impl Drop for Trace {
+    /// The stream ended: the last batch, and the totals (which also cover the batches beyond
+    /// [`MAX_SPAN_EVENTS`]).
+    fn drop(&mut self) {
+        if !self.on {
+            return;
+        }
+        self.flush();
+        self.span
+            .set_attribute("feedback.items.delivered", self.delivered as i64);
+        self.span
+            .set_attribute("feedback.batches", self.batches as i64);
+        self.span
+            .set_attribute("feedback.catch_ups", self.catch_ups as i64);
     }
 }

@@ -113,6 +113,12 @@ pub struct Feedback {
     webhook: Option<Arc<WebhookReceiver>>,
     stats: Arc<FeedbackStats>,
     retention: watch::Receiver<RetentionProgress>,
+    /// Whether the poller runs (the sync lag is reported only then).
+    syncing: bool,
+    clock: Clock,
+    /// When the pipeline opened (UNIX milliseconds): the sync lag counts from here until the
+    /// poller knows its watermark.
+    opened_ms: i64,
 }
 
 impl Feedback {
@@ -160,6 +166,7 @@ impl Feedback {
                 progress,
             )),
         ];
+        let syncing = settings.sync.is_some() && source.is_some();
         match (settings.sync.clone(), source) {
             (Some(sync), Some(source)) => {
                 let poller = sync::Poller {
@@ -195,9 +202,61 @@ impl Feedback {
                 webhook,
                 stats,
                 retention,
+                syncing,
+                clock,
+                opened_ms: clock.now_ms(),
             },
             workers,
         ))
+    }
+
+    /// Reports the pipeline to the process's metrics until it is dropped: its counters
+    /// ([`FeedbackStats::register_metrics`]), the sync lag, and a zero for every series of the
+    /// sync and subscriber counters, so that rates and alerts have a series from the start.
+    pub fn register_metrics(&self) {
+        use crate::telemetry::metrics::{Observed, metrics, register_float_probe};
+        use opentelemetry::KeyValue;
+        FeedbackStats::register_metrics(&self.stats);
+        let metrics = metrics();
+        metrics.subscriber_overflows.add(0, &[]);
+        for cause in ["overflow", "replay"] {
+            metrics
+                .subscriber_catch_ups
+                .add(0, &[KeyValue::new("cause", cause)]);
+        }
+        if !self.syncing {
+            return;
+        }
+        for kind in ["incremental", "rescan"] {
+            for outcome in ["ok", "failed"] {
+                metrics.feedback_polls.add(
+                    0,
+                    &[
+                        KeyValue::new("kind", kind),
+                        KeyValue::new("outcome", outcome),
+                    ],
+                );
+            }
+        }
+        for outcome in ["new", "updated", "unchanged", "malformed"] {
+            metrics
+                .feedback_items
+                .add(0, &[KeyValue::new("outcome", outcome)]);
+        }
+        let hub = Arc::downgrade(&self.hub);
+        let clock = self.clock;
+        let opened_ms = self.opened_ms;
+        register_float_probe(Observed::FeedbackSyncLag, move |readings| {
+            let Some(hub) = hub.upgrade() else {
+                return false;
+            };
+            // The watermark is the start of the last complete incremental poll, on this
+            // gateway's clock: everything recorded upstream before it is in the log.
+            let since = hub.sync_time_ms().unwrap_or(opened_ms);
+            let lag_ms = clock.now_ms().saturating_sub(since).max(0);
+            readings.push((lag_ms as f64 / 1000.0, Vec::new()));
+            true
+        });
     }
 
     pub fn hub(&self) -> &Arc<Hub> {

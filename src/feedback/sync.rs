@@ -16,6 +16,11 @@
 //! the share of the budget its interval implies (one request per idle poll) and yields to
 //! interactive callers. Its state (checkpoint, covered range, watermark) is a JSON value in
 //! `sync_cursors`, written in the same transaction as the responses of each page.
+//!
+//! Each poll (and rescan) is a root span `feedback.sync.poll` — it runs on its own, under no
+//! RPC — whose upstream attempts are its children, with what it read: requests, items found,
+//! new, updated, unchanged and malformed ones, and its outcome; the same counts feed the
+//! `cxgw.feedback.sync.*` metrics.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +28,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use opentelemetry::KeyValue;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use super::clock::Clock;
 use super::convert::{ConvertError, feedback_to_pb};
@@ -211,6 +218,35 @@ struct Read {
     rescan: bool,
 }
 
+impl Read {
+    /// The `kind` attribute of the poll's span and metrics.
+    fn kind(self) -> &'static str {
+        if self.incremental {
+            "incremental"
+        } else {
+            "rescan"
+        }
+    }
+}
+
+/// What one poll did, for its span and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PollTally {
+    /// Upstream list requests (pages) made.
+    pub requests: u64,
+    /// Items the upstream listed.
+    pub found: u64,
+    /// Items appended to the log as new responses.
+    pub new: u64,
+    /// Items appended as new versions of known responses.
+    pub updated: u64,
+    pub unchanged: u64,
+    /// Items skipped as unreadable.
+    pub malformed: u64,
+    /// Draining started before the poll finished.
+    pub interrupted: bool,
+}
+
 fn ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
@@ -271,7 +307,10 @@ impl Poller {
                 incremental: true,
                 rescan: covers_rescan,
             };
-            match self.poll(&mut state, start_ms, started_ms, read).await {
+            match self
+                .traced_poll(&mut state, start_ms, started_ms, read)
+                .await
+            {
                 Ok(()) => {
                     FeedbackStats::add(&self.stats.polls, 1);
                     if covers_rescan {
@@ -296,7 +335,7 @@ impl Poller {
                         incremental: false,
                         rescan: true,
                     };
-                    match self.poll(&mut state, from, started_ms, read).await {
+                    match self.traced_poll(&mut state, from, started_ms, read).await {
                         Ok(()) => FeedbackStats::add(&self.stats.rescans, 1),
                         Err(error) => {
                             FeedbackStats::add(&self.stats.poll_failures, 1);
@@ -319,6 +358,75 @@ impl Poller {
         }
     }
 
+    /// [`Poller::poll`] in its own root span, recording what it did on the span and in the
+    /// metrics.
+    async fn traced_poll(
+        &self,
+        state: &mut SyncState,
+        start_ms: i64,
+        started_ms: i64,
+        read: Read,
+    ) -> Result<(), Error> {
+        let kind = read.kind();
+        let span = tracing::info_span!(
+            parent: None,
+            "feedback.sync.poll",
+            feedback.poll.kind = kind,
+            feedback.poll.requests = tracing::field::Empty,
+            feedback.items.found = tracing::field::Empty,
+            feedback.items.new = tracing::field::Empty,
+            feedback.items.updated = tracing::field::Empty,
+            feedback.items.unchanged = tracing::field::Empty,
+            feedback.items.malformed = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let mut tally = PollTally::default();
+        let result = self
+            .poll(state, start_ms, started_ms, read, &mut tally)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &result {
+            Ok(()) if tally.interrupted => "interrupted",
+            Ok(()) => "ok",
+            Err(error) => {
+                // The reason is a fixed code; the message may quote the upstream.
+                span.record("error.type", error.reason());
+                span.record("otel.status_code", "ERROR");
+                "failed"
+            }
+        };
+        span.record("feedback.poll.requests", tally.requests);
+        span.record("feedback.items.found", tally.found);
+        span.record("feedback.items.new", tally.new);
+        span.record("feedback.items.updated", tally.updated);
+        span.record("feedback.items.unchanged", tally.unchanged);
+        span.record("feedback.items.malformed", tally.malformed);
+        span.record("outcome", outcome);
+        let metrics = crate::telemetry::metrics();
+        metrics.feedback_polls.add(
+            1,
+            &[
+                KeyValue::new("kind", kind),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
+        for (outcome, count) in [
+            ("new", tally.new),
+            ("updated", tally.updated),
+            ("unchanged", tally.unchanged),
+            ("malformed", tally.malformed),
+        ] {
+            if count > 0 {
+                metrics
+                    .feedback_items
+                    .add(count, &[KeyValue::new("outcome", outcome)]);
+            }
+        }
+        result
+    }
+
     /// Reads every page from `start_ms` on and hands each to the log with the advanced state.
     async fn poll(
         &self,
@@ -326,6 +434,7 @@ impl Poller {
         start_ms: i64,
         started_ms: i64,
         read: Read,
+        tally: &mut PollTally,
     ) -> Result<(), Error> {
         let start = DateTime::from_timestamp_millis(start_ms).unwrap_or_default();
         let mut page = 1u32;
@@ -336,11 +445,16 @@ impl Poller {
                 limit: PAGE_LIMIT,
             };
             FeedbackStats::add(&self.stats.poll_requests, 1);
+            tally.requests += 1;
             let listed = tokio::select! {
                 biased;
-                () = self.drain.clone().signaled() => return Ok(()),
+                () = self.drain.clone().signaled() => {
+                    tally.interrupted = true;
+                    return Ok(());
+                }
                 listed = self.source.list_feedback(query) => listed?,
             };
+            tally.found += listed.items.len() as u64;
             // The state advances only once the page is stored, so a failed write is read again.
             let mut next = *state;
             let mut observations = Vec::with_capacity(listed.items.len());
@@ -351,7 +465,10 @@ impl Poller {
                         next.checkpoint_ms = next.checkpoint_ms.max(observed.create_time_ms);
                         observations.push(observed);
                     }
-                    Err(error) => self.malformed(error),
+                    Err(error) => {
+                        tally.malformed += 1;
+                        self.malformed(error);
+                    }
                 }
             }
             let last = page >= listed.pages || listed.items.len() < PAGE_LIMIT as usize;
@@ -363,9 +480,13 @@ impl Poller {
                     next.synced_to_ms = Some(started_ms);
                 }
             }
-            self.ingest
+            let counts = self
+                .ingest
                 .submit(Origin::Poll, observations, Some(next.checkpoint()))
                 .await?;
+            tally.new += counts.created;
+            tally.updated += counts.updated;
+            tally.unchanged += counts.unchanged;
             *state = next;
             if last {
                 return Ok(());

@@ -349,17 +349,41 @@ async fn a_subscriber_that_falls_behind_continues_from_the_log_without_loss() {
             .collect();
         fixture.observe(Origin::Poll, &items).await;
     }
+    let overflows = || sample("cxgw_feedback_subscriber_overflows_total", "");
+    let catch_ups = || {
+        sample(
+            "cxgw_feedback_subscriber_catch_ups_total",
+            "{cause=\"overflow\"}",
+        )
+    };
+    let (overflows_before, catch_ups_before) = (overflows(), catch_ups());
     let mut sequences = Vec::new();
     while sequences.len() < 100 {
         sequences.push(next_event(&mut slow).await.1);
     }
     assert_eq!(sequences, (1..=100).collect::<Vec<_>>());
     assert!(fixture.feedback.stats().snapshot().catch_ups >= 1);
+    // Asked for more, the subscriber finds it has caught up and waits on the ring.
+    assert!(futures_util::FutureExt::now_or_never(slow.next()).is_none());
+    // The overflow and the completed catch-up are counted (metrics are process-wide: compared
+    // with what they were before).
+    assert!(overflows() >= overflows_before + 1.0);
+    assert!(catch_ups() >= catch_ups_before + 1.0);
     // Caught up: the next entry arrives live.
     fixture
         .observe(Origin::Poll, &[response("late", "c", 5.0, "", &[])])
         .await;
     assert_eq!(next_event(&mut slow).await, ("late".to_owned(), 101));
+}
+
+/// The value of the sample `name` + `labels` (as rendered) in the process's `/metrics` text, 0
+/// when the series does not exist yet.
+fn sample(name: &str, labels: &str) -> f64 {
+    let text = crate::telemetry::metrics().prometheus_text().unwrap();
+    let prefix = format!("{name}{labels} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0.0, |value| value.parse().unwrap())
 }
 
 #[tokio::test]
@@ -861,6 +885,55 @@ async fn a_failed_poll_does_not_move_the_checkpoint() {
     let mut synced = fixture.hub().sync_watch();
     synced.wait_for(Option::is_some).await.unwrap();
     assert_eq!(fixture.hub().head(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sync_lag_grows_while_polls_fail_and_drops_when_one_completes() {
+    let clock = Clock::following_tokio();
+    let now = clock.now_ms();
+    let source = Arc::new(ScriptedSource::default());
+    source.add("a", &iso(now - 1000), &[]);
+    *source.fail.lock().unwrap() = true;
+    let fixture = Fixture::with(
+        FeedbackSettings {
+            sync: Some(sync_settings()),
+            retention: no_retention(),
+            ..FeedbackSettings::default()
+        },
+        Some(Arc::clone(&source) as Arc<dyn FeedbackSource>),
+        clock,
+    )
+    .await;
+    fixture.feedback.register_metrics();
+    let lag = || sample("cxgw_feedback_sync_lag_seconds", "");
+    let polls = |outcome: &str| {
+        sample(
+            "cxgw_feedback_sync_polls_total",
+            &format!("{{kind=\"incremental\",outcome=\"{outcome}\"}}"),
+        )
+    };
+    let new_items = || sample("cxgw_feedback_sync_items_total", "{outcome=\"new\"}");
+    let (failed_before, ok_before, new_before) = (polls("failed"), polls("ok"), new_items());
+    // Polls 10 s apart, the first 10 s after start: three failures take 30 s, during which
+    // nothing is known to be synced.
+    while source.queries().len() < 3 {
+        source.asked.notified().await;
+    }
+    assert!(lag() >= 30.0, "{}", lag());
+    assert!(polls("failed") >= failed_before + 3.0);
+
+    *source.fail.lock().unwrap() = false;
+    let mut synced = fixture.hub().sync_watch();
+    synced.wait_for(Option::is_some).await.unwrap();
+    // The watermark is the start of the poll that just completed.
+    assert!(lag() < 10.0, "{}", lag());
+    assert!(polls("ok") >= ok_before + 1.0);
+    assert!(new_items() >= new_before + 1.0);
+    let text = crate::telemetry::metrics().prometheus_text().unwrap();
+    assert!(
+        text.contains("# TYPE cxgw_feedback_sync_lag_seconds gauge"),
+        "{text}"
+    );
 }
 
 fn receiver_settings(signing: Option<&str>) -> WebhookSettings {

@@ -20,12 +20,16 @@
 //! A valid call's responses reach the log (and subscribers) before the call is answered;
 //! responses already known are left to the poller, which alone reports changes. Rejections are
 //! counted by reason and logged without the body or any header value.
+//!
+//! Each call is a root span `feedback.webhook` with counts only (items received, new,
+//! duplicates) and its outcome: never a response's content, a header value or the secret.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ring::hmac;
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use super::clock::Clock;
 use super::convert::feedback_from_json;
@@ -163,28 +167,60 @@ impl WebhookReceiver {
         signature: Option<&[u8]>,
         body: &[u8],
     ) -> Result<Receipt, ReceiveError> {
+        let span = call_span();
+        self.receive_in(secret, signature, body, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    async fn receive_in(
+        &self,
+        secret: Option<&[u8]>,
+        signature: Option<&[u8]>,
+        body: &[u8],
+        span: &tracing::Span,
+    ) -> Result<Receipt, ReceiveError> {
         let observations = self
             .check(secret, signature, body)
-            .map_err(|rejection| self.reject(rejection))?;
+            .map_err(|rejection| self.refuse(rejection, span))?;
         let received = observations.len();
+        span.record("feedback.items.received", received);
         let counts = self
             .ingest
             .submit(Origin::Webhook, observations, None)
             .await
             .map_err(|error| {
                 FeedbackStats::add(&self.stats.webhook_failed, 1);
+                span.record("outcome", "failed");
+                span.record("error.type", error.reason());
+                span.record("otel.status_code", "ERROR");
                 tracing::warn!(%error, "cannot store a webhook call, the sender should retry");
                 ReceiveError::Failed(error)
             })?;
         FeedbackStats::add(&self.stats.webhook_accepted, 1);
+        span.record("feedback.items.new", counts.created);
+        span.record(
+            "feedback.items.duplicates",
+            counts.unchanged + counts.ignored,
+        );
+        span.record("outcome", "accepted");
         Ok(Receipt {
             received,
             created: counts.created,
         })
     }
 
-    /// Counts and logs a rejection (without the body or header values).
+    /// Counts and logs a rejection made before the call reached [`WebhookReceiver::receive`]
+    /// (a body over the limit), in a span of its own (without the body or header values).
     pub fn reject(&self, rejection: Rejection) -> ReceiveError {
+        let span = call_span();
+        let _entered = span.enter();
+        self.refuse(rejection, &span)
+    }
+
+    /// Counts and logs a rejection (without the body or header values).
+    fn refuse(&self, rejection: Rejection, span: &tracing::Span) -> ReceiveError {
+        span.record("outcome", rejection.reason());
         let counter = match rejection {
             Rejection::Unauthenticated => &self.stats.webhook_rejected_unauthenticated,
             Rejection::BadSignature => &self.stats.webhook_rejected_signature,
@@ -231,6 +267,22 @@ impl WebhookReceiver {
             })
             .collect()
     }
+}
+
+/// The span of one webhook call: a root (the sender is outside every trace of the gateway) that
+/// holds only counts and a fixed outcome.
+fn call_span() -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "feedback.webhook",
+        otel.kind = "server",
+        feedback.items.received = tracing::field::Empty,
+        feedback.items.new = tracing::field::Empty,
+        feedback.items.duplicates = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
 }
 
 /// Verifies `t=<unix>,v1=<hex>[,v1=<hex>...]` over `"<t>.<body>"`.

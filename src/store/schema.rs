@@ -18,6 +18,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     crate::domain::outbox::MIGRATION,
     crate::domain::idempotency::MIGRATION,
     crate::feedback::log::MIGRATION,
+    crate::domain::outbox::TRACE_CONTEXT_MIGRATION,
 ];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {

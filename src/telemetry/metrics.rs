@@ -59,26 +59,50 @@ pub enum Observed {
     FeedbackEvents,
     /// Open FeedbackStream subscriptions.
     FeedbackSubscribers,
+    /// Seconds since the feedback sync's watermark (a fractional reading, see
+    /// [`register_float_probe`]).
+    FeedbackSyncLag,
 }
 
 /// One reading: the value and its attributes.
 pub type Reading = (u64, Vec<KeyValue>);
 
+/// One fractional reading (seconds): the value and its attributes.
+pub type FloatReading = (f64, Vec<KeyValue>);
+
 /// Reports the current readings of one source; returns `false` once the source is gone, which
 /// unregisters the probe.
-type Probe = Box<dyn Fn(&mut Vec<Reading>) -> bool + Send + Sync>;
+type Probe<T> = Box<dyn Fn(&mut Vec<(T, Vec<KeyValue>)>) -> bool + Send + Sync>;
 
-#[derive(Default)]
-struct Probes {
-    probes: Mutex<Vec<(Observed, Probe)>>,
+struct Probes<T> {
+    probes: Mutex<Vec<(Observed, Probe<T>)>>,
 }
 
-impl Probes {
-    fn read(&self, kind: Observed) -> Vec<Reading> {
+impl<T> Default for Probes<T> {
+    fn default() -> Self {
+        Probes {
+            probes: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<T> Probes<T> {
+    fn read(&self, kind: Observed) -> Vec<(T, Vec<KeyValue>)> {
         let mut readings = Vec::new();
         let mut probes = self.probes.lock().unwrap_or_else(PoisonError::into_inner);
         probes.retain(|(probe_kind, probe)| *probe_kind != kind || probe(&mut readings));
         readings
+    }
+
+    fn register(
+        &self,
+        kind: Observed,
+        probe: impl Fn(&mut Vec<(T, Vec<KeyValue>)>) -> bool + Send + Sync + 'static,
+    ) {
+        self.probes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((kind, Box::new(probe)));
     }
 }
 
@@ -86,7 +110,8 @@ impl Probes {
 pub struct Metrics {
     provider: SdkMeterProvider,
     reader: SharedReader,
-    probes: Arc<Probes>,
+    probes: Arc<Probes<u64>>,
+    float_probes: Arc<Probes<f64>>,
     /// `rpc.server.call.duration`: one per finished call (streams: when the stream ends).
     pub rpc_duration: Histogram<f64>,
     /// `rpc.server.calls`: finished calls by method and status code.
@@ -101,12 +126,21 @@ pub struct Metrics {
     pub batch_size: Histogram<u64>,
     /// `cxgw.outbox.enqueued`: writes accepted into the outbox.
     pub outbox_enqueued: Counter<u64>,
+    /// `cxgw.feedback.sync.polls`: feedback polls by kind and outcome.
+    pub feedback_polls: Counter<u64>,
+    /// `cxgw.feedback.sync.items`: items the feedback sync read, by what became of them.
+    pub feedback_items: Counter<u64>,
+    /// `cxgw.feedback.subscriber.overflows`: subscribers that fell behind the live buffer.
+    pub subscriber_overflows: Counter<u64>,
+    /// `cxgw.feedback.subscriber.catch_ups`: catch-ups from the log completed, by cause.
+    pub subscriber_catch_ups: Counter<u64>,
     _observed: Vec<ObservedInstrument>,
 }
 
 #[allow(dead_code)] // Held only to keep the callbacks registered.
 enum ObservedInstrument {
     Gauge(ObservableGauge<u64>),
+    FloatGauge(ObservableGauge<f64>),
     Counter(ObservableCounter<u64>),
 }
 
@@ -134,12 +168,16 @@ pub fn register_probe(
     kind: Observed,
     probe: impl Fn(&mut Vec<Reading>) -> bool + Send + Sync + 'static,
 ) {
-    metrics()
-        .probes
-        .probes
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push((kind, Box::new(probe)));
+    metrics().probes.register(kind, probe);
+}
+
+/// Registers a probe of fractional readings (a gauge in seconds) read whenever `kind` is
+/// collected.
+pub fn register_float_probe(
+    kind: Observed,
+    probe: impl Fn(&mut Vec<FloatReading>) -> bool + Send + Sync + 'static,
+) {
+    metrics().float_probes.register(kind, probe);
 }
 
 impl Metrics {
@@ -158,7 +196,8 @@ impl Metrics {
         let provider = builder.build();
         let meter = provider.meter("cx-gateway");
         let probes = Arc::new(Probes::default());
-        let observed = observed_instruments(&meter, &probes);
+        let float_probes = Arc::new(Probes::default());
+        let observed = observed_instruments(&meter, &probes, &float_probes);
         Metrics {
             rpc_duration: meter
                 .f64_histogram("rpc.server.call.duration")
@@ -195,9 +234,38 @@ impl Metrics {
                 .u64_counter("cxgw.outbox.enqueued")
                 .with_description("Asynchronous writes accepted into the durable outbox")
                 .build(),
+            feedback_polls: meter
+                .u64_counter("cxgw.feedback.sync.polls")
+                .with_description(
+                    "Feedback sync polls by kind (incremental, rescan) and outcome (ok, failed, \
+                     interrupted)",
+                )
+                .build(),
+            feedback_items: meter
+                .u64_counter("cxgw.feedback.sync.items")
+                .with_description(
+                    "Feedback items read by the sync polls, by outcome: new (appended to the \
+                     log), updated, unchanged, malformed (skipped)",
+                )
+                .build(),
+            subscriber_overflows: meter
+                .u64_counter("cxgw.feedback.subscriber.overflows")
+                .with_description(
+                    "Times a FeedbackStream subscriber fell behind the live buffer and switched \
+                     to catching up from the log (nothing is lost, delivery is slower)",
+                )
+                .build(),
+            subscriber_catch_ups: meter
+                .u64_counter("cxgw.feedback.subscriber.catch_ups")
+                .with_description(
+                    "Catch-ups from the feedback log completed (the subscriber is back on the \
+                     live buffer), by cause: overflow, replay (a start position in the past)",
+                )
+                .build(),
             provider,
             reader,
             probes,
+            float_probes,
             _observed: observed,
         }
     }
@@ -223,7 +291,11 @@ impl Metrics {
     }
 }
 
-fn observed_instruments(meter: &Meter, probes: &Arc<Probes>) -> Vec<ObservedInstrument> {
+fn observed_instruments(
+    meter: &Meter,
+    probes: &Arc<Probes<u64>>,
+    float_probes: &Arc<Probes<f64>>,
+) -> Vec<ObservedInstrument> {
     let gauge = |name: &'static str, description: &'static str, kind: Observed| {
         let probes = Arc::clone(probes);
         ObservedInstrument::Gauge(
@@ -243,6 +315,21 @@ fn observed_instruments(meter: &Meter, probes: &Arc<Probes>) -> Vec<ObservedInst
         ObservedInstrument::Counter(
             meter
                 .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for (value, attributes) in probes.read(kind) {
+                        observer.observe(value, &attributes);
+                    }
+                })
+                .build(),
+        )
+    };
+    let seconds_gauge = |name: &'static str, description: &'static str, kind: Observed| {
+        let probes = Arc::clone(float_probes);
+        ObservedInstrument::FloatGauge(
+            meter
+                .f64_observable_gauge(name)
+                .with_unit("s")
                 .with_description(description)
                 .with_callback(move |observer| {
                     for (value, attributes) in probes.read(kind) {
@@ -282,6 +369,13 @@ fn observed_instruments(meter: &Meter, probes: &Arc<Probes>) -> Vec<ObservedInst
             "cxgw.feedback.subscribers",
             "Open FeedbackStream subscriptions",
             Observed::FeedbackSubscribers,
+        ),
+        seconds_gauge(
+            "cxgw.feedback.sync.lag",
+            "Seconds since the start of the last complete feedback poll: every response Retently \
+             recorded before then is in the log. Alert on this one: it grows when polls fail or \
+             stall, and stays low when simply no feedback arrives",
+            Observed::FeedbackSyncLag,
         ),
     ]
 }

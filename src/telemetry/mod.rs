@@ -154,6 +154,8 @@ fn register_secrets(config: &Config) {
         config.retently.api_key.as_ref(),
         config.retainly.api_key.as_ref(),
         config.retainly.api_secret.as_ref(),
+        config.webhook.secret.as_ref(),
+        config.webhook.signing_secret.as_ref(),
     ];
     for secret in secrets.into_iter().flatten() {
         redact::register_secret(secret);

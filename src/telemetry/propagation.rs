@@ -2,8 +2,11 @@
 //! metadata so a caller's trace continues in the gateway, injected into every upstream HTTP
 //! request so the upstream (and the sandbox) can join it.
 
+use std::collections::HashMap;
+
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::trace::{SpanContext, TraceContextExt as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -44,10 +47,28 @@ pub fn inject_current(headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(&context, &mut HeadersMut(headers));
 }
 
+/// The W3C `traceparent` of `span` when traces are exported and it belongs to one: kept with
+/// work that runs later (an outbox delivery), which then links back to it.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    if !super::traces_exported() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// The span a stored `traceparent` names, if it is a valid one.
+pub fn parse_traceparent(traceparent: &str) -> Option<SpanContext> {
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let context = TraceContextPropagator::new().extract(&carrier);
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then_some(span_context)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::TraceContextExt as _;
 
     #[test]
     fn a_valid_traceparent_is_extracted_and_a_bad_one_ignored() {
@@ -69,6 +90,21 @@ mod tests {
 
         headers.insert("traceparent", HeaderValue::from_static("00-zz-00-01"));
         assert!(!extract(&headers).span().span_context().is_valid());
+    }
+
+    #[test]
+    fn a_stored_traceparent_names_its_span() {
+        let parsed =
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(
+            parsed.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(parsed.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(parse_traceparent("00-0-0-01").is_none());
+        assert!(parse_traceparent("").is_none());
+        // Not exported in unit tests: nothing to store.
+        assert!(traceparent(&tracing::info_span!("enqueue")).is_none());
     }
 
     #[test]

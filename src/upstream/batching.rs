@@ -1,14 +1,17 @@
 //! Driving one coalesced batch through the lane, and splitting the upstream's answer back to
 //! the callers — shared by the Retently and Retainly batchers.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use opentelemetry::trace::{SpanId, TraceId};
 use serde::Serialize;
 use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::error::{Error, ErrorCode, FieldViolation, Result};
 use crate::upstream::context::CallContext;
@@ -17,6 +20,9 @@ use crate::upstream::scheduler::{AttemptError, Idempotency, Lane};
 
 /// How many times a batch is re-sent without the items the upstream rejected by index.
 const MAX_ROUNDS: usize = 3;
+/// Callers a batch's span links to at most; `batch.callers` counts them all. A full Retainly
+/// batch can run for thousands of callers, and a span's links stay in memory until it ends.
+const MAX_LINKS: usize = 32;
 /// Scheduler yields a batch waits at most for runnable callers to join before it is sealed.
 const SETTLE_YIELDS: usize = 16;
 /// Under load, how long a batch waits for the next caller of the wave it expects before it
@@ -73,13 +79,14 @@ pub async fn drive<K, I, O, S, Fut>(
     Fut: Future<Output = Result<Vec<Result<O>>, AttemptError>>,
 {
     // One span per flushed batch: from its opening to the last answer, with its size once
-    // sealed. Items that join later belong to other calls' traces; this one is in the trace of
-    // the call that opened the batch.
+    // sealed. It is in the trace of the call that opened the batch, and links to the span of
+    // every caller whose items it carries (see `link_callers`).
     let span = tracing::info_span!(
         "upstream.batch",
         upstream = lane.upstream(),
         items = list_field,
         batch.size = tracing::field::Empty,
+        batch.callers = tracing::field::Empty,
     );
     drive_batch(lane, handle, idempotency, list_field, send, span.clone())
         .instrument(span)
@@ -122,6 +129,7 @@ async fn drive_batch<K, I, O, S, Fut>(
     };
     let mut items = items;
     span.record("batch.size", items.len());
+    link_callers(&span, &items);
     crate::telemetry::metrics().batch_size.record(
         items.len() as u64,
         &[
@@ -166,6 +174,20 @@ async fn drive_batch<K, I, O, S, Fut>(
         items,
         &Error::internal("a batch was rejected too many times; its items were not sent"),
     );
+}
+
+/// Links the batch's span to its callers' spans (each once, at most [`MAX_LINKS`]) and records
+/// how many distinct callers it carries. A caller sending several items is one caller.
+fn link_callers<I, O>(span: &tracing::Span, items: &[Pending<I, O>]) {
+    let mut seen: HashSet<(TraceId, SpanId)> = HashSet::new();
+    for caller in items.iter().filter_map(Pending::caller) {
+        if seen.insert((caller.trace_id(), caller.span_id())) && seen.len() <= MAX_LINKS {
+            span.add_link(caller.clone());
+        }
+    }
+    if !seen.is_empty() {
+        span.record("batch.callers", seen.len());
+    }
 }
 
 fn answer<I, O>(items: Vec<Pending<I, O>>, outcomes: Vec<Result<O>>) {

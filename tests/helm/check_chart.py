@@ -1,11 +1,13 @@
-"""Checks of the Helm chart (helm/cx-gateway), the Dockerfile and the .dockerignore.
+"""Checks of the Helm chart (helm/cx-gateway), the Dockerfile, the .dockerignore and the names
+the operations guide uses.
 
 For the default values and every value set in helm/cx-gateway/ci/: lint (strict), render offline
 through the Helm v4 SDK, validate every rendered object with kubernetes-validate in strict mode
 against the oldest Kubernetes the chart supports and the newest the validator knows, and assert
-the properties operators rely on (gRPC probes on the grpc port, hardening, keys only as files,
-the data volume at CXGW_DATA_DIR, drain timing). Then a table of bad value sets, each of which
-the schema must refuse. Prints one line per check and `N passed, N failed` last; exits 1 on any
+the properties operators rely on (gRPC probes on the grpc port, hardening, keys and webhook
+secrets only as files, the data volume at CXGW_DATA_DIR, drain timing). Then a table of bad value
+sets, each of which the schema must refuse, and the template guards that refuse to expose an
+unauthenticated webhook. Prints one line per check and `N passed, N failed` last; exits 1 on any
 failure.
 """
 
@@ -46,18 +48,35 @@ CANARIES = {
     "retainlyApiKey": "rak-canary-21be04d7",
     "retainlyApiSecret": "ras-canary-d95e11a0",
 }
+# The webhook secrets, searched for the same way when the chart stores them.
+WEBHOOK_CANARIES = {
+    "secret": "whs-canary-5c0e8b27",
+    "signingSecret": "whk-canary-93a4f6d1",
+}
+# Where each webhook secret is read from, and the file it is mounted as.
+WEBHOOK_FILE_VARS = {
+    "CXGW_WEBHOOK_SECRET_FILE": ("secret", "webhook-secret"),
+    "CXGW_WEBHOOK_SIGNING_SECRET_FILE": ("signingSecret", "webhook-signing-secret"),
+}
+WEBHOOK_SETTINGS = {
+    "CXGW_WEBHOOK_SECRET_HEADER",
+    "CXGW_WEBHOOK_TOLERANCE",
+    "CXGW_WEBHOOK_MAX_BODY_BYTES",
+}
 KEY_FILE_VARS = {
     "CXGW_RETENTLY_API_KEY_FILE": "retentlyApiKey",
     "CXGW_RETAINLY_API_KEY_FILE": "retainlyApiKey",
     "CXGW_RETAINLY_API_SECRET_FILE": "retainlyApiSecret",
 }
 SECRET_NAME = re.compile(r"(API_KEY|API_SECRET)$")
-GATEWAY_SERVICES = [
-    "cx.gateway.v1.CustomerService",
-    "cx.gateway.v1.SurveyService",
-    "cx.gateway.v1.EventService",
-    "cx.gateway.v1.FeedbackStream",
-]
+# Any secret setting of the gateway, by value or by file.
+ANY_SECRET_SETTING = re.compile(r"^CXGW_\w*(API_KEY|SECRET)(_FILE)?$")
+# The gateway's own gRPC services, from the contract: what the GRPCRoute routes by default.
+GATEWAY_SERVICES = sorted(
+    f"cx.gateway.v1.{name}"
+    for proto in (ROOT / "proto" / "cx" / "gateway" / "v1").glob("*.proto")
+    for name in re.findall(r"^service (\w+) \{", proto.read_text(), flags=re.MULTILINE)
+)
 
 
 class Results:
@@ -98,6 +117,7 @@ class Rendered:
     """One rendering: the merged values, the manifests by template and the parsed objects."""
 
     def __init__(self, chart: helm.Chart, values: dict[str, Any]) -> None:
+        self.raw = values
         self.values = chart.merge_values(values)
         self.manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
         self.notes = self.manifests.get("cx-gateway/templates/NOTES.txt", "")
@@ -427,17 +447,22 @@ def check_keys_are_files(rendered: Rendered) -> None:
     inline = [name for name in env if SECRET_NAME.search(name)]
     assert not inline, f"keys as environment variables: {inline}"
     if values["sandbox"]["enabled"]:
-        assert not rendered.kind("Secret"), "a key Secret in sandbox mode"
         assert not set(KEY_FILE_VARS) & set(env), "key files in sandbox mode"
         assert rendered.container()["args"] == ["serve", "--sandbox"]
         return
     assert rendered.container()["args"] == ["serve"]
     secret_name = keys["existingSecret"] or FULLNAME
     volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+    # The volume of the Secret that maps the key names (the same Secret may hold other secrets,
+    # mounted through volumes of their own).
+    key_names = {keys["secretKeys"][field] for field in CANARIES}
     key_volumes = [
-        v for v in volumes.values() if v.get("secret", {}).get("secretName") == secret_name
+        v
+        for v in volumes.values()
+        if v.get("secret", {}).get("secretName") == secret_name
+        and key_names <= {item["key"] for item in v["secret"].get("items", [])}
     ]
-    assert len(key_volumes) == 1, f"no volume from Secret {secret_name}"
+    assert len(key_volumes) == 1, f"{len(key_volumes)} key volumes from Secret {secret_name}"
     volume = key_volumes[0]
     mount = [m for m in rendered.container()["volumeMounts"] if m["name"] == volume["name"]]
     assert len(mount) == 1 and mount[0].get("readOnly") is True, "key volume not mounted read-only"
@@ -448,22 +473,106 @@ def check_keys_are_files(rendered: Rendered) -> None:
         key_name = keys["secretKeys"][field]
         assert key_name in paths, f"Secret key {key_name} not mounted"
         assert env[variable]["value"] == f"{mount[0]['mountPath']}/{paths[key_name]}", variable
-    if keys["existingSecret"]:
-        assert not rendered.kind("Secret"), "a Secret rendered although existingSecret is set"
+
+
+def expected_secret_data(values: dict[str, Any]) -> dict[str, str]:
+    """What the chart's own Secret must hold: the upstream keys unless they come from an existing
+    Secret (or the sandbox needs none), the webhook secrets unless they come from one."""
+    data = {}
+    keys = values["upstreamKeys"]
+    if not values["sandbox"]["enabled"] and not keys["existingSecret"]:
+        for field in CANARIES:
+            data[keys["secretKeys"][field]] = keys[field]
+    webhook = values["webhook"]
+    if webhook["enabled"] and not webhook["existingSecret"]:
+        data[webhook["secretKeys"]["secret"]] = webhook["secret"]
+        if webhook["requireSignature"]:
+            data[webhook["secretKeys"]["signingSecret"]] = webhook["signingSecret"]
+    return data
+
+
+def check_chart_secret(rendered: Rendered) -> None:
+    """The chart renders a Secret exactly when it manages a secret, holding exactly those values,
+    and the pod template carries its checksum so that a changed value rolls the pod (every secret
+    is read once at start)."""
+    expected = expected_secret_data(rendered.values)
+    secrets = rendered.kind("Secret")
+    annotations = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
+    if not expected:
+        names = [s["metadata"]["name"] for s in secrets]
+        assert not secrets, f"Secrets {names} rendered although every secret comes from elsewhere"
+        assert "checksum/secret" not in annotations, "checksum of a Secret that is not rendered"
         return
     secret = rendered.one("Secret")
-    for field, canary in CANARIES.items():
-        stored = secret["data"][keys["secretKeys"][field]]
-        assert (
-            base64.b64decode(stored).decode() == canary
-        ), f"Secret {field} does not hold the value"
-    annotations = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
-    assert "checksum/secret" in annotations, "pods would not roll when the keys change"
+    assert secret["metadata"]["name"] == FULLNAME
+    assert "stringData" not in secret, "stringData would show the values in the manifest"
+    stored = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+    assert stored == expected, f"Secret holds {sorted(stored)}, expected {sorted(expected)}"
+    assert re.fullmatch(
+        r"[0-9a-f]{64}", annotations.get("checksum/secret", "")
+    ), "pods would not roll when a secret changes"
+
+
+def check_webhook(rendered: Rendered) -> None:
+    """The webhook receiver: secrets only as read-only files from a Secret (the chart's or
+    existingSecret), never in the ConfigMap or an environment value; the other settings in the
+    ConfigMap; nothing of it while it is off."""
+    values = rendered.values
+    webhook = values["webhook"]
+    settings = rendered.config_map()
+    container = rendered.container()
+    env_list = container.get("env", [])
+    env = rendered.env()
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+    in_config = [k for k in settings if ANY_SECRET_SETTING.match(k)]
+    assert not in_config, f"secret settings in the ConfigMap: {in_config}"
+    for item in env_list:
+        name = item["name"]
+        if not ANY_SECRET_SETTING.match(name):
+            continue
+        assert name.endswith("_FILE"), f"{name} carries a secret in the pod spec"
+        assert set(item) == {"name", "value"}, f"{name} is not a plain file path"
+        assert item["value"].startswith("/etc/cx-gateway/"), f"{name} points at {item['value']}"
+    webhook_env = {name for name in env if name.startswith("CXGW_WEBHOOK_")}
+    webhook_settings = {key for key in settings if key.startswith("CXGW_WEBHOOK_")}
+    if not webhook["enabled"]:
+        assert not webhook_env, f"webhook variables while it is off: {sorted(webhook_env)}"
+        assert not webhook_settings, f"webhook settings while it is off: {sorted(webhook_settings)}"
+        assert "webhook-secrets" not in volumes, "webhook secrets mounted while it is off"
+        assert not rendered.kind("Ingress") and not rendered.kind("HTTPRoute"), (
+            "the webhook path is exposed while the receiver is off"
+        )
+        return
+    assert webhook_settings == WEBHOOK_SETTINGS, f"webhook settings {sorted(webhook_settings)}"
+    assert settings["CXGW_WEBHOOK_SECRET_HEADER"] == webhook["secretHeader"]
+    assert settings["CXGW_WEBHOOK_TOLERANCE"] == f"{webhook['toleranceSeconds']}s"
+    assert settings["CXGW_WEBHOOK_MAX_BODY_BYTES"] == str(webhook["maxBodyBytes"])
+    expected_vars = {"CXGW_WEBHOOK_SECRET_FILE"}
+    if webhook["requireSignature"]:
+        expected_vars.add("CXGW_WEBHOOK_SIGNING_SECRET_FILE")
+    assert webhook_env == expected_vars, f"webhook variables {sorted(webhook_env)}"
+    directory = env["CXGW_WEBHOOK_SECRET_FILE"]["value"].rsplit("/", 1)[0]
+    mount = mounts.get(directory)
+    assert mount, f"nothing is mounted at {directory}"
+    assert mount.get("readOnly") is True, "webhook secrets mounted writable"
+    assert "subPath" not in mount, "a subPath mount never sees a Secret update"
+    secret = volumes[mount["name"]].get("secret")
+    assert secret, f"volume {mount['name']} is not a Secret"
+    assert secret["secretName"] == (webhook["existingSecret"] or FULLNAME), secret["secretName"]
+    assert secret["defaultMode"] == 0o440, "webhook secrets readable beyond the pod's group"
+    paths = {item["key"]: item["path"] for item in secret["items"]}
+    wanted = {}
+    for variable in expected_vars:
+        field, file_name = WEBHOOK_FILE_VARS[variable]
+        wanted[webhook["secretKeys"][field]] = file_name
+        assert env[variable]["value"] == f"{directory}/{file_name}", variable
+    assert paths == wanted, f"mounted {paths}, expected {wanted}"
 
 
 def check_no_key_outside_secret(rendered: Rendered) -> None:
     forms = []
-    for canary in CANARIES.values():
+    for canary in [*CANARIES.values(), *WEBHOOK_CANARIES.values()]:
         forms += [canary, base64.b64encode(canary.encode()).decode()]
     for template, text in rendered.manifests.items():
         if template.endswith("/secret.yaml"):
@@ -609,8 +718,12 @@ def check_exposure(rendered: Rendered) -> None:
         assert rule["backendRefs"] == [
             {"name": FULLNAME, "port": values["service"]["ports"]["grpc"]}
         ]
+        assert GATEWAY_SERVICES, "no service found in proto/cx/gateway/v1"
         matched = [m["method"]["service"] for m in rule.get("matches", [])]
         assert matched == grpc_values["services"], f"GRPCRoute services {matched}"
+        if "services" not in rendered.raw.get("grpcRoute", {}):
+            # The default routes every service of the contract, and nothing else.
+            assert sorted(matched) == GATEWAY_SERVICES, f"default GRPCRoute services {matched}"
         assert all(m["method"]["type"] == "Exact" for m in rule.get("matches", []))
     else:
         assert not rendered.kind("GRPCRoute")
@@ -660,16 +773,35 @@ def check_test_hook(rendered: Rendered) -> None:
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert isinstance(spec["securityContext"]["runAsUser"], int)
     target = f"{FULLNAME}:{rendered.values['service']['ports']['grpc']}"
+    tls = rendered.values["tls"]
+    # The test speaks what the gRPC port speaks, and under mutual TLS shows a client certificate.
+    client_cert = tls["secretName"] and tests["clientCertSecretName"]
+    client_dir = "/etc/cx-gateway-test/client"
+    if client_cert:
+        (volume,) = spec["volumes"]
+        assert volume["secret"]["secretName"] == tests["clientCertSecretName"]
+        assert volume["secret"]["defaultMode"] == 0o440
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+    else:
+        assert not spec.get("volumes"), "a client certificate without TLS"
     containers = spec["containers"]
     assert len(containers) == len(tests["services"])
     for container, service in zip(containers, tests["services"]):
+        # Only names the gateway's health service knows: any other is NOT_FOUND, a failed test.
+        assert service == "" or service in GATEWAY_SERVICES, f"unknown health service {service}"
         assert container["image"] == f"{tests['image']['repository']}:{tests['image']['tag']}"
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         command = container["command"]
+        if client_cert:
+            assert container["volumeMounts"] == [
+                {"name": "client-cert", "mountPath": client_dir, "readOnly": True}
+            ]
         if tests["tool"] == "grpc_health_probe":
             assert command[0] == "grpc_health_probe"
             assert f"-addr={target}" in command and f"-service={service}" in command
+            assert ("-tls" in command) == bool(tls["secretName"]), "TLS flag does not match the port"
+            assert (f"-tls-client-cert={client_dir}/tls.crt" in command) == bool(client_cert)
         else:
             script = command[-1]
             assert command[:2] == ["/bin/sh", "-c"]
@@ -677,6 +809,12 @@ def check_test_hook(rendered: Rendered) -> None:
             assert json.dumps({"service": service}).replace('{"service": ', "") in script
             # grpcurl exits 0 on NOT_SERVING: the script must look at the answer.
             assert "grep -q '\"SERVING\"'" in script
+            words = script.split()
+            if tls["secretName"]:
+                assert "-insecure" in words and "-plaintext" not in words, "plaintext to TLS"
+            else:
+                assert "-plaintext" in words and "-insecure" not in words
+            assert ("-cert" in words) == bool(client_cert), "client certificate flag"
 
 
 def check_notes(rendered: Rendered) -> None:
@@ -699,6 +837,13 @@ def check_notes(rendered: Rendered) -> None:
     )
     assert ("upstream keys are missing" in notes) == keys_missing, "missing-keys warning wrong"
     assert ("persistence is disabled" in notes) == (not values["persistence"]["enabled"])
+    webhook = values["webhook"]
+    assert ("Retently webhooks are received" in notes) == webhook["enabled"], "webhook notes"
+    if webhook["enabled"]:
+        assert f'"{webhook["secretHeader"]}: <the shared secret>"' in notes, "secret header"
+        assert ("Signatures are required" in notes) == webhook["requireSignature"]
+        exposed = values["ingress"]["enabled"] or values["httpRoute"]["enabled"]
+        assert ("Nothing exposes them" in notes) == (not exposed), "exposure notes"
 
 
 def check_image(rendered: Rendered) -> None:
@@ -726,6 +871,8 @@ PROPERTY_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("read-only root, data at CXGW_DATA_DIR", check_writable_paths),
     ("settings ConfigMap", check_settings),
     ("keys only as files", check_keys_are_files),
+    ("chart Secret holds exactly the managed secrets", check_chart_secret),
+    ("webhook secrets only as files, settings in the ConfigMap", check_webhook),
     ("no key value outside the Secret", check_no_key_outside_secret),
     ("OTEL_* variables", check_otel),
     ("network policy", check_network_policy),
@@ -750,6 +897,98 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("client auth not known", {"tls": {"clientAuth": "sometimes"}}, "/tls/clientAuth"),
     ("reload interval not a duration", {"callers": {"reloadInterval": "soon"}}, "reloadInterval"),
     ("callers inline in the ConfigMap", {"config": {"extraSettings": {"CXGW_CALLERS": "x"}}}, "CXGW_CALLERS"),
+    ("webhook on without a secret", {"webhook": {"enabled": True}}, "/webhook/secret"),
+    (
+        "webhook signature without its secret",
+        {"webhook": {"enabled": True, "secret": "s", "requireSignature": True}},
+        "/webhook/signingSecret",
+    ),
+    (
+        "webhook signature with the receiver off",
+        {"webhook": {"requireSignature": True, "signingSecret": "s"}},
+        "/webhook/enabled",
+    ),
+    ("webhook enabled as a string", {"webhook": {"enabled": "true"}}, "/webhook/enabled"),
+    ("webhook secret as a number", {"webhook": {"secret": 12345}}, "/webhook/secret"),
+    (
+        "webhook signature flag as a string",
+        {"webhook": {"requireSignature": "no"}},
+        "/webhook/requireSignature",
+    ),
+    ("unknown webhook key", {"webhook": {"secretFile": "/x"}}, "secretFile"),
+    (
+        "unknown webhook secret key name field",
+        {"webhook": {"secretKeys": {"token": "t"}}},
+        "token",
+    ),
+    (
+        "webhook existing Secret name malformed",
+        {"webhook": {"existingSecret": "Hooks_Secret"}},
+        "/webhook/existingSecret",
+    ),
+    (
+        "webhook secret key name malformed",
+        {"webhook": {"secretKeys": {"secret": "webhook/secret"}}},
+        "/webhook/secretKeys/secret",
+    ),
+    (
+        "webhook header not a header name",
+        {"webhook": {"secretHeader": "x cx secret"}},
+        "/webhook/secretHeader",
+    ),
+    ("webhook header empty", {"webhook": {"secretHeader": ""}}, "/webhook/secretHeader"),
+    (
+        "negative webhook tolerance",
+        {"webhook": {"toleranceSeconds": -300}},
+        "/webhook/toleranceSeconds",
+    ),
+    ("zero webhook tolerance", {"webhook": {"toleranceSeconds": 0}}, "/webhook/toleranceSeconds"),
+    (
+        "webhook tolerance as a duration string",
+        {"webhook": {"toleranceSeconds": "5m"}},
+        "/webhook/toleranceSeconds",
+    ),
+    (
+        "webhook tolerance fractional",
+        {"webhook": {"toleranceSeconds": 2.5}},
+        "/webhook/toleranceSeconds",
+    ),
+    ("negative webhook body size", {"webhook": {"maxBodyBytes": -1}}, "/webhook/maxBodyBytes"),
+    (
+        "webhook body size below the gateway's minimum",
+        {"webhook": {"maxBodyBytes": 512}},
+        "/webhook/maxBodyBytes",
+    ),
+    (
+        "webhook body size above the gateway's maximum",
+        {"webhook": {"maxBodyBytes": 67108865}},
+        "/webhook/maxBodyBytes",
+    ),
+    (
+        "webhook body size as a string",
+        {"webhook": {"maxBodyBytes": "1MiB"}},
+        "/webhook/maxBodyBytes",
+    ),
+    (
+        "webhook secret inlined through extraSettings",
+        {"config": {"extraSettings": {"CXGW_WEBHOOK_SECRET": "x"}}},
+        "'CXGW_WEBHOOK_SECRET'",
+    ),
+    (
+        "webhook signing secret file through extraSettings",
+        {"config": {"extraSettings": {"CXGW_WEBHOOK_SIGNING_SECRET_FILE": "/x"}}},
+        "'CXGW_WEBHOOK_SIGNING_SECRET_FILE'",
+    ),
+    (
+        "webhook setting the chart owns through extraSettings",
+        {"config": {"extraSettings": {"CXGW_WEBHOOK_TOLERANCE": "1h"}}},
+        "'CXGW_WEBHOOK_TOLERANCE'",
+    ),
+    (
+        "webhook secret inlined through extraEnv",
+        {"extraEnv": [{"name": "CXGW_WEBHOOK_SIGNING_SECRET", "value": "x"}]},
+        "/extraEnv/0/name",
+    ),
     ("negative replicas", {"replicaCount": -1}, "/replicaCount"),
     ("replicas as a string", {"replicaCount": "1"}, "/replicaCount"),
     ("replicas fractional", {"replicaCount": 1.5}, "/replicaCount"),
@@ -884,6 +1123,130 @@ def check_bad_values(
 
 
 # ---------------------------------------------------------------------------------------------
+# The guard of the webhook path: exposing it without the shared secret fails the rendering.
+
+WEBHOOK_ON = {"webhook": {"enabled": True, "secret": WEBHOOK_CANARIES["secret"]}}
+EXPOSURES: list[tuple[str, dict[str, Any], list[str]]] = [
+    ("ingress.enabled", {"ingress": {"enabled": True, "hosts": ["hooks.example.com"]}}, ["Ingress"]),
+    (
+        "httpRoute.enabled",
+        {"httpRoute": {"enabled": True, "parentRefs": [{"name": "public"}]}},
+        ["HTTPRoute"],
+    ),
+]
+# Ways of leaving the receiver without a secret that the schema accepts, so that the template
+# guard, not the schema, has to refuse them.
+WITHOUT_SECRET: list[tuple[str, dict[str, Any]]] = [
+    ("webhook off", {}),
+    ("webhook off with a secret value", {"webhook": {"enabled": False, "secret": "x"}}),
+    (
+        "webhook off with an existing Secret",
+        {"webhook": {"enabled": False, "existingSecret": "hooks"}},
+    ),
+]
+
+
+def check_webhook_guard(
+    chart: helm.Chart, value: str, exposure: dict[str, Any], without: dict[str, Any]
+) -> Callable[[], None]:
+    def body() -> None:
+        values = deep_merge(exposure, without)
+        chart.validate_schema(values)  # the schema lets it through; the template must not
+        try:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        except helm.HelmRenderError as error:
+            message = str(error)
+            assert f"{value} exposes /webhooks/retently" in message, message
+            assert "no webhook secret is configured" in message, message
+            return
+        raise AssertionError("the webhook path is exposed without a shared secret")
+
+    return body
+
+
+def check_webhook_exposed_with_secret(
+    chart: helm.Chart, exposure: dict[str, Any], kinds: list[str]
+) -> Callable[[], None]:
+    def body() -> None:
+        for secret in (WEBHOOK_ON, {"webhook": {"enabled": True, "existingSecret": "hooks"}}):
+            rendered = Rendered(chart, deep_merge(exposure, secret))
+            for kind in kinds:
+                rendered.one(kind)
+            check_webhook(rendered)
+            check_chart_secret(rendered)
+
+    return body
+
+
+def check_ci_exposure_needs_secret(chart: helm.Chart) -> None:
+    """The CI value set that exposes webhooks renders only because it configures the secret."""
+    raw = yaml.safe_load((CHART / "ci" / "webhooks-ingress-values.yaml").read_text())
+    assert raw["webhook"]["enabled"] is True
+    assert raw["ingress"]["enabled"] and raw["httpRoute"]["enabled"]
+    without = {key: value for key, value in raw.items() if key != "webhook"}
+    try:
+        chart.render(without, name=RELEASE, namespace=NAMESPACE)
+    except helm.HelmRenderError as error:
+        assert "no webhook secret is configured" in str(error), str(error)
+        return
+    raise AssertionError("rendered without the webhook secret")
+
+
+def check_webhook_secret_rolls_pod(chart: helm.Chart) -> None:
+    """The receiver reads its secrets at start: a new chart-managed value must roll the pod."""
+
+    def checksum(values: dict[str, Any]) -> str:
+        workload = Rendered(chart, values).workload()
+        return workload["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+
+    signed = {"webhook": {"enabled": True, "requireSignature": True, "secret": "a", "signingSecret": "b"}}
+    first = checksum(signed)
+    assert checksum(deep_merge(signed, {"webhook": {"secret": "c"}})) != first, "shared secret"
+    assert checksum(deep_merge(signed, {"webhook": {"signingSecret": "d"}})) != first, "signing"
+
+
+def check_test_pod_under_mutual_tls(chart: helm.Chart) -> None:
+    """A required client certificate the test pod does not have would fail every `helm test`:
+    the chart refuses to render it, and renders it once the certificate is named."""
+    mtls = {
+        "tls": {"secretName": "server", "clientCaSecretName": "ca", "clientAuth": "required"},
+        "callers": {"existingSecret": "callers"},
+    }
+    try:
+        chart.render(mtls, name=RELEASE, namespace=NAMESPACE)
+    except helm.HelmRenderError as error:
+        assert "needs tests.clientCertSecretName" in str(error), str(error)
+    else:
+        raise AssertionError("a test pod without a client certificate under required mutual TLS")
+    optional = deep_merge(mtls, {"tls": {"clientAuth": "optional"}})
+    check_test_hook(Rendered(chart, optional))
+    with_cert = deep_merge(mtls, {"tests": {"clientCertSecretName": "test-client"}})
+    for tool in ("grpcurl", "grpc_health_probe"):
+        rendered = Rendered(chart, deep_merge(with_cert, {"tests": {"tool": tool}}))
+        check_test_hook(rendered)
+        assert rendered.hook_pods()[0]["spec"]["volumes"], "client certificate not mounted"
+    disabled = deep_merge(mtls, {"tests": {"enabled": False}})
+    assert not Rendered(chart, disabled).hook_pods()
+
+
+def check_webhook_key_collision(chart: helm.Chart) -> None:
+    """Two chart-managed secrets under one key name would silently lose one of them."""
+    values = {
+        "webhook": {
+            "enabled": True,
+            "secret": "a",
+            "secretKeys": {"secret": "retently-api-key"},
+        }
+    }
+    try:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    except helm.HelmRenderError as error:
+        assert 'key "retently-api-key" is already used' in str(error), str(error)
+        return
+    raise AssertionError("rendered a Secret where the webhook secret replaces an API key")
+
+
+# ---------------------------------------------------------------------------------------------
 # Templates the shipped schema keeps out of reach, and the image.
 
 
@@ -987,6 +1350,83 @@ def check_values_documented() -> None:
     assert not undocumented, f"values without a comment: {undocumented}"
 
 
+# Texts whose setting and value names must exist: the operations guide, the values file and the
+# templates (the install notes, the messages of the guards).
+NAMED_IN = [
+    ROOT / "docs" / "operations.md",
+    CHART / "values.yaml",
+    *sorted(p for p in (CHART / "templates").rglob("*") if p.is_file()),
+]
+# OTEL_* variables read by the OpenTelemetry SDK itself rather than by the gateway's code.
+SDK_OTEL_NAMES = {"OTEL_BSP_MAX_QUEUE_SIZE"}
+# Dotted names that are files, not values (tls.crt in a kubernetes.io/tls Secret).
+FILE_SUFFIXES = {"crt", "key", "pem", "toml", "db", "yaml", "json", "md", "txt", "sh"}
+
+
+def settings_read_by_gateway() -> tuple[set[str], set[str]]:
+    """CXGW_* names the gateway reads (with the _FILE form of every secret setting) and the
+    OTEL_* names or name prefixes its code mentions."""
+    cxgw: set[str] = set()
+    otel: set[str] = set()
+    for source in (ROOT / "src").rglob("*.rs"):
+        text = source.read_text()
+        cxgw.update(re.findall(r'"(CXGW_[A-Z0-9_]+)"', text))
+        cxgw.update(f"{name}_FILE" for name in re.findall(r'secret\("(CXGW_[A-Z0-9_]+)"\)', text))
+        otel.update(re.findall(r'"(OTEL_[A-Z0-9_]+)', text))
+    return cxgw, otel
+
+
+def check_named_settings_exist() -> None:
+    """Every CXGW_* and OTEL_* variable the guide, the values file and the notes name is one the
+    gateway (or the chart, or the OpenTelemetry SDK) reads."""
+    cxgw, otel = settings_read_by_gateway()
+    assert "CXGW_WEBHOOK_SECRET_FILE" in cxgw and "CXGW_GRPC_ADDR" in cxgw, "settings not found"
+    chart_text = "".join(path.read_text() for path in (CHART / "templates").rglob("*.yaml"))
+    chart_otel = set(re.findall(r"\b(OTEL_[A-Z0-9_]*[A-Z0-9])\b", chart_text))
+    unknown = []
+    for path in NAMED_IN:
+        text = path.read_text()
+        for name in sorted(set(re.findall(r"\b(CXGW_[A-Z0-9_]*[A-Z0-9])\b", text))):
+            if name not in cxgw:
+                unknown.append(f"{path.relative_to(ROOT)}: {name}")
+        for name in sorted(set(re.findall(r"\b(OTEL_[A-Z0-9_]*[A-Z0-9])\b", text))):
+            known = (
+                name in chart_otel
+                or name in SDK_OTEL_NAMES
+                or any(name == o or (o.endswith("_") and name.startswith(o)) for o in otel)
+            )
+            if not known:
+                unknown.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not unknown, f"names the gateway does not read: {unknown}"
+
+
+def check_named_values_exist() -> None:
+    """Every chart value the guide, the values file and the notes name (`webhook.secretHeader`,
+    `--set callers.existingSecret=...`) exists in values.yaml."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    top = "|".join(sorted(values, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w./$-])((?:{top})(?:\.(?:[A-Za-z][A-Za-z0-9]*|\{{[A-Za-z0-9,]+\}}))+)")
+    missing = []
+    checked = 0
+    for path in NAMED_IN:
+        for name in sorted(set(pattern.findall(path.read_text()))):
+            if name.rsplit(".", 1)[-1] in FILE_SUFFIXES:
+                continue
+            # upstreamKeys.secretKeys.{a,b} names several values.
+            head, _, tail = name.partition(".{")
+            names = [f"{head}.{leaf}" for leaf in tail.rstrip("}").split(",")] if tail else [name]
+            for full in names:
+                checked += 1
+                node: Any = values
+                for part in full.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        missing.append(f"{path.relative_to(ROOT)}: {full}")
+                        break
+                    node = node[part]
+    assert checked >= 50, f"only {checked} value names found"
+    assert not missing, f"values that do not exist: {missing}"
+
+
 def check_package() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         archive = helm.package(str(CHART), destination=scratch)
@@ -1004,11 +1444,18 @@ def value_sets() -> list[tuple[str, dict[str, Any]]]:
 
 
 def with_canaries(values: dict[str, Any]) -> dict[str, Any]:
-    """The value set with recognisable key values, unless it takes keys from elsewhere."""
+    """The value set with recognisable key and webhook secret values, for those the chart stores
+    itself."""
     keys = values.get("upstreamKeys", {})
-    if keys.get("existingSecret") or values.get("sandbox", {}).get("enabled"):
-        return values
-    return deep_merge(values, {"upstreamKeys": dict(CANARIES)})
+    if not (keys.get("existingSecret") or values.get("sandbox", {}).get("enabled")):
+        values = deep_merge(values, {"upstreamKeys": dict(CANARIES)})
+    webhook = values.get("webhook", {})
+    if webhook.get("enabled") and not webhook.get("existingSecret"):
+        canaries = {"secret": WEBHOOK_CANARIES["secret"]}
+        if webhook.get("requireSignature"):
+            canaries["signingSecret"] = WEBHOOK_CANARIES["signingSecret"]
+        values = deep_merge(values, {"webhook": canaries})
+    return values
 
 
 def main() -> int:
@@ -1052,6 +1499,32 @@ def main() -> int:
             results.check(
                 f"[bad values] {name} is refused", check_bad_values(chart, values, fragment)
             )
+        for value, exposure, kinds in EXPOSURES:
+            for without_name, without in WITHOUT_SECRET:
+                results.check(
+                    f"[webhook guard] {value} with {without_name} fails to render",
+                    check_webhook_guard(chart, value, exposure, without),
+                )
+            results.check(
+                f"[webhook guard] {value} renders with a webhook secret",
+                check_webhook_exposed_with_secret(chart, exposure, kinds),
+            )
+        results.check(
+            "[webhook guard] the CI exposure set fails without its webhook section",
+            lambda: check_ci_exposure_needs_secret(chart),
+        )
+        results.check(
+            "[webhook] a changed webhook secret rolls the pod",
+            lambda: check_webhook_secret_rolls_pod(chart),
+        )
+        results.check(
+            "[helm test] under mutual TLS the test pod needs a client certificate",
+            lambda: check_test_pod_under_mutual_tls(chart),
+        )
+        results.check(
+            "[webhook] a webhook secret key name cannot replace another secret",
+            lambda: check_webhook_key_collision(chart),
+        )
         results.check(
             "[cli] kubernetes-validate --strict accepts every rendered manifest",
             lambda: check_cli(all_rendered),
@@ -1063,6 +1536,8 @@ def main() -> int:
         "[image] Dockerfile: locked release build, distroless, non-root", check_dockerfile
     )
     results.check("[values] every value is documented", check_values_documented)
+    results.check("[docs] every CXGW_*/OTEL_* name in the guide exists", check_named_settings_exist)
+    results.check("[docs] every chart value the guide names exists", check_named_values_exist)
     results.check("[package] chart packages and renders from the archive", check_package)
     print(f"{results.passed} passed, {results.failed} failed")
     return 0 if results.failed == 0 else 1

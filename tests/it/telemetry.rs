@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use cx_gateway::pb;
 use cx_gateway::pb::event_service_client::EventServiceClient;
+use cx_gateway::pb::feedback_stream_client::FeedbackStreamClient;
+use cx_gateway::pb::survey_service_client::SurveyServiceClient;
 use cx_gateway::sandbox_mode::EmbeddedSandbox;
 use cx_sandbox::{Api, FaultConfig, Sandbox, SandboxConfig};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
@@ -23,14 +25,15 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::span::{Event, SpanKind};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::child::ChildGateway;
-use crate::support::seeded_transactional_campaign;
+use crate::support::{eventually, finished_delivery, seeded_transactional_campaign};
 
 /// Everything the fake collector received.
 #[derive(Clone, Default)]
@@ -92,11 +95,29 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn attribute(span: &Span, key: &str) -> Option<AnyValue> {
-    span.attributes
+    find(&span.attributes, key)
+}
+
+fn find(attributes: &[KeyValue], key: &str) -> Option<AnyValue> {
+    attributes
         .iter()
         .find(|kv| kv.key == key)
         .and_then(|kv| kv.value.clone())
         .and_then(|value| value.value)
+}
+
+fn event_int(event: &Event, key: &str) -> Option<i64> {
+    match find(&event.attributes, key)? {
+        AnyValue::IntValue(value) => Some(value),
+        _ => None,
+    }
+}
+
+fn event_string(event: &Event, key: &str) -> Option<String> {
+    match find(&event.attributes, key)? {
+        AnyValue::StringValue(text) => Some(text),
+        _ => None,
+    }
 }
 
 fn string_attribute(span: &Span, key: &str) -> Option<String> {
@@ -364,6 +385,8 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
     const COLLECTOR_TOKEN: &str = "otlp-canary-token-77aa";
     const CALLER_TOKEN: &str = "caller-canary-token-0b5e2d9a";
     const WRONG_TOKEN: &str = "caller-canary-wrong-4c1f";
+    const HOOK_SECRET: &str = "whk-canary-secret-3e9d1f";
+    const COMMENT: &str = "canary comment: the delivery was late";
     let digest = ring::digest::digest(&ring::digest::SHA256, CALLER_TOKEN.as_bytes());
     let digest: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     let (collector, endpoint) = Collector::start().await;
@@ -395,9 +418,10 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
                 "CXGW_CALLERS",
                 format!(
                     "[[caller]]\nname = \"canary-caller\"\ntoken_sha256 = \"{digest}\"\n\
-                     permissions = [\"read\", \"events:write\"]\n"
+                     permissions = [\"read\", \"events:write\", \"feedback:subscribe\"]\n"
                 ),
             ),
+            ("CXGW_WEBHOOK_SECRET", HOOK_SECRET.to_owned()),
         ],
     )
     .await;
@@ -457,6 +481,39 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
             .any(|send| send.recipients.iter().any(|r| r == EMAIL)),
         "the scenario did not reach the upstream"
     );
+    // A response with the email and a comment arrives by webhook and reaches a subscriber.
+    let mut stream = FeedbackStreamClient::with_interceptor(
+        gateway.channel.clone(),
+        |mut request: tonic::Request<()>| {
+            bearer(request.metadata_mut(), CALLER_TOKEN);
+            Ok(request)
+        },
+    )
+    .subscribe(pb::SubscribeRequest::default())
+    .await
+    .unwrap()
+    .into_inner();
+    let status = post_webhook(
+        gateway.admin_addr,
+        HOOK_SECRET,
+        "0000000000000000000ca9a1",
+        EMAIL,
+        COMMENT,
+    )
+    .await;
+    assert_eq!(status, 200);
+    feedback_events(&mut stream, 1).await;
+    drop(stream);
+    // A forged webhook call is refused.
+    let refused = post_webhook(
+        gateway.admin_addr,
+        WRONG_TOKEN,
+        "0000000000000000000ca9a2",
+        EMAIL,
+        COMMENT,
+    )
+    .await;
+    assert_eq!(refused, 401);
     let metrics_text = scrape(&gateway).await;
     let (status, lines) = gateway.terminate_with_log();
     assert!(status.success());
@@ -478,6 +535,7 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
     let spans = format!("{:?}", collector.traces.lock().unwrap());
     let otlp_metrics = format!("{:?}", collector.metrics.lock().unwrap());
     assert!(spans.contains("TrackEvent"), "no spans were exported");
+    assert!(spans.contains("feedback.webhook") && spans.contains("feedback.batch"));
     assert!(
         otlp_metrics.contains("rpc.server.calls"),
         "no metrics were exported"
@@ -492,6 +550,9 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
         COLLECTOR_TOKEN,
         CALLER_TOKEN,
         WRONG_TOKEN,
+        HOOK_SECRET,
+        COMMENT,
+        "delivery was late",
     ] {
         assert!(!spans.contains(canary), "{canary} in an exported span");
         assert!(
@@ -509,7 +570,11 @@ async fn no_secret_or_email_reaches_spans_logs_or_metrics() {
 /// The value of the sample `name{labels}` in a Prometheus exposition, labels given sorted.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let rendered: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    let prefix = format!("{name}{{{}}} ", rendered.join(","));
+    let prefix = if rendered.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{}}} ", rendered.join(","))
+    };
     text.lines()
         .find_map(|line| line.strip_prefix(&prefix))
         .and_then(|value| value.parse().ok())
@@ -618,5 +683,544 @@ async fn metrics_count_rpcs_by_method_and_code_and_upstream_calls_by_route() {
         Some(0.0)
     );
     assert!(gateway.terminate().success());
+    emulator.stop().await;
+}
+
+/// The next message of `stream`.
+async fn next_message(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+) -> pb::subscribe_response::Payload {
+    tokio::time::timeout(std::time::Duration::from_secs(30), stream.message())
+        .await
+        .expect("the gateway sent nothing in time")
+        .expect("the stream failed")
+        .expect("the stream ended")
+        .payload
+        .expect("a payload")
+}
+
+/// Reads `stream` until it delivered `count` feedback events.
+async fn feedback_events(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+    count: usize,
+) -> Vec<pb::FeedbackEvent> {
+    let mut events = Vec::with_capacity(count);
+    while events.len() < count {
+        if let pb::subscribe_response::Payload::FeedbackEvent(event) = next_message(stream).await {
+            events.push(event);
+        }
+    }
+    events
+}
+
+/// Reads heartbeats until one reports a poll that started after `instant` as complete (and
+/// with it, everything that poll recorded); no event may arrive meanwhile.
+async fn synced_after(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+    instant: prost_types::Timestamp,
+) {
+    let key = |time: &prost_types::Timestamp| (time.seconds, time.nanos);
+    loop {
+        match next_message(stream).await {
+            pb::subscribe_response::Payload::Heartbeat(heartbeat) => {
+                if heartbeat
+                    .sync_time
+                    .is_some_and(|time| key(&time) > key(&instant))
+                {
+                    return;
+                }
+            }
+            pb::subscribe_response::Payload::FeedbackEvent(event) => {
+                panic!("unexpected event {}", event.sequence)
+            }
+        }
+    }
+}
+
+async fn subscribe(
+    channel: &tonic::transport::Channel,
+    position: pb::StreamPosition,
+) -> tonic::Streaming<pb::SubscribeResponse> {
+    FeedbackStreamClient::new(channel.clone())
+        .subscribe(pb::SubscribeRequest {
+            filter: None,
+            start: Some(pb::subscribe_request::Start::Position(position as i32)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The `feedback.batch` events of a subscription's span: (items, source) in order.
+fn batches(span: &Span) -> Vec<(i64, String)> {
+    span.events
+        .iter()
+        .filter(|event| event.name == "feedback.batch")
+        .map(|event| {
+            (
+                event_int(event, "feedback.items").unwrap(),
+                event_string(event, "feedback.source").unwrap(),
+            )
+        })
+        .collect()
+}
+
+const WEBHOOK_SECRET: &str = "telemetry-webhook-secret";
+
+/// Posts one Retently webhook call with a single new response, as the sandbox's campaigns do.
+async fn post_webhook(
+    admin: std::net::SocketAddr,
+    secret: &str,
+    id: &str,
+    email: &str,
+    comment: &str,
+) -> u16 {
+    let body = serde_json::json!({
+        "event": "feedback.created",
+        "feedback": {
+            "id": id,
+            "createdDate": chrono::Utc::now().to_rfc3339(),
+            "campaignId": "webhook-campaign",
+            "metricsType": "NPS",
+            "score": 9,
+            "customerEmail": email,
+            "comment": comment,
+        }
+    });
+    reqwest::Client::new()
+        .post(format!("http://{admin}/webhooks/retently"))
+        .header("x-cx-webhook-secret", secret)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_polls_webhooks_and_subscriptions_are_traced() {
+    let (collector, endpoint) = Collector::start().await;
+    let (sandbox, emulator) = start_sandbox(SandboxConfig {
+        retently_requests_per_minute: 0,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let seeded = sandbox.handle().feedback().len();
+    assert!(seeded > 100, "the default seed has responses: {seeded}");
+    let data = tempfile::tempdir().unwrap();
+    let gateway = ChildGateway::start(
+        &emulator,
+        data.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("CXGW_RETENTLY_REQUESTS_PER_MINUTE", "6000".to_owned()),
+            ("CXGW_FEEDBACK_POLL_INTERVAL", "100ms".to_owned()),
+            ("CXGW_FEEDBACK_RESCAN_INTERVAL", "0s".to_owned()),
+            ("CXGW_FEEDBACK_HEARTBEAT_INTERVAL", "100ms".to_owned()),
+            // The seed spreads its responses over 90 days: the first poll reads them all.
+            ("CXGW_FEEDBACK_BACKFILL", "100d".to_owned()),
+            ("CXGW_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+        ],
+    )
+    .await;
+
+    // A live subscriber from the start receives the first poll's responses, then 5 more.
+    let mut live = subscribe(&gateway.channel, pb::StreamPosition::Latest).await;
+    feedback_events(&mut live, seeded).await;
+    sandbox.handle().simulate_feedback(5);
+    let simulated = feedback_events(&mut live, 5).await;
+    // Scraped once the poll that found them has completed (and recorded its metrics).
+    let newest = simulated
+        .iter()
+        .filter_map(|event| event.feedback.as_ref()?.create_time)
+        .max_by_key(|time| (time.seconds, time.nanos))
+        .unwrap();
+    synced_after(&mut live, newest).await;
+    let metrics_text = scrape(&gateway).await;
+    // A replay of the whole log catches up from it, then 3 arrive live.
+    let mut replay = subscribe(&gateway.channel, pb::StreamPosition::Earliest).await;
+    let replayed: Vec<i64> = feedback_events(&mut replay, seeded + 5)
+        .await
+        .iter()
+        .map(|event| event.sequence)
+        .collect();
+    assert_eq!(replayed, (1..=(seeded + 5) as i64).collect::<Vec<_>>());
+    sandbox.handle().simulate_feedback(3);
+    feedback_events(&mut replay, 3).await;
+    feedback_events(&mut live, 3).await;
+    let total = seeded + 5 + 3;
+    drop(live);
+    drop(replay);
+    // One response by webhook, with a comment and an email that must stay out of the span.
+    let status = post_webhook(
+        gateway.admin_addr,
+        WEBHOOK_SECRET,
+        "0000000000000000000f00d1",
+        "webhook.person@example.com",
+        "a free-text comment from the webhook",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _lines) = gateway.terminate_with_log();
+    assert!(status.success());
+
+    let spans = collector.spans();
+    let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+
+    // Every poll is a root span; the first one found exactly the seeded responses, all new,
+    // in one request; together the polls appended every response once.
+    let mut polls: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "feedback.sync.poll")
+        .collect();
+    polls.sort_by_key(|s| s.start_time_unix_nano);
+    assert!(polls.len() >= 3, "{} polls", polls.len());
+    for poll in &polls {
+        assert!(poll.parent_span_id.is_empty(), "a poll is a root span");
+        assert_eq!(
+            string_attribute(poll, "feedback.poll.kind").as_deref(),
+            Some("incremental")
+        );
+    }
+    let first = polls[0];
+    assert_eq!(
+        int_attribute(first, "feedback.items.found"),
+        Some(seeded as i64)
+    );
+    assert_eq!(
+        int_attribute(first, "feedback.items.new"),
+        Some(seeded as i64)
+    );
+    assert_eq!(int_attribute(first, "feedback.poll.requests"), Some(1));
+    assert_eq!(string_attribute(first, "outcome").as_deref(), Some("ok"));
+    let appended: i64 = polls
+        .iter()
+        .filter_map(|poll| int_attribute(poll, "feedback.items.new"))
+        .sum();
+    assert_eq!(appended, (seeded + 5 + 3) as i64);
+    // Later polls re-read the overlap window: what they find but do not append is unchanged.
+    for poll in &polls {
+        let count = |key| int_attribute(poll, key).unwrap_or(0);
+        assert_eq!(
+            count("feedback.items.found"),
+            count("feedback.items.new")
+                + count("feedback.items.updated")
+                + count("feedback.items.unchanged")
+                + count("feedback.items.malformed")
+        );
+    }
+    // The poll's upstream request is its child, in its trace.
+    let requests: Vec<&Span> = spans
+        .iter()
+        .filter(|s| {
+            s.kind == SpanKind::Client as i32
+                && string_attribute(s, "url.template").as_deref() == Some("/api/v2/feedback")
+        })
+        .collect();
+    assert!(!requests.is_empty());
+    let first_request = requests
+        .iter()
+        .find(|s| s.trace_id == first.trace_id)
+        .expect("the first poll's upstream request is in its trace");
+    assert!(descends_from(first_request, first, &by_id));
+
+    // One server span per subscription, covering the stream, with its deliveries as batch
+    // events: they add up to what the subscriber received.
+    let subscriptions: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "cx.gateway.v1.FeedbackStream/Subscribe")
+        .collect();
+    assert_eq!(subscriptions.len(), 2, "{subscriptions:#?}");
+    let by_start = |start: &str| {
+        *subscriptions
+            .iter()
+            .find(|s| string_attribute(s, "feedback.start").as_deref() == Some(start))
+            .unwrap_or_else(|| panic!("no {start} subscription"))
+    };
+    for (span, catch_up) in [(by_start("latest"), 0), (by_start("earliest"), seeded + 5)] {
+        let batches = batches(span);
+        assert_eq!(
+            int_attribute(span, "feedback.batches"),
+            Some(batches.len() as i64)
+        );
+        let delivered: i64 = batches.iter().map(|(items, _)| items).sum();
+        assert_eq!(delivered, total as i64, "{batches:?}");
+        assert_eq!(
+            int_attribute(span, "feedback.items.delivered"),
+            Some(total as i64)
+        );
+        let from_log: i64 = batches
+            .iter()
+            .filter(|(_, source)| source == "catch_up")
+            .map(|(items, _)| items)
+            .sum();
+        // The 3 last ones came after the replay had caught up, unless the subscriber had not
+        // yet asked for more when they were logged.
+        assert!(
+            from_log >= catch_up as i64 && from_log <= total as i64,
+            "{batches:?}"
+        );
+        assert!(
+            batches.len() < total,
+            "a batch event per message: {batches:?}"
+        );
+    }
+    let replay = by_start("earliest");
+    let names: Vec<&str> = replay.events.iter().map(|e| e.name.as_str()).collect();
+    println!(
+        "{} polls; live subscription batches {:?}; replay events {names:?}, batches {:?}",
+        polls.len(),
+        batches(by_start("latest")),
+        batches(replay)
+    );
+    assert_eq!(names.first(), Some(&"feedback.catch_up"), "{names:?}");
+    assert!(names.contains(&"feedback.caught_up"), "{names:?}");
+    assert_eq!(
+        event_string(&replay.events[0], "feedback.catch_up.cause").as_deref(),
+        Some("replay")
+    );
+    assert!(
+        !by_start("latest")
+            .events
+            .iter()
+            .any(|e| e.name == "feedback.catch_up"),
+        "the live subscriber never fell behind"
+    );
+
+    // The webhook call is a root span with counts only.
+    let webhook = spans
+        .iter()
+        .find(|s| s.name == "feedback.webhook")
+        .expect("a webhook span");
+    assert!(webhook.parent_span_id.is_empty());
+    assert_eq!(int_attribute(webhook, "feedback.items.received"), Some(1));
+    assert_eq!(int_attribute(webhook, "feedback.items.new"), Some(1));
+    assert_eq!(int_attribute(webhook, "feedback.items.duplicates"), Some(0));
+    assert_eq!(
+        string_attribute(webhook, "outcome").as_deref(),
+        Some("accepted")
+    );
+    let exported = format!("{spans:?}");
+    for secret in [WEBHOOK_SECRET, "webhook.person", "free-text comment"] {
+        assert!(!exported.contains(secret), "{secret} in an exported span");
+    }
+
+    // `/metrics`, scraped while the live subscriber was open, after the polls that found the
+    // seeded and the 5 simulated responses.
+    assert_eq!(
+        sample(&metrics_text, "cxgw_feedback_subscribers", &[]),
+        Some(1.0)
+    );
+    let lag = sample(&metrics_text, "cxgw_feedback_sync_lag_seconds", &[]).expect("a sync lag");
+    assert!((0.0..60.0).contains(&lag), "{lag}");
+    let polls_ok = sample(
+        &metrics_text,
+        "cxgw_feedback_sync_polls_total",
+        &[("kind", "incremental"), ("outcome", "ok")],
+    )
+    .unwrap();
+    assert!(polls_ok >= 2.0, "{polls_ok}");
+    assert_eq!(
+        sample(
+            &metrics_text,
+            "cxgw_feedback_sync_items_total",
+            &[("outcome", "new")]
+        ),
+        Some((seeded + 5) as f64)
+    );
+    assert_eq!(
+        sample(
+            &metrics_text,
+            "cxgw_feedback_subscriber_overflows_total",
+            &[]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics_text,
+            "cxgw_feedback_subscriber_catch_ups_total",
+            &[("cause", "overflow")]
+        ),
+        Some(0.0)
+    );
+    for family in [
+        "# TYPE cxgw_feedback_sync_lag_seconds gauge",
+        "# TYPE cxgw_feedback_sync_polls counter",
+        "# TYPE cxgw_feedback_sync_items counter",
+        "# TYPE cxgw_feedback_subscriber_overflows counter",
+        "# TYPE cxgw_feedback_subscriber_catch_ups counter",
+    ] {
+        assert!(
+            metrics_text.contains(family),
+            "no `{family}` in:\n{metrics_text}"
+        );
+    }
+    emulator.stop().await;
+}
+
+const OPENER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const MATE_TRACE: &str = "b7ad6b7169203331b7ad6b7169203331";
+const FIRST_TRACE: &str = "11111111111111111111111111111111";
+const ASYNC_TRACE: &str = "a3ce929d0e0e47364bf92f3577b34da6";
+
+fn traced<T>(message: T, trace: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    request
+}
+
+fn send_one(campaign: &str, email: &str) -> pb::SendSurveyRequest {
+    pb::SendSurveyRequest {
+        campaign_id: campaign.to_owned(),
+        recipients: vec![pb::Recipient {
+            email: email.to_owned(),
+            ..Default::default()
+        }],
+        delay_days: None,
+        options: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_and_queued_deliveries_link_to_the_calls_they_serve() {
+    let (collector, endpoint) = Collector::start().await;
+    let (sandbox, emulator) = start_sandbox(SandboxConfig::default()).await;
+    let data = tempfile::tempdir().unwrap();
+    let campaign = seeded_transactional_campaign();
+    let gateway = ChildGateway::start(
+        &emulator,
+        data.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("CXGW_FEEDBACK_SYNC", "false".to_owned()),
+            ("CXGW_EVENT_MAPPINGS", format!("order_completed={campaign}")),
+        ],
+    )
+    .await;
+    let handle = sandbox.handle().clone();
+
+    // A first send is held by the upstream; while it is in flight, the next partial batch for
+    // the same campaign waits for it, so two callers arriving meanwhile share one call.
+    handle.set_faults(
+        Api::Retently,
+        FaultConfig {
+            latency_ms: 3000,
+            ..FaultConfig::default()
+        },
+    );
+    let mut surveys = SurveyServiceClient::new(gateway.channel.clone());
+    let first = tokio::spawn({
+        let mut surveys = surveys.clone();
+        let request = traced(send_one(&campaign, "first@example.com"), FIRST_TRACE);
+        async move { surveys.send_survey(request).await }
+    });
+    // The sandbox records the traceparent as the request arrives, before the latency.
+    eventually(
+        "the first send reaching the upstream",
+        std::time::Duration::from_secs(30),
+        || {
+            handle.traceparents().iter().any(|seen| {
+                seen.route == "/api/v2/survey" && seen.traceparent.contains(FIRST_TRACE)
+            })
+        },
+    )
+    .await;
+    handle.clear_faults(Api::Retently);
+    let mut mate = surveys.clone();
+    let (opener, joined) = tokio::join!(
+        surveys.send_survey(traced(
+            send_one(&campaign, "opener@example.com"),
+            OPENER_TRACE
+        )),
+        mate.send_survey(traced(send_one(&campaign, "mate@example.com"), MATE_TRACE)),
+    );
+    opener.unwrap();
+    joined.unwrap();
+    first.await.unwrap().unwrap();
+    let sizes: Vec<usize> = handle
+        .survey_sends()
+        .iter()
+        .map(|send| send.recipients.len())
+        .collect();
+    assert_eq!(
+        sizes,
+        [1, 2],
+        "the two later callers shared one upstream call"
+    );
+
+    // An ASYNC write, delivered later by the outbox worker.
+    let mut events = EventServiceClient::new(gateway.channel.clone());
+    let mut queued = order_completed("async-1", "async.buyer@example.com");
+    queued.options = Some(pb::WriteOptions {
+        mode: pb::DeliveryMode::Async as i32,
+        idempotency_key: String::new(),
+    });
+    let accepted = events
+        .track_event(traced(queued, ASYNC_TRACE))
+        .await
+        .unwrap()
+        .into_inner();
+    let delivery = finished_delivery(&gateway.channel, &accepted.delivery_id).await;
+    assert_eq!(delivery.state, pb::DeliveryState::Delivered as i32);
+
+    let (status, _lines) = gateway.terminate_with_log();
+    assert!(status.success());
+    let spans = collector.spans();
+
+    // The shared batch: in the trace of the caller that opened it, linked to both callers.
+    let shared = spans
+        .iter()
+        .find(|s| s.name == "upstream.batch" && int_attribute(s, "batch.size") == Some(2))
+        .expect("a batch span of two items");
+    assert_eq!(int_attribute(shared, "batch.callers"), Some(2));
+    let mut linked: Vec<String> = shared.links.iter().map(|l| hex(&l.trace_id)).collect();
+    linked.sort();
+    let mut expected = vec![OPENER_TRACE.to_owned(), MATE_TRACE.to_owned()];
+    expected.sort();
+    assert_eq!(linked, expected);
+    assert!([OPENER_TRACE, MATE_TRACE].contains(&hex(&shared.trace_id).as_str()));
+    // Each link names a span of that caller's trace that was exported.
+    for link in &shared.links {
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.span_id == link.span_id && s.trace_id == link.trace_id),
+            "a link to a span that was not exported"
+        );
+    }
+    // The first send's batch ran for its caller alone.
+    let lone = spans
+        .iter()
+        .find(|s| s.name == "upstream.batch" && hex(&s.trace_id) == FIRST_TRACE)
+        .expect("the first send's batch span");
+    assert_eq!(int_attribute(lone, "batch.callers"), Some(1));
+    assert_eq!(lone.links.len(), 1);
+
+    // The delivery is a trace of its own, linked to the span that queued it in the caller's
+    // trace.
+    let delivery = spans
+        .iter()
+        .find(|s| s.name == "outbox.delivery")
+        .expect("a delivery span");
+    assert!(delivery.parent_span_id.is_empty());
+    assert_ne!(hex(&delivery.trace_id), ASYNC_TRACE);
+    assert_eq!(delivery.links.len(), 1);
+    let link = &delivery.links[0];
+    assert_eq!(hex(&link.trace_id), ASYNC_TRACE);
+    let enqueue = spans
+        .iter()
+        .find(|s| s.span_id == link.span_id)
+        .expect("the linked span was exported");
+    assert_eq!(enqueue.name, "outbox.enqueue");
+    // The delivery's own upstream call is below it.
+    let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
+    assert!(spans.iter().any(|s| s.kind == SpanKind::Client as i32
+        && s.trace_id == delivery.trace_id
+        && descends_from(s, delivery, &by_id)));
     emulator.stop().await;
 }

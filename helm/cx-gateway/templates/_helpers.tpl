@@ -103,6 +103,38 @@ Whether the pod reads upstream keys at all: the sandbox mode talks to the in-pro
 {{- end }}
 
 {{/*
+Whether this chart renders its own Secret: for the upstream keys unless they come from
+upstreamKeys.existingSecret (or the sandbox needs none), and for the webhook secrets unless they
+come from webhook.existingSecret.
+*/}}
+{{- define "cx-gateway.managedSecret" -}}
+{{- if or (and (include "cx-gateway.usesKeys" .) (not .Values.upstreamKeys.existingSecret)) (and .Values.webhook.enabled (not .Values.webhook.existingSecret)) }}true{{ end }}
+{{- end }}
+
+{{/*
+The Secret holding the webhook secrets: the operator's own one, or the one this chart renders.
+*/}}
+{{- define "cx-gateway.webhookSecretName" -}}
+{{- if .Values.webhook.existingSecret }}
+{{- .Values.webhook.existingSecret }}
+{{- else }}
+{{- include "cx-gateway.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The guard of every object that exposes the webhook path outside the cluster: without a shared
+secret the receiver is off, and a webhook must never be exposed unauthenticated. Call with
+(dict "ctx" $ "value" "ingress.enabled").
+*/}}
+{{- define "cx-gateway.requireWebhookSecret" -}}
+{{- $webhook := .ctx.Values.webhook }}
+{{- if not (and $webhook.enabled (or $webhook.existingSecret $webhook.secret)) }}
+{{- fail (printf "%s exposes %s, but no webhook secret is configured: an unauthenticated webhook must not be exposed. Set webhook.enabled=true with webhook.existingSecret (or webhook.secret), or turn %s off" .value (include "cx-gateway.webhookPath" .ctx) .value) }}
+{{- end }}
+{{- end }}
+
+{{/*
 The only path the gateway's webhook receiver answers on; Ingress and HTTPRoute expose nothing else
 of the admin port (which also serves /livez, /readyz and /metrics).
 */}}
@@ -133,7 +165,8 @@ The label a client pod carries to reach the gateway when networkPolicy.allowExte
 {{- end }}
 
 {{/*
-Where the callers file, the server certificate and the client CA bundle are mounted (read-only).
+Where the callers file, the server certificate, the client CA bundle and the webhook secrets are
+mounted (read-only).
 */}}
 {{- define "cx-gateway.callersDir" -}}
 /etc/cx-gateway/callers
@@ -143,6 +176,9 @@ Where the callers file, the server certificate and the client CA bundle are moun
 {{- end }}
 {{- define "cx-gateway.clientCaDir" -}}
 /etc/cx-gateway/client-ca
+{{- end }}
+{{- define "cx-gateway.webhookDir" -}}
+/etc/cx-gateway/webhook
 {{- end }}
 
 {{/*

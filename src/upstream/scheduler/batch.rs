@@ -32,6 +32,9 @@
 //! out and gets `RESOURCE_EXHAUSTED` (the budget had no room in time). Once sealed, the batch's
 //! attempts are bounded by the earliest deadline among its items, so every caller hears back in
 //! time; items with less than `min_attempt_time` left are not sealed in.
+//!
+//! Each item keeps the span context of the caller that submitted it (when traces are exported),
+//! so the batch's span can link to every caller it runs for.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
@@ -41,9 +44,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use opentelemetry::trace::{SpanContext, TraceContextExt as _};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::error::{Error, Result};
 use crate::upstream::context::{CallContext, Priority};
@@ -67,6 +72,8 @@ pub struct Pending<I, O> {
     pub deadline: Option<Instant>,
     id: u64,
     identity: Option<String>,
+    /// The span the caller submitted the item from, when traces are exported.
+    caller: Option<SpanContext>,
     reply: oneshot::Sender<Result<O>>,
 }
 
@@ -75,6 +82,23 @@ impl<I, O> Pending<I, O> {
     pub fn reply(self, result: Result<O>) {
         let _ = self.reply.send(result);
     }
+
+    /// The span context of the caller that submitted the item, if it was traced.
+    pub fn caller(&self) -> Option<&SpanContext> {
+        self.caller.as_ref()
+    }
+}
+
+/// The current span's context, for a batch to link to; `None` without trace export, so the
+/// untraced path costs one flag test.
+fn caller_context() -> Option<SpanContext> {
+    if !crate::telemetry::traces_exported() {
+        return None;
+    }
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context.is_valid().then(|| span_context.clone())
 }
 
 struct OpenBatch<I, O> {
@@ -191,6 +215,7 @@ where
         E: FnOnce() -> Error,
     {
         let (reply, mut answer) = oneshot::channel();
+        let caller = caller_context();
         let (item_id, placement) = {
             let mut state = lock(&self.state);
             let item_id = state.next_id;
@@ -201,6 +226,7 @@ where
                 deadline: ctx.deadline,
                 id: item_id,
                 identity,
+                caller,
                 reply,
             };
             let (placement, new_batch) = self.place(&mut state, &key, pending, bytes);

@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::upstream::context::{CallContext, Priority, deadline_exceeded};
@@ -142,7 +143,7 @@ where
         let state = Arc::clone(&self.state);
         let ttl = self.ttl;
         let capacity = self.capacity;
-        let task = tokio::spawn(async move {
+        let flight = async move {
             let result = fetch.await;
             let mut state = state
                 .lock()
@@ -174,7 +175,9 @@ where
                 state.cache.insert(key, (now, value.clone()));
             }
             result
-        });
+        };
+        // The flight's upstream spans join the trace of the caller that started it.
+        let task = tokio::spawn(flight.in_current_span());
         let upstream = self.upstream;
         async move {
             task.await.unwrap_or_else(|join_error| {
