@@ -1019,3 +1019,42 @@ async fn a_stalled_subscriber_does_not_grow_memory_while_a_thousand_others_recei
     gateway.kill().await;
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn stream_events_go_uncompressed_even_to_a_client_accepting_gzip() {
+    use cx_gateway::pb::survey_service_client::SurveyServiceClient;
+    use tonic::codec::CompressionEncoding;
+
+    let gateway = TestGateway::start_with(sandbox_config(), settings(&[])).await;
+    // A unary call from the same client is compressed: the client does ask for gzip.
+    let campaigns = SurveyServiceClient::new(gateway.channel.clone())
+        .accept_compressed(CompressionEncoding::Gzip)
+        .list_campaigns(pb::ListCampaignsRequest::default())
+        .await
+        .expect("list campaigns");
+    assert_eq!(
+        campaigns
+            .metadata()
+            .get("grpc-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+
+    // The same events go to every subscriber as encoded once: never compressed per stream.
+    let response = FeedbackStreamClient::new(gateway.channel.clone())
+        .accept_compressed(CompressionEncoding::Gzip)
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .expect("subscribe");
+    assert_eq!(response.metadata().get("grpc-encoding"), None);
+    let mut stream = response.into_inner();
+    synced(&mut stream).await;
+    let simulated = gateway.sandbox().handle().simulate_feedback(2);
+    let ids = simulated_ids(&simulated);
+    let delivered = [next_event(&mut stream).await, next_event(&mut stream).await];
+    let delivered: Vec<&str> = delivered
+        .iter()
+        .map(|event| event.feedback.as_ref().unwrap().feedback_id.as_str())
+        .collect();
+    assert_eq!(delivered, ids);
+}
