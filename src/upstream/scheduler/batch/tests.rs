@@ -23,11 +23,23 @@ fn batcher(max_items: usize) -> Batcher<&'static str, String, String> {
 fn runner(
     calls: &Calls,
 ) -> impl FnOnce(BatchHandle<&'static str, String, String>) -> BoxFuture<'static, ()> + use<> {
+    runner_gathering(calls, None)
+}
+
+/// Like [`runner`], but with `gather = Some((quiet, max))` it also waits for the wave of
+/// callers the key's last batch answered before sealing.
+fn runner_gathering(
+    calls: &Calls,
+    gather: Option<(Duration, Duration)>,
+) -> impl FnOnce(BatchHandle<&'static str, String, String>) -> BoxFuture<'static, ()> + use<> {
     let calls = Arc::clone(calls);
     move |mut handle| {
         async move {
             if !handle.wait_turn().await {
                 return;
+            }
+            if let Some((quiet, max)) = gather {
+                handle.gather(quiet, max).await;
             }
             let (items, _) = handle.seal(Duration::ZERO, || Error::internal("late"));
             let call = {
@@ -44,6 +56,10 @@ fn runner(
         .boxed()
     }
 }
+
+/// The wave settings of the gateway's batchers: a 2 ms quiet gap, 5 ms at most.
+const GATHER: Option<(Duration, Duration)> =
+    Some((Duration::from_millis(2), Duration::from_millis(5)));
 
 fn budget_error() -> Error {
     Error::new(
@@ -393,35 +409,6 @@ async fn size_limit_splits_batches() {
     assert!(sizes.iter().all(|&s| s <= 2), "{sizes:?}");
 }
 
-/// Like [`runner`], but it also waits for the wave of callers the key's last batch answered.
-fn gathering_runner(
-    calls: &Calls,
-) -> impl FnOnce(BatchHandle<&'static str, String, String>) -> BoxFuture<'static, ()> + use<> {
-    let calls = Arc::clone(calls);
-    move |mut handle| {
-        async move {
-            if !handle.wait_turn().await {
-                return;
-            }
-            handle
-                .gather(Duration::from_millis(2), Duration::from_millis(5))
-                .await;
-            let (items, _) = handle.seal(Duration::ZERO, || Error::internal("late"));
-            let call = {
-                let mut calls = calls.lock().unwrap();
-                calls.push(items.iter().map(|p| p.item.clone()).collect());
-                calls.len()
-            };
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            for pending in items {
-                let answer = format!("{}@{call}", pending.item);
-                pending.reply(Ok(answer));
-            }
-        }
-        .boxed()
-    }
-}
-
 /// `callers` tasks, each sending `rounds` items one after another, and coming back one or two
 /// milliseconds (a network round trip) after each answer. Returns the size of every upstream
 /// call.
@@ -438,17 +425,10 @@ async fn crowd(gather: bool, callers: usize, rounds: usize) -> Vec<usize> {
                 tokio::time::sleep(Duration::from_millis(1 + (caller % 2) as u64)).await;
                 let item = format!("c{caller}-{round}");
                 let ctx = CallContext::interactive(None);
-                let answer = if gather {
-                    let run = gathering_runner(&calls);
-                    batcher
-                        .submit("customers", item.clone(), &ctx, None, 10, run, budget_error)
-                        .await
-                } else {
-                    let run = runner(&calls);
-                    batcher
-                        .submit("customers", item.clone(), &ctx, None, 10, run, budget_error)
-                        .await
-                };
+                let run = runner_gathering(&calls, if gather { GATHER } else { None });
+                let answer = batcher
+                    .submit("customers", item.clone(), &ctx, None, 10, run, budget_error)
+                    .await;
                 assert!(answer.unwrap().starts_with(&format!("{item}@")));
             }
         }));
@@ -486,7 +466,7 @@ async fn a_wave_is_only_expected_right_after_an_answer_and_is_waited_for_briefly
     let calls: Calls = Arc::default();
     let send = |name: &str| {
         let batcher = batcher.clone();
-        let run = gathering_runner(&calls);
+        let run = runner_gathering(&calls, GATHER);
         let item = name.to_owned();
         async move {
             batcher
