@@ -857,8 +857,8 @@ async fn rescans_see_changes_to_responses_older_than_the_overlap() {
     assert!(rescan.start.timestamp_millis() <= now);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_failed_poll_does_not_move_the_checkpoint() {
+/// A poller over a source holding one response, whose queries fail until `fail` is cleared.
+async fn failing_source() -> (Arc<ScriptedSource>, Fixture) {
     let clock = Clock::following_tokio();
     let now = clock.now_ms();
     let source = Arc::new(ScriptedSource::default());
@@ -874,6 +874,12 @@ async fn a_failed_poll_does_not_move_the_checkpoint() {
         clock,
     )
     .await;
+    (source, fixture)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_poll_does_not_move_the_checkpoint() {
+    let (source, fixture) = failing_source().await;
     while source.queries().len() < 2 {
         source.asked.notified().await;
     }
@@ -889,21 +895,7 @@ async fn a_failed_poll_does_not_move_the_checkpoint() {
 
 #[tokio::test(start_paused = true)]
 async fn the_sync_lag_grows_while_polls_fail_and_drops_when_one_completes() {
-    let clock = Clock::following_tokio();
-    let now = clock.now_ms();
-    let source = Arc::new(ScriptedSource::default());
-    source.add("a", &iso(now - 1000), &[]);
-    *source.fail.lock().unwrap() = true;
-    let fixture = Fixture::with(
-        FeedbackSettings {
-            sync: Some(sync_settings()),
-            retention: no_retention(),
-            ..FeedbackSettings::default()
-        },
-        Some(Arc::clone(&source) as Arc<dyn FeedbackSource>),
-        clock,
-    )
-    .await;
+    let (source, fixture) = failing_source().await;
     fixture.feedback.register_metrics();
     let lag = || sample("cxgw_feedback_sync_lag_seconds", "");
     let polls = |outcome: &str| {
