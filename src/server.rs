@@ -68,7 +68,7 @@ pub async fn run(
     let shutdown_grace = config.shutdown_grace;
     let app = Arc::new(App::open(config, drain.clone())?);
     let config = Arc::clone(&app.config);
-    telemetry::register_outbox_probe(&app);
+    telemetry::register_store_probes(&app);
     // Asynchronous writes are delivered from the outbox by one worker, replaying each through
     // the same code as a synchronous call.
     app.spawn_background(app.outbox.clone().run_worker(

@@ -540,6 +540,21 @@ impl Outbox {
             .await
     }
 
+    /// When the oldest delivery not finished yet was accepted (milliseconds since the epoch), or
+    /// `None` when nothing is waiting: its age is how far behind delivery runs, which the depth
+    /// alone cannot tell (a deep queue that drains fast is healthy, one old entry is not).
+    pub async fn oldest_pending_ms(&self) -> Result<Option<i64>, Error> {
+        self.store
+            .read(|c| {
+                c.query_row(
+                    "SELECT MIN(create_ms) FROM outbox WHERE state IN (1, 2, 3)",
+                    [],
+                    |row| row.get(0),
+                )
+            })
+            .await
+    }
+
     /// Puts deliveries that were in flight when the gateway stopped back in the queue, or in the
     /// dead-letter list when sending them again could duplicate them (see the module doc).
     pub async fn recover(&self) -> Result<(usize, usize), Error> {
@@ -773,13 +788,18 @@ impl Outbox {
                 }
                 tokio::spawn(async move {
                     let attempt = executor.execute(&method, &request, &delivery_id).await;
-                    tracing::Span::current().record(
-                        "outcome",
-                        match &attempt {
-                            Attempt::Delivered { .. } => "delivered",
-                            Attempt::Retry { .. } => "retry",
-                            Attempt::Failed { .. } => "failed",
-                        },
+                    let outcome = match &attempt {
+                        Attempt::Delivered { .. } => "delivered",
+                        Attempt::Retry { .. } => "retry",
+                        Attempt::Failed { .. } => "failed",
+                    };
+                    tracing::Span::current().record("outcome", outcome);
+                    crate::telemetry::metrics().outbox_attempts.add(
+                        1,
+                        &[
+                            opentelemetry::KeyValue::new("method", method.clone()),
+                            opentelemetry::KeyValue::new("outcome", outcome),
+                        ],
                     );
                     if let Attempt::Retry { error, .. } | Attempt::Failed { error } = &attempt {
                         tracing::info!(%delivery_id, %method, attempts, reason = %error.reason, "delivery attempt failed");

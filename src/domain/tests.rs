@@ -181,6 +181,46 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
 }
 
 #[tokio::test]
+async fn the_oldest_unfinished_delivery_is_reported_until_none_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(
+        store,
+        OutboxSettings {
+            retry_window: Duration::ZERO,
+            ..fast_settings()
+        },
+    );
+    assert_eq!(outbox.oldest_pending_ms().await.unwrap(), None);
+    let first = outbox
+        .enqueue(delivery("TrackEvent", "erin-1", &["erin"], false))
+        .await
+        .unwrap();
+    let second = outbox
+        .enqueue(delivery("TrackEvent", "finn-1", &["finn"], false))
+        .await
+        .unwrap();
+    let first_ms = outbox.get(&first).await.unwrap().unwrap().create_ms;
+    let second_ms = outbox.get(&second).await.unwrap().unwrap().create_ms;
+    assert!(first_ms <= second_ms);
+    assert_eq!(outbox.oldest_pending_ms().await.unwrap(), Some(first_ms));
+
+    // One is delivered, the other dead-lettered: neither waits any more.
+    let (attempts_tx, _attempts) = mpsc::unbounded_channel();
+    let executor = Arc::new(ScriptedExecutor {
+        attempts: attempts_tx,
+        fail_first: Mutex::new(HashMap::from([("erin-1".to_owned(), 1)])),
+    });
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
+    wait_for_state(&outbox, &first, DeliveryState::DeadLettered).await;
+    wait_for_state(&outbox, &second, DeliveryState::Delivered).await;
+    assert_eq!(outbox.oldest_pending_ms().await.unwrap(), None);
+    trigger.start();
+    worker.await.unwrap();
+}
+
+#[tokio::test]
 async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();

@@ -62,6 +62,11 @@ pub enum Observed {
     /// Seconds since the feedback sync's watermark (a fractional reading, see
     /// [`register_float_probe`]).
     FeedbackSyncLag,
+    /// Seconds since the oldest outbox delivery not finished yet was accepted, 0 when none is
+    /// waiting (a fractional reading).
+    OutboxOldestPendingAge,
+    /// 1 when the durable store answered a read just now, 0 when it failed or timed out.
+    StoreAvailable,
 }
 
 /// One reading: the value and its attributes.
@@ -126,6 +131,8 @@ pub struct Metrics {
     pub batch_size: Histogram<u64>,
     /// `cxgw.outbox.enqueued`: writes accepted into the outbox.
     pub outbox_enqueued: Counter<u64>,
+    /// `cxgw.outbox.attempts`: delivery attempts by method and outcome.
+    pub outbox_attempts: Counter<u64>,
     /// `cxgw.feedback.sync.polls`: feedback polls by kind and outcome.
     pub feedback_polls: Counter<u64>,
     /// `cxgw.feedback.sync.items`: items the feedback sync read, by what became of them.
@@ -233,6 +240,14 @@ impl Metrics {
             outbox_enqueued: meter
                 .u64_counter("cxgw.outbox.enqueued")
                 .with_description("Asynchronous writes accepted into the durable outbox")
+                .build(),
+            outbox_attempts: meter
+                .u64_counter("cxgw.outbox.attempts")
+                .with_description(
+                    "Outbox delivery attempts by method and outcome: delivered, retry (a \
+                     transient failure: tried again, or dead-lettered once the retry window is \
+                     over), failed (a permanent failure, dead-lettered)",
+                )
                 .build(),
             feedback_polls: meter
                 .u64_counter("cxgw.feedback.sync.polls")
@@ -371,6 +386,19 @@ fn observed_instruments(
             Observed::FeedbackSubscribers,
         ),
         seconds_gauge(
+            "cxgw.outbox.oldest_pending.age",
+            "Seconds since the oldest outbox delivery that is not finished yet was accepted (0 \
+             when none is waiting): how far behind asynchronous delivery runs",
+            Observed::OutboxOldestPendingAge,
+        ),
+        gauge(
+            "cxgw.store.available",
+            "1 when the durable store answered a read at this collection, 0 when it failed or \
+             took longer than 2 s",
+            Observed::StoreAvailable,
+        ),
+        process_start_time(meter),
+        seconds_gauge(
             "cxgw.feedback.sync.lag",
             "Seconds since the start of the last complete feedback poll: every response Retently \
              recorded before then is in the log. Alert on this one: it grows when polls fail or \
@@ -378,6 +406,22 @@ fn observed_instruments(
             Observed::FeedbackSyncLag,
         ),
     ]
+}
+
+/// `cxgw.process.start_time` (seconds since the epoch): a gateway that restarts shows as a change
+/// of this value, which a restart between two scrapes would otherwise hide from counters' rates.
+fn process_start_time(meter: &Meter) -> ObservedInstrument {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64());
+    ObservedInstrument::FloatGauge(
+        meter
+            .f64_observable_gauge("cxgw.process.start_time")
+            .with_unit("s")
+            .with_description("Start time of the gateway process in seconds since the epoch")
+            .with_callback(move |observer| observer.observe(started, &[]))
+            .build(),
+    )
 }
 
 /// The pull reader, shared between the provider (which registers its pipeline) and the

@@ -238,8 +238,14 @@ pub fn record_violations(span: &tracing::Span, violations: &crate::error::Violat
     span.record("violations", violations.len());
 }
 
-/// Reports the outbox's queued deliveries and dead letters until the app is dropped.
-pub fn register_outbox_probe(app: &std::sync::Arc<crate::app::App>) {
+/// How long a metrics probe may wait for the store: a stuck store must not hold a scrape forever.
+const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reports, until the app is dropped, the outbox's queued deliveries and dead letters, the age of
+/// its oldest unfinished delivery, and whether the store answers at all.
+pub fn register_store_probes(app: &std::sync::Arc<crate::app::App>) {
+    register_outbox_age_probe(app);
+    register_store_available_probe(app);
     let app = std::sync::Arc::downgrade(app);
     let runtime = tokio::runtime::Handle::current();
     metrics::register_probe(metrics::Observed::OutboxDeliveries, move |readings| {
@@ -250,7 +256,7 @@ pub fn register_outbox_probe(app: &std::sync::Arc<crate::app::App>) {
         // worker, so waiting here blocks no task. The bound keeps a stuck store from holding a
         // scrape forever.
         let depth = runtime.block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(2), app.outbox.depth()).await
+            tokio::time::timeout(STORE_PROBE_TIMEOUT, app.outbox.depth()).await
         });
         match depth {
             Ok(Ok((queued, dead))) => {
@@ -264,6 +270,76 @@ pub fn register_outbox_probe(app: &std::sync::Arc<crate::app::App>) {
             Ok(Err(error)) => tracing::warn!(%error, "cannot read the outbox depth"),
             Err(_elapsed) => tracing::warn!("reading the outbox depth timed out"),
         }
+        true
+    });
+}
+
+fn register_outbox_age_probe(app: &std::sync::Arc<crate::app::App>) {
+    let app = std::sync::Arc::downgrade(app);
+    let runtime = tokio::runtime::Handle::current();
+    metrics::register_float_probe(metrics::Observed::OutboxOldestPendingAge, move |readings| {
+        let Some(app) = app.upgrade() else {
+            return false;
+        };
+        // Like the depth probe: run on a thread that may block, bounded.
+        let oldest = runtime.block_on(async {
+            tokio::time::timeout(STORE_PROBE_TIMEOUT, app.outbox.oldest_pending_ms()).await
+        });
+        match oldest {
+            Ok(Ok(oldest)) => {
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                readings.push((pending_age_seconds(oldest, now_ms), Vec::new()));
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "cannot read the oldest outbox delivery"),
+            Err(_elapsed) => tracing::warn!("reading the oldest outbox delivery timed out"),
+        }
+        true
+    });
+}
+
+/// The age of the oldest unfinished delivery, 0 when none is waiting (and never negative when
+/// the clock stepped back since it was accepted).
+fn pending_age_seconds(oldest_ms: Option<i64>, now_ms: i64) -> f64 {
+    oldest_ms.map_or(0.0, |oldest| {
+        // Millisecond differences fit an f64 exactly for any realistic age.
+        #[allow(clippy::cast_precision_loss)]
+        let age = now_ms.saturating_sub(oldest).max(0) as f64;
+        age / 1000.0
+    })
+}
+
+fn register_store_available_probe(app: &std::sync::Arc<crate::app::App>) {
+    let app = std::sync::Arc::downgrade(app);
+    let runtime = tokio::runtime::Handle::current();
+    metrics::register_probe(metrics::Observed::StoreAvailable, move |readings| {
+        let Some(app) = app.upgrade() else {
+            return false;
+        };
+        // A read of a real table (not `SELECT 1`, which SQLite answers without the file), so a
+        // vanished, unreadable or locked-up database shows as 0.
+        let answered = runtime.block_on(async {
+            tokio::time::timeout(
+                STORE_PROBE_TIMEOUT,
+                app.store.read(|c| {
+                    c.query_row("SELECT COUNT(*) FROM schema_migrations", [], |row| {
+                        row.get::<_, i64>(0)
+                    })
+                }),
+            )
+            .await
+        });
+        let available = match answered {
+            Ok(Ok(_)) => 1,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the store did not answer the availability probe");
+                0
+            }
+            Err(_elapsed) => {
+                tracing::warn!("the store availability probe timed out");
+                0
+            }
+        };
+        readings.push((available, Vec::new()));
         true
     });
 }
@@ -292,5 +368,18 @@ pub async fn flush() {
             }
         }
         Err(error) => tracing::warn!(%error, "the telemetry flush task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pending_age_seconds;
+
+    #[test]
+    fn pending_age_is_zero_without_a_waiting_delivery_and_never_negative() {
+        assert_eq!(pending_age_seconds(None, 5_000), 0.0);
+        assert_eq!(pending_age_seconds(Some(1_500), 5_000), 3.5);
+        // The clock stepped back since the delivery was accepted.
+        assert_eq!(pending_age_seconds(Some(9_000), 5_000), 0.0);
     }
 }

@@ -682,6 +682,27 @@ async fn metrics_count_rpcs_by_method_and_code_and_upstream_calls_by_route() {
         sample(&text, "cxgw_outbox_deliveries", &[("state", "dead_letter")]),
         Some(0.0)
     );
+    // The series the alerting rules need: the store answers, nothing waits in the outbox, and the
+    // process start time is a plausible epoch second (not 0, not in the future).
+    assert_eq!(
+        sample(&text, "cxgw_store_available", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "cxgw_outbox_oldest_pending_age_seconds", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    let started = sample(&text, "cxgw_process_start_time_seconds", &[]).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started > now - 600.0 && started <= now,
+        "start time {started}"
+    );
     assert!(gateway.terminate().success());
     emulator.stop().await;
 }

@@ -49,6 +49,10 @@ use self::retry::{BackoffPolicy, RetryBudget, RetryBudgetConfig};
 use crate::error::{Error, ErrorCode, Result};
 use crate::upstream::context::{CallContext, Priority, deadline_exceeded};
 
+/// The `caller` metric label of attempts made without an authenticated caller (sandbox, trusted
+/// mesh).
+const ANONYMOUS_CALLER: &str = "anonymous";
+
 /// Time kept between an attempt's timeout and the caller's deadline to hand the answer back.
 const REPLY_MARGIN: Duration = Duration::from_millis(10);
 
@@ -419,12 +423,16 @@ impl Lane {
             },
         };
         span.record("outcome", outcome);
+        // The caller is a bounded label: names come from the callers file (or the gateway's own
+        // background work), never from what a request sends.
+        let caller = ctx.caller.as_deref().unwrap_or(ANONYMOUS_CALLER);
         crate::telemetry::metrics().scheduler_wait.record(
             started.elapsed().as_secs_f64(),
             &[
                 KeyValue::new("upstream", upstream),
                 KeyValue::new("priority", priority),
                 KeyValue::new("outcome", outcome),
+                KeyValue::new("caller", caller.to_owned()),
             ],
         );
         result
