@@ -2,7 +2,8 @@
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
 # into .venv, buf from npm), then formatting and lints, the Rust unit and integration tests, the
 # grpcurl suite against the built binary, the Python client test, the contract lint, the Helm
-# chart checks and a quick benchmark smoke run. Prints one line per suite and a closing summary.
+# chart checks, the monitoring checks (promtool, a real Prometheus) and a quick benchmark smoke
+# run. Prints one line per suite and a closing summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -63,6 +64,8 @@ if build_binary; then
   # A scaled-down run of every benchmark scenario, so the benchmark cannot rot; it asserts no
   # timing, it only has to complete and print its table.
   suite "bench smoke" target/debug/cx-gateway bench --quick --json target/bench-quick.json
+  # Alerting rules (promtool) and every dashboard and alert query against a real Prometheus.
+  suite "monitoring" bash tests/monitoring/check.sh target/debug/cx-gateway
 else
   failed=$((failed + 1))
   failures+=("build")

@@ -41,7 +41,7 @@ FULLNAME = "cxgw-cx-gateway"
 KUBE_VERSIONS = ["1.30.0", kv.latest_version()]
 # Custom resources: kubernetes-validate has schemas for built-in kinds only, so these are skipped
 # there and checked field by field below instead.
-CRD_KINDS = {"ServiceMonitor", "GRPCRoute", "HTTPRoute"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute", "HTTPRoute"}
 # Values that must never leave the Secret: searched for, in clear and in base64, in everything else.
 CANARIES = {
     "retentlyApiKey": "rk-canary-7f3a9c51",
@@ -760,6 +760,70 @@ def check_service_monitor(rendered: Rendered) -> None:
     assert selected == [FULLNAME], f"ServiceMonitor selects {selected}"
 
 
+RUNBOOK = ROOT / "docs" / "runbook.md"
+
+
+def runbook_sections() -> set[str]:
+    """The alert names docs/runbook.md has a section for (`## CxGateway...`)."""
+    return set(re.findall(r"^## (CxGateway\w+)$", RUNBOOK.read_text(), flags=re.MULTILINE))
+
+
+def check_prometheus_rule(rendered: Rendered) -> None:
+    monitoring = rendered.values["monitoring"]
+    rules_values = monitoring["rules"]
+    if not rules_values["enabled"]:
+        assert not rendered.kind("PrometheusRule")
+        return
+    rule = rendered.one("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == (rules_values["namespace"] or NAMESPACE)
+    for name, value in rules_values["labels"].items():
+        assert rule["metadata"]["labels"].get(name) == value, f"rule label {name}"
+    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    names = [alert["alert"] for alert in alerts]
+    assert len(names) == len(set(names)) >= 13, f"alerts {names}"
+    sections = runbook_sections()
+    selector = monitoring["selector"] or f'namespace="{NAMESPACE}", job="{FULLNAME}"'
+    for alert in alerts:
+        name = alert["alert"]
+        labels = alert["labels"]
+        assert labels["severity"] in {"warning", "critical"}, f"{name} severity"
+        for label, value in rules_values["alertLabels"].items():
+            assert labels.get(label) == value, f"{name} lacks alert label {label}"
+        annotations = alert["annotations"]
+        # The description carries the values the alert fired with (its value or labels).
+        assert annotations["summary"] and "{{ $" in annotations["description"], name
+        assert annotations["runbook_url"] == f"{monitoring['runbookUrl']}#{name.lower()}", name
+        assert name in sections, f"docs/runbook.md has no section for {name}"
+        # Every gateway series is narrowed to this release (kube-state-metrics is not ours).
+        for series in re.findall(r"\b((?:cxgw|rpc)_\w+)\{([^}]*)\}", alert["expr"]):
+            assert series[1].startswith(selector), f"{name}: {series[0]} not selected by {selector}"
+    assert sections <= set(names), f"runbook sections without an alert: {sections - set(names)}"
+
+
+def check_dashboard(rendered: Rendered) -> None:
+    dashboard_values = rendered.values["monitoring"]["dashboard"]
+    maps = [o for o in rendered.kind("ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    if not dashboard_values["enabled"]:
+        assert not maps
+        return
+    (config_map,) = maps
+    metadata = config_map["metadata"]
+    assert metadata["namespace"] == (dashboard_values["namespace"] or NAMESPACE)
+    label = dashboard_values["sidecarLabel"]
+    assert metadata["labels"].get(label) == dashboard_values["sidecarLabelValue"], "sidecar label"
+    assert metadata.get("annotations", {}) == dashboard_values["annotations"]
+    (text,) = config_map["data"].values()
+    dashboard = json.loads(text)
+    assert dashboard["uid"] and dashboard["title"]
+    targets = [
+        target for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    assert len(targets) >= 20, f"{len(targets)} panel queries"
+    for target in targets:
+        assert 'namespace="$namespace", job="$job"' in target["expr"], target["expr"]
+
+
 def check_test_hook(rendered: Rendered) -> None:
     tests = rendered.values["tests"]
     pods = rendered.hook_pods()
@@ -879,6 +943,8 @@ PROPERTY_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("disruption budget", check_pdb),
     ("ingress and routes", check_exposure),
     ("service monitor", check_service_monitor),
+    ("alerting rules", check_prometheus_rule),
+    ("dashboard ConfigMap", check_dashboard),
     ("helm test pod", check_test_hook),
     ("NOTES", check_notes),
     ("image reference", check_image),
@@ -1103,6 +1169,42 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("test tool unknown", {"tests": {"tool": "curl"}}, "/tests/tool"),
     ("test services empty", {"tests": {"services": []}}, "/tests/services"),
     ("pod annotations not strings", {"podAnnotations": {"a": 1}}, "/podAnnotations/a"),
+    (
+        "alert threshold as a string",
+        {"monitoring": {"rules": {"thresholds": {"outboxQueued": "1000"}}}},
+        "/monitoring/rules/thresholds/outboxQueued",
+    ),
+    (
+        "alert window not a duration",
+        {"monitoring": {"rules": {"thresholds": {"deadLetterWindow": "15 minutes"}}}},
+        "/monitoring/rules/thresholds/deadLetterWindow",
+    ),
+    (
+        "error ratio above 1",
+        {"monitoring": {"rules": {"thresholds": {"upstreamErrorRatio": 5}}}},
+        "/monitoring/rules/thresholds/upstreamErrorRatio",
+    ),
+    (
+        "unknown alert threshold",
+        {"monitoring": {"rules": {"thresholds": {"queueDepth": 5}}}},
+        "queueDepth",
+    ),
+    (
+        "alert label overriding the severity",
+        {"monitoring": {"rules": {"alertLabels": {"severity": "page"}}}},
+        "'severity'",
+    ),
+    (
+        "metrics selector with braces",
+        {"monitoring": {"selector": '{job="x"}'}},
+        "/monitoring/selector",
+    ),
+    ("runbook URL not http", {"monitoring": {"runbookUrl": "docs/runbook.md"}}, "/monitoring/runbookUrl"),
+    (
+        "dashboard sidecar label malformed",
+        {"monitoring": {"dashboard": {"sidecarLabel": "grafana dashboard"}}},
+        "/monitoring/dashboard/sidecarLabel",
+    ),
 ]
 
 
@@ -1354,12 +1456,15 @@ def check_values_documented() -> None:
 # templates (the install notes, the messages of the guards).
 NAMED_IN = [
     ROOT / "docs" / "operations.md",
+    ROOT / "docs" / "runbook.md",
     CHART / "values.yaml",
     *sorted(p for p in (CHART / "templates").rglob("*") if p.is_file()),
 ]
 # OTEL_* variables read by the OpenTelemetry SDK itself rather than by the gateway's code.
 SDK_OTEL_NAMES = {"OTEL_BSP_MAX_QUEUE_SIZE"}
 # Dotted names that are files, not values (tls.crt in a kubernetes.io/tls Secret).
+# API groups that look like value names (the top-level value `monitoring`).
+API_GROUPS = {"monitoring.coreos.com"}
 FILE_SUFFIXES = {"crt", "key", "pem", "toml", "db", "yaml", "json", "md", "txt", "sh"}
 
 
@@ -1410,7 +1515,7 @@ def check_named_values_exist() -> None:
     checked = 0
     for path in NAMED_IN:
         for name in sorted(set(pattern.findall(path.read_text()))):
-            if name.rsplit(".", 1)[-1] in FILE_SUFFIXES:
+            if name.rsplit(".", 1)[-1] in FILE_SUFFIXES or name in API_GROUPS:
                 continue
             # upstreamKeys.secretKeys.{a,b} names several values.
             head, _, tail = name.partition(".{")

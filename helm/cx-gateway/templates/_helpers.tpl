@@ -199,3 +199,15 @@ grpc:
   {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+PromQL label matchers selecting this release's series (monitoring.selector, or the namespace and
+the job the ServiceMonitor gives them).
+*/}}
+{{- define "cx-gateway.metricsSelector" -}}
+{{- if .Values.monitoring.selector }}
+{{- .Values.monitoring.selector }}
+{{- else }}
+{{- printf "namespace=%q, job=%q" .Release.Namespace (include "cx-gateway.fullname" .) }}
+{{- end }}
+{{- end }}
