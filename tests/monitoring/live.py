@@ -45,6 +45,14 @@ VARIABLES = {
     "$namespace": NAMESPACE,
     "$job": JOB,
 }
+# Alerts whose condition the scenario itself creates (5xx answers, writes given up, reads beyond
+# the budget): their expressions must see it, which proves their label matchers against real
+# series, not only their syntax.
+SCENARIO_ALERTS = {
+    "CxGatewayUpstreamErrors",
+    "CxGatewayDeadLettersIncreasing",
+    "CxGatewayRequestsShed",
+}
 # How long the scenario's effects may take to show in Prometheus; the loop ends as soon as every
 # panel has data, so this bounds a failure, not a pass.
 DATA_DEADLINE_SECONDS = 120
@@ -398,11 +406,13 @@ def evaluate(stack: Stack) -> int:
     panels = panel_targets(dashboard)
     assert panels, "the dashboard has no panel queries"
 
-    # Wait for the scenario to show: every panel returns data (or the deadline says which do not).
+    # Wait for the scenario to show: every panel and the alerts it provokes return data (or the
+    # deadline says which do not).
+    watched = panels + [(name, expr) for name, expr in alerts if name in SCENARIO_ALERTS]
     deadline = time.monotonic() + DATA_DEADLINE_SECONDS
     while True:
         empty = []
-        for name, expr in panels:
+        for name, expr in watched:
             answer = query(stack, substitute(expr))
             if answer.get("status") != "success":
                 print(f"FAIL panel {name} does not parse: {answer.get('error')}\n  {expr}")
@@ -441,12 +451,16 @@ def evaluate(stack: Stack) -> int:
             print(f"FAIL variable {variable['name']} offers {values}, not {expected}")
     for name, expr in alerts:
         answer = query(stack, expr)
-        if answer.get("status") == "success":
-            firing = len(answer["data"]["result"])
-            print(f"ok   alert {name} parses and evaluates ({firing} series above threshold now)")
-        else:
+        if answer.get("status") != "success":
             failures += 1
             print(f"FAIL alert {name}: {answer.get('error')}\n  {expr}")
+            continue
+        firing = len(answer["data"]["result"])
+        if name in SCENARIO_ALERTS and not firing:
+            failures += 1
+            print(f"FAIL alert {name} does not see what the scenario did\n  {expr}")
+        else:
+            print(f"ok   alert {name} parses and evaluates ({firing} series above threshold now)")
     # Prometheus loaded the rendered rules themselves and evaluates them without error.
     _, loaded = http("GET", f"{stack.prometheus}/api/v1/rules")
     loaded_rules = [r for g in loaded["data"]["groups"] for r in g["rules"]]
