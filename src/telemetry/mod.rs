@@ -315,18 +315,11 @@ fn register_store_available_probe(app: &std::sync::Arc<crate::app::App>) {
         let Some(app) = app.upgrade() else {
             return false;
         };
-        // A read of a real table (not `SELECT 1`, which SQLite answers without the file), so a
-        // vanished, unreadable or locked-up database shows as 0.
+        // A read of a real table through the outbox (not a bare `SELECT 1`, which SQLite answers
+        // without touching the file), so a vanished, unreadable or locked-up database shows as 0
+        // whatever engine the store runs on.
         let answered = runtime.block_on(async {
-            tokio::time::timeout(
-                STORE_PROBE_TIMEOUT,
-                app.store.read(|c| {
-                    c.query_row("SELECT COUNT(*) FROM schema_migrations", [], |row| {
-                        row.get::<_, i64>(0)
-                    })
-                }),
-            )
-            .await
+            tokio::time::timeout(STORE_PROBE_TIMEOUT, app.outbox.depth()).await
         });
         let available = match answered {
             Ok(Ok(_)) => 1,
