@@ -21,6 +21,19 @@ NAMESPACE = "cx"
 VALUES = {"monitoring": {"rules": {"enabled": True}, "dashboard": {"enabled": True}}}
 
 
+class RuleDumper(yaml.SafeDumper):
+    """Writes multi-line expressions as literal blocks, so promtool's messages quote them as the
+    template wrote them."""
+
+
+RuleDumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
+    ),
+)
+
+
 def main() -> int:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +50,9 @@ def main() -> int:
     (dashboard,) = [
         o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")
     ]
-    (out / "rules.yml").write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+    (out / "rules.yml").write_text(
+        yaml.dump(rule["spec"], Dumper=RuleDumper, sort_keys=False, width=100)
+    )
     (out / "dashboard.json").write_text(dashboard["data"]["cx-gateway.json"])
     groups = rule["spec"]["groups"]
     alerts = sum(len(group["rules"]) for group in groups)
