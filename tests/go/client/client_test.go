@@ -201,7 +201,7 @@ func TestAsyncWriteIsFollowedWithGetDelivery(t *testing.T) {
 // effect of processing; a later Subscribe with that cursor continues right after it.
 func consume(client pb.FeedbackStreamClient, request *pb.SubscribeRequest, handle func(*pb.FeedbackEvent) bool) (string, error) {
 	ctx, cancel := context.WithCancel(withCaller(context.Background())) // no deadline: long-lived
-	defer cancel() // returning cancels the call
+	defer cancel()                                                      // returning cancels the call
 	stream, err := client.Subscribe(ctx, request)
 	if err != nil {
 		return "", err
