@@ -40,5 +40,10 @@ export GOCACHE="$root/target/go-build-cache"
 # grpc-go before 1.40 applies a service config's retryPolicy only when asked to.
 export GRPC_GO_RETRY=on
 cd "$work/src/cxgw/client"
-go vet ./...
+unformatted=$(gofmt -l .)
+if [ -n "$unformatted" ]; then
+  echo "not gofmt-formatted: ${unformatted}" >&2
+  exit 1
+fi
+go vet .
 go test -count=1 -v . -args -binary "$binary" -service-config "$root/clients/service-config.json"

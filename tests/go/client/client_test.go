@@ -200,8 +200,9 @@ func TestAsyncWriteIsFollowedWithGetDelivery(t *testing.T) {
 // the cursor to resume from: the last message processed (event or heartbeat). Store it with the
 // effect of processing; a later Subscribe with that cursor continues right after it.
 func consume(client pb.FeedbackStreamClient, request *pb.SubscribeRequest, handle func(*pb.FeedbackEvent) bool) (string, error) {
-	ctx, cancel := context.WithCancel(withCaller(context.Background())) // no deadline: long-lived
-	defer cancel()                                                      // returning cancels the call
+	// No deadline: a subscription is long-lived. Returning cancels the call.
+	ctx, cancel := context.WithCancel(withCaller(context.Background()))
+	defer cancel()
 	stream, err := client.Subscribe(ctx, request)
 	if err != nil {
 		return "", err
