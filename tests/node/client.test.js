@@ -249,7 +249,7 @@ test('a FeedbackStream subscription resumes by cursor with no gap and no duplica
   feedbackStream.close();
 });
 
-test('the service config retries a read the upstream refused, honouring the pushback', { timeout: 60_000 }, async () => {
+test('the service config retries a read the upstream refused', { timeout: 60_000 }, async () => {
   // [START node_service_config]
   // The gateway's published service config: per-method timeouts, and retries where they are
   // safe, paced by the gateway's grpc-retry-pushback-ms (its RetryInfo delay).
