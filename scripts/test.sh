@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
-# into .venv, buf from npm), then formatting and lints, the Rust unit and integration tests, the
-# grpcurl suite against the built binary, the Python client test, the contract lint, the Helm
-# chart checks, the monitoring checks (promtool, a real Prometheus) and a quick benchmark smoke
-# run. Prints one line per suite and a closing summary.
+# into .venv, buf and the Node client's packages from npm, Go and prometheus from Debian), then
+# formatting and lints, the Rust unit and integration tests, the grpcurl suite against the built
+# binary, the Python, Node and Go client tests, the client guide's snippet check, the contract lint
+# and breaking-change guard, the Helm chart checks, the monitoring checks (promtool, a real
+# Prometheus) and a quick benchmark smoke run. Prints one line per suite and a closing summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -44,6 +45,19 @@ rust_tests() {
   fi
 }
 
+# The Node caller: its pinned packages (npm ci, skipped while the lock file is unchanged), then
+# node's test runner against the built binary.
+node_client() {
+  local stamp=tests/node/node_modules/.cxgw-lock-sha256
+  local lock
+  lock=$(sha256sum tests/node/package-lock.json | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$lock" ]; then
+    (cd tests/node && npm ci --no-audit --no-fund --loglevel=error) || return 1
+    echo "$lock" >"$stamp"
+  fi
+  (cd tests/node && CXGW_BINARY="$root/target/debug/cx-gateway" node --test client.test.js)
+}
+
 build_binary() {
   cargo build --locked --bin cx-gateway
 }
@@ -61,6 +75,8 @@ suite "rust tests" rust_tests
 if build_binary; then
   suite "grpcurl suite" bash tests/grpcurl/run.sh target/debug/cx-gateway
   suite "python client" .venv/bin/python tests/python/test_client.py target/debug/cx-gateway
+  suite "node client" node_client
+  suite "go client" bash tests/go/run.sh target/debug/cx-gateway
   # A scaled-down run of every benchmark scenario, so the benchmark cannot rot; it asserts no
   # timing, it only has to complete and print its table.
   suite "bench smoke" target/debug/cx-gateway bench --quick --json target/bench-quick.json
@@ -70,7 +86,9 @@ else
   failed=$((failed + 1))
   failures+=("build")
 fi
+suite "client guide snippets" python3 scripts/check-doc-snippets.py
 suite "contract lint" bash scripts/buf-lint.sh
+suite "contract guard" bash scripts/buf-breaking.sh
 suite "helm chart" bash tests/helm/check.sh
 
 if [ "$failed" -gt 0 ]; then

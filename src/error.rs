@@ -14,6 +14,16 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// `ErrorInfo.domain` of every error the gateway produces.
 pub const ERROR_DOMAIN: &str = "cx-gateway";
 
+/// Trailer with which gRPC runtimes (grpc-go, grpc-java, grpc-core, grpc-js) let a server steer
+/// the retries of a service config's retry policy (gRFC A6); they do not read `RetryInfo`.
+pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
+
+/// The longest `RetryInfo` delay a client runtime is asked to wait out by itself. A runtime
+/// sleeps a pushback without looking at the call's deadline, so a longer wait would turn the
+/// refusal into a late DEADLINE_EXCEEDED without details; beyond this the pushback says "do not
+/// retry" and the application, which sees RetryInfo, decides.
+pub const MAX_TRANSPARENT_RETRY_DELAY: Duration = Duration::from_secs(5);
+
 /// The small set of outcomes the gateway distinguishes; each maps to exactly one gRPC code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
@@ -189,8 +199,26 @@ impl From<Error> for tonic::Status {
         if let Some(delay) = error.retry_after {
             details.set_retry_info(Some(delay));
         }
-        tonic::Status::with_error_details(error.code.grpc_code(), error.message, details)
+        let mut status =
+            tonic::Status::with_error_details(error.code.grpc_code(), error.message, details);
+        if let Some(delay) = error.retry_after {
+            status
+                .metadata_mut()
+                .insert(RETRY_PUSHBACK_HEADER, retry_pushback(delay));
+        }
+        status
     }
+}
+
+/// The pushback for a `RetryInfo` delay: the delay in whole milliseconds (rounded up, so a
+/// client never comes back early), or `-1` ("do not retry by yourself") beyond
+/// [`MAX_TRANSPARENT_RETRY_DELAY`].
+fn retry_pushback(delay: Duration) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+    if delay > MAX_TRANSPARENT_RETRY_DELAY {
+        return tonic::metadata::MetadataValue::from_static("-1");
+    }
+    let millis = delay.as_nanos().div_ceil(1_000_000);
+    tonic::metadata::MetadataValue::from(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
 /// Collects every violation of a request before answering, so a caller fixes all of them at once.
@@ -257,6 +285,35 @@ mod tests {
         assert_eq!(bad_request.field_violations[0].field, "customers[3].email");
         let retry = details.retry_info().expect("retry info");
         assert_eq!(retry.retry_delay, Some(Duration::from_secs(2)));
+    }
+
+    fn pushback(status: &tonic::Status) -> Option<&str> {
+        status
+            .metadata()
+            .get(RETRY_PUSHBACK_HEADER)
+            .map(|value| value.to_str().expect("ascii pushback"))
+    }
+
+    #[test]
+    fn retry_info_is_mirrored_as_a_pushback_for_client_retry_policies() {
+        let busy = |delay| {
+            tonic::Status::from(
+                Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down")
+                    .with_retry_after(delay),
+            )
+        };
+        assert_eq!(pushback(&busy(Duration::from_secs(1))), Some("1000"));
+        assert_eq!(pushback(&busy(Duration::from_micros(1500))), Some("2"));
+        assert_eq!(pushback(&busy(Duration::ZERO)), Some("0"));
+        assert_eq!(pushback(&busy(MAX_TRANSPARENT_RETRY_DELAY)), Some("5000"));
+        // Longer than a transparent retry should wait: the application decides from RetryInfo.
+        assert_eq!(pushback(&busy(Duration::from_secs(53))), Some("-1"));
+        let refused = tonic::Status::from(Error::new(
+            ErrorCode::NotFound,
+            "DELIVERY_NOT_FOUND",
+            "no such delivery",
+        ));
+        assert_eq!(pushback(&refused), None);
     }
 
     #[test]

@@ -761,6 +761,15 @@ async fn a_callers_quota_applies_to_its_own_calls_only() {
             .retry_delay
             .is_some_and(|delay| delay >= Duration::from_secs(1))
     }));
+    // The quota comes back in about a minute, too long for a client runtime to wait out by
+    // itself: the trailer tells a retry policy not to retry, so the application sees RetryInfo.
+    assert_eq!(
+        refused
+            .metadata()
+            .get(cx_gateway::error::RETRY_PUSHBACK_HEADER)
+            .map(|value| value.to_str().unwrap()),
+        Some("-1")
+    );
     for n in 4..8 {
         track(SENDER_TOKEN, n).await.unwrap();
     }

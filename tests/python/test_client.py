@@ -4,11 +4,16 @@ Proof that polyglot stubs work: it generates the stubs into a temporary director
 built binary with `serve --sandbox` on free loopback ports, and makes real calls, decoding the
 google.rpc error details of a bad request the way any gRPC client would.
 
+The regions between `[START name]` and `[END name]` are the Python snippets of docs/clients.md
+(scripts/check-doc-snippets.py keeps them equal).
+
 Usage: test_client.py path/to/cx-gateway
 """
 
+import hashlib
 import os
 import pathlib
+import secrets
 import socket
 import subprocess
 import sys
@@ -27,9 +32,12 @@ BINARY = None
 GEN = tempfile.mkdtemp(prefix="cxgw-stubs-")
 
 
+# [START python_stubs]
 def generate_stubs():
+    """Generates cx/gateway/v1/*_pb2.py and *_pb2_grpc.py from the contract with grpcio-tools."""
     proto_root = ROOT / "proto"
     files = sorted(str(p.relative_to(proto_root)) for p in proto_root.rglob("*.proto"))
+    # grpcio-tools ships the well-known types (google/protobuf/*.proto) the contract imports.
     include = pathlib.Path(protoc.__file__).parent / "_proto"
     code = protoc.main(
         ["protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={GEN}", f"--grpc_python_out={GEN}", *files]
@@ -37,6 +45,7 @@ def generate_stubs():
     if code != 0:
         raise RuntimeError(f"protoc failed with {code}")
     sys.path.insert(0, GEN)
+# [END python_stubs]
 
 
 def free_port():
@@ -50,15 +59,33 @@ class GatewayClientTest(unittest.TestCase):
     def setUpClass(cls):
         generate_stubs()
         grpc_port, admin_port = free_port(), free_port()
+        # One registered caller, so the gateway checks the token every call sends.
+        token = secrets.token_urlsafe(32)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        callers = f"""[[caller]]
+name = "python-client"
+token_sha256 = ["{digest}"]
+permissions = ["read", "deliveries:read", "deliveries:retry"]
+"""
         env = dict(os.environ)
         env.update(
             CXGW_GRPC_ADDR=f"127.0.0.1:{grpc_port}",
             CXGW_ADMIN_ADDR=f"127.0.0.1:{admin_port}",
             CXGW_LOG_FORMAT="json",
+            CXGW_CALLERS=callers,
         )
         cls.log = tempfile.TemporaryFile()
         cls.process = subprocess.Popen([BINARY, "serve", "--sandbox"], env=env, stdout=cls.log, stderr=subprocess.STDOUT)
-        cls.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        address = f"127.0.0.1:{grpc_port}"
+        # [START python_channel]
+        # The gateway's published service config: per-method timeouts, and retries where they are
+        # safe, paced by the gateway's grpc-retry-pushback-ms (its RetryInfo delay).
+        service_config = (ROOT / "clients" / "service-config.json").read_text()
+        channel = grpc.insecure_channel(address, options=[("grpc.service_config", service_config)])
+        # Every call names its caller with a bearer token (never logged by the gateway).
+        auth = [("authorization", f"Bearer {token}")]
+        # [END python_channel]
+        cls.channel, cls.auth = channel, auth
         # Readiness is a signal the channel gives: wait for the connection, bounded.
         grpc.channel_ready_future(cls.channel).result(timeout=60)
 
@@ -77,7 +104,10 @@ class GatewayClientTest(unittest.TestCase):
         from cx.gateway.v1 import delivery_service_pb2 as d, delivery_service_pb2_grpc as dg
 
         stub = dg.DeliveryServiceStub(self.channel)
-        response = stub.ListDeadLetters(d.ListDeadLettersRequest(page_size=10))
+        auth = self.auth
+        # [START python_unary]
+        response = stub.ListDeadLetters(d.ListDeadLettersRequest(page_size=10), metadata=auth, timeout=10)
+        # [END python_unary]
         self.assertEqual(len(response.deliveries), 0)
         self.assertEqual(response.total_size, 0)
         self.assertEqual(response.next_page_token, "")
@@ -87,7 +117,7 @@ class GatewayClientTest(unittest.TestCase):
 
         stub = dg.DeliveryServiceStub(self.channel)
         with self.assertRaises(grpc.RpcError) as raised:
-            stub.GetDelivery(d.GetDeliveryRequest(delivery_id="dlv_unknown"))
+            stub.GetDelivery(d.GetDeliveryRequest(delivery_id="dlv_unknown"), metadata=self.auth, timeout=10)
         self.assertEqual(raised.exception.code(), grpc.StatusCode.NOT_FOUND)
         info = self._detail(raised.exception, error_details_pb2.ErrorInfo)
         self.assertEqual(info.reason, "DELIVERY_NOT_FOUND")
@@ -97,22 +127,47 @@ class GatewayClientTest(unittest.TestCase):
         from cx.gateway.v1 import delivery_service_pb2 as d, delivery_service_pb2_grpc as dg
 
         stub = dg.DeliveryServiceStub(self.channel)
-        with self.assertRaises(grpc.RpcError) as raised:
-            stub.RetryDeadLetters(d.RetryDeadLettersRequest(delivery_ids=["dlv_a", "dlv_a"], method="x"))
-        self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-        bad_request = self._detail(raised.exception, error_details_pb2.BadRequest)
-        fields = sorted(v.field for v in bad_request.field_violations)
+        request = d.RetryDeadLettersRequest(delivery_ids=["dlv_a", "dlv_a"], method="x")
+        auth = self.auth
+        # [START python_error_details]
+        try:
+            stub.RetryDeadLetters(request, metadata=auth, timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            info = error_detail(error, error_details_pb2.ErrorInfo)
+            bad_request = error_detail(error, error_details_pb2.BadRequest)
+            fields = sorted(v.field for v in bad_request.field_violations)
+        # [END python_error_details]
+        self.assertEqual((info.domain, info.reason), ("cx-gateway", "INVALID_FIELDS"))
         self.assertEqual(fields, ["delivery_ids[1]", "method"])
 
+    def test_a_call_without_the_token_is_unauthenticated(self):
+        from cx.gateway.v1 import delivery_service_pb2 as d, delivery_service_pb2_grpc as dg
+
+        stub = dg.DeliveryServiceStub(self.channel)
+        with self.assertRaises(grpc.RpcError) as raised:
+            stub.ListDeadLetters(d.ListDeadLettersRequest(page_size=10), timeout=10)
+        self.assertEqual(raised.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
+        info = error_detail(raised.exception, error_details_pb2.ErrorInfo)
+        self.assertEqual(info.reason, "CALLER_UNAUTHENTICATED")
+
     def _detail(self, error, message_type):
-        status = rpc_status.from_call(error)
-        self.assertIsNotNone(status, "the error carries google.rpc.Status details")
-        for any_detail in status.details:
-            if any_detail.Is(message_type.DESCRIPTOR):
-                detail = message_type()
-                any_detail.Unpack(detail)
-                return detail
-        self.fail(f"no {message_type.DESCRIPTOR.name} in the error details")
+        detail = error_detail(error, message_type)
+        self.assertIsNotNone(detail, f"no {message_type.DESCRIPTOR.name} in the error details")
+        return detail
+
+
+# [START python_error_detail]
+def error_detail(error, message_type):
+    """The detail of `message_type` (ErrorInfo, BadRequest, RetryInfo...) of a failed call, or None."""
+    status = rpc_status.from_call(error)  # decodes grpc-status-details-bin
+    for any_detail in status.details if status else []:
+        if any_detail.Is(message_type.DESCRIPTOR):
+            detail = message_type()
+            any_detail.Unpack(detail)
+            return detail
+    return None
+# [END python_error_detail]
 
 
 if __name__ == "__main__":
