@@ -9,6 +9,16 @@ use cx_gateway::config::{Config, EnvSource, UpstreamMode};
 use cx_gateway::server::{self, Listeners};
 use cx_gateway::{bench, sandbox_mode, telemetry};
 
+/// jemalloc instead of glibc malloc. A burst of slow FeedbackStream readers makes the gateway
+/// allocate hundreds of MiB of HTTP/2 send buffers from many worker threads; glibc kept almost
+/// all of it after they left (193 MiB taken from the system, 7 MiB in use: freed chunks stranded
+/// in per-thread arenas, returned only by an explicit `malloc_trim`). jemalloc purges unused
+/// pages by time (`dirty_decay_ms`, 10 s by default), and its background threads do it even
+/// when the gateway is otherwise idle. Set in the binary, so the library stays allocator-neutral;
+/// tune it with `_RJEM_MALLOC_CONF` (its symbols are prefixed on Linux).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// gRPC gateway to the Retently and Retainly customer-experience APIs.
 ///
 /// Settings come from CXGW_* environment variables and an optional TOML file named by

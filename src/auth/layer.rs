@@ -17,7 +17,8 @@ use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 
 use super::callers::{Caller, CallerRegistry, CallerTable};
-use super::permissions::{is_open, required_permission};
+use super::permissions::{Permission, is_open, required_permission};
+use crate::domain::{Owner, Visibility};
 use crate::error::{Error, ErrorCode};
 use crate::grpc::deadline::Deadline;
 use crate::tls::TlsConnectInfo;
@@ -40,6 +41,25 @@ impl AuthenticatedCaller {
     /// The caller's name, the key of its fair share in the upstream scheduler.
     pub fn name_of<T>(request: &tonic::Request<T>) -> Option<Arc<str>> {
         Self::of(request).map(|caller| Arc::clone(caller.name()))
+    }
+}
+
+/// Whose idempotency keys and deliveries a call makes: its caller, or the one shared scope when
+/// no callers are configured.
+pub fn owner_of<T>(request: &tonic::Request<T>) -> Owner {
+    match AuthenticatedCaller::name_of(request) {
+        Some(name) => Owner::Caller(name),
+        None => Owner::Anonymous,
+    }
+}
+
+/// Which deliveries a call may see and requeue: all of them for a caller holding
+/// `deliveries:admin` or when no callers are configured, its own otherwise.
+pub fn visibility_of<T>(request: &tonic::Request<T>) -> Visibility {
+    match AuthenticatedCaller::of(request) {
+        None => Visibility::All,
+        Some(caller) if caller.may(Permission::DeliveriesAdmin) => Visibility::All,
+        Some(caller) => Visibility::Own(Owner::Caller(Arc::clone(caller.name()))),
     }
 }
 

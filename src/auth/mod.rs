@@ -11,5 +11,5 @@ pub mod layer;
 pub mod permissions;
 
 pub use callers::{Caller, CallerRegistry, CallerTable, CallersSource, Reloaded};
-pub use layer::{AuthLayer, AuthenticatedCaller, interactive_context};
+pub use layer::{AuthLayer, AuthenticatedCaller, interactive_context, owner_of, visibility_of};
 pub use permissions::Permission;

@@ -32,10 +32,13 @@ pub enum Permission {
     DeliveriesRead,
     /// Replay dead-lettered writes.
     DeliveriesRetry,
+    /// See and replay every caller's deliveries, not only one's own. Guards no RPC of its own: it
+    /// widens what `deliveries:read` and `deliveries:retry` reach, for operators.
+    DeliveriesAdmin,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 9] = [
+    pub const ALL: [Permission; 10] = [
         Permission::Read,
         Permission::CustomersWrite,
         Permission::CustomersDelete,
@@ -45,6 +48,7 @@ impl Permission {
         Permission::FeedbackSubscribe,
         Permission::DeliveriesRead,
         Permission::DeliveriesRetry,
+        Permission::DeliveriesAdmin,
     ];
 
     /// The name used in the callers file and in `ErrorInfo.metadata["permission"]`.
@@ -59,6 +63,7 @@ impl Permission {
             Permission::FeedbackSubscribe => "feedback:subscribe",
             Permission::DeliveriesRead => "deliveries:read",
             Permission::DeliveriesRetry => "deliveries:retry",
+            Permission::DeliveriesAdmin => "deliveries:admin",
         }
     }
 
@@ -265,13 +270,21 @@ mod tests {
 
     #[test]
     fn every_permission_guards_some_rpc_and_round_trips_by_name() {
-        for permission in Permission::ALL {
+        // `deliveries:admin` widens the scope of the delivery RPCs instead of guarding one.
+        for permission in Permission::ALL
+            .into_iter()
+            .filter(|p| *p != Permission::DeliveriesAdmin)
+        {
             assert!(
                 RPC_PERMISSIONS.iter().any(|(_, p)| *p == permission),
                 "{permission} guards nothing"
             );
             assert_eq!(Permission::parse(permission.as_str()), Some(permission));
         }
+        assert_eq!(
+            Permission::parse("deliveries:admin"),
+            Some(Permission::DeliveriesAdmin)
+        );
         assert_eq!(Permission::parse("customers:drop"), None);
     }
 

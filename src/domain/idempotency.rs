@@ -5,6 +5,11 @@
 //! arrives while the first call is still running waits for it (an in-process gate per key)
 //! instead of racing it to the upstream. Only calls that reached an upstream or the outbox are
 //! remembered; a call rejected before that (bad input) runs anew when repeated.
+//!
+//! Records belong to the [`Owner`] that made them: another caller using the same key is a
+//! fresh call. Records written before owners existed (migration `0012_caller_scope`) have none
+//! and match every caller until they age out of the window, so a retry across the upgrade is
+//! still recognised instead of writing twice.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +18,7 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension as _, params};
 use tokio::sync::Notify;
 
+use crate::domain::Owner;
 use crate::error::{Error, ErrorCode};
 use crate::store::Store;
 
@@ -29,6 +35,28 @@ pub const MIGRATION: (&str, &str) = (
     CREATE INDEX idempotency_by_age ON idempotency (create_ms);",
 );
 
+/// Scopes idempotency records and deliveries to their owner (see [`Owner`]). SQLite cannot change
+/// a primary key in place, so the idempotency table is rebuilt with the owner in its unique key;
+/// existing records and deliveries keep a NULL owner (made before owners existed).
+pub const OWNER_MIGRATION: (&str, &str) = (
+    "0012_caller_scope",
+    "CREATE TABLE idempotency_by_owner (
+        owner TEXT,
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        request_hash BLOB NOT NULL,
+        response BLOB NOT NULL,
+        create_ms INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO idempotency_by_owner (owner, scope, key, request_hash, response, create_ms)
+        SELECT NULL, scope, key, request_hash, response, create_ms FROM idempotency;
+    DROP TABLE idempotency;
+    ALTER TABLE idempotency_by_owner RENAME TO idempotency;
+    CREATE UNIQUE INDEX idempotency_by_key ON idempotency (owner, scope, key);
+    CREATE INDEX idempotency_by_age ON idempotency (create_ms);
+    ALTER TABLE outbox ADD COLUMN owner TEXT;",
+);
+
 /// The SHA-256 of a request's encoding (without its options), to tell a true repeat from a
 /// reused key.
 pub fn request_hash(encoded: &[u8]) -> Vec<u8> {
@@ -37,13 +65,14 @@ pub fn request_hash(encoded: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-/// Calls in progress per `(scope, key)`, each with the gate its repeats wait on.
-type RunningCalls = Arc<Mutex<HashMap<(String, String), Arc<Notify>>>>;
+/// Calls in progress per `(owner, scope, key)`, each with the gate its repeats wait on.
+type RunningCalls = Arc<Mutex<HashMap<GateKey, Arc<Notify>>>>;
+type GateKey = (Owner, String, String);
 
 /// Removes a key from the running set and wakes whoever waits on it.
 struct Gate {
     running: RunningCalls,
-    key: (String, String),
+    key: GateKey,
 }
 
 impl Drop for Gate {
@@ -102,15 +131,17 @@ impl Idempotency {
         self.window
     }
 
-    /// The remembered response for `(scope, key)`, if any within the window; an error if the key
-    /// was used for a different request.
+    /// The remembered response for `(owner, scope, key)`, if any within the window; an error if
+    /// the key was used for a different request. The owner's own record wins over one written
+    /// before records had owners.
     pub async fn lookup(
         &self,
+        owner: &Owner,
         scope: &str,
         key: &str,
         hash: &[u8],
     ) -> Result<Option<Vec<u8>>, Error> {
-        let (scope, key) = (scope.to_owned(), key.to_owned());
+        let (owner, scope, key) = (owner.stored().to_owned(), scope.to_owned(), key.to_owned());
         let oldest =
             now_ms().saturating_sub(i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX));
         let found: Option<(Vec<u8>, Vec<u8>)> = self
@@ -118,8 +149,10 @@ impl Idempotency {
             .read(move |c| {
                 c.query_row(
                     "SELECT request_hash, response FROM idempotency
-                     WHERE scope = ?1 AND key = ?2 AND create_ms >= ?3",
-                    params![scope, key, oldest],
+                     WHERE scope = ?1 AND key = ?2 AND create_ms >= ?3
+                        AND (owner = ?4 OR owner IS NULL)
+                     ORDER BY owner IS NULL LIMIT 1",
+                    params![scope, key, oldest, owner],
                     |row| Ok((row.get(0)?, row.get(1)?)),
                 )
                 .optional()
@@ -135,26 +168,29 @@ impl Idempotency {
     /// An insert of the record, for callers that commit it together with other writes (the
     /// outbox enqueue of an ASYNC call).
     pub fn record_job(
+        owner: &Owner,
         scope: &str,
         key: &str,
         hash: Vec<u8>,
         response: Vec<u8>,
     ) -> impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send + 'static {
-        let (scope, key) = (scope.to_owned(), key.to_owned());
+        let (owner, scope, key) = (owner.stored().to_owned(), scope.to_owned(), key.to_owned());
         move |tx| {
             tx.execute(
-                "INSERT OR REPLACE INTO idempotency (scope, key, request_hash, response, create_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![scope, key, hash, response, now_ms()],
+                "INSERT OR REPLACE INTO idempotency
+                    (owner, scope, key, request_hash, response, create_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![owner, scope, key, hash, response, now_ms()],
             )?;
             Ok(())
         }
     }
 
-    /// Runs `first` unless `(scope, key)` was seen: then returns the remembered response (or
-    /// waits for the running first call and returns its), marked as a repeat.
+    /// Runs `first` unless `(owner, scope, key)` was seen: then returns the remembered response
+    /// (or waits for the running first call and returns its), marked as a repeat.
     pub async fn run<F>(
         &self,
+        owner: &Owner,
         scope: &str,
         key: &str,
         hash: Vec<u8>,
@@ -163,9 +199,9 @@ impl Idempotency {
     where
         F: Future<Output = Result<Fresh, Error>>,
     {
-        let gate_key = (scope.to_owned(), key.to_owned());
+        let gate_key = (owner.clone(), scope.to_owned(), key.to_owned());
         loop {
-            if let Some(response) = self.lookup(scope, key, &hash).await? {
+            if let Some(response) = self.lookup(owner, scope, key, &hash).await? {
                 return Ok(Remembered {
                     response,
                     repeated: true,
@@ -208,7 +244,13 @@ impl Idempotency {
         let fresh = first.await?;
         if fresh.remember {
             self.store
-                .write(Self::record_job(scope, key, hash, fresh.response.clone()))
+                .write(Self::record_job(
+                    owner,
+                    scope,
+                    key,
+                    hash,
+                    fresh.response.clone(),
+                ))
                 .await?;
         }
         Ok(Remembered {

@@ -6,5 +6,49 @@
 pub mod idempotency;
 pub mod outbox;
 
+use std::sync::Arc;
+
+/// Whose idempotency records and deliveries a call makes and sees, the way payment APIs scope
+/// idempotency keys per account: two callers that happen to pick the same key or message id
+/// never meet.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// No callers are configured (trusted mesh, `serve --sandbox`): the gateway cannot tell
+    /// callers apart, so all calls share one scope.
+    Anonymous,
+    /// A caller of the callers file, by its name.
+    Caller(Arc<str>),
+}
+
+impl Owner {
+    /// The value stored in the `owner` columns. Caller names are never empty (the callers file
+    /// refuses them), so the empty string cannot collide with a caller.
+    pub fn stored(&self) -> &str {
+        match self {
+            Owner::Anonymous => "",
+            Owner::Caller(name) => name,
+        }
+    }
+}
+
+/// Which deliveries a call may see and requeue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visibility {
+    /// Every delivery: an admin caller, or no callers configured.
+    All,
+    /// The deliveries this owner made, plus those queued before deliveries had owners.
+    Own(Owner),
+}
+
+impl Visibility {
+    /// The owner to filter by, `None` for every delivery (a bound SQL parameter).
+    pub(crate) fn owner_filter(&self) -> Option<String> {
+        match self {
+            Visibility::All => None,
+            Visibility::Own(owner) => Some(owner.stored().to_owned()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::domain::{Owner, Visibility};
 use crate::error::Error;
 use crate::shutdown::Drain;
 use crate::store::Store;
@@ -128,6 +129,8 @@ pub struct NewDelivery {
     pub idempotency_key: Option<String>,
     /// Whether sending it twice is harmless (upserts, deletes) or not (events, survey sends).
     pub replay_safe: bool,
+    /// Who queued it: only they (or an admin) see and requeue it.
+    pub owner: Owner,
 }
 
 /// What the outbox knows about one delivery.
@@ -291,6 +294,10 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<DeliveryRecord> {
     })
 }
 
+/// Restricts a query to the deliveries an owner filter (parameter `?2`, NULL for every delivery)
+/// lets a caller see: its own, and those queued before deliveries had owners.
+const VISIBLE_TO_2: &str = "(?2 IS NULL OR owner = ?2 OR owner IS NULL)";
+
 fn error_json(error: &DeliveryError) -> String {
     serde_json::to_string(error).unwrap_or_default()
 }
@@ -343,8 +350,8 @@ impl Outbox {
                 tx.execute(
                     "INSERT INTO outbox (delivery_id, method, request, destinations, item_count,
                         idempotency_key, replay_safe, state, create_ms, update_ms, next_attempt_ms,
-                        expire_ms, traceparent)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10, ?11)",
+                        expire_ms, traceparent, owner)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10, ?11, ?12)",
                     params![
                         id,
                         delivery.method,
@@ -357,6 +364,7 @@ impl Outbox {
                         now,
                         expire_ms,
                         traceparent,
+                        delivery.owner.stored(),
                     ],
                 )?;
                 let seq = tx.last_insert_rowid();
@@ -382,13 +390,19 @@ impl Outbox {
             .await
     }
 
-    pub async fn get(&self, delivery_id: &str) -> Result<Option<DeliveryRecord>, Error> {
+    /// The delivery with this id, if `visibility` lets the caller see it.
+    pub async fn get(
+        &self,
+        delivery_id: &str,
+        visibility: &Visibility,
+    ) -> Result<Option<DeliveryRecord>, Error> {
         let id = delivery_id.to_owned();
+        let owner = visibility.owner_filter();
         self.store
             .read(move |c| {
                 c.query_row(
-                    &format!("{SELECT_RECORD} WHERE delivery_id = ?1"),
-                    [id],
+                    &format!("{SELECT_RECORD} WHERE delivery_id = ?1 AND {VISIBLE_TO_2}"),
+                    params![id, owner],
                     record_from_row,
                 )
                 .optional()
@@ -396,25 +410,29 @@ impl Outbox {
             .await
     }
 
-    /// Dead letters in the order they were acknowledged, after `after` (a `seq`).
+    /// Dead letters `visibility` lets the caller see, in the order they were acknowledged, after
+    /// `after` (a `seq`).
     pub async fn dead_letters(
         &self,
         method: Option<String>,
         destination: Option<i32>,
+        visibility: &Visibility,
         after: i64,
         limit: usize,
     ) -> Result<DeadLetterPage, Error> {
+        let owner = visibility.owner_filter();
         self.store
             .read(move |c| {
                 let filter = "state = ?1 AND (?2 IS NULL OR method = ?2)
-                    AND (?3 IS NULL OR (',' || destinations || ',') LIKE ('%,' || ?3 || ',%'))";
+                    AND (?3 IS NULL OR (',' || destinations || ',') LIKE ('%,' || ?3 || ',%'))
+                    AND (?4 IS NULL OR owner = ?4 OR owner IS NULL)";
                 let total: i64 = c.query_row(
                     &format!("SELECT COUNT(*) FROM outbox WHERE {filter}"),
-                    params![DeliveryState::DeadLettered as i64, method, destination],
+                    params![DeliveryState::DeadLettered as i64, method, destination, owner],
                     |row| row.get(0),
                 )?;
                 let mut statement = c.prepare(&format!(
-                    "SELECT seq, delivery_id FROM outbox WHERE {filter} AND seq > ?4 ORDER BY seq LIMIT ?5"
+                    "SELECT seq, delivery_id FROM outbox WHERE {filter} AND seq > ?5 ORDER BY seq LIMIT ?6"
                 ))?;
                 let rows = statement
                     .query_map(
@@ -422,6 +440,7 @@ impl Outbox {
                             DeliveryState::DeadLettered as i64,
                             method,
                             destination,
+                            owner,
                             after,
                             i64::try_from(limit + 1).unwrap_or(i64::MAX)
                         ],
@@ -448,12 +467,16 @@ impl Outbox {
             .await
     }
 
-    /// Requeues dead letters: a fresh retry window, attempts from now.
+    /// Requeues the dead letters `visibility` lets the caller see: a fresh retry window,
+    /// attempts from now. An id the caller may not see is reported as not found, so ids of other
+    /// callers' deliveries cannot be probed.
     pub async fn retry_dead_letters(
         &self,
         selection: RetrySelection,
+        visibility: &Visibility,
     ) -> Result<Vec<RetryResult>, Error> {
         let window = millis(self.settings.retry_window);
+        let owner = visibility.owner_filter();
         let results = self
             .store
             .write(move |tx| {
@@ -463,11 +486,12 @@ impl Outbox {
                     RetrySelection::All { method } => {
                         let mut statement = tx.prepare(
                             "SELECT delivery_id FROM outbox WHERE state = ?1
-                             AND (?2 IS NULL OR method = ?2) ORDER BY seq",
+                             AND (?2 IS NULL OR method = ?2)
+                             AND (?3 IS NULL OR owner = ?3 OR owner IS NULL) ORDER BY seq",
                         )?;
                         statement
                             .query_map(
-                                params![DeliveryState::DeadLettered as i64, method],
+                                params![DeliveryState::DeadLettered as i64, method, owner],
                                 |row| row.get(0),
                             )?
                             .collect::<rusqlite::Result<Vec<String>>>()?
@@ -478,21 +502,26 @@ impl Outbox {
                     let changed = tx.execute(
                         "UPDATE outbox SET state = ?1, replay_count = replay_count + 1,
                             next_attempt_ms = ?2, update_ms = ?2, expire_ms = ?3, complete_ms = NULL
-                         WHERE delivery_id = ?4 AND state = ?5",
+                         WHERE delivery_id = ?4 AND state = ?5
+                            AND (?6 IS NULL OR owner = ?6 OR owner IS NULL)",
                         params![
                             DeliveryState::Pending as i64,
                             now,
                             now.saturating_add(window),
                             id,
-                            DeliveryState::DeadLettered as i64
+                            DeliveryState::DeadLettered as i64,
+                            owner,
                         ],
                     )?;
                     let error = if changed == 1 {
                         None
                     } else {
                         let exists: bool = tx.query_row(
-                            "SELECT EXISTS (SELECT 1 FROM outbox WHERE delivery_id = ?1)",
-                            [&id],
+                            &format!(
+                                "SELECT EXISTS (SELECT 1 FROM outbox
+                                 WHERE delivery_id = ?1 AND {VISIBLE_TO_2})"
+                            ),
+                            params![&id, owner],
                             |row| row.get(0),
                         )?;
                         Some(if exists {

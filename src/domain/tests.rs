@@ -11,6 +11,7 @@ use super::outbox::{
     Attempt, DeliveryError, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings,
     RetrySelection,
 };
+use super::{Owner, Visibility};
 use crate::error::ErrorCode;
 use crate::shutdown;
 use crate::store::Store;
@@ -24,6 +25,7 @@ fn delivery(method: &str, body: &str, keys: &[&str], replay_safe: bool) -> NewDe
         ordering_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
         idempotency_key: None,
         replay_safe,
+        owner: Owner::Anonymous,
     }
 }
 
@@ -76,7 +78,13 @@ fn fast_settings() -> OutboxSettings {
 async fn wait_for_state(outbox: &Outbox, id: &str, state: DeliveryState) {
     let mut outcomes = outbox.outcomes();
     loop {
-        if outbox.get(id).await.unwrap().map(|r| r.state) == Some(state) {
+        if outbox
+            .get(id, &Visibility::All)
+            .await
+            .unwrap()
+            .map(|r| r.state)
+            == Some(state)
+        {
             return;
         }
         tokio::time::timeout(Duration::from_secs(30), outcomes.changed())
@@ -123,7 +131,7 @@ async fn queued_writes_are_delivered_in_order_per_customer() {
     }
     let alice: Vec<&String> = seen.iter().filter(|b| b.starts_with("alice")).collect();
     assert_eq!(alice, ["alice-1", "alice-1", "alice-1", "alice-2"]);
-    let record = outbox.get(&first).await.unwrap().unwrap();
+    let record = outbox.get(&first, &Visibility::All).await.unwrap().unwrap();
     assert_eq!(record.state, DeliveryState::Delivered);
     assert_eq!(record.attempt_count, 3);
     assert_eq!(record.result.as_deref(), Some(&b"done:alice-1"[..]));
@@ -153,7 +161,10 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
     wait_for_state(&outbox, &id, DeliveryState::DeadLettered).await;
 
-    let page = outbox.dead_letters(None, None, 0, 10).await.unwrap();
+    let page = outbox
+        .dead_letters(None, None, &Visibility::All, 0, 10)
+        .await
+        .unwrap();
     assert_eq!(page.total, 1);
     assert_eq!(page.deliveries[0].delivery_id, id);
     assert_eq!(
@@ -162,10 +173,10 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     );
 
     let results = outbox
-        .retry_dead_letters(RetrySelection::Ids(vec![
-            id.clone(),
-            "dlv_missing".to_owned(),
-        ]))
+        .retry_dead_letters(
+            RetrySelection::Ids(vec![id.clone(), "dlv_missing".to_owned()]),
+            &Visibility::All,
+        )
         .await
         .unwrap();
     assert!(results[0].requeued);
@@ -175,7 +186,15 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     );
     // The retry window is zero, but a requeued delivery gets one attempt now: it succeeds.
     wait_for_state(&outbox, &id, DeliveryState::Delivered).await;
-    assert_eq!(outbox.get(&id).await.unwrap().unwrap().replay_count, 1);
+    assert_eq!(
+        outbox
+            .get(&id, &Visibility::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .replay_count,
+        1
+    );
     trigger.start();
     worker.await.unwrap();
 }
@@ -241,10 +260,19 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
     let (requeued, in_doubt) = outbox.recover().await.unwrap();
     assert_eq!((requeued, in_doubt), (1, 1));
     assert_eq!(
-        outbox.get(&safe).await.unwrap().unwrap().state,
+        outbox
+            .get(&safe, &Visibility::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
         DeliveryState::Pending
     );
-    let doubtful = outbox.get(&unsafe_).await.unwrap().unwrap();
+    let doubtful = outbox
+        .get(&unsafe_, &Visibility::All)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(doubtful.state, DeliveryState::DeadLettered);
     assert_eq!(doubtful.last_error.unwrap().reason, "DELIVERY_IN_DOUBT");
 }
@@ -262,14 +290,20 @@ async fn idempotency_returns_the_first_response_and_refuses_a_reused_key() {
         let idempotency = idempotency.clone();
         async move {
             idempotency
-                .run("UpsertCustomers", "key-1", hash, async move {
-                    tokio::task::yield_now().await;
-                    *calls.lock().unwrap() += 1;
-                    Ok(Fresh {
-                        response: b"first".to_vec(),
-                        remember: true,
-                    })
-                })
+                .run(
+                    &Owner::Anonymous,
+                    "UpsertCustomers",
+                    "key-1",
+                    hash,
+                    async move {
+                        tokio::task::yield_now().await;
+                        *calls.lock().unwrap() += 1;
+                        Ok(Fresh {
+                            response: b"first".to_vec(),
+                            remember: true,
+                        })
+                    },
+                )
                 .await
         }
     };
@@ -299,7 +333,7 @@ async fn calls_that_reached_nothing_are_not_remembered() {
     let idempotency = Idempotency::new(store, Duration::from_secs(3600));
     let hash = request_hash(b"request");
     let first = idempotency
-        .run("SendSurvey", "k", hash.clone(), async {
+        .run(&Owner::Anonymous, "SendSurvey", "k", hash.clone(), async {
             Ok(Fresh {
                 response: b"rejected".to_vec(),
                 remember: false,
@@ -309,7 +343,7 @@ async fn calls_that_reached_nothing_are_not_remembered() {
         .unwrap();
     assert_eq!(first.response, b"rejected");
     let second = idempotency
-        .run("SendSurvey", "k", hash, async {
+        .run(&Owner::Anonymous, "SendSurvey", "k", hash, async {
             Ok(Fresh {
                 response: b"ran again".to_vec(),
                 remember: true,
@@ -319,4 +353,183 @@ async fn calls_that_reached_nothing_are_not_remembered() {
         .unwrap();
     assert_eq!(second.response, b"ran again");
     assert!(!second.repeated);
+}
+
+fn caller(name: &str) -> Owner {
+    Owner::Caller(Arc::from(name))
+}
+
+#[tokio::test]
+async fn idempotency_keys_belong_to_the_caller_that_used_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let idempotency = Idempotency::new(store.clone(), Duration::from_secs(3600));
+    let run = |owner: Owner, request: &'static [u8], response: &'static [u8]| {
+        let idempotency = idempotency.clone();
+        async move {
+            idempotency
+                .run(
+                    &owner,
+                    "TrackEvent",
+                    "shared-key",
+                    request_hash(request),
+                    async {
+                        Ok(Fresh {
+                            response: response.to_vec(),
+                            remember: true,
+                        })
+                    },
+                )
+                .await
+        }
+    };
+    let first = run(caller("alpha"), b"alpha's event", b"alpha's answer")
+        .await
+        .unwrap();
+    assert!(!first.repeated);
+    // Another caller with the same key and another request is a fresh call, not a reused key.
+    let other = run(caller("beta"), b"beta's event", b"beta's answer")
+        .await
+        .unwrap();
+    assert_eq!(other.response, b"beta's answer");
+    assert!(!other.repeated);
+    // Nor does it receive alpha's answer for the very same request.
+    let same_request = run(caller("gamma"), b"alpha's event", b"gamma's answer")
+        .await
+        .unwrap();
+    assert_eq!(same_request.response, b"gamma's answer");
+    assert!(!same_request.repeated);
+    // Within one caller, keys still deduplicate and refuse reuse.
+    let repeat = run(caller("alpha"), b"alpha's event", b"unused")
+        .await
+        .unwrap();
+    assert_eq!(repeat.response, b"alpha's answer");
+    assert!(repeat.repeated);
+    let reused = run(caller("beta"), b"something else", b"unused")
+        .await
+        .unwrap_err();
+    assert_eq!(reused.reason(), "IDEMPOTENCY_KEY_REUSED");
+    // Anonymous calls (no callers configured) form one more scope of their own.
+    let anonymous = run(Owner::Anonymous, b"alpha's event", b"anonymous answer")
+        .await
+        .unwrap();
+    assert!(!anonymous.repeated);
+}
+
+#[tokio::test]
+async fn records_made_before_owners_existed_still_answer_every_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let idempotency = Idempotency::new(store.clone(), Duration::from_secs(3600));
+    let hash = request_hash(b"queued before the upgrade");
+    let legacy = Idempotency::record_job(
+        &Owner::Anonymous,
+        "TrackEvent",
+        "old-key",
+        hash.clone(),
+        b"first answer".to_vec(),
+    );
+    store.write(legacy).await.unwrap();
+    store
+        .write(|tx| tx.execute("UPDATE idempotency SET owner = NULL", []))
+        .await
+        .unwrap();
+    // A retry across the upgrade is recognised, whoever makes it: it never writes twice.
+    let repeat = idempotency
+        .run(&caller("alpha"), "TrackEvent", "old-key", hash, async {
+            Ok(Fresh {
+                response: b"second write".to_vec(),
+                remember: true,
+            })
+        })
+        .await
+        .unwrap();
+    assert!(repeat.repeated);
+    assert_eq!(repeat.response, b"first answer");
+}
+
+#[tokio::test]
+async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(store.clone(), fast_settings());
+    let queue = |owner: Owner, body: &str| {
+        let outbox = outbox.clone();
+        let mut new = delivery("TrackEvent", body, &[body], false);
+        new.owner = owner;
+        async move { outbox.enqueue(new).await.unwrap() }
+    };
+    let alpha = queue(caller("alpha"), "alpha-1").await;
+    let beta = queue(caller("beta"), "beta-1").await;
+    let legacy = queue(Owner::Anonymous, "legacy-1").await;
+    store
+        .write(|tx| {
+            tx.execute(
+                "UPDATE outbox SET state = 5, owner = CASE WHEN owner = '' THEN NULL ELSE owner END",
+                [],
+            )
+        })
+        .await
+        .unwrap();
+
+    let sees = |visibility: Visibility| {
+        let outbox = outbox.clone();
+        async move {
+            let page = outbox
+                .dead_letters(None, None, &visibility, 0, 10)
+                .await
+                .unwrap();
+            let ids: Vec<String> = page.deliveries.into_iter().map(|d| d.delivery_id).collect();
+            (page.total, ids)
+        }
+    };
+    let own_alpha = Visibility::Own(caller("alpha"));
+    let own_beta = Visibility::Own(caller("beta"));
+    assert_eq!(
+        sees(own_alpha.clone()).await,
+        (2, vec![alpha.clone(), legacy.clone()])
+    );
+    assert_eq!(
+        sees(own_beta.clone()).await,
+        (2, vec![beta.clone(), legacy.clone()])
+    );
+    assert_eq!(
+        sees(Visibility::All).await,
+        (3, vec![alpha.clone(), beta.clone(), legacy.clone()])
+    );
+    assert!(outbox.get(&alpha, &own_beta).await.unwrap().is_none());
+    assert!(outbox.get(&alpha, &own_alpha).await.unwrap().is_some());
+    assert!(
+        outbox
+            .get(&alpha, &Visibility::All)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // Beta cannot requeue alpha's delivery, nor learn that it exists.
+    let refused = outbox
+        .retry_dead_letters(RetrySelection::Ids(vec![alpha.clone()]), &own_beta)
+        .await
+        .unwrap();
+    assert!(!refused[0].requeued);
+    assert_eq!(
+        refused[0].error.as_ref().unwrap().reason,
+        "DELIVERY_NOT_FOUND"
+    );
+    // "All" means all of beta's own (and the ownerless ones).
+    let all = outbox
+        .retry_dead_letters(RetrySelection::All { method: None }, &own_beta)
+        .await
+        .unwrap();
+    let requeued: Vec<&str> = all.iter().map(|r| r.delivery_id.as_str()).collect();
+    assert_eq!(requeued, vec![beta.as_str(), legacy.as_str()]);
+    let alpha_state = outbox.get(&alpha, &Visibility::All).await.unwrap().unwrap();
+    assert_eq!(alpha_state.state, DeliveryState::DeadLettered);
+    // An admin reaches every caller's deliveries.
+    let admin = outbox
+        .retry_dead_letters(RetrySelection::Ids(vec![alpha.clone()]), &Visibility::All)
+        .await
+        .unwrap();
+    assert!(admin[0].requeued);
 }

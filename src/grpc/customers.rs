@@ -147,12 +147,19 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         request: Request<pb::UpsertCustomersRequest>,
     ) -> Result<Response<pb::UpsertCustomersResponse>, Status> {
         let ctx = context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let write = validation::upsert_customers(&request)?;
         let app = &self.app;
-        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
-            execute_upsert_customers(app, r, ctx)
-        })
+        let response = writes::run(
+            app,
+            owner,
+            request,
+            write.mode,
+            write.key,
+            write.facts,
+            |r| execute_upsert_customers(app, r, ctx),
+        )
         .await?;
         Ok(Response::new(response))
     }
@@ -225,12 +232,19 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         request: Request<pb::DeleteCustomersRequest>,
     ) -> Result<Response<pb::DeleteCustomersResponse>, Status> {
         let ctx = context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let write = validation::delete_customers(&request)?;
         let app = &self.app;
-        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
-            execute_delete_customers(app, r, ctx)
-        })
+        let response = writes::run(
+            app,
+            owner,
+            request,
+            write.mode,
+            write.key,
+            write.facts,
+            |r| execute_delete_customers(app, r, ctx),
+        )
         .await?;
         Ok(Response::new(response))
     }
@@ -240,6 +254,7 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         request: Request<pb::UnsubscribeCustomersRequest>,
     ) -> Result<Response<pb::UnsubscribeCustomersResponse>, Status> {
         let ctx = context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let write = validation::subscription_change(
             &request.emails,
@@ -247,9 +262,15 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
             request.options.as_ref(),
         )?;
         let app = &self.app;
-        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
-            execute_unsubscribe_customers(app, r, ctx)
-        })
+        let response = writes::run(
+            app,
+            owner,
+            request,
+            write.mode,
+            write.key,
+            write.facts,
+            |r| execute_unsubscribe_customers(app, r, ctx),
+        )
         .await?;
         Ok(Response::new(response))
     }
@@ -259,12 +280,19 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         request: Request<pb::ResubscribeCustomersRequest>,
     ) -> Result<Response<pb::ResubscribeCustomersResponse>, Status> {
         let ctx = context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let write = validation::subscription_change(&request.emails, "", request.options.as_ref())?;
         let app = &self.app;
-        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
-            execute_resubscribe_customers(app, r, ctx)
-        })
+        let response = writes::run(
+            app,
+            owner,
+            request,
+            write.mode,
+            write.key,
+            write.facts,
+            |r| execute_resubscribe_customers(app, r, ctx),
+        )
         .await?;
         Ok(Response::new(response))
     }
@@ -274,12 +302,19 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         request: Request<pb::UpsertCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::UpsertCustomerArrayItemsResponse>, Status> {
         let ctx = context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let write = validation::upsert_array_items(&request)?;
         let app = &self.app;
-        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
-            execute_upsert_array_items(app, r, ctx)
-        })
+        let response = writes::run(
+            app,
+            owner,
+            request,
+            write.mode,
+            write.key,
+            write.facts,
+            |r| execute_upsert_array_items(app, r, ctx),
+        )
         .await?;
         Ok(Response::new(response))
     }
@@ -289,12 +324,19 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         request: Request<pb::DeleteCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::DeleteCustomerArrayItemsResponse>, Status> {
         let ctx = context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let write = validation::delete_array_items(&request)?;
         let app = &self.app;
-        let response = writes::run(app, request, write.mode, write.key, write.facts, |r| {
-            execute_delete_array_items(app, r, ctx)
-        })
+        let response = writes::run(
+            app,
+            owner,
+            request,
+            write.mode,
+            write.key,
+            write.facts,
+            |r| execute_delete_array_items(app, r, ctx),
+        )
         .await?;
         Ok(Response::new(response))
     }

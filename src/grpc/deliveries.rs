@@ -124,6 +124,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::GetDeliveryRequest>,
     ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
+        let visibility = crate::auth::visibility_of(&request);
         let request = request.into_inner();
         let mut violations = Violations::new();
         check_id(
@@ -135,13 +136,13 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let record = self
             .app
             .outbox
-            .get(&request.delivery_id)
+            .get(&request.delivery_id, &visibility)
             .await?
             .ok_or_else(|| {
                 Error::new(
                     ErrorCode::NotFound,
                     "DELIVERY_NOT_FOUND",
-                    "no delivery has this id (it may have expired)",
+                    "no delivery of this caller has this id (it may have expired)",
                 )
             })?;
         Ok(Response::new(pb::GetDeliveryResponse {
@@ -153,6 +154,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let visibility = crate::auth::visibility_of(&request);
         let request = request.into_inner();
         let mut violations = Violations::new();
         check_method(&mut violations, &request.method);
@@ -178,7 +180,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let page = self
             .app
             .outbox
-            .dead_letters(method, destination, position.after, size)
+            .dead_letters(method, destination, &visibility, position.after, size)
             .await?;
         Ok(Response::new(pb::ListDeadLettersResponse {
             deliveries: page.deliveries.into_iter().map(|d| self.to_pb(d)).collect(),
@@ -191,6 +193,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::RetryDeadLettersRequest>,
     ) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
+        let visibility = crate::auth::visibility_of(&request);
         let request = request.into_inner();
         let mut violations = Violations::new();
         let selection = match (request.delivery_ids.is_empty(), request.all) {
@@ -228,7 +231,11 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let Some(selection) = selection else {
             return Err(Error::internal("no selection after validation").into());
         };
-        let results = self.app.outbox.retry_dead_letters(selection).await?;
+        let results = self
+            .app
+            .outbox
+            .retry_dead_letters(selection, &visibility)
+            .await?;
         let requeued_count = results.iter().filter(|r| r.requeued).count();
         Ok(Response::new(pb::RetryDeadLettersResponse {
             requeued_count: i64::try_from(requeued_count).unwrap_or(i64::MAX),

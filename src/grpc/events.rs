@@ -348,6 +348,7 @@ impl pb::event_service_server::EventService for EventApi {
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
         // The deadline and the caller, whose fair share of the budget the call spends.
         let ctx = crate::auth::interactive_context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let validation = crate::telemetry::validation_span();
         let mut v = Violations::new();
@@ -376,6 +377,7 @@ impl pb::event_service_server::EventService for EventApi {
         let app = Arc::clone(&self.app);
         let written = writes::run_dedup(
             &self.app,
+            owner,
             request,
             mode,
             checked.dedup_key,
@@ -392,6 +394,7 @@ impl pb::event_service_server::EventService for EventApi {
         &self,
         request: Request<Streaming<pb::TrackEventsRequest>>,
     ) -> Result<Response<pb::TrackEventsResponse>, Status> {
+        let owner = crate::auth::owner_of(&request);
         let mut stream = request.into_inner();
         let mut summary = pb::TrackEventsResponse::default();
         let mut index: i64 = 0;
@@ -428,6 +431,7 @@ impl pb::event_service_server::EventService for EventApi {
                 // under TrackEvents and deduplicated together with TrackEvent.
                 let written = writes::enqueue::<pb::TrackEventRequest>(
                     &self.app,
+                    owner.clone(),
                     methods::TRACK_EVENTS,
                     methods::TRACK_EVENT,
                     encoded,

@@ -82,10 +82,11 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         request: Request<pb::SendSurveyRequest>,
     ) -> Result<Response<pb::SendSurveyResponse>, Status> {
         let ctx = interactive_context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let ValidWrite { mode, key, facts } = validation::send_survey(&request)?;
         let app = &self.app;
-        let response = writes::run(app, request, mode, key, facts, |request| {
+        let response = writes::run(app, owner, request, mode, key, facts, |request| {
             execute_send_survey(app, request, ctx)
         })
         .await?;
@@ -300,10 +301,11 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         request: Request<pb::SetFeedbackTagsRequest>,
     ) -> Result<Response<pb::SetFeedbackTagsResponse>, Status> {
         let ctx = interactive_context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let ValidWrite { mode, key, facts } = validation::set_feedback_tags(&request)?;
         let app = &self.app;
-        let response = writes::run(app, request, mode, key, facts, |request| {
+        let response = writes::run(app, owner, request, mode, key, facts, |request| {
             execute_set_feedback_tags(app, request, ctx)
         })
         .await?;
@@ -315,10 +317,11 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         request: Request<pb::SetFeedbackTopicsRequest>,
     ) -> Result<Response<pb::SetFeedbackTopicsResponse>, Status> {
         let ctx = interactive_context(&request);
+        let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let ValidWrite { mode, key, facts } = validation::set_feedback_topics(&request)?;
         let app = &self.app;
-        let response = writes::run(app, request, mode, key, facts, |request| {
+        let response = writes::run(app, owner, request, mode, key, facts, |request| {
             execute_set_feedback_topics(app, request, ctx)
         })
         .await?;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use prost::Message;
 
 use crate::app::App;
+use crate::domain::Owner;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
 use crate::error::{Error, ErrorCode};
@@ -60,9 +61,11 @@ pub struct DeliveryFacts {
     pub ordering_keys: Vec<String>,
 }
 
-/// Runs a validated write in the mode the caller chose.
+/// Runs a validated write in the mode the caller chose; its idempotency key and delivery belong
+/// to `owner`.
 pub async fn run<R, F, Fut>(
     app: &Arc<App>,
+    owner: Owner,
     request: R,
     mode: pb::DeliveryMode,
     idempotency_key: Option<String>,
@@ -74,9 +77,17 @@ where
     F: FnOnce(R) -> Fut,
     Fut: Future<Output = Result<R::Response, Error>>,
 {
-    run_dedup(app, request, mode, idempotency_key, facts, execute_now)
-        .await
-        .map(|written| written.response)
+    run_dedup(
+        app,
+        owner,
+        request,
+        mode,
+        idempotency_key,
+        facts,
+        execute_now,
+    )
+    .await
+    .map(|written| written.response)
 }
 
 /// A write's response, and whether it repeats an earlier call's (same idempotency key).
@@ -88,6 +99,7 @@ pub struct Written<T> {
 /// [`run`], also telling whether the response is a remembered one.
 pub async fn run_dedup<R, F, Fut>(
     app: &Arc<App>,
+    owner: Owner,
     request: R,
     mode: pb::DeliveryMode,
     idempotency_key: Option<String>,
@@ -104,7 +116,14 @@ where
     match (mode, idempotency_key) {
         (pb::DeliveryMode::Async, key) => {
             let replay_safe = request.replay_safe();
-            enqueue_as::<R>(app, R::METHOD, R::METHOD, encoded, key, facts, replay_safe).await
+            let queued = Queued {
+                method: R::METHOD,
+                scope: R::METHOD,
+                owner,
+                encoded,
+                replay_safe,
+            };
+            enqueue_as::<R>(app, queued, key, facts).await
         }
         (_, None) => Ok(Written {
             response: execute_now(request).await?,
@@ -114,7 +133,7 @@ where
             let hash = request_hash(&encoded);
             let remembered = app
                 .idempotency
-                .run(R::METHOD, &key, hash, async move {
+                .run(&owner, R::METHOD, &key, hash, async move {
                     let response = execute_now(request).await?;
                     Ok(Fresh {
                         remember: R::remember(&response),
@@ -131,28 +150,51 @@ where
 }
 
 /// Queues an encoded request of `R` under `method` (the RPC it came from, which may carry
-/// several `R`s, as TrackEvents does), deduplicated within `scope`.
+/// several `R`s, as TrackEvents does), deduplicated within `scope` and `owner`.
 pub async fn enqueue<R: WriteRpc>(
     app: &Arc<App>,
+    owner: Owner,
     method: &'static str,
     scope: &'static str,
     encoded: Vec<u8>,
     key: Option<String>,
     facts: DeliveryFacts,
 ) -> Result<Written<R::Response>, Error> {
-    enqueue_as::<R>(app, method, scope, encoded, key, facts, R::REPLAY_SAFE).await
+    let queued = Queued {
+        method,
+        scope,
+        owner,
+        encoded,
+        replay_safe: R::REPLAY_SAFE,
+    };
+    enqueue_as::<R>(app, queued, key, facts).await
 }
 
-/// [`enqueue`] of a request whose replay safety is `replay_safe` (see [`WriteRpc::replay_safe`]).
+/// An encoded request on its way into the outbox.
+struct Queued {
+    /// The RPC it came from.
+    method: &'static str,
+    /// The RPCs whose idempotency keys it shares.
+    scope: &'static str,
+    owner: Owner,
+    encoded: Vec<u8>,
+    /// See [`WriteRpc::replay_safe`].
+    replay_safe: bool,
+}
+
 async fn enqueue_as<R: WriteRpc>(
     app: &Arc<App>,
-    method: &'static str,
-    scope: &'static str,
-    encoded: Vec<u8>,
+    queued: Queued,
     key: Option<String>,
     facts: DeliveryFacts,
-    replay_safe: bool,
 ) -> Result<Written<R::Response>, Error> {
+    let Queued {
+        method,
+        scope,
+        owner,
+        encoded,
+        replay_safe,
+    } = queued;
     let delivery_id = new_delivery_id();
     let mut response = R::Response::default();
     R::set_delivery_id(&mut response, delivery_id.clone());
@@ -165,6 +207,7 @@ async fn enqueue_as<R: WriteRpc>(
         ordering_keys: facts.ordering_keys,
         idempotency_key: key.clone(),
         replay_safe,
+        owner: owner.clone(),
     };
     let Some(key) = key else {
         app.outbox
@@ -177,12 +220,12 @@ async fn enqueue_as<R: WriteRpc>(
     };
     let hash = request_hash(&encoded);
     let outbox = app.outbox.clone();
-    let record = Idempotency::record_job(scope, &key, hash.clone(), response_bytes.clone());
+    let record = Idempotency::record_job(&owner, scope, &key, hash.clone(), response_bytes.clone());
     // The gate serialises concurrent repeats; the record itself is committed with the delivery,
     // so `remember: false` here (it is already stored).
     let stored = app
         .idempotency
-        .run(scope, &key, hash, async move {
+        .run(&owner, scope, &key, hash, async move {
             outbox.enqueue_with(delivery_id, delivery, record).await?;
             Ok(Fresh {
                 response: response_bytes,

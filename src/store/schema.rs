@@ -19,6 +19,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     crate::domain::idempotency::MIGRATION,
     crate::feedback::log::MIGRATION,
     crate::domain::outbox::TRACE_CONTEXT_MIGRATION,
+    crate::domain::idempotency::OWNER_MIGRATION,
 ];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
@@ -45,4 +46,79 @@ pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
         tx.commit()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data directory written by a gateway from before deliveries and idempotency records had
+    /// owners keeps its records, now ownerless, after the upgrade.
+    #[test]
+    fn the_owner_migration_keeps_existing_records() {
+        let mut connection = Connection::open_in_memory().unwrap();
+        connection
+            .execute_batch(
+                "CREATE TABLE schema_migrations (
+                    name TEXT PRIMARY KEY, applied_at_ms INTEGER NOT NULL) STRICT;",
+            )
+            .unwrap();
+        let (last, earlier) = MIGRATIONS.split_last().unwrap();
+        assert_eq!(last.0, "0012_caller_scope");
+        for (name, sql) in earlier {
+            connection.execute_batch(sql).unwrap();
+            connection
+                .execute(
+                    "INSERT INTO schema_migrations (name, applied_at_ms) VALUES (?1, 0)",
+                    [name],
+                )
+                .unwrap();
+        }
+        connection
+            .execute_batch(
+                "INSERT INTO idempotency (scope, key, request_hash, response, create_ms)
+                    VALUES ('TrackEvent', 'k-1', x'01', x'02', 5);
+                 INSERT INTO outbox (delivery_id, method, request, destinations, item_count,
+                    replay_safe, state, create_ms, update_ms, next_attempt_ms, expire_ms)
+                    VALUES ('dlv_old', 'TrackEvent', x'03', '2', 1, 0, 1, 5, 5, 5, 9);",
+            )
+            .unwrap();
+
+        migrate(&mut connection).unwrap();
+
+        let record: (Option<String>, String, String, Vec<u8>, i64) = connection
+            .query_row(
+                "SELECT owner, scope, key, response, create_ms FROM idempotency",
+                [],
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            record,
+            (None, "TrackEvent".into(), "k-1".into(), vec![2], 5)
+        );
+        let delivery: (String, Option<String>) = connection
+            .query_row("SELECT delivery_id, owner FROM outbox", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(delivery, ("dlv_old".into(), None));
+        // Two callers may now hold the same key; one caller may not hold it twice.
+        let insert =
+            "INSERT INTO idempotency (owner, scope, key, request_hash, response, create_ms)
+            VALUES (?1, 'TrackEvent', 'k-1', x'01', x'02', 6)";
+        connection.execute(insert, ["alpha"]).unwrap();
+        connection.execute(insert, ["beta"]).unwrap();
+        assert!(connection.execute(insert, ["beta"]).is_err());
+        // Applying again changes nothing.
+        migrate(&mut connection).unwrap();
+    }
 }

@@ -35,7 +35,10 @@ fn sha256_hex(token: &str) -> String {
 
 /// A callers file with token callers `(name, token, permissions)` and certificate callers
 /// `(name, subject, permissions)`.
-fn callers_file(tokens: &[(&str, &str, &[&str])], subjects: &[(&str, &str, &[&str])]) -> String {
+pub(crate) fn callers_file(
+    tokens: &[(&str, &str, &[&str])],
+    subjects: &[(&str, &str, &[&str])],
+) -> String {
     let list = |permissions: &[&str]| {
         permissions
             .iter()
@@ -61,7 +64,7 @@ fn callers_file(tokens: &[(&str, &str, &[&str])], subjects: &[(&str, &str, &[&st
 }
 
 /// Replaces a file in one step, as a Secret volume update does, so a reload never reads half.
-fn write_atomically(path: &Path, content: &str) {
+pub(crate) fn write_atomically(path: &Path, content: &str) {
     let staging = path.with_extension("staging");
     let mut file = std::fs::File::create(&staging).unwrap();
     file.write_all(content.as_bytes()).unwrap();
@@ -79,7 +82,7 @@ fn default_callers() -> String {
     )
 }
 
-fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+pub(crate) fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(token) = token {
         request
@@ -103,7 +106,7 @@ async fn send_survey(channel: &Channel, token: Option<&str>) -> tonic::Status {
         .expect_err("an empty SendSurvey is never accepted")
 }
 
-fn reason(status: &tonic::Status) -> String {
+pub(crate) fn reason(status: &tonic::Status) -> String {
     status
         .get_error_details()
         .error_info()
@@ -126,18 +129,21 @@ where
     assert!(waited.is_ok(), "timed out waiting until {what}");
 }
 
-struct Dir {
+pub(crate) struct Dir {
     _temp: tempfile::TempDir,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
-fn dir() -> Dir {
+pub(crate) fn dir() -> Dir {
     let temp = tempfile::tempdir().unwrap();
     let path = temp.path().to_path_buf();
     Dir { _temp: temp, path }
 }
 
-async fn start_with_callers(callers: &Path, extra: Vec<(&'static str, String)>) -> TestGateway {
+pub(crate) async fn start_with_callers(
+    callers: &Path,
+    extra: Vec<(&'static str, String)>,
+) -> TestGateway {
     let mut settings = vec![
         ("CXGW_CALLERS_FILE", callers.display().to_string()),
         ("CXGW_RELOAD_INTERVAL", "50ms".to_owned()),

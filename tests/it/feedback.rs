@@ -1058,3 +1058,131 @@ async fn stream_events_go_uncompressed_even_to_a_client_accepting_gzip() {
         .collect();
     assert_eq!(delivered, ids);
 }
+
+// ---- memory given back after slow subscribers leave ----
+
+/// Publishes `rounds` webhook calls of `per_round` responses (all for `campaign-0`) with a
+/// `comment_bytes` comment each; returns the last id used.
+async fn publish(
+    admin: SocketAddr,
+    mut last_id: u64,
+    rounds: usize,
+    per_round: usize,
+    comment_bytes: usize,
+) -> u64 {
+    let comment = "y".repeat(comment_bytes);
+    for _ in 0..rounds {
+        let items: Vec<Value> = (0..per_round)
+            .map(|_| {
+                last_id += 1;
+                json!({
+                    "id": format!("{last_id:024x}"),
+                    "createdDate": chrono::Utc::now().to_rfc3339(),
+                    "campaignId": "campaign-0",
+                    "metricsType": "NPS",
+                    "score": 9,
+                    "comment": comment,
+                })
+            })
+            .collect();
+        let body = json!({"event": "feedback.created", "feedback": items}).to_string();
+        let response = post_webhook(admin, body.as_bytes(), Some(SECRET), None).await;
+        assert_eq!(response.status().as_u16(), 200);
+    }
+    last_id
+}
+
+#[tokio::test]
+async fn memory_held_for_a_thousand_stalled_readers_is_given_back_when_they_leave() {
+    const READERS: usize = 1000;
+    // Enough per reader to fill what HTTP/2 buffers for one stream (about 400 KiB).
+    const ROUNDS: usize = 20;
+    const PER_ROUND: usize = 10;
+    const COMMENT: usize = 8 * 1024;
+    const MIB: u64 = 1024 * 1024;
+
+    let sandbox = start_sandbox().await;
+    let url = sandbox.base_url().to_string();
+    let data = tempfile::tempdir().unwrap();
+    let gateway = ChildGateway::start(
+        &url,
+        data.path(),
+        &[
+            ("CXGW_WEBHOOK_SECRET", SECRET),
+            // Authentication is not what this test is about.
+            ("CXGW_TRUSTED_MESH", "true"),
+            // Responses come from webhook calls of this test; the poller idles.
+            ("CXGW_FEEDBACK_POLL_INTERVAL", "1h"),
+            ("CXGW_FEEDBACK_HEARTBEAT_INTERVAL", "15s"),
+            ("CXGW_WEBHOOK_MAX_BODY_BYTES", "4194304"),
+            // Stalled connections stay until the test closes them.
+            ("CXGW_HTTP2_KEEPALIVE_INTERVAL", "1h"),
+        ],
+    )
+    .await;
+    // One live reader proves events flow, and warms every path the stalled readers use.
+    let channel = gateway.channel().await;
+    let watcher = Readers::start(std::slice::from_ref(&channel), 1, 1).await;
+    let mut last_id = publish(gateway.admin, 0, 2, PER_ROUND, COMMENT).await;
+    watcher.wait_for(&[last_id]).await;
+    let baseline = resident_bytes(gateway.pid());
+
+    // Readers that never read their socket: slow by construction, so the gateway holds what it
+    // sends them.
+    let mut stalled = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        stalled.push(stalled_subscriber(gateway.grpc).await);
+    }
+    last_id = publish(gateway.admin, last_id, ROUNDS, PER_ROUND, COMMENT).await;
+    // The live reader has everything, so every stalled stream was offered it too.
+    watcher.wait_for(&[last_id]).await;
+    assert_eq!(stats(gateway.admin).await.subscribers, READERS as u64 + 1);
+    let held = resident_bytes(gateway.pid());
+
+    drop(stalled);
+    tokio::time::timeout(PATIENCE, async {
+        while stats(gateway.admin).await.subscribers != 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the gateway noticed every stalled reader leave");
+    last_id = publish(gateway.admin, last_id, 1, PER_ROUND, COMMENT).await;
+    watcher.wait_for(&[last_id]).await;
+    let left = resident_bytes(gateway.pid());
+    // The allocator hands freed pages back on its own clock (jemalloc's decay, about 10 s) and
+    // says so through no signal, so this watches resident memory, with a generous limit.
+    let bound = baseline + 32 * MIB;
+    let returned = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let now = resident_bytes(gateway.pid());
+            if now < bound {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    let settled = returned.unwrap_or_else(|_| resident_bytes(gateway.pid()));
+    println!(
+        "rss baseline {} MiB, with {READERS} stalled readers {} MiB, when they left {} MiB, \
+         settled {} MiB",
+        baseline / MIB,
+        held / MIB,
+        left / MIB,
+        settled / MIB,
+    );
+    assert!(
+        held > baseline + 150 * MIB,
+        "the stalled readers made the gateway hold memory ({} MiB over the baseline)",
+        (held - baseline) / MIB
+    );
+    assert!(
+        settled < bound,
+        "resident memory stayed at {} MiB after the readers left (baseline {} MiB)",
+        settled / MIB,
+        baseline / MIB
+    );
+    gateway.kill().await;
+    sandbox.stop().await;
+}

@@ -8,6 +8,7 @@ mod customers;
 mod events;
 mod feedback;
 mod foundation;
+mod owners;
 mod support;
 mod surveys;
 mod telemetry;
