@@ -311,7 +311,7 @@ impl Decoder for RequestDecoder {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
         pb::SubscribeRequest::decode(src)
             .map(Some)
-            .map_err(|error| Status::invalid_argument(format!("malformed request: {error}")))
+            .map_err(|error| crate::grpc::codec::malformed_request(&error))
     }
 }
 
