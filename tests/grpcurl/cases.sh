@@ -107,8 +107,7 @@ case_ "SendSurvey schedules each recipient" 0 '"outcome": "RECIPIENT_OUTCOME_SCH
 case_ "SendSurvey in ASYNC mode answers with a delivery id" 0 '"deliveryId": "dlv_' -- \
   -d "{\"campaign_id\": \"$campaign_id\", \"recipients\": [{\"email\": \"bob@example.com\"}], \"options\": {\"mode\": \"DELIVERY_MODE_ASYNC\"}}" \
   "$addr" cx.gateway.v1.SurveyService/SendSurvey
-case_ "SendSurvey to an unknown campaign fails the recipient with NOT_FOUND" 0 \
-  '"outcome": "RECIPIENT_OUTCOME_FAILED"' '"reason": "UPSTREAM_NOT_FOUND"' -- \
+case_ "SendSurvey to an unknown campaign is NOT_FOUND" 69 'Code: NotFound' 'CAMPAIGN_NOT_FOUND' -- \
   -d '{"campaign_id": "0123456789abcdef01234567", "recipients": [{"email": "cy@example.com"}]}' \
   "$addr" cx.gateway.v1.SurveyService/SendSurvey
 case_ "SendSurvey with bad input is INVALID_ARGUMENT with field violations" 67 \

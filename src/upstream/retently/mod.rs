@@ -449,6 +449,25 @@ impl RetentlyApi {
         .await
     }
 
+    /// Whether a campaign with this id exists: looked up in the cached campaigns, which are
+    /// read again once when they do not hold it (the campaign may be newer than the cache).
+    pub async fn campaign_exists(&self, ctx: &CallContext, id: &str) -> Result<bool> {
+        if self.campaigns(ctx).await?.iter().any(|c| c.id == id) {
+            return Ok(true);
+        }
+        let fresh = self
+            .read(
+                &self.inner.campaigns,
+                ctx,
+                (),
+                Caching::Refresh,
+                (),
+                |client, (), timeout| async move { client.campaigns(timeout).await.map(Arc::from) },
+            )
+            .await?;
+        Ok(fresh.iter().any(|c| c.id == id))
+    }
+
     /// Every template (cached for the TTL).
     pub async fn templates(&self, ctx: &CallContext) -> Result<Arc<[Template]>> {
         self.read(
