@@ -190,7 +190,7 @@ const MAX_DESCRIPTION_BYTES: usize = 256;
 /// Bytes of paths and descriptions sent in all: with the framing and base64 of
 /// `grpc-status-details-bin` and the percent-encoded message this keeps the trailer under
 /// 8 KiB, half of what C-core clients accept.
-const MAX_VIOLATION_BYTES: usize = 3 * 1024;
+const MAX_VIOLATION_BYTES: usize = 4 * 1024;
 /// Longest `grpc-message` sent, in bytes before percent-encoding.
 const MAX_MESSAGE_BYTES: usize = 512;
 /// `ErrorInfo.metadata` keys saying how many violations the request had and how many of them

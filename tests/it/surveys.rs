@@ -1599,6 +1599,46 @@ async fn malformed_requests_are_refused_with_field_paths_and_never_reach_the_ups
             "campaign_id",
         ),
         (
+            "a template id that is not an id",
+            Bad::Template(pb::GetTemplateRequest {
+                template_id: "tmpl 1".to_owned(),
+            }),
+            "template_id",
+        ),
+        (
+            "a feedback id with a slash",
+            Bad::OneFeedback(pb::GetFeedbackRequest {
+                feedback_id: "a/b".to_owned(),
+            }),
+            "feedback_id",
+        ),
+        (
+            "a campaign filter with non-ASCII characters",
+            Bad::Feedback(pb::ListFeedbackRequest {
+                campaign_id: "сampaign".to_owned(),
+                ..Default::default()
+            }),
+            "campaign_id",
+        ),
+        (
+            "a send to a campaign id of the wrong shape",
+            Bad::Send(pb::SendSurveyRequest {
+                campaign_id: "5f1e?x=1".to_owned(),
+                recipients: vec![recipient("ann@example.com")],
+                ..Default::default()
+            }),
+            "campaign_id",
+        ),
+        (
+            "a recipient address with a zero-width space",
+            Bad::Send(pb::SendSurveyRequest {
+                campaign_id: "5f1ec45y27b8313876299999".to_owned(),
+                recipients: vec![recipient("ann\u{200B}@example.com")],
+                ..Default::default()
+            }),
+            "recipients[0].email",
+        ),
+        (
             "a report campaign that walks up the path",
             Bad::Reports(pb::ListReportsRequest {
                 campaign_id: "..".to_owned(),
