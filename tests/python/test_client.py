@@ -104,6 +104,40 @@ class GatewayClientTest(unittest.TestCase):
         fields = sorted(v.field for v in bad_request.field_violations)
         self.assertEqual(fields, ["delivery_ids[1]", "method"])
 
+    def test_a_thousand_bad_items_fit_a_c_core_client(self):
+        # gRPC C-core refuses trailers over 16 KiB and reports RESOURCE_EXHAUSTED without
+        # details; the gateway caps the details so this client sees them.
+        from cx.gateway.v1 import customer_service_pb2 as c, customer_service_pb2_grpc as cg
+        from cx.gateway.v1 import common_pb2
+
+        stub = cg.CustomerServiceStub(self.channel)
+        customers = [
+            c.Customer(customer_id=f"c{i}", email=f"not-an-address-{i}") for i in range(1000)
+        ]
+        with self.assertRaises(grpc.RpcError) as raised:
+            stub.UpsertCustomers(
+                c.UpsertCustomersRequest(
+                    customers=customers,
+                    destinations=[common_pb2.DESTINATION_RETENTLY],
+                )
+            )
+        self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        bad_request = self._detail(raised.exception, error_details_pb2.BadRequest)
+        self.assertEqual(len(bad_request.field_violations), 50)
+        self.assertEqual(bad_request.field_violations[0].field, "customers[0].email")
+        info = self._detail(raised.exception, error_details_pb2.ErrorInfo)
+        self.assertEqual(info.metadata["violations"], "1000")
+        self.assertEqual(info.metadata["violations_omitted"], "950")
+
+    def test_an_undecodable_message_is_invalid_argument(self):
+        send_raw = self.channel.unary_unary("/cx.gateway.v1.EventService/TrackEvent")
+        with self.assertRaises(grpc.RpcError) as raised:
+            send_raw(b"\xff\xff\xff\xff")
+        self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        info = self._detail(raised.exception, error_details_pb2.ErrorInfo)
+        self.assertEqual(info.reason, "MALFORMED_REQUEST")
+        self.assertEqual(info.domain, "cx-gateway")
+
     def _detail(self, error, message_type):
         status = rpc_status.from_call(error)
         self.assertIsNotNone(status, "the error carries google.rpc.Status details")
