@@ -106,12 +106,15 @@ pub fn customer_id(v: &mut Violations, field: impl Into<String>, value: &str) ->
 }
 
 /// Characters that change how text is displayed without being visible: bidi embeddings,
-/// overrides, isolates and marks, zero-width spaces and joiners, the word joiner and the BOM.
-/// A key or name holding one shows up in Retainly and Retently looking like another.
+/// overrides, isolates and marks, zero-width spaces and joiners, the soft hyphen, the word
+/// joiner and the BOM. A key or name holding one shows up in Retainly and Retently looking like
+/// another.
 pub fn is_invisible(c: char) -> bool {
     matches!(
         c,
-        '\u{061C}'
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
             | '\u{200B}'..='\u{200F}'
             | '\u{202A}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
@@ -523,6 +526,7 @@ mod tests {
             "k".repeat(1200),
             "zero\u{200B}width".to_owned(),
             "\u{202E}reversed".to_owned(),
+            "soft\u{00AD}hyphen".to_owned(),
         ] {
             let mut v = Violations::new();
             assert!(!data_key(&mut v, "p", &bad), "{bad:?}");
