@@ -74,7 +74,12 @@ fn message_roles(descriptor_set: &prost_types::FileDescriptorSet) -> String {
                     (method.output_type(), "Response"),
                 ] {
                     let name = type_name.rsplit('.').next().unwrap_or(type_name);
-                    roles.insert(name.to_owned(), role);
+                    // A message that one RPC takes and another returns (none today) counts as a
+                    // request: a caller's malformed copy of it is then the caller's mistake.
+                    let entry = roles.entry(name.to_owned()).or_insert(role);
+                    if role == "Request" {
+                        *entry = role;
+                    }
                 }
             }
         }
