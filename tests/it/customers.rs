@@ -1904,6 +1904,33 @@ async fn unknown_emails_fail_alone_when_retently_refuses_the_whole_batch() {
             "{email}"
         );
     }
+
+    // A batch of nothing but unknown addresses: each fails, and the search stops after its
+    // bounded number of calls instead of trying every address alone.
+    let before = count(
+        &sandbox,
+        Api::Retently,
+        "/api/v2/customers/unsubscribe",
+        404,
+    );
+    let ghosts: Vec<String> = (0..64).map(|i| format!("ghost{i}@example.com")).collect();
+    let refused = client
+        .unsubscribe_customers(pb::UnsubscribeCustomersRequest {
+            emails: ghosts,
+            message: String::new(),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(outcomes(&refused.results).iter().all(|&o| o == FAILED));
+    let calls = count(
+        &sandbox,
+        Api::Retently,
+        "/api/v2/customers/unsubscribe",
+        404,
+    ) - before;
+    assert_eq!(calls, 1 + 32);
     gateway.stop().await.unwrap();
 }
 
