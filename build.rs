@@ -43,13 +43,56 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=CXGW_RUSTC_VERSION={rustc_version}");
 
+    // Which generated messages are requests and which are responses, so the one codec of the
+    // generated servers and clients can tell a caller's malformed request (its mistake,
+    // INVALID_ARGUMENT) from a reply that does not decode (the server's fault, INTERNAL).
+    std::fs::write(
+        out_dir.join("cx_gateway_message_roles.rs"),
+        message_roles(&descriptor_set),
+    )?;
+
     tonic_prost_build::configure()
+        // Decode failures become the gateway's own errors (see `grpc::codec`).
+        .codec_path("crate::grpc::codec::GatewayCodec")
         // RPCs that a build does not implement yet answer UNIMPLEMENTED instead of failing to compile.
         .generate_default_stubs(true)
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptor_set)?;
     Ok(())
+}
+
+/// `impl MessageRole for X` for the input and output message of every method of the package's
+/// services (all in `cx.gateway.v1`, so their Rust names are the plain message names).
+fn message_roles(descriptor_set: &prost_types::FileDescriptorSet) -> String {
+    let mut roles = std::collections::BTreeMap::new();
+    for file in &descriptor_set.file {
+        for service in &file.service {
+            for method in &service.method {
+                for (type_name, role) in [
+                    (method.input_type(), "Request"),
+                    (method.output_type(), "Response"),
+                ] {
+                    let name = type_name.rsplit('.').next().unwrap_or(type_name);
+                    // A message that one RPC takes and another returns (none today) counts as a
+                    // request: a caller's malformed copy of it is then the caller's mistake.
+                    let entry = roles.entry(name.to_owned()).or_insert(role);
+                    if role == "Request" {
+                        *entry = role;
+                    }
+                }
+            }
+        }
+    }
+    roles
+        .into_iter()
+        .map(|(name, role)| {
+            format!(
+                "impl crate::grpc::codec::MessageRole for {name} {{\n    \
+                 const ROLE: crate::grpc::codec::Role = crate::grpc::codec::Role::{role};\n}}\n"
+            )
+        })
+        .collect()
 }
 
 fn collect_protos(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {

@@ -188,19 +188,83 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Most field violations one status carries. A status travels in HTTP/2 trailers, and gRPC
+/// C-core clients (Python, C++, Ruby, C#) refuse metadata over 16 KiB, reporting a
+/// RESOURCE_EXHAUSTED without any details instead of the caller's mistakes; the first 50 are
+/// plenty to fix a request, and the rest are counted.
+pub const MAX_VIOLATIONS_SENT: usize = 50;
+/// Longest field path and description sent, in bytes (a path into a deep Struct or a long
+/// property name can be arbitrarily long).
+const MAX_FIELD_BYTES: usize = 128;
+const MAX_DESCRIPTION_BYTES: usize = 256;
+/// Bytes of paths and descriptions sent in all: with the framing and base64 of
+/// `grpc-status-details-bin` and the percent-encoded message this keeps the trailer under
+/// 8 KiB, half of what C-core clients accept.
+const MAX_VIOLATION_BYTES: usize = 4 * 1024;
+/// Longest `grpc-message` sent, in bytes before percent-encoding.
+const MAX_MESSAGE_BYTES: usize = 512;
+/// `ErrorInfo.metadata` keys saying how many violations the request had and how many of them
+/// the `BadRequest` leaves out.
+pub const METADATA_VIOLATIONS: &str = "violations";
+pub const METADATA_VIOLATIONS_OMITTED: &str = "violations_omitted";
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let ellipsis = '…';
+    let mut end = max.saturating_sub(ellipsis.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push(ellipsis);
+    text
+}
+
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
-        let error = *error.0;
+        let mut error = *error.0;
+        let total = error.violations.len();
+        let mut sent = Vec::new();
+        let mut bytes = 0;
+        for violation in error.violations {
+            let field = truncated(violation.field, MAX_FIELD_BYTES);
+            let description = truncated(violation.description, MAX_DESCRIPTION_BYTES);
+            bytes += field.len() + description.len();
+            if sent.len() == MAX_VIOLATIONS_SENT || bytes > MAX_VIOLATION_BYTES {
+                break;
+            }
+            sent.push((field, description));
+        }
+        let mut message = error.message;
+        if sent.len() < total {
+            let omitted = total - sent.len();
+            error
+                .metadata
+                .insert(METADATA_VIOLATIONS.to_owned(), total.to_string());
+            error
+                .metadata
+                .insert(METADATA_VIOLATIONS_OMITTED.to_owned(), omitted.to_string());
+            message = format!(
+                "{total} invalid fields; the BadRequest details list the first {} and leave out {omitted}",
+                sent.len()
+            );
+        }
         let mut details = ErrorDetails::new();
         details.set_error_info(error.reason, ERROR_DOMAIN, error.metadata);
-        for violation in error.violations {
-            details.add_bad_request_violation(violation.field, violation.description);
+        for (field, description) in sent {
+            details.add_bad_request_violation(field, description);
         }
         if let Some(delay) = error.retry_after {
             details.set_retry_info(Some(delay));
         }
-        let mut status =
-            tonic::Status::with_error_details(error.code.grpc_code(), error.message, details);
+        let mut status = tonic::Status::with_error_details(
+            error.code.grpc_code(),
+            truncated(message, MAX_MESSAGE_BYTES),
+            details,
+        );
         if let Some(delay) = error.retry_after {
             status
                 .metadata_mut()
@@ -325,6 +389,83 @@ mod tests {
         assert_eq!(
             status.message(),
             "invalid page_size: must be between 0 and 1000"
+        );
+    }
+
+    /// The bytes the status takes in HTTP/2 trailers, counted as HPACK's table size does (name,
+    /// value and 32 bytes per entry), which is what gRPC clients hold against their limit.
+    fn trailer_bytes(status: &tonic::Status) -> usize {
+        let mut headers = tonic::codegen::http::HeaderMap::new();
+        status.add_header(&mut headers).expect("valid headers");
+        headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum()
+    }
+
+    #[test]
+    fn a_thousand_violations_fit_a_small_trailer_and_say_how_many_were_left_out() {
+        // Long paths and long descriptions with multi-byte characters: the worst case for size.
+        let violations: Vec<FieldViolation> = (0..1000)
+            .map(|i| {
+                FieldViolation::new(
+                    format!("records[{i}].items[0].fields.{}", "ключ".repeat(200)),
+                    format!("must be at most 1000 characters, not {}", "é".repeat(500)),
+                )
+            })
+            .collect();
+        let status = tonic::Status::from(Error::invalid_argument(violations));
+        assert!(
+            trailer_bytes(&status) < 8 * 1024,
+            "{}",
+            trailer_bytes(&status)
+        );
+        let details = status.get_error_details();
+        let sent = &details.bad_request().expect("bad request").field_violations;
+        assert!(!sent.is_empty() && sent.len() <= MAX_VIOLATIONS_SENT);
+        assert!(sent[0].field.starts_with("records[0].items[0].fields."));
+        assert!(sent[0].field.len() <= MAX_FIELD_BYTES && sent[0].field.ends_with('…'));
+        assert!(sent[0].description.len() <= MAX_DESCRIPTION_BYTES);
+        let info = details.error_info().expect("error info");
+        assert_eq!(info.metadata[METADATA_VIOLATIONS], "1000");
+        assert_eq!(
+            info.metadata[METADATA_VIOLATIONS_OMITTED],
+            (1000 - sent.len()).to_string()
+        );
+        assert!(
+            status.message().starts_with("1000 invalid fields"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn short_violations_are_sent_up_to_fifty() {
+        let violations: Vec<FieldViolation> = (0..1000)
+            .map(|i| FieldViolation::new(format!("emails[{i}]"), "is required"))
+            .collect();
+        let status = tonic::Status::from(Error::invalid_argument(violations));
+        let details = status.get_error_details();
+        assert_eq!(details.bad_request().unwrap().field_violations.len(), 50);
+        assert_eq!(
+            details.error_info().unwrap().metadata[METADATA_VIOLATIONS_OMITTED],
+            "950"
+        );
+        assert!(trailer_bytes(&status) < 8 * 1024);
+    }
+
+    #[test]
+    fn a_few_violations_are_sent_whole() {
+        let status = tonic::Status::from(Error::invalid_argument(vec![
+            FieldViolation::new("a", "bad"),
+            FieldViolation::new("b", "bad"),
+        ]));
+        let details = status.get_error_details();
+        assert_eq!(details.bad_request().unwrap().field_violations.len(), 2);
+        assert!(details.error_info().unwrap().metadata.is_empty());
+        assert_eq!(
+            status.message(),
+            "2 invalid fields, see the BadRequest details"
         );
     }
 

@@ -49,6 +49,7 @@ pub mod upstream;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb {
     tonic::include_proto!("cx.gateway.v1");
+    include!(concat!(env!("OUT_DIR"), "/cx_gateway_message_roles.rs"));
 
     /// The encoded descriptor set of the contract, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -82,7 +82,8 @@ fn check_event(
         return None;
     };
     validate::customer_id(v, format!("{prefix}.customer_id"), &event.customer_id);
-    let name_ok = validate::required(v, format!("{prefix}.name"), &event.name, MAX_EVENT_NAME);
+    let name_ok = validate::required(v, format!("{prefix}.name"), &event.name, MAX_EVENT_NAME)
+        && validate::printable(v, format!("{prefix}.name"), &event.name);
     let campaigns = if name_ok {
         app.config
             .event_mappings
@@ -122,14 +123,15 @@ fn check_event(
             );
         }
         for (key, value) in fields {
+            if !validate::data_key(v, &format!("{prefix}.properties"), key) {
+                continue;
+            }
             let field = format!("{prefix}.properties.{key}");
             if key == OCCURRED_AT {
                 v.add(field, "is reserved for occur_time");
                 continue;
             }
-            if validate::max_len(v, field.clone(), key, 100) {
-                validate::retainly_value(v, &field, value, 0, false);
-            }
+            validate::retainly_value(v, &field, value, 0, false);
         }
     }
     if let Some(seconds) = validate::timestamp(

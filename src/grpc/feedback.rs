@@ -35,6 +35,10 @@ use crate::pb;
 const MAX_CAMPAIGN_IDS: usize = 100;
 const MAX_CAMPAIGN_ID_LEN: usize = 64;
 const MAX_CURSOR_LEN: usize = 256;
+/// How far ahead of this gateway's clock a `start_time` may lie: the log holds nothing from
+/// before 1970 nor from the future, so only clock skew between services is tolerated; a start
+/// further ahead is a caller's mistake (seconds sent as milliseconds), not a wish to wait.
+const MAX_START_TIME_AHEAD_SECONDS: i64 = 300;
 
 /// `cx.gateway.v1.FeedbackStream`.
 #[derive(Debug, Clone)]
@@ -223,12 +227,14 @@ pub fn validate(request: pb::SubscribeRequest) -> Result<(Filter, Start), Error>
             }
         }
         Some(pb::subscribe_request::Start::StartTime(time)) => {
-            if (0..1_000_000_000).contains(&time.nanos)
-                && chrono::DateTime::from_timestamp(time.seconds, 0).is_some()
-            {
+            let latest = chrono::Utc::now().timestamp() + MAX_START_TIME_AHEAD_SECONDS;
+            if (0..1_000_000_000).contains(&time.nanos) && (0..=latest).contains(&time.seconds) {
                 Start::Time(timestamp_to_ms(&time))
             } else {
-                violations.add("start_time", "must be a valid timestamp");
+                violations.add(
+                    "start_time",
+                    "must be a valid instant from 1970 to at most 5 minutes from now",
+                );
                 Start::Latest
             }
         }
@@ -311,7 +317,7 @@ impl Decoder for RequestDecoder {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
         pb::SubscribeRequest::decode(src)
             .map(Some)
-            .map_err(|error| Status::invalid_argument(format!("malformed request: {error}")))
+            .map_err(|error| crate::grpc::codec::malformed_request(&error))
     }
 }
 
@@ -415,6 +421,19 @@ mod tests {
             Start::After(cursor)
         );
         assert!(start(S::Position(17)).is_err());
+        let now = chrono::Utc::now().timestamp();
+        for seconds in [-1, -62_135_596_800, now + 3_600, 1_700_000_000_000] {
+            let error = start(S::StartTime(prost_types::Timestamp { seconds, nanos: 0 }))
+                .expect_err("out of range");
+            assert_eq!(fields(&error), ["start_time"], "{seconds}");
+        }
+        assert!(
+            start(S::StartTime(prost_types::Timestamp {
+                seconds: now + 60,
+                nanos: 0
+            }))
+            .is_ok()
+        );
         assert!(start(S::Cursor("a".repeat(257))).is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! RPCs that this build does not serve yet keep the generated default, which answers
 //! `UNIMPLEMENTED`.
 
+pub mod codec;
 pub mod convert;
 pub mod customers;
 pub mod deadline;

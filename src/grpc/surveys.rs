@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::app::App;
 // The caller's deadline and name: the name picks the fair share of the budget a call spends.
 use crate::auth::interactive_context;
-use crate::error::{Error, Violations};
+use crate::error::{Error, ErrorCode, Violations};
 use crate::grpc::convert::{feedback_to_pb, timestamp_to_ms};
 use crate::grpc::writes::{self, WriteRpc};
 use crate::grpc::{methods, paging, validate};
@@ -85,6 +85,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         let owner = crate::auth::owner_of(&request);
         let request = request.into_inner();
         let ValidWrite { mode, key, facts } = validation::send_survey(&request)?;
+        check_campaign(&self.app, &ctx, &request.campaign_id).await?;
         let app = &self.app;
         let response = writes::run(app, owner, request, mode, key, facts, |request| {
             execute_send_survey(app, request, ctx)
@@ -546,6 +547,48 @@ impl WriteRpc for pb::SetFeedbackTopicsRequest {
 
     fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
         response.delivery_id = delivery_id;
+    }
+}
+
+/// Longest a SendSurvey waits for the campaign list to check its `campaign_id`.
+const CAMPAIGN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `NOT_FOUND` (with no `/survey` call made) when Retently has no campaign with this id.
+/// When the campaign list cannot be read in time (an outage, an exhausted budget) the send goes
+/// ahead unchecked, so an asynchronous send is still queued, and the upstream decides.
+async fn check_campaign(app: &App, ctx: &CallContext, campaign_id: &str) -> Result<(), Error> {
+    // The read itself carries no deadline: a read in flight is shared only with callers whose
+    // deadline it outlives, so reads bound by each caller's own deadline would not be shared,
+    // and a crowd of concurrent sends would each read the list. Each send waits for it at most
+    // CAMPAIGN_CHECK_WAIT (or its own deadline) while the one shared read goes on.
+    let mut read_ctx = ctx.clone();
+    read_ctx.deadline = None;
+    let limit = tokio::time::Instant::now() + CAMPAIGN_CHECK_WAIT;
+    let wait_until = ctx.deadline.map_or(limit, |deadline| deadline.min(limit));
+    let checked = tokio::time::timeout_at(
+        wait_until,
+        app.retently.campaign_exists(&read_ctx, campaign_id),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Error::new(
+            ErrorCode::DeadlineExceeded,
+            "CAMPAIGN_CHECK_TIMEOUT",
+            "the campaign list was not read in time",
+        ))
+    });
+    match checked {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::new(
+            ErrorCode::NotFound,
+            "CAMPAIGN_NOT_FOUND",
+            "no retently campaign has this campaign_id",
+        )
+        .with_metadata("campaign_id", campaign_id)),
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the campaigns, sending without checking campaign_id");
+            Ok(())
+        }
     }
 }
 

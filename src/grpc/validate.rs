@@ -65,6 +65,9 @@ pub fn email(v: &mut Violations, field: impl Into<String>, value: &str) -> Optio
 
 /// A pragmatic address check (RFC 5321 lengths, one `@`, a dotted domain of letters, digits and
 /// hyphens, no spaces or control characters); deliverability is the upstream's business.
+/// ASCII only: Retently keys customers by address, and a non-ASCII look-alike, a bidi override
+/// or a zero-width character would make a second customer that looks like the first (an
+/// internationalised domain is sent in its `xn--` form).
 fn is_email(address: &str) -> bool {
     let Some((local, domain)) = address.rsplit_once('@') else {
         return false;
@@ -74,9 +77,9 @@ fn is_email(address: &str) -> bool {
         && !local.starts_with('.')
         && !local.ends_with('.')
         && !local.contains("..")
-        && local.chars().all(|c| {
-            c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c) || !c.is_ascii()
-        });
+        && local
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c));
     let labels: Vec<&str> = domain.split('.').collect();
     let domain_ok = labels.len() >= 2
         && labels.iter().all(|label| {
@@ -84,9 +87,7 @@ fn is_email(address: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         });
     local_ok && domain_ok
 }
@@ -101,6 +102,52 @@ pub fn customer_id(v: &mut Violations, field: impl Into<String>, value: &str) ->
         !value.chars().any(char::is_control),
         field,
         "must not contain control characters",
+    )
+}
+
+/// Characters that change how text is displayed without being visible: bidi embeddings,
+/// overrides, isolates and marks, zero-width spaces and joiners, the soft hyphen, the word
+/// joiner and the BOM. A key or name holding one shows up in Retainly and Retently looking like
+/// another.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+/// A name that goes to an upstream as it is (an event name): no control or invisible
+/// characters.
+pub fn printable(v: &mut Violations, field: impl Into<String>, value: &str) -> bool {
+    v.check(
+        !value.chars().any(|c| c.is_control() || is_invisible(c)),
+        field,
+        "must not contain control or invisible (bidi, zero-width) characters",
+    )
+}
+
+/// Longest key of a Retainly data object (event data, array item fields).
+pub const MAX_DATA_KEY_CHARS: usize = 100;
+
+/// A key of a free-form object sent to Retainly (event properties, array item fields and the
+/// objects inside their lists): 1..100 characters, no control or invisible characters. A bad key
+/// is reported on the object (`parent`), not in a path of its own, so the key's bytes are never
+/// echoed back.
+pub fn data_key(v: &mut Violations, parent: &str, key: &str) -> bool {
+    let ok = !key.is_empty()
+        && chars(key) <= MAX_DATA_KEY_CHARS
+        && !key.chars().any(|c| c.is_control() || is_invisible(c));
+    v.check(
+        ok,
+        parent,
+        "has a key that is empty, longer than 100 characters, or holds control or invisible (bidi, zero-width) characters",
     )
 }
 
@@ -247,6 +294,9 @@ pub fn properties(v: &mut Violations, field: &str, properties: &[pb::Property]) 
     let mut lists = 0;
     for (index, property) in properties.iter().enumerate() {
         let at = format!("{field}[{index}]");
+        // Output only, ignored in requests; bounded so a request cannot carry megabytes of it
+        // into the outbox.
+        max_len(v, format!("{at}.label"), &property.label, MAX_STRING_CHARS);
         if key_name(v, format!("{at}.name"), &property.name) {
             if RESERVED_PROPERTIES.contains(&property.name.as_str()) {
                 v.add(
@@ -336,19 +386,34 @@ pub fn tags(v: &mut Violations, field: &str, tags: &[String]) {
 /// Longest Retently record id the gateway passes on (upstream ids are 24 hex characters).
 pub const MAX_RETENTLY_ID_CHARS: usize = 64;
 
-/// A Retently record id that goes into a URL path (`/templates/{id}`): 1..64 characters, without
-/// control characters, and not `.` or `..`, which a URL resolves to another path (`/feedback/..`
-/// would read the list endpoint).
+/// Whether `value` has the shape of a Retently record id. Retently's ids look like 24-hex
+/// MongoDB ObjectIds, but the docs only infer that, and their own examples hold a 23-character
+/// id and one with a `y`; so any 1..64 ASCII letters, digits, `-` and `_` pass. That still keeps
+/// out what cannot be an id: whitespace, `.` and `..` (a URL resolves them to another path:
+/// `/feedback/..` would read the list endpoint), `/`, `%`, `?`, control and non-ASCII characters.
+pub fn is_retently_id(value: &str) -> bool {
+    (1..=MAX_RETENTLY_ID_CHARS).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+const RETENTLY_ID_SHAPE: &str = "must be a record id: 1 to 64 ASCII letters, digits, - or _";
+
+/// A required Retently record id (one that goes into a URL path like `/templates/{id}`, or names
+/// a campaign); a malformed one would only spend upstream budget on a 404.
 pub fn retently_path_id(v: &mut Violations, field: impl Into<String>, value: &str) -> bool {
     let field = field.into();
-    if !required(v, field.clone(), value, MAX_RETENTLY_ID_CHARS) {
+    if value.is_empty() {
+        v.add(field, "is required");
         return false;
     }
-    v.check(
-        value != "." && value != ".." && !value.chars().any(char::is_control),
-        field,
-        "must be a record id (not . or .., no control characters)",
-    )
+    v.check(is_retently_id(value), field, RETENTLY_ID_SHAPE)
+}
+
+/// An optional Retently record id used as a filter: empty, or the shape of an id.
+pub fn retently_id_filter(v: &mut Violations, field: impl Into<String>, value: &str) -> bool {
+    value.is_empty() || v.check(is_retently_id(value), field, RETENTLY_ID_SHAPE)
 }
 
 /// A value Retainly accepts in a customer field, array item or event data: scalars, lists of
@@ -391,7 +456,9 @@ pub fn retainly_value(
                 return;
             }
             for (key, inner) in &object.fields {
-                retainly_value(v, &format!("{field}.{key}"), inner, list_depth, false);
+                if data_key(v, field, key) {
+                    retainly_value(v, &format!("{field}.{key}"), inner, list_depth, false);
+                }
             }
         }
     }
@@ -423,6 +490,146 @@ mod tests {
             assert!(!v.is_empty());
         }
         assert!(v.is_empty());
+    }
+
+    #[test]
+    fn emails_with_non_ascii_bidi_or_zero_width_characters_are_refused() {
+        for bad in [
+            "алиса@example.com",
+            "alice@exämple.com",
+            "ali\u{200B}ce@example.com",
+            "alice\u{202E}@example.com",
+            "alice@example.com\u{FEFF}",
+            "alice@exa\u{2066}mple.com",
+            "al\u{0}ice@example.com",
+        ] {
+            let mut v = Violations::new();
+            assert_eq!(email(&mut v, "e", bad), None, "{bad:?}");
+            assert_eq!(v.len(), 1, "{bad:?}");
+        }
+        let mut v = Violations::new();
+        assert!(email(&mut v, "e", "o'brien+tag@xn--bcher-kva.example").is_some());
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn data_keys_are_bounded_and_visible() {
+        for good in ["amount", "Plan Name", "ключ", &"k".repeat(100)] {
+            let mut v = Violations::new();
+            assert!(data_key(&mut v, "p", good), "{good:?}");
+        }
+        for bad in [
+            String::new(),
+            "a\u{0}b".to_owned(),
+            "tab\there".to_owned(),
+            "k".repeat(101),
+            "k".repeat(1200),
+            "zero\u{200B}width".to_owned(),
+            "\u{202E}reversed".to_owned(),
+            "soft\u{00AD}hyphen".to_owned(),
+        ] {
+            let mut v = Violations::new();
+            assert!(!data_key(&mut v, "p", &bad), "{bad:?}");
+            assert_eq!(v.len(), 1);
+        }
+    }
+
+    #[test]
+    fn object_keys_inside_lists_are_checked() {
+        use prost_types::value::Kind;
+        use prost_types::{ListValue, Struct, Value};
+        let item = |key: &str| Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: vec![Value {
+                    kind: Some(Kind::StructValue(Struct {
+                        fields: [(
+                            key.to_owned(),
+                            Value {
+                                kind: Some(Kind::BoolValue(true)),
+                            },
+                        )]
+                        .into_iter()
+                        .collect(),
+                    })),
+                }],
+            })),
+        };
+        for bad in ["", "a\u{0}", &"x".repeat(1200)] {
+            let mut v = Violations::new();
+            retainly_value(&mut v, "x", &item(bad), 0, false);
+            assert_eq!(v.len(), 1, "{bad:?}");
+        }
+        let mut v = Violations::new();
+        retainly_value(&mut v, "x", &item("name"), 0, false);
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn names_sent_as_they_are_have_no_control_or_invisible_characters() {
+        for bad in [
+            "sign\u{0}ed_up",
+            "signed\u{200D}up",
+            "\u{2067}signed_up",
+            "a\nb",
+        ] {
+            let mut v = Violations::new();
+            assert!(!printable(&mut v, "name", bad), "{bad:?}");
+        }
+        let mut v = Violations::new();
+        assert!(printable(&mut v, "name", "Order Completed ✓"));
+    }
+
+    #[test]
+    fn retently_ids_are_tolerant_of_the_documented_shapes_only() {
+        // A real ObjectId, the docs' 23-character typo and their id with a `y`, and short ids.
+        for good in [
+            "5a9d595701c85b37224ab2d0",
+            "5a9d595701c85b38114b5a1",
+            "5f1ec45y27b8313876299999",
+            "abc",
+            "tmpl_01-x",
+        ] {
+            let mut v = Violations::new();
+            assert!(retently_path_id(&mut v, "id", good), "{good}");
+            assert!(retently_id_filter(&mut v, "id", good), "{good}");
+        }
+        let long = "a".repeat(65);
+        for bad in [
+            ".",
+            "..",
+            "../customers",
+            "a/b",
+            "a b",
+            "%2e%2e",
+            "a?x=1",
+            "id\u{0}",
+            "ïd",
+            &long,
+        ] {
+            let mut v = Violations::new();
+            assert!(!retently_path_id(&mut v, "id", bad), "{bad:?}");
+            assert!(!retently_id_filter(&mut v, "id", bad), "{bad:?}");
+            assert_eq!(v.len(), 2);
+        }
+        let mut v = Violations::new();
+        assert!(!retently_path_id(&mut v, "id", ""));
+        assert!(retently_id_filter(&mut v, "id", ""));
+    }
+
+    #[test]
+    fn property_labels_are_bounded() {
+        let property = |label: String| pb::Property {
+            name: "plan".to_owned(),
+            value: Some(pb::PropertyValue {
+                kind: Some(pb::property_value::Kind::BoolValue(true)),
+            }),
+            label,
+        };
+        let mut v = Violations::new();
+        properties(&mut v, "p", &[property("x".repeat(1000))]);
+        assert!(v.is_empty());
+        properties(&mut v, "p", &[property("x".repeat(1001))]);
+        assert_eq!(v.len(), 1);
     }
 
     #[test]

@@ -35,6 +35,10 @@ case_ "TrackEvent with the same message id is a duplicate" 0 '"duplicate": true'
   "$addr" cx.gateway.v1.EventService/TrackEvent
 case_ "TrackEvent with bad input names the fields" 67 'INVALID_FIELDS' '"field":"event.customer_id"' \
   '"field":"event.name"' -- -d '{"event": {"name": ""}}' "$addr" cx.gateway.v1.EventService/TrackEvent
+case_ "TrackEvent with a control character in the name or a key is INVALID_ARGUMENT" 67 \
+  'INVALID_FIELDS' '"field":"event.name"' '"field":"event.properties"' -- \
+  -d '{"event": {"customer_id": "grpcurl-1", "name": "sign\u0000ed_up", "properties": {"": 1}}}' \
+  "$addr" cx.gateway.v1.EventService/TrackEvent
 case_ "TrackEvents (client stream) counts events" 0 '"acceptedCount": "2"' -- \
   -d '{"events": [{"customer_id": "g2", "name": "bulk"}]} {"events": [{"customer_id": "g3", "name": "bulk"}]}' \
   "$addr" cx.gateway.v1.EventService/TrackEvents
@@ -107,8 +111,7 @@ case_ "SendSurvey schedules each recipient" 0 '"outcome": "RECIPIENT_OUTCOME_SCH
 case_ "SendSurvey in ASYNC mode answers with a delivery id" 0 '"deliveryId": "dlv_' -- \
   -d "{\"campaign_id\": \"$campaign_id\", \"recipients\": [{\"email\": \"bob@example.com\"}], \"options\": {\"mode\": \"DELIVERY_MODE_ASYNC\"}}" \
   "$addr" cx.gateway.v1.SurveyService/SendSurvey
-case_ "SendSurvey to an unknown campaign fails the recipient with NOT_FOUND" 0 \
-  '"outcome": "RECIPIENT_OUTCOME_FAILED"' '"reason": "UPSTREAM_NOT_FOUND"' -- \
+case_ "SendSurvey to an unknown campaign is NOT_FOUND" 69 'Code: NotFound' 'CAMPAIGN_NOT_FOUND' -- \
   -d '{"campaign_id": "0123456789abcdef01234567", "recipients": [{"email": "cy@example.com"}]}' \
   "$addr" cx.gateway.v1.SurveyService/SendSurvey
 case_ "SendSurvey with bad input is INVALID_ARGUMENT with field violations" 67 \
@@ -122,6 +125,8 @@ case_ "GetTemplate reads one template" 0 "\"templateId\": \"$template_id\"" -- \
   -d "{\"template_id\": \"$template_id\"}" "$addr" cx.gateway.v1.SurveyService/GetTemplate
 case_ "GetTemplate of an unknown id is NOT_FOUND" 69 'Code: NotFound' 'UPSTREAM_NOT_FOUND' -- \
   -d '{"template_id": "0123456789abcdef01234567"}' "$addr" cx.gateway.v1.SurveyService/GetTemplate
+case_ "GetTemplate of an id of the wrong shape is INVALID_ARGUMENT" 67 'INVALID_FIELDS' \
+  '"field":"template_id"' -- -d '{"template_id": "../campaigns"}' "$addr" cx.gateway.v1.SurveyService/GetTemplate
 case_ "GetScore reads the NPS" 0 '"metric": "METRIC_NPS"' '"totalResponses": "[1-9]' '"fetchTime": "' -- \
   -d '{"metric": "METRIC_NPS"}' "$addr" cx.gateway.v1.SurveyService/GetScore
 case_ "GetScore without a metric is INVALID_ARGUMENT" 67 '"field":"metric"' -- \

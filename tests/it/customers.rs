@@ -1644,6 +1644,92 @@ fn malformed_requests() -> Vec<(&'static str, Bad)> {
                 options: None,
             }),
         ),
+        // Addresses that would look like another customer's.
+        (
+            "customers[0].email",
+            upsert(vec![customer("c-1", "änn@example.com")]),
+        ),
+        (
+            "customers[0].email",
+            upsert(vec![customer("c-1", "ann\u{200B}@example.com")]),
+        ),
+        (
+            "customers[0].email",
+            upsert(vec![customer("c-1", "ann@exa\u{202E}mple.com")]),
+        ),
+        (
+            "emails[1]",
+            Bad::Unsubscribe(pb::UnsubscribeCustomersRequest {
+                emails: strings(&["a@example.com", "a\u{FEFF}@example.com"]),
+                ..Default::default()
+            }),
+        ),
+        // Output-only fields are ignored, but not carried at any length.
+        (
+            "customers[0].job_title",
+            upsert(vec![pb::Customer {
+                job_title: long.clone(),
+                ..valid()
+            }]),
+        ),
+        (
+            "customers[0].properties[0].label",
+            with_properties(vec![pb::Property {
+                label: long.clone(),
+                ..property("plan", text("pro"))
+            }]),
+        ),
+        // Keys of item fields, and of the objects in their lists.
+        (
+            "records[0].items[0].fields",
+            records(vec![record("purchases", vec![item("p1", json!({"": 1}))])]),
+        ),
+        (
+            "records[0].items[0].fields",
+            records(vec![record(
+                "purchases",
+                vec![item("p1", json!({"a\u{0}b": 1}))],
+            )]),
+        ),
+        (
+            "records[0].items[0].fields",
+            records(vec![record(
+                "purchases",
+                vec![item(
+                    "p1",
+                    Value::Object([("k".repeat(1200), json!(1))].into_iter().collect()),
+                )],
+            )]),
+        ),
+        (
+            "records[0].items[0].fields.products[0]",
+            records(vec![record(
+                "purchases",
+                vec![item("p1", json!({"products": [{"na\u{200B}me": "apple"}]}))],
+            )]),
+        ),
+        // An array field must not take the customer id's name.
+        (
+            "records[0].field",
+            records(vec![record("id", vec![item("p1", json!({"a": 1}))])]),
+        ),
+        // Ids that cannot be Retently ids: no upstream call is spent on them.
+        (
+            "retently_id",
+            Bad::Get(pb::GetCustomerRequest {
+                lookup: Some(pb::get_customer_request::Lookup::RetentlyId(
+                    "../customers".to_owned(),
+                )),
+            }),
+        ),
+        (
+            "company_id",
+            Bad::GetCompany(pb::GetCompanyRequest {
+                lookup: Some(pb::get_company_request::Lookup::CompanyId(
+                    "5a9d%2f01".to_owned(),
+                )),
+            }),
+        ),
         (
             "records[0].item_ids[1]",
             Bad::DeleteItems(pb::DeleteCustomerArrayItemsRequest {
@@ -1717,5 +1803,177 @@ async fn malformed_requests_name_the_field_and_reach_no_upstream() {
         .filter(|c| CUSTOMER_ROUTES.contains(&c.route.as_str()))
         .collect();
     assert!(touched.is_empty(), "{touched:?}");
+    gateway.stop().await.unwrap();
+}
+
+/// Retently as its docs say it may behave: an unsubscribe or resubscribe batch with an address
+/// that was never a customer fails as a whole. Each address still gets its own result, the known
+/// ones are applied, and the search for the unknown ones stays within a few calls.
+#[tokio::test]
+async fn unknown_emails_fail_alone_when_retently_refuses_the_whole_batch() {
+    let gateway = TestGateway::start_with(
+        cx_sandbox::SandboxConfig {
+            unknown_subscription_emails: cx_sandbox::UnknownEmails::FailBatch,
+            ..Default::default()
+        },
+        Vec::new(),
+    )
+    .await;
+    let mut client = client(&gateway);
+    let sandbox = sandbox(&gateway);
+    let known: Vec<String> = (0..6).map(|i| format!("known{i}@example.com")).collect();
+    client
+        .upsert_customers(pb::UpsertCustomersRequest {
+            customers: known.iter().map(|email| customer("", email)).collect(),
+            destinations: vec![RETENTLY],
+            options: None,
+        })
+        .await
+        .unwrap();
+    let mut emails = known.clone();
+    emails.insert(1, "ghost1@example.com".to_owned());
+    emails.insert(5, "ghost2@example.com".to_owned());
+    let expected: Vec<i32> = emails
+        .iter()
+        .map(|email| {
+            if email.starts_with("ghost") {
+                FAILED
+            } else {
+                APPLIED
+            }
+        })
+        .collect();
+    let outcomes = |results: &[pb::CustomerWriteResult]| -> Vec<i32> {
+        results.iter().map(|r| r.outcomes[0].outcome).collect()
+    };
+
+    let unsubscribed = client
+        .unsubscribe_customers(pb::UnsubscribeCustomersRequest {
+            emails: emails.clone(),
+            message: "asked by mail".to_owned(),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcomes(&unsubscribed.results), expected);
+    for (result, email) in unsubscribed.results.iter().zip(&emails) {
+        assert_eq!(&result.email, email);
+        if email.starts_with("ghost") {
+            let error = result.outcomes[0].error.as_ref().unwrap();
+            assert_eq!(error.code, tonic::Code::NotFound as i32, "{email}");
+        }
+    }
+    for email in &known {
+        assert_eq!(
+            sandbox.retently_customer(email).unwrap()["unsubscribed"],
+            true,
+            "{email}"
+        );
+    }
+    let refused = count(
+        &sandbox,
+        Api::Retently,
+        "/api/v2/customers/unsubscribe",
+        404,
+    );
+    let applied = count(
+        &sandbox,
+        Api::Retently,
+        "/api/v2/customers/unsubscribe",
+        200,
+    );
+    assert!(
+        refused >= 3 && refused + applied <= 12,
+        "{refused} + {applied}"
+    );
+
+    let resubscribed = client
+        .resubscribe_customers(pb::ResubscribeCustomersRequest {
+            emails: emails.clone(),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcomes(&resubscribed.results), expected);
+    for email in &known {
+        assert_eq!(
+            sandbox.retently_customer(email).unwrap()["unsubscribed"],
+            false,
+            "{email}"
+        );
+    }
+
+    // A batch of nothing but unknown addresses: each fails, and the search stops after its
+    // bounded number of calls instead of trying every address alone.
+    let before = count(
+        &sandbox,
+        Api::Retently,
+        "/api/v2/customers/unsubscribe",
+        404,
+    );
+    let ghosts: Vec<String> = (0..64).map(|i| format!("ghost{i}@example.com")).collect();
+    let refused = client
+        .unsubscribe_customers(pb::UnsubscribeCustomersRequest {
+            emails: ghosts,
+            message: String::new(),
+            options: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(outcomes(&refused.results).iter().all(|&o| o == FAILED));
+    let calls = count(
+        &sandbox,
+        Api::Retently,
+        "/api/v2/customers/unsubscribe",
+        404,
+    ) - before;
+    assert_eq!(calls, 1 + 32);
+    gateway.stop().await.unwrap();
+}
+
+/// 1,000 bad items: the status keeps to a trailer that every gRPC client accepts (C-core ones
+/// refuse more than 16 KiB of metadata), lists the first violations and counts the rest.
+#[tokio::test]
+async fn a_thousand_bad_items_give_a_small_trailer_that_decodes() {
+    let gateway = TestGateway::start().await;
+    let mut client = client(&gateway);
+    let customers: Vec<pb::Customer> = (0..1000)
+        .map(|i| customer(&format!("c{i}"), &format!("not-an-address-{i}")))
+        .collect();
+    let status = client
+        .upsert_customers(pb::UpsertCustomersRequest {
+            customers,
+            destinations: vec![RETENTLY, RETAINLY],
+            options: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // The trailer as it was on the wire: status, percent-encoded message and base64 details,
+    // counted as HPACK counts a header (name, value and 32 bytes).
+    let received = tonic::Status::with_details(
+        status.code(),
+        status.message().to_owned(),
+        status.details().to_vec().into(),
+    );
+    let mut trailer = tonic::codegen::http::HeaderMap::new();
+    received.add_header(&mut trailer).unwrap();
+    let size: usize = trailer
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum();
+    assert!(size < 8 * 1024, "{size} bytes");
+    let details = status.get_error_details();
+    let violations = &details.bad_request().unwrap().field_violations;
+    assert_eq!(violations.len(), 50);
+    assert_eq!(violations[0].field, "customers[0].email");
+    let info = details.error_info().unwrap();
+    assert_eq!(info.reason, "INVALID_FIELDS");
+    assert_eq!(info.metadata["violations"], "1000");
+    assert_eq!(info.metadata["violations_omitted"], "950");
+    assert!(status.message().starts_with("1000 invalid fields"));
     gateway.stop().await.unwrap();
 }

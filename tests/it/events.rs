@@ -256,3 +256,65 @@ async fn a_retainly_refusal_fails_a_sync_call_and_sends_no_survey() {
     assert!(sandbox.survey_sends().is_empty());
     gateway.stop().await.unwrap();
 }
+
+/// Names and keys that Retainly would store as they are, but that no caller can mean: each is
+/// refused with its own field, and nothing reaches an upstream.
+#[tokio::test]
+async fn control_characters_and_unbounded_keys_are_refused_before_any_upstream_call() {
+    let gateway = TestGateway::start().await;
+    let mut client = EventServiceClient::new(gateway.channel.clone());
+    let number = Value {
+        kind: Some(Kind::NumberValue(1.0)),
+    };
+    let long_key = "k".repeat(1200);
+    let cases: Vec<(pb::Event, &str)> = vec![
+        (event("c-1", "", "signed\u{0}up", &[]), "event.name"),
+        (event("c-1", "", "signed\u{200B}up", &[]), "event.name"),
+        (
+            event("c-1", "", "signed_up", &[("", number.clone())]),
+            "event.properties",
+        ),
+        (
+            event("c-1", "", "signed_up", &[("a\u{0}b", number.clone())]),
+            "event.properties",
+        ),
+        (
+            event(
+                "c-1",
+                "",
+                "signed_up",
+                &[(long_key.as_str(), number.clone())],
+            ),
+            "event.properties",
+        ),
+        (
+            event("c-1", "ann\u{202E}@example.com", "signed_up", &[]),
+            "event.email",
+        ),
+        (
+            event("c-1", "ännа@example.com", "signed_up", &[]),
+            "event.email",
+        ),
+    ];
+    for (bad, field) in cases {
+        let status = client
+            .track_event(pb::TrackEventRequest {
+                event: Some(bad.clone()),
+                options: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        let details = status.get_error_details();
+        let fields: Vec<&str> = details
+            .bad_request()
+            .unwrap()
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, [field], "{bad:?}");
+    }
+    assert!(gateway.sandbox().handle().request_counts().is_empty());
+    gateway.stop().await.unwrap();
+}

@@ -24,6 +24,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt as _;
 
 use crate::support::TestGateway;
 
@@ -314,6 +315,24 @@ async fn simulated_responses_reach_subscribers_once_in_order_and_filters_apply()
         .await
         .unwrap_err();
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    // Start times the log cannot hold: before 1970, and far ahead (milliseconds sent as seconds).
+    for seconds in [-86_400, chrono::Utc::now().timestamp() * 1000] {
+        let invalid = FeedbackStreamClient::new(gateway.channel.clone())
+            .subscribe(pb::SubscribeRequest {
+                filter: None,
+                start: Some(pb::subscribe_request::Start::StartTime(
+                    prost_types::Timestamp { seconds, nanos: 0 },
+                )),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{seconds}");
+        let details = invalid.get_error_details();
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            "start_time"
+        );
+    }
     gateway.stop().await.unwrap();
 }
 

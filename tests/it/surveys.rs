@@ -210,33 +210,6 @@ async fn a_recipient_surveyed_recently_is_throttled() {
 }
 
 #[tokio::test]
-async fn an_unknown_campaign_fails_each_recipient_with_not_found() {
-    let gateway = TestGateway::start().await;
-    let handle = handle(&gateway);
-    let response = client(&gateway)
-        .send_survey(pb::SendSurveyRequest {
-            campaign_id: "0123456789abcdef01234567".to_owned(),
-            recipients: vec![recipient("fay@example.com"), recipient("gus@example.com")],
-            delay_days: None,
-            options: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(outcomes(&response), [pb::RecipientOutcome::Failed; 2]);
-    for result in &response.results {
-        let error = result.error.as_ref().unwrap();
-        assert_eq!(error.code, tonic::Code::NotFound as i32);
-        assert_eq!(error.reason, "UPSTREAM_NOT_FOUND");
-        assert_eq!(error.metadata["upstream"], "retently");
-        assert_eq!(error.metadata["status"], "404");
-    }
-    assert_eq!(handle.request_count(Api::Retently, SURVEY_ROUTE, 404), 1);
-    assert!(handle.survey_sends().is_empty());
-    gateway.stop().await.unwrap();
-}
-
-#[tokio::test]
 async fn a_lost_answer_is_unknown_and_never_resent() {
     let gateway = TestGateway::start().await;
     let handle = handle(&gateway);
@@ -305,24 +278,55 @@ async fn an_async_send_is_queued_then_delivered_with_its_results() {
     gateway.stop().await.unwrap();
 }
 
+const CAMPAIGNS_ROUTE: &str = "/api/v2/campaigns";
+
 #[tokio::test]
-async fn an_async_send_to_an_unknown_campaign_is_dead_lettered() {
+async fn a_send_to_an_unknown_campaign_is_not_found_without_a_survey_call() {
     let gateway = TestGateway::start().await;
-    let queued = client(&gateway)
-        .send_survey(pb::SendSurveyRequest {
-            campaign_id: "0123456789abcdef01234567".to_owned(),
-            recipients: vec![recipient("kim@example.com")],
-            delay_days: None,
-            options: options(pb::DeliveryMode::Async, ""),
-        })
+    let handle = handle(&gateway);
+    let known = campaign(&handle, "NPS");
+    let mut surveys = client(&gateway);
+    let send = |campaign_id: &str, mode| pb::SendSurveyRequest {
+        campaign_id: campaign_id.to_owned(),
+        recipients: vec![recipient("kim@example.com")],
+        delay_days: None,
+        options: options(mode, ""),
+    };
+    // A known campaign: the list is read once and cached.
+    surveys
+        .send_survey(send(&known, pb::DeliveryMode::Sync))
+        .await
+        .unwrap();
+    assert_eq!(handle.requests_to(Api::Retently, CAMPAIGNS_ROUTE), 1);
+    assert_eq!(handle.requests_to(Api::Retently, SURVEY_ROUTE), 1);
+    for (round, mode) in [pb::DeliveryMode::Sync, pb::DeliveryMode::Async]
+        .into_iter()
+        .enumerate()
+    {
+        let status = surveys
+            .send_survey(send("0123456789abcdef01234567", mode))
+            .await
+            .expect_err("unknown campaign");
+        assert_eq!(status.code(), tonic::Code::NotFound, "{mode:?}");
+        let details = status.get_error_details();
+        let info = details.error_info().unwrap();
+        assert_eq!(info.reason, "CAMPAIGN_NOT_FOUND");
+        assert_eq!(info.metadata["campaign_id"], "0123456789abcdef01234567");
+        // The cache missed it, so the list was read again, once.
+        assert_eq!(
+            handle.requests_to(Api::Retently, CAMPAIGNS_ROUTE),
+            2 + round as u64
+        );
+    }
+    // Nothing was sent, nor queued.
+    assert_eq!(handle.requests_to(Api::Retently, SURVEY_ROUTE), 1);
+    assert_eq!(handle.survey_sends().len(), 1);
+    let dead = pb::delivery_service_client::DeliveryServiceClient::new(gateway.channel.clone())
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
         .await
         .unwrap()
         .into_inner();
-    let delivery = finished_delivery(&gateway, &queued.delivery_id).await;
-    assert_eq!(delivery.state, pb::DeliveryState::DeadLettered as i32);
-    let error = delivery.last_error.unwrap();
-    assert_eq!(error.code, tonic::Code::NotFound as i32);
-    assert_eq!(error.reason, "UPSTREAM_NOT_FOUND");
+    assert!(dead.deliveries.is_empty(), "{dead:?}");
     gateway.stop().await.unwrap();
 }
 
@@ -331,6 +335,11 @@ async fn an_async_send_refused_up_front_is_retried_by_the_outbox() {
     let gateway = TestGateway::start().await;
     let handle = handle(&gateway);
     let campaign_id = campaign(&handle, "STAR");
+    // The campaign list is cached first, so the 429s below all meet the survey calls.
+    client(&gateway)
+        .list_campaigns(pb::ListCampaignsRequest::default())
+        .await
+        .unwrap();
     // More 429s than one delivery attempt retries: the attempt fails with nothing sent, and the
     // outbox tries the whole send again later.
     handle.set_faults(
@@ -1588,6 +1597,46 @@ async fn malformed_requests_are_refused_with_field_paths_and_never_reach_the_ups
                 ..Default::default()
             }),
             "campaign_id",
+        ),
+        (
+            "a template id that is not an id",
+            Bad::Template(pb::GetTemplateRequest {
+                template_id: "tmpl 1".to_owned(),
+            }),
+            "template_id",
+        ),
+        (
+            "a feedback id with a slash",
+            Bad::OneFeedback(pb::GetFeedbackRequest {
+                feedback_id: "a/b".to_owned(),
+            }),
+            "feedback_id",
+        ),
+        (
+            "a campaign filter with non-ASCII characters",
+            Bad::Feedback(pb::ListFeedbackRequest {
+                campaign_id: "сampaign".to_owned(),
+                ..Default::default()
+            }),
+            "campaign_id",
+        ),
+        (
+            "a send to a campaign id of the wrong shape",
+            Bad::Send(pb::SendSurveyRequest {
+                campaign_id: "5f1e?x=1".to_owned(),
+                recipients: vec![recipient("ann@example.com")],
+                ..Default::default()
+            }),
+            "campaign_id",
+        ),
+        (
+            "a recipient address with a zero-width space",
+            Bad::Send(pb::SendSurveyRequest {
+                campaign_id: "5f1ec45y27b8313876299999".to_owned(),
+                recipients: vec![recipient("ann\u{200B}@example.com")],
+                ..Default::default()
+            }),
+            "recipients[0].email",
         ),
         (
             "a report campaign that walks up the path",

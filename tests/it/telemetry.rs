@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use tonic_types::StatusExt as _;
+
 use cx_gateway::pb;
 use cx_gateway::pb::event_service_client::EventServiceClient;
 use cx_gateway::pb::feedback_stream_client::FeedbackStreamClient;
@@ -1243,5 +1245,210 @@ async fn batches_and_queued_deliveries_link_to_the_calls_they_serve() {
     assert!(spans.iter().any(|s| s.kind == SpanKind::Client as i32
         && s.trace_id == delivery.trace_id
         && descends_from(s, delivery, &by_id)));
+    emulator.stop().await;
+}
+
+/// Sends bytes as they are and reads whatever comes back, so a test can put a message on the
+/// wire that no generated client would produce.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+async fn raw_unary(
+    channel: &tonic::transport::Channel,
+    path: &'static str,
+    body: Vec<u8>,
+) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .expect_err("a malformed message is refused")
+}
+
+/// Bytes of an `UpsertCustomerArrayItemsRequest` whose item fields nest a `Struct` `depth` levels
+/// deep (prost encodes any depth but decodes at most 100).
+fn deeply_nested_items(depth: usize) -> Vec<u8> {
+    use prost::Message as _;
+    use prost_types::value::Kind;
+    let mut value = prost_types::Value {
+        kind: Some(Kind::StringValue("leaf".to_owned())),
+    };
+    for _ in 0..depth {
+        value = prost_types::Value {
+            kind: Some(Kind::StructValue(prost_types::Struct {
+                fields: [("a".to_owned(), value)].into_iter().collect(),
+            })),
+        };
+    }
+    let Some(Kind::StructValue(fields)) = value.kind else {
+        unreachable!()
+    };
+    pb::UpsertCustomerArrayItemsRequest {
+        records: vec![pb::CustomerArrayItems {
+            customer_id: "c-1".to_owned(),
+            field: "purchases".to_owned(),
+            items: vec![pb::ArrayItem {
+                item_id: "p1".to_owned(),
+                fields: Some(fields),
+            }],
+        }],
+        options: None,
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_messages_are_invalid_argument_and_counted_as_client_errors() {
+    let (_sandbox, emulator) = start_sandbox(SandboxConfig::default()).await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = ChildGateway::start(&emulator, data.path(), &[]).await;
+
+    // Random-looking bytes from a fixed generator (xorshift), so every run sends the same ones.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut garbage = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    let mut refused = Vec::new();
+    let mut sent = 0;
+    while refused.len() < 20 {
+        sent += 1;
+        assert!(sent < 1000, "random bytes kept decoding");
+        let body = garbage(64);
+        // Some random byte strings are valid messages; only those that are not count here.
+        if <pb::TrackEventRequest as prost::Message>::decode(body.as_slice()).is_ok() {
+            continue;
+        }
+        refused.push(
+            raw_unary(
+                &gateway.channel,
+                "/cx.gateway.v1.EventService/TrackEvent",
+                body,
+            )
+            .await,
+        );
+    }
+    refused.push(
+        raw_unary(
+            &gateway.channel,
+            "/cx.gateway.v1.CustomerService/UpsertCustomerArrayItems",
+            deeply_nested_items(150),
+        )
+        .await,
+    );
+    for status in &refused {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let details = status.get_error_details();
+        let info = details.error_info().expect("error info");
+        assert_eq!(info.reason, "MALFORMED_REQUEST");
+        assert_eq!(info.domain, "cx-gateway");
+    }
+    // The hand-written FeedbackStream codec answers the same way.
+    let mut grpc = tonic::client::Grpc::new(gateway.channel.clone());
+    grpc.ready().await.unwrap();
+    let stream = grpc
+        .server_streaming(
+            tonic::Request::new(vec![0xff; 16]),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/cx.gateway.v1.FeedbackStream/Subscribe",
+            ),
+            RawCodec,
+        )
+        .await
+        .expect_err("a malformed subscription is refused");
+    assert_eq!(stream.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        stream.get_error_details().error_info().unwrap().reason,
+        "MALFORMED_REQUEST"
+    );
+
+    let text = scrape(&gateway).await;
+    let calls = |service: &'static str, method: &'static str, code: &'static str| {
+        sample(
+            &text,
+            "rpc_server_calls_total",
+            &[
+                ("rpc_grpc_status_code", code),
+                ("rpc_method", method),
+                ("rpc_service", service),
+                ("rpc_system", "grpc"),
+            ],
+        )
+    };
+    assert_eq!(
+        calls("cx.gateway.v1.EventService", "TrackEvent", "3"),
+        Some(20.0),
+        "{text}"
+    );
+    assert_eq!(
+        calls("cx.gateway.v1.EventService", "TrackEvent", "13"),
+        None
+    );
+    assert_eq!(
+        calls(
+            "cx.gateway.v1.CustomerService",
+            "UpsertCustomerArrayItems",
+            "3"
+        ),
+        Some(1.0)
+    );
+    assert!(gateway.terminate().success());
     emulator.stop().await;
 }

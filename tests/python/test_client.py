@@ -65,7 +65,7 @@ class GatewayClientTest(unittest.TestCase):
         callers = f"""[[caller]]
 name = "python-client"
 token_sha256 = ["{digest}"]
-permissions = ["read", "deliveries:read", "deliveries:retry"]
+permissions = ["read", "customers:write", "events:write", "deliveries:read", "deliveries:retry"]
 """
         env = dict(os.environ)
         env.update(
@@ -150,6 +150,42 @@ permissions = ["read", "deliveries:read", "deliveries:retry"]
         self.assertEqual(raised.exception.code(), grpc.StatusCode.UNAUTHENTICATED)
         info = error_detail(raised.exception, error_details_pb2.ErrorInfo)
         self.assertEqual(info.reason, "CALLER_UNAUTHENTICATED")
+
+    def test_a_thousand_bad_items_fit_a_c_core_client(self):
+        # gRPC C-core refuses trailers over 16 KiB and reports RESOURCE_EXHAUSTED without
+        # details; the gateway caps the details so this client sees them.
+        from cx.gateway.v1 import customer_service_pb2 as c, customer_service_pb2_grpc as cg
+        from cx.gateway.v1 import common_pb2
+
+        stub = cg.CustomerServiceStub(self.channel)
+        customers = [
+            c.Customer(customer_id=f"c{i}", email=f"not-an-address-{i}") for i in range(1000)
+        ]
+        with self.assertRaises(grpc.RpcError) as raised:
+            stub.UpsertCustomers(
+                c.UpsertCustomersRequest(
+                    customers=customers,
+                    destinations=[common_pb2.DESTINATION_RETENTLY],
+                ),
+                metadata=self.auth,
+                timeout=10,
+            )
+        self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        bad_request = self._detail(raised.exception, error_details_pb2.BadRequest)
+        self.assertEqual(len(bad_request.field_violations), 50)
+        self.assertEqual(bad_request.field_violations[0].field, "customers[0].email")
+        info = self._detail(raised.exception, error_details_pb2.ErrorInfo)
+        self.assertEqual(info.metadata["violations"], "1000")
+        self.assertEqual(info.metadata["violations_omitted"], "950")
+
+    def test_an_undecodable_message_is_invalid_argument(self):
+        send_raw = self.channel.unary_unary("/cx.gateway.v1.EventService/TrackEvent")
+        with self.assertRaises(grpc.RpcError) as raised:
+            send_raw(b"\xff\xff\xff\xff", metadata=self.auth, timeout=10)
+        self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        info = self._detail(raised.exception, error_details_pb2.ErrorInfo)
+        self.assertEqual(info.reason, "MALFORMED_REQUEST")
+        self.assertEqual(info.domain, "cx-gateway")
 
     def _detail(self, error, message_type):
         detail = error_detail(error, message_type)

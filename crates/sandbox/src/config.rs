@@ -25,6 +25,19 @@ pub struct SandboxConfig {
     pub webhook: Option<WebhookConfig>,
     /// Background arrival rate of new survey responses; `None` switches it off.
     pub simulate_feedback_per_second: Option<f64>,
+    /// How an unsubscribe or resubscribe batch holding addresses that were never customers is
+    /// answered. The upstream docs report (uncertain) that such a batch may fail as a whole;
+    /// [`UnknownEmails::FailBatch`] answers it with a 404 and changes nothing, the default
+    /// reports each unknown address as `failed`/`not_found` and applies the rest.
+    pub unknown_subscription_emails: UnknownEmails,
+}
+
+/// See [`SandboxConfig::unknown_subscription_emails`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnknownEmails {
+    #[default]
+    PerItem,
+    FailBatch,
 }
 
 impl Default for SandboxConfig {
@@ -41,6 +54,7 @@ impl Default for SandboxConfig {
             seed: SeedConfig::default(),
             webhook: None,
             simulate_feedback_per_second: None,
+            unknown_subscription_emails: UnknownEmails::PerItem,
         }
     }
 }
@@ -65,6 +79,10 @@ impl std::fmt::Debug for SandboxConfig {
             .field(
                 "simulate_feedback_per_second",
                 &self.simulate_feedback_per_second,
+            )
+            .field(
+                "unknown_subscription_emails",
+                &self.unknown_subscription_emails,
             )
             .finish()
     }

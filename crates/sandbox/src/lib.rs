@@ -67,7 +67,7 @@ use serde::Serialize;
 
 pub use crate::config::{
     DEFAULT_RETAINLY_KEY, DEFAULT_RETAINLY_SECRET, DEFAULT_RETENTLY_API_KEY, SandboxConfig,
-    SeedConfig, WebhookConfig,
+    SeedConfig, UnknownEmails, WebhookConfig,
 };
 pub use crate::faults::{FaultConfig, FaultCounts, SlowBody};
 pub use crate::handle::{PerApi, RequestCount, SandboxHandle, StatsSnapshot};

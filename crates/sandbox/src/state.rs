@@ -92,6 +92,7 @@ pub(crate) struct Shared {
     pub retently_keys: Vec<String>,
     pub retainly_credentials: Vec<(String, String)>,
     pub simulate_feedback_per_second: Option<f64>,
+    pub unknown_subscription_emails: crate::config::UnknownEmails,
     pub world: Mutex<World>,
     pub control: Mutex<Control>,
     /// Client of webhook deliveries; `None` if it could not be built (deliveries then count as
@@ -133,6 +134,7 @@ impl Shared {
             retently_keys: config.retently_api_keys,
             retainly_credentials: config.retainly_credentials,
             simulate_feedback_per_second: config.simulate_feedback_per_second,
+            unknown_subscription_emails: config.unknown_subscription_emails,
             world: Mutex::new(world),
             control: Mutex::new(control),
             webhook_client: crate::webhook::client(),

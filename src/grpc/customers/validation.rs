@@ -19,7 +19,9 @@ pub const MAX_ITEMS: usize = 10_000;
 pub const MAX_ARRAY_ITEMS: usize = 1000;
 /// Array fields a Retainly customer may hold.
 const MAX_ARRAY_FIELDS: usize = 15;
-const MAX_RETENTLY_ID_CHARS: usize = 64;
+/// Retainly's scalar standard fields: an array field of one of these names would clash with
+/// the customer's id or contact fields (`tags` is an array field already, so it stays allowed).
+const RESERVED_FIELDS: [&str; 5] = ["id", "email", "first_name", "last_name", "company"];
 const MAX_DOMAIN_CHARS: usize = 253;
 const MAX_PAGE_SIZE: usize = 1000;
 /// Retently's default page size, which the contract adopts.
@@ -119,6 +121,14 @@ pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<Write, E
                 validate::MAX_STRING_CHARS,
             );
         }
+        // Output only, ignored in requests; bounded so a request cannot carry megabytes of it
+        // into the outbox.
+        validate::max_len(
+            &mut v,
+            format!("{at}.job_title"),
+            &customer.job_title,
+            validate::MAX_STRING_CHARS,
+        );
         validate::tags(&mut v, &format!("{at}.tags"), &customer.tags);
         validate::properties(&mut v, &format!("{at}.properties"), &customer.properties);
     }
@@ -200,7 +210,12 @@ fn array_target(
     fields_per_customer: &mut HashMap<String, HashSet<String>>,
 ) -> Option<String> {
     let id_ok = validate::customer_id(v, format!("{at}.customer_id"), customer_id);
-    let field_ok = validate::key_name(v, format!("{at}.field"), field);
+    let field_ok = validate::key_name(v, format!("{at}.field"), field)
+        && v.check(
+            !RESERVED_FIELDS.contains(&field),
+            format!("{at}.field"),
+            "is a standard customer field, not an array field",
+        );
     if !(id_ok && field_ok) {
         return None;
     }
@@ -267,6 +282,9 @@ pub fn upsert_array_items(request: &pb::UpsertCustomerArrayItemsRequest) -> Resu
                 continue;
             };
             for (name, value) in &fields.fields {
+                if !validate::data_key(&mut v, &format!("{item_at}.fields"), name) {
+                    continue;
+                }
                 let field = format!("{item_at}.fields.{name}");
                 if name == "id" {
                     v.add(field, "is reserved: set item_id instead");
@@ -332,21 +350,6 @@ pub fn delete_array_items(request: &pb::DeleteCustomerArrayItemsRequest) -> Resu
     })
 }
 
-/// An id or domain that goes into an upstream path: `.` and `..` would name another path (URL
-/// normalisation drops them), and whitespace or control characters are never part of one.
-fn path_segment(v: &mut Violations, field: &str, value: &str, max: usize) -> bool {
-    if !validate::required(v, field, value, max) {
-        return false;
-    }
-    v.check(
-        value != "."
-            && value != ".."
-            && !value.chars().any(|c| c.is_whitespace() || c.is_control()),
-        field,
-        "must not contain whitespace or control characters, nor be . or ..",
-    )
-}
-
 /// A host name: dot-separated labels of letters, digits and hyphens (or non-ASCII letters of an
 /// internationalised name), none empty or starting or ending with a hyphen.
 fn domain(v: &mut Violations, field: &str, value: &str) -> bool {
@@ -384,10 +387,8 @@ pub fn get_customer(request: &pb::GetCustomerRequest) -> Result<CustomerLookup, 
         Some(Lookup::Email(email)) => {
             validate::email(&mut v, "email", email).map(CustomerLookup::Email)
         }
-        Some(Lookup::RetentlyId(id)) => {
-            path_segment(&mut v, "retently_id", id, MAX_RETENTLY_ID_CHARS)
-                .then(|| CustomerLookup::RetentlyId(id.clone()))
-        }
+        Some(Lookup::RetentlyId(id)) => validate::retently_path_id(&mut v, "retently_id", id)
+            .then(|| CustomerLookup::RetentlyId(id.clone())),
     };
     v.into_result()?;
     lookup.ok_or_else(|| Error::internal("a customer lookup passed validation without a value"))
@@ -403,7 +404,7 @@ pub fn get_company(request: &pb::GetCompanyRequest) -> Result<String, Error> {
             None
         }
         Some(Lookup::CompanyId(id)) => {
-            path_segment(&mut v, "company_id", id, MAX_RETENTLY_ID_CHARS).then(|| id.clone())
+            validate::retently_path_id(&mut v, "company_id", id).then(|| id.clone())
         }
         Some(Lookup::Domain(name)) => {
             let name = name.trim().to_ascii_lowercase();
@@ -601,7 +602,18 @@ mod tests {
 
     #[test]
     fn path_segments_that_would_change_the_path_are_refused() {
-        for id in [".", "..", "a b", ""] {
+        for id in [
+            ".",
+            "..",
+            "a b",
+            "",
+            "../x",
+            "a/b",
+            "%2e",
+            "é",
+            "a\u{0}",
+            &"a".repeat(65),
+        ] {
             let request = pb::GetCustomerRequest {
                 lookup: Some(pb::get_customer_request::Lookup::RetentlyId(id.to_owned())),
             };

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 
 use crate::error::{Error, Violations};
-use crate::grpc::validate::{self, MAX_EMAIL_CHARS, MAX_RETENTLY_ID_CHARS, MAX_STRING_CHARS};
+use crate::grpc::validate::{self, MAX_EMAIL_CHARS, MAX_STRING_CHARS};
 use crate::grpc::writes::DeliveryFacts;
 use crate::pb;
 use crate::upstream::retently::email_key;
@@ -40,12 +40,7 @@ fn feedback_key(feedback_id: &str) -> String {
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn send_survey(request: &pb::SendSurveyRequest) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
-    validate::required(
-        &mut v,
-        "campaign_id",
-        &request.campaign_id,
-        MAX_RETENTLY_ID_CHARS,
-    );
+    validate::retently_path_id(&mut v, "campaign_id", &request.campaign_id);
     validate::batch_len(
         &mut v,
         "recipients",
@@ -145,12 +140,7 @@ fn label_write(
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn set_feedback_tags(request: &pb::SetFeedbackTagsRequest) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
-    validate::required(
-        &mut v,
-        "feedback_id",
-        &request.feedback_id,
-        MAX_RETENTLY_ID_CHARS,
-    );
+    validate::retently_path_id(&mut v, "feedback_id", &request.feedback_id);
     if request.tags.len() > MAX_LABELS {
         v.add("tags", format!("at most {MAX_LABELS} tags"));
     }
@@ -165,12 +155,7 @@ pub fn set_feedback_tags(request: &pb::SetFeedbackTagsRequest) -> Result<ValidWr
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn set_feedback_topics(request: &pb::SetFeedbackTopicsRequest) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
-    validate::required(
-        &mut v,
-        "feedback_id",
-        &request.feedback_id,
-        MAX_RETENTLY_ID_CHARS,
-    );
+    validate::retently_path_id(&mut v, "feedback_id", &request.feedback_id);
     if request.topics.len() > MAX_LABELS {
         v.add("topics", format!("at most {MAX_LABELS} topics"));
     }
@@ -199,9 +184,9 @@ pub fn known<E: TryFrom<i32>>(v: &mut Violations, field: &str, value: i32) -> Op
     known
 }
 
-/// An optional id filter: at most 64 characters.
+/// An optional id filter: empty, or the shape of a Retently record id.
 pub fn id_filter(v: &mut Violations, field: &str, value: &str) {
-    validate::max_len(v, field, value, MAX_RETENTLY_ID_CHARS);
+    validate::retently_id_filter(v, field, value);
 }
 
 /// An optional email filter: at most 254 characters.

@@ -50,6 +50,28 @@ pub const MAX_SURVEY_BATCH: usize = 100;
 pub const MAX_UPSERT_BATCH: usize = 100;
 /// Addresses per delete/unsubscribe/resubscribe call (same reasoning as upserts).
 pub const MAX_CHANGE_BATCH: usize = 100;
+/// Extra calls one unsubscribe/resubscribe batch may spend finding the addresses for which the
+/// upstream refused it as a whole (see `RetentlyApi::isolate`): a few unknown addresses' worth,
+/// so one bad batch cannot spend a large part of the 150/min budget.
+const MAX_ISOLATION_CALLS: usize = 32;
+
+/// Whether a refused batch of this change is searched for the addresses that caused it. Only
+/// the opt-out changes, for which the docs report whole-batch failures.
+fn isolates_refusals(change: CustomerChange) -> bool {
+    matches!(
+        change,
+        CustomerChange::Unsubscribe | CustomerChange::Resubscribe
+    )
+}
+
+/// Whether the upstream refused a call because of what it holds (an unknown or invalid address)
+/// rather than failing it (outage, budget, deadline, credentials), so a smaller batch may pass.
+fn refused_for_items(error: &Error) -> bool {
+    matches!(
+        error.code(),
+        ErrorCode::NotFound | ErrorCode::InvalidArgument
+    )
+}
 /// Encoded size a coalesced batch stays under; a few KB per customer with properties.
 const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
@@ -325,23 +347,105 @@ impl RetentlyApi {
         }
         let mut outcomes = Vec::with_capacity(emails.len());
         for chunk in emails.chunks(MAX_CHANGE_BATCH) {
-            let client = self.inner.client.clone();
-            let result = self
-                .inner
-                .lane
-                .call(ctx, Idempotency::Idempotent, |timeout| {
-                    let client = client.clone();
-                    let message = message.clone();
-                    async move {
-                        client
-                            .change_customers(change, chunk, message.as_deref(), timeout)
-                            .await
-                    }
-                })
-                .await?;
-            outcomes.extend(result);
+            match self
+                .change_call(ctx, change, chunk, message.as_deref())
+                .await
+            {
+                Ok(answers) => outcomes.extend(answers),
+                Err(error) if isolates_refusals(change) && refused_for_items(&error) => {
+                    outcomes.extend(
+                        self.isolate(ctx, change, chunk, message.as_deref(), error)
+                            .await,
+                    );
+                }
+                Err(error) => return Err(error),
+            }
         }
         Ok(outcomes)
+    }
+
+    /// One call for `chunk`: one outcome per address, or the error of the call as a whole.
+    async fn change_call(
+        &self,
+        ctx: &CallContext,
+        change: CustomerChange,
+        chunk: &[String],
+        message: Option<&str>,
+    ) -> Result<Vec<Result<EmailOutcome>>> {
+        let client = self.inner.client.clone();
+        self.inner
+            .lane
+            .call(ctx, Idempotency::Idempotent, |timeout| {
+                let client = client.clone();
+                async move {
+                    client
+                        .change_customers(change, chunk, message, timeout)
+                        .await
+                }
+            })
+            .await
+    }
+
+    /// After the upstream refused a whole batch because of some of its addresses (the docs say
+    /// an unsubscribe may fail as a whole when an address was never a customer, and do not say
+    /// which one), finds them by halving: each half is sent again, a refused half is halved
+    /// again, down to single addresses, which fail alone; every other address is applied. The
+    /// changes are idempotent, so sending an address again is safe. At most
+    /// [`MAX_ISOLATION_CALLS`] extra calls (a few unknown addresses among 100 need about 14
+    /// each); a refused group left when they are spent fails with the batch's error.
+    async fn isolate(
+        &self,
+        ctx: &CallContext,
+        change: CustomerChange,
+        chunk: &[String],
+        message: Option<&str>,
+        refusal: Error,
+    ) -> Vec<Result<EmailOutcome>> {
+        let mut outcomes: Vec<Option<Result<EmailOutcome>>> = vec![None; chunk.len()];
+        let mut refused = vec![(0..chunk.len(), refusal)];
+        let mut calls = 0;
+        while let Some((range, error)) = refused.pop() {
+            if range.len() == 1 || calls + 2 > MAX_ISOLATION_CALLS {
+                for slot in &mut outcomes[range] {
+                    *slot = Some(Err(error.clone()));
+                }
+                continue;
+            }
+            calls += 2;
+            let middle = range.start + range.len() / 2;
+            for half in [range.start..middle, middle..range.end] {
+                match self
+                    .change_call(ctx, change, &chunk[half.clone()], message)
+                    .await
+                {
+                    Ok(answers) if answers.len() == half.len() => {
+                        for (slot, answer) in outcomes[half].iter_mut().zip(answers) {
+                            *slot = Some(answer);
+                        }
+                    }
+                    Ok(_) => {
+                        let error = Error::internal(
+                            "the upstream answered a batch with a different number of results",
+                        );
+                        for slot in &mut outcomes[half] {
+                            *slot = Some(Err(error.clone()));
+                        }
+                    }
+                    Err(error) if refused_for_items(&error) => refused.push((half, error)),
+                    Err(error) => {
+                        for slot in &mut outcomes[half] {
+                            *slot = Some(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| Err(Error::internal("an address was left unanswered")))
+            })
+            .collect()
     }
 
     // ---- feedback ----
@@ -447,6 +551,25 @@ impl RetentlyApi {
             |client, (), timeout| async move { client.campaigns(timeout).await.map(Arc::from) },
         )
         .await
+    }
+
+    /// Whether a campaign with this id exists: looked up in the cached campaigns, which are
+    /// read again once when they do not hold it (the campaign may be newer than the cache).
+    pub async fn campaign_exists(&self, ctx: &CallContext, id: &str) -> Result<bool> {
+        if self.campaigns(ctx).await?.iter().any(|c| c.id == id) {
+            return Ok(true);
+        }
+        let fresh = self
+            .read(
+                &self.inner.campaigns,
+                ctx,
+                (),
+                Caching::Refresh,
+                (),
+                |client, (), timeout| async move { client.campaigns(timeout).await.map(Arc::from) },
+            )
+            .await?;
+        Ok(fresh.iter().any(|c| c.id == id))
     }
 
     /// Every template (cached for the TTL).

@@ -49,6 +49,9 @@ pub struct Reads<K, V> {
 pub enum Caching {
     Cached,
     SingleFlightOnly,
+    /// Skips the cached value but stores the fresh one: for a caller that has just seen the
+    /// cached value miss something that may have been created since (a new campaign).
+    Refresh,
 }
 
 impl<K, V> Reads<K, V>
@@ -155,7 +158,7 @@ where
             {
                 state.flights.remove(&key);
             }
-            if let (Ok(value), Caching::Cached) = (&result, caching) {
+            if let (Ok(value), Caching::Cached | Caching::Refresh) = (&result, caching) {
                 let now = Instant::now();
                 if state.cache.len() >= capacity {
                     state
@@ -308,6 +311,21 @@ mod tests {
             .expect("read");
         assert_eq!(fresh, 3);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_skips_the_cached_value_and_replaces_it() {
+        let reads = Reads::<&'static str, u32>::new("retently", Duration::from_secs(30), 16);
+        let ctx = CallContext::interactive(None);
+        let get = |caching, value: u32| {
+            reads.get("campaigns", &ctx, caching, move || {
+                async move { Ok(value) }.boxed()
+            })
+        };
+        assert_eq!(get(Caching::Cached, 1).await.expect("read"), 1);
+        assert_eq!(get(Caching::Cached, 2).await.expect("read"), 1);
+        assert_eq!(get(Caching::Refresh, 3).await.expect("read"), 3);
+        assert_eq!(get(Caching::Cached, 4).await.expect("read"), 3);
     }
 
     #[tokio::test(start_paused = true)]

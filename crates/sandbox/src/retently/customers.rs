@@ -14,6 +14,7 @@ use super::envelope::{
     success_with,
 };
 use super::model::{Company, Customer, Property, normalize_email, snake_case};
+use crate::config::UnknownEmails;
 use crate::ids::is_object_id;
 use crate::state::{Shared, World};
 use crate::time::{iso, parse_property_date};
@@ -537,8 +538,9 @@ pub(crate) async fn resubscribe(
     set_subscription(&shared, &body, false)
 }
 
-/// Unknown addresses are reported per item (`failed`/`not_found`) rather than failing the batch,
-/// so a client can tell exactly which ones were never customers.
+/// Unknown addresses are reported per item (`failed`/`not_found`), so a client can tell exactly
+/// which ones were never customers; or, as the docs say the upstream may do, the whole batch
+/// fails with a 404 and nothing changes (see `SandboxConfig::unknown_subscription_emails`).
 fn set_subscription(
     shared: &Shared,
     body: &Bytes,
@@ -559,6 +561,18 @@ fn set_subscription(
         .collect::<Result<Vec<_>, _>>()?;
     let now = Utc::now();
     let mut world = shared.world();
+    if shared.unknown_subscription_emails == UnknownEmails::FailBatch {
+        let all_known = targets.iter().all(|(key, by_email)| {
+            if *by_email {
+                world.retently.by_email.contains_key(&normalize_email(key))
+            } else {
+                world.retently.customers.contains_key(key)
+            }
+        });
+        if !all_known {
+            return Err(RetentlyError::not_found("Customer not found."));
+        }
+    }
     let mut data = Map::new();
     for (key, by_email) in targets {
         let id = if by_email {

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
-use cx_sandbox::{Api, DEFAULT_RETENTLY_API_KEY, SandboxConfig, SeedConfig};
+use cx_sandbox::{Api, DEFAULT_RETENTLY_API_KEY, SandboxConfig, SeedConfig, UnknownEmails};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -538,6 +538,51 @@ async fn delete_unsubscribe_and_resubscribe() {
     assert_eq!(body["data"][email]["status"], "deleted");
     assert_eq!(body["data"]["ghost@example.com"]["status"], "failed");
     assert!(sandbox.handle.retently_customer(email).is_none());
+}
+
+#[tokio::test]
+async fn a_batch_with_an_unknown_address_can_fail_whole_as_the_docs_warn() {
+    let sandbox = TestSandbox::start_with(SandboxConfig {
+        unknown_subscription_emails: UnknownEmails::FailBatch,
+        ..config_with(SeedConfig::default())
+    })
+    .await;
+    let email = "staying@example.com";
+    sandbox
+        .retently_send(
+            Method::POST,
+            "/api/v2/customers",
+            &json!({"subscribers": [{"email": email}]}),
+        )
+        .await;
+    for route in [
+        "/api/v2/customers/unsubscribe",
+        "/api/v2/customers/resubscribe",
+    ] {
+        let (status, body) = sandbox
+            .retently_send(
+                Method::POST,
+                route,
+                &json!({"subscribers": [{"email": email}, {"email": "ghost@example.com"}]}),
+            )
+            .await;
+        assert_eq!(status, 404, "{route}");
+        assert_eq!(body["data"], Value::Null);
+        // Nothing changed, not even for the known address.
+        assert_eq!(
+            sandbox.handle.retently_customer(email).unwrap()["unsubscribed"],
+            false
+        );
+    }
+    let (status, body) = sandbox
+        .retently_send(
+            Method::POST,
+            "/api/v2/customers/unsubscribe",
+            &json!({"subscribers": [{"email": email}]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"][email]["status"], "unsubscribed");
 }
 
 #[tokio::test]
