@@ -23,6 +23,7 @@ use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
 use crate::grpc::writes::WriteExecutor;
 use crate::pb;
+use crate::readiness::Stage;
 use crate::reload::{self, Reloadable};
 use crate::shutdown;
 use crate::telemetry;
@@ -76,6 +77,7 @@ pub async fn run(
             app: Arc::clone(&app),
         }),
         drain.clone(),
+        app.readiness.clone(),
     ));
 
     let callers = config.auth.callers.clone();
@@ -124,15 +126,31 @@ pub async fn run(
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in SERVICE_NAMES {
-        health
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    // Health answers SERVING only once the outbox recovered what was in flight at the last stop.
+    // The first attempt is awaited, so a healthy store is SERVING from the first answer on; one
+    // whose recovery keeps failing stays NOT_SERVING (and `/readyz` 503) until a retry succeeds.
+    let serving = match app.readiness.first_attempt().await {
+        Stage::Ready => tonic_health::ServingStatus::Serving,
+        Stage::Starting | Stage::Retrying => tonic_health::ServingStatus::NotServing,
+    };
     // The overall status ("") is what Kubernetes probes ask for by default.
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        health.set_service_status(name, serving).await;
+    }
+    // Promotes health to SERVING once a retried recovery succeeds; stopped before the drain sets
+    // NOT_SERVING, so it can never overwrite that.
+    let promote_health = (serving != tonic_health::ServingStatus::Serving).then(|| {
+        let health = health.clone();
+        let readiness = app.readiness.clone();
+        tokio::spawn(async move {
+            readiness.ready().await;
+            for name in SERVICE_NAMES.into_iter().chain([""]) {
+                health
+                    .set_service_status(name, tonic_health::ServingStatus::Serving)
+                    .await;
+            }
+        })
+    });
 
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
@@ -228,8 +246,8 @@ pub async fn run(
             drain.clone().signaled(),
         )),
     };
-    let admin_router =
-        crate::admin::router(drain.clone()).merge(crate::admin::feedback_routes(&feedback));
+    let admin_router = crate::admin::router(drain.clone(), app.readiness.clone())
+        .merge(crate::admin::feedback_routes(&feedback));
     let admin_server = axum::serve(listeners.admin, admin_router)
         .with_graceful_shutdown(drain.clone().signaled())
         .into_future();
@@ -255,6 +273,10 @@ pub async fn run(
     }
 
     tracing::info!(grace = %humantime::format_duration(shutdown_grace), "draining");
+    if let Some(promote) = promote_health {
+        promote.abort();
+        let _ = promote.await;
+    }
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health
             .set_service_status(name, tonic_health::ServingStatus::NotServing)

@@ -110,7 +110,11 @@ async fn queued_writes_are_delivered_in_order_per_customer() {
         .await
         .unwrap();
     let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
 
     wait_for_state(&outbox, &second, DeliveryState::Delivered).await;
     wait_for_state(&outbox, &other, DeliveryState::Delivered).await;
@@ -150,7 +154,11 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
         .await
         .unwrap();
     let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
     wait_for_state(&outbox, &id, DeliveryState::DeadLettered).await;
 
     let page = outbox.dead_letters(None, None, 0, 10).await.unwrap();

@@ -63,17 +63,136 @@ fn storage_error(error: impl std::fmt::Display) -> Error {
     )
 }
 
+/// The database file inside the data directory.
+pub const DATABASE_FILE: &str = "gateway.db";
+
+/// Left beside the database when the store is created, so a database file that later goes missing
+/// (a volume mounted empty, a file deleted by hand) is noticed instead of silently replaced by an
+/// empty store, which would lose the outbox, the dead letters and the idempotency memory.
+pub const MARKER_FILE: &str = "gateway.db.marker";
+
+/// Damage reports of `PRAGMA quick_check` read at most; the first ones name the problem.
+const MAX_DAMAGE_REPORTS: usize = 100;
+
+/// How [`Store::open_with`] treats a data directory whose marker says a store existed there but
+/// whose database file is missing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MissingStore {
+    /// Refuse to start (the default): the operator restores the file or decides otherwise.
+    #[default]
+    Refuse,
+    /// Create a new, empty store (the operator accepts that what the old one held is gone).
+    CreateNew,
+}
+
+/// Why the store did not open. The first two are refusals an operator must act on; their messages
+/// say what to do.
+#[derive(Debug)]
+pub enum OpenError {
+    Damaged {
+        path: PathBuf,
+        /// Problems reported (at most [`MAX_DAMAGE_REPORTS`] are read).
+        problems: usize,
+        first: String,
+    },
+    Missing {
+        path: PathBuf,
+        marker: PathBuf,
+    },
+    Failed(Error),
+}
+
+impl From<Error> for OpenError {
+    fn from(error: Error) -> Self {
+        OpenError::Failed(error)
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Damaged {
+                path,
+                problems,
+                first,
+            } => {
+                let recovered = path.with_file_name("gateway.recovered.db");
+                let count = if *problems >= MAX_DAMAGE_REPORTS {
+                    format!("{problems} or more problems")
+                } else {
+                    format!("{problems} problem(s)")
+                };
+                write!(
+                    f,
+                    "the store {} is damaged: quick_check found {count}, first: {first}; the \
+                     gateway does not start on a damaged store. stop every gateway using it, \
+                     recover what is readable with `sqlite3 {} .recover | sqlite3 {}`, move \
+                     {DATABASE_FILE} and its -wal and -shm files aside, rename {} to \
+                     {DATABASE_FILE} and start again (README: \"Store faults\")",
+                    path.display(),
+                    path.display(),
+                    recovered.display(),
+                    recovered.display(),
+                )
+            }
+            OpenError::Missing { path, marker } => write!(
+                f,
+                "the store {} is missing, but {} shows a store was created in this directory: \
+                 starting empty would lose its outbox, dead letters and idempotency records. \
+                 restore {DATABASE_FILE} from a backup, or start once with `serve \
+                 --allow-new-store` (or CXGW_ALLOW_NEW_STORE=true) to create a new, empty store",
+                path.display(),
+                marker.display()
+            ),
+            OpenError::Failed(error) => write!(f, "{error}"),
+        }
+    }
+}
+
 impl Store {
-    /// Opens (creating if needed) `gateway.db` in `data_dir` and applies pending migrations.
-    pub fn open(data_dir: &Path) -> Result<Store, Error> {
+    /// Opens `gateway.db` in `data_dir`, creating it only in a directory where no store was
+    /// created before (see [`Store::open_with`]).
+    pub fn open(data_dir: &Path) -> Result<Store, OpenError> {
+        Store::open_with(data_dir, MissingStore::Refuse)
+    }
+
+    /// Opens `gateway.db` in `data_dir` after checking it: a damaged database, or a missing one
+    /// where the marker shows a store was created (unless `missing` says to create a new one), is
+    /// refused. Creates the directory, the database and the marker when the directory holds
+    /// neither, and applies pending migrations.
+    pub fn open_with(data_dir: &Path, missing: MissingStore) -> Result<Store, OpenError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
             storage_error(format!(
                 "cannot create the data directory {}: {error}",
                 data_dir.display()
             ))
         })?;
-        let path = data_dir.join("gateway.db");
-        let mut connection = Connection::open(&path).map_err(storage_error)?;
+        let path = data_dir.join(DATABASE_FILE);
+        let marker = data_dir.join(MARKER_FILE);
+        let exists = file_exists(&path)?;
+        let marked = file_exists(&marker)?;
+        if marked && !exists {
+            match missing {
+                MissingStore::Refuse => return Err(OpenError::Missing { path, marker }),
+                MissingStore::CreateNew => tracing::warn!(
+                    path = %path.display(),
+                    "creating a new, empty store in place of a missing one, as asked"
+                ),
+            }
+        }
+        let mut connection = Connection::open(&path).map_err(|error| damage_or(&path, error))?;
+        if exists {
+            check_integrity(&connection, &path)?;
+            if marked && !has_schema(&connection).map_err(|error| damage_or(&path, error))? {
+                // An emptied file (truncated, or replaced by an empty one) is as missing as a
+                // deleted one.
+                if missing == MissingStore::Refuse {
+                    return Err(OpenError::Missing { path, marker });
+                }
+            }
+        }
         connection
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
@@ -81,8 +200,13 @@ impl Store {
                  PRAGMA foreign_keys = ON;
                  PRAGMA busy_timeout = 5000;",
             )
-            .map_err(storage_error)?;
-        schema::migrate(&mut connection).map_err(storage_error)?;
+            .map_err(|error| damage_or(&path, error))?;
+        schema::migrate(&mut connection).map_err(|error| damage_or(&path, error))?;
+        // Written once the schema is durable, so a start that fails before leaves no marker behind
+        // a store that never held anything. A store from a version without markers gains one.
+        if !marked {
+            write_marker(data_dir, &marker)?;
+        }
 
         let (writer, jobs) = mpsc::channel::<WriteJob>(WRITER_QUEUE);
         std::thread::Builder::new()
@@ -156,6 +280,90 @@ impl Store {
         .map_err(|error| storage_error(format!("a read task failed: {error}")))?
         .map_err(storage_error)
     }
+}
+
+fn file_exists(path: &Path) -> Result<bool, OpenError> {
+    path.try_exists().map_err(|error| {
+        OpenError::Failed(storage_error(format!(
+            "cannot look for {}: {error}",
+            path.display()
+        )))
+    })
+}
+
+/// SQLite reports a file that is not a database, or whose pages do not parse, with typed codes:
+/// those are damage, anything else (permissions, I/O) is a plain failure.
+fn damage_or(path: &Path, error: rusqlite::Error) -> OpenError {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            OpenError::Damaged {
+                path: path.to_path_buf(),
+                problems: 1,
+                first: error.to_string(),
+            }
+        }
+        _ => OpenError::Failed(storage_error(error)),
+    }
+}
+
+/// `PRAGMA quick_check`: every page of every table and index is read and its structure checked
+/// (not the agreement of indexes with their tables, which `integrity_check` adds at several times
+/// the cost). It reads the whole file once: about a second per few hundred megabytes.
+fn check_integrity(connection: &Connection, path: &Path) -> Result<(), OpenError> {
+    let started = std::time::Instant::now();
+    let reports = (|| {
+        let mut statement =
+            connection.prepare(&format!("PRAGMA quick_check({MAX_DAMAGE_REPORTS})"))?;
+        statement
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()
+    })()
+    .map_err(|error| damage_or(path, error))?;
+    if reports.len() == 1 && reports[0] == "ok" {
+        tracing::info!(
+            path = %path.display(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "store integrity checked"
+        );
+        return Ok(());
+    }
+    Err(OpenError::Damaged {
+        path: path.to_path_buf(),
+        problems: reports.len(),
+        first: reports.into_iter().next().unwrap_or_default(),
+    })
+}
+
+/// Whether the migrations ever ran on this database.
+fn has_schema(connection: &Connection) -> rusqlite::Result<bool> {
+    connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'schema_migrations')",
+        [],
+        |row| row.get(0),
+    )
+}
+
+/// Writes the marker durably: the file, then the directory entry.
+fn write_marker(data_dir: &Path, marker: &Path) -> Result<(), OpenError> {
+    use std::io::Write as _;
+    let written = (|| {
+        let mut file = std::fs::File::create(marker)?;
+        writeln!(
+            file,
+            "cx-gateway created a store ({DATABASE_FILE}) in this directory at {}.\n\
+             While this file exists the gateway refuses to start without {DATABASE_FILE}, instead \
+             of silently creating an empty one.",
+            chrono::Utc::now().to_rfc3339()
+        )?;
+        file.sync_all()?;
+        std::fs::File::open(data_dir)?.sync_all()
+    })();
+    written.map_err(|error| {
+        OpenError::Failed(storage_error(format!(
+            "cannot write the store marker {}: {error}",
+            marker.display()
+        )))
+    })
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
