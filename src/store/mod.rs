@@ -468,6 +468,159 @@ mod tests {
         assert_eq!(value, "7");
     }
 
+    /// Opens a store, writes to it and closes it, leaving everything in the main file (no WAL), as
+    /// a stopped gateway leaves it.
+    async fn stopped_store(dir: &Path) -> PathBuf {
+        let store = Store::open(dir).unwrap();
+        for i in 0..50 {
+            store
+                .write(move |tx| {
+                    tx.execute(
+                        "INSERT INTO sync_cursors (name, value) VALUES (?1, ?2)",
+                        (format!("cursor-{i}"), "x".repeat(200)),
+                    )
+                })
+                .await
+                .unwrap();
+        }
+        let path = store.path().to_path_buf();
+        drop(store);
+        let connection = Connection::open(&path).unwrap();
+        connection
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        path
+    }
+
+    /// Overwrites page `page` (1-based) of the database file with bytes no page can hold.
+    fn damage_page(path: &Path, page: u64) {
+        use std::io::{Seek as _, SeekFrom, Write as _};
+        let page_size: i64 = Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .unwrap();
+        let page_size = u64::try_from(page_size).unwrap();
+        let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.seek(SeekFrom::Start((page - 1) * page_size)).unwrap();
+        file.write_all(&vec![0xA5; usize::try_from(page_size).unwrap()])
+            .unwrap();
+        file.sync_all().unwrap();
+    }
+
+    fn root_page(path: &Path, name: &str) -> u64 {
+        let page: i64 = Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT rootpage FROM sqlite_schema WHERE name = ?1",
+                [name],
+                |row| row.get(0),
+            )
+            .unwrap();
+        u64::try_from(page).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_damaged_store_is_refused_with_the_command_to_recover_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = stopped_store(dir.path()).await;
+        // An index page: the outbox's rows are intact, and `.recover` rebuilds indexes.
+        damage_page(&path, root_page(&path, "outbox_by_state"));
+        let error = Store::open(dir.path()).unwrap_err();
+        let OpenError::Damaged { problems, .. } = &error else {
+            panic!("expected a damaged store, got {error}");
+        };
+        assert!(*problems >= 1);
+        let message = error.to_string();
+        assert!(message.contains("quick_check found"), "{message}");
+        assert!(
+            message.contains(&format!("sqlite3 {} .recover", path.display())),
+            "{message}"
+        );
+        // Refused again on the next start: nothing was repaired or recreated behind the scenes.
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(OpenError::Damaged { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_store_whose_header_is_destroyed_is_refused_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = stopped_store(dir.path()).await;
+        damage_page(&path, 1);
+        let error = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(error, OpenError::Damaged { .. }), "{error}");
+        assert!(error.to_string().contains(".recover"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_store_is_refused_where_one_was_created_unless_asked_to_create_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // A fresh directory just works, and the store leaves its marker.
+        let path = stopped_store(dir.path()).await;
+        assert!(dir.path().join(MARKER_FILE).exists());
+
+        std::fs::remove_file(&path).unwrap();
+        let error = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(error, OpenError::Missing { .. }), "{error}");
+        let message = error.to_string();
+        assert!(message.contains("--allow-new-store"), "{message}");
+        assert!(message.contains("CXGW_ALLOW_NEW_STORE=true"), "{message}");
+        assert!(!path.exists(), "a refused start must not create the file");
+
+        // An emptied file is as missing as a deleted one.
+        std::fs::File::create(&path).unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(OpenError::Missing { .. })
+        ));
+
+        // Asked explicitly: a new, empty store, usable at once.
+        let store = Store::open_with(dir.path(), MissingStore::CreateNew).unwrap();
+        let cursors: i64 = store
+            .read(|c| c.query_row("SELECT COUNT(*) FROM sync_cursors", [], |row| row.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(cursors, 0);
+        store
+            .write(|tx| {
+                tx.execute(
+                    "INSERT INTO sync_cursors (name, value) VALUES ('new', '1')",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        drop(store);
+        // From then on it is the store of this directory, opened without the flag.
+        let reopened = Store::open(dir.path()).unwrap();
+        let value: String = reopened
+            .read(|c| {
+                c.query_row(
+                    "SELECT value FROM sync_cursors WHERE name = 'new'",
+                    [],
+                    |row| row.get(0),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(value, "1");
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_markers_gains_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = stopped_store(dir.path()).await;
+        std::fs::remove_file(dir.path().join(MARKER_FILE)).unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        assert!(dir.path().join(MARKER_FILE).exists());
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(OpenError::Missing { .. })
+        ));
+    }
+
     #[tokio::test]
     async fn a_failing_job_does_not_undo_its_neighbours() {
         let dir = tempfile::tempdir().unwrap();
