@@ -7,4 +7,6 @@ pub mod idempotency;
 pub mod outbox;
 
 #[cfg(test)]
+mod store_fault_tests;
+#[cfg(test)]
 mod tests;
