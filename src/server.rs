@@ -49,6 +49,9 @@ impl Listeners {
     }
 }
 
+/// How often idempotency records past their window are deleted.
+const IDEMPOTENCY_PURGE_EVERY: Duration = Duration::from_secs(600);
+
 /// The fully qualified names of the gateway's own services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 5] = [
     <pb::customer_service_server::CustomerServiceServer<grpc::CustomerApi> as NamedService>::NAME,
@@ -79,6 +82,11 @@ pub async fn run(
         drain.clone(),
         app.readiness.clone(),
     ));
+    app.spawn_background(
+        app.idempotency
+            .clone()
+            .run_purge(IDEMPOTENCY_PURGE_EVERY, drain.clone()),
+    );
 
     let callers = config.auth.callers.clone();
     match &callers {

@@ -265,3 +265,41 @@ async fn the_claim_loop_backs_off_on_a_store_that_refuses_writes_and_logs_rate_l
     trigger.start();
     worker.await.unwrap();
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn idempotency_records_past_their_window_are_purged_each_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let idempotency =
+        super::idempotency::Idempotency::new(store.clone(), Duration::from_secs(3600));
+    let now = chrono::Utc::now().timestamp_millis();
+    store
+        .write(move |tx| {
+            tx.execute(
+                "INSERT INTO idempotency (scope, key, request_hash, response, create_ms)
+                 VALUES ('TrackEvent', 'old', x'00', x'00', ?1), ('TrackEvent', 'new', x'00', x'00', ?2)",
+                [now - 2 * 3_600_000, now],
+            )
+        })
+        .await
+        .unwrap();
+    let keys = || {
+        store.read(|c| {
+            let mut statement = c.prepare("SELECT key FROM idempotency ORDER BY key")?;
+            statement
+                .query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()
+        })
+    };
+    let (trigger, drain) = shutdown::channel();
+    let purge = tokio::spawn(idempotency.run_purge(Duration::from_secs(600), drain));
+    // Before the first round nothing is deleted.
+    assert_eq!(keys().await.unwrap(), ["new", "old"]);
+    // Just past the first round: the purge task woke first and queued its delete with the store's
+    // writer, which runs jobs in order, so an empty write queued now returns after it.
+    tokio::time::sleep(Duration::from_secs(600) + Duration::from_millis(1)).await;
+    store.write(|_| Ok(())).await.unwrap();
+    assert_eq!(keys().await.unwrap(), ["new"]);
+    trigger.start();
+    purge.await.unwrap();
+}
