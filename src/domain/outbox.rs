@@ -737,7 +737,6 @@ impl Outbox {
                     return true;
                 }
                 Err(error) => {
-                    readiness.mark_retrying();
                     let failure = streak.failed();
                     if let Some(suppressed) = failure.log {
                         tracing::error!(
@@ -748,6 +747,8 @@ impl Outbox {
                             "cannot recover in-flight deliveries, not ready until this succeeds"
                         );
                     }
+                    // After the line, so whoever sees the stage change finds the reason logged.
+                    readiness.mark_retrying();
                     tokio::select! {
                         () = tokio::time::sleep(failure.delay) => {}
                         () = drain.clone().signaled() => return false,

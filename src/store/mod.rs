@@ -128,7 +128,8 @@ impl std::fmt::Display for OpenError {
                     f,
                     "the store {} is damaged: quick_check found {count}, first: {first}; the \
                      gateway does not start on a damaged store. stop every gateway using it, \
-                     recover what is readable with `sqlite3 {} .recover | sqlite3 {}`, move \
+                     recover what is readable with `sqlite3 {} .recover | sqlite3 {}` (with a \
+                     sqlite3 that lacks .recover, such as Debian's: .dump in its place), move \
                      {DATABASE_FILE} and its -wal and -shm files aside, rename {} to \
                      {DATABASE_FILE} and start again (README: \"Store faults\")",
                     path.display(),
