@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
-# into .venv, buf from npm), then formatting and lints, the Rust unit and integration tests, the
+# into .venv, buf from npm, sqlite3 from Debian), then formatting and lints, the Rust unit and integration tests, the
 # grpcurl suite against the built binary, the Python client test, the contract lint, the Helm
 # chart checks and a quick benchmark smoke run. Prints one line per suite and a closing summary.
 set -uo pipefail
@@ -31,6 +31,15 @@ setup_python() {
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 }
 
+# The store fault suite runs the sqlite3 command its recovery message names.
+setup_debian() {
+  command -v sqlite3 >/dev/null 2>&1 && return 0
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+  "${sudo[@]}" apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq sqlite3 >/dev/null
+}
+
 rust_lints() {
   cargo fmt --all -- --check && cargo clippy --workspace --all-targets --locked -- -D warnings
 }
@@ -54,6 +63,11 @@ if ! setup_python; then
   exit 1
 fi
 export PATH="$root/.venv/bin:$PATH"
+if ! setup_debian; then
+  echo "::: setup: FAILED (debian packages)"
+  echo "suites: 0 passed, 1 failed"
+  exit 1
+fi
 
 suite "rust lints" rust_lints
 suite "rust tests" rust_tests
