@@ -2,7 +2,8 @@
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
 # into .venv, buf from npm, sqlite3 from Debian), then formatting and lints, the Rust unit and
 # integration tests, the grpcurl suite against the built binary, the Python client test, the
-# contract lint, the Helm chart checks and a quick benchmark smoke run. Prints one line per suite and a closing summary.
+# contract lint, the Helm chart checks and a quick benchmark smoke run. Prints one line per suite
+# and a closing summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
