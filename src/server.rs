@@ -49,6 +49,13 @@ impl Listeners {
     }
 }
 
+/// The health "service" liveness and startup probes ask for: SERVING for as long as the process
+/// answers, unlike the overall status (""), which readiness probes ask for and which is
+/// NOT_SERVING while start-up recovery keeps failing or draining runs. A gateway waiting for room
+/// on a full volume is alive and must not be restarted in a loop; it is only not ready. (The
+/// Kubernetes documentation suggests this very name for telling the probes apart.)
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// How often idempotency records past their window are deleted.
 const IDEMPOTENCY_PURGE_EVERY: Duration = Duration::from_secs(600);
 
@@ -145,6 +152,9 @@ pub async fn run(
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health.set_service_status(name, serving).await;
     }
+    health
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
     // Promotes health to SERVING once a retried recovery succeeds; stopped before the drain sets
     // NOT_SERVING, so it can never overwrite that.
     let promote_health = (serving != tonic_health::ServingStatus::Serving).then(|| {

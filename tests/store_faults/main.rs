@@ -520,6 +520,15 @@ async fn a_full_volume_refuses_writes_cleanly_backs_off_and_keeps_the_gateway_un
         .into_inner();
     let first_status: HealthCheckResponse = watch.message().await.unwrap().unwrap();
     assert_eq!(first_status.status, ServingStatus::NotServing as i32);
+    // Alive though not ready: liveness probes ask for "liveness", so the pod is not restarted.
+    let liveness = health
+        .check(HealthCheckRequest {
+            service: cx_gateway::server::LIVENESS_SERVICE.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(liveness.status, ServingStatus::Serving as i32);
     assert_eq!(
         readyz(&gateway).await,
         reqwest::StatusCode::SERVICE_UNAVAILABLE
