@@ -334,21 +334,39 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Waits for SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Waits for SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called, not when
+/// the future is first polled: the server logs "gateway serving" before it polls it, and a SIGTERM
+/// in between would otherwise end the process with no drain. Call it inside the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let interrupt = async {
+            match interrupt {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGINT");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM, only SIGINT will stop the gateway");
-                std::future::pending::<()>().await;
+        };
+        let terminate = async {
+            match terminate {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM, only SIGINT will stop the gateway");
+                    std::future::pending::<()>().await;
+                }
             }
+        };
+        tokio::select! {
+            () = interrupt => tracing::info!("received SIGINT"),
+            () = terminate => tracing::info!("received SIGTERM"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
-        () = terminate => tracing::info!("received SIGTERM"),
     }
 }
