@@ -9,6 +9,11 @@
 //!
 //! `synchronous = FULL`: a job's result is returned only after its commit reached the disk, which
 //! is what "acknowledged" means for an asynchronous write.
+//!
+//! The store checks itself at open: `PRAGMA quick_check` refuses a damaged file (with the
+//! recovery command in the error), and a marker file beside the database refuses a database that
+//! went missing where one was created, unless the operator asks for a new one
+//! ([`MissingStore::CreateNew`]). A fresh directory gets a new store and its marker.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
