@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
-# into .venv, buf and the Node client's packages from npm, Go and prometheus from Debian), then
-# formatting and lints, the Rust unit and integration tests, the grpcurl suite against the built
-# binary, the Python, Node and Go client tests, the client guide's snippet check, the contract lint
-# and breaking-change guard, the Helm chart checks, the monitoring checks (promtool, a real
-# Prometheus) and a quick benchmark smoke run. Prints one line per suite and a closing summary.
+# into .venv, buf and the Node client's packages from npm, Go, prometheus and sqlite3 from Debian),
+# then formatting and lints, the Rust unit and integration tests, the grpcurl suite against the
+# built binary, the Python, Node and Go client tests, the client guide's snippet check, the
+# contract lint and breaking-change guard, the Helm chart checks, the monitoring checks (promtool,
+# a real Prometheus) and a quick benchmark smoke run. Prints one line per suite and a closing
+# summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -31,6 +32,15 @@ setup_python() {
     python3 -m venv .venv || return 1
   fi
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+}
+
+# The store fault suite runs the sqlite3 command its recovery message names.
+setup_debian() {
+  command -v sqlite3 >/dev/null 2>&1 && return 0
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+  "${sudo[@]}" apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq sqlite3 >/dev/null
 }
 
 rust_lints() {
@@ -69,6 +79,11 @@ if ! setup_python; then
   exit 1
 fi
 export PATH="$root/.venv/bin:$PATH"
+if ! setup_debian; then
+  echo "::: setup: FAILED (debian packages)"
+  echo "suites: 0 passed, 1 failed"
+  exit 1
+fi
 
 suite "rust lints" rust_lints
 suite "rust tests" rust_tests

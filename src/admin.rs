@@ -13,19 +13,21 @@ use axum::{Json, Router};
 
 use crate::feedback::Feedback;
 use crate::feedback::webhook::{ReceiveError, Rejection, SIGNATURE_HEADER, WebhookReceiver};
+use crate::readiness::Readiness;
 use crate::shutdown::Drain;
 
 #[derive(Clone)]
 struct AdminState {
     drain: Drain,
+    readiness: Readiness,
 }
 
-pub fn router(drain: Drain) -> Router {
+pub fn router(drain: Drain, readiness: Readiness) -> Router {
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus_metrics))
-        .with_state(AdminState { drain })
+        .with_state(AdminState { drain, readiness })
 }
 
 /// The process is up and its runtime answers.
@@ -33,10 +35,13 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// Ready until draining starts, so load balancers stop sending new calls first.
+/// Ready once start-up work is done (outbox recovery) and until draining starts, so load
+/// balancers send calls only to a replica that delivers, and stop sending them first at shutdown.
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     if state.drain.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if !state.readiness.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
     } else {
         (StatusCode::OK, "ready\n")
     }

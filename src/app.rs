@@ -11,8 +11,9 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::domain::idempotency::Idempotency;
 use crate::domain::outbox::{Outbox, OutboxSettings};
+use crate::readiness::Readiness;
 use crate::shutdown::Drain;
-use crate::store::Store;
+use crate::store::{MissingStore, Store};
 use crate::upstream::scheduler::fair::{CallerShares, EqualShares};
 use crate::upstream::{RetainlyApi, RetentlyApi};
 
@@ -26,6 +27,8 @@ pub struct App {
     /// The Retainly workspace behind its scheduler.
     pub retainly: RetainlyApi,
     pub drain: Drain,
+    /// Whether start-up work is done (outbox recovery); `/readyz` and health report it.
+    pub readiness: Readiness,
     /// Workers that run until draining starts; each must watch `drain` and return promptly.
     background: Mutex<JoinSet<()>>,
     /// Holds the temporary data directory of sandbox mode; removed when the app is dropped.
@@ -48,7 +51,12 @@ impl App {
                 (Some(dir), path)
             }
         };
-        let store = Store::open(&data_dir)
+        let missing = if config.allow_new_store {
+            MissingStore::CreateNew
+        } else {
+            MissingStore::Refuse
+        };
+        let store = Store::open_with(&data_dir, missing)
             .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
         tracing::info!(data_dir = %data_dir.display(), temporary = temporary.is_some(), "store open");
         let outbox = Outbox::new(
@@ -75,6 +83,7 @@ impl App {
             outbox,
             idempotency,
             drain,
+            readiness: Readiness::new(),
             background: Mutex::new(JoinSet::new()),
             _temporary_data_dir: temporary,
         })

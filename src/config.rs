@@ -300,6 +300,9 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Directory of the embedded store; `None` in sandbox mode means a temporary directory.
     pub data_dir: Option<PathBuf>,
+    /// `CXGW_ALLOW_NEW_STORE` (or `serve --allow-new-store`): create a new, empty store where the
+    /// marker shows one existed but its database file is missing, instead of refusing to start.
+    pub allow_new_store: bool,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
     pub reflection: bool,
@@ -490,6 +493,7 @@ impl Config {
             grpc_addr: s.parse("CXGW_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             admin_addr: s.parse("CXGW_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             data_dir,
+            allow_new_store: s.boolean("CXGW_ALLOW_NEW_STORE", false)?,
             log: LogConfig {
                 format: log_format,
                 filter: s.string("CXGW_LOG", "info"),

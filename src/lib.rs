@@ -11,6 +11,8 @@
 //! - [`tls`]: TLS and mutual TLS on the gRPC port, with certificates that rotate in place.
 //! - [`reload`]: reloading the callers and TLS files on SIGHUP and on change.
 //! - [`app`]: what the services share: settings, store, drain, background workers.
+//! - [`backoff`]: how background loops back off from a failing store and rate-limit their logs.
+//! - [`readiness`]: whether start-up work (outbox recovery) is done, for `/readyz` and health.
 //! - [`bench`]: `cx-gateway bench`, the benchmark against same-run baselines.
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
 //! - [`domain`]: plain-Rust domain logic: the outbox of asynchronous writes, idempotency.
@@ -30,12 +32,14 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod backoff;
 pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod feedback;
 pub mod grpc;
+pub mod readiness;
 pub mod reload;
 pub mod sandbox_mode;
 pub mod server;

@@ -38,6 +38,11 @@ enum Command {
         /// account, no network, a temporary data directory unless CXGW_DATA_DIR is set.
         #[arg(long)]
         sandbox: bool,
+        /// Create a new, empty store when the data directory's marker shows a store existed but
+        /// its database file is missing (by default the gateway refuses to start, so a lost
+        /// file is noticed); same as CXGW_ALLOW_NEW_STORE=true.
+        #[arg(long)]
+        allow_new_store: bool,
     },
     /// Serve only the upstream emulator (Retently under /api/v2, Retainly at the root, admin
     /// under /_sandbox) on CXGW_SANDBOX_ADDR.
@@ -69,14 +74,22 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { sandbox: false } => {
-            let config = Config::load(&EnvSource, UpstreamMode::Real)?;
+        Command::Serve {
+            sandbox: false,
+            allow_new_store,
+        } => {
+            let mut config = Config::load(&EnvSource, UpstreamMode::Real)?;
+            config.allow_new_store |= allow_new_store;
             telemetry::init(&config)?;
             let listeners = Listeners::bind(&config).await?;
             server::run(listeners, config, server::shutdown_signal()).await
         }
-        Command::Serve { sandbox: true } => {
+        Command::Serve {
+            sandbox: true,
+            allow_new_store,
+        } => {
             let mut config = Config::load(&EnvSource, UpstreamMode::Sandbox)?;
+            config.allow_new_store |= allow_new_store;
             telemetry::init(&config)?;
             let emulator = sandbox_mode::start_embedded(&config.sandbox)
                 .await

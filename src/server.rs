@@ -23,6 +23,7 @@ use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
 use crate::grpc::writes::WriteExecutor;
 use crate::pb;
+use crate::readiness::Stage;
 use crate::reload::{self, Reloadable};
 use crate::shutdown;
 use crate::telemetry;
@@ -47,6 +48,16 @@ impl Listeners {
         Ok(Listeners { grpc, admin })
     }
 }
+
+/// The health "service" liveness and startup probes ask for: SERVING for as long as the process
+/// answers, unlike the overall status (""), which readiness probes ask for and which is
+/// NOT_SERVING while start-up recovery keeps failing or draining runs. A gateway waiting for room
+/// on a full volume is alive and must not be restarted in a loop; it is only not ready. (The
+/// Kubernetes documentation suggests this very name for telling the probes apart.)
+pub const LIVENESS_SERVICE: &str = "liveness";
+
+/// How often idempotency records past their window are deleted.
+const IDEMPOTENCY_PURGE_EVERY: Duration = Duration::from_secs(600);
 
 /// The fully qualified names of the gateway's own services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 5] = [
@@ -76,7 +87,13 @@ pub async fn run(
             app: Arc::clone(&app),
         }),
         drain.clone(),
+        app.readiness.clone(),
     ));
+    app.spawn_background(
+        app.idempotency
+            .clone()
+            .run_purge(IDEMPOTENCY_PURGE_EVERY, drain.clone()),
+    );
 
     let callers = config.auth.callers.clone();
     match &callers {
@@ -124,15 +141,34 @@ pub async fn run(
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in SERVICE_NAMES {
-        health
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    // Health answers SERVING only once the outbox recovered what was in flight at the last stop.
+    // The first attempt is awaited, so a healthy store is SERVING from the first answer on; one
+    // whose recovery keeps failing stays NOT_SERVING (and `/readyz` 503) until a retry succeeds.
+    let serving = match app.readiness.first_attempt().await {
+        Stage::Ready => tonic_health::ServingStatus::Serving,
+        Stage::Starting | Stage::Retrying => tonic_health::ServingStatus::NotServing,
+    };
     // The overall status ("") is what Kubernetes probes ask for by default.
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        health.set_service_status(name, serving).await;
+    }
     health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
         .await;
+    // Promotes health to SERVING once a retried recovery succeeds; stopped before the drain sets
+    // NOT_SERVING, so it can never overwrite that.
+    let promote_health = (serving != tonic_health::ServingStatus::Serving).then(|| {
+        let health = health.clone();
+        let readiness = app.readiness.clone();
+        tokio::spawn(async move {
+            readiness.ready().await;
+            for name in SERVICE_NAMES.into_iter().chain([""]) {
+                health
+                    .set_service_status(name, tonic_health::ServingStatus::Serving)
+                    .await;
+            }
+        })
+    });
 
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
@@ -228,8 +264,8 @@ pub async fn run(
             drain.clone().signaled(),
         )),
     };
-    let admin_router =
-        crate::admin::router(drain.clone()).merge(crate::admin::feedback_routes(&feedback));
+    let admin_router = crate::admin::router(drain.clone(), app.readiness.clone())
+        .merge(crate::admin::feedback_routes(&feedback));
     let admin_server = axum::serve(listeners.admin, admin_router)
         .with_graceful_shutdown(drain.clone().signaled())
         .into_future();
@@ -255,6 +291,10 @@ pub async fn run(
     }
 
     tracing::info!(grace = %humantime::format_duration(shutdown_grace), "draining");
+    if let Some(promote) = promote_health {
+        promote.abort();
+        let _ = promote.await;
+    }
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health
             .set_service_status(name, tonic_health::ServingStatus::NotServing)
@@ -294,21 +334,39 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Waits for SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Waits for SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called, not when
+/// the future is first polled: the server logs "gateway serving" before it polls it, and a SIGTERM
+/// in between would otherwise end the process with no drain. Call it inside the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let interrupt = async {
+            match interrupt {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGINT");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM, only SIGINT will stop the gateway");
-                std::future::pending::<()>().await;
+        };
+        let terminate = async {
+            match terminate {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM, only SIGINT will stop the gateway");
+                    std::future::pending::<()>().await;
+                }
             }
+        };
+        tokio::select! {
+            () = interrupt => tracing::info!("received SIGINT"),
+            () = terminate => tracing::info!("received SIGTERM"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
-        () = terminate => tracing::info!("received SIGTERM"),
     }
 }

@@ -18,8 +18,10 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension as _, params};
 use tokio::sync::Notify;
 
+use crate::backoff::FailureStreak;
 use crate::domain::Owner;
 use crate::error::{Error, ErrorCode};
+use crate::shutdown::Drain;
 use crate::store::Store;
 
 pub const MIGRATION: (&str, &str) = (
@@ -266,5 +268,40 @@ impl Idempotency {
         self.store
             .write(move |tx| tx.execute("DELETE FROM idempotency WHERE create_ms < ?1", [oldest]))
             .await
+    }
+
+    /// Forgets records older than the window every `every` until draining starts, so the table
+    /// holds one window of calls rather than every call ever made. A failed round (a full store
+    /// cannot even log a delete) waits for the next one; its warning is rate-limited.
+    pub async fn run_purge(self, every: Duration, drain: Drain) {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = FailureStreak::for_store();
+        loop {
+            tokio::select! {
+                biased;
+                () = drain.clone().signaled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.prune().await {
+                Ok(purged) => {
+                    failures.succeeded();
+                    if purged > 0 {
+                        tracing::debug!(purged, "forgot expired idempotency records");
+                    }
+                }
+                Err(error) => {
+                    let failure = failures.failed();
+                    if let Some(suppressed) = failure.log {
+                        tracing::warn!(
+                            %error,
+                            failures = failure.failures,
+                            suppressed,
+                            "cannot purge expired idempotency records, retrying at the next round"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

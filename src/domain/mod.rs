@@ -51,4 +51,6 @@ impl Visibility {
 }
 
 #[cfg(test)]
+mod store_fault_tests;
+#[cfg(test)]
 mod tests;

@@ -28,8 +28,10 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::backoff::{Backoff, FailureStreak, LogLimit};
 use crate::domain::{Owner, Visibility};
 use crate::error::Error;
+use crate::readiness::Readiness;
 use crate::shutdown::Drain;
 use crate::store::Store;
 
@@ -155,7 +157,7 @@ pub struct DeliveryRecord {
 }
 
 /// The outcome of one attempt.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Attempt {
     /// Done; `result` is the encoded response of the RPC.
     Delivered { result: Vec<u8> },
@@ -753,22 +755,68 @@ impl Outbox {
             .await
     }
 
-    /// Delivers until `drain` fires: claims due deliveries, runs up to `concurrency` of them at
-    /// once, records each outcome, and sleeps until the next is due or something is queued.
-    pub async fn run_worker(self, executor: Arc<dyn Executor>, drain: Drain) {
-        match self.recover().await {
-            Ok((0, 0)) => {}
-            Ok((requeued, in_doubt)) => {
-                tracing::warn!(
-                    requeued,
-                    in_doubt,
-                    "recovered deliveries that were in flight at the last stop"
-                );
+    /// Recovers the deliveries in flight at the last stop (see [`Outbox::recover`]), retrying
+    /// with backoff until it succeeds, and marks `readiness` ready then. `false` when draining
+    /// started first.
+    ///
+    /// No delivery may be claimed before this succeeds: recovery takes every in-flight delivery
+    /// for one of the last run, so it would also take those this run had just claimed.
+    async fn recover_until_done(&self, drain: &Drain, readiness: &Readiness) -> bool {
+        let mut streak = FailureStreak::for_store();
+        loop {
+            match self.recover().await {
+                Ok((requeued, in_doubt)) => {
+                    if requeued > 0 || in_doubt > 0 {
+                        tracing::warn!(
+                            requeued,
+                            in_doubt,
+                            "recovered deliveries that were in flight at the last stop"
+                        );
+                    }
+                    let failures = streak.succeeded();
+                    if failures > 0 {
+                        tracing::info!(failures, "in-flight deliveries recovered, now ready");
+                    }
+                    readiness.mark_ready();
+                    return true;
+                }
+                Err(error) => {
+                    let failure = streak.failed();
+                    if let Some(suppressed) = failure.log {
+                        tracing::error!(
+                            %error,
+                            failures = failure.failures,
+                            suppressed,
+                            retry_in_ms = failure.delay.as_millis(),
+                            "cannot recover in-flight deliveries, not ready until this succeeds"
+                        );
+                    }
+                    // After the line, so whoever sees the stage change finds the reason logged.
+                    readiness.mark_retrying();
+                    tokio::select! {
+                        () = tokio::time::sleep(failure.delay) => {}
+                        () = drain.clone().signaled() => return false,
+                    }
+                }
             }
-            Err(error) => tracing::error!(%error, "cannot recover in-flight deliveries"),
+        }
+    }
+
+    /// Delivers until `drain` fires: first recovers what was in flight at the last stop (and marks
+    /// `readiness` once that succeeded), then claims due deliveries, runs up to `concurrency` of
+    /// them at once, records each outcome, and sleeps until the next is due or something is queued.
+    /// Store failures are retried with backoff (see [`crate::backoff`]), never in a tight loop.
+    pub async fn run_worker(self, executor: Arc<dyn Executor>, drain: Drain, readiness: Readiness) {
+        if !self.recover_until_done(&drain, &readiness).await {
+            return;
         }
         let permits = Arc::new(Semaphore::new(self.settings.concurrency));
         let mut last_prune = tokio::time::Instant::now();
+        let mut claims = FailureStreak::for_store();
+        let mut reads = FailureStreak::for_store();
+        // Shared by every delivery task: on a full store they all fail to record their outcome
+        // at once, and one line says so for all of them.
+        let outcome_log = Arc::new(LogLimit::new(crate::backoff::LOG_EVERY));
         loop {
             if drain.is_draining() {
                 return;
@@ -778,10 +826,31 @@ impl Outbox {
                 Vec::new()
             } else {
                 match self.claim(free).await {
-                    Ok(claimed) => claimed,
+                    Ok(claimed) => {
+                        let failures = claims.succeeded();
+                        if failures > 0 {
+                            tracing::info!(failures, "claiming deliveries works again");
+                        }
+                        claimed
+                    }
                     Err(error) => {
-                        tracing::error!(%error, "cannot claim deliveries");
-                        Vec::new()
+                        let failure = claims.failed();
+                        if let Some(suppressed) = failure.log {
+                            tracing::error!(
+                                %error,
+                                failures = failure.failures,
+                                suppressed,
+                                retry_in_ms = failure.delay.as_millis(),
+                                "cannot claim deliveries"
+                            );
+                        }
+                        // A delivery queued meanwhile proves the store takes writes again.
+                        tokio::select! {
+                            () = self.wake.notified() => {}
+                            () = tokio::time::sleep(failure.delay) => {}
+                            () = drain.clone().signaled() => return,
+                        }
+                        continue;
                     }
                 }
             };
@@ -799,6 +868,8 @@ impl Outbox {
                 };
                 let outbox = self.clone();
                 let executor = Arc::clone(&executor);
+                let outcome_log = Arc::clone(&outcome_log);
+                let drain = drain.clone();
                 // Each attempt is a trace of its own: the call that queued it has long returned.
                 // It links to the span that queued it, so the two traces are one click apart.
                 let span = tracing::info_span!(
@@ -833,9 +904,7 @@ impl Outbox {
                     if let Attempt::Retry { error, .. } | Attempt::Failed { error } = &attempt {
                         tracing::info!(%delivery_id, %method, attempts, reason = %error.reason, "delivery attempt failed");
                     }
-                    if let Err(error) = outbox.complete(delivery_id, attempts, attempt).await {
-                        tracing::error!(%error, "cannot record a delivery outcome");
-                    }
+                    outbox.record_outcome(delivery_id, attempts, attempt, &outcome_log, &drain).await;
                     outbox.outcomes.send_modify(|count| *count += 1);
                     drop(permit);
                     // A finished delivery may unblock the next one for the same customer.
@@ -852,19 +921,64 @@ impl Outbox {
                 continue;
             }
             let wait = match self.next_due_ms().await {
-                Ok(Some(due)) => {
-                    Duration::from_millis(u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0))
-                        .min(Duration::from_secs(1))
+                Ok(due) => {
+                    reads.succeeded();
+                    match due {
+                        Some(due) => Duration::from_millis(
+                            u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0),
+                        )
+                        .min(Duration::from_secs(1)),
+                        None => Duration::from_secs(1),
+                    }
                 }
-                Ok(None) => Duration::from_secs(1),
                 Err(error) => {
-                    tracing::error!(%error, "cannot read the outbox");
-                    Duration::from_secs(1)
+                    let failure = reads.failed();
+                    if let Some(suppressed) = failure.log {
+                        tracing::error!(%error, failures = failure.failures, suppressed, "cannot read the outbox");
+                    }
+                    failure.delay.max(Duration::from_secs(1))
                 }
             };
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
+                () = drain.clone().signaled() => return,
+            }
+        }
+    }
+
+    /// Records an attempt's outcome, retrying with backoff while the store refuses: the attempt
+    /// happened, and a delivery left in flight would be taken for in doubt at the next start.
+    /// Gives up only when draining starts (the next start then recovers the delivery).
+    async fn record_outcome(
+        &self,
+        delivery_id: String,
+        attempts: u32,
+        attempt: Attempt,
+        log: &LogLimit,
+        drain: &Drain,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            let error = match self
+                .complete(delivery_id.clone(), attempts, attempt.clone())
+                .await
+            {
+                Ok(()) => return,
+                Err(error) => error,
+            };
+            let delay = backoff.next_delay();
+            if let Some(suppressed) = log.admit() {
+                tracing::error!(
+                    %error,
+                    %delivery_id,
+                    failures = backoff.failures(),
+                    suppressed,
+                    "cannot record a delivery outcome, retrying"
+                );
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
                 () = drain.clone().signaled() => return,
             }
         }

@@ -118,7 +118,11 @@ async fn queued_writes_are_delivered_in_order_per_customer() {
         .await
         .unwrap();
     let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
 
     wait_for_state(&outbox, &second, DeliveryState::Delivered).await;
     wait_for_state(&outbox, &other, DeliveryState::Delivered).await;
@@ -158,7 +162,11 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
         .await
         .unwrap();
     let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
     wait_for_state(&outbox, &id, DeliveryState::DeadLettered).await;
 
     let page = outbox
@@ -219,8 +227,18 @@ async fn the_oldest_unfinished_delivery_is_reported_until_none_waits() {
         .enqueue(delivery("TrackEvent", "finn-1", &["finn"], false))
         .await
         .unwrap();
-    let first_ms = outbox.get(&first).await.unwrap().unwrap().create_ms;
-    let second_ms = outbox.get(&second).await.unwrap().unwrap().create_ms;
+    let first_ms = outbox
+        .get(&first, &Visibility::All)
+        .await
+        .unwrap()
+        .unwrap()
+        .create_ms;
+    let second_ms = outbox
+        .get(&second, &Visibility::All)
+        .await
+        .unwrap()
+        .unwrap()
+        .create_ms;
     assert!(first_ms <= second_ms);
     assert_eq!(outbox.oldest_pending_ms().await.unwrap(), Some(first_ms));
 
@@ -231,7 +249,11 @@ async fn the_oldest_unfinished_delivery_is_reported_until_none_waits() {
         fail_first: Mutex::new(HashMap::from([("erin-1".to_owned(), 1)])),
     });
     let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(executor, drain));
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
     wait_for_state(&outbox, &first, DeliveryState::DeadLettered).await;
     wait_for_state(&outbox, &second, DeliveryState::Delivered).await;
     assert_eq!(outbox.oldest_pending_ms().await.unwrap(), None);

@@ -18,6 +18,7 @@ use super::clock::Clock;
 use super::hub::Hub;
 use super::log::{self, AppendCounts, Observed, Origin};
 use super::stats::FeedbackStats;
+use crate::backoff::{LOG_EVERY, LogLimit};
 use crate::error::{Error, ErrorCode};
 use crate::shutdown::Drain;
 use crate::store::Store;
@@ -102,6 +103,9 @@ async fn run(
     stats: Arc<FeedbackStats>,
     drain: Drain,
 ) {
+    // Appends fail together on a full store (every webhook call and poll at once): one line per
+    // interval says so, with the count of the others.
+    let failure_log = LogLimit::new(LOG_EVERY);
     loop {
         let first = tokio::select! {
             biased;
@@ -125,7 +129,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        process(&store, &hub, &clock, &stats, group).await;
+        process(&store, &hub, &clock, &stats, &failure_log, group).await;
     }
 }
 
@@ -134,6 +138,7 @@ async fn process(
     hub: &Hub,
     clock: &Clock,
     stats: &FeedbackStats,
+    failure_log: &LogLimit,
     mut group: Vec<Request>,
 ) {
     let batches: Vec<(Origin, Vec<Observed>)> = group
@@ -177,7 +182,14 @@ async fn process(
             }
         }
         Err(error) => {
-            tracing::error!(%error, requests = group.len(), "cannot append to the feedback log");
+            if let Some(suppressed) = failure_log.admit() {
+                tracing::error!(
+                    %error,
+                    requests = group.len(),
+                    suppressed,
+                    "cannot append to the feedback log"
+                );
+            }
             for request in group {
                 let _ = request.reply.send(Err(error.clone()));
             }

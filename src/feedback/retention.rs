@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use super::clock::Clock;
 use super::log::FeedbackLog;
 use super::stats::FeedbackStats;
+use crate::backoff::FailureStreak;
 use crate::error::Error;
 use crate::shutdown::Drain;
 
@@ -88,6 +89,9 @@ pub async fn run(
         settings.interval,
     );
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Rounds come one interval apart whatever happens, so failures need no backoff here, only a
+    // rate-limited warning.
+    let mut failures = FailureStreak::for_store();
     loop {
         tokio::select! {
             biased;
@@ -96,6 +100,7 @@ pub async fn run(
         }
         let deleted = match enforce(&log, &settings, clock.now_ms()).await {
             Ok(deleted) => {
+                failures.succeeded();
                 if deleted > 0 {
                     FeedbackStats::add(&stats.pruned, deleted);
                     tracing::info!(deleted, "feedback log retention deleted old entries");
@@ -103,7 +108,15 @@ pub async fn run(
                 deleted
             }
             Err(error) => {
-                tracing::warn!(%error, "feedback log retention failed, retrying later");
+                let failure = failures.failed();
+                if let Some(suppressed) = failure.log {
+                    tracing::warn!(
+                        %error,
+                        failures = failure.failures,
+                        suppressed,
+                        "feedback log retention failed, retrying at the next round"
+                    );
+                }
                 0
             }
         };

@@ -38,6 +38,7 @@ use super::hub::Hub;
 use super::ingest::{Checkpoint, Ingest};
 use super::log::{Observed, Origin};
 use super::stats::FeedbackStats;
+use crate::backoff::FailureStreak;
 use crate::error::Error;
 use crate::shutdown::Drain;
 use crate::store::Store;
@@ -247,6 +248,9 @@ pub struct PollTally {
     pub interrupted: bool,
 }
 
+/// The longest wait between polls while they keep failing.
+const MAX_FAILED_POLL_DELAY: Duration = Duration::from_secs(120);
+
 fn ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
@@ -260,6 +264,12 @@ impl Poller {
             () = tokio::time::sleep(self.settings.poll_interval) => {}
             () = self.drain.clone().signaled() => return,
         }
+        // A poll that fails again and again (upstream down, store full) waits longer each time, up
+        // to this, and its warning is rate-limited.
+        let mut failures = FailureStreak::new(
+            self.settings.poll_interval,
+            self.settings.poll_interval.max(MAX_FAILED_POLL_DELAY),
+        );
         let mut state = loop {
             match SyncState::load(&self.store).await {
                 Ok(Some(state)) => break state,
@@ -276,13 +286,22 @@ impl Poller {
                     };
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "cannot read the feedback sync state, retrying");
-                    if self.pause().await {
+                    let failure = failures.failed();
+                    if let Some(suppressed) = failure.log {
+                        tracing::warn!(
+                            %error,
+                            failures = failure.failures,
+                            suppressed,
+                            "cannot read the feedback sync state, retrying"
+                        );
+                    }
+                    if self.pause_for(failure.delay).await {
                         return;
                     }
                 }
             }
         };
+        failures.succeeded();
         self.hub.set_sync_time(state.synced_to_ms);
         tracing::info!(
             checkpoint_ms = state.checkpoint_ms,
@@ -307,11 +326,16 @@ impl Poller {
                 incremental: true,
                 rescan: covers_rescan,
             };
+            let mut retry_in = None;
             match self
                 .traced_poll(&mut state, start_ms, started_ms, read)
                 .await
             {
                 Ok(()) => {
+                    let failed = failures.succeeded();
+                    if failed > 0 {
+                        tracing::info!(failures = failed, "feedback polls work again");
+                    }
                     FeedbackStats::add(&self.stats.polls, 1);
                     if covers_rescan {
                         FeedbackStats::add(&self.stats.rescans, 1);
@@ -320,7 +344,17 @@ impl Poller {
                 }
                 Err(error) => {
                     FeedbackStats::add(&self.stats.poll_failures, 1);
-                    tracing::warn!(%error, "feedback poll failed, retrying at the next interval");
+                    let failure = failures.failed();
+                    if let Some(suppressed) = failure.log {
+                        tracing::warn!(
+                            %error,
+                            failures = failure.failures,
+                            suppressed,
+                            retry_in_ms = failure.delay.as_millis(),
+                            "feedback poll failed, retrying later"
+                        );
+                    }
+                    retry_in = Some(failure.delay);
                 }
             }
             if let Some(every) = self.settings.rescan_interval {
@@ -344,16 +378,19 @@ impl Poller {
                     }
                 }
             }
-            if self.pause().await {
+            let wait = retry_in.map_or(self.settings.poll_interval, |delay| {
+                delay.max(self.settings.poll_interval)
+            });
+            if self.pause_for(wait).await {
                 return;
             }
         }
     }
 
-    /// Waits one poll interval; `true` when draining started meanwhile.
-    async fn pause(&self) -> bool {
+    /// Waits `wait`; `true` when draining started meanwhile.
+    async fn pause_for(&self, wait: Duration) -> bool {
         tokio::select! {
-            () = tokio::time::sleep(self.settings.poll_interval) => self.drain.is_draining(),
+            () = tokio::time::sleep(wait) => self.drain.is_draining(),
             () = self.drain.clone().signaled() => true,
         }
     }

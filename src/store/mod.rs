@@ -9,6 +9,11 @@
 //!
 //! `synchronous = FULL`: a job's result is returned only after its commit reached the disk, which
 //! is what "acknowledged" means for an asynchronous write.
+//!
+//! The store checks itself at open: `PRAGMA quick_check` refuses a damaged file (with the
+//! recovery command in the error), and a marker file beside the database refuses a database that
+//! went missing where one was created, unless the operator asks for a new one
+//! ([`MissingStore::CreateNew`]). A fresh directory gets a new store and its marker.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -63,17 +68,137 @@ fn storage_error(error: impl std::fmt::Display) -> Error {
     )
 }
 
+/// The database file inside the data directory.
+pub const DATABASE_FILE: &str = "gateway.db";
+
+/// Left beside the database when the store is created, so a database file that later goes missing
+/// (a volume mounted empty, a file deleted by hand) is noticed instead of silently replaced by an
+/// empty store, which would lose the outbox, the dead letters and the idempotency memory.
+pub const MARKER_FILE: &str = "gateway.db.marker";
+
+/// Damage reports of `PRAGMA quick_check` read at most; the first ones name the problem.
+const MAX_DAMAGE_REPORTS: usize = 100;
+
+/// How [`Store::open_with`] treats a data directory whose marker says a store existed there but
+/// whose database file is missing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MissingStore {
+    /// Refuse to start (the default): the operator restores the file or decides otherwise.
+    #[default]
+    Refuse,
+    /// Create a new, empty store (the operator accepts that what the old one held is gone).
+    CreateNew,
+}
+
+/// Why the store did not open. The first two are refusals an operator must act on; their messages
+/// say what to do.
+#[derive(Debug)]
+pub enum OpenError {
+    Damaged {
+        path: PathBuf,
+        /// Problems reported (at most [`MAX_DAMAGE_REPORTS`] are read).
+        problems: usize,
+        first: String,
+    },
+    Missing {
+        path: PathBuf,
+        marker: PathBuf,
+    },
+    Failed(Error),
+}
+
+impl From<Error> for OpenError {
+    fn from(error: Error) -> Self {
+        OpenError::Failed(error)
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Damaged {
+                path,
+                problems,
+                first,
+            } => {
+                let recovered = path.with_file_name("gateway.recovered.db");
+                let count = if *problems >= MAX_DAMAGE_REPORTS {
+                    format!("{problems} or more problems")
+                } else {
+                    format!("{problems} problem(s)")
+                };
+                write!(
+                    f,
+                    "the store {} is damaged: quick_check found {count}, first: {first}; the \
+                     gateway does not start on a damaged store. stop every gateway using it, \
+                     recover what is readable with `sqlite3 {} .recover | sqlite3 {}` (with a \
+                     sqlite3 that lacks .recover, such as Debian's: .dump in its place), move \
+                     {DATABASE_FILE} and its -wal and -shm files aside, rename {} to \
+                     {DATABASE_FILE} and start again (README: \"Store faults\")",
+                    path.display(),
+                    path.display(),
+                    recovered.display(),
+                    recovered.display(),
+                )
+            }
+            OpenError::Missing { path, marker } => write!(
+                f,
+                "the store {} is missing, but {} shows a store was created in this directory: \
+                 starting empty would lose its outbox, dead letters and idempotency records. \
+                 restore {DATABASE_FILE} from a backup, or start once with `serve \
+                 --allow-new-store` (or CXGW_ALLOW_NEW_STORE=true) to create a new, empty store",
+                path.display(),
+                marker.display()
+            ),
+            OpenError::Failed(error) => write!(f, "{error}"),
+        }
+    }
+}
+
 impl Store {
-    /// Opens (creating if needed) `gateway.db` in `data_dir` and applies pending migrations.
-    pub fn open(data_dir: &Path) -> Result<Store, Error> {
+    /// Opens `gateway.db` in `data_dir`, creating it only in a directory where no store was
+    /// created before (see [`Store::open_with`]).
+    pub fn open(data_dir: &Path) -> Result<Store, OpenError> {
+        Store::open_with(data_dir, MissingStore::Refuse)
+    }
+
+    /// Opens `gateway.db` in `data_dir` after checking it: a damaged database, or a missing one
+    /// where the marker shows a store was created (unless `missing` says to create a new one), is
+    /// refused. Creates the directory, the database and the marker when the directory holds
+    /// neither, and applies pending migrations.
+    pub fn open_with(data_dir: &Path, missing: MissingStore) -> Result<Store, OpenError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
             storage_error(format!(
                 "cannot create the data directory {}: {error}",
                 data_dir.display()
             ))
         })?;
-        let path = data_dir.join("gateway.db");
-        let mut connection = Connection::open(&path).map_err(storage_error)?;
+        let path = data_dir.join(DATABASE_FILE);
+        let marker = data_dir.join(MARKER_FILE);
+        let exists = file_exists(&path)?;
+        let marked = file_exists(&marker)?;
+        if marked && !exists {
+            match missing {
+                MissingStore::Refuse => return Err(OpenError::Missing { path, marker }),
+                MissingStore::CreateNew => tracing::warn!(
+                    path = %path.display(),
+                    "creating a new, empty store in place of a missing one, as asked"
+                ),
+            }
+        }
+        let mut connection = Connection::open(&path).map_err(|error| damage_or(&path, error))?;
+        if exists {
+            check_integrity(&connection, &path)?;
+            if marked && !has_schema(&connection).map_err(|error| damage_or(&path, error))? {
+                // An emptied file (truncated, or replaced by an empty one) is as missing as a
+                // deleted one.
+                if missing == MissingStore::Refuse {
+                    return Err(OpenError::Missing { path, marker });
+                }
+            }
+        }
         connection
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
@@ -81,8 +206,13 @@ impl Store {
                  PRAGMA foreign_keys = ON;
                  PRAGMA busy_timeout = 5000;",
             )
-            .map_err(storage_error)?;
-        schema::migrate(&mut connection).map_err(storage_error)?;
+            .map_err(|error| damage_or(&path, error))?;
+        schema::migrate(&mut connection).map_err(|error| damage_or(&path, error))?;
+        // Written once the schema is durable, so a start that fails before leaves no marker behind
+        // a store that never held anything. A store from a version without markers gains one.
+        if !marked {
+            write_marker(data_dir, &marker)?;
+        }
 
         let (writer, jobs) = mpsc::channel::<WriteJob>(WRITER_QUEUE);
         std::thread::Builder::new()
@@ -156,6 +286,90 @@ impl Store {
         .map_err(|error| storage_error(format!("a read task failed: {error}")))?
         .map_err(storage_error)
     }
+}
+
+fn file_exists(path: &Path) -> Result<bool, OpenError> {
+    path.try_exists().map_err(|error| {
+        OpenError::Failed(storage_error(format!(
+            "cannot look for {}: {error}",
+            path.display()
+        )))
+    })
+}
+
+/// SQLite reports a file that is not a database, or whose pages do not parse, with typed codes:
+/// those are damage, anything else (permissions, I/O) is a plain failure.
+fn damage_or(path: &Path, error: rusqlite::Error) -> OpenError {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            OpenError::Damaged {
+                path: path.to_path_buf(),
+                problems: 1,
+                first: error.to_string(),
+            }
+        }
+        _ => OpenError::Failed(storage_error(error)),
+    }
+}
+
+/// `PRAGMA quick_check`: every page of every table and index is read and its structure checked
+/// (not the agreement of indexes with their tables, which `integrity_check` adds at several times
+/// the cost). It reads the whole file once: about a second per few hundred megabytes.
+fn check_integrity(connection: &Connection, path: &Path) -> Result<(), OpenError> {
+    let started = std::time::Instant::now();
+    let reports = (|| {
+        let mut statement =
+            connection.prepare(&format!("PRAGMA quick_check({MAX_DAMAGE_REPORTS})"))?;
+        statement
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()
+    })()
+    .map_err(|error| damage_or(path, error))?;
+    if reports.len() == 1 && reports[0] == "ok" {
+        tracing::info!(
+            path = %path.display(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "store integrity checked"
+        );
+        return Ok(());
+    }
+    Err(OpenError::Damaged {
+        path: path.to_path_buf(),
+        problems: reports.len(),
+        first: reports.into_iter().next().unwrap_or_default(),
+    })
+}
+
+/// Whether the migrations ever ran on this database.
+fn has_schema(connection: &Connection) -> rusqlite::Result<bool> {
+    connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'schema_migrations')",
+        [],
+        |row| row.get(0),
+    )
+}
+
+/// Writes the marker durably: the file, then the directory entry.
+fn write_marker(data_dir: &Path, marker: &Path) -> Result<(), OpenError> {
+    use std::io::Write as _;
+    let written = (|| {
+        let mut file = std::fs::File::create(marker)?;
+        writeln!(
+            file,
+            "cx-gateway created a store ({DATABASE_FILE}) in this directory at {}.\n\
+             While this file exists the gateway refuses to start without {DATABASE_FILE}, instead \
+             of silently creating an empty one.",
+            chrono::Utc::now().to_rfc3339()
+        )?;
+        file.sync_all()?;
+        std::fs::File::open(data_dir)?.sync_all()
+    })();
+    written.map_err(|error| {
+        OpenError::Failed(storage_error(format!(
+            "cannot write the store marker {}: {error}",
+            marker.display()
+        )))
+    })
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
@@ -258,6 +472,159 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(value, "7");
+    }
+
+    /// Opens a store, writes to it and closes it, leaving everything in the main file (no WAL), as
+    /// a stopped gateway leaves it.
+    async fn stopped_store(dir: &Path) -> PathBuf {
+        let store = Store::open(dir).unwrap();
+        for i in 0..50 {
+            store
+                .write(move |tx| {
+                    tx.execute(
+                        "INSERT INTO sync_cursors (name, value) VALUES (?1, ?2)",
+                        (format!("cursor-{i}"), "x".repeat(200)),
+                    )
+                })
+                .await
+                .unwrap();
+        }
+        let path = store.path().to_path_buf();
+        drop(store);
+        let connection = Connection::open(&path).unwrap();
+        connection
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        path
+    }
+
+    /// Overwrites page `page` (1-based) of the database file with bytes no page can hold.
+    fn damage_page(path: &Path, page: u64) {
+        use std::io::{Seek as _, SeekFrom, Write as _};
+        let page_size: i64 = Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .unwrap();
+        let page_size = u64::try_from(page_size).unwrap();
+        let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.seek(SeekFrom::Start((page - 1) * page_size)).unwrap();
+        file.write_all(&vec![0xA5; usize::try_from(page_size).unwrap()])
+            .unwrap();
+        file.sync_all().unwrap();
+    }
+
+    fn root_page(path: &Path, name: &str) -> u64 {
+        let page: i64 = Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT rootpage FROM sqlite_schema WHERE name = ?1",
+                [name],
+                |row| row.get(0),
+            )
+            .unwrap();
+        u64::try_from(page).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_damaged_store_is_refused_with_the_command_to_recover_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = stopped_store(dir.path()).await;
+        // An index page: the outbox's rows are intact, and `.recover` rebuilds indexes.
+        damage_page(&path, root_page(&path, "outbox_by_state"));
+        let error = Store::open(dir.path()).unwrap_err();
+        let OpenError::Damaged { problems, .. } = &error else {
+            panic!("expected a damaged store, got {error}");
+        };
+        assert!(*problems >= 1);
+        let message = error.to_string();
+        assert!(message.contains("quick_check found"), "{message}");
+        assert!(
+            message.contains(&format!("sqlite3 {} .recover", path.display())),
+            "{message}"
+        );
+        // Refused again on the next start: nothing was repaired or recreated behind the scenes.
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(OpenError::Damaged { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_store_whose_header_is_destroyed_is_refused_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = stopped_store(dir.path()).await;
+        damage_page(&path, 1);
+        let error = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(error, OpenError::Damaged { .. }), "{error}");
+        assert!(error.to_string().contains(".recover"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_store_is_refused_where_one_was_created_unless_asked_to_create_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // A fresh directory just works, and the store leaves its marker.
+        let path = stopped_store(dir.path()).await;
+        assert!(dir.path().join(MARKER_FILE).exists());
+
+        std::fs::remove_file(&path).unwrap();
+        let error = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(error, OpenError::Missing { .. }), "{error}");
+        let message = error.to_string();
+        assert!(message.contains("--allow-new-store"), "{message}");
+        assert!(message.contains("CXGW_ALLOW_NEW_STORE=true"), "{message}");
+        assert!(!path.exists(), "a refused start must not create the file");
+
+        // An emptied file is as missing as a deleted one.
+        std::fs::File::create(&path).unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(OpenError::Missing { .. })
+        ));
+
+        // Asked explicitly: a new, empty store, usable at once.
+        let store = Store::open_with(dir.path(), MissingStore::CreateNew).unwrap();
+        let cursors: i64 = store
+            .read(|c| c.query_row("SELECT COUNT(*) FROM sync_cursors", [], |row| row.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(cursors, 0);
+        store
+            .write(|tx| {
+                tx.execute(
+                    "INSERT INTO sync_cursors (name, value) VALUES ('new', '1')",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        drop(store);
+        // From then on it is the store of this directory, opened without the flag.
+        let reopened = Store::open(dir.path()).unwrap();
+        let value: String = reopened
+            .read(|c| {
+                c.query_row(
+                    "SELECT value FROM sync_cursors WHERE name = 'new'",
+                    [],
+                    |row| row.get(0),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(value, "1");
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_markers_gains_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = stopped_store(dir.path()).await;
+        std::fs::remove_file(dir.path().join(MARKER_FILE)).unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        assert!(dir.path().join(MARKER_FILE).exists());
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(OpenError::Missing { .. })
+        ));
     }
 
     #[tokio::test]

@@ -30,6 +30,16 @@ impl ChildGateway {
         data_dir: &Path,
         settings: &[(&str, String)],
     ) -> ChildGateway {
+        Self::start_command(Self::command(sandbox, data_dir, settings)).await
+    }
+
+    /// The `cx-gateway serve` command [`ChildGateway::start`] runs, for tests that add arguments
+    /// or expect the start to be refused.
+    pub fn command(
+        sandbox: &EmbeddedSandbox,
+        data_dir: &Path,
+        settings: &[(&str, String)],
+    ) -> Command {
         let base = sandbox.base_url().to_string();
         let mut command = Command::new(env!("CARGO_BIN_EXE_cx-gateway"));
         command
@@ -57,6 +67,11 @@ impl ChildGateway {
         for (key, value) in settings {
             command.env(key, value);
         }
+        command
+    }
+
+    /// Starts `command` (from [`ChildGateway::command`]) and waits until it serves.
+    pub async fn start_command(mut command: Command) -> ChildGateway {
         let mut process = command.spawn().expect("the gateway binary starts");
         let stdout = process.stdout.take().expect("piped stdout");
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

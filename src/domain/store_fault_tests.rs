@@ -1,0 +1,326 @@
+//! The outbox worker on a store that refuses writes: start-up recovery is retried while the
+//! gateway reports not ready, and the claim loop backs off and rate-limits its error line instead
+//! of spinning.
+//!
+//! The store is made to refuse writes with SQLite's `PRAGMA query_only` on the writer connection:
+//! every write then fails inside SQLite (`SQLITE_READONLY`) the way it does on a full volume,
+//! reads still work, and the pragma can be lifted again, all deterministically.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing_subscriber::layer::SubscriberExt as _;
+
+use super::outbox::{Attempt, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings};
+use super::{Owner, Visibility};
+use crate::readiness::{Readiness, Stage};
+use crate::shutdown;
+use crate::store::Store;
+
+fn delivery(body: &str, replay_safe: bool) -> NewDelivery {
+    NewDelivery {
+        method: "TrackEvent".to_owned(),
+        request: body.as_bytes().to_vec(),
+        destinations: vec![2],
+        item_count: 1,
+        ordering_keys: vec![body.to_owned()],
+        idempotency_key: None,
+        replay_safe,
+        owner: Owner::Anonymous,
+    }
+}
+
+/// Delivers everything, and reports each attempt's body.
+struct RecordingExecutor {
+    attempts: mpsc::UnboundedSender<String>,
+}
+
+#[tonic::async_trait]
+impl Executor for RecordingExecutor {
+    async fn execute(&self, _method: &str, request: &[u8], _delivery_id: &str) -> Attempt {
+        let _ = self
+            .attempts
+            .send(String::from_utf8_lossy(request).into_owned());
+        Attempt::Delivered {
+            result: b"done".to_vec(),
+        }
+    }
+}
+
+async fn refuse_writes(store: &Store, refuse: bool) {
+    store
+        .write(move |tx| tx.pragma_update(None, "query_only", refuse))
+        .await
+        .unwrap();
+}
+
+/// One captured log event: its message and its fields, as text.
+#[derive(Debug, Clone)]
+struct Line {
+    message: String,
+    fields: HashMap<String, String>,
+    /// The (possibly paused) clock when it was logged.
+    at: tokio::time::Instant,
+}
+
+impl Line {
+    fn number(&self, field: &str) -> u64 {
+        self.fields
+            .get(field)
+            .unwrap_or_else(|| panic!("no `{field}` in {self:?}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Sends every event logged on this thread to a channel, so a test waits for lines instead of
+/// polling for them.
+struct Capture(mpsc::UnboundedSender<Line>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(HashMap<String, String>);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.insert(field.name().to_owned(), format!("{value:?}"));
+            }
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.insert(field.name().to_owned(), value.to_owned());
+            }
+        }
+        let mut fields = Fields(HashMap::new());
+        event.record(&mut fields);
+        let mut fields = fields.0;
+        let message = fields.remove("message").unwrap_or_default();
+        let _ = self.0.send(Line {
+            message,
+            fields,
+            at: tokio::time::Instant::now(),
+        });
+    }
+}
+
+fn capture_logs() -> (
+    tracing::subscriber::DefaultGuard,
+    mpsc::UnboundedReceiver<Line>,
+) {
+    let (lines_tx, lines) = mpsc::unbounded_channel();
+    let subscriber = tracing_subscriber::registry().with(Capture(lines_tx));
+    (tracing::subscriber::set_default(subscriber), lines)
+}
+
+/// The next captured line whose message is `message`.
+async fn next_line(lines: &mut mpsc::UnboundedReceiver<Line>, message: &str) -> Line {
+    loop {
+        let line = lines.recv().await.expect("the capture is open");
+        if line.message == message {
+            return line;
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn failed_recovery_is_retried_while_not_ready_and_nothing_is_claimed_before() {
+    let (_guard, mut lines) = capture_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(store.clone(), OutboxSettings::default());
+    let in_flight = outbox.enqueue(delivery("replay-safe", true)).await.unwrap();
+    let waiting = outbox.enqueue(delivery("queued", false)).await.unwrap();
+    // The last run stopped while the first was being sent.
+    store
+        .write({
+            let id = in_flight.clone();
+            move |tx| tx.execute("UPDATE outbox SET state = 2 WHERE delivery_id = ?1", [id])
+        })
+        .await
+        .unwrap();
+    refuse_writes(&store, true).await;
+
+    let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
+    let readiness = Readiness::new();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        Arc::new(RecordingExecutor {
+            attempts: attempts_tx,
+        }),
+        drain,
+        readiness.clone(),
+    ));
+    assert_eq!(readiness.first_attempt().await, Stage::Retrying);
+    let first = next_line(
+        &mut lines,
+        "cannot recover in-flight deliveries, not ready until this succeeds",
+    )
+    .await;
+    assert_eq!(first.number("suppressed"), 0);
+    assert_eq!(first.number("failures"), 1);
+    assert!(!readiness.is_ready());
+    assert!(
+        attempts.try_recv().is_err(),
+        "nothing is sent before recovery"
+    );
+    assert_eq!(
+        outbox
+            .get(&in_flight, &Visibility::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        DeliveryState::InFlight
+    );
+
+    // The volume has room again: the next retry recovers, the gateway becomes ready, and both
+    // deliveries go out.
+    refuse_writes(&store, false).await;
+    tokio::time::timeout(Duration::from_secs(60), readiness.ready())
+        .await
+        .expect("recovery is retried until it succeeds");
+    let mut sent = vec![
+        attempts.recv().await.unwrap(),
+        attempts.recv().await.unwrap(),
+    ];
+    sent.sort();
+    assert_eq!(sent, ["queued", "replay-safe"]);
+    let mut outcomes = outbox.outcomes();
+    for id in [&in_flight, &waiting] {
+        while outbox
+            .get(id, &Visibility::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            != DeliveryState::Delivered
+        {
+            tokio::time::timeout(Duration::from_secs(30), outcomes.changed())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    trigger.start();
+    worker.await.unwrap();
+}
+
+/// Paused clock: the worker's backoff sleeps are skipped by the runtime, and no other timer
+/// exists in this test, so the times seen here are exactly the delays the worker chose.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn the_claim_loop_backs_off_on_a_store_that_refuses_writes_and_logs_rate_limited() {
+    let (_guard, mut lines) = capture_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(store.clone(), OutboxSettings::default());
+    let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
+    let readiness = Readiness::new();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        Arc::new(RecordingExecutor {
+            attempts: attempts_tx,
+        }),
+        drain,
+        readiness.clone(),
+    ));
+    readiness.ready().await;
+
+    // The write that fills the volume: it is acknowledged, and no write after it succeeds, so
+    // every claim of it fails.
+    let id = outbox
+        .enqueue_with(
+            super::outbox::new_delivery_id(),
+            delivery("stuck", true),
+            |tx| tx.pragma_update(None, "query_only", true),
+        )
+        .await
+        .unwrap();
+
+    let first = next_line(&mut lines, "cannot claim deliveries").await;
+    assert_eq!(first.number("failures"), 1);
+    assert_eq!(first.number("suppressed"), 0);
+    let mut previous = first.clone();
+    for _ in 0..3 {
+        let line = next_line(&mut lines, "cannot claim deliveries").await;
+        // At most one line per 10 s, counting the failures it left out...
+        assert!(
+            line.at - previous.at >= crate::backoff::LOG_EVERY,
+            "{:?} after the previous line",
+            line.at - previous.at
+        );
+        assert_eq!(
+            line.number("suppressed"),
+            line.number("failures") - previous.number("failures") - 1,
+            "{line:?}"
+        );
+        previous = line;
+    }
+    // ...and the attempts themselves spaced by a growing delay: about 12 in the first 30 s and
+    // then one per 5-10 s (a loop without backoff makes thousands a second).
+    let elapsed = previous.at - first.at;
+    let failures = previous.number("failures");
+    assert!(elapsed >= Duration::from_secs(30), "{elapsed:?}");
+    let most = 8 + elapsed.as_secs() / 5;
+    assert!(
+        (4..=most).contains(&failures),
+        "{failures} failed claims in {elapsed:?}"
+    );
+    assert!(attempts.try_recv().is_err());
+
+    // Room again: within one backoff delay the delivery goes out.
+    let healed_at = tokio::time::Instant::now();
+    refuse_writes(&store, false).await;
+    assert_eq!(attempts.recv().await.unwrap(), "stuck");
+    assert!(tokio::time::Instant::now() - healed_at <= Duration::from_secs(10));
+    next_line(&mut lines, "claiming deliveries works again").await;
+    let mut outcomes = outbox.outcomes();
+    while outbox
+        .get(&id, &Visibility::All)
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+        != DeliveryState::Delivered
+    {
+        outcomes.changed().await.unwrap();
+    }
+    trigger.start();
+    worker.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn idempotency_records_past_their_window_are_purged_each_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let idempotency =
+        super::idempotency::Idempotency::new(store.clone(), Duration::from_secs(3600));
+    let now = chrono::Utc::now().timestamp_millis();
+    store
+        .write(move |tx| {
+            tx.execute(
+                "INSERT INTO idempotency (scope, key, request_hash, response, create_ms)
+                 VALUES ('TrackEvent', 'old', x'00', x'00', ?1), ('TrackEvent', 'new', x'00', x'00', ?2)",
+                [now - 2 * 3_600_000, now],
+            )
+        })
+        .await
+        .unwrap();
+    let keys = || {
+        store.read(|c| {
+            let mut statement = c.prepare("SELECT key FROM idempotency ORDER BY key")?;
+            statement
+                .query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()
+        })
+    };
+    let (trigger, drain) = shutdown::channel();
+    let purge = tokio::spawn(idempotency.run_purge(Duration::from_secs(600), drain));
+    // Before the first round nothing is deleted.
+    assert_eq!(keys().await.unwrap(), ["new", "old"]);
+    // Just past the first round: the purge task woke first and queued its delete with the store's
+    // writer, which runs jobs in order, so an empty write queued now returns after it.
+    tokio::time::sleep(Duration::from_secs(600) + Duration::from_millis(1)).await;
+    store.write(|_| Ok(())).await.unwrap();
+    assert_eq!(keys().await.unwrap(), ["new"]);
+    trigger.start();
+    purge.await.unwrap();
+}
