@@ -17,15 +17,17 @@ use crate::shutdown::Drain;
 
 #[derive(Clone)]
 struct AdminState {
-    drain: Drain,
+    /// Set from the moment shutdown begins, before the drain delay.
+    stopping: Drain,
 }
 
-pub fn router(drain: Drain) -> Router {
+/// `stopping` turns `/readyz` to 503; it is set when shutdown begins, before anything closes.
+pub fn router(stopping: Drain) -> Router {
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus_metrics))
-        .with_state(AdminState { drain })
+        .with_state(AdminState { stopping })
 }
 
 /// The process is up and its runtime answers.
@@ -33,9 +35,9 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// Ready until draining starts, so load balancers stop sending new calls first.
+/// Ready until shutdown begins, so load balancers stop sending new calls before the drain.
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.drain.is_draining() {
+    if state.stopping.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else {
         (StatusCode::OK, "ready\n")

@@ -19,6 +19,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     crate::domain::idempotency::MIGRATION,
     crate::feedback::log::MIGRATION,
     crate::domain::outbox::TRACE_CONTEXT_MIGRATION,
+    crate::domain::outbox::VERIFY_MIGRATION,
 ];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {

@@ -159,6 +159,11 @@ impl RetentlyApi {
         self.inner.lane.counters()
     }
 
+    /// Stops sending background work (see [`crate::upstream::scheduler::Lane::close_background`]).
+    pub fn close_background(&self) {
+        self.inner.lane.close_background();
+    }
+
     // ---- surveys ----
 
     /// Sends a transactional survey to one recipient. Concurrent sends to the same campaign and
