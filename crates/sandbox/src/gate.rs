@@ -1,6 +1,7 @@
 //! The middleware in front of each emulated API, in the order a request meets it:
 //! injected faults (latency, forced 429, dropped connection, 5xx), authentication, the rate
-//! limit, the handler, then the response faults (drop after handling, slow body). Every outcome
+//! limit, the hold gate of tests, the handler, then the response faults (5xx or drop after
+//! handling, slow body). Every outcome
 //! is counted per route template and status.
 
 use std::convert::Infallible;
@@ -90,7 +91,18 @@ async fn gate(shared: Arc<Shared>, api: Api, request: Request, next: Next) -> Re
         let response = too_many_requests(api, retry_after_seconds(wait));
         return record(&shared, api, route, response);
     }
+    let hold = shared.control().holds[api.index()].admit();
+    if let Some(mut open) = hold {
+        // An error means the sandbox is gone; the request then goes on.
+        let _ = open.wait_for(|open| *open).await;
+    }
     let response = next.run(request).await;
+    if let Some(status) = plan.error_after {
+        // The request was handled (its effect applied) and then failed, as when an upstream
+        // commits and its reply is lost in a proxy or a crash.
+        let response = server_error(api, status);
+        return record(&shared, api, route, response);
+    }
     if plan.drop_after {
         record_status(&shared, api, route, DROPPED);
         return dropped();

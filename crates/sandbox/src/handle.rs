@@ -170,6 +170,22 @@ impl SandboxHandle {
         self.shared.control().faults[api.index()].config.clone()
     }
 
+    /// Lets the next `pass` requests to `api` through and then holds every later one before it
+    /// is handled (the client sees no answer) until [`SandboxHandle::release`].
+    pub fn hold_after(&self, api: Api, pass: u64) {
+        self.shared.control().holds[api.index()].set(pass);
+    }
+
+    /// Requests to `api` held since [`SandboxHandle::hold_after`], released ones included.
+    pub fn held(&self, api: Api) -> u64 {
+        self.shared.control().holds[api.index()].held
+    }
+
+    /// Lets the held requests to `api` go on (each is then handled) and stops holding.
+    pub fn release(&self, api: Api) {
+        self.shared.control().holds[api.index()].release();
+    }
+
     /// Requests per key per window; 0 switches the limit off.
     pub fn set_rate_limit(&self, api: Api, requests_per_window: u32) {
         self.shared.control().limiters[api.index()].set_limit(requests_per_window);

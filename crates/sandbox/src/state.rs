@@ -72,6 +72,51 @@ pub struct WebhookStats {
     pub failed: u64,
 }
 
+/// A gate that lets a number of requests through and holds every later one, unanswered and
+/// not yet handled, until it is released: tests use it to stop or kill a client while its
+/// requests are certainly on the wire.
+pub(crate) struct Hold {
+    /// Requests still let through before holding starts; `None` when the gate is open.
+    pass: Option<u64>,
+    /// Requests held since the gate was set (released ones included).
+    pub held: u64,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Hold {
+    fn new() -> Hold {
+        Hold {
+            pass: None,
+            held: 0,
+            open: tokio::sync::watch::channel(true).0,
+        }
+    }
+
+    /// Lets `pass` more requests through, then holds the rest.
+    pub(crate) fn set(&mut self, pass: u64) {
+        self.pass = Some(pass);
+        self.held = 0;
+        self.open.send_replace(false);
+    }
+
+    /// Lets every held request go on and stops holding.
+    pub(crate) fn release(&mut self) {
+        self.pass = None;
+        self.open.send_replace(true);
+    }
+
+    /// `None` to go on at once, or the signal to wait for.
+    pub(crate) fn admit(&mut self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        let pass = self.pass.as_mut()?;
+        if *pass > 0 {
+            *pass -= 1;
+            return None;
+        }
+        self.held += 1;
+        Some(self.open.subscribe())
+    }
+}
+
 /// Operational state: faults, limits, counters, webhook target. Separate from [`World`] so that
 /// counting a request never waits for a data operation.
 pub(crate) struct Control {
@@ -80,6 +125,7 @@ pub(crate) struct Control {
     pub stats: Stats,
     pub webhook: Option<WebhookConfig>,
     pub webhook_stats: WebhookStats,
+    pub holds: [Hold; 2],
 }
 
 impl Control {
@@ -128,6 +174,7 @@ impl Shared {
             stats: Stats::default(),
             webhook: config.webhook,
             webhook_stats: WebhookStats::default(),
+            holds: [Hold::new(), Hold::new()],
         };
         Shared {
             retently_keys: config.retently_api_keys,
