@@ -65,6 +65,8 @@ async fn gate(shared: Arc<Shared>, api: Api, request: Request, next: Next) -> Re
             traceparent: traceparent.to_owned(),
         });
     }
+    // Counted until the answer is ready, or until the client goes away and the request with it.
+    let _in_progress = InProgress::start(&shared, api);
     let plan = shared.control().faults[api.index()].plan();
     if plan.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(plan.latency_ms)).await;
@@ -91,12 +93,15 @@ async fn gate(shared: Arc<Shared>, api: Api, request: Request, next: Next) -> Re
         let response = too_many_requests(api, retry_after_seconds(wait));
         return record(&shared, api, route, response);
     }
-    let hold = shared.control().holds[api.index()].admit();
-    if let Some(mut open) = hold {
+    let mut held = shared.control().holds[api.index()].admit(&route);
+    if let Some(hold) = held.as_mut().filter(|hold| !hold.after_handling) {
         // An error means the sandbox is gone; the request then goes on.
-        let _ = open.wait_for(|open| *open).await;
+        let _ = hold.open.wait_for(|open| *open).await;
     }
     let response = next.run(request).await;
+    if let Some(hold) = held.as_mut().filter(|hold| hold.after_handling) {
+        let _ = hold.open.wait_for(|open| *open).await;
+    }
     if let Some(status) = plan.error_after {
         // The request was handled (its effect applied) and then failed, as when an upstream
         // commits and its reply is lost in a proxy or a crash.
@@ -115,6 +120,30 @@ async fn gate(shared: Arc<Shared>, api: Api, request: Request, next: Next) -> Re
         None => response,
     };
     record(&shared, api, route, response)
+}
+
+/// One request counted in `Stats::in_progress` while it lives.
+struct InProgress {
+    shared: Arc<Shared>,
+    api: Api,
+}
+
+impl InProgress {
+    fn start(shared: &Arc<Shared>, api: Api) -> InProgress {
+        shared.control().stats.in_progress[api.index()] += 1;
+        InProgress {
+            shared: Arc::clone(shared),
+            api,
+        }
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let mut control = self.shared.control();
+        let count = &mut control.stats.in_progress[self.api.index()];
+        *count = count.saturating_sub(1);
+    }
 }
 
 fn record(shared: &Shared, api: Api, route: String, response: Response) -> Response {

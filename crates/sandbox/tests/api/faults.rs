@@ -446,16 +446,26 @@ async fn the_hold_gate_holds_requests_unhandled_until_released() {
     assert_eq!(status, 200, "the first request passes");
     let held = tokio::spawn({
         let sandbox = std::sync::Arc::clone(&sandbox);
-        async move { sandbox.retainly_send(Method::POST, "/events", &event(2)).await }
+        async move {
+            sandbox
+                .retainly_send(Method::POST, "/events", &event(2))
+                .await
+        }
     });
     while sandbox.handle.held(Api::Retainly) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(sandbox.handle.retainly_events().len(), 1, "held, not handled");
+    assert_eq!(
+        sandbox.handle.retainly_events().len(),
+        1,
+        "held, not handled"
+    );
+    assert_eq!(sandbox.handle.in_progress(Api::Retainly), 1);
     assert!(!held.is_finished());
     sandbox.handle.release(Api::Retainly);
     let (status, _) = held.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(sandbox.handle.retainly_events().len(), 2);
     assert_eq!(sandbox.handle.held(Api::Retainly), 1);
+    assert_eq!(sandbox.handle.in_progress(Api::Retainly), 0);
 }
