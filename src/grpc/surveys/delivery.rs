@@ -119,8 +119,9 @@ pub(crate) async fn deliver_send_survey(
     settle(results, started_ms, verify_since_ms, delivery_id)
 }
 
-/// The attempt's outcome from every recipient's result: delivered when nothing is left to do;
-/// otherwise attempted again, checking the history first if anything may have gone out.
+/// The attempt's outcome from every recipient's result: delivered when nothing is left to do
+/// and something reached Retently, failed when every recipient was refused for good; otherwise
+/// attempted again, checking the history first if anything may have gone out.
 fn settle(
     results: Vec<(pb::RecipientResult, Option<Error>)>,
     started_ms: i64,
@@ -139,6 +140,17 @@ fn settle(
         result.outcome == pb::RecipientOutcome::Scheduled as i32
             || result.outcome == pb::RecipientOutcome::Throttled as i32
     });
+    // Every recipient refused for good (an unknown campaign, all unsubscribed): the send as a
+    // whole failed, and the dead letters are where an operator sees it.
+    let refused = results
+        .iter()
+        .find_map(|(_, error)| error.as_ref())
+        .filter(|_| !reached && doubtful.is_none() && retryable.is_none());
+    if let Some(error) = refused {
+        return Attempt::Failed {
+            error: DeliveryError::from(error),
+        };
+    }
     match (doubtful, retryable) {
         (None, None) => {
             let mut response = pb::SendSurveyResponse {
@@ -317,6 +329,21 @@ mod tests {
             "dlv_1",
         );
         assert!(matches!(partial, Attempt::Unresolved { .. }), "{partial:?}");
+
+        // Refused for good, every recipient: the send failed.
+        let unknown_campaign = settle(
+            vec![(
+                result(0, Failed),
+                Some(upstream_error(FailureClass::Permanent)),
+            )],
+            10,
+            None,
+            "dlv_1",
+        );
+        assert!(
+            matches!(unknown_campaign, Attempt::Failed { .. }),
+            "{unknown_campaign:?}"
+        );
 
         // A recipient refused for good does not hold the delivery back.
         let rejected = settle(
