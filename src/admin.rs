@@ -18,16 +18,21 @@ use crate::shutdown::Drain;
 
 #[derive(Clone)]
 struct AdminState {
-    drain: Drain,
+    /// Set from the moment shutdown begins, before the drain delay.
+    stopping: Drain,
     readiness: Readiness,
 }
 
-pub fn router(drain: Drain, readiness: Readiness) -> Router {
+/// `stopping` turns `/readyz` to 503; it is set when shutdown begins, before anything closes.
+pub fn router(stopping: Drain, readiness: Readiness) -> Router {
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus_metrics))
-        .with_state(AdminState { drain, readiness })
+        .with_state(AdminState {
+            stopping,
+            readiness,
+        })
 }
 
 /// The process is up and its runtime answers.
@@ -35,10 +40,10 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// Ready once start-up work is done (outbox recovery) and until draining starts, so load
-/// balancers send calls only to a replica that delivers, and stop sending them first at shutdown.
+/// Ready once start-up work is done (outbox recovery) and until shutdown begins, so load
+/// balancers send calls only to a replica that delivers, and stop sending them before the drain.
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.drain.is_draining() {
+    if state.stopping.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if !state.readiness.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")

@@ -63,6 +63,9 @@ impl App {
             store.clone(),
             OutboxSettings {
                 retry_window: config.writes.retry_window,
+                drain_grace: config.shutdown_grace,
+                // Retently's history of sent surveys tells whether a cut send went out.
+                verifiable_methods: vec![crate::grpc::methods::SEND_SURVEY.to_owned()],
                 ..OutboxSettings::default()
             },
         );

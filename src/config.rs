@@ -304,6 +304,10 @@ pub struct Config {
     /// marker shows one existed but its database file is missing, instead of refusing to start.
     pub allow_new_store: bool,
     pub log: LogConfig,
+    /// How long after SIGTERM the gateway keeps serving while it already reports NOT_SERVING
+    /// (health) and 503 (`/readyz`), so load balancers and endpoint lists stop sending calls
+    /// before the listener closes. The drain (`shutdown_grace`) starts after it.
+    pub drain_delay: Duration,
     pub shutdown_grace: Duration,
     pub reflection: bool,
     pub limits: ServerLimits,
@@ -498,6 +502,7 @@ impl Config {
                 format: log_format,
                 filter: s.string("CXGW_LOG", "info"),
             },
+            drain_delay: s.duration("CXGW_DRAIN_DELAY", Duration::ZERO)?,
             shutdown_grace: s.duration("CXGW_SHUTDOWN_GRACE", Duration::from_secs(20))?,
             reflection: s.boolean("CXGW_REFLECTION", true)?,
             limits: ServerLimits {
@@ -820,6 +825,7 @@ mod tests {
             "https://app.retently.com/"
         );
         assert_eq!(config.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(config.drain_delay, Duration::ZERO);
         assert_eq!(config.data_dir, Some(PathBuf::from("./data")));
         assert_eq!(config.log.format, LogFormat::Text);
     }
@@ -838,6 +844,7 @@ mod tests {
         for (key, value) in [
             ("CXGW_GRPC_ADDR", "not-an-address"),
             ("CXGW_SHUTDOWN_GRACE", "soon"),
+            ("CXGW_DRAIN_DELAY", "a while"),
             ("CXGW_RETENTLY_REQUESTS_PER_MINUTE", "0"),
             ("CXGW_REFLECTION", "maybe"),
             ("CXGW_LOG_FORMAT", "xml"),
@@ -849,6 +856,21 @@ mod tests {
             let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
             assert_eq!(error.key, key, "{value}");
         }
+    }
+
+    #[test]
+    fn the_drain_delay_is_read_from_the_environment_and_the_file() {
+        let mut pairs = keys();
+        pairs.push(("CXGW_DRAIN_DELAY", "5s"));
+        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        assert_eq!(config.drain_delay, Duration::from_secs(5));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, "drain_delay = \"1500ms\"\n").unwrap();
+        let mut pairs: Vec<(&str, &str)> = keys();
+        pairs.push(("CXGW_CONFIG_FILE", file.to_str().unwrap()));
+        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        assert_eq!(config.drain_delay, Duration::from_millis(1500));
     }
 
     #[test]

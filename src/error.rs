@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::upstream::failure::FailureClass;
+
 /// `ErrorInfo.domain` of every error the gateway produces.
 pub const ERROR_DOMAIN: &str = "cx-gateway";
 
@@ -95,6 +97,9 @@ struct ErrorInner {
     violations: Vec<FieldViolation>,
     retry_after: Option<Duration>,
     metadata: HashMap<String, String>,
+    /// What the upstream can have done with the request, for errors of an upstream attempt;
+    /// `None` for errors that never reached an upstream.
+    failure_class: Option<FailureClass>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -108,6 +113,7 @@ impl Error {
             violations: Vec::new(),
             retry_after: None,
             metadata: HashMap::new(),
+            failure_class: None,
         }))
     }
 
@@ -150,6 +156,12 @@ impl Error {
         self
     }
 
+    /// Records what the upstream can have done with the failed request.
+    pub fn with_failure_class(mut self, class: FailureClass) -> Self {
+        self.0.failure_class = Some(class);
+        self
+    }
+
     pub fn with_violations(mut self, violations: Vec<FieldViolation>) -> Self {
         self.0.violations = violations;
         self
@@ -177,6 +189,11 @@ impl Error {
 
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.0.metadata
+    }
+
+    /// What the upstream can have done with the request; `None` if it never reached one.
+    pub fn failure_class(&self) -> Option<FailureClass> {
+        self.0.failure_class
     }
 }
 

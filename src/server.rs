@@ -1,9 +1,13 @@
 //! `run(listeners, config, shutdown)`: builds every service, serves gRPC and the admin port, and
 //! drains gracefully.
 //!
-//! Shutdown order: the `shutdown` future resolves → health turns NOT_SERVING and `/readyz` 503 →
-//! the drain signal tells streams to finish and the listeners to stop accepting → in-flight unary
-//! calls complete → return. Whatever is still running when the grace period ends is cut.
+//! Shutdown order: the `shutdown` future resolves → health turns NOT_SERVING and `/readyz` 503
+//! while everything keeps serving for the drain delay (`CXGW_DRAIN_DELAY`), so load balancers
+//! move away before anything closes → the drain signal tells streams to finish, the listeners to
+//! stop accepting, the outbox to claim nothing more and the upstream lanes to send no more
+//! background work → in-flight unary calls and outbox deliveries complete within the grace
+//! period (`CXGW_SHUTDOWN_GRACE`) → return. A delivery refused by the lanes goes back to pending;
+//! whatever is still running when the grace period ends is cut.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +33,10 @@ use crate::shutdown;
 use crate::telemetry;
 use crate::telemetry::grpc::TelemetryLayer;
 use crate::tls::{self, ReloadingTls};
+
+/// Time after the grace period for the background workers to record what they were doing when
+/// it ended (the outbox worker stops at the end of the grace by itself).
+const BACKGROUND_STOP_MARGIN: Duration = Duration::from_secs(1);
 
 /// The sockets the gateway serves on, bound by the caller so tests can use `127.0.0.1:0`.
 #[derive(Debug)]
@@ -76,7 +84,10 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let (drain_trigger, drain) = shutdown::channel();
+    // Flips first, at the signal: readiness and health say "go away" while all still serves.
+    let (stopping_trigger, stopping) = shutdown::channel();
     let shutdown_grace = config.shutdown_grace;
+    let drain_delay = config.drain_delay;
     let app = Arc::new(App::open(config, drain.clone())?);
     let config = Arc::clone(&app.config);
     telemetry::register_store_probes(&app);
@@ -264,7 +275,7 @@ pub async fn run(
             drain.clone().signaled(),
         )),
     };
-    let admin_router = crate::admin::router(drain.clone(), app.readiness.clone())
+    let admin_router = crate::admin::router(stopping.clone(), app.readiness.clone())
         .merge(crate::admin::feedback_routes(&feedback));
     let admin_server = axum::serve(listeners.admin, admin_router)
         .with_graceful_shutdown(drain.clone().signaled())
@@ -290,7 +301,12 @@ pub async fn run(
         }
     }
 
-    tracing::info!(grace = %humantime::format_duration(shutdown_grace), "draining");
+    tracing::info!(
+        delay = %humantime::format_duration(drain_delay),
+        "stopping: reporting not serving, still serving until the drain"
+    );
+    stopping_trigger.start();
+    // A start-up recovery that succeeds from now on must not report SERVING again.
     if let Some(promote) = promote_health {
         promote.abort();
         let _ = promote.await;
@@ -300,8 +316,26 @@ pub async fn run(
             .set_service_status(name, tonic_health::ServingStatus::NotServing)
             .await;
     }
+    // The listeners keep accepting (and the outbox keeps delivering) during the delay.
+    tokio::select! {
+        () = tokio::time::sleep(drain_delay) => {}
+        result = &mut grpc_server => {
+            return result.context("the grpc server stopped unexpectedly");
+        }
+        result = &mut admin_server => {
+            result.context("the admin server stopped unexpectedly")?;
+            anyhow::bail!("the admin server stopped unexpectedly");
+        }
+    }
+
+    tracing::info!(grace = %humantime::format_duration(shutdown_grace), "draining");
+    let drain_deadline = tokio::time::Instant::now() + shutdown_grace;
     drain_trigger.start();
-    let drained = tokio::time::timeout(shutdown_grace, async {
+    // Nothing new leaves for the upstreams on the outbox's behalf: a delivery still waiting for
+    // the budget comes back refused (and pending), so only requests already sent are waited for.
+    app.retently.close_background();
+    app.retainly.close_background();
+    let drained = tokio::time::timeout_at(drain_deadline, async {
         let (grpc_result, admin_result) = tokio::join!(grpc_server, admin_server);
         grpc_result.context("the grpc server failed while draining")?;
         admin_result.context("the admin server failed while draining")
@@ -310,17 +344,20 @@ pub async fn run(
     match drained {
         Ok(result) => {
             result?;
-            tracing::info!("drained cleanly");
+            tracing::info!("connections drained");
         }
         Err(_elapsed) => tracing::warn!(
             grace = %humantime::format_duration(shutdown_grace),
             "grace period elapsed, closing the remaining connections"
         ),
     }
-    // Workers saw the drain signal at the same moment; give them a short, bounded time to finish
-    // the step they are in (everything they do is durable and resumes at the next start).
-    app.stop_background(shutdown_grace.min(Duration::from_secs(5)))
+    // Workers saw the drain signal at the same moment. The outbox worker waits for its started
+    // deliveries until the grace ends and then stops by itself; the others only finish the step
+    // they are in (everything they do is durable and resumes at the next start).
+    let remaining = drain_deadline.saturating_duration_since(tokio::time::Instant::now());
+    app.stop_background(remaining + BACKGROUND_STOP_MARGIN)
         .await;
+    tracing::info!("drained");
     // Last, so the spans and metrics of the drain itself are delivered too.
     telemetry::flush().await;
     Ok(())

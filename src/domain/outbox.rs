@@ -11,11 +11,22 @@
 //! the upstream in the order they were acknowledged, while writes to different customers proceed
 //! concurrently (and can be coalesced into batch calls by the scheduler).
 //!
+//! What a failed attempt means is decided in one place, from what the upstream can have done
+//! ([`crate::upstream::failure::delivery_decision`]): a write the upstream surely did not apply
+//! (429, 503, a connection never made) is retried for the whole retry window, whatever its kind.
+//!
 //! Crash safety: a delivery is marked in flight (durably) before it is sent. After a crash, an
-//! in-flight delivery whose operation is idempotent is simply sent again; one whose operation is
-//! not (an event that starts workflows, a survey invitation) is in doubt, because the upstream may
-//! have applied it. Those are never sent twice: they move to the dead-letter list with reason
-//! `DELIVERY_IN_DOUBT`, where an operator who has checked the upstream can requeue them.
+//! in-flight delivery whose operation is idempotent is simply sent again. One whose operation is
+//! not (an event that starts workflows, a survey invitation) may have been applied; if its
+//! upstream keeps a history the gateway can read (Retently's sent surveys), its next attempt
+//! checks that history first and sends only what is missing (`verify_since_ms`). Otherwise it is
+//! in doubt and never sent twice: it moves to the dead-letter list with reason
+//! `DELIVERY_IN_DOUBT`, where an operator who has checked the upstream can requeue it.
+//!
+//! Drains: when draining starts the worker claims nothing more and waits, up to the grace
+//! period, for the deliveries it started; the upstream lanes stop sending background work, so a
+//! delivery still waiting for its turn comes back refused and returns to pending, never to in
+//! doubt. Only a delivery whose request is on the wire when the grace ends stays in flight.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +36,7 @@ use rand::Rng as _;
 use rusqlite::{OptionalExtension as _, Row, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -72,6 +84,15 @@ pub const MIGRATION: (&str, &str) = (
 pub const TRACE_CONTEXT_MIGRATION: (&str, &str) = (
     "0011_outbox_traceparent",
     "ALTER TABLE outbox ADD COLUMN traceparent TEXT;",
+);
+
+/// When a delivery's earliest attempt that may have reached the upstream without a clear answer
+/// started (UNIX ms), for writes whose upstream keeps a history to check (survey sends): the
+/// next attempt first reads that history since then and sends only what is not in it. NULL when
+/// there is nothing to check.
+pub const VERIFY_MIGRATION: (&str, &str) = (
+    "0014_outbox_verify_since",
+    "ALTER TABLE outbox ADD COLUMN verify_since_ms INTEGER;",
 );
 
 /// Delivery states; the numbers are those of `cx.gateway.v1.DeliveryState`.
@@ -168,13 +189,74 @@ pub enum Attempt {
     },
     /// Failed for good (the upstream rejected the input); dead-letter it.
     Failed { error: DeliveryError },
+    /// May have been applied, and sending it again could apply it twice with no way to check:
+    /// dead-letter it as in doubt, `error` being the failure that left the doubt.
+    InDoubt { error: DeliveryError },
+    /// Some of it may have been applied by an attempt that started at `since_ms`; the upstream
+    /// keeps a history, so the next attempt checks it and sends only the rest.
+    Unresolved {
+        error: DeliveryError,
+        since_ms: i64,
+        retry_after: Option<Duration>,
+    },
 }
+
+impl Attempt {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Attempt::Delivered { .. } => "delivered",
+            Attempt::Retry { .. } => "retry",
+            Attempt::Failed { .. } => "failed",
+            Attempt::InDoubt { .. } => "in_doubt",
+            Attempt::Unresolved { .. } => "unresolved",
+        }
+    }
+
+    fn error(&self) -> Option<&DeliveryError> {
+        match self {
+            Attempt::Delivered { .. } => None,
+            Attempt::Retry { error, .. }
+            | Attempt::Failed { error }
+            | Attempt::InDoubt { error }
+            | Attempt::Unresolved { error, .. } => Some(error),
+        }
+    }
+}
+
+/// The dead letter's error for a write that may have been applied: reason `DELIVERY_IN_DOUBT`,
+/// saying what left the doubt (`cause`, plus the failure's own metadata).
+pub fn in_doubt_error(cause: Option<&DeliveryError>, message: &str) -> DeliveryError {
+    let mut metadata = HashMap::new();
+    if let Some(cause) = cause {
+        metadata.extend(cause.metadata.clone());
+        metadata.insert("cause".to_owned(), cause.reason.clone());
+    }
+    DeliveryError {
+        code: tonic::Code::Aborted as i32,
+        reason: "DELIVERY_IN_DOUBT".to_owned(),
+        message: message.to_owned(),
+        metadata,
+    }
+}
+
+const IN_DOUBT_AFTER_FAILURE: &str = "the upstream may have applied this write before it failed; \
+    it was not sent again (requeue it once checked)";
+const IN_DOUBT_UNVERIFIED: &str = "the upstream may have applied this write and its history \
+    could not be checked within the retry window; it was not sent again (requeue it once checked)";
 
 /// Replays queued writes. Implemented by the gRPC layer, which owns the request encoding.
 #[tonic::async_trait]
 pub trait Executor: Send + Sync + 'static {
-    /// Attempts the write once; `delivery_id` goes into the result the RPC reports.
-    async fn execute(&self, method: &str, request: &[u8], delivery_id: &str) -> Attempt;
+    /// Attempts the write once; `delivery_id` goes into the result the RPC reports. With
+    /// `verify_since_ms`, an earlier attempt (or one cut by a stop) may have applied part of it
+    /// from then on: the upstream's history is checked first (see [`Attempt::Unresolved`]).
+    async fn execute(
+        &self,
+        method: &str,
+        request: &[u8],
+        delivery_id: &str,
+        verify_since_ms: Option<i64>,
+    ) -> Attempt;
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +271,11 @@ pub struct OutboxSettings {
     /// Delivered records are kept this long for GetDelivery, dead letters `dead_letter_retention`.
     pub delivered_retention: Duration,
     pub dead_letter_retention: Duration,
+    /// How long a drain waits for the deliveries already started (the shutdown grace).
+    pub drain_grace: Duration,
+    /// Methods whose upstream keeps a history the executor checks before sending again, so an
+    /// in-flight delivery found after a stop is verified rather than parked in doubt.
+    pub verifiable_methods: Vec<String>,
 }
 
 impl Default for OutboxSettings {
@@ -200,6 +287,8 @@ impl Default for OutboxSettings {
             concurrency: 64,
             delivered_retention: Duration::from_secs(7 * 24 * 3600),
             dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
+            drain_grace: Duration::from_secs(20),
+            verifiable_methods: Vec::new(),
         }
     }
 }
@@ -255,6 +344,8 @@ struct Claimed {
     attempts: u32,
     /// The `traceparent` of the span that queued it.
     traceparent: Option<String>,
+    /// See [`VERIFY_MIGRATION`].
+    verify_since_ms: Option<i64>,
 }
 
 /// A fresh delivery id: 128 random bits, so ids are unguessable and never collide in practice.
@@ -589,18 +680,16 @@ impl Outbox {
     /// Puts deliveries that were in flight when the gateway stopped back in the queue, or in the
     /// dead-letter list when sending them again could duplicate them (see the module doc).
     pub async fn recover(&self) -> Result<(usize, usize), Error> {
-        let in_doubt = error_json(&DeliveryError {
-            code: tonic::Code::Aborted as i32,
-            reason: "DELIVERY_IN_DOUBT".to_owned(),
-            message: "the gateway stopped while this write was being sent; the upstream may \
-                      have applied it, so it was not sent again (requeue it once checked)"
-                .to_owned(),
-            metadata: HashMap::new(),
-        });
+        let in_doubt = error_json(&in_doubt_error(
+            None,
+            "the gateway stopped while this write was being sent; the upstream may have applied \
+             it, so it was not sent again (requeue it once checked)",
+        ));
+        let verifiable = self.settings.verifiable_methods.clone();
         self.store
             .write(move |tx| {
                 let now = now_ms();
-                let requeued = tx.execute(
+                let mut requeued = tx.execute(
                     "UPDATE outbox SET state = ?1, next_attempt_ms = ?2, update_ms = ?2
                      WHERE state = ?3 AND replay_safe = 1",
                     params![
@@ -609,6 +698,21 @@ impl Outbox {
                         DeliveryState::InFlight as i64
                     ],
                 )?;
+                // Its attempt started at the claim (update_ms) at the latest: the next attempt
+                // checks the upstream's history from the earliest moment it may have acted.
+                for method in &verifiable {
+                    requeued += tx.execute(
+                        "UPDATE outbox SET state = ?1, next_attempt_ms = ?2, update_ms = ?2,
+                            verify_since_ms = COALESCE(verify_since_ms, update_ms)
+                         WHERE state = ?3 AND replay_safe = 0 AND method = ?4",
+                        params![
+                            DeliveryState::Pending as i64,
+                            now,
+                            DeliveryState::InFlight as i64,
+                            method
+                        ],
+                    )?;
+                }
                 let in_doubt = tx.execute(
                     "UPDATE outbox SET state = ?1, last_error = ?2, update_ms = ?3, complete_ms = ?3
                      WHERE state = ?4 AND replay_safe = 0",
@@ -624,6 +728,27 @@ impl Outbox {
             .await
     }
 
+    /// Puts a delivery whose attempt was refused by a drain back in the queue, due at once: the
+    /// next start sends it.
+    async fn requeue(&self, delivery_id: String, error: DeliveryError) -> Result<(), Error> {
+        self.store
+            .write(move |tx| {
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE outbox SET state = ?1, last_error = ?2, update_ms = ?3,
+                        next_attempt_ms = ?3 WHERE delivery_id = ?4",
+                    params![
+                        DeliveryState::Pending as i64,
+                        error_json(&error),
+                        now,
+                        delivery_id
+                    ],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
     /// Claims up to `limit` deliveries that are due and not blocked by an older unfinished
     /// delivery for the same customer, marking them in flight (durably) before they are sent.
     async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, Error> {
@@ -632,7 +757,7 @@ impl Outbox {
                 let now = now_ms();
                 let mut statement = tx.prepare_cached(
                     "SELECT d.seq, d.delivery_id, d.method, d.request, d.attempt_count,
-                        d.traceparent FROM outbox d
+                        d.traceparent, d.verify_since_ms FROM outbox d
                      WHERE d.state IN (1, 3) AND d.next_attempt_ms <= ?1
                        AND NOT EXISTS (
                          SELECT 1 FROM outbox_keys k
@@ -653,6 +778,7 @@ impl Outbox {
                                     request: row.get(3)?,
                                     attempts: row.get::<_, u32>(4)? + 1,
                                     traceparent: row.get(5)?,
+                                    verify_since_ms: row.get(6)?,
                                 },
                             ))
                         },
@@ -702,34 +828,54 @@ impl Outbox {
                         )?;
                     }
                     Attempt::Failed { error } => {
-                        tx.execute(
-                            "UPDATE outbox SET state = 5, last_error = ?1, update_ms = ?2, complete_ms = ?2
-                             WHERE delivery_id = ?3",
-                            params![error_json(&error), now, delivery_id],
-                        )?;
+                        dead_letter(tx, &delivery_id, &error, now)?;
+                    }
+                    Attempt::InDoubt { error } => {
+                        let error = in_doubt_error(Some(&error), IN_DOUBT_AFTER_FAILURE);
+                        dead_letter(tx, &delivery_id, &error, now)?;
                     }
                     Attempt::Retry { error, retry_after } => {
+                        let (expire_ms, verify_since_ms): (i64, Option<i64>) = tx.query_row(
+                            "SELECT expire_ms, verify_since_ms FROM outbox WHERE delivery_id = ?1",
+                            [&delivery_id],
+                            |row| Ok((row.get(0)?, row.get(1)?)),
+                        )?;
+                        let next = now.saturating_add(millis(
+                            retry_after
+                                .unwrap_or_default()
+                                .max(backoff(&settings, attempts)),
+                        ));
+                        if next <= expire_ms {
+                            retry_later(tx, &delivery_id, &error, now, next, None)?;
+                        } else if verify_since_ms.is_some() {
+                            // An earlier attempt may have applied it and the history was never
+                            // checked: that doubt outlives this attempt's plain failure.
+                            let error = in_doubt_error(Some(&error), IN_DOUBT_UNVERIFIED);
+                            dead_letter(tx, &delivery_id, &error, now)?;
+                        } else {
+                            dead_letter(tx, &delivery_id, &error, now)?;
+                        }
+                    }
+                    Attempt::Unresolved {
+                        error,
+                        since_ms,
+                        retry_after,
+                    } => {
                         let expire_ms: i64 = tx.query_row(
                             "SELECT expire_ms FROM outbox WHERE delivery_id = ?1",
                             [&delivery_id],
                             |row| row.get(0),
                         )?;
-                        let delay = retry_after
-                            .unwrap_or_default()
-                            .max(backoff(&settings, attempts));
-                        let next = now.saturating_add(millis(delay));
-                        if next > expire_ms {
-                            tx.execute(
-                                "UPDATE outbox SET state = 5, last_error = ?1, update_ms = ?2,
-                                    complete_ms = ?2 WHERE delivery_id = ?3",
-                                params![error_json(&error), now, delivery_id],
-                            )?;
+                        let next = now.saturating_add(millis(
+                            retry_after
+                                .unwrap_or_default()
+                                .max(backoff(&settings, attempts)),
+                        ));
+                        if next <= expire_ms {
+                            retry_later(tx, &delivery_id, &error, now, next, Some(since_ms))?;
                         } else {
-                            tx.execute(
-                                "UPDATE outbox SET state = 3, last_error = ?1, update_ms = ?2,
-                                    next_attempt_ms = ?3 WHERE delivery_id = ?4",
-                                params![error_json(&error), now, next, delivery_id],
-                            )?;
+                            let error = in_doubt_error(Some(&error), IN_DOUBT_UNVERIFIED);
+                            dead_letter(tx, &delivery_id, &error, now)?;
                         }
                     }
                 }
@@ -811,6 +957,8 @@ impl Outbox {
             return;
         }
         let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+        // The attempts under way, so a drain can wait for them (and cut them at the grace).
+        let mut started: JoinSet<()> = JoinSet::new();
         let mut last_prune = tokio::time::Instant::now();
         let mut claims = FailureStreak::for_store();
         let mut reads = FailureStreak::for_store();
@@ -818,8 +966,9 @@ impl Outbox {
         // at once, and one line says so for all of them.
         let outcome_log = Arc::new(LogLimit::new(crate::backoff::LOG_EVERY));
         loop {
+            while started.try_join_next().is_some() {}
             if drain.is_draining() {
-                return;
+                break;
             }
             let free = permits.available_permits();
             let claimed = if free == 0 {
@@ -855,61 +1004,20 @@ impl Outbox {
                 }
             };
             let claimed_any = !claimed.is_empty();
-            for Claimed {
-                delivery_id,
-                method,
-                request,
-                attempts,
-                traceparent,
-            } in claimed
-            {
+            for claimed in claimed {
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     return;
                 };
-                let outbox = self.clone();
-                let executor = Arc::clone(&executor);
-                let outcome_log = Arc::clone(&outcome_log);
-                let drain = drain.clone();
-                // Each attempt is a trace of its own: the call that queued it has long returned.
-                // It links to the span that queued it, so the two traces are one click apart.
-                let span = tracing::info_span!(
-                    parent: None,
-                    "outbox.delivery",
-                    otel.kind = "consumer",
-                    method = %method,
-                    attempt = attempts,
-                    outcome = tracing::field::Empty,
+                let attempt = self.attempt(
+                    Arc::clone(&executor),
+                    claimed,
+                    drain.clone(),
+                    Arc::clone(&outcome_log),
                 );
-                if let Some(enqueued) = traceparent
-                    .as_deref()
-                    .and_then(crate::telemetry::propagation::parse_traceparent)
-                {
-                    span.add_link(enqueued);
-                }
-                tokio::spawn(async move {
-                    let attempt = executor.execute(&method, &request, &delivery_id).await;
-                    let outcome = match &attempt {
-                        Attempt::Delivered { .. } => "delivered",
-                        Attempt::Retry { .. } => "retry",
-                        Attempt::Failed { .. } => "failed",
-                    };
-                    tracing::Span::current().record("outcome", outcome);
-                    crate::telemetry::metrics().outbox_attempts.add(
-                        1,
-                        &[
-                            opentelemetry::KeyValue::new("method", method.clone()),
-                            opentelemetry::KeyValue::new("outcome", outcome),
-                        ],
-                    );
-                    if let Attempt::Retry { error, .. } | Attempt::Failed { error } = &attempt {
-                        tracing::info!(%delivery_id, %method, attempts, reason = %error.reason, "delivery attempt failed");
-                    }
-                    outbox.record_outcome(delivery_id, attempts, attempt, &outcome_log, &drain).await;
-                    outbox.outcomes.send_modify(|count| *count += 1);
+                started.spawn(async move {
+                    attempt.await;
                     drop(permit);
-                    // A finished delivery may unblock the next one for the same customer.
-                    outbox.wake.notify_one();
-                }.instrument(span));
+                });
             }
             if last_prune.elapsed() > Duration::from_secs(600) {
                 last_prune = tokio::time::Instant::now();
@@ -942,9 +1050,10 @@ impl Outbox {
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
-                () = drain.clone().signaled() => return,
+                () = drain.clone().signaled() => break,
             }
         }
+        self.finish_started(started).await;
     }
 
     /// Records an attempt's outcome, retrying with backoff while the store refuses: the attempt
@@ -983,6 +1092,131 @@ impl Outbox {
             }
         }
     }
+
+    /// The drain: waits up to the grace period for the attempts already started. Attempts the
+    /// lanes refuse meanwhile (not sent) go back to pending as they return; one still running at
+    /// the end of the grace has its request on the wire and stays in flight for the next start.
+    async fn finish_started(&self, mut started: JoinSet<()>) {
+        let running = started.len();
+        if running == 0 {
+            return;
+        }
+        let grace = self.settings.drain_grace;
+        tracing::info!(running, grace = %humantime::format_duration(grace), "finishing deliveries under way");
+        let finished = tokio::time::timeout(grace, async {
+            while started.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                remaining = started.len(),
+                "deliveries still waiting for the upstream when the grace ended"
+            );
+            started.abort_all();
+        }
+    }
+
+    /// One attempt of a claimed delivery, traced, with its outcome recorded.
+    fn attempt(
+        &self,
+        executor: Arc<dyn Executor>,
+        claimed: Claimed,
+        drain: Drain,
+        outcome_log: Arc<LogLimit>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let Claimed {
+            delivery_id,
+            method,
+            request,
+            attempts,
+            traceparent,
+            verify_since_ms,
+        } = claimed;
+        let outbox = self.clone();
+        // Each attempt is a trace of its own: the call that queued it has long returned.
+        // It links to the span that queued it, so the two traces are one click apart.
+        let span = tracing::info_span!(
+            parent: None,
+            "outbox.delivery",
+            otel.kind = "consumer",
+            method = %method,
+            attempt = attempts,
+            outcome = tracing::field::Empty,
+        );
+        if let Some(enqueued) = traceparent
+            .as_deref()
+            .and_then(crate::telemetry::propagation::parse_traceparent)
+        {
+            span.add_link(enqueued);
+        }
+        async move {
+            let attempt = executor
+                .execute(&method, &request, &delivery_id, verify_since_ms)
+                .await;
+            let outcome = attempt.outcome();
+            tracing::Span::current().record("outcome", outcome);
+            crate::telemetry::metrics().outbox_attempts.add(
+                1,
+                &[
+                    opentelemetry::KeyValue::new("method", method.clone()),
+                    opentelemetry::KeyValue::new("outcome", outcome),
+                ],
+            );
+            if let Some(error) = attempt.error() {
+                tracing::info!(%delivery_id, %method, attempts, reason = %error.reason, "delivery attempt failed");
+            }
+            match attempt {
+                // Refused (or failed harmlessly) while draining: due again at the next start.
+                Attempt::Retry { error, .. } if drain.is_draining() => {
+                    if let Err(error) = outbox.requeue(delivery_id, error).await {
+                        tracing::error!(%error, "cannot put a delivery back to pending");
+                    }
+                }
+                attempt => {
+                    outbox
+                        .record_outcome(delivery_id, attempts, attempt, &outcome_log, &drain)
+                        .await;
+                }
+            }
+            outbox.outcomes.send_modify(|count| *count += 1);
+            // A finished delivery may unblock the next one for the same customer.
+            outbox.wake.notify_one();
+        }
+        .instrument(span)
+    }
+}
+
+fn dead_letter(
+    tx: &rusqlite::Transaction<'_>,
+    delivery_id: &str,
+    error: &DeliveryError,
+    now: i64,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE outbox SET state = 5, last_error = ?1, update_ms = ?2, complete_ms = ?2
+         WHERE delivery_id = ?3",
+        params![error_json(error), now, delivery_id],
+    )?;
+    Ok(())
+}
+
+/// Schedules the next attempt at `next`; `verify_since_ms` is kept at its earliest value, since
+/// the history must be read from the first attempt that may have acted.
+fn retry_later(
+    tx: &rusqlite::Transaction<'_>,
+    delivery_id: &str,
+    error: &DeliveryError,
+    now: i64,
+    next: i64,
+    verify_since_ms: Option<i64>,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE outbox SET state = 3, last_error = ?1, update_ms = ?2, next_attempt_ms = ?3,
+            verify_since_ms = COALESCE(verify_since_ms, ?4)
+         WHERE delivery_id = ?5",
+        params![error_json(error), now, next, verify_since_ms, delivery_id],
+    )?;
+    Ok(())
 }
 
 /// Full-jitter exponential backoff: a uniform delay in `[0, min(max, base * 2^(attempts-1))]`,

@@ -39,7 +39,13 @@ struct RecordingExecutor {
 
 #[tonic::async_trait]
 impl Executor for RecordingExecutor {
-    async fn execute(&self, _method: &str, request: &[u8], _delivery_id: &str) -> Attempt {
+    async fn execute(
+        &self,
+        _method: &str,
+        request: &[u8],
+        _delivery_id: &str,
+        _verify_since_ms: Option<i64>,
+    ) -> Attempt {
         let _ = self
             .attempts
             .send(String::from_utf8_lossy(request).into_owned());

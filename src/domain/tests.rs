@@ -47,7 +47,13 @@ struct ScriptedExecutor {
 
 #[tonic::async_trait]
 impl Executor for ScriptedExecutor {
-    async fn execute(&self, _method: &str, request: &[u8], _delivery_id: &str) -> Attempt {
+    async fn execute(
+        &self,
+        _method: &str,
+        request: &[u8],
+        _delivery_id: &str,
+        _verify_since_ms: Option<i64>,
+    ) -> Attempt {
         let body = String::from_utf8_lossy(request).into_owned();
         let _ = self.attempts.send(body.clone());
         let mut fail_first = self.fail_first.lock().unwrap();
@@ -297,6 +303,310 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
         .unwrap();
     assert_eq!(doubtful.state, DeliveryState::DeadLettered);
     assert_eq!(doubtful.last_error.unwrap().reason, "DELIVERY_IN_DOUBT");
+}
+
+#[tokio::test]
+async fn recovery_verifies_writes_whose_upstream_keeps_a_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(
+        store.clone(),
+        OutboxSettings {
+            verifiable_methods: vec!["SendSurvey".to_owned()],
+            ..fast_settings()
+        },
+    );
+    let survey = outbox
+        .enqueue(delivery("SendSurvey", "fay", &["fay"], false))
+        .await
+        .unwrap();
+    let event = outbox
+        .enqueue(delivery("TrackEvent", "gil", &["gil"], false))
+        .await
+        .unwrap();
+    store
+        .write(|tx| tx.execute("UPDATE outbox SET state = 2, update_ms = 1234", []))
+        .await
+        .unwrap();
+    assert_eq!(outbox.recover().await.unwrap(), (1, 1));
+    assert_eq!(
+        outbox
+            .get(&survey, &Visibility::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        DeliveryState::Pending
+    );
+    assert_eq!(
+        outbox
+            .get(&event, &Visibility::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        DeliveryState::DeadLettered
+    );
+
+    // Its next attempt is told to check the history from the claim that was cut.
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let executor = Arc::new(VerifyingExecutor { seen: seen_tx });
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
+    wait_for_state(&outbox, &survey, DeliveryState::Delivered).await;
+    assert_eq!(seen.recv().await.unwrap(), Some(1234));
+    trigger.start();
+    worker.await.unwrap();
+}
+
+/// Reports the `verify_since_ms` it is given, and delivers.
+struct VerifyingExecutor {
+    seen: mpsc::UnboundedSender<Option<i64>>,
+}
+
+#[tonic::async_trait]
+impl Executor for VerifyingExecutor {
+    async fn execute(
+        &self,
+        _method: &str,
+        _request: &[u8],
+        _delivery_id: &str,
+        verify_since_ms: Option<i64>,
+    ) -> Attempt {
+        let _ = self.seen.send(verify_since_ms);
+        Attempt::Delivered { result: Vec::new() }
+    }
+}
+
+/// Answers from a script of attempts, in order, and records the `verify_since_ms` of each.
+struct SequenceExecutor {
+    script: Mutex<Vec<Attempt>>,
+    seen: mpsc::UnboundedSender<Option<i64>>,
+}
+
+#[tonic::async_trait]
+impl Executor for SequenceExecutor {
+    async fn execute(
+        &self,
+        _method: &str,
+        _request: &[u8],
+        _delivery_id: &str,
+        verify_since_ms: Option<i64>,
+    ) -> Attempt {
+        let _ = self.seen.send(verify_since_ms);
+        let mut script = self.script.lock().unwrap();
+        if script.is_empty() {
+            Attempt::Delivered { result: Vec::new() }
+        } else {
+            script.remove(0)
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unresolved_write_is_checked_from_its_first_doubtful_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::new(Store::open(dir.path()).unwrap(), fast_settings());
+    let unresolved = |since_ms| Attempt::Unresolved {
+        error: transient(),
+        since_ms,
+        retry_after: None,
+    };
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let executor = Arc::new(SequenceExecutor {
+        script: Mutex::new(vec![unresolved(100), unresolved(200)]),
+        seen: seen_tx,
+    });
+    let id = outbox
+        .enqueue(delivery("SendSurvey", "hal", &["hal"], false))
+        .await
+        .unwrap();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
+    wait_for_state(&outbox, &id, DeliveryState::Delivered).await;
+    let mut since = Vec::new();
+    while let Ok(value) = seen.try_recv() {
+        since.push(value);
+    }
+    // The second doubtful attempt does not move the start of the check forward.
+    assert_eq!(since, [None, Some(100), Some(100)]);
+    trigger.start();
+    worker.await.unwrap();
+}
+
+#[tokio::test]
+async fn doubts_left_at_the_end_of_the_window_are_dead_lettered_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::new(
+        Store::open(dir.path()).unwrap(),
+        OutboxSettings {
+            retry_window: Duration::ZERO,
+            ..fast_settings()
+        },
+    );
+    let (seen_tx, _seen) = mpsc::unbounded_channel();
+    let executor = Arc::new(SequenceExecutor {
+        script: Mutex::new(vec![
+            Attempt::InDoubt { error: transient() },
+            Attempt::Unresolved {
+                error: transient(),
+                since_ms: 5,
+                retry_after: None,
+            },
+        ]),
+        seen: seen_tx,
+    });
+    let event = outbox
+        .enqueue(delivery("TrackEvent", "ivy", &["ivy"], false))
+        .await
+        .unwrap();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
+    wait_for_state(&outbox, &event, DeliveryState::DeadLettered).await;
+    let survey = outbox
+        .enqueue(delivery("SendSurvey", "jo", &["jo"], false))
+        .await
+        .unwrap();
+    wait_for_state(&outbox, &survey, DeliveryState::DeadLettered).await;
+    for id in [&event, &survey] {
+        let error = outbox
+            .get(id, &Visibility::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_error
+            .unwrap();
+        assert_eq!(error.reason, "DELIVERY_IN_DOUBT", "{id}");
+        assert_eq!(error.metadata["cause"], "UPSTREAM_UNAVAILABLE", "{id}");
+    }
+    trigger.start();
+    worker.await.unwrap();
+}
+
+/// Holds every attempt until released, then answers `answer`.
+struct GatedExecutor {
+    started: mpsc::UnboundedSender<String>,
+    release: Arc<tokio::sync::Notify>,
+    answer: fn() -> Attempt,
+}
+
+#[tonic::async_trait]
+impl Executor for GatedExecutor {
+    async fn execute(
+        &self,
+        _method: &str,
+        request: &[u8],
+        _delivery_id: &str,
+        _verify_since_ms: Option<i64>,
+    ) -> Attempt {
+        let _ = self
+            .started
+            .send(String::from_utf8_lossy(request).into_owned());
+        self.release.notified().await;
+        (self.answer)()
+    }
+}
+
+#[tokio::test]
+async fn a_drain_lets_started_deliveries_finish_and_requeues_what_was_refused() {
+    for (answer, expected) in [
+        (
+            (|| Attempt::Delivered { result: Vec::new() }) as fn() -> Attempt,
+            DeliveryState::Delivered,
+        ),
+        // What the lanes answer during a drain: refused before it was sent.
+        (
+            || Attempt::Retry {
+                error: transient(),
+                retry_after: Some(Duration::from_secs(3600)),
+            },
+            DeliveryState::Pending,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::new(Store::open(dir.path()).unwrap(), fast_settings());
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let executor = Arc::new(GatedExecutor {
+            started: started_tx,
+            release: Arc::clone(&release),
+            answer,
+        });
+        let id = outbox
+            .enqueue(delivery("TrackEvent", "kim", &["kim"], false))
+            .await
+            .unwrap();
+        let (trigger, drain) = shutdown::channel();
+        let worker = tokio::spawn(outbox.clone().run_worker(
+            executor,
+            drain,
+            crate::readiness::Readiness::new(),
+        ));
+        assert_eq!(started.recv().await.unwrap(), "kim");
+        // Draining starts while the attempt is under way: the worker waits for it.
+        trigger.start();
+        tokio::task::yield_now().await;
+        assert!(!worker.is_finished());
+        release.notify_one();
+        worker.await.unwrap();
+        let record = outbox.get(&id, &Visibility::All).await.unwrap().unwrap();
+        assert_eq!(record.state, expected);
+        if expected == DeliveryState::Pending {
+            assert!(record.next_attempt_ms.unwrap() <= chrono::Utc::now().timestamp_millis());
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_leaves_a_delivery_on_the_wire_in_flight_when_the_grace_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::new(
+        Store::open(dir.path()).unwrap(),
+        OutboxSettings {
+            drain_grace: Duration::from_secs(2),
+            ..fast_settings()
+        },
+    );
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let executor = Arc::new(GatedExecutor {
+        started: started_tx,
+        release: Arc::new(tokio::sync::Notify::new()),
+        answer: || Attempt::Delivered { result: Vec::new() },
+    });
+    let id = outbox
+        .enqueue(delivery("TrackEvent", "lee", &["lee"], false))
+        .await
+        .unwrap();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        executor,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
+    assert_eq!(started.recv().await.unwrap(), "lee");
+    trigger.start();
+    worker.await.unwrap();
+    assert_eq!(
+        outbox
+            .get(&id, &Visibility::All)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        DeliveryState::InFlight
+    );
 }
 
 #[tokio::test]

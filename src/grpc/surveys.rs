@@ -6,10 +6,15 @@
 //! - [`validation`]: request checks with exact field paths.
 //! - [`convert`]: protobuf ⇄ Retently types for this service.
 //! - [`cursor`]: page tokens of the lists Retently pages itself (feedback, sent surveys).
+//! - `delivery`: the outbox's delivery of a queued send, which checks Retently's history of
+//!   sent surveys before sending again after a failure that may have been applied.
 
 pub mod convert;
 pub mod cursor;
+mod delivery;
 pub mod validation;
+
+pub(crate) use self::delivery::deliver_send_survey;
 
 use std::sync::Arc;
 
@@ -592,44 +597,28 @@ async fn check_campaign(app: &App, ctx: &CallContext, campaign_id: &str) -> Resu
     }
 }
 
-/// What a send did: the response, and when no recipient got anywhere, why.
-struct SendReport {
-    response: pb::SendSurveyResponse,
-    /// Set when nothing was scheduled, throttled or possibly sent: the error of the send as a
-    /// whole (a transient one if any recipient's failure may pass).
-    nothing_sent: Option<Error>,
-}
-
-async fn send(app: &App, request: pb::SendSurveyRequest, ctx: CallContext) -> SendReport {
+/// Sends `request` and returns each recipient's result with, for a failed or unknown one, its
+/// error, in request order.
+async fn send_each(
+    app: &App,
+    request: pb::SendSurveyRequest,
+    ctx: CallContext,
+) -> Vec<(pb::RecipientResult, Option<Error>)> {
     let delay = request.delay_days.and_then(|days| u32::try_from(days).ok());
     let recipients = request.recipients.iter().map(convert::recipient).collect();
     let outcomes = app
         .retently
         .send_surveys(&ctx, &request.campaign_id, delay, recipients)
         .await;
-    let mut results = Vec::with_capacity(outcomes.len());
-    let mut reached = false;
-    let mut first_error: Option<Error> = None;
-    for (index, (recipient, outcome)) in request.recipients.iter().zip(outcomes).enumerate() {
-        let (result, error) = convert::recipient_result(index, &recipient.email, outcome);
-        // Scheduled, throttled, or possibly sent: the upstream has (or may have) taken it.
-        reached |= result.outcome != pb::RecipientOutcome::Failed as i32;
-        results.push(result);
-        if let Some(error) = error {
-            let transient = writes::is_transient(&error);
-            match &first_error {
-                Some(first) if !transient || writes::is_transient(first) => {}
-                _ => first_error = Some(error),
-            }
-        }
-    }
-    SendReport {
-        response: pb::SendSurveyResponse {
-            delivery_id: String::new(),
-            results,
-        },
-        nothing_sent: if reached { None } else { first_error },
-    }
+    request
+        .recipients
+        .iter()
+        .zip(outcomes)
+        .enumerate()
+        .map(|(index, (recipient, outcome))| {
+            convert::recipient_result(index, &recipient.email, outcome)
+        })
+        .collect()
 }
 
 /// Sends a validated SendSurvey request now: one result per recipient, in request order.
@@ -638,24 +627,14 @@ pub(crate) async fn execute_send_survey(
     request: pb::SendSurveyRequest,
     ctx: CallContext,
 ) -> Result<pb::SendSurveyResponse, Error> {
-    Ok(send(app, request, ctx).await.response)
-}
-
-/// The outbox's delivery of a queued SendSurvey. When no recipient got anywhere, the attempt
-/// fails as a whole, which is safe to repeat since nothing went out: the outbox retries it when
-/// the cause may pass (budget, outage) and dead-letters it otherwise (an unknown campaign), where
-/// an operator sees it. Otherwise it is delivered, with every recipient's outcome in the
-/// delivery's result.
-pub(crate) async fn deliver_send_survey(
-    app: &App,
-    request: pb::SendSurveyRequest,
-    ctx: CallContext,
-) -> Result<pb::SendSurveyResponse, Error> {
-    let report = send(app, request, ctx).await;
-    match report.nothing_sent {
-        Some(error) => Err(error),
-        None => Ok(report.response),
-    }
+    Ok(pb::SendSurveyResponse {
+        delivery_id: String::new(),
+        results: send_each(app, request, ctx)
+            .await
+            .into_iter()
+            .map(|(result, _)| result)
+            .collect(),
+    })
 }
 
 pub(crate) async fn execute_set_feedback_tags(

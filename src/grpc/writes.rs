@@ -21,6 +21,7 @@ use crate::error::{Error, ErrorCode};
 use crate::grpc::{customers, methods, surveys};
 use crate::pb;
 use crate::upstream::CallContext;
+use crate::upstream::failure::{DeliveryDecision, FailureClass, delivery_decision};
 
 /// A write RPC's request type and what the write path needs to know about it.
 pub trait WriteRpc: Message + Default + Clone + Send + 'static {
@@ -244,31 +245,16 @@ fn decode_response<R: WriteRpc>(bytes: &[u8]) -> Result<R::Response, Error> {
         .map_err(|error| Error::internal(format!("a remembered response does not decode: {error}")))
 }
 
-/// Whether a failed attempt may succeed later: the upstream was unavailable or busy, or it
-/// refused the gateway's own credentials (an operator fixing the key lets the queue drain).
+/// Whether a failed attempt may succeed later without anyone changing the request (see
+/// [`delivery_decision`], the one place that decides).
 pub(crate) fn is_transient(error: &Error) -> bool {
-    let credentials = matches!(
-        error.reason(),
-        "UPSTREAM_CREDENTIALS_REJECTED" | "UPSTREAM_CREDENTIALS_INVALID"
-    );
-    credentials
-        || matches!(
-            error.code(),
-            ErrorCode::Unavailable
-                | ErrorCode::ResourceExhausted
-                | ErrorCode::DeadlineExceeded
-                | ErrorCode::Aborted
-                | ErrorCode::Cancelled
-        )
+    delivery_decision(error, true) == DeliveryDecision::Retry
 }
 
-/// Whether a failed call may nonetheless have been applied upstream: the request was sent and
-/// no clear refusal came back (a timeout, a dropped connection, a 5xx).
+/// Whether a failed call may nonetheless have been applied upstream: the request was written
+/// and no clear answer came back (a timeout, a reset, a 500, 502 or 504).
 pub fn possibly_applied(error: &Error) -> bool {
-    matches!(
-        error.reason(),
-        "UPSTREAM_TIMEOUT" | "UPSTREAM_CONNECTION_FAILED" | "UPSTREAM_UNAVAILABLE"
-    )
+    error.failure_class() == Some(FailureClass::PossiblyApplied)
 }
 
 /// Replays one queued write through its execution function and classifies the outcome.
@@ -307,17 +293,24 @@ where
                 result: response.encode_to_vec(),
             }
         }
-        // An operation that must not run twice is not retried when the upstream may have
-        // applied it; the delivery goes to the dead letters for an operator to check.
-        Err(error) if !replay_safe && possibly_applied(&error) => Attempt::Failed {
-            error: DeliveryError::from(&error.with_metadata("in_doubt", "true")),
-        },
-        Err(error) if is_transient(&error) => Attempt::Retry {
+        Err(error) => attempt_failed(&error, replay_safe),
+    }
+}
+
+/// The outbox's attempt for a failed write, as [`delivery_decision`] decides.
+pub(crate) fn attempt_failed(error: &Error, replay_safe: bool) -> Attempt {
+    match delivery_decision(error, replay_safe) {
+        DeliveryDecision::Retry => Attempt::Retry {
             retry_after: error.retry_after(),
-            error: DeliveryError::from(&error),
+            error: DeliveryError::from(error),
         },
-        Err(error) => Attempt::Failed {
-            error: DeliveryError::from(&error),
+        // An operation that must not run twice is not sent again when the upstream may have
+        // applied it; the delivery goes to the dead letters for an operator to check.
+        DeliveryDecision::InDoubt => Attempt::InDoubt {
+            error: DeliveryError::from(error),
+        },
+        DeliveryDecision::Failed => Attempt::Failed {
+            error: DeliveryError::from(error),
         },
     }
 }
@@ -329,14 +322,17 @@ pub struct WriteExecutor {
 
 #[tonic::async_trait]
 impl Executor for WriteExecutor {
-    async fn execute(&self, method: &str, request: &[u8], delivery_id: &str) -> Attempt {
+    async fn execute(
+        &self,
+        method: &str,
+        request: &[u8],
+        delivery_id: &str,
+        verify_since_ms: Option<i64>,
+    ) -> Attempt {
         let app = &self.app;
         match method {
             methods::SEND_SURVEY => {
-                replay::<pb::SendSurveyRequest, _, _>(request, delivery_id, |r, ctx| {
-                    surveys::deliver_send_survey(app, r, ctx)
-                })
-                .await
+                surveys::deliver_send_survey(app, request, delivery_id, verify_since_ms).await
             }
             methods::SET_FEEDBACK_TAGS => {
                 replay::<pb::SetFeedbackTagsRequest, _, _>(request, delivery_id, |r, ctx| {

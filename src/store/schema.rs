@@ -20,6 +20,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     crate::feedback::log::MIGRATION,
     crate::domain::outbox::TRACE_CONTEXT_MIGRATION,
     crate::domain::idempotency::OWNER_MIGRATION,
+    crate::domain::outbox::VERIFY_MIGRATION,
 ];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {

@@ -1,8 +1,10 @@
 //! The HTTP plumbing both clients share: building the `reqwest` client, sending one attempt,
 //! classifying its failure once, and turning upstream answers into the gateway's [`Error`].
 //!
-//! Classification (the reqwest-middleware / Vector rule): 5xx, 408, 429, connect errors and
-//! timeouts are transient; any other 4xx is not. Mapping follows AIP-193: 400/422 →
+//! Classification, by what the upstream can have done ([`FailureClass`], carried inside the
+//! error): 429, 408, 503 and failures before the request was written (connect, DNS, TLS) surely
+//! did not act; timeouts and resets after the request was written, 500, 502 and 504 may have;
+//! 401/403 refuse the gateway's credentials; any other 4xx cannot pass. Mapping follows AIP-193: 400/422 →
 //! `INVALID_ARGUMENT` with the upstream's field messages as violations; 401/403 → the gateway's
 //! own credential problem (`FAILED_PRECONDITION`, never the caller's fault); 404 → `NOT_FOUND`;
 //! 429 → `RESOURCE_EXHAUSTED` with `RetryInfo`; 5xx, connect errors and timeouts →
@@ -301,12 +303,13 @@ impl Transport {
     ) -> AttemptError {
         let upstream = self.upstream;
         let code = status.as_u16();
-        let class = match code {
-            408 | 429 => FailureClass::Refused,
-            500..=599 => FailureClass::Transient,
-            _ => FailureClass::Permanent,
+        // Retainly answers 422 on `/events` for a bad key: still the gateway's credentials.
+        let class = if rejection.credentials {
+            FailureClass::CredentialsRejected
+        } else {
+            FailureClass::of_status(code)
         };
-        let error = if code == 401 || code == 403 || rejection.credentials {
+        let error = if class == FailureClass::CredentialsRejected {
             Error::new(
                 ErrorCode::FailedPrecondition,
                 "UPSTREAM_CREDENTIALS_REJECTED",
@@ -368,13 +371,15 @@ impl Transport {
                 ),
             }
         };
-        if class != FailureClass::Permanent {
+        if class.may_pass() {
             tracing::debug!(upstream, route = %route, status = code, "transient upstream failure");
         } else if code != 404 && code != 400 && code != 422 {
             tracing::warn!(upstream, route = %route, status = code, "upstream refused a request");
         }
         AttemptError {
-            error: self.decorate(error, route, &code.to_string()),
+            error: self
+                .decorate(error, route, &code.to_string())
+                .with_failure_class(class),
             class,
             retry_after,
         }
@@ -388,9 +393,20 @@ impl Transport {
     ) -> AttemptError {
         let upstream = self.upstream;
         let cause = cause_chain(error);
-        let (class, reason, message, status) = if error.is_timeout() {
+        // A connect failure (refused, DNS, TLS handshake, connect timeout) is checked first: a
+        // connect timeout is also a timeout, but nothing was sent. Once connected, hyper re-sends
+        // by itself a request whose pooled connection closed before the request was written, so
+        // any later transport failure came after the request left.
+        let (class, reason, message, status) = if error.is_connect() {
             (
-                FailureClass::Transient,
+                FailureClass::NotSent,
+                "UPSTREAM_UNREACHABLE",
+                format!("cannot connect to {upstream}: {cause}"),
+                "connect_error",
+            )
+        } else if error.is_timeout() {
+            (
+                FailureClass::PossiblyApplied,
                 "UPSTREAM_TIMEOUT",
                 format!(
                     "{upstream} did not answer within {} ms",
@@ -398,16 +414,9 @@ impl Transport {
                 ),
                 "timeout",
             )
-        } else if error.is_connect() {
-            (
-                FailureClass::NotSent,
-                "UPSTREAM_UNREACHABLE",
-                format!("cannot connect to {upstream}: {cause}"),
-                "connect_error",
-            )
         } else {
             (
-                FailureClass::Transient,
+                FailureClass::PossiblyApplied,
                 "UPSTREAM_CONNECTION_FAILED",
                 format!("the connection to {upstream} failed: {cause}"),
                 "connection_error",
@@ -417,7 +426,9 @@ impl Transport {
         let error = Error::new(ErrorCode::Unavailable, reason, message)
             .with_retry_after(DEFAULT_RETRY_AFTER);
         AttemptError {
-            error: self.decorate(error, route, status),
+            error: self
+                .decorate(error, route, status)
+                .with_failure_class(class),
             class,
             retry_after: None,
         }

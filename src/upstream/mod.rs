@@ -32,6 +32,7 @@
 //! - [`scheduler`]: the per-account lane (sliding-window budget, priority queues, retries with
 //!   full jitter and a retry budget, circuit breaker), the batcher and the read cache.
 //! - [`batching`]: driving a coalesced batch and splitting the upstream's answer per caller.
+//! - [`failure`]: what a failed attempt can have done upstream, and the outbox's decision.
 //! - [`http`]: the shared transport: one attempt, failure classification, error mapping.
 //! - [`de`]: tolerant field decoders for the documented body variations.
 //! - [`retently`]: `client` (HTTP per endpoint), `model` (records and requests), `error`
@@ -40,6 +41,7 @@
 pub mod batching;
 pub mod context;
 pub mod de;
+pub mod failure;
 pub mod http;
 pub mod retainly;
 pub mod retently;

@@ -332,12 +332,14 @@ def check_callers_and_tls(rendered: Rendered) -> None:
 def check_drain_timing(rendered: Rendered) -> None:
     values = rendered.values
     grace = values["config"]["shutdownGraceSeconds"]
+    delay = values["drain"]["delaySeconds"]
     pause = values["lifecycle"]["preStopSleepSeconds"]
     margin = values["lifecycle"]["terminationGraceMarginSeconds"]
     assert rendered.config_map()["CXGW_SHUTDOWN_GRACE"] == f"{grace}s"
+    assert rendered.config_map()["CXGW_DRAIN_DELAY"] == f"{delay}s"
     total = rendered.pod_spec()["terminationGracePeriodSeconds"]
-    assert total == pause + grace + margin, f"terminationGracePeriodSeconds {total}"
-    assert total > pause + grace, "no margin after the drain window"
+    assert total == pause + delay + grace + margin, f"terminationGracePeriodSeconds {total}"
+    assert total > pause + delay + grace, "no margin after the drain window"
     pre_stop = rendered.container().get("lifecycle", {}).get("preStop", {})
     if pause:
         assert pre_stop == {"sleep": {"seconds": pause}}, f"preStop {pre_stop}"
@@ -1075,6 +1077,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         "/config/shutdownGraceSeconds",
     ),
     ("zero grace", {"config": {"shutdownGraceSeconds": 0}}, "/config/shutdownGraceSeconds"),
+    ("drain delay as a duration string", {"drain": {"delaySeconds": "5s"}}, "/drain/delaySeconds"),
+    ("negative drain delay", {"drain": {"delaySeconds": -1}}, "/drain/delaySeconds"),
     ("bad duration", {"config": {"maxConnectionAge": "30 minutes"}}, "/config/maxConnectionAge"),
     (
         "base URL not http",

@@ -130,13 +130,29 @@ impl ChildGateway {
 
     /// SIGTERM and wait for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.process.wait().expect("the child exits")
+    }
+
+    /// Sends SIGTERM and returns at once, so a test can watch the drain.
+    pub fn send_sigterm(&self) {
         let pid = i32::try_from(self.process.id()).expect("pid fits");
         // The shell's `kill` keeps the tests free of a libc dependency.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(pid.to_string())
             .status();
-        self.process.wait().expect("the child exits")
+    }
+
+    /// Waits for the child to exit (after [`ChildGateway::send_sigterm`]); the exit status and
+    /// every line it wrote.
+    pub fn wait_with_log(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = self.process.wait().expect("the child exits");
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("the log reader finishes");
+        }
+        let lines = self.log.lock().unwrap().clone();
+        (status, lines)
     }
 }
 

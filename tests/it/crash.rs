@@ -1,6 +1,8 @@
 //! Nothing acknowledged is lost: a child gateway acknowledges thousands of asynchronous writes
 //! while the sandbox injects faults, is killed with SIGKILL mid-delivery, restarts on the same
-//! data directory, and the sandbox ends with the acknowledged set — each write once.
+//! data directory, and the sandbox ends with the acknowledged set — each write once. The kill
+//! lands mid-delivery by construction: the sandbox lets a fifth of the events through and holds
+//! every later one on the wire until the kill.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -71,6 +73,10 @@ async fn acknowledged_writes_survive_sigkill_and_are_delivered_once() {
             ..FaultConfig::default()
         },
     );
+    // A fifth of the events are handled; every later one is held, unanswered, until the kill.
+    sandbox
+        .handle()
+        .hold_after(Api::Retainly, (WRITES / 5) as u64);
     let data_dir = tempfile::tempdir().unwrap();
 
     let gateway = ChildGateway::start(&emulator, data_dir.path(), &settings()).await;
@@ -96,14 +102,18 @@ async fn acknowledged_writes_survive_sigkill_and_are_delivered_once() {
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert_eq!(acknowledged.len(), WRITES, "every write was acknowledged");
 
-    // Kill it while deliveries are under way: some have arrived, not all.
-    let sandbox_ref = sandbox.clone();
-    eventually("some deliveries to arrive", Duration::from_secs(60), || {
-        recorded(&sandbox_ref).len() >= WRITES / 5
-    })
+    // Kill it while deliveries are under way: the fifth that passed has arrived, and the rest
+    // cannot arrive before the kill since the sandbox holds them.
+    let handle = sandbox.handle().clone();
+    eventually(
+        "deliveries held on the wire",
+        Duration::from_secs(60),
+        || handle.held(Api::Retainly) > 0,
+    )
     .await;
     let before_kill = recorded(&sandbox).len();
     gateway.kill();
+    handle.release(Api::Retainly);
     assert!(
         before_kill < WRITES,
         "the kill came mid-delivery ({before_kill} delivered)"

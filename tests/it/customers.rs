@@ -1126,8 +1126,10 @@ async fn an_async_append_retainly_may_have_applied_is_dead_lettered_in_doubt() {
     let delivery = finished(&gateway.channel, &queued.delivery_id).await;
     assert_eq!(delivery.state, pb::DeliveryState::DeadLettered as i32);
     let error = delivery.last_error.unwrap();
-    assert_eq!(error.code, tonic::Code::Unavailable as i32);
-    assert_eq!(error.metadata["in_doubt"], "true");
+    assert_eq!(error.reason, "DELIVERY_IN_DOUBT");
+    assert_eq!(error.code, tonic::Code::Aborted as i32);
+    assert_eq!(error.metadata["cause"], "UPSTREAM_UNAVAILABLE");
+    assert_eq!(error.metadata["status"], "502");
     assert_eq!(error.metadata["upstream"], "retainly");
     // Sent once, never repeated.
     assert_eq!(count(&sandbox, Api::Retainly, "/arrays", 502), 1);

@@ -16,6 +16,9 @@ pub struct FaultConfig {
     pub error_rate: f64,
     /// The status codes to draw from, uniformly; empty means `[500, 502, 503]`.
     pub error_statuses: Vec<u16>,
+    /// Whether an injected 5xx comes after the request was handled (its effect applied, as when
+    /// the upstream commits and then fails) rather than before (nothing applied).
+    pub error_after_handling: bool,
     /// Added to every request before it is handled, in milliseconds.
     pub latency_ms: u64,
     /// A further uniform random 0..=jitter milliseconds.
@@ -62,7 +65,10 @@ pub(crate) struct Plan {
     pub forced_429: Option<u64>,
     pub drop_before: bool,
     pub drop_after: bool,
+    /// A 5xx answered before the request is handled.
     pub error_status: Option<u16>,
+    /// A 5xx answered after the request was handled.
+    pub error_after: Option<u16>,
     pub slow_body: Option<SlowBody>,
 }
 
@@ -119,7 +125,8 @@ impl FaultState {
             forced_429,
             drop_before: dropped && !config.drop_after_handling,
             drop_after: dropped && config.drop_after_handling,
-            error_status,
+            error_status: error_status.filter(|_| !config.error_after_handling),
+            error_after: error_status.filter(|_| config.error_after_handling),
             slow_body: config.slow_body.clone(),
         };
         if latency_ms > 0 {

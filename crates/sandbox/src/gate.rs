@@ -1,6 +1,7 @@
 //! The middleware in front of each emulated API, in the order a request meets it:
 //! injected faults (latency, forced 429, dropped connection, 5xx), authentication, the rate
-//! limit, the handler, then the response faults (drop after handling, slow body). Every outcome
+//! limit, the hold gate of tests, the handler, then the response faults (5xx or drop after
+//! handling, slow body). Every outcome
 //! is counted per route template and status.
 
 use std::convert::Infallible;
@@ -64,6 +65,8 @@ async fn gate(shared: Arc<Shared>, api: Api, request: Request, next: Next) -> Re
             traceparent: traceparent.to_owned(),
         });
     }
+    // Counted until the answer is ready, or until the client goes away and the request with it.
+    let _in_progress = InProgress::start(&shared, api);
     let plan = shared.control().faults[api.index()].plan();
     if plan.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(plan.latency_ms)).await;
@@ -90,7 +93,21 @@ async fn gate(shared: Arc<Shared>, api: Api, request: Request, next: Next) -> Re
         let response = too_many_requests(api, retry_after_seconds(wait));
         return record(&shared, api, route, response);
     }
+    let mut held = shared.control().holds[api.index()].admit(&route);
+    if let Some(hold) = held.as_mut().filter(|hold| !hold.after_handling) {
+        // An error means the sandbox is gone; the request then goes on.
+        let _ = hold.open.wait_for(|open| *open).await;
+    }
     let response = next.run(request).await;
+    if let Some(hold) = held.as_mut().filter(|hold| hold.after_handling) {
+        let _ = hold.open.wait_for(|open| *open).await;
+    }
+    if let Some(status) = plan.error_after {
+        // The request was handled (its effect applied) and then failed, as when an upstream
+        // commits and its reply is lost in a proxy or a crash.
+        let response = server_error(api, status);
+        return record(&shared, api, route, response);
+    }
     if plan.drop_after {
         record_status(&shared, api, route, DROPPED);
         return dropped();
@@ -103,6 +120,30 @@ async fn gate(shared: Arc<Shared>, api: Api, request: Request, next: Next) -> Re
         None => response,
     };
     record(&shared, api, route, response)
+}
+
+/// One request counted in `Stats::in_progress` while it lives.
+struct InProgress {
+    shared: Arc<Shared>,
+    api: Api,
+}
+
+impl InProgress {
+    fn start(shared: &Arc<Shared>, api: Api) -> InProgress {
+        shared.control().stats.in_progress[api.index()] += 1;
+        InProgress {
+            shared: Arc::clone(shared),
+            api,
+        }
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let mut control = self.shared.control();
+        let count = &mut control.stats.in_progress[self.api.index()];
+        *count = count.saturating_sub(1);
+    }
 }
 
 fn record(shared: &Shared, api: Api, route: String, response: Response) -> Response {

@@ -12,7 +12,7 @@ use crate::config::WebhookConfig;
 use crate::faults::{FaultConfig, FaultCounts};
 use crate::retainly::model::{RetainlyCustomer, RetainlyEvent, id_key};
 use crate::retently::model::{Campaign, Customer, Feedback, Template, normalize_email};
-use crate::state::{Shared, SurveySend, TraceparentSeen, WebhookStats};
+use crate::state::{HoldSpec, Shared, SurveySend, TraceparentSeen, WebhookStats};
 
 /// Requests seen for one (API, route template, status). Status 0 means the connection was
 /// dropped by fault injection.
@@ -168,6 +168,40 @@ impl SandboxHandle {
 
     pub fn faults(&self, api: Api) -> FaultConfig {
         self.shared.control().faults[api.index()].config.clone()
+    }
+
+    /// Requests to `api` that arrived and are not answered yet: in the injected latency, held by
+    /// the gate, or being handled.
+    pub fn in_progress(&self, api: Api) -> u64 {
+        self.shared.control().stats.in_progress[api.index()]
+    }
+
+    /// Lets the next `pass` requests to `api` through and then holds every later one before it
+    /// is handled (the client sees no answer) until [`SandboxHandle::release`].
+    pub fn hold_after(&self, api: Api, pass: u64) {
+        self.hold(
+            api,
+            HoldSpec {
+                pass,
+                ..HoldSpec::default()
+            },
+        );
+    }
+
+    /// Holds the requests to `api` that `spec` names, unanswered, until
+    /// [`SandboxHandle::release`]; a client that goes away meanwhile takes its request with it.
+    pub fn hold(&self, api: Api, spec: HoldSpec) {
+        self.shared.control().holds[api.index()].set(spec);
+    }
+
+    /// Requests to `api` held since [`SandboxHandle::hold_after`], released ones included.
+    pub fn held(&self, api: Api) -> u64 {
+        self.shared.control().holds[api.index()].held
+    }
+
+    /// Lets the held requests to `api` go on (each is then handled) and stops holding.
+    pub fn release(&self, api: Api) {
+        self.shared.control().holds[api.index()].release();
     }
 
     /// Requests per key per window; 0 switches the limit off.

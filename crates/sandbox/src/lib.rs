@@ -72,7 +72,7 @@ pub use crate::config::{
 pub use crate::faults::{FaultConfig, FaultCounts, SlowBody};
 pub use crate::handle::{PerApi, RequestCount, SandboxHandle, StatsSnapshot};
 pub use crate::retainly::model::{RetainlyCustomer, RetainlyEvent};
-pub use crate::state::{SurveySend, TraceparentSeen, WebhookStats};
+pub use crate::state::{HoldSpec, SurveySend, TraceparentSeen, WebhookStats};
 pub use crate::webhook::{SIGNATURE_HEADER, delivery_body, signature};
 
 /// One of the two emulated APIs; each has its own faults, rate limit and counters.

@@ -47,6 +47,9 @@ pub(crate) struct World {
 pub(crate) struct Stats {
     pub requests: BTreeMap<(Api, String, u16), u64>,
     pub rate_limited: [u64; 2],
+    /// Requests that arrived and are not answered yet (in the injected latency, held, or being
+    /// handled), per API.
+    pub in_progress: [u64; 2],
     /// The W3C `traceparent` of the latest requests that carried one, oldest first.
     pub traceparents: std::collections::VecDeque<TraceparentSeen>,
 }
@@ -72,6 +75,74 @@ pub struct WebhookStats {
     pub failed: u64,
 }
 
+/// What the hold gate holds (see [`crate::SandboxHandle::hold`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HoldSpec {
+    /// Only requests to this route template (`/api/v2/survey`); every route when `None`.
+    pub route: Option<String>,
+    /// Requests let through before holding starts.
+    pub pass: u64,
+    /// Hold the answer of a handled request (its effect applied) instead of the request before
+    /// it is handled.
+    pub after_handling: bool,
+}
+
+/// A gate that lets a number of requests through and holds every later one, unanswered, until
+/// it is released: tests use it to stop or kill a client while its requests are certainly on
+/// the wire.
+pub(crate) struct Hold {
+    /// `None` when the gate is open.
+    spec: Option<HoldSpec>,
+    /// Requests held since the gate was set (released ones included).
+    pub held: u64,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+/// Where a held request waits, and whether before or after its handler.
+pub(crate) struct Held {
+    pub open: tokio::sync::watch::Receiver<bool>,
+    pub after_handling: bool,
+}
+
+impl Hold {
+    fn new() -> Hold {
+        Hold {
+            spec: None,
+            held: 0,
+            open: tokio::sync::watch::channel(true).0,
+        }
+    }
+
+    pub(crate) fn set(&mut self, spec: HoldSpec) {
+        self.spec = Some(spec);
+        self.held = 0;
+        self.open.send_replace(false);
+    }
+
+    /// Lets every held request go on and stops holding.
+    pub(crate) fn release(&mut self) {
+        self.spec = None;
+        self.open.send_replace(true);
+    }
+
+    /// `None` to go on at once, or where to wait.
+    pub(crate) fn admit(&mut self, route: &str) -> Option<Held> {
+        let spec = self.spec.as_mut()?;
+        if spec.route.as_deref().is_some_and(|only| only != route) {
+            return None;
+        }
+        if spec.pass > 0 {
+            spec.pass -= 1;
+            return None;
+        }
+        self.held += 1;
+        Some(Held {
+            open: self.open.subscribe(),
+            after_handling: spec.after_handling,
+        })
+    }
+}
+
 /// Operational state: faults, limits, counters, webhook target. Separate from [`World`] so that
 /// counting a request never waits for a data operation.
 pub(crate) struct Control {
@@ -80,6 +151,7 @@ pub(crate) struct Control {
     pub stats: Stats,
     pub webhook: Option<WebhookConfig>,
     pub webhook_stats: WebhookStats,
+    pub holds: [Hold; 2],
 }
 
 impl Control {
@@ -129,6 +201,7 @@ impl Shared {
             stats: Stats::default(),
             webhook: config.webhook,
             webhook_stats: WebhookStats::default(),
+            holds: [Hold::new(), Hold::new()],
         };
         Shared {
             retently_keys: config.retently_api_keys,

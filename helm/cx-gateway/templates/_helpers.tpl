@@ -150,11 +150,12 @@ Where the key files are mounted; the *_FILE variables point into it.
 {{- end }}
 
 {{/*
-How long Kubernetes waits between SIGTERM and SIGKILL: the preStop pause, the gateway's own drain
-window (CXGW_SHUTDOWN_GRACE) and a margin for closing the store, so a clean drain is never cut.
+How long Kubernetes waits between SIGTERM and SIGKILL: the preStop pause, the gateway's drain delay
+(CXGW_DRAIN_DELAY, NOT_SERVING while still serving), its drain window (CXGW_SHUTDOWN_GRACE) and a
+margin for closing the store, so a clean drain is never cut.
 */}}
 {{- define "cx-gateway.terminationGracePeriodSeconds" -}}
-{{- add (.Values.lifecycle.preStopSleepSeconds | int64) (.Values.config.shutdownGraceSeconds | int64) (.Values.lifecycle.terminationGraceMarginSeconds | int64) }}
+{{- add (.Values.lifecycle.preStopSleepSeconds | int64) (.Values.drain.delaySeconds | int64) (.Values.config.shutdownGraceSeconds | int64) (.Values.lifecycle.terminationGraceMarginSeconds | int64) }}
 {{- end }}
 
 {{/*

@@ -313,6 +313,7 @@ pub fn report(report: &retently::Report) -> pb::CampaignReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::failure::FailureClass;
     use crate::upstream::retently::SurveyStatus;
 
     fn error(reason: &'static str, code: ErrorCode) -> Error {
@@ -352,15 +353,25 @@ mod tests {
                 pb::RecipientOutcome::Failed,
             ),
             (
-                Err(error("UPSTREAM_TIMEOUT", ErrorCode::Unavailable)),
+                Err(error("UPSTREAM_TIMEOUT", ErrorCode::Unavailable)
+                    .with_failure_class(FailureClass::PossiblyApplied)),
                 pb::RecipientOutcome::Unknown,
             ),
+            // A 500.
             (
-                Err(error("UPSTREAM_UNAVAILABLE", ErrorCode::Unavailable)),
+                Err(error("UPSTREAM_UNAVAILABLE", ErrorCode::Unavailable)
+                    .with_failure_class(FailureClass::PossiblyApplied)),
                 pb::RecipientOutcome::Unknown,
             ),
+            // A 503: Retently did not act.
             (
-                Err(error("UPSTREAM_UNREACHABLE", ErrorCode::Unavailable)),
+                Err(error("UPSTREAM_UNAVAILABLE", ErrorCode::Unavailable)
+                    .with_failure_class(FailureClass::Unavailable)),
+                pb::RecipientOutcome::Failed,
+            ),
+            (
+                Err(error("UPSTREAM_UNREACHABLE", ErrorCode::Unavailable)
+                    .with_failure_class(FailureClass::NotSent)),
                 pb::RecipientOutcome::Failed,
             ),
             (

@@ -104,6 +104,11 @@ impl RetainlyApi {
         self.inner.lane.counters()
     }
 
+    /// Stops sending background work (see [`crate::upstream::scheduler::Lane::close_background`]).
+    pub fn close_background(&self) {
+        self.inner.lane.close_background();
+    }
+
     /// Creates or updates one customer; concurrent upserts share `POST /customers` calls.
     pub async fn upsert_customer(
         &self,

@@ -12,10 +12,10 @@
 //! - Reads, customer upserts (keyed by email), deletes, unsubscribes, resubscribes and tag/topic
 //!   *replacement*: retried on any transient failure.
 //! - `POST /survey`: a repeat would send a second survey, so it is retried only when the
-//!   upstream surely did not act — connect errors (nothing sent) and 429/408 (refused up front).
-//!   After a timeout, a dropped connection or a 5xx the caller gets `UNAVAILABLE` and the
-//!   domain layer decides (the outbox treats it as in doubt). Tag/topic *appends* follow the
-//!   same rule.
+//!   upstream surely did not act — nothing sent (connect, DNS, TLS) or refused up front (429,
+//!   408, 503). After a timeout, a dropped connection, a 500, 502 or 504 the caller gets
+//!   `UNAVAILABLE` and the domain layer decides (the outbox checks the sent-survey history before
+//!   sending again). Tag/topic *appends* follow the same rule, without a history to check.
 
 pub mod client;
 pub mod error;
@@ -179,6 +179,11 @@ impl RetentlyApi {
     /// What the scheduler has done so far (grants, sheds, retries, 429s seen).
     pub fn counters(&self) -> LaneCounters {
         self.inner.lane.counters()
+    }
+
+    /// Stops sending background work (see [`crate::upstream::scheduler::Lane::close_background`]).
+    pub fn close_background(&self) {
+        self.inner.lane.close_background();
     }
 
     // ---- surveys ----

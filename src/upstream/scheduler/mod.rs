@@ -151,18 +151,7 @@ pub enum Idempotency {
     UnsafeToRepeat,
 }
 
-/// How an attempt failed, as far as retrying and the breaker are concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureClass {
-    /// 429 or 408: the upstream declined without acting; safe to repeat.
-    Refused,
-    /// Connect error: the request never left; safe to repeat.
-    NotSent,
-    /// 5xx, timeout, dropped connection: the upstream may have acted.
-    Transient,
-    /// Other 4xx or a malformed answer: repeating cannot help.
-    Permanent,
-}
+pub use crate::upstream::failure::FailureClass;
 
 /// A failed attempt: the error to report, and what the scheduler needs to decide on a retry.
 #[derive(Debug, Clone)]
@@ -224,6 +213,9 @@ struct LaneState {
     rng: StdRng,
     next_waiter: u64,
     counters: LaneCounters,
+    /// Set when the gateway drains: background work (outbox deliveries) is no longer sent, so
+    /// nothing new leaves that the drain could cut in the middle.
+    background_closed: bool,
 }
 
 /// What a lane has done since it started (for tests, metrics and the admin port).
@@ -340,6 +332,7 @@ impl Lane {
             rng: StdRng::from_os_rng(),
             next_waiter: 0,
             counters: LaneCounters::default(),
+            background_closed: false,
         };
         let wake = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
@@ -372,6 +365,34 @@ impl Lane {
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stops sending background work: waiting background attempts and any that arrive later are
+    /// refused with [`Lane::draining`], which says the request never left. Attempts already
+    /// granted go on. Called once the gateway starts to drain.
+    pub fn close_background(&self) {
+        let waiting = {
+            let mut state = self.lock();
+            state.background_closed = true;
+            std::mem::take(&mut state.background)
+        };
+        // Dropping the waiters closes their grant channels, which wakes them.
+        drop(waiting);
+        self.shared.wake.notify_one();
+    }
+
+    /// The refusal of background work during a drain; no request was sent.
+    fn draining(&self) -> Error {
+        Error::new(
+            ErrorCode::Unavailable,
+            "GATEWAY_DRAINING",
+            format!(
+                "the gateway is shutting down; nothing more is sent to {}",
+                self.shared.upstream
+            ),
+        )
+        .with_metadata("upstream", self.shared.upstream)
+        .with_failure_class(FailureClass::NotSent)
     }
 
     /// The error for an attempt that cannot get a slot in time.
@@ -556,6 +577,9 @@ impl Lane {
         let flow: FlowKey = ctx.caller.clone();
         let (id, mut granted, charge) = {
             let mut state = self.lock();
+            if ctx.priority == Priority::Background && state.background_closed {
+                return Err(self.draining());
+            }
             let charge = self.charge_quota(&mut state, ctx.caller.as_ref(), share, now)?;
             let ahead =
                 state.ahead_of(ctx.priority, &flow, share.weight, settings.background_share);
@@ -593,7 +617,11 @@ impl Lane {
             result = &mut granted => match result {
                 Ok(at) => Ok((at, charge)),
                 Err(_) => {
-                    Self::refund_quota(&mut self.lock(), charge.as_ref());
+                    let mut state = self.lock();
+                    Self::refund_quota(&mut state, charge.as_ref());
+                    if ctx.priority == Priority::Background && state.background_closed {
+                        return Err(self.draining());
+                    }
                     Err(Error::internal(format!("{} scheduler stopped", self.shared.upstream)))
                 }
             },
@@ -680,12 +708,15 @@ impl Lane {
             };
             guard.settle(Some(&failure));
             let Some(delay) = self.retry_delay(ctx, idempotency, &failure, retry) else {
+                // The class goes with the error, so whoever decides next (the outbox) knows what
+                // the upstream can have done.
+                let error = failure.error.with_failure_class(failure.class);
                 // A timeout cut short by the caller's deadline is DEADLINE_EXCEEDED (AIP-193),
                 // still saying which upstream did not answer in its reason and metadata.
-                if bounded_by_deadline && failure.error.reason() == "UPSTREAM_TIMEOUT" {
-                    return Err(failure.error.with_code(ErrorCode::DeadlineExceeded));
+                if bounded_by_deadline && error.reason() == "UPSTREAM_TIMEOUT" {
+                    return Err(error.with_code(ErrorCode::DeadlineExceeded));
                 }
-                return Err(failure.error);
+                return Err(error);
             };
             tracing::debug!(
                 upstream = self.shared.upstream,
@@ -725,9 +756,9 @@ impl Lane {
         retry: u32,
     ) -> Option<Duration> {
         let repeatable = match failure.class {
-            FailureClass::Refused | FailureClass::NotSent => true,
-            FailureClass::Transient => idempotency == Idempotency::Idempotent,
-            FailureClass::Permanent => false,
+            FailureClass::Refused | FailureClass::Unavailable | FailureClass::NotSent => true,
+            FailureClass::PossiblyApplied => idempotency == Idempotency::Idempotent,
+            FailureClass::CredentialsRejected | FailureClass::Permanent => false,
         };
         let settings = &self.shared.settings;
         if !repeatable || retry + 1 >= settings.backoff.max_attempts {
@@ -768,8 +799,12 @@ impl ProbeGuard<'_> {
         let now = Instant::now();
         let mut state = self.lane.lock();
         match failure.map(|f| f.class) {
-            None | Some(FailureClass::Permanent) => state.breaker.on_success(),
-            Some(FailureClass::Transient | FailureClass::NotSent) => state.breaker.on_failure(now),
+            None | Some(FailureClass::Permanent | FailureClass::CredentialsRejected) => {
+                state.breaker.on_success()
+            }
+            Some(
+                FailureClass::PossiblyApplied | FailureClass::Unavailable | FailureClass::NotSent,
+            ) => state.breaker.on_failure(now),
             Some(FailureClass::Refused) => {
                 state.counters.upstream_rate_limited += 1;
                 state.breaker.on_inconclusive(now);

@@ -28,7 +28,7 @@ fn transient() -> AttemptError {
             "UPSTREAM_UNAVAILABLE",
             "retently failed",
         ),
-        class: FailureClass::Transient,
+        class: FailureClass::PossiblyApplied,
         retry_after: None,
     }
 }
@@ -483,4 +483,82 @@ async fn a_caller_leaving_the_queue_gives_its_place_back() {
     .expect("gets the slot the leaver would have had");
     assert_eq!(Instant::now() - start, Duration::from_secs(59));
     assert_eq!(lane.counters().granted, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_refuses_background_work_that_was_not_sent_and_lets_interactive_work_go() {
+    let lane = Lane::new(
+        "retainly",
+        SchedulerSettings {
+            max_queue_wait: Duration::from_secs(300),
+            ..settings(1)
+        },
+    );
+    let ok = |_| async { Ok::<_, AttemptError>(()) };
+    lane.call(&CallContext::background(), Idempotency::Idempotent, ok)
+        .await
+        .unwrap();
+    // The budget is spent: the next background call waits in the queue.
+    let waiting = tokio::spawn({
+        let lane = lane.clone();
+        async move {
+            lane.call(&CallContext::background(), Idempotency::Idempotent, ok)
+                .await
+        }
+    });
+    while lane.lock().background.len() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let start = Instant::now();
+    lane.close_background();
+    let error = waiting.await.unwrap().expect_err("refused by the drain");
+    assert_eq!(Instant::now(), start, "refused at once, not after its wait");
+    assert_eq!(error.reason(), "GATEWAY_DRAINING");
+    assert_eq!(error.failure_class(), Some(FailureClass::NotSent));
+    let later = lane
+        .call(&CallContext::background(), Idempotency::Idempotent, ok)
+        .await
+        .expect_err("new background work is refused too");
+    assert_eq!(later.reason(), "GATEWAY_DRAINING");
+    lane.call(
+        &CallContext::interactive_within(Duration::from_secs(120)),
+        Idempotency::Idempotent,
+        ok,
+    )
+    .await
+    .expect("interactive calls still go");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_class_travels_with_the_error() {
+    let lane = Lane::new("retently", settings(100));
+    let error = lane
+        .call(
+            &CallContext::background(),
+            Idempotency::UnsafeToRepeat,
+            |_| async { Err::<(), _>(transient()) },
+        )
+        .await
+        .expect_err("a possibly applied failure is not repeated");
+    assert_eq!(error.failure_class(), Some(FailureClass::PossiblyApplied));
+    // A 503 is repeated even for an operation that must not run twice: nothing was applied.
+    let attempts = Arc::new(AtomicU32::new(0));
+    let error = lane
+        .call(&CallContext::background(), Idempotency::UnsafeToRepeat, {
+            let attempts = Arc::clone(&attempts);
+            move |_| {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                async {
+                    Err::<(), _>(AttemptError {
+                        error: Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "503"),
+                        class: FailureClass::Unavailable,
+                        retry_after: None,
+                    })
+                }
+            }
+        })
+        .await
+        .expect_err("503 every time");
+    assert_eq!(attempts.load(Ordering::SeqCst), 4);
+    assert_eq!(error.failure_class(), Some(FailureClass::Unavailable));
 }

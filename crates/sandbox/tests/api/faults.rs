@@ -405,3 +405,67 @@ async fn a_dropped_connection_carries_no_bytes_at_all() {
         .unwrap_err();
     assert!(error.is_request());
 }
+
+#[tokio::test]
+async fn errors_after_handling_apply_the_request_first() {
+    let sandbox = unlimited().await;
+    sandbox.handle.set_faults(
+        Api::Retently,
+        FaultConfig {
+            error_rate: 1.0,
+            error_statuses: vec![500],
+            error_after_handling: true,
+            ..FaultConfig::default()
+        },
+    );
+    let (status, _) = sandbox
+        .retently_send(
+            Method::POST,
+            "/api/v2/customers",
+            &json!({"subscribers": [{"email": "kept@example.com"}]}),
+        )
+        .await;
+    assert_eq!(status, 500);
+    assert!(
+        sandbox
+            .handle
+            .retently_customer("kept@example.com")
+            .is_some(),
+        "the write was applied before the 500"
+    );
+}
+
+#[tokio::test]
+async fn the_hold_gate_holds_requests_unhandled_until_released() {
+    let sandbox = std::sync::Arc::new(unlimited().await);
+    sandbox.handle.hold_after(Api::Retainly, 1);
+    let event = |n: u32| json!({"customer_id": n, "event": "held"});
+    let (status, _) = sandbox
+        .retainly_send(Method::POST, "/events", &event(1))
+        .await;
+    assert_eq!(status, 200, "the first request passes");
+    let held = tokio::spawn({
+        let sandbox = std::sync::Arc::clone(&sandbox);
+        async move {
+            sandbox
+                .retainly_send(Method::POST, "/events", &event(2))
+                .await
+        }
+    });
+    while sandbox.handle.held(Api::Retainly) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        sandbox.handle.retainly_events().len(),
+        1,
+        "held, not handled"
+    );
+    assert_eq!(sandbox.handle.in_progress(Api::Retainly), 1);
+    assert!(!held.is_finished());
+    sandbox.handle.release(Api::Retainly);
+    let (status, _) = held.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(sandbox.handle.retainly_events().len(), 2);
+    assert_eq!(sandbox.handle.held(Api::Retainly), 1);
+    assert_eq!(sandbox.handle.in_progress(Api::Retainly), 0);
+}

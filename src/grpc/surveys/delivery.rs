@@ -1,0 +1,366 @@
+//! The outbox's delivery of a queued SendSurvey, which resolves its own doubts.
+//!
+//! A survey send must not reach a recipient twice, so after a failure that may have been
+//! applied (a timeout, a reset, a 500/502/504, or a stop while the request was on the wire) it
+//! is not simply sent again. Retently keeps the history of sent surveys (`GET /outbox`), so the
+//! next attempt reads it, for the campaign, since the first attempt that may have acted: a
+//! recipient found there was surveyed (reported SCHEDULED), and only the others are sent. The
+//! delivery is parked as in doubt only when that history cannot be read within the retry
+//! window.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use prost::Message as _;
+
+use crate::app::App;
+use crate::domain::outbox::{Attempt, DeliveryError};
+use crate::error::{Error, ErrorCode};
+use crate::grpc::writes::{WriteRpc as _, is_transient, possibly_applied};
+use crate::pb;
+use crate::upstream::CallContext;
+use crate::upstream::retently::{OutboxQuery, PageRequest};
+
+use super::send_each;
+
+/// How far before the attempt's start the history is read: Retently stamps the send with its
+/// own clock, which may run behind the gateway's. A survey of the same campaign to the same
+/// recipient a minute earlier is counted as this one, which at worst skips a second survey the
+/// campaign's throttle would usually refuse anyway.
+const CLOCK_MARGIN: Duration = Duration::from_secs(60);
+/// Records per history page (the documented maximum).
+const HISTORY_PAGE: u32 = 1000;
+/// Pages of history read at most; a campaign that sent more since the attempt cannot be checked
+/// at a reasonable cost, and the delivery stays in doubt.
+const MAX_HISTORY_PAGES: u32 = 10;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn normalized(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+/// One attempt of a queued SendSurvey (see the module doc).
+pub(crate) async fn deliver_send_survey(
+    app: &App,
+    request: &[u8],
+    delivery_id: &str,
+    verify_since_ms: Option<i64>,
+) -> Attempt {
+    let request = match pb::SendSurveyRequest::decode(request) {
+        Ok(request) => request,
+        Err(error) => {
+            return Attempt::Failed {
+                error: DeliveryError::from(&Error::internal(format!(
+                    "the queued request does not decode: {error}"
+                ))),
+            };
+        }
+    };
+    let ctx = CallContext::background();
+    let started_ms = now_ms();
+    let surveyed = match verify_since_ms {
+        None => HashSet::new(),
+        Some(since_ms) => match surveyed_since(app, &ctx, &request, since_ms).await {
+            Ok(surveyed) => surveyed,
+            // The doubt stays recorded in the delivery: the next attempt checks again.
+            Err(error) if is_transient(&error) => {
+                return Attempt::Retry {
+                    retry_after: error.retry_after(),
+                    error: DeliveryError::from(&error),
+                };
+            }
+            Err(error) => {
+                return Attempt::InDoubt {
+                    error: DeliveryError::from(&error),
+                };
+            }
+        },
+    };
+    let (found, unsent): (Vec<_>, Vec<_>) = request
+        .recipients
+        .iter()
+        .cloned()
+        .enumerate()
+        .partition(|(_, recipient)| surveyed.contains(&normalized(&recipient.email)));
+    let mut results: Vec<(pb::RecipientResult, Option<Error>)> = found
+        .into_iter()
+        .map(|(index, recipient)| {
+            (
+                pb::RecipientResult {
+                    index: i32::try_from(index).unwrap_or(i32::MAX),
+                    email: recipient.email,
+                    outcome: pb::RecipientOutcome::Scheduled as i32,
+                    error: None,
+                },
+                None,
+            )
+        })
+        .collect();
+    if !unsent.is_empty() {
+        let (indexes, recipients): (Vec<usize>, Vec<pb::Recipient>) = unsent.into_iter().unzip();
+        let sent = send_each(
+            app,
+            pb::SendSurveyRequest {
+                recipients,
+                ..request.clone()
+            },
+            ctx,
+        )
+        .await;
+        for (index, (mut result, error)) in indexes.into_iter().zip(sent) {
+            result.index = i32::try_from(index).unwrap_or(i32::MAX);
+            results.push((result, error));
+        }
+    }
+    results.sort_by_key(|(result, _)| result.index);
+    settle(results, started_ms, verify_since_ms, delivery_id)
+}
+
+/// The attempt's outcome from every recipient's result: delivered when nothing is left to do
+/// and something reached Retently, failed when every recipient was refused for good; otherwise
+/// attempted again, checking the history first if anything may have gone out.
+fn settle(
+    results: Vec<(pb::RecipientResult, Option<Error>)>,
+    started_ms: i64,
+    verify_since_ms: Option<i64>,
+    delivery_id: &str,
+) -> Attempt {
+    let doubtful = results
+        .iter()
+        .filter_map(|(_, error)| error.as_ref())
+        .find(|error| possibly_applied(error));
+    let retryable = results
+        .iter()
+        .filter_map(|(_, error)| error.as_ref())
+        .find(|error| !possibly_applied(error) && is_transient(error));
+    let reached = results.iter().any(|(result, _)| {
+        result.outcome == pb::RecipientOutcome::Scheduled as i32
+            || result.outcome == pb::RecipientOutcome::Throttled as i32
+    });
+    // Every recipient refused for good (an unknown campaign, all unsubscribed): the send as a
+    // whole failed, and the dead letters are where an operator sees it.
+    let refused = results
+        .iter()
+        .find_map(|(_, error)| error.as_ref())
+        .filter(|_| !reached && doubtful.is_none() && retryable.is_none());
+    if let Some(error) = refused {
+        return Attempt::Failed {
+            error: DeliveryError::from(error),
+        };
+    }
+    match (doubtful, retryable) {
+        (None, None) => {
+            let mut response = pb::SendSurveyResponse {
+                delivery_id: String::new(),
+                results: results.into_iter().map(|(result, _)| result).collect(),
+            };
+            pb::SendSurveyRequest::set_delivery_id(&mut response, delivery_id.to_owned());
+            Attempt::Delivered {
+                result: response.encode_to_vec(),
+            }
+        }
+        // Nothing may have gone out and nothing did: a plain retry sends it all again.
+        (None, Some(error)) if !reached && verify_since_ms.is_none() => Attempt::Retry {
+            retry_after: error.retry_after(),
+            error: DeliveryError::from(error),
+        },
+        (doubtful, retryable) => {
+            let error = doubtful.or(retryable).cloned().unwrap_or_else(|| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    "PARTIAL_DELIVERY",
+                    "some recipients are not surveyed yet",
+                )
+            });
+            Attempt::Unresolved {
+                retry_after: error.retry_after(),
+                error: DeliveryError::from(&error),
+                since_ms: started_ms,
+            }
+        }
+    }
+}
+
+/// The normalised emails among `request`'s recipients that Retently's history shows surveyed in
+/// the request's campaign since `since_ms` (less [`CLOCK_MARGIN`]).
+async fn surveyed_since(
+    app: &App,
+    ctx: &CallContext,
+    request: &pb::SendSurveyRequest,
+    since_ms: i64,
+) -> Result<HashSet<String>, Error> {
+    let wanted: HashSet<String> = request
+        .recipients
+        .iter()
+        .map(|recipient| normalized(&recipient.email))
+        .collect();
+    let margin = i64::try_from(CLOCK_MARGIN.as_millis()).unwrap_or(i64::MAX);
+    let start = chrono::DateTime::from_timestamp_millis(since_ms.saturating_sub(margin));
+    // One recipient: the history of that address alone, usually a single short page.
+    let email = match wanted.iter().collect::<Vec<_>>().as_slice() {
+        [only] => Some((*only).clone()),
+        _ => None,
+    };
+    let mut surveyed = HashSet::new();
+    for page in 1..=MAX_HISTORY_PAGES {
+        let found = app
+            .retently
+            .outbox(
+                ctx,
+                OutboxQuery {
+                    email: email.clone(),
+                    campaign_id: Some(request.campaign_id.clone()),
+                    start_date: start,
+                    page: PageRequest {
+                        page: Some(page),
+                        limit: Some(HISTORY_PAGE),
+                        sort: None,
+                    },
+                    ..OutboxQuery::default()
+                },
+            )
+            .await?;
+        surveyed.extend(
+            found
+                .items
+                .iter()
+                .filter(|survey| {
+                    survey
+                        .campaign_id
+                        .as_deref()
+                        .is_none_or(|id| id == request.campaign_id)
+                })
+                .filter_map(|survey| survey.email.as_deref().map(normalized))
+                .filter(|email| wanted.contains(email)),
+        );
+        let last = match found.pages {
+            Some(pages) => page >= pages,
+            None => found.items.len() < HISTORY_PAGE as usize,
+        };
+        if last || surveyed.len() == wanted.len() {
+            return Ok(surveyed);
+        }
+    }
+    Err(Error::new(
+        ErrorCode::FailedPrecondition,
+        "SURVEY_HISTORY_TOO_LONG",
+        format!(
+            "the campaign sent more than {} surveys since the attempt; the history was not checked",
+            MAX_HISTORY_PAGES * HISTORY_PAGE
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::failure::FailureClass;
+
+    fn result(index: i32, outcome: pb::RecipientOutcome) -> pb::RecipientResult {
+        pb::RecipientResult {
+            index,
+            email: format!("r{index}@example.com"),
+            outcome: outcome as i32,
+            error: None,
+        }
+    }
+
+    fn upstream_error(class: FailureClass) -> Error {
+        Error::new(ErrorCode::Unavailable, "UPSTREAM_ANY", "failed").with_failure_class(class)
+    }
+
+    #[test]
+    fn an_attempt_is_settled_by_what_its_recipients_came_to() {
+        use pb::RecipientOutcome::{Failed, Scheduled, Throttled, Unknown};
+        let done = settle(
+            vec![(result(0, Scheduled), None), (result(1, Throttled), None)],
+            10,
+            None,
+            "dlv_1",
+        );
+        let Attempt::Delivered { result: bytes } = done else {
+            panic!("delivered: {done:?}");
+        };
+        let response = pb::SendSurveyResponse::decode(bytes.as_slice()).unwrap();
+        assert_eq!(response.delivery_id, "dlv_1");
+        assert_eq!(response.results.len(), 2);
+
+        // A 503 for everyone: nothing went out, a plain retry.
+        let refused = settle(
+            vec![(
+                result(0, Failed),
+                Some(upstream_error(FailureClass::Unavailable)),
+            )],
+            10,
+            None,
+            "dlv_1",
+        );
+        assert!(matches!(refused, Attempt::Retry { .. }), "{refused:?}");
+
+        // A 500: the history is checked from this attempt's start next time.
+        let doubt = settle(
+            vec![(
+                result(0, Unknown),
+                Some(upstream_error(FailureClass::PossiblyApplied)),
+            )],
+            10,
+            None,
+            "dlv_1",
+        );
+        assert!(
+            matches!(doubt, Attempt::Unresolved { since_ms: 10, .. }),
+            "{doubt:?}"
+        );
+
+        // One recipient surveyed, one refused: checked next time so the first is not resent.
+        let partial = settle(
+            vec![
+                (result(0, Scheduled), None),
+                (
+                    result(1, Failed),
+                    Some(upstream_error(FailureClass::Refused)),
+                ),
+            ],
+            10,
+            None,
+            "dlv_1",
+        );
+        assert!(matches!(partial, Attempt::Unresolved { .. }), "{partial:?}");
+
+        // Refused for good, every recipient: the send failed.
+        let unknown_campaign = settle(
+            vec![(
+                result(0, Failed),
+                Some(upstream_error(FailureClass::Permanent)),
+            )],
+            10,
+            None,
+            "dlv_1",
+        );
+        assert!(
+            matches!(unknown_campaign, Attempt::Failed { .. }),
+            "{unknown_campaign:?}"
+        );
+
+        // A recipient refused for good does not hold the delivery back.
+        let rejected = settle(
+            vec![
+                (result(0, Scheduled), None),
+                (
+                    result(1, Failed),
+                    Some(upstream_error(FailureClass::Permanent)),
+                ),
+            ],
+            10,
+            None,
+            "dlv_1",
+        );
+        assert!(
+            matches!(rejected, Attempt::Delivered { .. }),
+            "{rejected:?}"
+        );
+    }
+}
