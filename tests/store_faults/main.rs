@@ -313,7 +313,7 @@ async fn a_damaged_store_is_refused_and_the_recover_recipe_keeps_every_acknowled
     let (delivered, doubtful) = check_ledger(&sandbox, &gateway, &acknowledged).await;
     eprintln!(
         "store faults, damaged: {WRITES} acknowledged, start refused, recovered with sqlite3 {used}, \
-         {delivered} delivered, {doubtful} in doubt (the one in flight at the SIGTERM)"
+         {delivered} delivered, {doubtful} in doubt"
     );
     assert_eq!(gateway.terminate().code(), Some(0));
     emulator.stop().await;
