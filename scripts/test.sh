@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
 # into .venv, buf from npm), then formatting and lints, the Rust unit and integration tests, the
-# grpcurl suite against the built binary, the Python client test, the contract lint, the Helm
-# chart checks and a quick benchmark smoke run. Prints one line per suite and a closing summary.
+# grpcurl suite against the built binary, the Python client test, a short fuzz run, the contract
+# lint, the Helm chart checks and a quick benchmark smoke run. Prints one line per suite and a
+# closing summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -67,6 +68,9 @@ else
   failed=$((failed + 1))
   failures+=("build")
 fi
+# About a minute of fuzzing in all (12 s per target) from the committed seeds; a long run is
+# `scripts/fuzz.sh SECONDS`.
+suite "fuzz smoke" bash scripts/fuzz.sh 12
 suite "contract lint" bash scripts/buf-lint.sh
 suite "helm chart" bash tests/helm/check.sh
 
