@@ -29,7 +29,7 @@ fi
 # AddressSanitizer would double the build and halve the speed.
 flags=(-a -s none)
 # The committed lock file must be current (cargo fuzz has no --locked of its own).
-cargo +nightly metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
+cargo +nightly metadata --quiet --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 # Every target at once: they share the build of the gateway library.
 if ! build_log=$(cargo +nightly fuzz build "${flags[@]}" 2>&1); then
   echo "$build_log" >&2

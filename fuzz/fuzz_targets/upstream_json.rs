@@ -22,41 +22,53 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     match model % 12 {
-        0 => decode::<retently::Customer>(body, |c| drop(customer_convert::customer(&c))),
-        1 => decode::<retently::Company>(body, |c| drop(customer_convert::company(&c))),
+        0 => decode::<retently::Customer>(body, |c| {
+            std::hint::black_box(customer_convert::customer(&c));
+        }),
+        1 => decode::<retently::Company>(body, |c| {
+            std::hint::black_box(customer_convert::company(&c));
+        }),
         2 => decode::<retently::Feedback>(body, |feedback| {
-            drop(grpc_convert::feedback_to_pb(&feedback));
-            drop(feedback_log::feedback_to_pb(&feedback));
+            let _ = std::hint::black_box(grpc_convert::feedback_to_pb(&feedback));
+            let _ = std::hint::black_box(feedback_log::feedback_to_pb(&feedback));
         }),
         3 => decode::<retently::Campaign>(body, |c| {
-            drop(c.is_transactional());
-            drop(survey_convert::campaign(&c));
+            let _ = std::hint::black_box(c.is_transactional());
+            let _ = std::hint::black_box(survey_convert::campaign(&c));
         }),
-        4 => decode::<retently::Template>(body, |t| drop(survey_convert::template(&t))),
+        4 => decode::<retently::Template>(body, |t| {
+            std::hint::black_box(survey_convert::template(&t));
+        }),
         5 => decode::<retently::Score>(body, |score| {
             for metric in [pb::Metric::Nps, pb::Metric::Csat, pb::Metric::Ces] {
-                drop(survey_convert::score(&score, metric));
+                let _ = std::hint::black_box(survey_convert::score(&score, metric));
             }
         }),
-        6 => decode::<retently::SentSurvey>(body, |s| drop(survey_convert::sent_survey(&s))),
-        7 => decode::<retently::Report>(body, |r| drop(survey_convert::report(&r))),
-        8 => decode::<retently::Property>(body, |p| drop(grpc_convert::property_from_retently(&p))),
+        6 => decode::<retently::SentSurvey>(body, |s| {
+            std::hint::black_box(survey_convert::sent_survey(&s));
+        }),
+        7 => decode::<retently::Report>(body, |r| {
+            std::hint::black_box(survey_convert::report(&r));
+        }),
+        8 => decode::<retently::Property>(body, |p| {
+            std::hint::black_box(grpc_convert::property_from_retently(&p));
+        }),
         9 => {
             // A webhook body is read through the same model from a JSON value.
             if let Ok(value) = serde_json::from_slice::<Value>(body) {
-                drop(feedback_log::feedback_from_json(value));
+                let _ = std::hint::black_box(feedback_log::feedback_from_json(value));
             }
         }
         10 => {
             for status in [400, 401, 404, 422, 429, 500] {
                 let status = reqwest_status(status);
-                drop(retently::error::parse_rejection(status, body));
+                let _ = std::hint::black_box(retently::error::parse_rejection(status, body));
             }
         }
         11 => {
             for status in [400, 401, 422, 500] {
                 let status = reqwest_status(status);
-                drop(retainly::error::parse_rejection(status, body));
+                let _ = std::hint::black_box(retainly::error::parse_rejection(status, body));
             }
         }
         _ => unreachable!(),
@@ -69,7 +81,7 @@ fn decode<T: DeserializeOwned>(body: &[u8], convert: impl FnOnce(T)) {
     let value: Value = match serde_json::from_slice(body) {
         Ok(value) => value,
         Err(error) => {
-            drop(describe_json_error(&error));
+            let _ = std::hint::black_box(describe_json_error(&error));
             return;
         }
     };
