@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
-# into .venv, buf and the Node client's packages from npm, Go, prometheus and sqlite3 from Debian),
-# then formatting and lints, the Rust unit and integration tests, the grpcurl suite against the
-# built binary, the Python, Node and Go client tests, the client guide's snippet check, the
-# contract lint and breaking-change guard, the Helm chart checks, the monitoring checks (promtool,
-# a real Prometheus) and a quick benchmark smoke run. Prints one line per suite and a closing
-# summary.
+# into .venv, buf and the Node client's packages from npm, Go, prometheus and sqlite3 from Debian,
+# cargo-fuzz from crates.io), then formatting and lints, the Rust unit and integration tests, the
+# grpcurl suite against the built binary, the Python, Node and Go client tests, the client guide's
+# snippet check, the contract lint and breaking-change guard, the Helm chart checks, the
+# monitoring checks (promtool, a real Prometheus), a quick benchmark smoke run and a short fuzz
+# run. Prints one line per suite and a closing summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -105,6 +105,9 @@ suite "client guide snippets" python3 scripts/check-doc-snippets.py
 suite "contract lint" bash scripts/buf-lint.sh
 suite "contract guard" bash scripts/buf-breaking.sh
 suite "helm chart" bash tests/helm/check.sh
+# About a minute of fuzzing in all (12 s per target) from the committed seeds; a long run is
+# `scripts/fuzz.sh SECONDS`. Last, since its first build is the longest step.
+suite "fuzz smoke" bash scripts/fuzz.sh 12
 
 if [ "$failed" -gt 0 ]; then
   echo "failed suites: ${failures[*]}"

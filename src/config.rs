@@ -643,11 +643,19 @@ fn tls_settings(s: &Reader<'_>) -> Result<Option<TlsSettings>, ConfigError> {
     }
 }
 
-/// Parses the TOML file into environment-style keys (`grpc_addr` → `CXGW_GRPC_ADDR`).
+/// Reads the TOML file into environment-style keys (see [`parse_config_file`]).
 fn read_config_file(path: &str) -> Result<MapSource, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        ConfigError::new("CXGW_CONFIG_FILE", format!("cannot read `{path}`: {error}"))
+    })?;
+    parse_config_file(&text, path)
+}
+
+/// Parses the text of a configuration file into environment-style keys (`grpc_addr` →
+/// `CXGW_GRPC_ADDR`); `path` only names the file in errors. Public so that the fuzz targets reach
+/// it without a file.
+pub fn parse_config_file(text: &str, path: &str) -> Result<MapSource, ConfigError> {
     const KEY: &str = "CXGW_CONFIG_FILE";
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| ConfigError::new(KEY, format!("cannot read `{path}`: {error}")))?;
     let table: toml::Table = text.parse().map_err(|error: toml::de::Error| {
         ConfigError::new(KEY, format!("`{path}`: {}", error.message()))
     })?;

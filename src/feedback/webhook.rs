@@ -257,16 +257,22 @@ impl WebhookReceiver {
         if body.len() > self.settings.max_body_bytes {
             return Err(Rejection::TooLarge);
         }
-        let items = feedback_items(body)?;
-        items
-            .into_iter()
-            .map(|item| {
-                feedback_from_json(item)
-                    .map(|feedback| Observed::new(&feedback))
-                    .map_err(|_| Rejection::Malformed)
-            })
-            .collect()
+        read_body(body)
     }
+}
+
+/// Reads the responses of an authenticated call body (see the module comment for the accepted
+/// shapes), as the receiver does before storing them. Public so that the fuzz targets reach it
+/// without a store.
+pub fn read_body(body: &[u8]) -> Result<Vec<Observed>, Rejection> {
+    feedback_items(body)?
+        .into_iter()
+        .map(|item| {
+            feedback_from_json(item)
+                .map(|feedback| Observed::new(&feedback))
+                .map_err(|_| Rejection::Malformed)
+        })
+        .collect()
 }
 
 /// The span of one webhook call: a root (the sender is outside every trace of the gateway) that
@@ -285,8 +291,10 @@ fn call_span() -> tracing::Span {
     )
 }
 
-/// Verifies `t=<unix>,v1=<hex>[,v1=<hex>...]` over `"<t>.<body>"`.
-fn verify_signature(
+/// Verifies `t=<unix>,v1=<hex>[,v1=<hex>...]` over `"<t>.<body>"`: `header` is the raw
+/// signature header, `key` the signing secret's HMAC-SHA256 key. Public so that the fuzz targets
+/// reach it without a store.
+pub fn verify_signature(
     key: &hmac::Key,
     header: Option<&[u8]>,
     body: &[u8],

@@ -5,9 +5,9 @@
 //! execution function ([`execute`]) that the outbox worker also replays. Conversions live in
 //! [`convert`].
 
-mod convert;
+pub mod convert;
 mod execute;
-mod validation;
+pub mod validation;
 
 use std::sync::Arc;
 

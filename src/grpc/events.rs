@@ -11,6 +11,7 @@ use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
+use crate::config::EventMappings;
 use crate::error::{Error, Violations};
 use crate::grpc::convert::{error_to_item, json_value, recipient_outcome, timestamp_to_ms};
 use crate::grpc::writes::{self, DeliveryFacts, WriteRpc};
@@ -69,9 +70,10 @@ struct CheckedEvent {
     campaigns: Vec<String>,
 }
 
-/// Validates one event; `prefix` is its field path (`event` or `events[3]`).
+/// Validates one event; `prefix` is its field path (`event` or `events[3]`). `mappings` are the
+/// configured event-to-campaign mappings, which decide whether an email is required.
 fn check_event(
-    app: &App,
+    mappings: &EventMappings,
     v: &mut Violations,
     prefix: &str,
     event: Option<&pb::Event>,
@@ -85,11 +87,7 @@ fn check_event(
     let name_ok = validate::required(v, format!("{prefix}.name"), &event.name, MAX_EVENT_NAME)
         && validate::printable(v, format!("{prefix}.name"), &event.name);
     let campaigns = if name_ok {
-        app.config
-            .event_mappings
-            .get(&event.name)
-            .cloned()
-            .unwrap_or_default()
+        mappings.get(&event.name).cloned().unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -177,6 +175,28 @@ fn check_event(
     })
 }
 
+/// Validates a `TrackEvent` request exactly as the RPC does (write options, then the event) and
+/// returns the event as it would be queued (email normalised). Public so that the fuzz targets
+/// reach the validation without a running gateway.
+pub fn check_track_event(
+    mappings: &EventMappings,
+    request: &pb::TrackEventRequest,
+) -> Result<pb::Event, Error> {
+    let mut v = Violations::new();
+    let (_mode, options_key) = validate::write_options(&mut v, request.options.as_ref());
+    let checked = check_event(
+        mappings,
+        &mut v,
+        "event",
+        request.event.as_ref(),
+        options_key.as_deref(),
+    );
+    v.into_result()?;
+    checked
+        .map(|checked| checked.event)
+        .ok_or_else(|| Error::internal("no event after validation"))
+}
+
 fn facts(checked: &CheckedEvent) -> DeliveryFacts {
     let mut destinations = vec![pb::Destination::Retainly];
     if !checked.campaigns.is_empty() {
@@ -200,23 +220,6 @@ pub(crate) async fn execute_track_event(
     let Some(event) = request.event else {
         return Err(Error::internal("a validated event is missing"));
     };
-    let mut data: Map<String, Value> = event
-        .properties
-        .as_ref()
-        .map(|properties| {
-            properties
-                .fields
-                .iter()
-                .map(|(key, value)| (key.clone(), json_value(value)))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(time) = &event.occur_time {
-        let occurred = chrono::DateTime::from_timestamp_millis(timestamp_to_ms(time))
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-            .unwrap_or_default();
-        data.insert(OCCURRED_AT.to_owned(), Value::String(occurred));
-    }
     let campaigns = app
         .config
         .event_mappings
@@ -226,14 +229,7 @@ pub(crate) async fn execute_track_event(
     // Retainly first: if recording the event fails, no survey is sent, so the call can be
     // repeated as a whole.
     app.retainly
-        .track_event(
-            &ctx,
-            RetainlyEvent {
-                customer_id: RetainlyId::Text(event.customer_id.clone()),
-                event: event.name.clone(),
-                data: (!data.is_empty()).then_some(data),
-            },
-        )
+        .track_event(&ctx, retainly_event(&event))
         .await?;
 
     let recipient = recipient_from_event(&event);
@@ -267,9 +263,36 @@ pub(crate) async fn execute_track_event(
     })
 }
 
+/// The Retainly event a validated event becomes: its properties as the event data, plus
+/// `occurred_at` when `occur_time` is set (Retainly has no event time field).
+pub fn retainly_event(event: &pb::Event) -> RetainlyEvent {
+    let mut data: Map<String, Value> = event
+        .properties
+        .as_ref()
+        .map(|properties| {
+            properties
+                .fields
+                .iter()
+                .map(|(key, value)| (key.clone(), json_value(value)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(time) = &event.occur_time {
+        let occurred = chrono::DateTime::from_timestamp_millis(timestamp_to_ms(time))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        data.insert(OCCURRED_AT.to_owned(), Value::String(occurred));
+    }
+    RetainlyEvent {
+        customer_id: RetainlyId::Text(event.customer_id.clone()),
+        event: event.name.clone(),
+        data: (!data.is_empty()).then_some(data),
+    }
+}
+
 /// The survey recipient an event describes, as Segment's Retently destination reads a track
 /// event: names, company and tags from their usual keys, other top-level scalars as properties.
-fn recipient_from_event(event: &pb::Event) -> CustomerInput {
+pub fn recipient_from_event(event: &pb::Event) -> CustomerInput {
     use prost_types::value::Kind;
     let fields: BTreeMap<&str, &prost_types::Value> = event
         .properties
@@ -357,7 +380,7 @@ impl pb::event_service_server::EventService for EventApi {
         let (mode, checked) = validation.in_scope(|| {
             let (mode, options_key) = validate::write_options(&mut v, request.options.as_ref());
             let checked = check_event(
-                &self.app,
+                &self.app.config.event_mappings,
                 &mut v,
                 "event",
                 request.event.as_ref(),
@@ -414,7 +437,13 @@ impl pb::event_service_server::EventService for EventApi {
                 let position = index;
                 index += 1;
                 let mut v = Violations::new();
-                let checked = check_event(&self.app, &mut v, "event", Some(&event), None);
+                let checked = check_event(
+                    &self.app.config.event_mappings,
+                    &mut v,
+                    "event",
+                    Some(&event),
+                    None,
+                );
                 let checked = match (v.into_result(), checked) {
                     (Ok(()), Some(checked)) => checked,
                     (Err(error), _) => {

@@ -469,6 +469,10 @@ pub fn list_customers(request: &pb::ListCustomersRequest, now: i64) -> Result<Cu
         &filters,
         now,
     );
+    // A token carries whatever instant its holder wrote into it, and the upstream needs a date.
+    if chrono::DateTime::from_timestamp(pinned, 0).is_none() {
+        v.add("page_token", "is not a token this list issued");
+    }
     if let (Some(start), None) = (start, request.end_time.as_ref())
         && start >= pinned
     {
@@ -598,6 +602,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!((second.page, second.end), (2, 1_000));
+    }
+
+    #[test]
+    fn a_token_pinned_beyond_representable_time_is_refused() {
+        // Found by the `write_requests` fuzz target: the RPC could not turn this end into a
+        // date and answered INTERNAL.
+        let first = list_customers(&pb::ListCustomersRequest::default(), 1_000).unwrap();
+        for pinned in [i64::MAX, i64::MIN] {
+            let token = crate::grpc::paging::next_pinned_page_token(
+                Some(2),
+                first.size,
+                &first.filters,
+                pinned,
+            );
+            let request = pb::ListCustomersRequest {
+                page_token: token,
+                ..Default::default()
+            };
+            assert_eq!(
+                fields(list_customers(&request, 2_000).unwrap_err()),
+                ["page_token"]
+            );
+        }
     }
 
     #[test]
