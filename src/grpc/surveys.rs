@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`validation`]: request checks with exact field paths.
 //! - [`convert`]: protobuf ⇄ Retently types for this service.
+//! - [`history`]: `GetCustomerFeedbackHistory`, served from the feedback log.
 //! - [`cursor`]: page tokens of the lists Retently pages itself (feedback, sent surveys).
 //! - `delivery`: the outbox's delivery of a queued send, which checks Retently's history of
 //!   sent surveys before sending again after a failure that may have been applied.
@@ -12,6 +13,7 @@
 pub mod convert;
 pub mod cursor;
 mod delivery;
+pub mod history;
 pub mod validation;
 
 pub(crate) use self::delivery::deliver_send_survey;
@@ -24,6 +26,7 @@ use crate::app::App;
 // The caller's deadline and name: the name picks the fair share of the budget a call spends.
 use crate::auth::interactive_context;
 use crate::error::{Error, ErrorCode, Violations};
+use crate::feedback::FeedbackLog;
 use crate::grpc::convert::{feedback_to_pb, timestamp_to_ms};
 use crate::grpc::writes::{self, WriteRpc};
 use crate::grpc::{methods, paging, validate};
@@ -41,11 +44,13 @@ const MAX_LOCAL_PAGE: usize = 1000;
 #[derive(Clone)]
 pub struct SurveyApi {
     app: Arc<App>,
+    /// The feedback log, which answers customer histories without upstream calls.
+    log: FeedbackLog,
 }
 
 impl SurveyApi {
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
+    pub fn new(app: Arc<App>, log: FeedbackLog) -> Self {
+        Self { app, log }
     }
 }
 
@@ -300,6 +305,14 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         Ok(Response::new(pb::GetFeedbackResponse {
             feedback: Some(feedback_to_pb(&feedback)),
         }))
+    }
+
+    async fn get_customer_feedback_history(
+        &self,
+        request: Request<pb::GetCustomerFeedbackHistoryRequest>,
+    ) -> Result<Response<pb::GetCustomerFeedbackHistoryResponse>, Status> {
+        let request = history::validate(request.get_ref())?;
+        Ok(Response::new(history::answer(&self.log, request).await?))
     }
 
     async fn set_feedback_tags(

@@ -21,6 +21,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     crate::domain::outbox::TRACE_CONTEXT_MIGRATION,
     crate::domain::idempotency::OWNER_MIGRATION,
     crate::domain::outbox::VERIFY_MIGRATION,
+    crate::feedback::log::INDEX_MIGRATION,
 ];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
@@ -64,8 +65,11 @@ mod tests {
                     name TEXT PRIMARY KEY, applied_at_ms INTEGER NOT NULL) STRICT;",
             )
             .unwrap();
-        let (last, earlier) = MIGRATIONS.split_last().unwrap();
-        assert_eq!(last.0, "0012_caller_scope");
+        let owners = MIGRATIONS
+            .iter()
+            .position(|(name, _)| *name == "0012_caller_scope")
+            .unwrap();
+        let earlier = &MIGRATIONS[..owners];
         for (name, sql) in earlier {
             connection.execute_batch(sql).unwrap();
             connection
