@@ -652,6 +652,9 @@ pub struct FeedbackQuery {
     /// Keyset position: the `(create_time_ms, feedback_id)` of the last item of the previous
     /// page; the page starts right after it in the chosen order.
     pub after: Option<(i64, String)>,
+    /// Matching responses to skip after `after`: the upstream's page-number paging, which
+    /// `ListFeedback` tokens carry whichever side answered the previous page.
+    pub offset: usize,
     pub limit: usize,
 }
 
@@ -720,9 +723,10 @@ fn run_query(
     }
     let limit = query.limit.max(1);
     values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+    values.push(i64::try_from(query.offset).unwrap_or(i64::MAX).into());
     let mut statement = connection.prepare(&format!(
         "SELECT create_time_ms, feedback_id, payload FROM feedback_items
-         WHERE {page_filter} ORDER BY {order} LIMIT ?"
+         WHERE {page_filter} ORDER BY {order} LIMIT ? OFFSET ?"
     ))?;
     let rows: Vec<(i64, String, Vec<u8>)> = statement
         .query_map(rusqlite::params_from_iter(values.iter()), |row| {

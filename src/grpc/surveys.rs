@@ -26,7 +26,7 @@ use crate::app::App;
 // The caller's deadline and name: the name picks the fair share of the budget a call spends.
 use crate::auth::interactive_context;
 use crate::error::{Error, ErrorCode, Violations};
-use crate::feedback::FeedbackLog;
+use crate::feedback::{FeedbackLog, FeedbackQuery as LogQuery};
 use crate::grpc::convert::{feedback_to_pb, timestamp_to_ms};
 use crate::grpc::writes::{self, WriteRpc};
 use crate::grpc::{methods, paging, validate};
@@ -268,6 +268,35 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         );
         v.into_result()?;
         let non_empty = |value: String| (!value.is_empty()).then_some(value);
+        let order = order.unwrap_or_default();
+        if let Some(start_ms) = start
+            && let Some(covered) = self.log.covered_range().await?
+            && covered.contains(start_ms, cursor.end_ms)
+        {
+            let offset = u64::from(cursor.page.saturating_sub(1)) * u64::from(cursor.size);
+            let page = self
+                .log
+                .query(LogQuery {
+                    campaign_id: non_empty(request.campaign_id),
+                    retently_customer_id: non_empty(request.retently_customer_id),
+                    email: non_empty(request.email),
+                    created_from_ms: Some(start_ms),
+                    created_before_ms: Some(cursor.end_ms),
+                    newest_first: order != pb::TimeOrder::OldestFirst,
+                    after: None,
+                    offset: usize::try_from(offset).unwrap_or(usize::MAX),
+                    limit: cursor.size as usize,
+                })
+                .await?;
+            let shown = offset.saturating_add(page.items.len() as u64);
+            let more = shown < u64::try_from(page.total).unwrap_or(0);
+            return Ok(Response::new(pb::ListFeedbackResponse {
+                feedback: page.items,
+                next_page_token: cursor::next_token(cursor, more, &filters, now),
+                total_size: page.total,
+                source: pb::FeedbackListSource::Log as i32,
+            }));
+        }
         let query = FeedbackQuery {
             email: non_empty(request.email),
             customer_id: non_empty(request.retently_customer_id),
@@ -277,7 +306,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             page: PageRequest {
                 page: Some(cursor.page),
                 limit: Some(cursor.size),
-                sort: Some(sort(order.unwrap_or_default(), "createdDate")),
+                sort: Some(sort(order, "createdDate")),
             },
         };
         let page = self.app.retently.list_feedback(&ctx, query).await?;
@@ -285,6 +314,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             feedback: page.items.iter().map(feedback_to_pb).collect(),
             next_page_token: cursor::next_token(cursor, page.has_more(), &filters, now),
             total_size: total_size(page.total, &cursor, page.items.len()),
+            source: pb::FeedbackListSource::Upstream as i32,
         }))
     }
 

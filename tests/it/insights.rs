@@ -1,5 +1,6 @@
-//! Questions answered from the feedback log: `SurveyService.GetCustomerFeedbackHistory`, served
-//! with no upstream request.
+//! Questions answered from the feedback log with no upstream request:
+//! `SurveyService.GetCustomerFeedbackHistory`, and `SurveyService.ListFeedback` over a range the
+//! log covers (compared with the same listing read from the upstream).
 //!
 //! The poller fills the log from the sandbox; then the sandbox holds every further Retently
 //! request, so the poller stands still (its next request is held) and any request the answer
@@ -228,4 +229,169 @@ async fn customer_history_comes_from_the_log_with_no_upstream_request() {
     assert_eq!(total_requests(&handle), requests_before);
     handle.release(Api::Retently);
     gateway.stop().await.unwrap();
+}
+
+/// Every page of one `ListFeedback` listing, and the sources that answered them.
+async fn list_all(
+    client: &mut SurveyServiceClient<tonic::transport::Channel>,
+    request: pb::ListFeedbackRequest,
+) -> (Vec<pb::Feedback>, i64, Vec<pb::FeedbackListSource>) {
+    let mut items = Vec::new();
+    let mut sources = Vec::new();
+    let mut total = None;
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_feedback(pb::ListFeedbackRequest {
+                page_token: page_token.clone(),
+                ..request.clone()
+            })
+            .await
+            .expect("list feedback")
+            .into_inner();
+        assert!(page.feedback.len() <= 3);
+        assert_eq!(*total.get_or_insert(page.total_size), page.total_size);
+        sources.push(page.source());
+        items.extend(page.feedback);
+        page_token = page.next_page_token;
+        if page_token.is_empty() {
+            return (items, total.unwrap_or_default(), sources);
+        }
+    }
+}
+
+#[tokio::test]
+async fn list_feedback_is_served_from_the_log_when_it_covers_the_range_and_matches_the_upstream() {
+    let gateway = TestGateway::start_with(sandbox_config(), settings()).await;
+    let handle = gateway.sandbox().handle().clone();
+    let mut stream = FeedbackStreamClient::new(gateway.channel.clone())
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let simulated = handle.simulate_feedback(14);
+    let logged = feedback_events(&mut stream, simulated.len()).await;
+    handle.hold_after(Api::Retently, 0);
+    eventually("the poller's next request is held", PATIENCE, || {
+        handle.held(Api::Retently) == 1
+    })
+    .await;
+    let requests_before = total_requests(&handle);
+
+    let mut client = SurveyServiceClient::new(gateway.channel.clone());
+    // The log's coverage, as the history answer reports it.
+    let coverage = client
+        .get_customer_feedback_history(pb::GetCustomerFeedbackHistoryRequest {
+            email: logged[0].email.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    let covered_since = coverage.covered_since.expect("covered_since");
+    let synced_until = coverage.synced_until.expect("synced_until");
+    let far_future = prost_types::Timestamp {
+        seconds: synced_until.seconds + 3600,
+        nanos: 0,
+    };
+    let filters = [
+        pb::ListFeedbackRequest::default(),
+        pb::ListFeedbackRequest {
+            order: pb::TimeOrder::OldestFirst as i32,
+            ..Default::default()
+        },
+        pb::ListFeedbackRequest {
+            campaign_id: logged[0].campaign_id.clone(),
+            ..Default::default()
+        },
+        pb::ListFeedbackRequest {
+            email: logged[1].email.clone(),
+            order: pb::TimeOrder::OldestFirst as i32,
+            ..Default::default()
+        },
+        pb::ListFeedbackRequest {
+            retently_customer_id: logged[2].retently_customer_id.clone(),
+            campaign_id: logged[2].campaign_id.clone(),
+            ..Default::default()
+        },
+    ];
+    let mut from_log = Vec::new();
+    for filter in &filters {
+        // A page read from the upstream would wait in the sandbox: fail instead of hanging.
+        let (items, total, sources) = tokio::time::timeout(
+            PATIENCE,
+            list_all(
+                &mut client,
+                pb::ListFeedbackRequest {
+                    page_size: 3,
+                    start_time: Some(covered_since),
+                    end_time: Some(synced_until),
+                    ..filter.clone()
+                },
+            ),
+        )
+        .await
+        .expect("the log answers without the upstream");
+        assert!(
+            sources.iter().all(|s| *s == pb::FeedbackListSource::Log),
+            "{sources:?}"
+        );
+        assert_eq!(total, items.len() as i64);
+        from_log.push(items);
+    }
+    assert_eq!(from_log[0].len(), logged.len(), "every response, once");
+    // Not one request reached the upstream for the log's pages.
+    assert_eq!(handle.held(Api::Retently), 1);
+    assert_eq!(total_requests(&handle), requests_before);
+
+    // A range reaching past the last complete poll goes upstream: its request reaches the
+    // sandbox (held there beside the poller's) before the answer comes.
+    let uncovered = pb::ListFeedbackRequest {
+        page_size: 3,
+        start_time: Some(covered_since),
+        end_time: Some(far_future),
+        ..Default::default()
+    };
+    let call = {
+        let mut client = client.clone();
+        let request = uncovered.clone();
+        tokio::spawn(async move { client.list_feedback(request).await })
+    };
+    eventually("the upstream call reaches the sandbox", PATIENCE, || {
+        handle.held(Api::Retently) == 2
+    })
+    .await;
+    handle.release(Api::Retently);
+    let first = call.await.unwrap().expect("upstream page").into_inner();
+    assert_eq!(first.source(), pb::FeedbackListSource::Upstream);
+
+    // The same filters over the upstream: the very same responses, order, totals and paging.
+    for (filter, logged_items) in filters.iter().zip(&from_log) {
+        let (items, total, sources) =
+            list_all(&mut client, with_filter(uncovered.clone(), filter)).await;
+        assert!(
+            sources
+                .iter()
+                .all(|s| *s == pb::FeedbackListSource::Upstream),
+            "{sources:?}"
+        );
+        assert_eq!(total, items.len() as i64);
+        assert_eq!(&items, logged_items);
+    }
+    assert_eq!(first.feedback, from_log[0][..3]);
+    gateway.stop().await.unwrap();
+}
+
+/// `request` with the filters and order of `filter`.
+fn with_filter(
+    request: pb::ListFeedbackRequest,
+    filter: &pb::ListFeedbackRequest,
+) -> pb::ListFeedbackRequest {
+    pb::ListFeedbackRequest {
+        campaign_id: filter.campaign_id.clone(),
+        retently_customer_id: filter.retently_customer_id.clone(),
+        email: filter.email.clone(),
+        order: filter.order,
+        ..request
+    }
 }
