@@ -132,7 +132,7 @@ case_ "GetScore reads the NPS" 0 '"metric": "METRIC_NPS"' '"totalResponses": "[1
 case_ "GetScore without a metric is INVALID_ARGUMENT" 67 '"field":"metric"' -- \
   -d '{}' "$addr" cx.gateway.v1.SurveyService/GetScore
 case_ "ListFeedback pages responses newest first" 0 '"feedbackId": "[0-9a-f]{24}"' \
-  '"scoreCategory": "SCORE_CATEGORY_' '"nextPageToken": "[^"]+"' -- \
+  '"scoreCategory": "SCORE_CATEGORY_' '"nextPageToken": "[^"]+"' '"source": "FEEDBACK_LIST_SOURCE_UPSTREAM"' -- \
   -d "{\"page_size\": 2, \"campaign_id\": \"$campaign_id\"}" "$addr" cx.gateway.v1.SurveyService/ListFeedback
 feedback_id=$(survey '{"page_size": 1}' ListFeedback | json_field feedback 0 feedbackId)
 feedback_email=$(survey '{"page_size": 1}' ListFeedback | json_field feedback 0 email)
