@@ -213,9 +213,10 @@ pub async fn run(
             .send_compressed(CompressionEncoding::Gzip),
         )
         .add_service(
-            pb::survey_service_server::SurveyServiceServer::new(grpc::SurveyApi::new(Arc::clone(
-                &app,
-            )))
+            pb::survey_service_server::SurveyServiceServer::new(grpc::SurveyApi::new(
+                Arc::clone(&app),
+                feedback.log().clone(),
+            ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message)
             .accept_compressed(CompressionEncoding::Gzip)

@@ -171,6 +171,10 @@ pub const RPC_PERMISSIONS: &[(&str, Permission)] = &[
         Permission::Read,
     ),
     ("/cx.gateway.v1.SurveyService/GetFeedback", Permission::Read),
+    (
+        "/cx.gateway.v1.SurveyService/GetCustomerFeedbackHistory",
+        Permission::Read,
+    ),
     (methods::SET_FEEDBACK_TAGS, Permission::FeedbackWrite),
     (methods::SET_FEEDBACK_TOPICS, Permission::FeedbackWrite),
     (

@@ -65,6 +65,22 @@ pub const MIGRATION: (&str, &str) = (
         VALUES (1, random() & 9223372036854775807, 0, 0, 0, 0, 0);",
 );
 
+/// Lookup indexes for the questions the log answers: one customer's history (by email or by
+/// Retently customer id) and `ListFeedback` filtered by campaign, each ending in the creation
+/// time and id so a page is a range scan in either order. The email index inherits the
+/// column's NOCASE collation, so case-insensitive lookups use it. The log's coverage is kept
+/// durably beside the poller's checkpoint (see [`super::sync::SyncState`]), written in the same
+/// transaction as the entries it vouches for.
+pub const INDEX_MIGRATION: (&str, &str) = (
+    "0015_feedback_items_lookup",
+    "CREATE INDEX feedback_items_by_email
+        ON feedback_items (email, create_time_ms, feedback_id);
+    CREATE INDEX feedback_items_by_customer
+        ON feedback_items (customer_id, create_time_ms, feedback_id);
+    CREATE INDEX feedback_items_by_campaign
+        ON feedback_items (campaign_id, create_time_ms, feedback_id);",
+);
+
 /// Where an observation came from. Retently's webhook export announces new responses; changes
 /// to known ones are taken from the poller only, so a late or replayed webhook call can never
 /// turn a response back into an older version.
@@ -372,6 +388,33 @@ impl FeedbackLog {
         }))
     }
 
+    /// Every response of one customer the log holds, in its latest version, newest first (by
+    /// creation time, then id, both descending).
+    pub async fn customer_responses(
+        &self,
+        customer: CustomerKey,
+    ) -> Result<Vec<pb::Feedback>, Error> {
+        self.store
+            .read(move |connection| {
+                let (column, value) = match &customer {
+                    CustomerKey::Email(email) => ("email", email.as_str()),
+                    CustomerKey::RetentlyId(id) => ("customer_id", id.as_str()),
+                };
+                let mut statement = connection.prepare_cached(&format!(
+                    "SELECT payload FROM feedback_items WHERE {column} = ?1
+                     ORDER BY create_time_ms DESC, feedback_id DESC"
+                ))?;
+                let payloads: Vec<Vec<u8>> = statement
+                    .query_map([value], |row| row.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok(payloads)
+            })
+            .await?
+            .iter()
+            .map(|payload| pb::Feedback::decode(payload.as_slice()).map_err(store_error))
+            .collect()
+    }
+
     /// The latest known version of the responses matching `query` (see [`FeedbackQuery`]).
     pub async fn query(&self, query: FeedbackQuery) -> Result<FeedbackQueryPage, Error> {
         self.store
@@ -583,6 +626,15 @@ pub fn encode_event(
     Bytes::from(message)
 }
 
+/// How a customer is named in a history read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomerKey {
+    /// The respondent's email, compared case-insensitively.
+    Email(String),
+    /// The respondent's Retently customer id.
+    RetentlyId(String),
+}
+
 /// A read of the latest known versions, for serving `SurveyService.ListFeedback` from the log
 /// when [`super::sync::covered_range`] covers the requested creation times. Every set condition
 /// must hold.
@@ -600,6 +652,9 @@ pub struct FeedbackQuery {
     /// Keyset position: the `(create_time_ms, feedback_id)` of the last item of the previous
     /// page; the page starts right after it in the chosen order.
     pub after: Option<(i64, String)>,
+    /// Matching responses to skip after `after`: the upstream's page-number paging, which
+    /// `ListFeedback` tokens carry whichever side answered the previous page.
+    pub offset: usize,
     pub limit: usize,
 }
 
@@ -668,9 +723,10 @@ fn run_query(
     }
     let limit = query.limit.max(1);
     values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+    values.push(i64::try_from(query.offset).unwrap_or(i64::MAX).into());
     let mut statement = connection.prepare(&format!(
         "SELECT create_time_ms, feedback_id, payload FROM feedback_items
-         WHERE {page_filter} ORDER BY {order} LIMIT ?"
+         WHERE {page_filter} ORDER BY {order} LIMIT ? OFFSET ?"
     ))?;
     let rows: Vec<(i64, String, Vec<u8>)> = statement
         .query_map(rusqlite::params_from_iter(values.iter()), |row| {

@@ -17,6 +17,8 @@
 //! - [`convert`]: Retently's feedback JSON to the contract's `Feedback`.
 //! - [`log`]: the durable log, the latest version of every response, queries for
 //!   `SurveyService.ListFeedback` ([`FeedbackLog::query`], [`FeedbackLog::covered_range`]).
+//! - [`history`]: per-metric summaries and trends of one customer's responses
+//!   (`SurveyService.GetCustomerFeedbackHistory`, read with [`FeedbackLog::customer_responses`]).
 //! - [`ingest`]: the log's one appender: dedup, append, checkpoint, publish.
 //! - [`hub`]: fan-out, start positions, catch-up from the log, heartbeats, drain.
 //! - [`sync`]: the incremental poller and its upstream seam ([`sync::FeedbackSource`]).
@@ -29,6 +31,7 @@ pub mod clock;
 pub mod convert;
 pub mod cursor;
 pub mod filter;
+pub mod history;
 pub mod hub;
 pub mod ingest;
 pub mod log;
@@ -49,7 +52,7 @@ use tokio::sync::watch;
 pub use self::clock::Clock;
 pub use self::hub::{Hub, HubSettings, Start};
 pub use self::ingest::Ingest;
-pub use self::log::{FeedbackLog, FeedbackQuery, FeedbackQueryPage};
+pub use self::log::{CustomerKey, FeedbackLog, FeedbackQuery, FeedbackQueryPage};
 pub use self::retention::{RetentionProgress, RetentionSettings};
 pub use self::stats::{FeedbackStats, StatsSnapshot};
 pub use self::sync::{CoveredRange, FeedbackSource, SyncSettings};

@@ -198,6 +198,13 @@ pub struct CoveredRange {
     pub to_ms: i64,
 }
 
+impl CoveredRange {
+    /// Whether every response created in `[from_ms, before_ms)` is in the log.
+    pub fn contains(&self, from_ms: i64, before_ms: i64) -> bool {
+        from_ms >= self.from_ms && before_ms <= self.to_ms
+    }
+}
+
 /// The poller. Runs until draining starts.
 pub struct Poller {
     pub source: Arc<dyn FeedbackSource>,

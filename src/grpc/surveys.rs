@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`validation`]: request checks with exact field paths.
 //! - [`convert`]: protobuf ⇄ Retently types for this service.
+//! - [`history`]: `GetCustomerFeedbackHistory`, served from the feedback log.
 //! - [`cursor`]: page tokens of the lists Retently pages itself (feedback, sent surveys).
 //! - `delivery`: the outbox's delivery of a queued send, which checks Retently's history of
 //!   sent surveys before sending again after a failure that may have been applied.
@@ -12,6 +13,7 @@
 pub mod convert;
 pub mod cursor;
 mod delivery;
+pub mod history;
 pub mod validation;
 
 pub(crate) use self::delivery::deliver_send_survey;
@@ -24,6 +26,7 @@ use crate::app::App;
 // The caller's deadline and name: the name picks the fair share of the budget a call spends.
 use crate::auth::interactive_context;
 use crate::error::{Error, ErrorCode, Violations};
+use crate::feedback::{FeedbackLog, FeedbackQuery as LogQuery};
 use crate::grpc::convert::{feedback_to_pb, timestamp_to_ms};
 use crate::grpc::writes::{self, WriteRpc};
 use crate::grpc::{methods, paging, validate};
@@ -41,11 +44,13 @@ const MAX_LOCAL_PAGE: usize = 1000;
 #[derive(Clone)]
 pub struct SurveyApi {
     app: Arc<App>,
+    /// The feedback log, which answers customer histories without upstream calls.
+    log: FeedbackLog,
 }
 
 impl SurveyApi {
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
+    pub fn new(app: Arc<App>, log: FeedbackLog) -> Self {
+        Self { app, log }
     }
 }
 
@@ -263,6 +268,35 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         );
         v.into_result()?;
         let non_empty = |value: String| (!value.is_empty()).then_some(value);
+        let order = order.unwrap_or_default();
+        if let Some(start_ms) = start
+            && let Some(covered) = self.log.covered_range().await?
+            && covered.contains(start_ms, cursor.end_ms)
+        {
+            let offset = u64::from(cursor.page.saturating_sub(1)) * u64::from(cursor.size);
+            let page = self
+                .log
+                .query(LogQuery {
+                    campaign_id: non_empty(request.campaign_id),
+                    retently_customer_id: non_empty(request.retently_customer_id),
+                    email: non_empty(request.email),
+                    created_from_ms: Some(start_ms),
+                    created_before_ms: Some(cursor.end_ms),
+                    newest_first: order != pb::TimeOrder::OldestFirst,
+                    after: None,
+                    offset: usize::try_from(offset).unwrap_or(usize::MAX),
+                    limit: cursor.size as usize,
+                })
+                .await?;
+            let shown = offset.saturating_add(page.items.len() as u64);
+            let more = shown < u64::try_from(page.total).unwrap_or(0);
+            return Ok(Response::new(pb::ListFeedbackResponse {
+                feedback: page.items,
+                next_page_token: cursor::next_token(cursor, more, &filters, now),
+                total_size: page.total,
+                source: pb::FeedbackListSource::Log as i32,
+            }));
+        }
         let query = FeedbackQuery {
             email: non_empty(request.email),
             customer_id: non_empty(request.retently_customer_id),
@@ -272,7 +306,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             page: PageRequest {
                 page: Some(cursor.page),
                 limit: Some(cursor.size),
-                sort: Some(sort(order.unwrap_or_default(), "createdDate")),
+                sort: Some(sort(order, "createdDate")),
             },
         };
         let page = self.app.retently.list_feedback(&ctx, query).await?;
@@ -280,6 +314,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             feedback: page.items.iter().map(feedback_to_pb).collect(),
             next_page_token: cursor::next_token(cursor, page.has_more(), &filters, now),
             total_size: total_size(page.total, &cursor, page.items.len()),
+            source: pb::FeedbackListSource::Upstream as i32,
         }))
     }
 
@@ -300,6 +335,14 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         Ok(Response::new(pb::GetFeedbackResponse {
             feedback: Some(feedback_to_pb(&feedback)),
         }))
+    }
+
+    async fn get_customer_feedback_history(
+        &self,
+        request: Request<pb::GetCustomerFeedbackHistoryRequest>,
+    ) -> Result<Response<pb::GetCustomerFeedbackHistoryResponse>, Status> {
+        let request = history::validate(request.get_ref())?;
+        Ok(Response::new(history::answer(&self.log, request).await?))
     }
 
     async fn set_feedback_tags(

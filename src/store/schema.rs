@@ -21,6 +21,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     crate::domain::outbox::TRACE_CONTEXT_MIGRATION,
     crate::domain::idempotency::OWNER_MIGRATION,
     crate::domain::outbox::VERIFY_MIGRATION,
+    crate::feedback::log::INDEX_MIGRATION,
 ];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {

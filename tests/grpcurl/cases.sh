@@ -132,9 +132,18 @@ case_ "GetScore reads the NPS" 0 '"metric": "METRIC_NPS"' '"totalResponses": "[1
 case_ "GetScore without a metric is INVALID_ARGUMENT" 67 '"field":"metric"' -- \
   -d '{}' "$addr" cx.gateway.v1.SurveyService/GetScore
 case_ "ListFeedback pages responses newest first" 0 '"feedbackId": "[0-9a-f]{24}"' \
-  '"scoreCategory": "SCORE_CATEGORY_' '"nextPageToken": "[^"]+"' -- \
+  '"scoreCategory": "SCORE_CATEGORY_' '"nextPageToken": "[^"]+"' '"source": "FEEDBACK_LIST_SOURCE_UPSTREAM"' -- \
   -d "{\"page_size\": 2, \"campaign_id\": \"$campaign_id\"}" "$addr" cx.gateway.v1.SurveyService/ListFeedback
 feedback_id=$(survey '{"page_size": 1}' ListFeedback | json_field feedback 0 feedbackId)
+feedback_email=$(survey '{"page_size": 1}' ListFeedback | json_field feedback 0 email)
+case_ "GetCustomerFeedbackHistory answers from the log by email" 0 '"totalSize": "[0-9]+"' \
+  '"summaries": \[' -- -d "{\"email\": \"$feedback_email\", \"page_size\": 5}" \
+  "$addr" cx.gateway.v1.SurveyService/GetCustomerFeedbackHistory
+case_ "GetCustomerFeedbackHistory without a customer is INVALID_ARGUMENT" 67 'INVALID_FIELDS' \
+  '"field":"email"' -- -d '{}' "$addr" cx.gateway.v1.SurveyService/GetCustomerFeedbackHistory
+case_ "GetCustomerFeedbackHistory with a forged page token is INVALID_ARGUMENT" 67 \
+  '"field":"page_token"' -- -d "{\"email\": \"$feedback_email\", \"page_token\": \"Zm9yZ2Vk\"}" \
+  "$addr" cx.gateway.v1.SurveyService/GetCustomerFeedbackHistory
 case_ "GetFeedback reads one response" 0 "\"feedbackId\": \"$feedback_id\"" '"createTime": "' -- \
   -d "{\"feedback_id\": \"$feedback_id\"}" "$addr" cx.gateway.v1.SurveyService/GetFeedback
 case_ "SetFeedbackTags replaces the tags" 0 '"deliveryId": ""' -- \

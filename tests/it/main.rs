@@ -8,6 +8,7 @@ mod customers;
 mod events;
 mod feedback;
 mod foundation;
+mod insights;
 mod owners;
 mod support;
 mod surveys;

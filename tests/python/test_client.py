@@ -65,7 +65,7 @@ class GatewayClientTest(unittest.TestCase):
         callers = f"""[[caller]]
 name = "python-client"
 token_sha256 = ["{digest}"]
-permissions = ["read", "customers:write", "events:write", "deliveries:read", "deliveries:retry"]
+permissions = ["read", "customers:write", "events:write", "deliveries:read", "deliveries:retry", "feedback:subscribe"]
 """
         env = dict(os.environ)
         env.update(
@@ -73,6 +73,9 @@ permissions = ["read", "customers:write", "events:write", "deliveries:read", "de
             CXGW_ADMIN_ADDR=f"127.0.0.1:{admin_port}",
             CXGW_LOG_FORMAT="json",
             CXGW_CALLERS=callers,
+            # Frequent polls and heartbeats, so the feedback log is filled soon and says so.
+            CXGW_FEEDBACK_POLL_INTERVAL="200ms",
+            CXGW_FEEDBACK_HEARTBEAT_INTERVAL="200ms",
         )
         cls.log = tempfile.TemporaryFile()
         cls.process = subprocess.Popen([BINARY, "serve", "--sandbox"], env=env, stdout=cls.log, stderr=subprocess.STDOUT)
@@ -186,6 +189,44 @@ permissions = ["read", "customers:write", "events:write", "deliveries:read", "de
         info = self._detail(raised.exception, error_details_pb2.ErrorInfo)
         self.assertEqual(info.reason, "MALFORMED_REQUEST")
         self.assertEqual(info.domain, "cx-gateway")
+
+    def test_customer_history_comes_from_the_feedback_log(self):
+        from cx.gateway.v1 import feedback_stream_pb2 as f, feedback_stream_pb2_grpc as fg
+        from cx.gateway.v1 import survey_service_pb2 as s, survey_service_pb2_grpc as sg
+
+        # A heartbeat with a sync time says the log holds a complete poll.
+        stream = fg.FeedbackStreamStub(self.channel).Subscribe(f.SubscribeRequest(), metadata=self.auth, timeout=60)
+        for message in stream:
+            if message.WhichOneof("payload") == "heartbeat" and message.heartbeat.HasField("sync_time"):
+                break
+        stream.cancel()
+
+        stub = sg.SurveyServiceStub(self.channel)
+        # The newest seeded response of the last 23 hours lies within the log's first backfill.
+        listed = s.ListFeedbackRequest(page_size=1)
+        listed.start_time.FromSeconds(int(time.time()) - 23 * 3600)
+        newest = stub.ListFeedback(listed, metadata=self.auth, timeout=30).feedback[0]
+        history = stub.GetCustomerFeedbackHistory(
+            s.GetCustomerFeedbackHistoryRequest(email=newest.email.upper(), page_size=100),
+            metadata=self.auth,
+            timeout=10,
+        )
+        self.assertTrue(history.HasField("synced_until"))
+        self.assertIn(newest.feedback_id, [item.feedback_id for item in history.feedback])
+        self.assertEqual({item.email.lower() for item in history.feedback}, {newest.email.lower()})
+        times = [item.create_time.ToMilliseconds() for item in history.feedback]
+        self.assertEqual(times, sorted(times, reverse=True))
+        self.assertEqual(sum(summary.response_count for summary in history.summaries), history.total_size)
+
+        with self.assertRaises(grpc.RpcError) as raised:
+            stub.GetCustomerFeedbackHistory(
+                s.GetCustomerFeedbackHistoryRequest(email=newest.email, page_token="Zm9yZ2Vk"),
+                metadata=self.auth,
+                timeout=10,
+            )
+        self.assertEqual(raised.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        bad_request = self._detail(raised.exception, error_details_pb2.BadRequest)
+        self.assertEqual([v.field for v in bad_request.field_violations], ["page_token"])
 
     def _detail(self, error, message_type):
         detail = error_detail(error, message_type)
