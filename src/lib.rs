@@ -13,7 +13,6 @@
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`backoff`]: how background loops back off from a failing store and rate-limit their logs.
 //! - [`readiness`]: whether start-up work (outbox recovery) is done, for `/readyz` and health.
-//! - [`bench`]: `cx-gateway bench`, the benchmark against same-run baselines.
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
 //! - [`domain`]: plain-Rust domain logic: the outbox of asynchronous writes, idempotency.
 //! - [`feedback`]: the feedback pipeline: sync, webhook ingestion, durable log, fan-out.
@@ -33,7 +32,6 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod backoff;
-pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod error;
