@@ -33,6 +33,7 @@ pub mod app;
 pub mod auth;
 pub mod backoff;
 pub mod config;
+pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod feedback;

@@ -11,8 +11,9 @@ use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
+use crate::convert::timestamp_to_ms;
 use crate::error::{Error, Violations};
-use crate::grpc::convert::{error_to_item, json_value, recipient_outcome, timestamp_to_ms};
+use crate::grpc::convert::{error_to_item, json_value, recipient_outcome};
 use crate::grpc::writes::{self, DeliveryFacts, WriteRpc};
 use crate::grpc::{methods, paging, validate};
 use crate::pb;

@@ -249,7 +249,7 @@ async fn measure_all(
     errors_note(report, "gateway health Check", &health_result);
     errors_note(report, "bare health Check", &bare_health_result);
     report.note(
-        "baselines: the same RPC and the health Check on a bare tonic server (child process, same binary)",
+        "baselines: the same RPC and the health Check on a bare tonic server (child process, the benchmark binary)",
     );
     if let Some(reason) = list_missing {
         report.status = crate::report::Status::NotRun(format!(
