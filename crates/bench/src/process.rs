@@ -280,3 +280,45 @@ pub async fn connect_many(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<
     }
     Ok(channels)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateway_named_explicitly_is_the_one_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = dir.path().join("my-gateway");
+        std::fs::write(&gateway, b"").unwrap();
+        let binaries = Binaries::locate(Some(gateway.clone())).unwrap();
+        assert_eq!(binaries.gateway, gateway);
+        assert_eq!(binaries.bench, std::env::current_exe().unwrap());
+    }
+
+    #[test]
+    fn a_missing_gateway_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("cx-gateway");
+        let error = Binaries::locate(Some(missing.clone())).unwrap_err();
+        assert!(
+            error.to_string().contains(&missing.display().to_string()),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn by_default_the_gateway_is_looked_for_next_to_this_binary() {
+        let beside = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("cx-gateway");
+        match Binaries::locate(None) {
+            Ok(binaries) => assert_eq!(binaries.gateway, beside),
+            Err(error) => assert!(
+                error.to_string().contains(&beside.display().to_string()),
+                "{error}"
+            ),
+        }
+    }
+}
