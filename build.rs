@@ -32,17 +32,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         error_details_set.encode_to_vec(),
     )?;
 
-    // `cx-gateway bench` reports the compiler that built it next to its figures.
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
-    let rustc_version = std::process::Command::new(rustc)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|output| String::from_utf8(output.stdout).ok())
-        .map(|version| version.trim().to_owned())
-        .unwrap_or_else(|| "unknown".to_owned());
-    println!("cargo:rustc-env=CXGW_RUSTC_VERSION={rustc_version}");
-
     // Which generated messages are requests and which are responses, so the one codec of the
     // generated servers and clients can tell a caller's malformed request (its mistake,
     // INVALID_ARGUMENT) from a reply that does not decode (the server's fault, INTERNAL).

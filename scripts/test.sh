@@ -69,7 +69,7 @@ node_client() {
 }
 
 build_binary() {
-  cargo build --locked --bin cx-gateway
+  cargo build --locked --workspace --bins
 }
 
 echo "::: setup"
@@ -94,7 +94,7 @@ if build_binary; then
   suite "go client" bash tests/go/run.sh target/debug/cx-gateway
   # A scaled-down run of every benchmark scenario, so the benchmark cannot rot; it asserts no
   # timing, it only has to complete and print its table.
-  suite "bench smoke" target/debug/cx-gateway bench --quick --json target/bench-quick.json
+  suite "bench smoke" target/debug/cx-gateway-bench --quick --json target/bench-quick.json
   # Alerting rules (promtool) and every dashboard and alert query against a real Prometheus.
   suite "monitoring" bash tests/monitoring/check.sh target/debug/cx-gateway
 else

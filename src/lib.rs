@@ -7,34 +7,63 @@
 //!
 //! # Layout
 //!
-//! - [`auth`]: callers, their permissions and shares; the layer that authenticates each call.
-//! - [`tls`]: TLS and mutual TLS on the gRPC port, with certificates that rotate in place.
-//! - [`reload`]: reloading the callers and TLS files on SIGHUP and on change.
-//! - [`app`]: what the services share: settings, store, drain, background workers.
-//! - [`backoff`]: how background loops back off from a failing store and rate-limit their logs.
-//! - [`readiness`]: whether start-up work (outbox recovery) is done, for `/readyz` and health.
-//! - [`bench`]: `cx-gateway bench`, the benchmark against same-run baselines.
+//! In the order a request flows, from the caller to the upstream:
+//!
+//! - **Edge.** [`server`]: `run(listeners, config, shutdown)` builds every service, the tower
+//!   stack, health, reflection and the admin port, and drains gracefully. In the stack:
+//!   [`tls`] (TLS and mutual TLS, certificates rotating in place), [`auth`] (callers, their
+//!   permissions and shares; the layer that authenticates each call), [`telemetry::grpc`] (one
+//!   span and the metrics per call), [`grpc::deadline`] (every call gets a deadline) and
+//!   [`grpc::codec`] (decode failures become the gateway's errors).
+//! - **Adapters.** [`grpc`]: one module per service: validate ([`grpc::validate`]), convert,
+//!   call, convert back, with errors mapped once through [`error`]. Conversions the feedback
+//!   pipeline needs too are in [`convert`]; generated code is in [`pb`].
+//! - **Domain.** The write path: [`grpc::writes`] (the `WriteRpc` contract, SYNC and ASYNC
+//!   execution, idempotency keys, replay through the outbox executor) with the per-service
+//!   execution in `grpc/customers/execute.rs`, `grpc/surveys.rs` (with the outbox's survey
+//!   delivery in `grpc/surveys/delivery.rs`) and `grpc/events.rs`, over [`domain`]: the
+//!   durable [`domain::outbox`] of asynchronous writes and its delivery worker, and
+//!   [`domain::idempotency`] (remembered responses).
+//! - **Scheduler.** [`upstream::scheduler`]: one lane per upstream account: the budget,
+//!   priorities, batching, single-flight reads and caching, retries, the circuit breaker.
+//! - **Clients.** [`upstream`]: the typed [`upstream::retently`] and [`upstream::retainly`]
+//!   clients behind the scheduler, over the shared HTTP plumbing ([`upstream::http`]) that
+//!   classifies each failure once ([`upstream::failure`]).
+//!
+//! Then the feedback pipeline behind `FeedbackStream`, from the upstream back to the caller:
+//!
+//! - [`feedback`]: the incremental poller and webhook ingestion, the deduplicated durable log,
+//!   the hub that fans it out to subscribers, their filters and resume cursors, and the
+//!   questions the log answers without an upstream call (customer history, covered ListFeedback
+//!   ranges).
+//!
+//! Beside the flow:
+//!
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
-//! - [`domain`]: plain-Rust domain logic: the outbox of asynchronous writes, idempotency.
-//! - [`feedback`]: the feedback pipeline: sync, webhook ingestion, durable log, fan-out.
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
-//! - [`error`]: the one error type and its one mapping to `tonic::Status` with details.
-//! - [`server`]: `run(listeners, config, shutdown)`: services, health, reflection, layers, drain.
-//! - [`grpc`]: thin adapters per service and the tower layers of the gRPC stack.
+//! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`admin`]: the admin HTTP port (liveness, readiness, feedback counters, webhooks).
+//! - [`telemetry`]: logs, traces (OpenTelemetry, W3C context), metrics (`/metrics`, OTLP), redaction.
+//! - [`reload`]: reloading the callers and TLS files on SIGHUP and on change.
+//! - [`readiness`]: whether start-up work (outbox recovery) is done, for `/readyz` and health.
+//! - [`backoff`]: how background loops back off from a failing store and rate-limit their logs.
 //! - [`shutdown`]: the drain signal shared by every long-lived task.
 //! - [`sandbox_mode`]: starting the built-in upstream emulator for `serve --sandbox`.
-//! - [`upstream`]: typed Retently and Retainly clients behind one scheduler per account
-//!   (budget, priorities, batching, single-flight and caching, retries, circuit breaker).
-//! - [`telemetry`]: logs, traces (OpenTelemetry, W3C context), metrics (`/metrics`, OTLP), redaction.
-//! - [`pb`]: code generated from `proto/cx/gateway/v1`.
+//!
+//! Outside this crate, in the workspace:
+//!
+//! - `crates/sandbox` (`cx_sandbox`): the stateful emulator of both upstream APIs that every
+//!   integration test, the benchmark and `serve --sandbox` run against.
+//! - `crates/bench` (`cx-gateway-bench`): the benchmark against same-run baselines; it starts
+//!   the `cx-gateway` binary as a child process and reaches this crate only through its public
+//!   API.
 
 pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod backoff;
-pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod feedback;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cx_gateway::config::{Config, EnvSource, UpstreamMode};
 use cx_gateway::server::{self, Listeners};
-use cx_gateway::{bench, sandbox_mode, telemetry};
+use cx_gateway::{sandbox_mode, telemetry};
 
 /// jemalloc instead of glibc malloc. A burst of slow FeedbackStream readers makes the gateway
 /// allocate hundreds of MiB of HTTP/2 send buffers from many worker threads; glibc kept almost
@@ -47,9 +47,6 @@ enum Command {
     /// Serve only the upstream emulator (Retently under /api/v2, Retainly at the root, admin
     /// under /_sandbox) on CXGW_SANDBOX_ADDR.
     Sandbox,
-    /// Measure the gateway against same-run baselines on loopback (emulator in process, gateway
-    /// as a child process) and print a table; build with --release for real figures.
-    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -109,6 +106,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&config)?;
             sandbox_mode::serve_standalone(&config.sandbox, server::shutdown_signal()).await
         }
-        Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -1,6 +1,6 @@
 //! Reading upstream responses into the log: the shared conversion of
-//! [`crate::grpc::convert::feedback_to_pb`] (the one `SurveyService` uses too), plus what the
-//! log needs on top of it.
+//! [`crate::convert::feedback_to_pb`] (the one `SurveyService` uses too), plus what the log
+//! needs on top of it.
 //!
 //! The poller and the webhook receiver both read through here, so the same upstream object
 //! always gives the same message, byte for byte; that is what deduplication compares. A webhook
@@ -12,8 +12,6 @@ use serde_json::Value;
 
 use crate::pb;
 use crate::upstream::retently;
-
-pub use crate::grpc::convert::score_category;
 
 /// Longest feedback id accepted; upstream ids are 24 hex characters.
 const MAX_ID_LEN: usize = 64;
@@ -42,7 +40,7 @@ pub fn feedback_to_pb(feedback: &retently::Feedback) -> Result<pb::Feedback, Con
     if id.is_empty() || id.len() > MAX_ID_LEN || id.len() != feedback.id.len() {
         return Err(ConvertError::MissingId);
     }
-    let converted = crate::grpc::convert::feedback_to_pb(feedback);
+    let converted = crate::convert::feedback_to_pb(feedback);
     if converted.create_time.is_none() {
         return Err(ConvertError::MissingCreatedDate);
     }

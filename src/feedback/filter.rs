@@ -85,7 +85,7 @@ mod tests {
             campaign_id: campaign.to_owned(),
             metric: metric as i32,
             score,
-            score_category: crate::feedback::convert::score_category(metric, score) as i32,
+            score_category: crate::convert::score_category(metric, score) as i32,
             has_comment: comment,
         }
     }

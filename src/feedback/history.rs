@@ -8,7 +8,7 @@
 //! counts as a direction: one NPS point, or 0.4 of a CSAT star, is what an account manager
 //! notices; less is noise between single answers.
 
-use crate::grpc::convert::{score_category, timestamp_to_ms};
+use crate::convert::{score_category, timestamp_to_ms};
 use crate::pb;
 
 /// Trend window when the caller does not choose one.

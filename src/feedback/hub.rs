@@ -51,8 +51,8 @@ use super::cursor::{Cursor, CursorError};
 use super::filter::Filter;
 use super::log::{FeedbackLog, LogEntry, LogState, ReadOutcome};
 use super::stats::FeedbackStats;
+use crate::convert::timestamp_from_ms;
 use crate::error::{Error, ErrorCode, FieldViolation};
-use crate::grpc::convert::timestamp_from_ms;
 use crate::pb;
 use crate::shutdown::Drain;
 

@@ -114,7 +114,7 @@ impl Observed {
             create_time_ms: feedback
                 .create_time
                 .as_ref()
-                .map_or(0, crate::grpc::convert::timestamp_to_ms),
+                .map_or(0, crate::convert::timestamp_to_ms),
             customer_id: feedback.retently_customer_id.clone(),
             email: feedback.email.clone(),
             fields: EntryFields::of(feedback),
@@ -605,7 +605,7 @@ pub fn encode_event(
 ) -> Bytes {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
     let cursor_text = cursor.encode();
-    let log_time = crate::grpc::convert::timestamp_from_ms(log_time_ms);
+    let log_time = crate::convert::timestamp_from_ms(log_time_ms);
     let kind = kind as i32;
     let mut event = Vec::with_capacity(payload.len() + 64);
     if kind != 0 {

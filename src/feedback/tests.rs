@@ -81,7 +81,7 @@ fn response(id: &str, campaign: &str, score: f64, comment: &str, tags: &[&str]) 
         campaign_id: campaign.to_owned(),
         metric: metric as i32,
         score: Some(score),
-        score_category: convert::score_category(metric, Some(score)) as i32,
+        score_category: crate::convert::score_category(metric, Some(score)) as i32,
         comment: comment.to_owned(),
         tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
         create_time: Some(prost_types::Timestamp {

@@ -7,9 +7,10 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
+use crate::convert::timestamp_from_ms;
 use crate::domain::outbox::{DeliveryRecord, DeliveryState, RetrySelection};
 use crate::error::{Error, ErrorCode, Violations};
-use crate::grpc::convert::{item_error, timestamp_from_ms};
+use crate::grpc::convert::item_error;
 use crate::grpc::{methods, paging};
 use crate::pb;
 

@@ -12,8 +12,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
 use crate::config::EventMappings;
+use crate::convert::timestamp_to_ms;
 use crate::error::{Error, Violations};
-use crate::grpc::convert::{error_to_item, json_value, recipient_outcome, timestamp_to_ms};
+use crate::grpc::convert::{error_to_item, json_value, recipient_outcome};
 use crate::grpc::writes::{self, DeliveryFacts, WriteRpc};
 use crate::grpc::{methods, paging, validate};
 use crate::pb;

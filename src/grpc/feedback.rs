@@ -24,11 +24,11 @@ use tonic::codec::{
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
 
+use crate::convert::timestamp_to_ms;
 use crate::error::{Error, Violations};
 use crate::feedback::cursor::Cursor;
 use crate::feedback::filter::Filter;
 use crate::feedback::{Hub, Start};
-use crate::grpc::convert::timestamp_to_ms;
 use crate::pb;
 
 /// Most campaign ids in one filter, and their longest length (contract).

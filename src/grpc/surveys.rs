@@ -25,9 +25,9 @@ use tonic::{Request, Response, Status};
 use crate::app::App;
 // The caller's deadline and name: the name picks the fair share of the budget a call spends.
 use crate::auth::interactive_context;
+use crate::convert::{feedback_to_pb, timestamp_to_ms};
 use crate::error::{Error, ErrorCode, Violations};
 use crate::feedback::{FeedbackLog, FeedbackQuery as LogQuery};
-use crate::grpc::convert::{feedback_to_pb, timestamp_to_ms};
 use crate::grpc::writes::{self, WriteRpc};
 use crate::grpc::{methods, paging, validate};
 use crate::pb;

@@ -3,10 +3,10 @@
 
 use serde_json::{Map, Number, Value};
 
+use crate::convert::{property_from_retently, timestamp_from_rfc3339};
 use crate::error::Error;
 use crate::grpc::convert::{
-    date_text, error_to_item, instant_text, json_value, property_from_retently,
-    property_to_retently, timestamp_from_rfc3339,
+    date_text, error_to_item, instant_text, json_value, property_to_retently,
 };
 use crate::pb;
 use crate::upstream::retainly::{ArrayDeletion, ArrayRecord, RetainlyCustomer, RetainlyId};

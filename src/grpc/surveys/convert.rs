@@ -1,14 +1,16 @@
 //! SurveyService messages ⇄ the Retently client's types, field by field as the contract's
-//! comments map them. Conversions shared with other services (feedback, properties, metrics,
-//! channels) live in [`crate::grpc::convert`].
+//! comments map them. Conversions shared with other services live in [`crate::grpc::convert`],
+//! and those the feedback pipeline needs too (feedback, properties, metrics, channels) in
+//! [`crate::convert`].
 
 use chrono::{DateTime, Utc};
 
-use crate::error::{Error, ErrorCode};
-use crate::grpc::convert::{
+use crate::convert::{
     channel_from_retently, json_struct, metric_from_retently, property_from_retently,
-    property_to_retently, recipient_outcome, timestamp_from_ms, timestamp_from_rfc3339,
+    timestamp_from_ms, timestamp_from_rfc3339,
 };
+use crate::error::{Error, ErrorCode};
+use crate::grpc::convert::{property_to_retently, recipient_outcome};
 use crate::pb;
 use crate::upstream::retently::{self, CustomerInput, LabelOp, SurveyOutcome, email_key};
 

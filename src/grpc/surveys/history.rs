@@ -8,10 +8,10 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use crate::convert::timestamp_from_ms;
 use crate::error::{Error, Violations};
 use crate::feedback::history::{self, DEFAULT_TREND_WINDOW, MAX_TREND_WINDOW};
 use crate::feedback::{CustomerKey, FeedbackLog};
-use crate::grpc::convert::timestamp_from_ms;
 use crate::grpc::paging::filters_fingerprint;
 use crate::grpc::validate;
 use crate::pb;

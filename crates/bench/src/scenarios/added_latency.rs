@@ -13,13 +13,13 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::{request, unimplemented};
-use crate::bench::hist::Latencies;
-use crate::bench::load::{LoadResult, OpenLoop, grpc_class, open_loop};
-use crate::bench::process::{connect_many, cpu_time};
-use crate::bench::report::{ScenarioReport, Status};
-use crate::bench::stage::Stage;
-use crate::pb::GetFeedbackRequest;
-use crate::pb::survey_service_client::SurveyServiceClient;
+use crate::hist::Latencies;
+use crate::load::{LoadResult, OpenLoop, grpc_class, open_loop};
+use crate::process::{Binaries, connect_many, cpu_time};
+use crate::report::{ScenarioReport, Status};
+use crate::stage::Stage;
+use cx_gateway::pb::GetFeedbackRequest;
+use cx_gateway::pb::survey_service_client::SurveyServiceClient;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections from the caller to the gateway: one internal service with a small pool.
@@ -47,7 +47,11 @@ impl Side {
     }
 }
 
-pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()> {
+pub async fn run(
+    report: &mut ScenarioReport,
+    binaries: &Binaries,
+    quick: bool,
+) -> anyhow::Result<()> {
     let (rate, rounds, warmup, measure) = if quick {
         (500.0, 1, Duration::from_millis(500), Duration::from_secs(3))
     } else {
@@ -60,6 +64,7 @@ pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()>
     // The largest budget the gateway accepts; the gateway sends at most
     // rounds * (warmup + measure) * rate requests, well under it in any minute.
     let stage = Stage::start(
+        binaries,
         sandbox,
         &[("CXGW_RETENTLY_REQUESTS_PER_MINUTE", "100000".to_owned())],
     )

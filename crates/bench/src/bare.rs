@@ -16,8 +16,8 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use crate::pb;
-use crate::pb::survey_service_server::{SurveyService, SurveyServiceServer};
+use cx_gateway::pb;
+use cx_gateway::pb::survey_service_server::{SurveyService, SurveyServiceServer};
 
 /// Serves until SIGTERM or SIGINT. `campaigns` is a file holding an encoded
 /// `ListCampaignsResponse`: what `ListCampaigns` answers.
@@ -43,7 +43,7 @@ pub async fn serve(addr: SocketAddr, campaigns: Option<&Path>) -> anyhow::Result
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(SurveyServiceServer::new(FixedCampaigns { campaigns }))
-        .serve_with_incoming_shutdown(incoming, crate::server::shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, cx_gateway::server::shutdown_signal())
         .await
         .context("the bare server failed")
 }

@@ -12,12 +12,12 @@ use cx_sandbox::{Api, SandboxConfig};
 use tonic::transport::Channel;
 
 use super::{percent, unimplemented};
-use crate::bench::hist::Latencies;
-use crate::bench::process::connect_many;
-use crate::bench::report::ScenarioReport;
-use crate::bench::stage::Stage;
-use crate::pb::survey_service_client::SurveyServiceClient;
-use crate::pb::{Recipient, RecipientOutcome, SendSurveyRequest};
+use crate::hist::Latencies;
+use crate::process::{Binaries, connect_many};
+use crate::report::ScenarioReport;
+use crate::stage::Stage;
+use cx_gateway::pb::survey_service_client::SurveyServiceClient;
+use cx_gateway::pb::{Recipient, RecipientOutcome, SendSurveyRequest};
 
 const CONNECTIONS: usize = 50;
 /// Recipients per upstream call, as Retently documents.
@@ -26,11 +26,15 @@ const PER_UPSTREAM_CALL: usize = 100;
 const REQUESTS_PER_MINUTE: usize = 150;
 const RECIPIENTS_PER_CALLER: usize = 10;
 
-pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()> {
+pub async fn run(
+    report: &mut ScenarioReport,
+    binaries: &Binaries,
+    quick: bool,
+) -> anyhow::Result<()> {
     let callers = if quick { 100 } else { 1_000 };
     // Callers wait for the budget, so each may take as long as the whole run.
     let call_timeout = Duration::from_secs(if quick { 120 } else { 300 });
-    let stage = Stage::start(SandboxConfig::default(), &[]).await?;
+    let stage = Stage::start(binaries, SandboxConfig::default(), &[]).await?;
     let result = measure(report, &stage, callers, call_timeout).await;
     stage.stop().await;
     result
@@ -64,7 +68,7 @@ async fn measure(
     if let Err(status) = &probe
         && let Some(reason) = unimplemented(status, "SurveyService.SendSurvey")
     {
-        report.status = crate::bench::report::Status::NotRun(reason);
+        report.status = crate::report::Status::NotRun(reason);
         return Ok(());
     }
     stage.handle().reset_counters();

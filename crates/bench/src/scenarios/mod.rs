@@ -8,6 +8,7 @@ pub mod raw_rpc;
 pub mod retainly_batching;
 pub mod survey_coalescing;
 
+use super::process::Binaries;
 use super::report::{ScenarioReport, Status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,15 +63,19 @@ impl Scenario {
             .find(|scenario| scenario.id().eq_ignore_ascii_case(id))
     }
 
-    pub async fn run(self, quick: bool) -> ScenarioReport {
+    pub async fn run(self, binaries: &Binaries, quick: bool) -> ScenarioReport {
         let mut report = ScenarioReport::new(self.id(), self.title());
         let result = match self {
-            Scenario::RawRpc => raw_rpc::run(&mut report, quick).await,
-            Scenario::AddedLatency => added_latency::run(&mut report, quick).await,
-            Scenario::SurveyCoalescing => survey_coalescing::run(&mut report, quick).await,
-            Scenario::RetainlyBatching => retainly_batching::run(&mut report, quick).await,
-            Scenario::FeedbackSync => feedback_sync::run(&mut report, quick).await,
-            Scenario::FanOut => fan_out::run(&mut report, quick).await,
+            Scenario::RawRpc => raw_rpc::run(&mut report, binaries, quick).await,
+            Scenario::AddedLatency => added_latency::run(&mut report, binaries, quick).await,
+            Scenario::SurveyCoalescing => {
+                survey_coalescing::run(&mut report, binaries, quick).await
+            }
+            Scenario::RetainlyBatching => {
+                retainly_batching::run(&mut report, binaries, quick).await
+            }
+            Scenario::FeedbackSync => feedback_sync::run(&mut report, binaries, quick).await,
+            Scenario::FanOut => fan_out::run(&mut report, binaries, quick).await,
         };
         if let Err(error) = result {
             report.status = Status::Failed(format!("{error:#}"));

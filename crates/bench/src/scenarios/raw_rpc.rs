@@ -17,13 +17,13 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::{request, unimplemented};
-use crate::bench::hist::Latencies;
-use crate::bench::load::{ClosedLoop, LoadResult, closed_loop, grpc_class};
-use crate::bench::process::{ChildServer, connect_many, cpu_time, free_loopback_addr};
-use crate::bench::report::ScenarioReport;
-use crate::bench::stage::{Caller, Stage};
-use crate::pb::ListCampaignsRequest;
-use crate::pb::survey_service_client::SurveyServiceClient;
+use crate::hist::Latencies;
+use crate::load::{ClosedLoop, LoadResult, closed_loop, grpc_class};
+use crate::process::{Binaries, ChildServer, connect_many, cpu_time, free_loopback_addr};
+use crate::report::ScenarioReport;
+use crate::stage::{Caller, Stage};
+use cx_gateway::pb::ListCampaignsRequest;
+use cx_gateway::pb::survey_service_client::SurveyServiceClient;
 
 const CONNECTIONS: usize = 50;
 const IN_FLIGHT: usize = 1_000;
@@ -65,20 +65,25 @@ impl Totals {
     }
 }
 
-pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()> {
+pub async fn run(
+    report: &mut ScenarioReport,
+    binaries: &Binaries,
+    quick: bool,
+) -> anyhow::Result<()> {
     let (rounds, warmup, measure) = if quick {
         (1, Duration::from_millis(500), Duration::from_secs(2))
     } else {
         (2, Duration::from_secs(1), Duration::from_secs(5))
     };
-    let stage = Stage::start(SandboxConfig::default(), &[]).await?;
-    let result = with_bare_server(report, &stage, rounds, warmup, measure).await;
+    let stage = Stage::start(binaries, SandboxConfig::default(), &[]).await?;
+    let result = with_bare_server(report, binaries, &stage, rounds, warmup, measure).await;
     stage.stop().await;
     result
 }
 
 async fn with_bare_server(
     report: &mut ScenarioReport,
+    binaries: &Binaries,
     stage: &Stage,
     rounds: usize,
     warmup: Duration,
@@ -112,8 +117,8 @@ async fn with_bare_server(
     let campaigns_arg = campaigns_file.to_string_lossy().into_owned();
     let bare = ChildServer::start(
         "bare tonic server",
+        &binaries.bench,
         &[
-            "bench",
             "--serve-bare",
             &bare_addr_text,
             "--bare-campaigns",
@@ -244,10 +249,10 @@ async fn measure_all(
     errors_note(report, "gateway health Check", &health_result);
     errors_note(report, "bare health Check", &bare_health_result);
     report.note(
-        "baselines: the same RPC and the health Check on a bare tonic server (child process, same binary)",
+        "baselines: the same RPC and the health Check on a bare tonic server (child process, the benchmark binary)",
     );
     if let Some(reason) = list_missing {
-        report.status = crate::bench::report::Status::NotRun(format!(
+        report.status = crate::report::Status::NotRun(format!(
             "{reason}; the health Check of both servers was measured"
         ));
     }

@@ -56,6 +56,7 @@ impl Latencies {
         }
     }
 
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.histogram.len()
     }

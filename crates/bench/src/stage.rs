@@ -1,5 +1,5 @@
 //! One scenario's world: the upstream emulator in this process and a gateway child process
-//! pointed at it. Each scenario builds a fresh one, so counters, caches and budgets start clean.
+//! (`cx-gateway serve`) pointed at it. Each scenario builds a fresh one, so counters, caches and budgets start clean.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,8 +12,8 @@ use cx_sandbox::{
 use tokio::net::TcpListener;
 use tonic::metadata::{Ascii, MetadataValue};
 
-use super::process::{ChildServer, free_loopback_addr};
-use crate::sandbox_mode::EmbeddedSandbox;
+use super::process::{Binaries, ChildServer, free_loopback_addr};
+use cx_gateway::sandbox_mode::EmbeddedSandbox;
 
 /// The benchmark's identity at the gateway: a random bearer token registered as the only caller,
 /// so every measured call pays for authentication as in production.
@@ -66,9 +66,10 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// Starts the emulator with `sandbox` and a gateway with `settings` (`CXGW_*` pairs added to
-    /// the ones that point it at the emulator).
+    /// Starts the emulator with `sandbox` and a gateway (`binaries.gateway`) with `settings`
+    /// (`CXGW_*` pairs added to the ones that point it at the emulator).
     pub async fn start(
+        binaries: &Binaries,
         sandbox: SandboxConfig,
         settings: &[(&str, String)],
     ) -> anyhow::Result<Stage> {
@@ -116,6 +117,7 @@ impl Stage {
         let gateway_spawned = std::time::Instant::now();
         let gateway = ChildServer::start(
             "gateway",
+            &binaries.gateway,
             &["serve"],
             &envs,
             grpc_addr,

@@ -13,23 +13,27 @@ use cx_sandbox::{Api, SandboxConfig};
 use tonic::transport::Channel;
 
 use super::{percent, unimplemented};
-use crate::bench::hist::Latencies;
-use crate::bench::process::connect_many;
-use crate::bench::report::{ScenarioReport, Status};
-use crate::bench::stage::Stage;
-use crate::pb::customer_service_client::CustomerServiceClient;
-use crate::pb::{Customer, Destination, UpsertCustomersRequest, WriteOutcome};
+use crate::hist::Latencies;
+use crate::process::{Binaries, connect_many};
+use crate::report::{ScenarioReport, Status};
+use crate::stage::Stage;
+use cx_gateway::pb::customer_service_client::CustomerServiceClient;
+use cx_gateway::pb::{Customer, Destination, UpsertCustomersRequest, WriteOutcome};
 
 const CONNECTIONS: usize = 50;
 const CALLERS: usize = 200;
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()> {
+pub async fn run(
+    report: &mut ScenarioReport,
+    binaries: &Binaries,
+    quick: bool,
+) -> anyhow::Result<()> {
     let upserts = if quick { 10_000 } else { 100_000 };
     // One customer per call is the hardest case for batching; ten per call is a caller that
     // already groups a little. Each runs on a fresh emulator and gateway.
     for per_call in [1, 10] {
-        let stage = Stage::start(SandboxConfig::default(), &[]).await?;
+        let stage = Stage::start(binaries, SandboxConfig::default(), &[]).await?;
         let result = measure(report, &stage, upserts, per_call).await;
         stage.stop().await;
         result?;

@@ -11,13 +11,13 @@ use anyhow::bail;
 use cx_sandbox::{Api, SandboxConfig, SeedConfig};
 
 use super::unimplemented;
-use crate::bench::process::connect;
-use crate::bench::report::{ScenarioReport, Status};
-use crate::bench::stage::Stage;
-use crate::pb::feedback_stream_client::FeedbackStreamClient;
-use crate::pb::subscribe_request::Start;
-use crate::pb::subscribe_response::Payload;
-use crate::pb::{FeedbackEventKind, StreamPosition, SubscribeRequest};
+use crate::process::{Binaries, connect};
+use crate::report::{ScenarioReport, Status};
+use crate::stage::Stage;
+use cx_gateway::pb::feedback_stream_client::FeedbackStreamClient;
+use cx_gateway::pb::subscribe_request::Start;
+use cx_gateway::pb::subscribe_response::Payload;
+use cx_gateway::pb::{FeedbackEventKind, StreamPosition, SubscribeRequest};
 
 const FEEDBACK_ROUTE: &str = "/api/v2/feedback";
 /// Responses per upstream page (Retently's maximum `limit`).
@@ -25,7 +25,11 @@ const PAGE: usize = 1_000;
 /// Reconnects allowed while reading the log (the contract says resuming is always correct).
 const MAX_RESUMES: usize = 5;
 
-pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()> {
+pub async fn run(
+    report: &mut ScenarioReport,
+    binaries: &Binaries,
+    quick: bool,
+) -> anyhow::Result<()> {
     let (seeded, poll, idle_polls, timeout) = if quick {
         (
             5_000,
@@ -56,7 +60,7 @@ pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()>
             humantime::format_duration(poll).to_string(),
         ),
     ];
-    let stage = Stage::start(sandbox, &settings).await?;
+    let stage = Stage::start(binaries, sandbox, &settings).await?;
     let result = measure(report, &stage, seeded, poll, idle_polls, timeout).await;
     stage.stop().await;
     result

@@ -1,7 +1,7 @@
 //! Child processes of the benchmark: the gateway (`cx-gateway serve`) and the bare tonic server
-//! (`cx-gateway bench --serve-bare`), both this same binary, so both are built with the same
-//! profile and run on the same runtime configuration. Children are separate processes so their
-//! resident memory can be read alone from `/proc/<pid>/status`.
+//! (`cx-gateway-bench --serve-bare`, this binary). Both binaries come from the same workspace
+//! build, so both are built with the same profile, allocator and runtime configuration. Children
+//! are separate processes so their resident memory can be read alone from `/proc/<pid>/status`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,14 +45,35 @@ pub fn raise_fd_limit() {
     }
 }
 
-/// The current soft open-file limit, for the report.
-pub fn fd_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: as in `raise_fd_limit`.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_cur)
+/// The programs a run starts as child processes.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The gateway, started as `cx-gateway serve` by every scenario.
+    pub gateway: PathBuf,
+    /// This benchmark, started as `cx-gateway-bench --serve-bare` for the raw-rpc baseline.
+    pub bench: PathBuf,
+}
+
+impl Binaries {
+    /// The gateway named by `gateway`, or else `cx-gateway` next to this binary (where cargo puts
+    /// both binaries of one workspace build).
+    pub fn locate(gateway: Option<PathBuf>) -> anyhow::Result<Binaries> {
+        let bench = std::env::current_exe().context("cannot find the running executable")?;
+        let gateway = match gateway {
+            Some(path) => path,
+            None => bench
+                .parent()
+                .context("the running executable has no parent directory")?
+                .join("cx-gateway"),
+        };
+        anyhow::ensure!(
+            gateway.is_file(),
+            "no gateway binary at {} (build it with `cargo build --workspace --bins`, or name it \
+             with --gateway or CX_GATEWAY_BIN)",
+            gateway.display()
+        );
+        Ok(Binaries { gateway, bench })
+    }
 }
 
 /// A loopback address that was free a moment ago. The child binds it itself; on a loopback
@@ -74,19 +95,19 @@ pub struct ChildServer {
 }
 
 impl ChildServer {
-    /// Starts `current_exe args` with `envs` (and no inherited `CXGW_*` setting), logging to
-    /// `log`, and waits until its gRPC health check at `addr` answers SERVING.
+    /// Starts `program args` with `envs` (and no inherited `CXGW_*` setting), logging to `log`,
+    /// and waits until its gRPC health check at `addr` answers SERVING.
     pub async fn start(
         name: &'static str,
+        program: &Path,
         args: &[&str],
         envs: &[(String, String)],
         addr: SocketAddr,
         log: &Path,
     ) -> anyhow::Result<ChildServer> {
-        let exe = std::env::current_exe().context("cannot find the running executable")?;
         let log_file = std::fs::File::create(log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut command = Command::new(exe);
+        let mut command = Command::new(program);
         command
             .args(args)
             .stdin(Stdio::null())
@@ -258,4 +279,46 @@ pub async fn connect_many(addr: SocketAddr, count: usize) -> anyhow::Result<Vec<
         channels.push(connect(addr).await?);
     }
     Ok(channels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateway_named_explicitly_is_the_one_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = dir.path().join("my-gateway");
+        std::fs::write(&gateway, b"").unwrap();
+        let binaries = Binaries::locate(Some(gateway.clone())).unwrap();
+        assert_eq!(binaries.gateway, gateway);
+        assert_eq!(binaries.bench, std::env::current_exe().unwrap());
+    }
+
+    #[test]
+    fn a_missing_gateway_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("cx-gateway");
+        let error = Binaries::locate(Some(missing.clone())).unwrap_err();
+        assert!(
+            error.to_string().contains(&missing.display().to_string()),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn by_default_the_gateway_is_looked_for_next_to_this_binary() {
+        let beside = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("cx-gateway");
+        match Binaries::locate(None) {
+            Ok(binaries) => assert_eq!(binaries.gateway, beside),
+            Err(error) => assert!(
+                error.to_string().contains(&beside.display().to_string()),
+                "{error}"
+            ),
+        }
+    }
 }

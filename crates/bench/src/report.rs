@@ -71,13 +71,9 @@ impl ScenarioReport {
         }
     }
 
+    #[cfg(test)]
     pub fn not_run(mut self, reason: impl Into<String>) -> ScenarioReport {
         self.status = Status::NotRun(reason.into());
-        self
-    }
-
-    pub fn failed(mut self, reason: impl Into<String>) -> ScenarioReport {
-        self.status = Status::Failed(reason.into());
         self
     }
 

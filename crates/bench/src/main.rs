@@ -1,14 +1,15 @@
-//! `cx-gateway bench`: measures what the gateway exists for, each figure next to a baseline taken
-//! in the same run, because absolute times on a shared machine drift.
+//! `cx-gateway-bench`: measures what the gateway exists for, each figure next to a baseline
+//! taken in the same run, because absolute times on a shared machine drift.
 //!
-//! The command starts the upstream emulator in its own process (so it can seed data and read the
-//! emulator's counters directly) and the gateway as a child process of the same binary
-//! (`cx-gateway serve` pointed at the emulator), so the resident memory it reports is the
-//! gateway's alone. The load generator is its own: tonic clients over many HTTP/2 connections,
+//! The benchmark starts the upstream emulator in its own process (so it can seed data and read
+//! the emulator's counters directly) and the gateway as a child process (`cx-gateway serve`
+//! pointed at the emulator), so the resident memory it reports is the gateway's alone. The
+//! gateway binary is the one named by `--gateway` (or `CX_GATEWAY_BIN`), else `cx-gateway` next
+//! to this binary. The load generator is its own: tonic clients over many HTTP/2 connections,
 //! closed-loop (N in flight) and open-loop (a fixed rate, latency measured from the intended send
 //! time so a slow server cannot hide its stalls by slowing the generator down).
 //!
-//! A scenario whose RPC this build does not serve (it answers `UNIMPLEMENTED`) is reported as
+//! A scenario whose RPC the gateway does not serve (it answers `UNIMPLEMENTED`) is reported as
 //! not run, with the reason, never estimated.
 //!
 //! # Layout
@@ -22,26 +23,37 @@
 //! - [`bare`]: the bare tonic server that scenario 1 compares against.
 //! - [`scenarios`]: one module per scenario.
 
-pub mod bare;
-pub mod hist;
-pub mod load;
-pub mod machine;
-pub mod process;
-pub mod report;
-pub mod scenarios;
-pub mod stage;
+mod bare;
+mod hist;
+mod load;
+mod machine;
+mod process;
+mod report;
+mod scenarios;
+mod stage;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context as _;
 
+use clap::Parser;
+
+use self::process::Binaries;
 use self::report::{Report, ScenarioReport};
 use self::scenarios::Scenario;
 
-/// `cx-gateway bench [--quick] [--json PATH] [--scenario NAME]...`
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
+/// The same allocator as the gateway binary (see its `src/main.rs`), so the bare tonic server
+/// this binary serves as raw-rpc's baseline differs from the gateway only in what it does.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Measure cx-gateway against same-run baselines on loopback (emulator in process, gateway as a
+/// child process) and print a table; build with --release for real figures.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cx-gateway-bench", version)]
+struct BenchArgs {
     /// A scaled-down run of every scenario (about a minute): a smoke test, not a measurement.
     #[arg(long)]
     pub quick: bool,
@@ -52,6 +64,9 @@ pub struct BenchArgs {
     /// retainly-batching, feedback-sync, fan-out.
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
+    /// The gateway binary to measure (default: `cx-gateway` next to this binary).
+    #[arg(long, value_name = "PATH", env = "CX_GATEWAY_BIN")]
+    pub gateway: Option<PathBuf>,
     /// Internal: serve the bare tonic server on this address (the baseline of raw-rpc).
     #[arg(long, value_name = "ADDR", hide = true)]
     pub serve_bare: Option<std::net::SocketAddr>,
@@ -60,12 +75,32 @@ pub struct BenchArgs {
     pub bare_campaigns: Option<PathBuf>,
 }
 
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cx-gateway-bench: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the whole context chain on one line.
+            eprintln!("cx-gateway-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the selected scenarios, prints the table and writes the JSON report.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.serve_bare {
         return bare::serve(addr, args.bare_campaigns.as_deref()).await;
     }
     let selected = select(&args.scenarios)?;
+    let binaries = Binaries::locate(args.gateway)?;
     process::raise_fd_limit();
     let rustls_provider = rustls::crypto::ring::default_provider().install_default();
     // Already installed is fine: only one provider is ever used in this process.
@@ -73,11 +108,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let machine = machine::Machine::read();
     let mode = if args.quick { "quick" } else { "full" };
-    println!("cx-gateway bench ({mode})");
+    println!("cx-gateway-bench ({mode})");
     println!("{}", machine.describe());
     if cfg!(debug_assertions) && !args.quick {
         println!(
-            "warning: this is a debug build; figures are not representative (use `cargo run --release -- bench`)"
+            "warning: this is a debug build; figures are not representative (build with `cargo build --release --workspace --bins`)"
         );
     }
     println!();
@@ -88,7 +123,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("running {} ...", scenario.id());
         let scenario_started = Instant::now();
         let load_before = machine::load_average();
-        let mut report = scenario.run(args.quick).await;
+        let mut report = scenario.run(&binaries, args.quick).await;
         report.load_average = [load_before, machine::load_average()];
         let report = report.with_duration(scenario_started.elapsed());
         println!("{}", report.render());

@@ -23,14 +23,14 @@ use tonic_types::StatusExt as _;
 
 use super::percent;
 use super::raw_rpc::mib;
-use crate::bench::hist::{Latencies, Summary};
-use crate::bench::process::{connect, connect_with, cpu_time, rss_bytes};
-use crate::bench::report::{ScenarioReport, Status};
-use crate::bench::stage::{Caller, Stage};
-use crate::pb::feedback_stream_client::FeedbackStreamClient;
-use crate::pb::subscribe_request::Start;
-use crate::pb::subscribe_response::Payload;
-use crate::pb::{FeedbackEventKind, StreamPosition, SubscribeRequest};
+use crate::hist::{Latencies, Summary};
+use crate::process::{Binaries, connect, connect_with, cpu_time, rss_bytes};
+use crate::report::{ScenarioReport, Status};
+use crate::stage::{Caller, Stage};
+use cx_gateway::pb::feedback_stream_client::FeedbackStreamClient;
+use cx_gateway::pb::subscribe_request::Start;
+use cx_gateway::pb::subscribe_response::Payload;
+use cx_gateway::pb::{FeedbackEventKind, StreamPosition, SubscribeRequest};
 
 const STREAMS_PER_CONNECTION: usize = 200;
 const STALLED_PER_CONNECTION: usize = 100;
@@ -86,21 +86,26 @@ impl RunFigures {
     }
 }
 
-pub async fn run(report: &mut ScenarioReport, quick: bool) -> anyhow::Result<()> {
+pub async fn run(
+    report: &mut ScenarioReport,
+    binaries: &Binaries,
+    quick: bool,
+) -> anyhow::Result<()> {
     let (subscribers, duration) = if quick {
         (1_000, Duration::from_secs(10))
     } else {
         (10_000, Duration::from_secs(60))
     };
     let stalled = subscribers / 10;
-    let Some(unstalled_run) = one_run(subscribers, 0, duration).await? else {
+    let Some(unstalled_run) = one_run(binaries, subscribers, 0, duration).await? else {
         report.status = Status::NotRun(
             "FeedbackStream.Subscribe answers UNIMPLEMENTED in this build".to_owned(),
         );
         return Ok(());
     };
     describe(report, "", &unstalled_run);
-    let Some(stalled_run) = one_run(subscribers - stalled, stalled, duration).await? else {
+    let Some(stalled_run) = one_run(binaries, subscribers - stalled, stalled, duration).await?
+    else {
         bail!("Subscribe disappeared between the two runs");
     };
     describe(report, "stalled run: ", &stalled_run);
@@ -299,6 +304,7 @@ struct Shared {
 
 /// One run on a fresh gateway; `None` when Subscribe is not served.
 async fn one_run(
+    binaries: &Binaries,
     healthy: usize,
     stalled: usize,
     duration: Duration,
@@ -318,7 +324,7 @@ async fn one_run(
         ("CXGW_FEEDBACK_MAX_SUBSCRIBERS", (total + 1_000).to_string()),
         ("CXGW_RETENTLY_REQUESTS_PER_MINUTE", "6000".to_owned()),
     ];
-    let stage = Stage::start(sandbox, &settings).await?;
+    let stage = Stage::start(binaries, sandbox, &settings).await?;
     let result = drive(&stage, healthy, stalled, duration).await;
     stage.stop().await;
     result
