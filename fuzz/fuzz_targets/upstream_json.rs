@@ -7,7 +7,7 @@
 #![no_main]
 
 use cx_gateway::feedback::convert as feedback_log;
-use cx_gateway::grpc::convert as grpc_convert;
+use cx_gateway::convert as shared_convert;
 use cx_gateway::grpc::customers::convert as customer_convert;
 use cx_gateway::grpc::surveys::convert as survey_convert;
 use cx_gateway::pb;
@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
             std::hint::black_box(customer_convert::company(&c));
         }),
         2 => decode::<retently::Feedback>(body, |feedback| {
-            let _ = std::hint::black_box(grpc_convert::feedback_to_pb(&feedback));
+            let _ = std::hint::black_box(shared_convert::feedback_to_pb(&feedback));
             let _ = std::hint::black_box(feedback_log::feedback_to_pb(&feedback));
         }),
         3 => decode::<retently::Campaign>(body, |c| {
@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
             std::hint::black_box(survey_convert::report(&r));
         }),
         8 => decode::<retently::Property>(body, |p| {
-            std::hint::black_box(grpc_convert::property_from_retently(&p));
+            std::hint::black_box(shared_convert::property_from_retently(&p));
         }),
         9 => {
             // A webhook body is read through the same model from a JSON value.

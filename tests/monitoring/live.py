@@ -45,11 +45,12 @@ VARIABLES = {
     "$namespace": NAMESPACE,
     "$job": JOB,
 }
-# Alerts whose condition the scenario itself creates (5xx answers, writes given up, reads beyond
-# the budget): their expressions must see it, which proves their label matchers against real
-# series, not only their syntax.
+# Alerts whose condition the scenario itself creates (writes given up, reads beyond the budget):
+# their expressions must see it, which proves their label matchers against real series, not only
+# their syntax. CxGatewayUpstreamErrors is not among them: a 5xx series is born with its first
+# answer and the circuit breaker ends the burst within a scrape or two, so its rate over the
+# scenario depends on where the scrapes fall; promtool's firing and silent cases cover it.
 SCENARIO_ALERTS = {
-    "CxGatewayUpstreamErrors",
     "CxGatewayDeadLettersIncreasing",
     "CxGatewayRequestsShed",
 }
@@ -219,6 +220,14 @@ class Stack:
             60,
             prometheus,
         )
+        # rate() sees the scenario's increases only against a sample from before them: wait for
+        # Prometheus's first scrape of the gateway (the counters at their starting values).
+        wait_until(
+            "prometheus's first scrape of the gateway",
+            lambda: bool(query(self, "cxgw_scheduler_events_total")["data"]["result"]),
+            60,
+            prometheus,
+        )
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -316,7 +325,7 @@ def scenario(stack: Stack) -> None:
     print(f"survey crowd: {codes.count(0)} of {len(codes)} calls answered OK")
     # Reads of distinct customers beyond the small budget, with short deadlines: some wait,
     # some are refused.
-    crowd(
+    codes = crowd(
         [
             (
                 ("crm", "billing")[i % 2],
@@ -328,6 +337,7 @@ def scenario(stack: Stack) -> None:
         ],
         stack,
     )
+    print(f"reads beyond the budget: {codes.count(0)} of {len(codes)} answered OK, exit codes {sorted(set(codes))}")
     # Asynchronous writes while Retainly fails half the time and Retently answers a 429 burst.
     http("PUT", f"{stack.sandbox}/_sandbox/faults/retainly", {"errorRate": 0.5})
     http("PUT", f"{stack.sandbox}/_sandbox/faults/retently", {"burst429": 2, "burstRetryAfterSecs": 1})
@@ -347,7 +357,9 @@ def scenario(stack: Stack) -> None:
         stack,
     )
     # Then it fails every call: these exhaust the short retry window and are dead-lettered.
-    http("PUT", f"{stack.sandbox}/_sandbox/faults/retainly", {"errorRate": 1.0})
+    # 503 only, which says nothing was applied: each event is retried (or refused by the open
+    # circuit) until the short retry window ends, and is then dead-lettered.
+    http("PUT", f"{stack.sandbox}/_sandbox/faults/retainly", {"errorRate": 1.0, "errorStatuses": [503]})
     crowd(
         [
             (
