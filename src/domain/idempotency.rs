@@ -243,6 +243,14 @@ impl Idempotency {
             running: Arc::clone(&self.running),
             key: gate_key,
         };
+        // A call that finished between the lookup above and claiming the gate left its record
+        // and opened the gate; looking again under the gate keeps it from running twice.
+        if let Some(response) = self.lookup(owner, scope, key, &hash).await? {
+            return Ok(Remembered {
+                response,
+                repeated: true,
+            });
+        }
         let fresh = first.await?;
         if fresh.remember {
             self.store
