@@ -450,6 +450,18 @@ fn write_loop(mut connection: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
     }
 }
 
+/// The store contract, on a fresh SQLite store in a temporary directory.
+#[cfg(test)]
+mod contract {
+    async fn fresh() -> (tempfile::TempDir, crate::store::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    crate::store_contract_tests!(fresh);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
