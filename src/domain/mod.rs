@@ -5,6 +5,7 @@
 
 pub mod idempotency;
 pub mod outbox;
+pub mod writes;
 
 use std::sync::Arc;
 

@@ -71,7 +71,7 @@ pub fn recipient_outcome(
                 )),
             ),
         },
-        Err(error) if crate::grpc::writes::possibly_applied(error) => {
+        Err(error) if crate::domain::writes::possibly_applied(error) => {
             (pb::RecipientOutcome::Unknown, Some(error_to_item(error)))
         }
         Err(error) => (pb::RecipientOutcome::Failed, Some(error_to_item(error))),

@@ -2,11 +2,10 @@
 //!
 //! Each RPC validates its request ([`validation`]), then reads through `App::retently` or, for
 //! writes, takes the one write path ([`writes::run`]: SYNC or ASYNC, idempotency keys) with an
-//! execution function ([`execute`]) that the outbox worker also replays. Conversions live in
+//! execution function ([`crate::domain::writes::customers`]) that the outbox worker also replays. Conversions live in
 //! [`convert`].
 
 pub mod convert;
-mod execute;
 pub mod validation;
 
 use std::sync::Arc;
@@ -14,14 +13,14 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
-pub(crate) use self::execute::{
+use self::validation::CustomerLookup;
+use crate::app::App;
+pub(crate) use crate::domain::writes::customers::{
     execute_delete_array_items, execute_delete_customers, execute_resubscribe_customers,
     execute_unsubscribe_customers, execute_upsert_array_items, execute_upsert_customers,
 };
-use self::validation::CustomerLookup;
-use crate::app::App;
+use crate::domain::writes::{self, WriteRpc};
 use crate::error::{Error, ErrorCode};
-use crate::grpc::writes::{self, WriteRpc};
 use crate::grpc::{methods, paging};
 use crate::pb;
 use crate::upstream::CallContext;

@@ -14,7 +14,6 @@ pub mod feedback;
 pub mod paging;
 pub mod surveys;
 pub mod validate;
-pub mod writes;
 
 pub use customers::CustomerApi;
 pub use deliveries::DeliveryApi;

@@ -12,11 +12,10 @@
 
 pub mod convert;
 pub mod cursor;
-mod delivery;
 pub mod history;
 pub mod validation;
 
-pub(crate) use self::delivery::deliver_send_survey;
+pub(crate) use crate::domain::writes::survey_delivery::deliver_send_survey;
 
 use std::sync::Arc;
 
@@ -26,9 +25,9 @@ use crate::app::App;
 // The caller's deadline and name: the name picks the fair share of the budget a call spends.
 use crate::auth::interactive_context;
 use crate::convert::{feedback_to_pb, timestamp_to_ms};
+use crate::domain::writes::{self, WriteRpc};
 use crate::error::{Error, ErrorCode, Violations};
 use crate::feedback::{FeedbackLog, FeedbackQuery as LogQuery};
-use crate::grpc::writes::{self, WriteRpc};
 use crate::grpc::{methods, paging, validate};
 use crate::pb;
 use crate::upstream::CallContext;
@@ -642,7 +641,7 @@ async fn check_campaign(app: &App, ctx: &CallContext, campaign_id: &str) -> Resu
 
 /// Sends `request` and returns each recipient's result with, for a failed or unknown one, its
 /// error, in request order.
-async fn send_each(
+pub(crate) async fn send_each(
     app: &App,
     request: pb::SendSurveyRequest,
     ctx: CallContext,

@@ -7,9 +7,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::domain::writes::DeliveryFacts;
 use crate::error::{Error, Violations};
 use crate::grpc::validate;
-use crate::grpc::writes::DeliveryFacts;
 use crate::pb;
 use crate::upstream::retently::email_key;
 

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 
+use crate::domain::writes::DeliveryFacts;
 use crate::error::{Error, Violations};
 use crate::grpc::validate::{self, MAX_EMAIL_CHARS, MAX_STRING_CHARS};
-use crate::grpc::writes::DeliveryFacts;
 use crate::pb;
 use crate::upstream::retently::email_key;
 

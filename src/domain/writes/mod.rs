@@ -14,11 +14,14 @@ use std::sync::Arc;
 use prost::Message;
 
 use crate::app::App;
+pub mod customers;
+pub mod survey_delivery;
+
 use crate::domain::Owner;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
 use crate::error::{Error, ErrorCode};
-use crate::grpc::{customers, methods, surveys};
+use crate::grpc::{methods, surveys};
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::failure::{DeliveryDecision, FailureClass, delivery_decision};

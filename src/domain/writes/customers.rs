@@ -7,10 +7,10 @@ use std::future::Future;
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
-use super::convert::{self, applied, failed};
-use super::validation::MAX_ITEMS;
 use crate::app::App;
 use crate::error::{Error, ErrorCode, FieldViolation, Result};
+use crate::grpc::customers::convert::{self, applied, failed};
+use crate::grpc::customers::validation::MAX_ITEMS;
 use crate::pb;
 use crate::upstream::retently::{EmailOutcome, MAX_CHANGE_BATCH};
 use crate::upstream::{CallContext, Priority};

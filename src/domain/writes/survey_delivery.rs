@@ -15,13 +15,13 @@ use prost::Message as _;
 
 use crate::app::App;
 use crate::domain::outbox::{Attempt, DeliveryError};
+use crate::domain::writes::{WriteRpc as _, is_transient, possibly_applied};
 use crate::error::{Error, ErrorCode};
-use crate::grpc::writes::{WriteRpc as _, is_transient, possibly_applied};
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{OutboxQuery, PageRequest};
 
-use super::send_each;
+use crate::grpc::surveys::send_each;
 
 /// How far before the attempt's start the history is read: Retently stamps the send with its
 /// own clock, which may run behind the gateway's. A survey of the same campaign to the same
