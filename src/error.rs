@@ -13,6 +13,10 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::upstream::failure::FailureClass;
 
+mod reason;
+
+pub use self::reason::Reason;
+
 /// `ErrorInfo.domain` of every error the gateway produces.
 pub const ERROR_DOMAIN: &str = "cx-gateway";
 
@@ -43,6 +47,67 @@ pub enum ErrorCode {
     Aborted,
     Unimplemented,
     Internal,
+}
+
+/// Declares the stable names of [`ErrorCode`]: the names of the gRPC codes they map to, which
+/// is how failed deliveries store them (a name survives a renumbering; see the outbox).
+macro_rules! error_code_names {
+    ($($variant:ident = $text:literal,)*) => {
+        impl ErrorCode {
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The stable name stored with a failed delivery.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $text,)*
+                }
+            }
+
+            /// The code a stored name names; `None` for a name this build does not know.
+            pub fn parse(text: &str) -> Option<ErrorCode> {
+                match text {
+                    $($text => Some(ErrorCode::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+error_code_names! {
+    InvalidArgument = "INVALID_ARGUMENT",
+    NotFound = "NOT_FOUND",
+    AlreadyExists = "ALREADY_EXISTS",
+    FailedPrecondition = "FAILED_PRECONDITION",
+    OutOfRange = "OUT_OF_RANGE",
+    ResourceExhausted = "RESOURCE_EXHAUSTED",
+    Unavailable = "UNAVAILABLE",
+    DeadlineExceeded = "DEADLINE_EXCEEDED",
+    Cancelled = "CANCELLED",
+    Unauthenticated = "UNAUTHENTICATED",
+    PermissionDenied = "PERMISSION_DENIED",
+    Aborted = "ABORTED",
+    Unimplemented = "UNIMPLEMENTED",
+    Internal = "INTERNAL",
+}
+
+impl serde::Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        ErrorCode::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown error code `{text}`")))
+    }
 }
 
 impl ErrorCode {
@@ -92,7 +157,7 @@ pub struct Error(Box<ErrorInner>);
 #[derive(Debug, Clone)]
 struct ErrorInner {
     code: ErrorCode,
-    reason: &'static str,
+    reason: Reason,
     message: String,
     violations: Vec<FieldViolation>,
     retry_after: Option<Duration>,
@@ -105,7 +170,7 @@ struct ErrorInner {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn new(code: ErrorCode, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, reason: Reason, message: impl Into<String>) -> Self {
         Self(Box::new(ErrorInner {
             code,
             reason,
@@ -123,17 +188,18 @@ impl Error {
             [only] => format!("invalid {}: {}", only.field, only.description),
             many => format!("{} invalid fields, see the BadRequest details", many.len()),
         };
-        Self::new(ErrorCode::InvalidArgument, "INVALID_FIELDS", message).with_violations(violations)
+        Self::new(ErrorCode::InvalidArgument, Reason::InvalidFields, message)
+            .with_violations(violations)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::Internal, "INTERNAL", message)
+        Self::new(ErrorCode::Internal, Reason::Internal, message)
     }
 
     pub fn unimplemented(what: &str) -> Self {
         Self::new(
             ErrorCode::Unimplemented,
-            "NOT_IMPLEMENTED",
+            Reason::NotImplemented,
             format!("{what} is not implemented by this gateway"),
         )
     }
@@ -171,7 +237,7 @@ impl Error {
         self.0.code
     }
 
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         self.0.reason
     }
 
@@ -270,7 +336,7 @@ impl From<Error> for tonic::Status {
             );
         }
         let mut details = ErrorDetails::new();
-        details.set_error_info(error.reason, ERROR_DOMAIN, error.metadata);
+        details.set_error_info(error.reason.as_str(), ERROR_DOMAIN, error.metadata);
         for (field, description) in sent {
             details.add_bad_request_violation(field, description);
         }
@@ -379,7 +445,7 @@ mod tests {
     fn retry_info_is_mirrored_as_a_pushback_for_client_retry_policies() {
         let busy = |delay| {
             tonic::Status::from(
-                Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down")
+                Error::new(ErrorCode::Unavailable, Reason::UpstreamUnavailable, "down")
                     .with_retry_after(delay),
             )
         };
@@ -391,7 +457,7 @@ mod tests {
         assert_eq!(pushback(&busy(Duration::from_secs(53))), Some("-1"));
         let refused = tonic::Status::from(Error::new(
             ErrorCode::NotFound,
-            "DELIVERY_NOT_FOUND",
+            Reason::DeliveryNotFound,
             "no such delivery",
         ));
         assert_eq!(pushback(&refused), None);

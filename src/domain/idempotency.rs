@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use crate::backoff::FailureStreak;
 use crate::domain::Owner;
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::shutdown::Drain;
 use crate::store::Store;
 
@@ -115,7 +115,7 @@ fn now_ms() -> i64 {
 fn reused() -> Error {
     Error::new(
         ErrorCode::FailedPrecondition,
-        "IDEMPOTENCY_KEY_REUSED",
+        Reason::IdempotencyKeyReused,
         "this idempotency key was already used for a different request",
     )
 }

@@ -42,7 +42,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::backoff::{Backoff, FailureStreak, LogLimit};
 use crate::domain::{Owner, Visibility};
-use crate::error::Error;
+use crate::error::{Error, ErrorCode, Reason};
 use crate::readiness::Readiness;
 use crate::shutdown::Drain;
 use crate::store::Store;
@@ -120,8 +120,9 @@ impl DeliveryState {
 /// Why an attempt failed, in the shape of `cx.gateway.v1.ItemError`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryError {
-    pub code: i32,
-    pub reason: String,
+    /// The gateway's own code, stored by its stable name (see [`ErrorCode::as_str`]).
+    pub code: ErrorCode,
+    pub reason: Reason,
     pub message: String,
     pub metadata: HashMap<String, String>,
 }
@@ -129,8 +130,8 @@ pub struct DeliveryError {
 impl From<&Error> for DeliveryError {
     fn from(error: &Error) -> Self {
         DeliveryError {
-            code: error.code().grpc_code() as i32,
-            reason: error.reason().to_owned(),
+            code: error.code(),
+            reason: error.reason(),
             message: error.message().to_owned(),
             metadata: error.metadata().clone(),
         }
@@ -229,11 +230,11 @@ pub fn in_doubt_error(cause: Option<&DeliveryError>, message: &str) -> DeliveryE
     let mut metadata = HashMap::new();
     if let Some(cause) = cause {
         metadata.extend(cause.metadata.clone());
-        metadata.insert("cause".to_owned(), cause.reason.clone());
+        metadata.insert("cause".to_owned(), cause.reason.as_str().to_owned());
     }
     DeliveryError {
-        code: tonic::Code::Aborted as i32,
-        reason: "DELIVERY_IN_DOUBT".to_owned(),
+        code: ErrorCode::Aborted,
+        reason: Reason::DeliveryInDoubt,
         message: message.to_owned(),
         metadata,
     }
@@ -619,15 +620,15 @@ impl Outbox {
                         )?;
                         Some(if exists {
                             DeliveryError {
-                                code: tonic::Code::FailedPrecondition as i32,
-                                reason: "DELIVERY_NOT_DEAD_LETTERED".to_owned(),
+                                code: ErrorCode::FailedPrecondition,
+                                reason: Reason::DeliveryNotDeadLettered,
                                 message: "the delivery is not in the dead-letter list".to_owned(),
                                 metadata: HashMap::new(),
                             }
                         } else {
                             DeliveryError {
-                                code: tonic::Code::NotFound as i32,
-                                reason: "DELIVERY_NOT_FOUND".to_owned(),
+                                code: ErrorCode::NotFound,
+                                reason: Reason::DeliveryNotFound,
                                 message: "no delivery has this id".to_owned(),
                                 metadata: HashMap::new(),
                             }

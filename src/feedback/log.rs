@@ -21,7 +21,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Transaction, param
 
 use super::cursor::Cursor;
 use super::filter::EntryFields;
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::pb;
 use crate::store::Store;
 
@@ -174,7 +174,7 @@ pub struct FeedbackLog {
 fn store_error(error: impl std::fmt::Display) -> Error {
     Error::new(
         ErrorCode::Unavailable,
-        "STORE_UNAVAILABLE",
+        Reason::StoreUnavailable,
         format!("the feedback log failed: {error}"),
     )
 }

@@ -20,7 +20,7 @@ pub(crate) use crate::domain::writes::customers::{
     execute_unsubscribe_customers, execute_upsert_array_items, execute_upsert_customers,
 };
 use crate::domain::writes::{self, WriteRpc};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::grpc::{methods, paging};
 use crate::pb;
 use crate::upstream::CallContext;
@@ -49,9 +49,10 @@ fn context<T>(request: &Request<T>) -> CallContext {
 fn is_transient(error: Option<&pb::ItemError>) -> bool {
     use tonic::Code;
     error.is_some_and(|error| {
+        // Responses carry the reason as its wire string; decide on the typed reason it names.
         let credentials = matches!(
-            error.reason.as_str(),
-            "UPSTREAM_CREDENTIALS_REJECTED" | "UPSTREAM_CREDENTIALS_INVALID"
+            Reason::parse(&error.reason),
+            Some(Reason::UpstreamCredentialsRejected | Reason::UpstreamCredentialsInvalid)
         );
         credentials
             || [
@@ -186,7 +187,7 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
                 page.items.into_iter().next().ok_or_else(|| {
                     Error::new(
                         ErrorCode::NotFound,
-                        "UPSTREAM_NOT_FOUND",
+                        Reason::UpstreamNotFound,
                         "retently has no customer with this email",
                     )
                     .with_metadata("upstream", "retently")

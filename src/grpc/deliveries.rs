@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::app::App;
 use crate::convert::timestamp_from_ms;
 use crate::domain::outbox::{DeliveryRecord, DeliveryState, RetrySelection};
-use crate::error::{Error, ErrorCode, Violations};
+use crate::error::{Error, ErrorCode, Reason, Violations};
 use crate::grpc::convert::item_error;
 use crate::grpc::{methods, paging};
 use crate::pb;
@@ -142,7 +142,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
             .ok_or_else(|| {
                 Error::new(
                     ErrorCode::NotFound,
-                    "DELIVERY_NOT_FOUND",
+                    Reason::DeliveryNotFound,
                     "no delivery of this caller has this id (it may have expired)",
                 )
             })?;

@@ -26,7 +26,7 @@ use crate::app::App;
 use crate::auth::interactive_context;
 use crate::convert::{feedback_to_pb, timestamp_to_ms};
 use crate::domain::writes::{self, WriteRpc};
-use crate::error::{Error, ErrorCode, Violations};
+use crate::error::{Error, ErrorCode, Reason, Violations};
 use crate::feedback::{FeedbackLog, FeedbackQuery as LogQuery};
 use crate::grpc::{methods, paging, validate};
 use crate::pb;
@@ -544,13 +544,17 @@ impl WriteRpc for pb::SendSurveyRequest {
         !response.results.iter().all(|result| {
             result.outcome == pb::RecipientOutcome::Failed as i32
                 && result.error.as_ref().is_some_and(|error| {
+                    // The response carries each reason as its wire string; decide on the
+                    // typed reason it names.
                     matches!(
-                        error.reason.as_str(),
-                        "UPSTREAM_BUDGET_EXHAUSTED"
-                            | "UPSTREAM_CIRCUIT_OPEN"
-                            | "UPSTREAM_UNREACHABLE"
-                            | "UPSTREAM_RATE_LIMITED"
-                            | "DEADLINE_EXCEEDED"
+                        Reason::parse(&error.reason),
+                        Some(
+                            Reason::UpstreamBudgetExhausted
+                                | Reason::UpstreamCircuitOpen
+                                | Reason::UpstreamUnreachable
+                                | Reason::UpstreamRateLimited
+                                | Reason::DeadlineExceeded
+                        )
                     )
                 })
         })
@@ -620,7 +624,7 @@ async fn check_campaign(app: &App, ctx: &CallContext, campaign_id: &str) -> Resu
     .unwrap_or_else(|_| {
         Err(Error::new(
             ErrorCode::DeadlineExceeded,
-            "CAMPAIGN_CHECK_TIMEOUT",
+            Reason::CampaignCheckTimeout,
             "the campaign list was not read in time",
         ))
     });
@@ -628,7 +632,7 @@ async fn check_campaign(app: &App, ctx: &CallContext, campaign_id: &str) -> Resu
         Ok(true) => Ok(()),
         Ok(false) => Err(Error::new(
             ErrorCode::NotFound,
-            "CAMPAIGN_NOT_FOUND",
+            Reason::CampaignNotFound,
             "no retently campaign has this campaign_id",
         )
         .with_metadata("campaign_id", campaign_id)),
@@ -708,11 +712,11 @@ pub(crate) async fn execute_set_feedback_topics(
 mod tests {
     use super::*;
 
-    fn failed(reason: &str) -> pb::RecipientResult {
+    fn failed(reason: Reason) -> pb::RecipientResult {
         pb::RecipientResult {
             outcome: pb::RecipientOutcome::Failed as i32,
             error: Some(pb::ItemError {
-                reason: reason.to_owned(),
+                reason: reason.as_str().to_owned(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -726,14 +730,14 @@ mod tests {
             results,
         };
         let shed = response(vec![
-            failed("UPSTREAM_BUDGET_EXHAUSTED"),
-            failed("UPSTREAM_CIRCUIT_OPEN"),
+            failed(Reason::UpstreamBudgetExhausted),
+            failed(Reason::UpstreamCircuitOpen),
         ]);
         assert!(!pb::SendSurveyRequest::remember(&shed));
-        let refused = response(vec![failed("UPSTREAM_NOT_FOUND")]);
+        let refused = response(vec![failed(Reason::UpstreamNotFound)]);
         assert!(pb::SendSurveyRequest::remember(&refused));
         let mixed = response(vec![
-            failed("UPSTREAM_BUDGET_EXHAUSTED"),
+            failed(Reason::UpstreamBudgetExhausted),
             pb::RecipientResult {
                 outcome: pb::RecipientOutcome::Scheduled as i32,
                 ..Default::default()

@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OpenFlags, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 
+mod error_codes;
 mod schema;
 
 /// Jobs queued for the writer beyond this make callers wait, which is the backpressure of the
@@ -63,7 +64,7 @@ impl std::fmt::Debug for Store {
 fn storage_error(error: impl std::fmt::Display) -> Error {
     Error::new(
         ErrorCode::Unavailable,
-        "STORE_UNAVAILABLE",
+        Reason::StoreUnavailable,
         format!("the durable store failed: {error}"),
     )
 }

@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::error::{Error, ErrorCode, FieldViolation, Result};
+use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
 use crate::grpc::customers::convert::{self, applied, failed};
 use crate::grpc::customers::validation::MAX_ITEMS;
 use crate::pb;
@@ -50,7 +50,7 @@ fn unknown_at_deadline<'a>(
         if unknown {
             return Err(Error::new(
                 ErrorCode::DeadlineExceeded,
-                "DEADLINE_EXCEEDED",
+                Reason::DeadlineExceeded,
                 "the deadline passed before every outcome was known; some writes may have been \
                  applied, repeat the call with the same idempotency key",
             ));
@@ -578,7 +578,7 @@ mod tests {
     fn invalid(fields: &[&str]) -> Error {
         Error::new(
             ErrorCode::InvalidArgument,
-            "UPSTREAM_INVALID_ARGUMENT",
+            Reason::UpstreamInvalidArgument,
             "rejected",
         )
         .with_violations(
@@ -613,7 +613,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_failures_fail_every_record() {
-        let unavailable = Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down");
+        let unavailable = Error::new(ErrorCode::Unavailable, Reason::UpstreamUnavailable, "down");
         let outcomes = send_records(vec![1, 2], |_| {
             let error = unavailable.clone();
             async move { Err(error) }
@@ -631,7 +631,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn outcomes_unknown_at_the_deadline_fail_the_call() {
-        let unavailable = Error::new(ErrorCode::Unavailable, "UPSTREAM_TIMEOUT", "no answer");
+        let unavailable = Error::new(ErrorCode::Unavailable, Reason::UpstreamTimeout, "no answer");
         let rejected = invalid(&["records[0]"]);
         let later = CallContext::interactive_within(Duration::from_secs(1));
         assert!(unknown_at_deadline(&later, [&unavailable, &rejected]).is_ok());
@@ -641,14 +641,18 @@ mod tests {
         // Known outcomes stay per item even after the deadline.
         assert!(unknown_at_deadline(&passed, [&rejected]).is_ok());
         // The scheduler's own verdict counts whenever it comes.
-        let gave_up = Error::new(ErrorCode::DeadlineExceeded, "DEADLINE_EXCEEDED", "too late");
+        let gave_up = Error::new(
+            ErrorCode::DeadlineExceeded,
+            Reason::DeadlineExceeded,
+            "too late",
+        );
         assert!(unknown_at_deadline(&later, [&gave_up]).is_err());
         assert!(unknown_at_deadline(&CallContext::background(), [&unavailable]).is_ok());
     }
 
     #[test]
     fn only_a_whole_failed_call_is_the_error_of_a_replay() {
-        let down = Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down");
+        let down = Error::new(ErrorCode::Unavailable, Reason::UpstreamUnavailable, "down");
         assert!(failed_as_a_whole(&[Err(down.clone()), Err(down.clone())]).is_some());
         assert!(failed_as_a_whole(&[Err(down.clone()), Ok(())]).is_none());
         assert!(failed_as_a_whole(&[Err(invalid(&["records[0]"])), Err(down)]).is_none());

@@ -20,7 +20,7 @@ pub mod survey_delivery;
 use crate::domain::Owner;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::grpc::{methods, surveys};
 use crate::pb;
 use crate::upstream::CallContext;
@@ -283,8 +283,8 @@ where
             if replay_safe && R::has_transient_failure(&response) {
                 return Attempt::Retry {
                     error: DeliveryError {
-                        code: tonic::Code::Unavailable as i32,
-                        reason: "PARTIAL_DELIVERY".to_owned(),
+                        code: ErrorCode::Unavailable,
+                        reason: Reason::PartialDelivery,
                         message: "some items failed transiently and are attempted again".to_owned(),
                         metadata: Default::default(),
                     },
@@ -398,7 +398,7 @@ impl Executor for WriteExecutor {
             _ => Attempt::Failed {
                 error: DeliveryError::from(&Error::new(
                     ErrorCode::Unimplemented,
-                    "NOT_IMPLEMENTED",
+                    Reason::NotImplemented,
                     format!("{method} cannot be delivered by this build"),
                 )),
             },

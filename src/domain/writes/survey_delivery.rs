@@ -16,7 +16,7 @@ use prost::Message as _;
 use crate::app::App;
 use crate::domain::outbox::{Attempt, DeliveryError};
 use crate::domain::writes::{WriteRpc as _, is_transient, possibly_applied};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{OutboxQuery, PageRequest};
@@ -171,7 +171,7 @@ fn settle(
             let error = doubtful.or(retryable).cloned().unwrap_or_else(|| {
                 Error::new(
                     ErrorCode::Unavailable,
-                    "PARTIAL_DELIVERY",
+                    Reason::PartialDelivery,
                     "some recipients are not surveyed yet",
                 )
             });
@@ -246,7 +246,7 @@ async fn surveyed_since(
     }
     Err(Error::new(
         ErrorCode::FailedPrecondition,
-        "SURVEY_HISTORY_TOO_LONG",
+        Reason::SurveyHistoryTooLong,
         format!(
             "the campaign sent more than {} surveys since the attempt; the history was not checked",
             MAX_HISTORY_PAGES * HISTORY_PAGE
@@ -269,7 +269,12 @@ mod tests {
     }
 
     fn upstream_error(class: FailureClass) -> Error {
-        Error::new(ErrorCode::Unavailable, "UPSTREAM_ANY", "failed").with_failure_class(class)
+        Error::new(
+            ErrorCode::Unavailable,
+            Reason::UpstreamUnavailable,
+            "failed",
+        )
+        .with_failure_class(class)
     }
 
     #[test]
