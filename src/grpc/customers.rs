@@ -15,13 +15,13 @@ use tonic::{Request, Response, Status};
 
 use self::validation::CustomerLookup;
 use crate::app::App;
-pub(crate) use crate::domain::writes::customers::{
+use crate::domain::writes;
+use crate::domain::writes::customers::{
     execute_delete_array_items, execute_delete_customers, execute_resubscribe_customers,
     execute_unsubscribe_customers, execute_upsert_array_items, execute_upsert_customers,
 };
-use crate::domain::writes::{self, WriteRpc};
 use crate::error::{Error, ErrorCode, Reason};
-use crate::grpc::{methods, paging};
+use crate::grpc::paging;
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{self, CompanyQuery, CustomerQuery, PageRequest};
@@ -43,82 +43,6 @@ impl CustomerApi {
 fn context<T>(request: &Request<T>) -> CallContext {
     crate::auth::interactive_context(request)
 }
-
-/// Whether a per-item failure may pass on a later attempt (the outbox then retries the write):
-/// the same rule the outbox applies to a failed call.
-fn is_transient(error: Option<&pb::ItemError>) -> bool {
-    use tonic::Code;
-    error.is_some_and(|error| {
-        // Responses carry the reason as its wire string; decide on the typed reason it names.
-        let credentials = matches!(
-            Reason::parse(&error.reason),
-            Some(Reason::UpstreamCredentialsRejected | Reason::UpstreamCredentialsInvalid)
-        );
-        credentials
-            || [
-                Code::Unavailable,
-                Code::ResourceExhausted,
-                Code::DeadlineExceeded,
-                Code::Aborted,
-                Code::Cancelled,
-            ]
-            .iter()
-            .any(|code| *code as i32 == error.code)
-    })
-}
-
-fn customer_results_transient(results: &[pb::CustomerWriteResult]) -> bool {
-    results
-        .iter()
-        .flat_map(|result| &result.outcomes)
-        .any(|outcome| is_transient(outcome.error.as_ref()))
-}
-
-fn record_results_transient(results: &[pb::ArrayRecordResult]) -> bool {
-    results
-        .iter()
-        .any(|result| is_transient(result.error.as_ref()))
-}
-
-/// Implements [`WriteRpc`] for a request and its response. `$results` names the function that
-/// tells whether a response holds a transient per-item failure.
-macro_rules! write_rpc {
-    ($request:ty, $response:ty, $method:expr, replay_safe: $safe:expr, $results:ident) => {
-        impl WriteRpc for $request {
-            type Response = $response;
-            const METHOD: &'static str = $method;
-            const REPLAY_SAFE: bool = $safe;
-
-            fn without_options(mut self) -> Self {
-                self.options = None;
-                self
-            }
-
-            fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
-                response.delivery_id = delivery_id;
-            }
-
-            fn has_transient_failure(response: &Self::Response) -> bool {
-                $results(&response.results)
-            }
-        }
-    };
-}
-
-// Upserts, deletes and (un)subscribes leave the upstream as one success would when repeated.
-write_rpc!(pb::UpsertCustomersRequest, pb::UpsertCustomersResponse,
-    methods::UPSERT_CUSTOMERS, replay_safe: true, customer_results_transient);
-write_rpc!(pb::DeleteCustomersRequest, pb::DeleteCustomersResponse,
-    methods::DELETE_CUSTOMERS, replay_safe: true, customer_results_transient);
-write_rpc!(pb::UnsubscribeCustomersRequest, pb::UnsubscribeCustomersResponse,
-    methods::UNSUBSCRIBE_CUSTOMERS, replay_safe: true, customer_results_transient);
-write_rpc!(pb::ResubscribeCustomersRequest, pb::ResubscribeCustomersResponse,
-    methods::RESUBSCRIBE_CUSTOMERS, replay_safe: true, customer_results_transient);
-// Array items without an `item_id` are appended, so a repeat could add them twice.
-write_rpc!(pb::UpsertCustomerArrayItemsRequest, pb::UpsertCustomerArrayItemsResponse,
-    methods::UPSERT_CUSTOMER_ARRAY_ITEMS, replay_safe: false, record_results_transient);
-write_rpc!(pb::DeleteCustomerArrayItemsRequest, pb::DeleteCustomerArrayItemsResponse,
-    methods::DELETE_CUSTOMER_ARRAY_ITEMS, replay_safe: true, record_results_transient);
 
 fn date_time(seconds: i64) -> Result<DateTime<Utc>, Error> {
     DateTime::from_timestamp(seconds, 0)

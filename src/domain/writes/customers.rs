@@ -569,6 +569,42 @@ pub(crate) async fn execute_delete_array_items(
 // request whole and the indices Retainly reports are the request's own.
 const _: () = assert!(MAX_ITEMS <= crate::upstream::retainly::MAX_BATCH);
 
+/// Whether a per-item failure may pass on a later attempt (the outbox then retries the write):
+/// the same rule the outbox applies to a failed call.
+fn is_transient(error: Option<&pb::ItemError>) -> bool {
+    use tonic::Code;
+    error.is_some_and(|error| {
+        // Responses carry the reason as its wire string; decide on the typed reason it names.
+        let credentials = matches!(
+            Reason::parse(&error.reason),
+            Some(Reason::UpstreamCredentialsRejected | Reason::UpstreamCredentialsInvalid)
+        );
+        credentials
+            || [
+                Code::Unavailable,
+                Code::ResourceExhausted,
+                Code::DeadlineExceeded,
+                Code::Aborted,
+                Code::Cancelled,
+            ]
+            .iter()
+            .any(|code| *code as i32 == error.code)
+    })
+}
+
+pub(crate) fn customer_results_transient(results: &[pb::CustomerWriteResult]) -> bool {
+    results
+        .iter()
+        .flat_map(|result| &result.outcomes)
+        .any(|outcome| is_transient(outcome.error.as_ref()))
+}
+
+pub(crate) fn record_results_transient(results: &[pb::ArrayRecordResult]) -> bool {
+    results
+        .iter()
+        .any(|result| is_transient(result.error.as_ref()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

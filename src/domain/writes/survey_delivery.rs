@@ -21,7 +21,7 @@ use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{OutboxQuery, PageRequest};
 
-use crate::grpc::surveys::send_each;
+use super::surveys::send_each;
 
 /// How far before the attempt's start the history is read: Retently stamps the send with its
 /// own clock, which may run behind the gateway's. A survey of the same campaign to the same
