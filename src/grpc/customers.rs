@@ -15,11 +15,11 @@ use tonic::{Request, Response, Status};
 
 use self::validation::CustomerLookup;
 use crate::app::App;
-use crate::domain::writes;
 use crate::domain::writes::customers::{
     execute_delete_array_items, execute_delete_customers, execute_resubscribe_customers,
     execute_unsubscribe_customers, execute_upsert_array_items, execute_upsert_customers,
 };
+use crate::domain::writes::{self, WriteRpc};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::grpc::paging;
 use crate::pb;
@@ -35,6 +35,36 @@ pub struct CustomerApi {
 impl CustomerApi {
     pub fn new(app: Arc<App>) -> Self {
         Self { app }
+    }
+
+    /// Every customer write: validate, then the one write path with the RPC's execution
+    /// function (which the outbox worker replays for ASYNC calls).
+    async fn write<'a, R, Fut>(
+        &'a self,
+        request: Request<R>,
+        validate: impl FnOnce(&R) -> Result<validation::Write, Error>,
+        execute: impl FnOnce(&'a App, R, CallContext) -> Fut,
+    ) -> Result<Response<R::Response>, Status>
+    where
+        R: WriteRpc,
+        Fut: Future<Output = Result<R::Response, Error>>,
+    {
+        let ctx = context(&request);
+        let owner = crate::auth::owner_of(&request);
+        let request = request.into_inner();
+        let write = validate(&request)?;
+        let app: &'a App = &self.app;
+        let response = writes::run(
+            &self.app,
+            owner,
+            request,
+            write.mode,
+            write.key,
+            write.facts,
+            |r| execute(app, r, ctx),
+        )
+        .await?;
+        Ok(Response::new(response))
     }
 }
 
@@ -70,22 +100,12 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::UpsertCustomersRequest>,
     ) -> Result<Response<pb::UpsertCustomersResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::upsert_customers(&request)?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        self.write(
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_upsert_customers(app, r, ctx),
+            validation::upsert_customers,
+            execute_upsert_customers,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn get_customer(
@@ -155,114 +175,64 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::DeleteCustomersRequest>,
     ) -> Result<Response<pb::DeleteCustomersResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::delete_customers(&request)?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        self.write(
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_delete_customers(app, r, ctx),
+            validation::delete_customers,
+            execute_delete_customers,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn unsubscribe_customers(
         &self,
         request: Request<pb::UnsubscribeCustomersRequest>,
     ) -> Result<Response<pb::UnsubscribeCustomersResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::subscription_change(
-            &request.emails,
-            &request.message,
-            request.options.as_ref(),
-        )?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        self.write(
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_unsubscribe_customers(app, r, ctx),
+            |r: &pb::UnsubscribeCustomersRequest| {
+                validation::subscription_change(&r.emails, &r.message, r.options.as_ref())
+            },
+            execute_unsubscribe_customers,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn resubscribe_customers(
         &self,
         request: Request<pb::ResubscribeCustomersRequest>,
     ) -> Result<Response<pb::ResubscribeCustomersResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::subscription_change(&request.emails, "", request.options.as_ref())?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        self.write(
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_resubscribe_customers(app, r, ctx),
+            |r: &pb::ResubscribeCustomersRequest| {
+                validation::subscription_change(&r.emails, "", r.options.as_ref())
+            },
+            execute_resubscribe_customers,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn upsert_customer_array_items(
         &self,
         request: Request<pb::UpsertCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::UpsertCustomerArrayItemsResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::upsert_array_items(&request)?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        self.write(
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_upsert_array_items(app, r, ctx),
+            validation::upsert_array_items,
+            execute_upsert_array_items,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn delete_customer_array_items(
         &self,
         request: Request<pb::DeleteCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::DeleteCustomerArrayItemsResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::delete_array_items(&request)?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        self.write(
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_delete_array_items(app, r, ctx),
+            validation::delete_array_items,
+            execute_delete_array_items,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn list_companies(

@@ -362,3 +362,6 @@ fn reject(summary: &mut pb::TrackEventsResponse, index: i64, message_id: &str, e
         });
     }
 }
+
+#[cfg(test)]
+mod validation_tables;

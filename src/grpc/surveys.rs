@@ -241,32 +241,26 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             &request.retently_customer_id,
         );
         email_filter(&mut v, "email", &request.email);
-        let (start, end) = time_range(
-            &mut v,
-            request.start_time.as_ref(),
-            request.end_time.as_ref(),
-        );
-        let order: Option<pb::TimeOrder> = known(&mut v, "order", request.order);
-        let filters = format!(
-            "feedback;campaign={:?};customer={:?};email={:?};start={:?};end={:?};order={}",
-            request.campaign_id,
-            request.retently_customer_id,
-            request.email,
-            request.start_time.as_ref().map(timestamp_to_ms),
-            request.end_time.as_ref().map(timestamp_to_ms),
-            request.order,
-        );
-        let now = now_ms();
-        let cursor = cursor::resolve(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            &filters,
-            end,
+        let TimedPage {
+            start,
+            order,
+            filters,
             now,
-        );
-        v.into_result()?;
-        let non_empty = |value: String| (!value.is_empty()).then_some(value);
+            cursor,
+        } = timed_page(
+            v,
+            format!(
+                "feedback;campaign={:?};customer={:?};email={:?}",
+                request.campaign_id, request.retently_customer_id, request.email,
+            ),
+            TimedList {
+                start_time: request.start_time.as_ref(),
+                end_time: request.end_time.as_ref(),
+                order: request.order,
+                page_size: request.page_size,
+                page_token: &request.page_token,
+            },
+        )?;
         let order = order.unwrap_or_default();
         if let Some(start_ms) = start
             && let Some(covered) = self.log.covered_range().await?
@@ -405,33 +399,26 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             }
             Ok(sent_by) => convert::sent_by_filter(sent_by),
         };
-        let (start, end) = time_range(
-            &mut v,
-            request.start_time.as_ref(),
-            request.end_time.as_ref(),
-        );
-        let order: Option<pb::TimeOrder> = known(&mut v, "order", request.order);
-        let filters = format!(
-            "sent_surveys;campaign={:?};email={:?};channel={};sent_by={};start={:?};end={:?};order={}",
-            request.campaign_id,
-            request.email,
-            request.channel,
-            request.sent_by,
-            request.start_time.as_ref().map(timestamp_to_ms),
-            request.end_time.as_ref().map(timestamp_to_ms),
-            request.order,
-        );
-        let now = now_ms();
-        let cursor = cursor::resolve(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            &filters,
-            end,
+        let TimedPage {
+            start,
+            order,
+            filters,
             now,
-        );
-        v.into_result()?;
-        let non_empty = |value: String| (!value.is_empty()).then_some(value);
+            cursor,
+        } = timed_page(
+            v,
+            format!(
+                "sent_surveys;campaign={:?};email={:?};channel={};sent_by={}",
+                request.campaign_id, request.email, request.channel, request.sent_by,
+            ),
+            TimedList {
+                start_time: request.start_time.as_ref(),
+                end_time: request.end_time.as_ref(),
+                order: request.order,
+                page_size: request.page_size,
+                page_token: &request.page_token,
+            },
+        )?;
         let query = OutboxQuery {
             email: non_empty(request.email),
             campaign_id: non_empty(request.campaign_id),
@@ -507,6 +494,54 @@ fn time_range(
         v.add("end_time", "must be after start_time");
     }
     (start, end)
+}
+
+/// The paging fields of a time-ordered list (ListFeedback, ListSentSurveys).
+struct TimedList<'a> {
+    start_time: Option<&'a prost_types::Timestamp>,
+    end_time: Option<&'a prost_types::Timestamp>,
+    order: i32,
+    page_size: i32,
+    page_token: &'a str,
+}
+
+/// A time-ordered list's checked window and page.
+struct TimedPage {
+    start: Option<i64>,
+    order: Option<pb::TimeOrder>,
+    /// What the page token is bound to: the list's own filters, then the window and order.
+    filters: String,
+    now: i64,
+    cursor: cursor::Cursor,
+}
+
+/// Checks a time-ordered list's window and order (after the list's own checks, recorded in
+/// `v`) and resolves its page under `filters` plus the window and order; every violation
+/// found is answered at once.
+fn timed_page(mut v: Violations, filters: String, list: TimedList<'_>) -> Result<TimedPage, Error> {
+    let (start, end) = time_range(&mut v, list.start_time, list.end_time);
+    let order: Option<pb::TimeOrder> = known(&mut v, "order", list.order);
+    let filters = format!(
+        "{filters};start={:?};end={:?};order={}",
+        list.start_time.map(timestamp_to_ms),
+        list.end_time.map(timestamp_to_ms),
+        list.order,
+    );
+    let now = now_ms();
+    let cursor = cursor::resolve(&mut v, list.page_size, list.page_token, &filters, end, now);
+    v.into_result()?;
+    Ok(TimedPage {
+        start,
+        order,
+        filters,
+        now,
+        cursor,
+    })
+}
+
+/// An optional filter: `None` when the caller left it empty.
+fn non_empty(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
 }
 
 /// The upstream's `total`, or, when it gives none, what the pages read so far show.

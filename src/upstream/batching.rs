@@ -248,7 +248,7 @@ fn rebased(error: &Error, violations: Vec<FieldViolation>) -> Error {
 
 /// For an `INVALID_ARGUMENT` whose every violation names `<list_field>[i]`, the violations per
 /// item index with fields relative to the item. `None` when the rejection is not per item.
-fn split_rejection(
+pub(crate) fn split_rejection(
     error: &Error,
     list_field: &str,
     len: usize,

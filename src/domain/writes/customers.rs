@@ -12,6 +12,7 @@ use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
 use crate::grpc::customers::convert::{self, applied, failed};
 use crate::grpc::customers::validation::MAX_ITEMS;
 use crate::pb;
+use crate::upstream::batching::split_rejection;
 use crate::upstream::retently::{EmailOutcome, MAX_CHANGE_BATCH};
 use crate::upstream::{CallContext, Priority};
 
@@ -400,25 +401,12 @@ where
 }
 
 /// For an INVALID_ARGUMENT whose every violation names `records[i]` (`i < len`), the violations
-/// per record index, with fields in the contract's terms relative to the record.
+/// per record index, with fields in the contract's terms relative to the record (the batching
+/// of the scheduler splits its rejections the same way).
 fn rejected_records(error: &Error, len: usize) -> Option<Vec<(usize, Vec<FieldViolation>)>> {
-    if error.code() != ErrorCode::InvalidArgument || error.violations().is_empty() {
-        return None;
-    }
-    let mut per_record: Vec<(usize, Vec<FieldViolation>)> = Vec::new();
-    for violation in error.violations() {
-        let rest = violation.field.strip_prefix("records[")?;
-        let (index, rest) = rest.split_once(']')?;
-        let index: usize = index.parse().ok()?;
-        if index >= len {
-            return None;
-        }
-        let field = contract_field(rest.strip_prefix('.').unwrap_or(rest));
-        let violation = FieldViolation::new(field, violation.description.clone());
-        match per_record.iter_mut().find(|(i, _)| *i == index) {
-            Some((_, violations)) => violations.push(violation),
-            None => per_record.push((index, vec![violation])),
-        }
+    let mut per_record = split_rejection(error, "records", len)?;
+    for violation in per_record.iter_mut().flat_map(|(_, violations)| violations) {
+        violation.field = contract_field(&violation.field);
     }
     Some(per_record)
 }

@@ -8,6 +8,11 @@
 //!   a `delivery_id` once that is durable. The outbox worker later replays the request through the
 //!   very same execution function at background priority ([`WriteExecutor`]). With a key, the
 //!   idempotency record is committed in the same transaction as the queued delivery.
+//!
+//! Every write RPC is declared once, in the table of `rpcs.rs`, which generates its
+//! [`WriteRpc`] impl, its method name, its permission and the outbox executor's dispatch. The
+//! execution functions live beside it, one module per service ([`customers`], [`surveys`],
+//! [`survey_delivery`], [`events`]).
 
 use std::sync::Arc;
 

@@ -664,3 +664,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod tables;

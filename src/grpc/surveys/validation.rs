@@ -193,3 +193,6 @@ pub fn id_filter(v: &mut Violations, field: &str, value: &str) {
 pub fn email_filter(v: &mut Violations, field: &str, value: &str) {
     validate::max_len(v, field, value, MAX_EMAIL_CHARS);
 }
+
+#[cfg(test)]
+mod tables;
