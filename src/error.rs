@@ -13,8 +13,6 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::upstream::failure::FailureClass;
 
-mod reason;
-
 pub use self::reason::Reason;
 
 /// `ErrorInfo.domain` of every error the gateway produces.
@@ -49,32 +47,56 @@ pub enum ErrorCode {
     Internal,
 }
 
-/// Declares the stable names of [`ErrorCode`]: the names of the gRPC codes they map to, which
-/// is how failed deliveries store them (a name survives a renumbering; see the outbox).
-macro_rules! error_code_names {
-    ($($variant:ident = $text:literal,)*) => {
-        impl ErrorCode {
-            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+/// Gives an enum the stable names it is known by outside the process (on the wire, in the
+/// store): `ALL`, `as_str`, `parse`, and serde as those names. `$what` names the kind in the
+/// error for an unknown name.
+macro_rules! stable_names {
+    ($type:ident, $what:literal, { $($variant:ident = $text:literal,)* }) => {
+        impl $type {
+            /// Every value, in the order of its table.
+            pub const ALL: &[$type] = &[$($type::$variant,)*];
 
-            /// The stable name stored with a failed delivery.
+            /// The stable name.
             pub const fn as_str(self) -> &'static str {
                 match self {
-                    $(ErrorCode::$variant => $text,)*
+                    $($type::$variant => $text,)*
                 }
             }
 
-            /// The code a stored name names; `None` for a name this build does not know.
-            pub fn parse(text: &str) -> Option<ErrorCode> {
+            /// The value a stable name names; `None` for a name this build does not know.
+            pub fn parse(text: &str) -> Option<$type> {
                 match text {
-                    $($text => Some(ErrorCode::$variant),)*
+                    $($text => Some($type::$variant),)*
                     _ => None,
                 }
+            }
+        }
+
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                serializer: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                deserializer: D,
+            ) -> std::result::Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                $type::parse(&text).ok_or_else(|| {
+                    serde::de::Error::custom(format!(concat!("unknown ", $what, " `{}`"), text))
+                })
             }
         }
     };
 }
 
-error_code_names! {
+// The names of the gRPC codes the gateway's codes map to: how failed deliveries store them (a
+// name survives a renumbering; see the outbox).
+stable_names!(ErrorCode, "error code", {
     InvalidArgument = "INVALID_ARGUMENT",
     NotFound = "NOT_FOUND",
     AlreadyExists = "ALREADY_EXISTS",
@@ -89,26 +111,10 @@ error_code_names! {
     Aborted = "ABORTED",
     Unimplemented = "UNIMPLEMENTED",
     Internal = "INTERNAL",
-}
+});
 
-impl serde::Serialize for ErrorCode {
-    fn serialize<S: serde::Serializer>(
-        &self,
-        serializer: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for ErrorCode {
-    fn deserialize<D: serde::Deserializer<'de>>(
-        deserializer: D,
-    ) -> std::result::Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        ErrorCode::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown error code `{text}`")))
-    }
-}
+// After `stable_names!`, which it uses.
+mod reason;
 
 impl ErrorCode {
     pub fn grpc_code(self) -> tonic::Code {

@@ -10,33 +10,14 @@ use std::fmt;
 /// Declares [`Reason`] with the wire string of each variant.
 macro_rules! reasons {
     ($($(#[$doc:meta])* $variant:ident = $text:literal,)*) => {
-        /// Why a call or an item failed, as `google.rpc.ErrorInfo.reason` carries it.
+        /// Why a call or an item failed, as `google.rpc.ErrorInfo.reason` carries it (and
+        /// failed deliveries store it).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Reason {
             $($(#[$doc])* $variant,)*
         }
 
-        impl Reason {
-            /// Every reason, in the order of the table.
-            pub const ALL: &[Reason] = &[$(Reason::$variant,)*];
-
-            /// The UPPER_SNAKE_CASE string sent in `ErrorInfo.reason` and stored with failed
-            /// deliveries.
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $(Reason::$variant => $text,)*
-                }
-            }
-
-            /// The reason a wire string names (an `ItemError` of a remembered or stored
-            /// response); `None` for a string this build does not send.
-            pub fn parse(text: &str) -> Option<Reason> {
-                match text {
-                    $($text => Some(Reason::$variant),)*
-                    _ => None,
-                }
-            }
-        }
+        stable_names!(Reason, "error reason", { $($variant = $text,)* });
     };
 }
 
@@ -135,20 +116,6 @@ reasons! {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-impl serde::Serialize for Reason {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Reason {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        Reason::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown error reason `{text}`")))
     }
 }
 

@@ -19,9 +19,9 @@ use crate::domain::writes::customers::{
     execute_delete_array_items, execute_delete_customers, execute_resubscribe_customers,
     execute_unsubscribe_customers, execute_upsert_array_items, execute_upsert_customers,
 };
-use crate::domain::writes::{self, WriteRpc};
+
 use crate::error::{Error, ErrorCode, Reason};
-use crate::grpc::paging;
+use crate::grpc::{paging, write};
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{self, CompanyQuery, CustomerQuery, PageRequest};
@@ -35,36 +35,6 @@ pub struct CustomerApi {
 impl CustomerApi {
     pub fn new(app: Arc<App>) -> Self {
         Self { app }
-    }
-
-    /// Every customer write: validate, then the one write path with the RPC's execution
-    /// function (which the outbox worker replays for ASYNC calls).
-    async fn write<'a, R, Fut>(
-        &'a self,
-        request: Request<R>,
-        validate: impl FnOnce(&R) -> Result<validation::Write, Error>,
-        execute: impl FnOnce(&'a App, R, CallContext) -> Fut,
-    ) -> Result<Response<R::Response>, Status>
-    where
-        R: WriteRpc,
-        Fut: Future<Output = Result<R::Response, Error>>,
-    {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validate(&request)?;
-        let app: &'a App = &self.app;
-        let response = writes::run(
-            &self.app,
-            owner,
-            request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute(app, r, ctx),
-        )
-        .await?;
-        Ok(Response::new(response))
     }
 }
 
@@ -100,7 +70,8 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::UpsertCustomersRequest>,
     ) -> Result<Response<pb::UpsertCustomersResponse>, Status> {
-        self.write(
+        write::serve(
+            &self.app,
             request,
             validation::upsert_customers,
             execute_upsert_customers,
@@ -175,7 +146,8 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::DeleteCustomersRequest>,
     ) -> Result<Response<pb::DeleteCustomersResponse>, Status> {
-        self.write(
+        write::serve(
+            &self.app,
             request,
             validation::delete_customers,
             execute_delete_customers,
@@ -187,7 +159,8 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::UnsubscribeCustomersRequest>,
     ) -> Result<Response<pb::UnsubscribeCustomersResponse>, Status> {
-        self.write(
+        write::serve(
+            &self.app,
             request,
             |r: &pb::UnsubscribeCustomersRequest| {
                 validation::subscription_change(&r.emails, &r.message, r.options.as_ref())
@@ -201,7 +174,8 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::ResubscribeCustomersRequest>,
     ) -> Result<Response<pb::ResubscribeCustomersResponse>, Status> {
-        self.write(
+        write::serve(
+            &self.app,
             request,
             |r: &pb::ResubscribeCustomersRequest| {
                 validation::subscription_change(&r.emails, "", r.options.as_ref())
@@ -215,7 +189,8 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::UpsertCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::UpsertCustomerArrayItemsResponse>, Status> {
-        self.write(
+        write::serve(
+            &self.app,
             request,
             validation::upsert_array_items,
             execute_upsert_array_items,
@@ -227,7 +202,8 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::DeleteCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::DeleteCustomerArrayItemsResponse>, Status> {
-        self.write(
+        write::serve(
+            &self.app,
             request,
             validation::delete_array_items,
             execute_delete_array_items,

@@ -14,6 +14,7 @@ pub mod feedback;
 pub mod paging;
 pub mod surveys;
 pub mod validate;
+pub mod write;
 
 pub use customers::CustomerApi;
 pub use deliveries::DeliveryApi;

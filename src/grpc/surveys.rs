@@ -29,7 +29,7 @@ use crate::domain::writes::surveys::{
 };
 use crate::error::{Error, Violations};
 use crate::feedback::{FeedbackLog, FeedbackQuery as LogQuery};
-use crate::grpc::{paging, validate};
+use crate::grpc::{paging, validate, write};
 use crate::pb;
 use crate::upstream::retently::{FeedbackQuery, OutboxQuery, PageRequest};
 
@@ -342,32 +342,26 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         &self,
         request: Request<pb::SetFeedbackTagsRequest>,
     ) -> Result<Response<pb::SetFeedbackTagsResponse>, Status> {
-        let ctx = interactive_context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let ValidWrite { mode, key, facts } = validation::set_feedback_tags(&request)?;
-        let app = &self.app;
-        let response = writes::run(app, owner, request, mode, key, facts, |request| {
-            execute_set_feedback_tags(app, request, ctx)
-        })
-        .await?;
-        Ok(Response::new(response))
+        write::serve(
+            &self.app,
+            request,
+            validation::set_feedback_tags,
+            execute_set_feedback_tags,
+        )
+        .await
     }
 
     async fn set_feedback_topics(
         &self,
         request: Request<pb::SetFeedbackTopicsRequest>,
     ) -> Result<Response<pb::SetFeedbackTopicsResponse>, Status> {
-        let ctx = interactive_context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let ValidWrite { mode, key, facts } = validation::set_feedback_topics(&request)?;
-        let app = &self.app;
-        let response = writes::run(app, owner, request, mode, key, facts, |request| {
-            execute_set_feedback_topics(app, request, ctx)
-        })
-        .await?;
-        Ok(Response::new(response))
+        write::serve(
+            &self.app,
+            request,
+            validation::set_feedback_topics,
+            execute_set_feedback_topics,
+        )
+        .await
     }
 
     async fn list_sent_surveys(

@@ -269,12 +269,7 @@ mod tests {
     }
 
     fn upstream_error(class: FailureClass) -> Error {
-        Error::new(
-            ErrorCode::Unavailable,
-            Reason::UpstreamUnavailable,
-            "failed",
-        )
-        .with_failure_class(class)
+        crate::upstream::failure::upstream_failure(class)
     }
 
     #[test]

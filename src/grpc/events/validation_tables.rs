@@ -3,12 +3,7 @@
 
 use super::*;
 
-fn fields<T>(outcome: Result<T, Error>) -> Vec<String> {
-    match outcome {
-        Ok(_) => Vec::new(),
-        Err(error) => error.violations().iter().map(|v| v.field.clone()).collect(),
-    }
-}
+use crate::grpc::validate::violated_fields as fields;
 
 fn event(customer_id: &str, name: &str) -> pb::Event {
     pb::Event {

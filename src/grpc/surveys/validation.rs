@@ -17,12 +17,7 @@ const MAX_DELAY_DAYS: i32 = 365;
 /// Tags or topics per SetFeedbackTags / SetFeedbackTopics call.
 const MAX_LABELS: usize = 100;
 
-/// What a validated write needs: how to deliver it and what the outbox records.
-pub struct ValidWrite {
-    pub mode: pb::DeliveryMode,
-    pub key: Option<String>,
-    pub facts: DeliveryFacts,
-}
+pub use crate::grpc::write::ValidWrite;
 
 /// The outbox ordering key of a Retently customer: survey sends upsert the recipient, so they
 /// are ordered with the other writes to the same address.

@@ -4,13 +4,7 @@
 
 use super::*;
 
-/// The fields an outcome's violations name, in order; empty when the request is valid.
-fn fields<T>(outcome: Result<T, Error>) -> Vec<String> {
-    match outcome {
-        Ok(_) => Vec::new(),
-        Err(error) => error.violations().iter().map(|v| v.field.clone()).collect(),
-    }
-}
+use crate::grpc::validate::violated_fields as fields;
 
 fn customer(id: &str, email: &str) -> pb::Customer {
     pb::Customer {
