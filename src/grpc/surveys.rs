@@ -57,6 +57,26 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The page a list held whole in memory asks for, after its own checks (recorded in `v`);
+/// every violation found is answered at once.
+fn local_page_request(
+    mut v: Violations,
+    page_size: i32,
+    page_token: &str,
+    filters: &str,
+) -> Result<(usize, paging::PagePosition), Error> {
+    let page = paging::page_request(
+        &mut v,
+        page_size,
+        page_token,
+        DEFAULT_LOCAL_PAGE,
+        MAX_LOCAL_PAGE,
+        filters,
+    );
+    v.into_result()?;
+    Ok(page)
+}
+
 /// One page of a list held whole in memory: `(items, next_page_token, total_size)`.
 fn local_page<T>(
     items: Vec<T>,
@@ -116,15 +136,8 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             "campaigns;metric={};type={};active={:?}",
             request.metric, request.r#type, request.active
         );
-        let (size, position) = paging::page_request(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            DEFAULT_LOCAL_PAGE,
-            MAX_LOCAL_PAGE,
-            &filters,
-        );
-        v.into_result()?;
+        let (size, position) =
+            local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let campaigns = self.app.retently.campaigns(&ctx).await?;
         let mut matching: Vec<pb::Campaign> = campaigns
             .iter()
@@ -158,15 +171,8 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             "templates;metric={};channel={}",
             request.metric, request.channel
         );
-        let (size, position) = paging::page_request(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            DEFAULT_LOCAL_PAGE,
-            MAX_LOCAL_PAGE,
-            &filters,
-        );
-        v.into_result()?;
+        let (size, position) =
+            local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let templates = self.app.retently.templates(&ctx).await?;
         let mut matching: Vec<pb::Template> = templates
             .iter()
@@ -445,15 +451,8 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             validate::retently_path_id(&mut v, "campaign_id", &request.campaign_id);
         }
         let filters = format!("reports;campaign={:?}", request.campaign_id);
-        let (size, position) = paging::page_request(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            DEFAULT_LOCAL_PAGE,
-            MAX_LOCAL_PAGE,
-            &filters,
-        );
-        v.into_result()?;
+        let (size, position) =
+            local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let campaign_id = (!request.campaign_id.is_empty()).then_some(request.campaign_id.as_str());
         let reports = self.app.retently.reports(&ctx, campaign_id).await?;
         let mut reports: Vec<pb::CampaignReport> = reports.iter().map(convert::report).collect();
