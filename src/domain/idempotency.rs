@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::backoff::FailureStreak;
 use crate::domain::Owner;
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::shutdown::Drain;
 use crate::store::{IdempotencyRecord, IdempotencyStore, Store};
 
@@ -79,7 +79,7 @@ fn now_ms() -> i64 {
 fn reused() -> Error {
     Error::new(
         ErrorCode::FailedPrecondition,
-        "IDEMPOTENCY_KEY_REUSED",
+        Reason::IdempotencyKeyReused,
         "this idempotency key was already used for a different request",
     )
 }

@@ -2,9 +2,12 @@
 //!
 //! - [`outbox`]: the durable queue of asynchronous writes and its delivery worker.
 //! - [`idempotency`]: remembered responses for idempotency keys and event message ids.
+//! - [`writes`]: the write path every write RPC takes after validation, its table of write
+//!   RPCs, and the execution of customers, surveys and events.
 
 pub mod idempotency;
 pub mod outbox;
+pub mod writes;
 
 use std::sync::Arc;
 

@@ -40,7 +40,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::backoff::{Backoff, FailureStreak, LogLimit};
 use crate::domain::{Owner, Visibility};
-use crate::error::Error;
+use crate::error::{Error, ErrorCode, Reason};
 use crate::readiness::Readiness;
 use crate::shutdown::Drain;
 use crate::store::outbox::{
@@ -55,8 +55,8 @@ pub use crate::store::outbox::{
 impl From<&Error> for DeliveryError {
     fn from(error: &Error) -> Self {
         DeliveryError {
-            code: error.code().grpc_code() as i32,
-            reason: error.reason().to_owned(),
+            code: error.code(),
+            reason: error.reason(),
             message: error.message().to_owned(),
             metadata: error.metadata().clone(),
         }
@@ -115,11 +115,11 @@ pub fn in_doubt_error(cause: Option<&DeliveryError>, message: &str) -> DeliveryE
     let mut metadata = HashMap::new();
     if let Some(cause) = cause {
         metadata.extend(cause.metadata.clone());
-        metadata.insert("cause".to_owned(), cause.reason.clone());
+        metadata.insert("cause".to_owned(), cause.reason.as_str().to_owned());
     }
     DeliveryError {
-        code: tonic::Code::Aborted as i32,
-        reason: "DELIVERY_IN_DOUBT".to_owned(),
+        code: ErrorCode::Aborted,
+        reason: Reason::DeliveryInDoubt,
         message: message.to_owned(),
         metadata,
     }
@@ -351,14 +351,14 @@ impl Outbox {
                 error: match outcome {
                     RequeueOutcome::Requeued => None,
                     RequeueOutcome::NotDeadLettered => Some(DeliveryError {
-                        code: tonic::Code::FailedPrecondition as i32,
-                        reason: "DELIVERY_NOT_DEAD_LETTERED".to_owned(),
+                        code: ErrorCode::FailedPrecondition,
+                        reason: Reason::DeliveryNotDeadLettered,
                         message: "the delivery is not in the dead-letter list".to_owned(),
                         metadata: HashMap::new(),
                     }),
                     RequeueOutcome::NotFound => Some(DeliveryError {
-                        code: tonic::Code::NotFound as i32,
-                        reason: "DELIVERY_NOT_FOUND".to_owned(),
+                        code: ErrorCode::NotFound,
+                        reason: Reason::DeliveryNotFound,
                         message: "no delivery has this id".to_owned(),
                         metadata: HashMap::new(),
                     }),

@@ -12,7 +12,7 @@ use super::outbox::{
     RetrySelection,
 };
 use super::{Owner, Visibility};
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, Reason};
 use crate::shutdown;
 use crate::store::{SqliteStore, Store};
 
@@ -31,8 +31,8 @@ fn delivery(method: &str, body: &str, keys: &[&str], replay_safe: bool) -> NewDe
 
 fn transient() -> DeliveryError {
     DeliveryError {
-        code: tonic::Code::Unavailable as i32,
-        reason: "UPSTREAM_UNAVAILABLE".to_owned(),
+        code: ErrorCode::Unavailable,
+        reason: Reason::UpstreamUnavailable,
         message: "upstream answered 503".to_owned(),
         metadata: HashMap::new(),
     }
@@ -183,7 +183,7 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     assert_eq!(page.deliveries[0].delivery_id, id);
     assert_eq!(
         page.deliveries[0].last_error.as_ref().unwrap().reason,
-        "UPSTREAM_UNAVAILABLE"
+        Reason::UpstreamUnavailable
     );
 
     let results = outbox
@@ -196,7 +196,7 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     assert!(results[0].requeued);
     assert_eq!(
         results[1].error.as_ref().unwrap().reason,
-        "DELIVERY_NOT_FOUND"
+        Reason::DeliveryNotFound
     );
     // The retry window is zero, but a requeued delivery gets one attempt now: it succeeds.
     wait_for_state(&outbox, &id, DeliveryState::Delivered).await;
@@ -299,7 +299,7 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
         .unwrap()
         .unwrap();
     assert_eq!(doubtful.state, DeliveryState::DeadLettered);
-    assert_eq!(doubtful.last_error.unwrap().reason, "DELIVERY_IN_DOUBT");
+    assert_eq!(doubtful.last_error.unwrap().reason, Reason::DeliveryInDoubt);
 }
 
 #[tokio::test]
@@ -482,8 +482,12 @@ async fn doubts_left_at_the_end_of_the_window_are_dead_lettered_in_doubt() {
             .unwrap()
             .last_error
             .unwrap();
-        assert_eq!(error.reason, "DELIVERY_IN_DOUBT", "{id}");
-        assert_eq!(error.metadata["cause"], "UPSTREAM_UNAVAILABLE", "{id}");
+        assert_eq!(error.reason, Reason::DeliveryInDoubt, "{id}");
+        assert_eq!(
+            error.metadata["cause"],
+            Reason::UpstreamUnavailable.as_str(),
+            "{id}"
+        );
     }
     trigger.start();
     worker.await.unwrap();
@@ -649,7 +653,7 @@ async fn idempotency_returns_the_first_response_and_refuses_a_reused_key() {
 
     let error = run(request_hash(b"request-b")).await.unwrap_err();
     assert_eq!(error.code(), ErrorCode::FailedPrecondition);
-    assert_eq!(error.reason(), "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(error.reason(), Reason::IdempotencyKeyReused);
 }
 
 #[tokio::test]
@@ -734,7 +738,7 @@ async fn idempotency_keys_belong_to_the_caller_that_used_them() {
     let reused = run(caller("beta"), b"something else", b"unused")
         .await
         .unwrap_err();
-    assert_eq!(reused.reason(), "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(reused.reason(), Reason::IdempotencyKeyReused);
     // Anonymous calls (no callers configured) form one more scope of their own.
     let anonymous = run(Owner::Anonymous, b"alpha's event", b"anonymous answer")
         .await
@@ -830,7 +834,7 @@ async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
     assert!(!refused[0].requeued);
     assert_eq!(
         refused[0].error.as_ref().unwrap().reason,
-        "DELIVERY_NOT_FOUND"
+        Reason::DeliveryNotFound
     );
     // "All" means all of beta's own (and the ownerless ones).
     let all = outbox

@@ -19,7 +19,7 @@ use super::hub::Hub;
 use super::log::{self, AppendCounts, Observed, Origin};
 use super::stats::FeedbackStats;
 use crate::backoff::{LOG_EVERY, LogLimit};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::shutdown::Drain;
 use crate::store::Store;
 
@@ -49,7 +49,7 @@ pub struct Ingest {
 fn stopped() -> Error {
     Error::new(
         ErrorCode::Unavailable,
-        "FEEDBACK_INGEST_STOPPED",
+        Reason::FeedbackIngestStopped,
         "the feedback log no longer accepts observations (the gateway is shutting down)",
     )
 }

@@ -17,7 +17,7 @@ use prost::bytes::Bytes;
 
 use super::cursor::Cursor;
 use super::filter::EntryFields;
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::pb;
 use crate::store::Store;
 use crate::store::feedback_log::EntryKind;
@@ -57,7 +57,7 @@ pub struct FeedbackLog {
 fn store_error(error: impl std::fmt::Display) -> Error {
     Error::new(
         ErrorCode::Unavailable,
-        "STORE_UNAVAILABLE",
+        Reason::StoreUnavailable,
         format!("the feedback log failed: {error}"),
     )
 }

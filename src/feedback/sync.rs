@@ -425,7 +425,7 @@ impl Poller {
             Ok(()) => "ok",
             Err(error) => {
                 // The reason is a fixed code; the message may quote the upstream.
-                span.record("error.type", error.reason());
+                span.record("error.type", error.reason().as_str());
                 span.record("otel.status_code", "ERROR");
                 "failed"
             }

@@ -20,6 +20,7 @@ use super::outbox::{
 };
 use super::{Checkpoint, CursorStore, FeedbackLogStore, IdempotencyStore, OutboxStore, Store};
 use super::{StoreErrorKind, outbox::OutboxDepth};
+use crate::error::{ErrorCode, Reason};
 
 /// Generates one `#[tokio::test]` per contract, each on a store made by `$fresh().await`, which
 /// returns `(guard, Store)`; the guard is dropped after the test.
@@ -83,11 +84,11 @@ fn delivery(id: &str, owner: &str, keys: &[&str], replay_safe: bool) -> QueuedDe
     }
 }
 
-fn failure(reason: &str) -> DeliveryError {
+fn failure(reason: Reason) -> DeliveryError {
     DeliveryError {
-        code: 14,
-        reason: reason.to_owned(),
-        message: format!("{reason} happened"),
+        code: ErrorCode::Unavailable,
+        reason,
+        message: format!("{} happened", reason.as_str()),
         metadata: HashMap::from([("status".to_owned(), "503".to_owned())]),
     }
 }
@@ -217,10 +218,10 @@ pub(crate) async fn retries_wait_for_their_delay_within_the_window(store: &Store
     enqueue(outbox, delivery("dlv_2", "", &["ann"], true)).await;
     assert_eq!(claimed_ids(outbox, 10).await, ["dlv_1"]);
     let retry = |delay| AttemptRecord::Retry {
-        error: failure("UPSTREAM_UNAVAILABLE"),
+        error: failure(Reason::UpstreamUnavailable),
         delay,
         verify_since_ms: None,
-        unverified: failure("UNVERIFIED"),
+        unverified: failure(Reason::DeliveryInDoubt),
     };
     outbox
         .record_attempt("dlv_1", retry(Duration::from_secs(600)))
@@ -228,7 +229,10 @@ pub(crate) async fn retries_wait_for_their_delay_within_the_window(store: &Store
         .unwrap();
     let waiting = outbox.get("dlv_1", None).await.unwrap().unwrap();
     assert_eq!(waiting.state, DeliveryState::RetryWait);
-    assert_eq!(waiting.last_error, Some(failure("UPSTREAM_UNAVAILABLE")));
+    assert_eq!(
+        waiting.last_error,
+        Some(failure(Reason::UpstreamUnavailable))
+    );
     let due = waiting.next_attempt_ms.unwrap();
     assert_eq!(due, waiting.update_ms + 600_000);
     // Not due yet, and it still holds its customer's later delivery back.
@@ -262,10 +266,10 @@ pub(crate) async fn retries_past_the_window_are_dead_lettered_in_doubt_when_unve
     }
     assert_eq!(claimed_ids(outbox, 10).await.len(), 3);
     let retry_after = |delay: Duration, since: Option<i64>| AttemptRecord::Retry {
-        error: failure("UPSTREAM_UNAVAILABLE"),
+        error: failure(Reason::UpstreamUnavailable),
         delay,
         verify_since_ms: since,
-        unverified: failure("DELIVERY_IN_DOUBT"),
+        unverified: failure(Reason::DeliveryInDoubt),
     };
     let retry = |since: Option<i64>| retry_after(Duration::from_secs(3600), since);
     outbox
@@ -278,11 +282,14 @@ pub(crate) async fn retries_past_the_window_are_dead_lettered_in_doubt_when_unve
         .unwrap();
     let plain = outbox.get("dlv_plain", None).await.unwrap().unwrap();
     assert_eq!(plain.state, DeliveryState::DeadLettered);
-    assert_eq!(plain.last_error, Some(failure("UPSTREAM_UNAVAILABLE")));
+    assert_eq!(plain.last_error, Some(failure(Reason::UpstreamUnavailable)));
     assert!(plain.complete_ms.is_some());
     let unresolved = outbox.get("dlv_unresolved", None).await.unwrap().unwrap();
     assert_eq!(unresolved.state, DeliveryState::DeadLettered);
-    assert_eq!(unresolved.last_error, Some(failure("DELIVERY_IN_DOUBT")));
+    assert_eq!(
+        unresolved.last_error,
+        Some(failure(Reason::DeliveryInDoubt))
+    );
 
     // A verify time stored by an earlier attempt outlives a later plain failure.
     outbox
@@ -304,7 +311,7 @@ pub(crate) async fn retries_past_the_window_are_dead_lettered_in_doubt_when_unve
         .unwrap();
     let later = outbox.get("dlv_later", None).await.unwrap().unwrap();
     assert_eq!(later.state, DeliveryState::DeadLettered);
-    assert_eq!(later.last_error, Some(failure("DELIVERY_IN_DOUBT")));
+    assert_eq!(later.last_error, Some(failure(Reason::DeliveryInDoubt)));
 }
 
 pub(crate) async fn deliveries_refused_by_a_drain_return_to_pending(store: &Store) {
@@ -312,12 +319,12 @@ pub(crate) async fn deliveries_refused_by_a_drain_return_to_pending(store: &Stor
     enqueue(outbox, delivery("dlv_1", "", &["ann"], false)).await;
     assert_eq!(claimed_ids(outbox, 10).await, ["dlv_1"]);
     outbox
-        .return_to_pending("dlv_1", failure("DRAINING"))
+        .return_to_pending("dlv_1", failure(Reason::GatewayDraining))
         .await
         .unwrap();
     let record = outbox.get("dlv_1", None).await.unwrap().unwrap();
     assert_eq!(record.state, DeliveryState::Pending);
-    assert_eq!(record.last_error, Some(failure("DRAINING")));
+    assert_eq!(record.last_error, Some(failure(Reason::GatewayDraining)));
     assert_eq!(record.attempt_count, 1);
     let again = outbox.claim(10).await.unwrap();
     assert_eq!(again[0].attempts, 2);
@@ -340,7 +347,7 @@ pub(crate) async fn recovery_requeues_or_dead_letters_what_was_in_flight(store: 
         .update_ms;
 
     let recovered = outbox
-        .recover(&["SendSurvey".to_owned()], failure("DELIVERY_IN_DOUBT"))
+        .recover(&["SendSurvey".to_owned()], failure(Reason::DeliveryInDoubt))
         .await
         .unwrap();
     assert_eq!((recovered.requeued, recovered.in_doubt), (2, 1));
@@ -351,7 +358,7 @@ pub(crate) async fn recovery_requeues_or_dead_letters_what_was_in_flight(store: 
     );
     let event = outbox.get("dlv_event", None).await.unwrap().unwrap();
     assert_eq!(event.state, DeliveryState::DeadLettered);
-    assert_eq!(event.last_error, Some(failure("DELIVERY_IN_DOUBT")));
+    assert_eq!(event.last_error, Some(failure(Reason::DeliveryInDoubt)));
     let claimed = outbox.claim(10).await.unwrap();
     let survey = claimed
         .iter()
@@ -382,7 +389,7 @@ pub(crate) async fn dead_letters_are_listed_in_pages_and_requeued_by_who_may_see
             .record_attempt(
                 &id,
                 AttemptRecord::DeadLetter {
-                    error: failure("UPSTREAM_REJECTED"),
+                    error: failure(Reason::UpstreamItemRejected),
                 },
             )
             .await
@@ -513,7 +520,7 @@ pub(crate) async fn the_outbox_reports_its_depth_age_and_next_due_time(store: &S
         .record_attempt(
             "dlv_1",
             AttemptRecord::DeadLetter {
-                error: failure("UPSTREAM_REJECTED"),
+                error: failure(Reason::UpstreamItemRejected),
             },
         )
         .await
@@ -546,7 +553,7 @@ pub(crate) async fn finished_deliveries_are_pruned_after_their_retention(store: 
         .record_attempt(
             "dlv_dead",
             AttemptRecord::DeadLetter {
-                error: failure("UPSTREAM_REJECTED"),
+                error: failure(Reason::UpstreamItemRejected),
             },
         )
         .await

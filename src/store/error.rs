@@ -67,7 +67,7 @@ impl From<StoreError> for crate::error::Error {
     fn from(error: StoreError) -> Self {
         crate::error::Error::new(
             crate::error::ErrorCode::Unavailable,
-            "STORE_UNAVAILABLE",
+            crate::error::Reason::StoreUnavailable,
             format!("the durable store failed: {}", error.message),
         )
     }

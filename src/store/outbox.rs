@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use super::idempotency::IdempotencyRecord;
+use crate::error::{ErrorCode, Reason};
 
 /// Delivery states; the numbers are those of `cx.gateway.v1.DeliveryState` (and of the stored
 /// `state` column).
@@ -40,8 +41,9 @@ impl DeliveryState {
 /// Why an attempt failed, in the shape of `cx.gateway.v1.ItemError`; stored as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryError {
-    pub code: i32,
-    pub reason: String,
+    /// The gateway's own code, stored by its stable name (see [`ErrorCode::as_str`]).
+    pub code: ErrorCode,
+    pub reason: Reason,
     pub message: String,
     pub metadata: HashMap<String, String>,
 }

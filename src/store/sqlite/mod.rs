@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{StoreError, StoreErrorKind};
 
 mod cursors;
+mod error_codes;
 mod feedback_log;
 mod idempotency;
 mod outbox;

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     CALLER_SCOPE,
     OUTBOX_VERIFY_SINCE,
     FEEDBACK_ITEMS_LOOKUP,
+    super::error_codes::MIGRATION,
 ];
 
 /// The outbox of asynchronous writes, and the ordering keys (customers) of each delivery.
