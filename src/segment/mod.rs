@@ -153,7 +153,18 @@ impl Refusal {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let mut body = json!({"success": false, "message": self.message});
+        // `code` and `message` are what Segment's own API answers and its libraries report.
+        let code = match self.status {
+            StatusCode::BAD_REQUEST => "invalid_request",
+            StatusCode::UNAUTHORIZED => "invalid_write_key",
+            StatusCode::FORBIDDEN => "permission_denied",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_encoding",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            _ => "internal",
+        };
+        let mut body = json!({"success": false, "code": code, "message": self.message});
         if self.problem_count > 0 {
             body["errors"] = json!(self.problems);
             body["error_count"] = json!(self.problem_count);

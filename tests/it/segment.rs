@@ -283,6 +283,7 @@ async fn write_keys_decide_who_may_send_what() {
         let body: Value = answer.json().await.unwrap();
         assert_eq!(body["success"], json!(false));
         assert_eq!(body["message"], json!("invalid write key"));
+        assert_eq!(body["code"], json!("invalid_write_key"));
     }
     // A key of a caller without `events:write`.
     let refused = intake.post("/v1/track", Some(READER_KEY), &message).await;
@@ -379,7 +380,7 @@ async fn bad_input_is_refused_whole_with_segment_style_answers() {
     assert_eq!(answer.status, 400);
     assert_eq!(
         answer.body,
-        json!({"success": false, "message": "invalid json"})
+        json!({"success": false, "code": "invalid_request", "message": "invalid json"})
     );
     let answer = intake
         .post(
