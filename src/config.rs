@@ -846,6 +846,23 @@ mod tests {
     }
 
     #[test]
+    fn the_segment_intake_is_off_unless_given_an_address() {
+        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        assert!(config.segment.is_none());
+        let mut settings = keys();
+        settings.push(("CXGW_SEGMENT_LISTEN_ADDR", "127.0.0.1:8088"));
+        let config = Config::load(&MapSource::new(settings), UpstreamMode::Real).unwrap();
+        assert_eq!(config.segment.unwrap().listen_addr.port(), 8088);
+        let mut settings = keys();
+        settings.push(("CXGW_SEGMENT_LISTEN_ADDR", "port 8088"));
+        let error = Config::load(&MapSource::new(settings), UpstreamMode::Real).unwrap_err();
+        assert!(
+            error.to_string().contains("CXGW_SEGMENT_LISTEN_ADDR"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn defaults_apply_when_only_keys_are_set() {
         let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
         assert_eq!(config.grpc_addr.port(), 50051);

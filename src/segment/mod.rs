@@ -56,6 +56,10 @@ use crate::shutdown::Drain;
 /// `UpsertCustomers`, but a `messageId` is not an UpsertCustomers idempotency key).
 const IDENTIFY_SCOPE: &str = "segment:identify";
 
+/// How long a request's body may take to arrive (500 KB at a slow mobile uplink's 20 KB/s is
+/// about 25 s).
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Problems listed in one 400 answer (the first ones; the count stays exact).
 const MAX_LISTED_PROBLEMS: usize = 100;
 
@@ -161,6 +165,7 @@ impl IntoResponse for Refusal {
             StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_encoding",
             StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             _ => "internal",
         };
@@ -199,6 +204,13 @@ async fn handle(intake: &Intake, endpoint: Endpoint, headers: &HeaderMap, body: 
         }
     };
     span.record("status", response.status().as_u16());
+    crate::telemetry::metrics::metrics().segment_requests.add(
+        1,
+        &[
+            opentelemetry::KeyValue::new("endpoint", endpoint.as_str()),
+            opentelemetry::KeyValue::new("status", i64::from(response.status().as_u16())),
+        ],
+    );
     response
 }
 
@@ -216,7 +228,15 @@ async fn accept(
         HeaderKey::Present(key) => Some(intake.keys.resolve(&key).ok_or_else(unauthorized)?),
     };
     let limit = endpoint.max_body();
-    let bytes = read_body(headers, body, limit).await?;
+    // A client that trickles its body would otherwise hold a connection and a task forever.
+    let bytes = tokio::time::timeout(BODY_READ_TIMEOUT, read_body(headers, body, limit))
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body took too long to arrive",
+            )
+        })??;
     let document: Value = serde_json::from_slice(&bytes)
         .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "invalid json"))?;
     let principal = match from_header {
@@ -312,17 +332,41 @@ async fn accept(
     Ok(())
 }
 
+/// What became of one accepted message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Now in the outbox.
+    Queued,
+    /// Its `messageId` was seen before: nothing new is queued.
+    Duplicate,
+    /// Valid, with nothing upstream to do.
+    Acknowledged,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Queued => "queued",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Acknowledged => "acknowledged",
+        }
+    }
+}
+
 /// Queues one planned message in the outbox, deduplicated by its `messageId`.
-async fn queue(app: &Arc<App>, owner: &Owner, plan: Planned) -> Result<(), Error> {
-    let queued = match plan {
-        Planned::Acknowledged => return Ok(()),
+async fn queue(app: &Arc<App>, owner: &Owner, plan: Planned) -> Result<Outcome, Error> {
+    let (kind, queued) = match plan {
+        Planned::Acknowledged => {
+            record_message("other", Outcome::Acknowledged);
+            return Ok(Outcome::Acknowledged);
+        }
         Planned::Track { request, facts } => {
             let key = request
                 .event
                 .as_ref()
                 .map(|event| event.message_id.clone())
                 .filter(|id| !id.is_empty());
-            writes::enqueue::<pb::TrackEventRequest>(
+            let queued = writes::enqueue::<pb::TrackEventRequest>(
                 app,
                 owner.clone(),
                 methods::TRACK_EVENT,
@@ -332,33 +376,54 @@ async fn queue(app: &Arc<App>, owner: &Owner, plan: Planned) -> Result<(), Error
                 facts,
             )
             .await
-            .map(|_| ())
+            .map(|written| written.repeated);
+            ("track", queued)
         }
         Planned::Identify {
             request,
             facts,
             message_id,
-        } => writes::enqueue::<pb::UpsertCustomersRequest>(
-            app,
-            owner.clone(),
-            methods::UPSERT_CUSTOMERS,
-            IDENTIFY_SCOPE,
-            request.encode_to_vec(),
-            message_id,
-            facts,
-        )
-        .await
-        .map(|_| ()),
+        } => {
+            let queued = writes::enqueue::<pb::UpsertCustomersRequest>(
+                app,
+                owner.clone(),
+                methods::UPSERT_CUSTOMERS,
+                IDENTIFY_SCOPE,
+                request.encode_to_vec(),
+                message_id,
+                facts,
+            )
+            .await
+            .map(|written| written.repeated);
+            ("identify", queued)
+        }
     };
-    match queued {
+    let outcome = match queued {
+        Ok(false) => Outcome::Queued,
+        Ok(true) => Outcome::Duplicate,
         // A `messageId` seen before with other content: Segment's rule is that the id names the
         // message, so this one is a duplicate too.
         Err(error) if error.code() == ErrorCode::FailedPrecondition => {
-            tracing::debug!("segment message id seen before with other content, dropped");
-            Ok(())
+            tracing::debug!(
+                kind,
+                "segment message id seen before with other content, dropped"
+            );
+            Outcome::Duplicate
         }
-        other => other,
-    }
+        Err(error) => return Err(error),
+    };
+    record_message(kind, outcome);
+    Ok(outcome)
+}
+
+fn record_message(kind: &'static str, outcome: Outcome) {
+    crate::telemetry::metrics::metrics().segment_messages.add(
+        1,
+        &[
+            opentelemetry::KeyValue::new("type", kind),
+            opentelemetry::KeyValue::new("outcome", outcome.as_str()),
+        ],
+    );
 }
 
 /// A failure to queue: the library should send the request again later (its retry is safe,

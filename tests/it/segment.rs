@@ -256,6 +256,21 @@ async fn a_repeated_message_id_makes_no_second_upstream_call() {
     let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(names, ["Trial Started", "Trial Ended"]);
     assert_eq!(events[0].data.as_ref().unwrap()["plan"], json!("pro"));
+    // The repeats are counted as duplicates.
+    let metrics = reqwest::get(format!("http://{}/metrics", intake.gateway.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("cxgw_segment_messages_total{")
+                && line.contains("outcome=\"duplicate\"")
+                && line.contains("type=\"track\"")),
+        "{metrics}"
+    );
     intake.gateway.stop().await.unwrap();
 }
 
