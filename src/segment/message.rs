@@ -56,6 +56,14 @@ pub enum Planned {
 }
 
 impl Planned {
+    /// The customers it touches (the outbox delivers each customer's writes in order).
+    pub fn ordering_keys(&self) -> &[String] {
+        match self {
+            Planned::Track { facts, .. } | Planned::Identify { facts, .. } => &facts.ordering_keys,
+            Planned::Acknowledged => &[],
+        }
+    }
+
     /// The permission the caller needs for this message, the same as the RPC it stands for.
     pub fn permission(&self) -> Option<Permission> {
         match self {

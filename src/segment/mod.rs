@@ -324,12 +324,56 @@ async fn accept(
         ));
     }
 
-    for plan in planned {
-        queue(&intake.app, &owner, plan)
-            .await
-            .map_err(store_refusal)?;
-    }
+    // Customers' lanes are queued side by side, so the store commits them in a few group
+    // commits; within a lane, one after the other, so each customer's messages keep their order.
+    let app = &intake.app;
+    let owner = &owner;
+    futures_util::future::try_join_all(lanes(planned).into_iter().map(|lane| async move {
+        for plan in lane {
+            queue(app, owner, plan).await?;
+        }
+        Ok::<(), Error>(())
+    }))
+    .await
+    .map_err(store_refusal)?;
     Ok(())
+}
+
+/// Splits messages into lanes that share no customer (no ordering key), each in request order.
+fn lanes(planned: Vec<Planned>) -> Vec<Vec<Planned>> {
+    // Union-find over message positions: two messages with a key in common share a lane.
+    let mut parent: Vec<usize> = (0..planned.len()).collect();
+    fn root(parent: &mut [usize], mut at: usize) -> usize {
+        while parent[at] != at {
+            parent[at] = parent[parent[at]];
+            at = parent[at];
+        }
+        at
+    }
+    let mut first_with_key: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::new();
+    for (index, plan) in planned.iter().enumerate() {
+        for key in plan.ordering_keys() {
+            match first_with_key.get(key.as_str()) {
+                Some(&other) => {
+                    let (a, b) = (root(&mut parent, index), root(&mut parent, other));
+                    parent[a.max(b)] = a.min(b);
+                }
+                None => {
+                    first_with_key.insert(key, index);
+                }
+            }
+        }
+    }
+    let roots: Vec<usize> = (0..planned.len())
+        .map(|index| root(&mut parent, index))
+        .collect();
+    let mut lanes: std::collections::BTreeMap<usize, Vec<Planned>> =
+        std::collections::BTreeMap::new();
+    for (plan, lane) in planned.into_iter().zip(roots) {
+        lanes.entry(lane).or_default().push(plan);
+    }
+    lanes.into_values().collect()
 }
 
 /// What became of one accepted message.
@@ -538,4 +582,56 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
 /// A message's size as JSON, the measure of Segment's per-message limit.
 fn encoded_len(message: &Value) -> usize {
     serde_json::to_vec(message).map_or(usize::MAX, |bytes| bytes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::writes::DeliveryFacts;
+
+    /// A planned track whose `item_count` tags its request position.
+    fn plan(position: usize, keys: &[&str]) -> Planned {
+        Planned::Track {
+            request: pb::TrackEventRequest::default(),
+            facts: DeliveryFacts {
+                destinations: Vec::new(),
+                item_count: position,
+                ordering_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            },
+        }
+    }
+
+    fn positions(lanes: &[Vec<Planned>]) -> Vec<Vec<usize>> {
+        lanes
+            .iter()
+            .map(|lane| {
+                lane.iter()
+                    .map(|plan| match plan {
+                        Planned::Track { facts, .. } => facts.item_count,
+                        _ => usize::MAX,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lanes_keep_each_customers_messages_together_and_in_order() {
+        // Message 3 links the customers of 0 and 1 (an identify with an email and a user id);
+        // 2 and 4 share nobody with them.
+        let planned = vec![
+            plan(0, &["retainly:u1"]),
+            plan(1, &["retently:a@x"]),
+            plan(2, &["retainly:u2"]),
+            plan(3, &["retently:a@x", "retainly:u1"]),
+            plan(4, &["retainly:u3"]),
+            plan(5, &["retainly:u1"]),
+            Planned::Acknowledged,
+        ];
+        let lanes = lanes(planned);
+        assert_eq!(
+            positions(&lanes),
+            vec![vec![0, 1, 3, 5], vec![2], vec![4], vec![usize::MAX]]
+        );
+    }
 }
