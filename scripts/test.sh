@@ -56,7 +56,8 @@ rust_tests() {
   fi
 }
 
-# The Node caller: its pinned packages (npm ci, skipped while the lock file is unchanged), then
+# The Node caller and Segment's Node library against the Segment intake: the pinned packages (npm
+# ci, skipped while the lock file is unchanged), then
 # node's test runner against the built binary.
 node_client() {
   local stamp=tests/node/node_modules/.cxgw-lock-sha256
@@ -66,7 +67,7 @@ node_client() {
     (cd tests/node && npm ci --no-audit --no-fund --loglevel=error) || return 1
     echo "$lock" >"$stamp"
   fi
-  (cd tests/node && CXGW_BINARY="$root/target/debug/cx-gateway" node --test client.test.js)
+  (cd tests/node && CXGW_BINARY="$root/target/debug/cx-gateway" node --test client.test.js segment.test.js)
 }
 
 build_binary() {
