@@ -49,6 +49,8 @@
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`admin`]: the admin HTTP port (liveness, readiness, feedback counters, webhooks).
+//! - [`segment`]: the Segment-compatible HTTP intake (track, identify, batch) on its own port,
+//!   feeding the same write path as `EventService` and `CustomerService`.
 //! - [`telemetry`]: logs, traces (OpenTelemetry, W3C context), metrics (`/metrics`, OTLP), redaction.
 //! - [`reload`]: reloading the callers and TLS files on SIGHUP and on change.
 //! - [`readiness`]: whether start-up work (outbox recovery) is done, for `/readyz` and health.
@@ -77,6 +79,7 @@ pub mod grpc;
 pub mod readiness;
 pub mod reload;
 pub mod sandbox_mode;
+pub mod segment;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -175,6 +175,17 @@ pub fn check_track_event(
         .ok_or_else(|| Error::internal("no event after validation"))
 }
 
+/// What the outbox records about an event that passed [`check_track_event`] (the Segment intake
+/// queues events itself, after validating a whole batch).
+pub(crate) fn event_facts(mappings: &EventMappings, event: pb::Event) -> DeliveryFacts {
+    let campaigns = mappings.get(&event.name).cloned().unwrap_or_default();
+    facts(&CheckedEvent {
+        event,
+        dedup_key: None,
+        campaigns,
+    })
+}
+
 fn facts(checked: &CheckedEvent) -> DeliveryFacts {
     let mut destinations = vec![pb::Destination::Retainly];
     if !checked.campaigns.is_empty() {
