@@ -22,10 +22,10 @@ use serde_json::{Map, Value};
 
 use crate::auth::Permission;
 use crate::config::EventMappings;
+use crate::domain::writes::DeliveryFacts;
 use crate::error::Error;
 use crate::grpc::customers::validation;
 use crate::grpc::events;
-use crate::grpc::writes::DeliveryFacts;
 use crate::pb;
 
 /// Segment's limit for one message.

@@ -46,9 +46,9 @@ use self::keys::{Principal, WriteKeys};
 use self::message::{Kind, MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, Planned, Problem};
 use crate::app::App;
 use crate::domain::Owner;
+use crate::domain::writes;
 use crate::error::{Error, ErrorCode};
 use crate::grpc::methods;
-use crate::grpc::writes;
 use crate::pb;
 use crate::shutdown::Drain;
 
@@ -587,7 +587,7 @@ fn encoded_len(message: &Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grpc::writes::DeliveryFacts;
+    use crate::domain::writes::DeliveryFacts;
 
     /// A planned track whose `item_count` tags its request position.
     fn plan(position: usize, keys: &[&str]) -> Planned {
