@@ -249,7 +249,7 @@ pub(crate) async fn retries_wait_for_their_delay_within_the_window(store: &Store
     enqueue(outbox, delivery("dlv_2", "", &["ann"], true)).await;
     assert_eq!(claimed_ids(outbox, 10).await, ["dlv_1"]);
     let retry = |delay| AttemptRecord::Retry {
-        error: failure("UPSTREAM_UNAVAILABLE"),
+        error: failure("TEST_TRANSIENT"),
         delay,
         verify_since_ms: None,
         unverified: failure("UNVERIFIED"),
@@ -260,7 +260,7 @@ pub(crate) async fn retries_wait_for_their_delay_within_the_window(store: &Store
         .unwrap();
     let waiting = outbox.get("dlv_1", None).await.unwrap().unwrap();
     assert_eq!(waiting.state, DeliveryState::RetryWait);
-    assert_eq!(waiting.last_error, Some(failure("UPSTREAM_UNAVAILABLE")));
+    assert_eq!(waiting.last_error, Some(failure("TEST_TRANSIENT")));
     let due = waiting.next_attempt_ms.unwrap();
     assert_eq!(due, waiting.update_ms + 600_000);
     // Not due yet, and it still holds its customer's later delivery back.
@@ -294,10 +294,10 @@ pub(crate) async fn retries_past_the_window_are_dead_lettered_in_doubt_when_unve
     }
     assert_eq!(claimed_ids(outbox, 10).await.len(), 3);
     let retry_after = |delay: Duration, since: Option<i64>| AttemptRecord::Retry {
-        error: failure("UPSTREAM_UNAVAILABLE"),
+        error: failure("TEST_TRANSIENT"),
         delay,
         verify_since_ms: since,
-        unverified: failure("DELIVERY_IN_DOUBT"),
+        unverified: failure("TEST_IN_DOUBT"),
     };
     let retry = |since: Option<i64>| retry_after(Duration::from_secs(3600), since);
     outbox
@@ -310,11 +310,11 @@ pub(crate) async fn retries_past_the_window_are_dead_lettered_in_doubt_when_unve
         .unwrap();
     let plain = outbox.get("dlv_plain", None).await.unwrap().unwrap();
     assert_eq!(plain.state, DeliveryState::DeadLettered);
-    assert_eq!(plain.last_error, Some(failure("UPSTREAM_UNAVAILABLE")));
+    assert_eq!(plain.last_error, Some(failure("TEST_TRANSIENT")));
     assert!(plain.complete_ms.is_some());
     let unresolved = outbox.get("dlv_unresolved", None).await.unwrap().unwrap();
     assert_eq!(unresolved.state, DeliveryState::DeadLettered);
-    assert_eq!(unresolved.last_error, Some(failure("DELIVERY_IN_DOUBT")));
+    assert_eq!(unresolved.last_error, Some(failure("TEST_IN_DOUBT")));
 
     // A verify time stored by an earlier attempt outlives a later plain failure.
     outbox
@@ -336,7 +336,7 @@ pub(crate) async fn retries_past_the_window_are_dead_lettered_in_doubt_when_unve
         .unwrap();
     let later = outbox.get("dlv_later", None).await.unwrap().unwrap();
     assert_eq!(later.state, DeliveryState::DeadLettered);
-    assert_eq!(later.last_error, Some(failure("DELIVERY_IN_DOUBT")));
+    assert_eq!(later.last_error, Some(failure("TEST_IN_DOUBT")));
 }
 
 pub(crate) async fn deliveries_refused_by_a_drain_return_to_pending(store: &Store) {
@@ -372,7 +372,7 @@ pub(crate) async fn recovery_requeues_or_dead_letters_what_was_in_flight(store: 
         .update_ms;
 
     let recovered = outbox
-        .recover(&["SendSurvey".to_owned()], failure("DELIVERY_IN_DOUBT"))
+        .recover(&["SendSurvey".to_owned()], failure("TEST_IN_DOUBT"))
         .await
         .unwrap();
     assert_eq!((recovered.requeued, recovered.in_doubt), (2, 1));
@@ -383,7 +383,7 @@ pub(crate) async fn recovery_requeues_or_dead_letters_what_was_in_flight(store: 
     );
     let event = outbox.get("dlv_event", None).await.unwrap().unwrap();
     assert_eq!(event.state, DeliveryState::DeadLettered);
-    assert_eq!(event.last_error, Some(failure("DELIVERY_IN_DOUBT")));
+    assert_eq!(event.last_error, Some(failure("TEST_IN_DOUBT")));
     let claimed = outbox.claim(10).await.unwrap();
     let survey = claimed
         .iter()
@@ -414,7 +414,7 @@ pub(crate) async fn dead_letters_are_listed_in_pages_and_requeued_by_who_may_see
             .record_attempt(
                 &id,
                 AttemptRecord::DeadLetter {
-                    error: failure("UPSTREAM_REJECTED"),
+                    error: failure("TEST_REJECTED"),
                 },
             )
             .await
@@ -545,7 +545,7 @@ pub(crate) async fn the_outbox_reports_its_depth_age_and_next_due_time(store: &S
         .record_attempt(
             "dlv_1",
             AttemptRecord::DeadLetter {
-                error: failure("UPSTREAM_REJECTED"),
+                error: failure("TEST_REJECTED"),
             },
         )
         .await
@@ -578,7 +578,7 @@ pub(crate) async fn finished_deliveries_are_pruned_after_their_retention(store: 
         .record_attempt(
             "dlv_dead",
             AttemptRecord::DeadLetter {
-                error: failure("UPSTREAM_REJECTED"),
+                error: failure("TEST_REJECTED"),
             },
         )
         .await
