@@ -22,8 +22,9 @@ use super::{Checkpoint, CursorStore, FeedbackLogStore, IdempotencyStore, OutboxS
 use super::{StoreErrorKind, outbox::OutboxDepth};
 use crate::error::{ErrorCode, Reason};
 
-/// Generates one `#[tokio::test]` per contract, each on a store made by `$fresh().await`, which
-/// returns `(guard, Store)`; the guard is dropped after the test.
+/// Generates one test per contract, each on a store made by `$fresh().await`, which returns
+/// `(guard, Store)`; the guard is dropped after the test. Two runtime threads, so the concurrent
+/// contracts run their operations truly at once.
 #[macro_export]
 macro_rules! store_contract_tests {
     ($fresh:path) => {
@@ -31,6 +32,7 @@ macro_rules! store_contract_tests {
             enqueued_deliveries_are_pending_and_seen_by_their_owner,
             claims_take_due_deliveries_oldest_first_and_mark_them_in_flight,
             a_customer_s_deliveries_are_claimed_one_at_a_time_in_order,
+            concurrent_claims_never_take_one_delivery_twice,
             retries_wait_for_their_delay_within_the_window,
             retries_past_the_window_are_dead_lettered_in_doubt_when_unverified,
             deliveries_refused_by_a_drain_return_to_pending,
@@ -41,6 +43,7 @@ macro_rules! store_contract_tests {
             a_delivery_and_its_idempotency_record_commit_together,
             idempotency_records_belong_to_their_owner_and_age_out,
             appends_deduplicate_sequence_and_checkpoint_in_one_operation,
+            concurrent_appends_get_gap_free_sequences_in_commit_order,
             log_reads_follow_sequences_bounds_and_retention,
             latest_versions_answer_queries_and_customer_histories,
             cursors_keep_the_last_value_per_name,
@@ -48,7 +51,7 @@ macro_rules! store_contract_tests {
     };
     (@each $fresh:path; $($name:ident),* $(,)?) => {
         $(
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let (_guard, store) = $fresh().await;
                 $crate::store::contract::$name(&store).await;
@@ -210,6 +213,35 @@ pub(crate) async fn a_customer_s_deliveries_are_claimed_one_at_a_time_in_order(s
     assert_eq!(delivered.state, DeliveryState::Delivered);
     assert_eq!(delivered.result.as_deref(), Some(&b"ok"[..]));
     assert!(delivered.complete_ms.is_some());
+}
+
+/// Holds for any interleaving: claims that run at once (several workers, several replicas)
+/// split the due deliveries between them.
+pub(crate) async fn concurrent_claims_never_take_one_delivery_twice(store: &Store) {
+    const DELIVERIES: usize = 60;
+    for n in 0..DELIVERIES {
+        let id = format!("dlv_{n:03}");
+        enqueue(store.outbox().as_ref(), delivery(&id, "", &[&id], true)).await;
+    }
+    let claimers = (0..6).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut taken = Vec::new();
+            loop {
+                let claimed = claimed_ids(store.outbox().as_ref(), 4).await;
+                if claimed.is_empty() {
+                    return taken;
+                }
+                taken.extend(claimed);
+            }
+        })
+    });
+    let mut taken = Vec::new();
+    for claimer in claimers {
+        taken.extend(claimer.await.unwrap());
+    }
+    let unique: std::collections::HashSet<&String> = taken.iter().collect();
+    assert_eq!((taken.len(), unique.len()), (DELIVERIES, DELIVERIES));
 }
 
 pub(crate) async fn retries_wait_for_their_delay_within_the_window(store: &Store) {
@@ -837,6 +869,42 @@ pub(crate) async fn appends_deduplicate_sequence_and_checkpoint_in_one_operation
             .as_deref(),
         Some("page-3")
     );
+}
+
+/// Holds for any interleaving: appends that run at once get consecutive sequences, and a reader
+/// finds every entry up to the head (no sequence handed out to a commit that lands later).
+pub(crate) async fn concurrent_appends_get_gap_free_sequences_in_commit_order(store: &Store) {
+    const APPENDS: i64 = 40;
+    let appends = (0..APPENDS).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let appended = store
+                .feedback_log()
+                .append(
+                    n,
+                    vec![(
+                        Origin::Poll,
+                        vec![observed(&format!("f{n}"), 1, n, "a@x", "c1")],
+                    )],
+                    Vec::new(),
+                    encode,
+                )
+                .await
+                .unwrap();
+            assert_eq!(appended.entries.len(), 1);
+            appended.entries[0].sequence
+        })
+    });
+    let mut sequences_taken = Vec::new();
+    for append in appends {
+        sequences_taken.push(append.await.unwrap());
+    }
+    sequences_taken.sort_unstable();
+    assert_eq!(sequences_taken, (1..=APPENDS).collect::<Vec<_>>());
+    let log = store.feedback_log();
+    assert_eq!(log.state().await.unwrap().head_seq, APPENDS);
+    let read = sequences(log.read_after(0, APPENDS, 1_000, usize::MAX).await.unwrap());
+    assert_eq!(read, (1..=APPENDS).collect::<Vec<_>>());
 }
 
 /// Appends `count` new responses, one per call, logged at `1_000 * sequence`.
