@@ -144,6 +144,7 @@ pub async fn run(
         Clock::system(),
         drain.clone(),
     )
+    .await
     .context("cannot open the feedback log")?;
     let feedback = Arc::new(feedback);
     feedback.register_metrics();

@@ -14,7 +14,7 @@ use super::outbox::{
 use super::{Owner, Visibility};
 use crate::error::ErrorCode;
 use crate::shutdown;
-use crate::store::Store;
+use crate::store::{SqliteStore, Store};
 
 fn delivery(method: &str, body: &str, keys: &[&str], replay_safe: bool) -> NewDelivery {
     NewDelivery {
@@ -270,8 +270,8 @@ async fn the_oldest_unfinished_delivery_is_reported_until_none_waits() {
 #[tokio::test]
 async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(store.clone(), fast_settings());
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let outbox = Outbox::new(bundle, fast_settings());
     let safe = outbox
         .enqueue(delivery("UpsertCustomers", "dave", &["dave"], true))
         .await
@@ -281,10 +281,7 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
         .await
         .unwrap();
     // Simulate a crash after both were claimed and sent.
-    store
-        .write(|tx| tx.execute("UPDATE outbox SET state = 2", []))
-        .await
-        .unwrap();
+    store.mark_in_flight(None, None).await;
     let (requeued, in_doubt) = outbox.recover().await.unwrap();
     assert_eq!((requeued, in_doubt), (1, 1));
     assert_eq!(
@@ -308,9 +305,9 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
 #[tokio::test]
 async fn recovery_verifies_writes_whose_upstream_keeps_a_history() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
     let outbox = Outbox::new(
-        store.clone(),
+        bundle,
         OutboxSettings {
             verifiable_methods: vec!["SendSurvey".to_owned()],
             ..fast_settings()
@@ -324,10 +321,7 @@ async fn recovery_verifies_writes_whose_upstream_keeps_a_history() {
         .enqueue(delivery("TrackEvent", "gil", &["gil"], false))
         .await
         .unwrap();
-    store
-        .write(|tx| tx.execute("UPDATE outbox SET state = 2, update_ms = 1234", []))
-        .await
-        .unwrap();
+    store.mark_in_flight(None, Some(1234)).await;
     assert_eq!(outbox.recover().await.unwrap(), (1, 1));
     assert_eq!(
         outbox
@@ -751,8 +745,8 @@ async fn idempotency_keys_belong_to_the_caller_that_used_them() {
 #[tokio::test]
 async fn records_made_before_owners_existed_still_answer_every_caller() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let idempotency = Idempotency::new(store.clone(), Duration::from_secs(3600));
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let idempotency = Idempotency::new(bundle.clone(), Duration::from_secs(3600));
     let hash = request_hash(b"queued before the upgrade");
     let legacy = Idempotency::record_job(
         &Owner::Anonymous,
@@ -761,11 +755,8 @@ async fn records_made_before_owners_existed_still_answer_every_caller() {
         hash.clone(),
         b"first answer".to_vec(),
     );
-    store.write(legacy).await.unwrap();
-    store
-        .write(|tx| tx.execute("UPDATE idempotency SET owner = NULL", []))
-        .await
-        .unwrap();
+    bundle.idempotency().record(legacy).await.unwrap();
+    store.forget_idempotency_owners().await;
     // A retry across the upgrade is recognised, whoever makes it: it never writes twice.
     let repeat = idempotency
         .run(&caller("alpha"), "TrackEvent", "old-key", hash, async {
@@ -783,8 +774,8 @@ async fn records_made_before_owners_existed_still_answer_every_caller() {
 #[tokio::test]
 async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(store.clone(), fast_settings());
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let outbox = Outbox::new(bundle, fast_settings());
     let queue = |owner: Owner, body: &str| {
         let outbox = outbox.clone();
         let mut new = delivery("TrackEvent", body, &[body], false);
@@ -794,15 +785,7 @@ async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
     let alpha = queue(caller("alpha"), "alpha-1").await;
     let beta = queue(caller("beta"), "beta-1").await;
     let legacy = queue(Owner::Anonymous, "legacy-1").await;
-    store
-        .write(|tx| {
-            tx.execute(
-                "UPDATE outbox SET state = 5, owner = CASE WHEN owner = '' THEN NULL ELSE owner END",
-                [],
-            )
-        })
-        .await
-        .unwrap();
+    store.dead_letter_all_as_before_owners().await;
 
     let sees = |visibility: Visibility| {
         let outbox = outbox.clone();

@@ -159,18 +159,7 @@ pub struct SyncState {
 
 impl SyncState {
     pub async fn load(store: &Store) -> Result<Option<SyncState>, Error> {
-        let raw: Option<String> = store
-            .read(|connection| {
-                use rusqlite::OptionalExtension as _;
-                connection
-                    .query_row(
-                        "SELECT value FROM sync_cursors WHERE name = ?1",
-                        [CURSOR_NAME],
-                        |row| row.get(0),
-                    )
-                    .optional()
-            })
-            .await?;
+        let raw = store.cursors().get(CURSOR_NAME).await?;
         Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
             Ok(state) => Some(state),
             Err(error) => {

@@ -42,8 +42,9 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (trigger, drain) = shutdown::channel();
-        let (feedback, workers) =
-            Feedback::open(store.clone(), settings, source, clock, drain).unwrap();
+        let (feedback, workers) = Feedback::open(store.clone(), settings, source, clock, drain)
+            .await
+            .unwrap();
         let mut set = JoinSet::new();
         for worker in workers {
             set.spawn(worker);

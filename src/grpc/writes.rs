@@ -211,9 +211,7 @@ async fn enqueue_as<R: WriteRpc>(
         owner: owner.clone(),
     };
     let Some(key) = key else {
-        app.outbox
-            .enqueue_with(delivery_id, delivery, |_| Ok(()))
-            .await?;
+        app.outbox.enqueue_with(delivery_id, delivery, None).await?;
         return Ok(Written {
             response,
             repeated: false,
@@ -227,7 +225,9 @@ async fn enqueue_as<R: WriteRpc>(
     let stored = app
         .idempotency
         .run(&owner, scope, &key, hash, async move {
-            outbox.enqueue_with(delivery_id, delivery, record).await?;
+            outbox
+                .enqueue_with(delivery_id, delivery, Some(record))
+                .await?;
             Ok(Fresh {
                 response: response_bytes,
                 remember: false,
