@@ -39,7 +39,9 @@
 //!
 //! Beside the flow:
 //!
-//! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
+//! - [`store`]: storage behind narrow async traits per concern (outbox, idempotency records,
+//!   feedback log, cursors), every SQL statement and the schema; the embedded SQLite engine is
+//!   [`store::sqlite`].
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`admin`]: the admin HTTP port (liveness, readiness, feedback counters, webhooks).

@@ -41,7 +41,7 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    /// The owner to filter by, `None` for every delivery (a bound SQL parameter).
+    /// The owner to filter by, `None` for every delivery ([`crate::store::outbox::OwnerFilter`]).
     pub(crate) fn owner_filter(&self) -> Option<String> {
         match self {
             Visibility::All => None,

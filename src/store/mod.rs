@@ -28,6 +28,10 @@ pub mod outbox;
 pub mod postgres;
 pub mod sqlite;
 
+/// The engines' shared contract tests; see [`store_contract_tests!`](crate::store_contract_tests).
+#[cfg(test)]
+pub(crate) mod contract;
+
 pub use cursors::{Checkpoint, CursorStore};
 pub use error::{StoreError, StoreErrorKind};
 pub use feedback_log::FeedbackLogStore;

@@ -279,7 +279,7 @@ impl SqliteStore {
             .await
             .map_err(|_| storage_error("the writer thread has stopped"))?;
         // A job dropped without running (the writer could not open a transaction) closes `reply`.
-        result
+        wait_for_commit(result)
             .await
             .map_err(|_| storage_error("the write was not committed"))?
     }
@@ -308,6 +308,26 @@ impl SqliteStore {
         .map_err(|error| storage_error(format!("a read task failed: {error}")))?
         .map_err(|error| sqlite_error(&error))
     }
+}
+
+/// Waits for the writer thread's answer.
+#[cfg(not(test))]
+async fn wait_for_commit<T>(reply: oneshot::Receiver<T>) -> Result<T, oneshot::error::RecvError> {
+    reply.await
+}
+
+/// Waits for the writer thread's answer on a blocking-pool thread. Unit tests run on a paused
+/// clock, which jumps to the next timer whenever the runtime idles; the runtime cannot see the
+/// writer thread, so a write would let time jump by however long a fsync takes relative to the
+/// runtime's idle check, which depends on the machine. A task waiting in `spawn_blocking` holds
+/// the clock still, so tests see time move only where they move it.
+#[cfg(test)]
+async fn wait_for_commit<T: Send + 'static>(
+    reply: oneshot::Receiver<T>,
+) -> Result<T, oneshot::error::RecvError> {
+    tokio::task::spawn_blocking(move || reply.blocking_recv())
+        .await
+        .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()))
 }
 
 fn file_exists(path: &Path) -> Result<bool, OpenError> {
@@ -448,6 +468,18 @@ fn write_loop(mut connection: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
             complete(commit_error.clone());
         }
     }
+}
+
+/// The store contract, on a fresh SQLite store in a temporary directory.
+#[cfg(test)]
+mod contract {
+    async fn fresh() -> (tempfile::TempDir, crate::store::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    crate::store_contract_tests!(fresh);
 }
 
 #[cfg(test)]
@@ -647,6 +679,30 @@ mod tests {
             SqliteStore::open(dir.path()),
             Err(OpenError::Missing { .. })
         ));
+    }
+
+    /// Paused-clock tests see time move only where they move it, whatever a fsync costs.
+    #[tokio::test(start_paused = true)]
+    async fn writes_hold_a_paused_clock_still() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        // A timer the clock would jump to if the runtime idled while the writer commits.
+        let timer = tokio::spawn(tokio::time::sleep(std::time::Duration::from_secs(3600)));
+        let start = tokio::time::Instant::now();
+        for _ in 0..5 {
+            store
+                .write(|tx| {
+                    tx.execute(
+                        "INSERT INTO sync_cursors (name, value) VALUES ('n', '1')
+                         ON CONFLICT (name) DO UPDATE SET value = value + 1",
+                        [],
+                    )
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(start.elapsed(), std::time::Duration::ZERO);
+        timer.abort();
     }
 
     #[tokio::test]
