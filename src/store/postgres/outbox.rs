@@ -17,8 +17,10 @@
 //!   (replay-safe back to pending, verifiable ones pending with their history checked, the
 //!   others dead-lettered as in doubt): a write that may have been applied is never sent again
 //!   blindly. Those rules are the ones the last `recover` call passed.
-//! - `recover` itself takes over only claims whose lease ran out: with several replicas, a
-//!   replica starting up must not take the deliveries another live replica is sending.
+//! - `recover` takes over the claims whose lease ran out and this replica's own (it recovers
+//!   before it claims, so those can only be claims of a run that stopped), never the live
+//!   claims of another replica: with several replicas, one starting up must not take the
+//!   deliveries another is sending.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -158,11 +160,12 @@ pub(crate) async fn store_record(
 }
 
 /// Applies the recovery rules, inside `tx`, to the in-flight deliveries whose lease ran out by
-/// `now`.
+/// `now`, and to those `own_claims` (this replica's id) marks, if given.
 async fn take_over_lapsed(
     tx: &tokio_postgres::Transaction<'_>,
     rules: &RecoveryRules,
     now: i64,
+    own_claims: Option<&str>,
     fail: &impl Fn(tokio_postgres::Error) -> StoreError,
 ) -> Result<Recovered, StoreError> {
     // Locked with SKIP LOCKED: two replicas taking over at once split the rows instead of
@@ -170,7 +173,8 @@ async fn take_over_lapsed(
     let rows = tx
         .query(
             "WITH lapsed AS (
-                SELECT seq FROM outbox WHERE state = $1 AND lease_until_ms <= $2
+                SELECT seq FROM outbox WHERE state = $1
+                    AND (lease_until_ms <= $2 OR claimed_by = $7)
                 FOR UPDATE SKIP LOCKED)
              UPDATE outbox o SET
                 state = CASE WHEN o.replay_safe OR o.method = ANY($3)
@@ -194,6 +198,7 @@ async fn take_over_lapsed(
                 &PENDING,
                 &DEAD_LETTERED,
                 &rules.in_doubt,
+                &own_claims,
             ],
         )
         .await
@@ -324,7 +329,7 @@ impl OutboxStore for PostgresStore {
             let fail = query_error("claim deliveries");
             let now = now_ms();
             if let Some(rules) = &rules {
-                let recovered = take_over_lapsed(&tx, rules, now, &fail).await?;
+                let recovered = take_over_lapsed(&tx, rules, now, None, &fail).await?;
                 if recovered != Recovered::default() {
                     tracing::warn!(
                         requeued = recovered.requeued,
@@ -489,7 +494,8 @@ impl OutboxStore for PostgresStore {
         }
         in_transaction!(self, "recover in-flight deliveries", |tx| {
             let fail = query_error("recover in-flight deliveries");
-            take_over_lapsed(&tx, &rules, now_ms(), &fail).await
+            let own_claims = Some(self.outbox_state.replica.as_str());
+            take_over_lapsed(&tx, &rules, now_ms(), own_claims, &fail).await
         })
     }
 

@@ -608,3 +608,13 @@ async fn renewed_claims_stay_with_their_replica() {
         .unwrap();
     assert_eq!(d2.state, DeliveryState::Pending);
 }
+
+/// The store contract every engine keeps, on a fresh PostgreSQL database.
+mod contract {
+    async fn fresh() -> Option<((), crate::store::Store)> {
+        let store = super::fresh_store().await?;
+        Some(((), crate::store::Store::from_engine(store, "postgres")))
+    }
+
+    crate::store_contract_tests!(fresh);
+}
