@@ -268,22 +268,28 @@ impl OutboxStore for PostgresStore {
         in_transaction!(self, "enqueue a delivery", |tx| {
             let fail = query_error("enqueue a delivery");
             let now = now_ms();
-            let seq: i64 = tx
-                .query_one(
-                    "UPDATE outbox_head SET seq = seq + 1 WHERE id = 1 RETURNING seq",
-                    &[],
-                )
-                .await
-                .map_err(&fail)?
-                .get(0);
+            // The record first: it needs no queue position, so it stays out of the time the
+            // head row is locked.
+            if let Some(record) = &remember {
+                store_record(&tx, record, now, &fail).await?;
+            }
+            // Position, delivery and ordering keys in one statement: the head row's lock, which
+            // serializes enqueues, is held for this statement and the commit only.
             let delivery = &queued.delivery;
             tx.execute(
-                "INSERT INTO outbox (seq, delivery_id, method, request, destinations, item_count,
-                    idempotency_key, replay_safe, owner, state, create_ms, update_ms,
-                    next_attempt_ms, expire_ms, traceparent)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $11, $12, $13)",
+                "WITH head AS (
+                    UPDATE outbox_head SET seq = seq + 1 WHERE id = 1 RETURNING seq),
+                 queued AS (
+                    INSERT INTO outbox (seq, delivery_id, method, request, destinations,
+                        item_count, idempotency_key, replay_safe, owner, state, create_ms,
+                        update_ms, next_attempt_ms, expire_ms, traceparent)
+                    SELECT head.seq, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12
+                    FROM head
+                    RETURNING seq)
+                 INSERT INTO outbox_keys (key, seq)
+                 SELECT DISTINCT keys.key, queued.seq
+                 FROM queued, unnest($13::text[]) AS keys (key)",
                 &[
-                    &seq,
                     &queued.delivery_id,
                     &delivery.method,
                     &delivery.request,
@@ -296,22 +302,11 @@ impl OutboxStore for PostgresStore {
                     &now,
                     &queued.expire_ms,
                     &queued.traceparent,
+                    &delivery.ordering_keys,
                 ],
             )
             .await
             .map_err(&fail)?;
-            if !delivery.ordering_keys.is_empty() {
-                tx.execute(
-                    "INSERT INTO outbox_keys (key, seq) SELECT DISTINCT unnest($1::text[]), $2::bigint
-                     ON CONFLICT DO NOTHING",
-                    &[&delivery.ordering_keys, &seq],
-                )
-                .await
-                .map_err(&fail)?;
-            }
-            if let Some(record) = &remember {
-                store_record(&tx, record, now, &fail).await?;
-            }
             Ok(())
         })
     }
