@@ -132,6 +132,7 @@ pub async fn run(
         Reloadable {
             callers: callers.clone(),
             tls: tls.clone(),
+            rules: Some(Arc::clone(&config.event_rules)),
         },
         config.auth.reload_interval,
         drain.clone(),

@@ -2,7 +2,9 @@
 //!
 //! - [`outbox`]: the durable queue of asynchronous writes and its delivery worker.
 //! - [`idempotency`]: remembered responses for idempotency keys and event message ids.
+//! - [`fatigue`]: the survey cool-down across campaigns and the event rules' throttles.
 
+pub mod fatigue;
 pub mod idempotency;
 pub mod outbox;
 

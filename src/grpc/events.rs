@@ -14,13 +14,13 @@ use crate::app::App;
 use crate::config::EventMappings;
 use crate::convert::timestamp_to_ms;
 use crate::error::{Error, Violations};
-use crate::grpc::convert::{error_to_item, json_value, recipient_outcome};
+use crate::grpc::convert::{error_to_item, json_value};
 use crate::grpc::writes::{self, DeliveryFacts, WriteRpc};
 use crate::grpc::{methods, paging, validate};
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retainly::{RetainlyEvent, RetainlyId};
-use crate::upstream::retently::{CustomerInput, PropertyInput, PropertyType, SurveyRequest};
+use crate::upstream::retently::{CustomerInput, PropertyInput, PropertyType};
 
 /// Retainly's event name limit.
 const MAX_EVENT_NAME: usize = 50;
@@ -85,6 +85,7 @@ fn check_event(
         return None;
     };
     validate::customer_id(v, format!("{prefix}.customer_id"), &event.customer_id);
+    crate::grpc::rules::check_traits(v, prefix, event);
     let name_ok = validate::required(v, format!("{prefix}.name"), &event.name, MAX_EVENT_NAME)
         && validate::printable(v, format!("{prefix}.name"), &event.name);
     let campaigns = if name_ok {
@@ -221,42 +222,12 @@ pub(crate) async fn execute_track_event(
     let Some(event) = request.event else {
         return Err(Error::internal("a validated event is missing"));
     };
-    let campaigns = app
-        .config
-        .event_mappings
-        .get(&event.name)
-        .cloned()
-        .unwrap_or_default();
     // Retainly first: if recording the event fails, no survey is sent, so the call can be
     // repeated as a whole.
     app.retainly
         .track_event(&ctx, retainly_event(&event))
         .await?;
-
-    let recipient = recipient_from_event(&event);
-    let sends = campaigns.iter().map(|campaign_id| {
-        app.retently.send_survey(
-            &ctx,
-            SurveyRequest {
-                campaign_id: campaign_id.clone(),
-                delay_days: None,
-                recipient: recipient.clone(),
-            },
-        )
-    });
-    let results = futures_util::future::join_all(sends).await;
-    let triggered_surveys = campaigns
-        .into_iter()
-        .zip(results)
-        .map(|(campaign_id, result)| {
-            let (outcome, error) = recipient_outcome(&result);
-            pb::TriggeredSurvey {
-                campaign_id,
-                outcome: outcome as i32,
-                error,
-            }
-        })
-        .collect();
+    let triggered_surveys = crate::grpc::rules::trigger_surveys(app, &ctx, &event).await;
     Ok(pb::TrackEventResponse {
         delivery_id: String::new(),
         duplicate: false,
@@ -381,7 +352,7 @@ impl pb::event_service_server::EventService for EventApi {
         let (mode, checked) = validation.in_scope(|| {
             let (mode, options_key) = validate::write_options(&mut v, request.options.as_ref());
             let checked = check_event(
-                &self.app.config.event_mappings,
+                &self.app.config.event_rules.current().mappings(),
                 &mut v,
                 "event",
                 request.event.as_ref(),
@@ -424,6 +395,7 @@ impl pb::event_service_server::EventService for EventApi {
         let mut stream = request.into_inner();
         let mut summary = pb::TrackEventsResponse::default();
         let mut index: i64 = 0;
+        let mappings = self.app.config.event_rules.current().mappings();
         while let Some(message) = stream.next().await {
             let message = message?;
             if message.events.len() > MAX_EVENTS_PER_MESSAGE {
@@ -438,13 +410,7 @@ impl pb::event_service_server::EventService for EventApi {
                 let position = index;
                 index += 1;
                 let mut v = Violations::new();
-                let checked = check_event(
-                    &self.app.config.event_mappings,
-                    &mut v,
-                    "event",
-                    Some(&event),
-                    None,
-                );
+                let checked = check_event(&mappings, &mut v, "event", Some(&event), None);
                 let checked = match (v.into_result(), checked) {
                     (Ok(()), Some(checked)) => checked,
                     (Err(error), _) => {
@@ -498,10 +464,9 @@ impl pb::event_service_server::EventService for EventApi {
             &filters,
         );
         violations.into_result()?;
-        let matching: Vec<(&String, &Vec<String>)> = self
-            .app
-            .config
-            .event_mappings
+        let rules = self.app.config.event_rules.current();
+        let mappings = rules.mappings();
+        let matching: Vec<(&String, &Vec<String>)> = mappings
             .iter()
             .filter(|(event, _)| request.event.is_empty() || **event == request.event)
             .collect();
@@ -521,6 +486,24 @@ impl pb::event_service_server::EventService for EventApi {
             mappings: page,
             next_page_token: paging::next_page_token(next_after, size, &filters),
             total_size: i64::try_from(matching.len()).unwrap_or(i64::MAX),
+            rules: rules
+                .rules
+                .iter()
+                .filter(|rule| request.event.is_empty() || rule.events.contains(&request.event))
+                .map(crate::grpc::rules::rule_to_pb)
+                .collect(),
+            rules_version: rules.version.clone(),
+            rules_loaded_at: Some(crate::convert::timestamp_from_ms(
+                rules.loaded_at.timestamp_millis(),
+            )),
+            rules_file: self
+                .app
+                .config
+                .event_rules
+                .file()
+                .map(|path| path.display().to_string())
+                .unwrap_or_default(),
+            rules_file_error: self.app.config.event_rules.refused().unwrap_or_default(),
         }))
     }
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
+use crate::domain::fatigue::Guarded;
 // The caller's deadline and name: the name picks the fair share of the budget a call spends.
 use crate::auth::interactive_context;
 use crate::convert::{feedback_to_pb, timestamp_to_ms};
@@ -649,17 +650,28 @@ async fn send_each(
 ) -> Vec<(pb::RecipientResult, Option<Error>)> {
     let delay = request.delay_days.and_then(|days| u32::try_from(days).ok());
     let recipients = request.recipients.iter().map(convert::recipient).collect();
-    let outcomes = app
-        .retently
-        .send_surveys(&ctx, &request.campaign_id, delay, recipients)
-        .await;
+    // Through the survey cool-down: a recipient inside it gets THROTTLED and no upstream call.
+    let limits = crate::grpc::rules::send_survey_limits(app, &request);
+    let outcomes = crate::domain::fatigue::send_guarded(
+        app,
+        &ctx,
+        &request.campaign_id,
+        delay,
+        recipients,
+        &limits,
+    )
+    .await;
     request
         .recipients
         .iter()
         .zip(outcomes)
         .enumerate()
-        .map(|(index, (recipient, outcome))| {
-            convert::recipient_result(index, &recipient.email, outcome)
+        .map(|(index, (recipient, outcome))| match outcome {
+            Guarded::Sent(outcome) => convert::recipient_result(index, &recipient.email, outcome),
+            Guarded::Throttled(throttle) => (
+                crate::grpc::rules::throttled_result(index, &recipient.email, &throttle),
+                None,
+            ),
         })
         .collect()
 }

@@ -348,7 +348,8 @@ impl Executor for WriteExecutor {
             }
             methods::TRACK_EVENT | methods::TRACK_EVENTS => {
                 replay::<pb::TrackEventRequest, _, _>(request, delivery_id, |r, ctx| {
-                    crate::grpc::events::execute_track_event(app, r, ctx)
+                    let execute = crate::grpc::events::execute_track_event(app, r, ctx);
+                    crate::domain::fatigue::within_delivery(delivery_id, execute)
                 })
                 .await
             }

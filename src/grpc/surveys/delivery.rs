@@ -94,6 +94,7 @@ pub(crate) async fn deliver_send_survey(
                     email: recipient.email,
                     outcome: pb::RecipientOutcome::Scheduled as i32,
                     error: None,
+                    throttle: None,
                 },
                 None,
             )
@@ -101,15 +102,16 @@ pub(crate) async fn deliver_send_survey(
         .collect();
     if !unsent.is_empty() {
         let (indexes, recipients): (Vec<usize>, Vec<pb::Recipient>) = unsent.into_iter().unzip();
-        let sent = send_each(
+        // The delivery id is the cool-down reservation's token: a retry passes its own.
+        let send = send_each(
             app,
             pb::SendSurveyRequest {
                 recipients,
                 ..request.clone()
             },
             ctx,
-        )
-        .await;
+        );
+        let sent = crate::domain::fatigue::within_delivery(delivery_id, send).await;
         for (index, (mut result, error)) in indexes.into_iter().zip(sent) {
             result.index = i32::try_from(index).unwrap_or(i32::MAX);
             results.push((result, error));
@@ -265,6 +267,7 @@ mod tests {
             email: format!("r{index}@example.com"),
             outcome: outcome as i32,
             error: None,
+            throttle: None,
         }
     }
 
