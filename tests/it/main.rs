@@ -10,6 +10,7 @@ mod feedback;
 mod foundation;
 mod insights;
 mod owners;
+mod rules;
 mod support;
 mod surveys;
 mod telemetry;

@@ -1099,6 +1099,7 @@ fn traced<T>(message: T, trace: &str) -> tonic::Request<T> {
 
 fn send_one(campaign: &str, email: &str) -> pb::SendSurveyRequest {
     pb::SendSurveyRequest {
+        survey_cooldown: Default::default(),
         campaign_id: campaign.to_owned(),
         recipients: vec![pb::Recipient {
             email: email.to_owned(),
