@@ -506,8 +506,10 @@ impl Recorded {
 }
 
 /// Records one decision of `rule`: a counter by rule and decision (rule ids come from the
-/// configuration, so the label is bounded) and an event on the current span.
+/// configuration, so the label is bounded) and an `event_rule.decision` event on the current
+/// span (the RPC's, or the outbox delivery's).
 pub fn record(rule: &Rule, decision: Recorded) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     decisions().add(
         1,
         &[
@@ -515,7 +517,15 @@ pub fn record(rule: &Rule, decision: Recorded) {
             KeyValue::new("decision", decision.as_str()),
         ],
     );
-    tracing::info!(
+    tracing::Span::current().add_event(
+        "event_rule.decision",
+        vec![
+            KeyValue::new("event_rule.id", rule.id.clone()),
+            KeyValue::new("event_rule.campaign_id", rule.campaign_id.clone()),
+            KeyValue::new("event_rule.decision", decision.as_str()),
+        ],
+    );
+    tracing::debug!(
         rule = %rule.id,
         campaign_id = %rule.campaign_id,
         decision = decision.as_str(),
