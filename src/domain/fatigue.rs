@@ -37,10 +37,15 @@ pub async fn within_delivery<F: Future>(delivery_id: &str, work: F) -> F::Output
     DELIVERY.scope(delivery_id.to_owned(), work).await
 }
 
-/// The reservation token of the current send: the outbox delivery's id, or a fresh one.
-fn token() -> String {
+/// The reservation token of one send: within an outbox delivery, its id and what the send is
+/// for (so a retry of the delivery passes its own reservation, while the other sends of the same
+/// delivery, such as the other rules of one event, do not); otherwise a fresh one.
+fn token(campaign_id: &str, limits: &Limits) -> String {
     DELIVERY
-        .try_with(Clone::clone)
+        .try_with(|delivery| {
+            let rule = limits.origin.as_deref().unwrap_or_default();
+            format!("{delivery}:{campaign_id}:{rule}")
+        })
         .unwrap_or_else(|_| format!("sync:{:032x}", rand::random::<u128>()))
 }
 
@@ -75,6 +80,8 @@ pub struct Limits {
     pub cooldown: Option<Duration>,
     /// An event rule's own throttle: its id and window.
     pub rule: Option<(String, Duration)>,
+    /// The event rule sending, if any (one event's rules are separate sends).
+    pub origin: Option<String>,
 }
 
 impl Limits {
@@ -188,7 +195,7 @@ pub async fn send_guarded(
     limits: &Limits,
 ) -> Vec<Guarded> {
     let store = FatigueStore::new(app.store.clone());
-    let token = token();
+    let token = token(campaign_id, limits);
     let emails: Vec<String> = recipients.iter().map(|r| r.email.clone()).collect();
     let now_ms = chrono::Utc::now().timestamp_millis();
     let admitted = match admit(&store, &token, now_ms, &emails, limits).await {

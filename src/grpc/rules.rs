@@ -98,6 +98,7 @@ pub fn send_survey_limits(app: &App, request: &pb::SendSurveyRequest) -> Limits 
     Limits {
         cooldown: Limits::resolve(app.config.survey_cooldown, requested),
         rule: None,
+        origin: None,
     }
 }
 
@@ -147,6 +148,7 @@ pub async fn trigger_surveys(
             rule: rule
                 .throttle_days
                 .map(|days| (rule.id.clone(), fatigue::days(days))),
+            origin: Some(rule.id.clone()),
         };
         let request = SurveyRequest {
             campaign_id: rule.campaign_id.clone(),

@@ -339,3 +339,59 @@ fn a_reload_takes_a_good_file_and_refuses_a_bad_one_keeping_the_rules_in_force()
     assert!(rules.reload().unwrap_err().contains("cannot read"));
     assert_eq!(rules.current().rules[0].id, "two");
 }
+
+#[test]
+fn the_settings_load_the_rules_file_and_the_cooldown_and_refuse_bad_ones() {
+    use crate::config::{Config, MapSource, UpstreamMode};
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[[rule]]\nid = \"a\"\nevents = [\"e\"]\ncampaign = \"c1\"\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[rule]]\nid = \"a\"\nevents = [\"e\"]\n").unwrap();
+    let load =
+        |pairs: Vec<(&str, &str)>| Config::load(&MapSource::new(pairs), UpstreamMode::Sandbox);
+
+    let config = load(vec![
+        ("CXGW_EVENT_RULES_FILE", good.to_str().unwrap()),
+        ("CXGW_EVENT_MAPPINGS", "e=c2"),
+        ("CXGW_SURVEY_COOLDOWN", "14d"),
+    ])
+    .unwrap();
+    let rules = config.event_rules.current();
+    assert_eq!(rules.rules.len(), 2);
+    assert_eq!(config.event_rules.file(), Some(good.as_path()));
+    assert_eq!(
+        config.survey_cooldown,
+        Some(Duration::from_secs(14 * 24 * 3600))
+    );
+
+    // Off unless set; `off` and `0s` are off too.
+    assert_eq!(load(vec![]).unwrap().survey_cooldown, None);
+    assert_eq!(
+        load(vec![("CXGW_SURVEY_COOLDOWN", "off")])
+            .unwrap()
+            .survey_cooldown,
+        None
+    );
+    assert_eq!(
+        load(vec![("CXGW_SURVEY_COOLDOWN", "0s")])
+            .unwrap()
+            .survey_cooldown,
+        None
+    );
+
+    for (key, value) in [
+        ("CXGW_EVENT_RULES_FILE", bad.to_str().unwrap()),
+        ("CXGW_EVENT_RULES_FILE", "/nonexistent/rules.toml"),
+        ("CXGW_EVENT_RULES_FILE", " "),
+        ("CXGW_SURVEY_COOLDOWN", "soon"),
+        ("CXGW_SURVEY_COOLDOWN", "400d"),
+    ] {
+        let error = load(vec![(key, value)]).unwrap_err();
+        assert_eq!(error.key, key, "{value}: {error}");
+    }
+}

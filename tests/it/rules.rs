@@ -547,3 +547,44 @@ async fn sighup_reloads_a_good_rules_file_and_refuses_a_bad_one_keeping_the_old_
     );
     gateway.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_async_event_decides_its_rules_at_delivery_and_reports_them_in_the_result() {
+    let (nps, csat) = (campaign("NPS"), campaign("CSAT"));
+    let rules = format!(
+        "[[rule]]\nid = \"a\"\nevents = [\"order_completed\"]\ncampaign = \"{nps}\"\n\n\
+         [[rule]]\nid = \"b\"\nevents = [\"order_completed\"]\ncampaign = \"{csat}\"\n"
+    );
+    let (gateway, _dir) =
+        gateway_with_rules(&rules, vec![("CXGW_SURVEY_COOLDOWN", "7d".to_owned())]).await;
+    let response = EventServiceClient::new(gateway.channel.clone())
+        .track_event(pb::TrackEventRequest {
+            event: Some(event("hal@example.com", "m-async", &[])),
+            options: Some(pb::WriteOptions {
+                mode: pb::DeliveryMode::Async as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.triggered_surveys.is_empty(), "decided at delivery");
+    let delivery = crate::support::finished_delivery(&gateway.channel, &response.delivery_id).await;
+    let Some(pb::delivery::Result::TrackEvent(result)) = delivery.result else {
+        panic!("a TrackEvent result: {delivery:?}");
+    };
+    let decisions: Vec<pb::RuleDecision> = result.triggered_surveys.iter().map(decision).collect();
+    assert_eq!(
+        decisions,
+        [pb::RuleDecision::Sent, pb::RuleDecision::Throttled]
+    );
+    let recipients: Vec<String> = gateway
+        .sandbox()
+        .handle()
+        .survey_sends()
+        .into_iter()
+        .flat_map(|s| s.recipients)
+        .collect();
+    assert_eq!(recipients, ["hal@example.com"]);
+    gateway.stop().await.unwrap();
+}
