@@ -358,6 +358,9 @@ pub struct Config {
     /// `CXGW_SURVEY_COOLDOWN`: the survey cool-down across campaigns; `None` (the default) is
     /// off.
     pub survey_cooldown: Option<Duration>,
+    /// `CXGW_SURVEY_COOLDOWN_BACKFILL`: seed the cool-down once from Retently's history of sent
+    /// surveys (`GET /outbox`, background priority); only with a cool-down.
+    pub survey_cooldown_backfill: bool,
     pub auth: AuthSettings,
     /// TLS on the gRPC port; `None` serves plaintext (for a mesh that encrypts, or local use).
     pub tls: Option<TlsSettings>,
@@ -579,6 +582,7 @@ impl Config {
             },
             event_rules: event_rules(&s, &event_mappings)?,
             survey_cooldown: survey_cooldown(&s)?,
+            survey_cooldown_backfill: s.boolean("CXGW_SURVEY_COOLDOWN_BACKFILL", false)?,
             event_mappings,
             telemetry: crate::telemetry::TelemetryConfig::from_source(source)?,
             sandbox: SandboxSettings {

@@ -105,6 +105,9 @@ pub async fn run(
             .clone()
             .run_purge(IDEMPOTENCY_PURGE_EVERY, drain.clone()),
     );
+    if let (Some(cooldown), true) = (config.survey_cooldown, config.survey_cooldown_backfill) {
+        app.spawn_background(crate::domain::fatigue::backfill(Arc::clone(&app), cooldown));
+    }
 
     let callers = config.auth.callers.clone();
     match &callers {

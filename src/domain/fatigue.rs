@@ -273,3 +273,111 @@ pub async fn send_one_guarded(
 pub fn days(days: u32) -> Duration {
     Duration::from_secs(u64::from(days) * 24 * 3600)
 }
+
+/// Sent surveys read per history page (Retently's maximum).
+const BACKFILL_PAGE: u32 = 1000;
+
+/// Seeds the cool-down record once from Retently's history of sent surveys (`GET /outbox`) of
+/// the last `window`, at background priority, so surveys sent before the guard was switched on
+/// (or by other tools) count. Runs until done, backing off on failures; marked done in the store,
+/// so it runs once per store. A later time already recorded wins.
+pub async fn backfill(app: std::sync::Arc<App>, window: Duration) {
+    use crate::upstream::retently::{OutboxQuery, PageRequest};
+    let store = FatigueStore::new(app.store.clone());
+    let drain = app.drain.clone();
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        if drain.is_draining() {
+            return;
+        }
+        match store.backfilled().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot read whether the survey cool-down backfill is done");
+                if sleep_or_drain(&drain, backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        }
+        let start = chrono::Utc::now() - chrono::Duration::from_std(window).unwrap_or_default();
+        let ctx = CallContext::background();
+        let mut page = 1;
+        let mut seeded = 0usize;
+        let finished = loop {
+            let found = app
+                .retently
+                .outbox(
+                    &ctx,
+                    OutboxQuery {
+                        start_date: Some(start),
+                        page: PageRequest {
+                            page: Some(page),
+                            limit: Some(BACKFILL_PAGE),
+                            sort: None,
+                        },
+                        ..OutboxQuery::default()
+                    },
+                )
+                .await;
+            let found = match found {
+                Ok(found) => found,
+                Err(error) => break Err(error),
+            };
+            let surveyed: Vec<(String, i64)> = found
+                .items
+                .iter()
+                .filter_map(|survey| {
+                    let email = normalized(survey.email.as_deref()?);
+                    let sent = survey
+                        .sent_date
+                        .as_deref()
+                        .or(survey.survey_created_date.as_deref())?;
+                    let sent_ms = chrono::DateTime::parse_from_rfc3339(sent)
+                        .ok()?
+                        .timestamp_millis();
+                    (!email.is_empty()).then_some((email, sent_ms))
+                })
+                .collect();
+            let last = match found.pages {
+                Some(pages) => page >= pages,
+                None => found.items.len() < BACKFILL_PAGE as usize,
+            };
+            seeded += surveyed.len();
+            if let Err(error) = store.seed(surveyed, last).await {
+                break Err(error);
+            }
+            if last {
+                break Ok(());
+            }
+            if drain.is_draining() {
+                return;
+            }
+            page += 1;
+        };
+        match finished {
+            Ok(()) => {
+                tracing::info!(
+                    surveys = seeded,
+                    "survey cool-down seeded from the retently history"
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, page, "survey cool-down backfill failed, trying again");
+                if sleep_or_drain(&drain, backoff.next_delay()).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `delay`; `true` when draining started meanwhile.
+async fn sleep_or_drain(drain: &crate::shutdown::Drain, delay: Duration) -> bool {
+    tokio::select! {
+        () = drain.clone().signaled() => true,
+        () = tokio::time::sleep(delay) => false,
+    }
+}

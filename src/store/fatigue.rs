@@ -28,6 +28,9 @@ pub const MIGRATION: (&str, &str) = (
     ) STRICT;",
 );
 
+/// The `sync_cursors` row that marks the backfill from Retently's history done.
+const BACKFILL_CURSOR: &str = "survey_fatigue_backfill";
+
 /// One scope a recipient must be free in: not surveyed after `not_since_ms`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
@@ -137,6 +140,44 @@ impl FatigueStore {
                      WHERE email = ?1 AND token = ?2",
                     (&email, &token),
                 )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Whether the one-time backfill from Retently's history is done.
+    pub async fn backfilled(&self) -> Result<bool, Error> {
+        self.store
+            .read(|connection| {
+                connection.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sync_cursors WHERE name = ?1)",
+                    [BACKFILL_CURSOR],
+                    |row| row.get(0),
+                )
+            })
+            .await
+    }
+
+    /// Records surveys Retently sent (`(email, sent_ms)`, emails normalised) in the cool-down
+    /// scope, keeping a later time already recorded; with `done`, marks the backfill finished in
+    /// the same transaction.
+    pub async fn seed(&self, surveyed: Vec<(String, i64)>, done: bool) -> Result<(), Error> {
+        self.store
+            .write(move |tx| {
+                for (email, sent_ms) in &surveyed {
+                    tx.execute(
+                        "INSERT INTO survey_fatigue (scope, email, surveyed_ms) VALUES ('', ?1, ?2)
+                         ON CONFLICT (scope, email) DO UPDATE SET
+                           surveyed_ms = MAX(survey_fatigue.surveyed_ms, excluded.surveyed_ms)",
+                        (email, sent_ms),
+                    )?;
+                }
+                if done {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO sync_cursors (name, value) VALUES (?1, ?2)",
+                        (BACKFILL_CURSOR, chrono::Utc::now().to_rfc3339()),
+                    )?;
+                }
                 Ok(())
             })
             .await

@@ -588,3 +588,75 @@ async fn an_async_event_decides_its_rules_at_delivery_and_reports_them_in_the_re
     assert_eq!(recipients, ["hal@example.com"]);
     gateway.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_backfill_seeds_the_cooldown_from_the_retently_history() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let gateway = TestGateway::start_with(
+        SandboxConfig::default(),
+        vec![
+            ("CXGW_SURVEY_COOLDOWN", "365d".to_owned()),
+            ("CXGW_SURVEY_COOLDOWN_BACKFILL", "true".to_owned()),
+            (
+                "CXGW_DATA_DIR",
+                data_dir.path().to_str().unwrap().to_owned(),
+            ),
+        ],
+    )
+    .await;
+    // The most recent survey the seeded account sent, to whom and when.
+    let (email, sent) = gateway
+        .sandbox()
+        .handle()
+        .outbox()
+        .iter()
+        .filter_map(|survey| {
+            let email = survey["email"].as_str()?.to_lowercase();
+            let sent = chrono::DateTime::parse_from_rfc3339(survey["sentDate"].as_str()?).ok()?;
+            Some((email, sent.timestamp()))
+        })
+        .max_by_key(|(_, sent)| *sent)
+        .expect("the seed has sent surveys");
+    assert!(
+        sent > chrono::Utc::now().timestamp() - 300 * DAY_SECONDS,
+        "a recent survey"
+    );
+    // Watch the record through a second handle on the same store until the backfill wrote it.
+    let store = cx_gateway::store::Store::open(data_dir.path()).unwrap();
+    let record = cx_gateway::store::fatigue::FatigueStore::new(store);
+    let waited = tokio::time::Instant::now();
+    while record
+        .last_surveyed(String::new(), email.clone())
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(waited.elapsed() < Duration::from_secs(60), "no backfill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let response = SurveyServiceClient::new(gateway.channel.clone())
+        .send_survey(pb::SendSurveyRequest {
+            campaign_id: campaign("NPS"),
+            recipients: vec![pb::Recipient {
+                email: email.clone(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.results[0].outcome,
+        pb::RecipientOutcome::Throttled as i32
+    );
+    let eligible = response.results[0]
+        .throttle
+        .as_ref()
+        .unwrap()
+        .eligible_at
+        .unwrap();
+    assert_eq!(eligible.seconds, sent + 365 * DAY_SECONDS);
+    assert!(gateway.sandbox().handle().survey_sends().is_empty());
+    gateway.stop().await.unwrap();
+}
