@@ -447,17 +447,23 @@ impl EventRules {
             return Ok(Reloaded::Unchanged);
         };
         let bytes = read(path);
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        if let Ok(bytes) = &bytes
-            && state.last_read.as_ref() == Some(bytes)
-        {
-            return match &state.refused {
-                Some(reason) => Err(reason.clone()),
-                None => Ok(Reloaded::Unchanged),
-            };
+        if let Ok(bytes) = &bytes {
+            let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+            if state.last_read.as_ref() == Some(bytes) {
+                return match &state.refused {
+                    Some(reason) => Err(reason.clone()),
+                    None => Ok(Reloaded::Unchanged),
+                };
+            }
         }
-        let built = bytes.and_then(|bytes| {
+        // Parsed outside the lock: events keep reading the rules in force meanwhile. Reloads
+        // come from one task, so no other reload runs between this read and the write below.
+        let built = bytes.map(|bytes| {
             let set = build(Some(&bytes), &self.environment);
+            (bytes, set)
+        });
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let built = built.and_then(|(bytes, set)| {
             state.last_read = Some(bytes);
             set
         });
