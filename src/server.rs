@@ -22,10 +22,10 @@ use tonic::transport::server::TcpIncoming;
 use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::config::Config;
+use crate::domain::writes::WriteExecutor;
 use crate::feedback::{Clock, Feedback, FeedbackSettings, FeedbackSource};
 use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
-use crate::grpc::writes::WriteExecutor;
 use crate::pb;
 use crate::readiness::Stage;
 use crate::reload::{self, Reloadable};
@@ -43,6 +43,8 @@ const BACKGROUND_STOP_MARGIN: Duration = Duration::from_secs(1);
 pub struct Listeners {
     pub grpc: TcpListener,
     pub admin: TcpListener,
+    /// The Segment intake's port, when `CXGW_SEGMENT_LISTEN_ADDR` turns it on.
+    pub segment: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -53,7 +55,22 @@ impl Listeners {
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot bind the admin address {}", config.admin_addr))?;
-        Ok(Listeners { grpc, admin })
+        let segment = match &config.segment {
+            Some(segment) => Some(TcpListener::bind(segment.listen_addr).await.with_context(
+                || {
+                    format!(
+                        "cannot bind the segment intake address {}",
+                        segment.listen_addr
+                    )
+                },
+            )?),
+            None => None,
+        };
+        Ok(Listeners {
+            grpc,
+            admin,
+            segment,
+        })
     }
 }
 
@@ -110,6 +127,25 @@ pub async fn run(
     }
 
     let callers = config.auth.callers.clone();
+    if let Some(listener) = listeners.segment {
+        // Keys are read now, so a broken key file stops the start rather than the first request.
+        let keys =
+            crate::segment::keys::WriteKeys::load(callers.clone(), config.auth.reload_interval)
+                .map_err(|reason| anyhow::anyhow!("cannot start the segment intake: {reason}"))?;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            write_keys = keys.len(),
+            authenticated = keys.authenticates(),
+            "segment intake serving"
+        );
+        if keys.authenticates() && keys.is_empty() {
+            tracing::warn!(
+                "the segment intake is on but no caller has segment_write_key_files, so every request is refused"
+            );
+        }
+        let intake = Arc::new(crate::segment::Intake::new(Arc::clone(&app), keys));
+        app.spawn_background(crate::segment::serve(listener, intake, drain.clone()));
+    }
     match &callers {
         Some(registry) => tracing::info!(
             callers = registry.current().len(),
@@ -148,6 +184,7 @@ pub async fn run(
         Clock::system(),
         drain.clone(),
     )
+    .await
     .context("cannot open the feedback log")?;
     let feedback = Arc::new(feedback);
     feedback.register_metrics();

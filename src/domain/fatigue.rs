@@ -16,8 +16,8 @@
 use std::time::Duration;
 
 use crate::app::App;
-use crate::error::{Error, ErrorCode};
-use crate::store::fatigue::{Claim, FatigueStore, Reservation, ReserveRequest};
+use crate::error::{Error, ErrorCode, Reason};
+use crate::store::fatigue::{Claim, FatigueStore, Reservation, ReserveRequest, Surveyed};
 use crate::upstream::CallContext;
 use crate::upstream::failure::FailureClass;
 use crate::upstream::retently::{CustomerInput, SurveyOutcome, SurveyRequest, SurveyStatus};
@@ -111,7 +111,7 @@ fn window_ms(window: Duration) -> i64 {
 /// Reserves `emails` under `limits` at `now_ms`: for each, `None` when reserved (or no limit
 /// applies), or the throttle that holds them back.
 async fn admit(
-    store: &FatigueStore,
+    store: &dyn FatigueStore,
     token: &str,
     now_ms: i64,
     emails: &[String],
@@ -147,7 +147,7 @@ async fn admit(
             claims: claims.clone(),
         })
         .collect();
-    let answers = store.reserve(token.to_owned(), now_ms, requests).await?;
+    let answers = store.reserve(token, now_ms, requests).await?;
     Ok(answers
         .into_iter()
         .map(|answer| match answer {
@@ -194,17 +194,17 @@ pub async fn send_guarded(
     recipients: Vec<CustomerInput>,
     limits: &Limits,
 ) -> Vec<Guarded> {
-    let store = FatigueStore::new(app.store.clone());
+    let store = app.store.fatigue().as_ref();
     let token = token(campaign_id, limits);
     let emails: Vec<String> = recipients.iter().map(|r| r.email.clone()).collect();
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let admitted = match admit(&store, &token, now_ms, &emails, limits).await {
+    let admitted = match admit(store, &token, now_ms, &emails, limits).await {
         Ok(admitted) => admitted,
         Err(error) => {
             // Without the record the guard cannot promise anything: fail closed, retryably.
             let error = Error::new(
                 ErrorCode::Unavailable,
-                "SURVEY_COOLDOWN_UNAVAILABLE",
+                Reason::SurveyCooldownUnavailable,
                 format!("the survey cool-down record cannot be read: {error}"),
             );
             return emails
@@ -229,7 +229,7 @@ pub async fn send_guarded(
     for (index, result) in indexes.into_iter().zip(sent) {
         if !limits.is_off() && certainly_not_surveyed(&result) {
             let email = normalized(&emails[index]);
-            if let Err(error) = store.release(token.clone(), email).await {
+            if let Err(error) = store.release(&token, &email).await {
                 // The recipient stays held until the cool-down passes: a missed survey, never a
                 // second one.
                 tracing::warn!(%error, "cannot release a survey cool-down reservation");
@@ -283,7 +283,7 @@ const BACKFILL_PAGE: u32 = 1000;
 /// so it runs once per store. A later time already recorded wins.
 pub async fn backfill(app: std::sync::Arc<App>, window: Duration) {
     use crate::upstream::retently::{OutboxQuery, PageRequest};
-    let store = FatigueStore::new(app.store.clone());
+    let store = app.store.fatigue();
     let drain = app.drain.clone();
     let mut backoff = crate::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
@@ -325,7 +325,7 @@ pub async fn backfill(app: std::sync::Arc<App>, window: Duration) {
                 Ok(found) => found,
                 Err(error) => break Err(error),
             };
-            let surveyed: Vec<(String, i64)> = found
+            let surveyed: Vec<Surveyed> = found
                 .items
                 .iter()
                 .filter_map(|survey| {
@@ -337,7 +337,7 @@ pub async fn backfill(app: std::sync::Arc<App>, window: Duration) {
                     let sent_ms = chrono::DateTime::parse_from_rfc3339(sent)
                         .ok()?
                         .timestamp_millis();
-                    (!email.is_empty()).then_some((email, sent_ms))
+                    (!email.is_empty()).then_some(Surveyed { email, sent_ms })
                 })
                 .collect();
             let last = match found.pages {
@@ -346,7 +346,7 @@ pub async fn backfill(app: std::sync::Arc<App>, window: Duration) {
             };
             seeded += surveyed.len();
             if let Err(error) = store.seed(surveyed, last).await {
-                break Err(error);
+                break Err(Error::from(error));
             }
             if last {
                 break Ok(());

@@ -3,10 +3,13 @@
 //! - [`outbox`]: the durable queue of asynchronous writes and its delivery worker.
 //! - [`idempotency`]: remembered responses for idempotency keys and event message ids.
 //! - [`fatigue`]: the survey cool-down across campaigns and the event rules' throttles.
+//! - [`writes`]: the write path every write RPC takes after validation, its table of write
+//!   RPCs, and the execution of customers, surveys and events.
 
 pub mod fatigue;
 pub mod idempotency;
 pub mod outbox;
+pub mod writes;
 
 use std::sync::Arc;
 
@@ -43,7 +46,7 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    /// The owner to filter by, `None` for every delivery (a bound SQL parameter).
+    /// The owner to filter by, `None` for every delivery ([`crate::store::outbox::OwnerFilter`]).
     pub(crate) fn owner_filter(&self) -> Option<String> {
         match self {
             Visibility::All => None,

@@ -126,7 +126,7 @@ pub async fn trigger_surveys(
         properties: event.properties.as_ref(),
         traits: event.traits.as_ref(),
     };
-    let recipient = crate::grpc::events::recipient_from_event(event);
+    let recipient = crate::domain::writes::events::recipient_from_event(event);
     let mut triggered = Vec::new();
     for rule in rules.matching(&event.name) {
         crate::rules::record(rule, Recorded::Matched);

@@ -141,6 +141,11 @@ pub struct Metrics {
     pub subscriber_overflows: Counter<u64>,
     /// `cxgw.feedback.subscriber.catch_ups`: catch-ups from the log completed, by cause.
     pub subscriber_catch_ups: Counter<u64>,
+    /// `cxgw.segment.requests`: Segment intake requests by endpoint and answer status.
+    pub segment_requests: Counter<u64>,
+    /// `cxgw.segment.messages`: messages of accepted Segment requests by type and what became
+    /// of them (queued, duplicate, not forwarded).
+    pub segment_messages: Counter<u64>,
     _observed: Vec<ObservedInstrument>,
 }
 
@@ -275,6 +280,19 @@ impl Metrics {
                 .with_description(
                     "Catch-ups from the feedback log completed (the subscriber is back on the \
                      live buffer), by cause: overflow, replay (a start position in the past)",
+                )
+                .build(),
+            segment_requests: meter
+                .u64_counter("cxgw.segment.requests")
+                .with_description(
+                    "Segment intake requests by endpoint (track, identify, batch) and answer status",
+                )
+                .build(),
+            segment_messages: meter
+                .u64_counter("cxgw.segment.messages")
+                .with_description(
+                    "Messages of accepted Segment requests by type and outcome: queued, duplicate \
+                     (a messageId seen before) or acknowledged (nothing to forward)",
                 )
                 .build(),
             provider,

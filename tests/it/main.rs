@@ -11,6 +11,7 @@ mod foundation;
 mod insights;
 mod owners;
 mod rules;
+mod segment;
 mod support;
 mod surveys;
 mod telemetry;

@@ -623,10 +623,10 @@ async fn the_backfill_seeds_the_cooldown_from_the_retently_history() {
     );
     // Watch the record through a second handle on the same store until the backfill wrote it.
     let store = cx_gateway::store::Store::open(data_dir.path()).unwrap();
-    let record = cx_gateway::store::fatigue::FatigueStore::new(store);
     let waited = tokio::time::Instant::now();
-    while record
-        .last_surveyed(String::new(), email.clone())
+    while store
+        .fatigue()
+        .last_surveyed("", &email)
         .await
         .unwrap()
         .is_none()
