@@ -185,6 +185,41 @@ pub struct SandboxSettings {
 /// Event names mapped to the Retently transactional campaigns they trigger, ordered by event name.
 pub type EventMappings = std::collections::BTreeMap<String, Vec<String>>;
 
+/// The event rules: the file named by `CXGW_EVENT_RULES_FILE` (read and validated now; a bad
+/// file stops the start) together with the environment mappings.
+fn event_rules(
+    s: &Reader<'_>,
+    mappings: &EventMappings,
+) -> Result<std::sync::Arc<crate::rules::EventRules>, ConfigError> {
+    const KEY: &str = "CXGW_EVENT_RULES_FILE";
+    let rules = match s.source.get(KEY) {
+        None => crate::rules::EventRules::from_mappings(mappings.clone()),
+        Some(path) if path.trim().is_empty() => {
+            return Err(ConfigError::new(KEY, "must not be empty"));
+        }
+        Some(path) => {
+            crate::rules::EventRules::load(Some(PathBuf::from(path.trim())), mappings.clone())
+                .map_err(|reason| ConfigError::new(KEY, reason))?
+        }
+    };
+    Ok(std::sync::Arc::new(rules))
+}
+
+/// `CXGW_SURVEY_COOLDOWN`: unset, empty, `off` or `0s` switch the guard off.
+fn survey_cooldown(s: &Reader<'_>) -> Result<Option<Duration>, ConfigError> {
+    const KEY: &str = "CXGW_SURVEY_COOLDOWN";
+    match s.source.get(KEY).as_deref().map(str::trim) {
+        None | Some("" | "off") => Ok(None),
+        Some(_) => {
+            let cooldown = s.duration(KEY, Duration::ZERO)?;
+            if cooldown > crate::rules::MAX_COOLDOWN {
+                return Err(ConfigError::new(KEY, "must be at most 365 days"));
+            }
+            Ok((!cooldown.is_zero()).then_some(cooldown))
+        }
+    }
+}
+
 /// Parses `event=campaign[,campaign...][;event=...]` (whitespace around parts ignored).
 fn parse_event_mappings(raw: &str) -> Result<EventMappings, ConfigError> {
     const KEY: &str = "CXGW_EVENT_MAPPINGS";
@@ -319,6 +354,15 @@ pub struct Config {
     pub writes: WriteSettings,
     /// Which tracked events trigger which Retently surveys (like Segment's Retently destination).
     pub event_mappings: EventMappings,
+    /// The event rules in force: `CXGW_EVENT_RULES_FILE` (reloaded while running) and
+    /// `event_mappings` as unfiltered rules.
+    pub event_rules: std::sync::Arc<crate::rules::EventRules>,
+    /// `CXGW_SURVEY_COOLDOWN`: the survey cool-down across campaigns; `None` (the default) is
+    /// off.
+    pub survey_cooldown: Option<Duration>,
+    /// `CXGW_SURVEY_COOLDOWN_BACKFILL`: seed the cool-down once from Retently's history of sent
+    /// surveys (`GET /outbox`, background priority); only with a cool-down.
+    pub survey_cooldown_backfill: bool,
     pub auth: AuthSettings,
     /// TLS on the gRPC port; `None` serves plaintext (for a mesh that encrypts, or local use).
     pub tls: Option<TlsSettings>,
@@ -504,6 +548,7 @@ impl Config {
             ));
         }
 
+        let event_mappings = parse_event_mappings(&s.string("CXGW_EVENT_MAPPINGS", ""))?;
         Ok(Config {
             grpc_addr: s.parse("CXGW_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             admin_addr: s.parse("CXGW_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
@@ -547,7 +592,10 @@ impl Config {
                 idempotency_window: s
                     .duration("CXGW_IDEMPOTENCY_WINDOW", Duration::from_secs(24 * 3600))?,
             },
-            event_mappings: parse_event_mappings(&s.string("CXGW_EVENT_MAPPINGS", ""))?,
+            event_rules: event_rules(&s, &event_mappings)?,
+            survey_cooldown: survey_cooldown(&s)?,
+            survey_cooldown_backfill: s.boolean("CXGW_SURVEY_COOLDOWN_BACKFILL", false)?,
+            event_mappings,
             telemetry: crate::telemetry::TelemetryConfig::from_source(source)?,
             sandbox: SandboxSettings {
                 addr: s.parse("CXGW_SANDBOX_ADDR", SocketAddr::from(([0, 0, 0, 0], 8090)))?,

@@ -52,7 +52,9 @@
 //! - [`segment`]: the Segment-compatible HTTP intake (track, identify, batch) on its own port,
 //!   feeding the same write path as `EventService` and `CustomerService`.
 //! - [`telemetry`]: logs, traces (OpenTelemetry, W3C context), metrics (`/metrics`, OTLP), redaction.
-//! - [`reload`]: reloading the callers and TLS files on SIGHUP and on change.
+//! - [`reload`]: reloading the callers, TLS and event rules files on SIGHUP and on change.
+//! - [`rules`]: event rules (which events send which survey to whom: audience, sample, delay,
+//!   throttle); [`domain::fatigue`] is the survey cool-down across campaigns.
 //! - [`readiness`]: whether start-up work (outbox recovery) is done, for `/readyz` and health.
 //! - [`backoff`]: how background loops back off from a failing store and rate-limit their logs.
 //! - [`shutdown`]: the drain signal shared by every long-lived task.
@@ -78,6 +80,7 @@ pub mod feedback;
 pub mod grpc;
 pub mod readiness;
 pub mod reload;
+pub mod rules;
 pub mod sandbox_mode;
 pub mod segment;
 pub mod server;

@@ -1,4 +1,5 @@
-//! Reloads what may change while the gateway runs — the callers file and the TLS files — on
+//! Reloads what may change while the gateway runs — the callers file, the TLS files and the event
+//! rules file — on
 //! SIGHUP and whenever their content changes, without dropping a connection.
 //!
 //! Content is polled rather than watched with inotify: Kubernetes updates a mounted Secret by
@@ -21,6 +22,7 @@ use crate::tls::ReloadingTls;
 pub struct Reloadable {
     pub callers: Option<CallerRegistry>,
     pub tls: Option<Arc<ReloadingTls>>,
+    pub rules: Option<Arc<crate::rules::EventRules>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,7 @@ impl Trigger {
 struct Failures {
     callers: Option<String>,
     tls: Option<String>,
+    rules: Option<String>,
 }
 
 impl Reloadable {
@@ -53,6 +56,7 @@ impl Reloadable {
             .and_then(CallerRegistry::path)
             .is_none()
             && self.tls.is_none()
+            && self.rules.as_ref().and_then(|rules| rules.file()).is_none()
     }
 
     fn reload(&self, trigger: Trigger, failures: &mut Failures) {
@@ -79,6 +83,34 @@ impl Reloadable {
                         );
                     }
                     failures.callers = Some(error);
+                }
+            }
+        }
+        if let Some(rules) = &self.rules
+            && let Some(path) = rules.file()
+        {
+            match rules.reload() {
+                Ok(crate::rules::Reloaded::Replaced { rules: count }) => {
+                    failures.rules = None;
+                    tracing::info!(
+                        file = %path.display(),
+                        rules = count,
+                        version = %rules.current().version,
+                        trigger = trigger.as_str(),
+                        "event rules reloaded"
+                    );
+                }
+                Ok(crate::rules::Reloaded::Unchanged) => failures.rules = None,
+                Err(error) => {
+                    if trigger == Trigger::Signal || failures.rules.as_ref() != Some(&error) {
+                        tracing::warn!(
+                            setting = "CXGW_EVENT_RULES_FILE",
+                            file = %path.display(),
+                            %error,
+                            "event rules file refused, keeping the rules in force"
+                        );
+                    }
+                    failures.rules = Some(error);
                 }
             }
         }

@@ -122,6 +122,9 @@ pub async fn run(
             .clone()
             .run_purge(IDEMPOTENCY_PURGE_EVERY, drain.clone()),
     );
+    if let (Some(cooldown), true) = (config.survey_cooldown, config.survey_cooldown_backfill) {
+        app.spawn_background(crate::domain::fatigue::backfill(Arc::clone(&app), cooldown));
+    }
 
     let callers = config.auth.callers.clone();
     if let Some(listener) = listeners.segment {
@@ -168,6 +171,7 @@ pub async fn run(
         Reloadable {
             callers: callers.clone(),
             tls: tls.clone(),
+            rules: Some(Arc::clone(&config.event_rules)),
         },
         config.auth.reload_interval,
         drain.clone(),

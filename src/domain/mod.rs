@@ -2,9 +2,11 @@
 //!
 //! - [`outbox`]: the durable queue of asynchronous writes and its delivery worker.
 //! - [`idempotency`]: remembered responses for idempotency keys and event message ids.
+//! - [`fatigue`]: the survey cool-down across campaigns and the event rules' throttles.
 //! - [`writes`]: the write path every write RPC takes after validation, its table of write
 //!   RPCs, and the execution of customers, surveys and events.
 
+pub mod fatigue;
 pub mod idempotency;
 pub mod outbox;
 pub mod writes;

@@ -59,6 +59,9 @@ reasons! {
     RecipientUnsubscribed = "RECIPIENT_UNSUBSCRIBED",
     /// Retently's outbox history is too long to check what an earlier attempt sent.
     SurveyHistoryTooLong = "SURVEY_HISTORY_TOO_LONG",
+    /// The survey cool-down record cannot be read, so no survey is sent (the guard fails
+    /// closed, retryably).
+    SurveyCooldownUnavailable = "SURVEY_COOLDOWN_UNAVAILABLE",
     /// A resume cursor points before what the feedback log still holds.
     CursorExpired = "CURSOR_EXPIRED",
     /// The feedback stream has as many subscribers as it admits.
@@ -144,6 +147,10 @@ mod tests {
             (Reason::CampaignCheckTimeout, "CAMPAIGN_CHECK_TIMEOUT"),
             (Reason::RecipientUnsubscribed, "RECIPIENT_UNSUBSCRIBED"),
             (Reason::SurveyHistoryTooLong, "SURVEY_HISTORY_TOO_LONG"),
+            (
+                Reason::SurveyCooldownUnavailable,
+                "SURVEY_COOLDOWN_UNAVAILABLE",
+            ),
             (Reason::CursorExpired, "CURSOR_EXPIRED"),
             (Reason::TooManySubscribers, "TOO_MANY_SUBSCRIBERS"),
             (Reason::FeedbackIngestStopped, "FEEDBACK_INGEST_STOPPED"),

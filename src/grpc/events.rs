@@ -62,6 +62,7 @@ fn check_event(
         return None;
     };
     validate::customer_id(v, format!("{prefix}.customer_id"), &event.customer_id);
+    crate::grpc::rules::check_traits(v, prefix, event);
     let name_ok = validate::required(v, format!("{prefix}.name"), &event.name, MAX_EVENT_NAME)
         && validate::printable(v, format!("{prefix}.name"), &event.name);
     let campaigns = if name_ok {
@@ -214,7 +215,7 @@ impl pb::event_service_server::EventService for EventApi {
         let (mode, checked) = validation.in_scope(|| {
             let (mode, options_key) = validate::write_options(&mut v, request.options.as_ref());
             let checked = check_event(
-                &self.app.config.event_mappings,
+                &self.app.config.event_rules.current().mappings(),
                 &mut v,
                 "event",
                 request.event.as_ref(),
@@ -257,6 +258,7 @@ impl pb::event_service_server::EventService for EventApi {
         let mut stream = request.into_inner();
         let mut summary = pb::TrackEventsResponse::default();
         let mut index: i64 = 0;
+        let mappings = self.app.config.event_rules.current().mappings();
         while let Some(message) = stream.next().await {
             let message = message?;
             if message.events.len() > MAX_EVENTS_PER_MESSAGE {
@@ -271,13 +273,7 @@ impl pb::event_service_server::EventService for EventApi {
                 let position = index;
                 index += 1;
                 let mut v = Violations::new();
-                let checked = check_event(
-                    &self.app.config.event_mappings,
-                    &mut v,
-                    "event",
-                    Some(&event),
-                    None,
-                );
+                let checked = check_event(&mappings, &mut v, "event", Some(&event), None);
                 let checked = match (v.into_result(), checked) {
                     (Ok(()), Some(checked)) => checked,
                     (Err(error), _) => {
@@ -331,10 +327,9 @@ impl pb::event_service_server::EventService for EventApi {
             &filters,
         );
         violations.into_result()?;
-        let matching: Vec<(&String, &Vec<String>)> = self
-            .app
-            .config
-            .event_mappings
+        let rules = self.app.config.event_rules.current();
+        let mappings = rules.mappings();
+        let matching: Vec<(&String, &Vec<String>)> = mappings
             .iter()
             .filter(|(event, _)| request.event.is_empty() || **event == request.event)
             .collect();
@@ -354,6 +349,24 @@ impl pb::event_service_server::EventService for EventApi {
             mappings: page,
             next_page_token: paging::next_page_token(next_after, size, &filters),
             total_size: i64::try_from(matching.len()).unwrap_or(i64::MAX),
+            rules: rules
+                .rules
+                .iter()
+                .filter(|rule| request.event.is_empty() || rule.events.contains(&request.event))
+                .map(crate::grpc::rules::rule_to_pb)
+                .collect(),
+            rules_version: rules.version.clone(),
+            rules_loaded_at: Some(crate::convert::timestamp_from_ms(
+                rules.loaded_at.timestamp_millis(),
+            )),
+            rules_file: self
+                .app
+                .config
+                .event_rules
+                .file()
+                .map(|path| path.display().to_string())
+                .unwrap_or_default(),
+            rules_file_error: self.app.config.event_rules.refused().unwrap_or_default(),
         }))
     }
 }

@@ -12,6 +12,7 @@ pub mod deliveries;
 pub mod events;
 pub mod feedback;
 pub mod paging;
+pub mod rules;
 pub mod surveys;
 pub mod validate;
 pub mod write;

@@ -245,6 +245,8 @@ fn plan_track(
                 .then(|| crate::convert::json_struct(&Value::Object(data))),
             occur_time,
             message_id: message_id.unwrap_or_default(),
+            // Rule filters see the message's properties; `context.traits` is not carried.
+            traits: None,
         }),
         options: None,
     };

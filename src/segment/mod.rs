@@ -274,7 +274,8 @@ async fn accept(
     span.record("messages", messages.len());
 
     // Everything is checked before anything is queued.
-    let mappings = &intake.app.config.event_mappings;
+    // The event rules in force (reloaded while running) decide which campaigns an event names.
+    let mappings = &intake.app.config.event_rules.current().mappings();
     let mut planned = Vec::with_capacity(messages.len());
     let mut problems = Vec::new();
     let mut problem_count = 0;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use prost::bytes::Bytes;
 
+use super::fatigue::{Claim, Reservation, ReserveRequest, Surveyed};
 use super::feedback_log::{
     AppendCounts, CustomerKey, EntryFields, EntryKind, FeedbackQuery, Observed, Origin, ReadOutcome,
 };
@@ -18,7 +19,9 @@ use super::outbox::{
     AttemptRecord, DeadLetterFilter, DeliveryError, DeliveryState, NewDelivery, QueuedDelivery,
     RequeueOutcome, RetrySelection,
 };
-use super::{Checkpoint, CursorStore, FeedbackLogStore, IdempotencyStore, OutboxStore, Store};
+use super::{
+    Checkpoint, CursorStore, FatigueStore, FeedbackLogStore, IdempotencyStore, OutboxStore, Store,
+};
 use super::{StoreErrorKind, outbox::OutboxDepth};
 use crate::error::{ErrorCode, Reason};
 
@@ -48,6 +51,11 @@ macro_rules! store_contract_tests {
             log_reads_follow_sequences_bounds_and_retention,
             latest_versions_answer_queries_and_customer_histories,
             cursors_keep_the_last_value_per_name,
+            fatigue_reservations_block_inside_the_window_until_released,
+            fatigue_release_puts_back_the_earlier_survey_time,
+            fatigue_recipient_blocked_in_one_scope_reserves_none,
+            fatigue_concurrent_reservations_of_one_email_grant_exactly_one,
+            fatigue_seeding_keeps_the_later_time_and_marks_the_backfill_done,
         );
     };
     (@each $fresh:path; $($name:ident),* $(,)?) => {
@@ -1117,4 +1125,236 @@ pub(crate) async fn cursors_keep_the_last_value_per_name(store: &Store) {
         .unwrap();
     assert_eq!(cursors.get("poller").await.unwrap().as_deref(), Some("2"));
     assert_eq!(cursors.get("other").await.unwrap().as_deref(), Some("x"));
+}
+
+fn reserve_request(email: &str, scopes: &[(&str, i64)]) -> ReserveRequest {
+    ReserveRequest {
+        email: email.to_owned(),
+        claims: scopes
+            .iter()
+            .map(|(scope, not_since_ms)| Claim {
+                scope: (*scope).to_owned(),
+                not_since_ms: *not_since_ms,
+            })
+            .collect(),
+    }
+}
+
+pub(crate) async fn fatigue_reservations_block_inside_the_window_until_released(store: &Store) {
+    let fatigue: &dyn FatigueStore = store.fatigue().as_ref();
+    let first = fatigue
+        .reserve("a", 1_000, vec![reserve_request("ann@x.io", &[("", 0)])])
+        .await
+        .unwrap();
+    assert_eq!(first, vec![Reservation::Granted]);
+    assert_eq!(
+        fatigue.last_surveyed("", "ann@x.io").await.unwrap(),
+        Some(1_000)
+    );
+    let second = fatigue
+        .reserve("b", 2_000, vec![reserve_request("ann@x.io", &[("", 500)])])
+        .await
+        .unwrap();
+    assert_eq!(
+        second,
+        vec![Reservation::Blocked {
+            scope: String::new(),
+            surveyed_ms: 1_000
+        }]
+    );
+    // The same token passes its own reservation (an outbox retry).
+    let again = fatigue
+        .reserve(
+            "a",
+            3_000,
+            vec![reserve_request("ann@x.io", &[("", 2_500)])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, vec![Reservation::Granted]);
+    // Releasing a reservation that held no earlier time removes it.
+    fatigue.release("a", "ann@x.io").await.unwrap();
+    assert_eq!(fatigue.last_surveyed("", "ann@x.io").await.unwrap(), None);
+    let third = fatigue
+        .reserve(
+            "b",
+            4_000,
+            vec![reserve_request("ann@x.io", &[("", 3_500)])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(third, vec![Reservation::Granted]);
+    // Another token's release leaves the reservation alone.
+    fatigue.release("a", "ann@x.io").await.unwrap();
+    assert_eq!(
+        fatigue.last_surveyed("", "ann@x.io").await.unwrap(),
+        Some(4_000)
+    );
+}
+
+pub(crate) async fn fatigue_release_puts_back_the_earlier_survey_time(store: &Store) {
+    let fatigue: &dyn FatigueStore = store.fatigue().as_ref();
+    fatigue
+        .reserve("old", 1_000, vec![reserve_request("bo@x.io", &[("", 0)])])
+        .await
+        .unwrap();
+    // Outside a 500 ms window: granted over the old record.
+    let granted = fatigue
+        .reserve(
+            "new",
+            5_000,
+            vec![reserve_request("bo@x.io", &[("", 4_500)])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(granted, vec![Reservation::Granted]);
+    // A retry under the same token keeps the time from before its first attempt.
+    fatigue
+        .reserve(
+            "new",
+            6_000,
+            vec![reserve_request("bo@x.io", &[("", 5_500)])],
+        )
+        .await
+        .unwrap();
+    fatigue.release("new", "bo@x.io").await.unwrap();
+    assert_eq!(
+        fatigue.last_surveyed("", "bo@x.io").await.unwrap(),
+        Some(1_000)
+    );
+    // The put-back time belongs to no reservation: a later release changes nothing.
+    fatigue.release("old", "bo@x.io").await.unwrap();
+    assert_eq!(
+        fatigue.last_surveyed("", "bo@x.io").await.unwrap(),
+        Some(1_000)
+    );
+}
+
+pub(crate) async fn fatigue_recipient_blocked_in_one_scope_reserves_none(store: &Store) {
+    let fatigue: &dyn FatigueStore = store.fatigue().as_ref();
+    fatigue
+        .reserve(
+            "a",
+            1_000,
+            vec![reserve_request("cy@x.io", &[("rule:r1", 0)])],
+        )
+        .await
+        .unwrap();
+    let answer = fatigue
+        .reserve(
+            "b",
+            2_000,
+            vec![reserve_request("cy@x.io", &[("", 0), ("rule:r1", 0)])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        vec![Reservation::Blocked {
+            scope: "rule:r1".into(),
+            surveyed_ms: 1_000
+        }]
+    );
+    // The cool-down scope was not taken by the blocked request.
+    assert_eq!(fatigue.last_surveyed("", "cy@x.io").await.unwrap(), None);
+    // Scopes are separate: the cool-down alone is free.
+    let free = fatigue
+        .reserve("b", 2_000, vec![reserve_request("cy@x.io", &[("", 0)])])
+        .await
+        .unwrap();
+    assert_eq!(free, vec![Reservation::Granted]);
+}
+
+/// Sends to one customer at once: the check and the write are one operation, so exactly one
+/// passes whatever the interleaving.
+pub(crate) async fn fatigue_concurrent_reservations_of_one_email_grant_exactly_one(store: &Store) {
+    const SENDS: usize = 16;
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(SENDS));
+    let tasks: Vec<_> = (0..SENDS)
+        .map(|n| {
+            let fatigue = std::sync::Arc::clone(store.fatigue());
+            let start = std::sync::Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                fatigue
+                    .reserve(
+                        &format!("send-{n}"),
+                        10_000,
+                        vec![reserve_request("eve@x.io", &[("", 0)])],
+                    )
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.len(), 1);
+        if answer[0] == Reservation::Granted {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 1, "one of {SENDS} concurrent sends passes");
+}
+
+pub(crate) async fn fatigue_seeding_keeps_the_later_time_and_marks_the_backfill_done(
+    store: &Store,
+) {
+    let fatigue: &dyn FatigueStore = store.fatigue().as_ref();
+    assert!(!fatigue.backfilled().await.unwrap());
+    fatigue
+        .reserve("a", 9_000, vec![reserve_request("fay@x.io", &[("", 0)])])
+        .await
+        .unwrap();
+    let surveyed = |email: &str, sent_ms| Surveyed {
+        email: email.to_owned(),
+        sent_ms,
+    };
+    fatigue
+        .seed(
+            vec![surveyed("fay@x.io", 5_000), surveyed("gus@x.io", 5_000)],
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(!fatigue.backfilled().await.unwrap(), "not the last page");
+    fatigue
+        .seed(vec![surveyed("gus@x.io", 7_000)], true)
+        .await
+        .unwrap();
+    assert!(fatigue.backfilled().await.unwrap());
+    // A later time already recorded wins; a later seeded time replaces an earlier one.
+    assert_eq!(
+        fatigue.last_surveyed("", "fay@x.io").await.unwrap(),
+        Some(9_000)
+    );
+    assert_eq!(
+        fatigue.last_surveyed("", "gus@x.io").await.unwrap(),
+        Some(7_000)
+    );
+    // A seeded survey holds back a send inside its window.
+    let blocked = fatigue
+        .reserve(
+            "b",
+            8_000,
+            vec![reserve_request("gus@x.io", &[("", 6_000)])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        blocked,
+        vec![Reservation::Blocked {
+            scope: String::new(),
+            surveyed_ms: 7_000
+        }]
+    );
+    assert!(
+        store
+            .cursors()
+            .get(super::fatigue::BACKFILL_CHECKPOINT)
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

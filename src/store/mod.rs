@@ -7,6 +7,8 @@
 //! - [`FeedbackLogStore`] ([`feedback_log`]): the deduplicated feedback log, its latest versions
 //!   of every response, retention and the reads behind `FeedbackStream` and `ListFeedback`.
 //! - [`CursorStore`] ([`cursors`]): named checkpoints of background pollers.
+//! - [`FatigueStore`] ([`fatigue`]): who was surveyed when, behind the survey cool-down and the
+//!   event rules' throttles.
 //!
 //! Each trait method is one atomic operation (a transaction of the engine), described by what
 //! it does, never by a borrowed connection, so a networked engine implements the same traits.
@@ -22,6 +24,7 @@ use std::sync::Arc;
 
 pub mod cursors;
 mod error;
+pub mod fatigue;
 pub mod feedback_log;
 pub mod idempotency;
 pub mod outbox;
@@ -34,15 +37,22 @@ pub(crate) mod contract;
 
 pub use cursors::{Checkpoint, CursorStore};
 pub use error::{StoreError, StoreErrorKind};
+pub use fatigue::FatigueStore;
 pub use feedback_log::FeedbackLogStore;
 pub use idempotency::{IdempotencyRecord, IdempotencyStore};
 pub use outbox::OutboxStore;
 pub use sqlite::{DATABASE_FILE, MARKER_FILE, MissingStore, OpenError, SqliteStore};
 
 /// An engine that holds every concern.
-pub trait Engine: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore {}
+pub trait Engine:
+    OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore
+{
+}
 
-impl<E: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore> Engine for E {}
+impl<E: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore> Engine
+    for E
+{
+}
 
 /// The store the gateway runs on: one engine, seen through its per-concern traits. Cheap to
 /// clone.
@@ -52,6 +62,7 @@ pub struct Store {
     idempotency: Arc<dyn IdempotencyStore>,
     feedback_log: Arc<dyn FeedbackLogStore>,
     cursors: Arc<dyn CursorStore>,
+    fatigue: Arc<dyn FatigueStore>,
     /// Names the engine and where its data lives, for logs (never a secret).
     description: Arc<str>,
 }
@@ -84,7 +95,8 @@ impl Store {
             outbox: Arc::clone(&engine) as Arc<dyn OutboxStore>,
             idempotency: Arc::clone(&engine) as Arc<dyn IdempotencyStore>,
             feedback_log: Arc::clone(&engine) as Arc<dyn FeedbackLogStore>,
-            cursors: engine as Arc<dyn CursorStore>,
+            cursors: Arc::clone(&engine) as Arc<dyn CursorStore>,
+            fatigue: engine as Arc<dyn FatigueStore>,
             description: description.into(),
         }
     }
@@ -103,6 +115,10 @@ impl Store {
 
     pub fn cursors(&self) -> &Arc<dyn CursorStore> {
         &self.cursors
+    }
+
+    pub fn fatigue(&self) -> &Arc<dyn FatigueStore> {
+        &self.fatigue
     }
 
     pub fn description(&self) -> &str {

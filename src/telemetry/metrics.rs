@@ -303,6 +303,11 @@ impl Metrics {
         }
     }
 
+    /// The gateway's meter, for parts that keep their own instruments beside their code.
+    pub fn meter(&self) -> Meter {
+        self.provider.meter("cx-gateway")
+    }
+
     /// Collects every series now (running the probes) for the Prometheus endpoint.
     pub fn collect(&self) -> Result<ResourceMetrics, String> {
         let mut collected = ResourceMetrics::default();

@@ -131,6 +131,7 @@ async fn survey_sends_cut_by_sigkill_are_resolved_from_the_history() {
     // One delivery for every recipient: its recipients share one `POST /survey`.
     let response = surveys
         .send_survey(pb::SendSurveyRequest {
+            survey_cooldown: Default::default(),
             campaign_id: campaign.clone(),
             recipients: (0..SURVEYS)
                 .map(|n| pb::Recipient {

@@ -26,6 +26,7 @@ async fn queue_send(channel: &Channel, campaign: &str, phase: &str) -> String {
     let mut client = SurveyServiceClient::new(channel.clone());
     client
         .send_survey(pb::SendSurveyRequest {
+            survey_cooldown: Default::default(),
             campaign_id: campaign.to_owned(),
             recipients: (0..SENDS)
                 .map(|n| pb::Recipient {

@@ -163,3 +163,60 @@ case_ "ListSentSurveys finds the survey sent above" 0 '"email": "ann@example.com
 case_ "ListReports reports one campaign" 0 "\"campaignId\": \"$campaign_id\"" '"deliveryStats"' \
   '"totalSize": "1"' -- \
   -d "{\"campaign_id\": \"$campaign_id\"}" "$addr" cx.gateway.v1.SurveyService/ListReports
+
+# Event rules and the survey cool-down: rules written into the (empty) rules file, put in force by
+# SIGHUP. The gateway logs each reload; wait for the log line rather than a fixed time.
+events() { grpcurl -plaintext -emit-defaults -d "$1" "$addr" "cx.gateway.v1.EventService/$2"; }
+reload_rules() {
+  local text=$1 expect=$2
+  printf '%s\n' "$text" >"$rules_file.partial" && mv "$rules_file.partial" "$rules_file"
+  kill -HUP "$gateway_pid"
+  for _ in $(seq 1 100); do
+    events '{}' ListEventMappings | grep -qE -- "$expect" && return 0
+    sleep 0.1
+  done
+  echo "  the rules did not reload: expected $expect"
+}
+csat_id=$(survey '{"type": "CAMPAIGN_TYPE_TRANSACTIONAL", "active": true, "metric": "METRIC_CSAT"}' \
+  ListCampaigns | json_field campaigns 0 campaignId)
+reload_rules "
+[[rule]]
+id = \"grpcurl-us-orders\"
+events = [\"grpcurl_order\"]
+campaign = \"$campaign_id\"
+delay_days = 1
+cooldown = \"14d\"
+audience = { property = \"country\", eq = \"US\" }
+
+[[rule]]
+id = \"grpcurl-sampled\"
+events = [\"grpcurl_order\"]
+campaign = \"$csat_id\"
+sample_percent = 0" '"ruleId": "grpcurl-us-orders"'
+case_ "ListEventMappings shows the rules in force with source and version" 0 \
+  '"ruleId": "grpcurl-us-orders"' '"source": "RULE_SOURCE_FILE"' '"rulesVersion": "[0-9a-f]{16}"' \
+  '"audience": "property\.country eq \\"US\\""' '"delayDays": 1' '"rulesFile": ".*rules\.toml"' -- \
+  -d '{"event": "grpcurl_order"}' "$addr" cx.gateway.v1.EventService/ListEventMappings
+case_ "TrackEvent answers each rule's decision" 0 '"ruleId": "grpcurl-us-orders"' \
+  '"decision": "RULE_DECISION_SENT"' '"outcome": "RECIPIENT_OUTCOME_SCHEDULED"' \
+  '"decision": "RULE_DECISION_SAMPLED_OUT"' -- \
+  -d '{"event": {"customer_id": "gf-1", "email": "fatigue@grpcurl-demo.com", "name": "grpcurl_order",
+  "message_id": "grpcurl-order-1", "properties": {"country": "US"}}}' "$addr" cx.gateway.v1.EventService/TrackEvent
+case_ "TrackEvent outside a rule's audience is FILTERED_OUT" 0 '"decision": "RULE_DECISION_FILTERED_OUT"' -- \
+  -d '{"event": {"customer_id": "gf-2", "email": "de@grpcurl-demo.com", "name": "grpcurl_order",
+  "message_id": "grpcurl-order-2", "properties": {"country": "DE"}}}' "$addr" cx.gateway.v1.EventService/TrackEvent
+case_ "SendSurvey inside the survey cool-down is THROTTLED with the eligible time" 0 \
+  '"outcome": "RECIPIENT_OUTCOME_THROTTLED"' '"source": "THROTTLE_SOURCE_SURVEY_COOLDOWN"' \
+  '"eligibleAt": "[0-9]{4}-' -- \
+  -d "{\"campaign_id\": \"$csat_id\", \"recipients\": [{\"email\": \"Fatigue@grpcurl-demo.com\"}], \"survey_cooldown\": \"604800s\"}" \
+  "$addr" cx.gateway.v1.SurveyService/SendSurvey
+case_ "SendSurvey with a fractional survey_cooldown is INVALID_ARGUMENT" 67 '"field":"survey_cooldown"' -- \
+  -d "{\"campaign_id\": \"$csat_id\", \"recipients\": [{\"email\": \"x@grpcurl-demo.com\"}], \"survey_cooldown\": \"1.5s\"}" \
+  "$addr" cx.gateway.v1.SurveyService/SendSurvey
+reload_rules "
+[[rule]]
+id = \"grpcurl-broken\"
+events = [\"grpcurl_order\"]" '"rulesFileError": ".+'
+case_ "a rules file that fails validation is refused and the rules in force stay" 0 \
+  '"rulesFileError": ".*campaign' '"ruleId": "grpcurl-us-orders"' -- \
+  -d '{}' "$addr" cx.gateway.v1.EventService/ListEventMappings

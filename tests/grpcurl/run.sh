@@ -13,8 +13,11 @@ grpc_port=$(free_port)
 admin_port=$(free_port)
 addr="127.0.0.1:${grpc_port}"
 
+# An empty event rules file (no rules); the cases write rules into it and send SIGHUP.
+rules_file="$work/rules.toml"
+: >"$rules_file"
 CXGW_GRPC_ADDR="$addr" CXGW_ADMIN_ADDR="127.0.0.1:${admin_port}" CXGW_LOG_FORMAT=json \
-  CXGW_SHUTDOWN_GRACE=5s "$binary" serve --sandbox >"$work/gateway.log" 2>&1 &
+  CXGW_EVENT_RULES_FILE="$rules_file" CXGW_SHUTDOWN_GRACE=5s "$binary" serve --sandbox >"$work/gateway.log" 2>&1 &
 gateway_pid=$!
 
 # The gateway logs "gateway serving" once both listeners are bound; wait for that line.

@@ -349,6 +349,31 @@ def check_callers_and_tls(rendered: Rendered) -> None:
         assert file_name in {item["path"] for item in secret["items"]}, volume_name
 
 
+def check_event_rules(rendered: Rendered) -> None:
+    """The rules file reaches the pod as a read-only file from a ConfigMap mounted as a whole
+    directory (so an update reloads), and the cool-down is a plain setting."""
+    values = rendered.values["eventRules"]
+    env = rendered.env()
+    settings = rendered.config_map()
+    mounts = {m["name"]: m for m in rendered.container()["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+    assert "CXGW_EVENT_RULES_FILE" not in settings, "CXGW_EVENT_RULES_FILE in the ConfigMap"
+    if values["existingConfigMap"]:
+        mount = mounts["event-rules"]
+        assert mount.get("readOnly") is True and "subPath" not in mount, "event-rules mount"
+        assert env["CXGW_EVENT_RULES_FILE"]["value"] == f"{mount['mountPath']}/rules.toml"
+        config_map = volumes["event-rules"]["configMap"]
+        assert config_map["name"] == values["existingConfigMap"]
+        assert config_map["items"] == [{"key": values["configMapKey"], "path": "rules.toml"}]
+    else:
+        assert "CXGW_EVENT_RULES_FILE" not in env, "CXGW_EVENT_RULES_FILE without its ConfigMap"
+        assert "event-rules" not in mounts and "event-rules" not in volumes
+    if values["surveyCooldown"]:
+        assert settings["CXGW_SURVEY_COOLDOWN"] == values["surveyCooldown"]
+    else:
+        assert "CXGW_SURVEY_COOLDOWN" not in settings
+
+
 def check_drain_timing(rendered: Rendered) -> None:
     values = rendered.values
     grace = values["config"]["shutdownGraceSeconds"]
@@ -955,6 +980,7 @@ PROPERTY_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("ports grpc/http", check_ports),
     ("grpc probes", check_probes),
     ("callers and tls as files", check_callers_and_tls),
+    ("event rules as a file", check_event_rules),
     ("drain timing", check_drain_timing),
     ("security contexts", check_security),
     ("resources", check_resources),

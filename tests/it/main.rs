@@ -11,6 +11,7 @@ mod foundation;
 mod insights;
 mod owners;
 mod postgres;
+mod rules;
 mod segment;
 mod support;
 mod surveys;

@@ -85,6 +85,7 @@ async fn a_send_schedules_every_recipient_in_one_upstream_call() {
     ];
     let response = client(&gateway)
         .send_survey(pb::SendSurveyRequest {
+            survey_cooldown: Default::default(),
             campaign_id: campaign_id.clone(),
             recipients: vec![
                 with_data,
@@ -145,6 +146,7 @@ async fn a_large_send_is_split_into_calls_of_at_most_a_hundred() {
     let emails: Vec<String> = (0..250).map(|i| format!("bulk{i}@example.com")).collect();
     let response = client(&gateway)
         .send_survey(pb::SendSurveyRequest {
+            survey_cooldown: Default::default(),
             campaign_id,
             recipients: emails.iter().map(|email| recipient(email)).collect(),
             delay_days: None,
@@ -175,6 +177,7 @@ async fn a_recipient_surveyed_recently_is_throttled() {
     let campaign_id = campaign(&handle, "CSAT");
     let mut surveys = client(&gateway);
     let send = |recipients: Vec<pb::Recipient>| pb::SendSurveyRequest {
+        survey_cooldown: Default::default(),
         campaign_id: campaign_id.clone(),
         recipients,
         delay_days: None,
@@ -225,6 +228,7 @@ async fn a_lost_answer_is_unknown_and_never_resent() {
     );
     let response = client(&gateway)
         .send_survey(pb::SendSurveyRequest {
+            survey_cooldown: Default::default(),
             campaign_id,
             recipients: vec![recipient("hal@example.com")],
             delay_days: None,
@@ -250,6 +254,7 @@ async fn an_async_send_is_queued_then_delivered_with_its_results() {
     let campaign_id = campaign(&handle, "CES");
     let queued = client(&gateway)
         .send_survey(pb::SendSurveyRequest {
+            survey_cooldown: Default::default(),
             campaign_id: campaign_id.clone(),
             recipients: vec![recipient("ivy@example.com"), recipient("jo@example.com")],
             delay_days: Some(0),
@@ -287,6 +292,7 @@ async fn a_send_to_an_unknown_campaign_is_not_found_without_a_survey_call() {
     let known = campaign(&handle, "NPS");
     let mut surveys = client(&gateway);
     let send = |campaign_id: &str, mode| pb::SendSurveyRequest {
+        survey_cooldown: Default::default(),
         campaign_id: campaign_id.to_owned(),
         recipients: vec![recipient("kim@example.com")],
         delay_days: None,
@@ -352,6 +358,7 @@ async fn an_async_send_refused_up_front_is_retried_by_the_outbox() {
     );
     let queued = client(&gateway)
         .send_survey(pb::SendSurveyRequest {
+            survey_cooldown: Default::default(),
             campaign_id: campaign_id.clone(),
             recipients: vec![recipient("pia@example.com")],
             delay_days: None,
@@ -380,6 +387,7 @@ async fn a_repeated_send_with_its_key_returns_the_first_answer_without_a_second_
     let campaign_id = campaign(&handle, "NPS");
     let mut surveys = client(&gateway);
     let request = pb::SendSurveyRequest {
+        survey_cooldown: Default::default(),
         campaign_id: campaign_id.clone(),
         recipients: vec![recipient("lou@example.com")],
         delay_days: None,
@@ -413,6 +421,7 @@ async fn a_repeated_send_with_its_key_returns_the_first_answer_without_a_second_
 
     // ASYNC with a key: the repeat gets the same delivery id and nothing is queued twice.
     let queued_request = pb::SendSurveyRequest {
+        survey_cooldown: Default::default(),
         campaign_id,
         recipients: vec![recipient("ned@example.com")],
         delay_days: None,
@@ -475,6 +484,7 @@ async fn a_thousand_concurrent_sends_share_about_ten_upstream_calls() {
             start.wait().await;
             let response = surveys
                 .send_survey(pb::SendSurveyRequest {
+                    survey_cooldown: Default::default(),
                     campaign_id,
                     recipients: vec![recipient(&email)],
                     delay_days: None,
@@ -1146,6 +1156,7 @@ async fn sent_surveys_list_the_outbox_with_filters() {
     let campaign_id = campaign(&handle, "NPS");
     surveys
         .send_survey(pb::SendSurveyRequest {
+            survey_cooldown: Default::default(),
             campaign_id: campaign_id.clone(),
             recipients: vec![recipient("olga@example.com")],
             delay_days: None,
@@ -1283,6 +1294,7 @@ async fn malformed_requests_are_refused_with_field_paths_and_never_reach_the_ups
     let mut surveys = client(&gateway);
     let campaign_id = "0123456789abcdef01234567".to_owned();
     let send = |recipients: Vec<pb::Recipient>| pb::SendSurveyRequest {
+        survey_cooldown: Default::default(),
         campaign_id: campaign_id.clone(),
         recipients,
         delay_days: None,

@@ -243,6 +243,27 @@ async fn each_rpc_is_one_trace_from_the_caller_to_the_upstream() {
         .expect("the caller's trace continues in the gateway");
     assert_eq!(hex(&server.parent_span_id), CALLER_SPAN);
     assert_eq!(server.name, "cx.gateway.v1.EventService/TrackEvent");
+    // The event rule's decisions are events of a span of this trace.
+    let decisions: Vec<(String, String)> = spans
+        .iter()
+        .filter(|s| s.trace_id == server.trace_id)
+        .flat_map(|s| &s.events)
+        .filter(|e| e.name == "event_rule.decision")
+        .map(|e| {
+            (
+                event_string(e, "event_rule.id").unwrap(),
+                event_string(e, "event_rule.decision").unwrap(),
+            )
+        })
+        .collect();
+    let rule = format!("env:order_completed:{campaign}");
+    assert_eq!(
+        decisions,
+        [
+            (rule.clone(), "matched".to_owned()),
+            (rule, "sent".to_owned())
+        ]
+    );
     for (key, value) in [
         ("rpc.system", "grpc"),
         ("rpc.service", "cx.gateway.v1.EventService"),
@@ -1099,6 +1120,7 @@ fn traced<T>(message: T, trace: &str) -> tonic::Request<T> {
 
 fn send_one(campaign: &str, email: &str) -> pb::SendSurveyRequest {
     pb::SendSurveyRequest {
+        survey_cooldown: Default::default(),
         campaign_id: campaign.to_owned(),
         recipients: vec![pb::Recipient {
             email: email.to_owned(),

@@ -172,6 +172,9 @@ mounted (read-only).
 {{- define "cx-gateway.callersDir" -}}
 /etc/cx-gateway/callers
 {{- end }}
+{{- define "cx-gateway.rulesDir" -}}
+/etc/cx-gateway/rules
+{{- end }}
 {{- define "cx-gateway.tlsDir" -}}
 /etc/cx-gateway/tls
 {{- end }}

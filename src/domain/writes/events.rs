@@ -1,5 +1,5 @@
 //! The execution of EventService's writes: the event to Retainly, then the Retently surveys its
-//! name maps to. Shared by SYNC calls and the outbox worker.
+//! event rules send. Shared by SYNC calls and the outbox worker.
 
 use std::collections::BTreeMap;
 
@@ -8,11 +8,11 @@ use serde_json::{Map, Value};
 use crate::app::App;
 use crate::convert::timestamp_to_ms;
 use crate::error::Error;
-use crate::grpc::convert::{json_value, recipient_outcome};
+use crate::grpc::convert::json_value;
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retainly::{RetainlyEvent, RetainlyId};
-use crate::upstream::retently::{CustomerInput, PropertyInput, PropertyType, SurveyRequest};
+use crate::upstream::retently::{CustomerInput, PropertyInput, PropertyType};
 
 /// The data key that carries `occur_time` (Retainly has no event time field).
 pub const OCCURRED_AT: &str = "occurred_at";
@@ -27,42 +27,12 @@ pub(crate) async fn execute_track_event(
     let Some(event) = request.event else {
         return Err(Error::internal("a validated event is missing"));
     };
-    let campaigns = app
-        .config
-        .event_mappings
-        .get(&event.name)
-        .cloned()
-        .unwrap_or_default();
     // Retainly first: if recording the event fails, no survey is sent, so the call can be
     // repeated as a whole.
     app.retainly
         .track_event(&ctx, retainly_event(&event))
         .await?;
-
-    let recipient = recipient_from_event(&event);
-    let sends = campaigns.iter().map(|campaign_id| {
-        app.retently.send_survey(
-            &ctx,
-            SurveyRequest {
-                campaign_id: campaign_id.clone(),
-                delay_days: None,
-                recipient: recipient.clone(),
-            },
-        )
-    });
-    let results = futures_util::future::join_all(sends).await;
-    let triggered_surveys = campaigns
-        .into_iter()
-        .zip(results)
-        .map(|(campaign_id, result)| {
-            let (outcome, error) = recipient_outcome(&result);
-            pb::TriggeredSurvey {
-                campaign_id,
-                outcome: outcome as i32,
-                error,
-            }
-        })
-        .collect();
+    let triggered_surveys = crate::grpc::rules::trigger_surveys(app, &ctx, &event).await;
     Ok(pb::TrackEventResponse {
         delivery_id: String::new(),
         duplicate: false,

@@ -341,7 +341,10 @@ impl Executor for WriteExecutor {
         delivery_id: &str,
         verify_since_ms: Option<i64>,
     ) -> Attempt {
-        match rpcs::deliver(&self.app, method, request, delivery_id, verify_since_ms).await {
+        // The delivery id names the attempt's survey cool-down reservations: a retry of the
+        // delivery passes the reservations its earlier attempt made.
+        let attempt = rpcs::deliver(&self.app, method, request, delivery_id, verify_since_ms);
+        match crate::domain::fatigue::within_delivery(delivery_id, attempt).await {
             Some(attempt) => attempt,
             None => Attempt::Failed {
                 error: DeliveryError::from(&Error::new(

@@ -94,6 +94,7 @@ pub(crate) async fn deliver_send_survey(
                     email: recipient.email,
                     outcome: pb::RecipientOutcome::Scheduled as i32,
                     error: None,
+                    throttle: None,
                 },
                 None,
             )
@@ -265,6 +266,7 @@ mod tests {
             email: format!("r{index}@example.com"),
             outcome: outcome as i32,
             error: None,
+            throttle: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! SetFeedbackTags and SetFeedbackTopics. Shared by SYNC calls and the outbox worker.
 
 use crate::app::App;
+use crate::domain::fatigue::Guarded;
 use crate::error::{Error, ErrorCode, Reason};
 use crate::grpc::surveys::convert;
 use crate::pb;
@@ -96,17 +97,28 @@ pub(crate) async fn send_each(
 ) -> Vec<(pb::RecipientResult, Option<Error>)> {
     let delay = request.delay_days.and_then(|days| u32::try_from(days).ok());
     let recipients = request.recipients.iter().map(convert::recipient).collect();
-    let outcomes = app
-        .retently
-        .send_surveys(&ctx, &request.campaign_id, delay, recipients)
-        .await;
+    // Through the survey cool-down: a recipient inside it gets THROTTLED and no upstream call.
+    let limits = crate::grpc::rules::send_survey_limits(app, &request);
+    let outcomes = crate::domain::fatigue::send_guarded(
+        app,
+        &ctx,
+        &request.campaign_id,
+        delay,
+        recipients,
+        &limits,
+    )
+    .await;
     request
         .recipients
         .iter()
         .zip(outcomes)
         .enumerate()
-        .map(|(index, (recipient, outcome))| {
-            convert::recipient_result(index, &recipient.email, outcome)
+        .map(|(index, (recipient, outcome))| match outcome {
+            Guarded::Sent(outcome) => convert::recipient_result(index, &recipient.email, outcome),
+            Guarded::Throttled(throttle) => (
+                crate::grpc::rules::throttled_result(index, &recipient.email, &throttle),
+                None,
+            ),
         })
         .collect()
 }

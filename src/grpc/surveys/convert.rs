@@ -132,6 +132,7 @@ pub fn recipient_result(
         email: email.to_owned(),
         outcome: kind as i32,
         error: item,
+        throttle: None,
     };
     (result, error)
 }

@@ -68,6 +68,7 @@ pub fn send_survey(request: &pb::SendSurveyRequest) -> Result<ValidWrite, Error>
         validate::tags(&mut v, &format!("{at}.tags"), &recipient.tags);
         validate::properties(&mut v, &format!("{at}.properties"), &recipient.properties);
     }
+    crate::grpc::rules::check_cooldown(&mut v, request);
     if let Some(days) = request.delay_days {
         v.check(
             (0..=MAX_DELAY_DAYS).contains(&days),

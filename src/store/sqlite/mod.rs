@@ -1,5 +1,6 @@
 //! The embedded engine: one SQLite database in the data directory, holding the outbox of
-//! asynchronous writes, idempotency records, the feedback log and sync cursors. It implements
+//! asynchronous writes, idempotency records, the feedback log, sync cursors and the survey
+//! record of the cool-down. It implements
 //! every store trait ([`super::OutboxStore`] and the others, one module each) and owns the
 //! schema ([`schema`]).
 //!
@@ -27,6 +28,7 @@ use super::{StoreError, StoreErrorKind};
 
 mod cursors;
 mod error_codes;
+mod fatigue;
 mod feedback_log;
 mod idempotency;
 mod outbox;

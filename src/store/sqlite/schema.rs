@@ -23,6 +23,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     OUTBOX_VERIFY_SINCE,
     FEEDBACK_ITEMS_LOOKUP,
     super::error_codes::MIGRATION,
+    super::fatigue::MIGRATION,
 ];
 
 /// The outbox of asynchronous writes, and the ordering keys (customers) of each delivery.

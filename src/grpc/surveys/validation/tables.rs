@@ -19,6 +19,7 @@ fn send_survey_table() {
         recipients,
         delay_days: None,
         options: None,
+        survey_cooldown: None,
     };
     let valid = || send("c1", vec![recipient("a@example.com")]);
     let cases: Vec<(&str, pb::SendSurveyRequest, Vec<&str>)> = vec![
@@ -57,6 +58,36 @@ fn send_survey_table() {
                 }],
             ),
             vec!["recipients[0].last_name"],
+        ),
+        (
+            "a cool-down of more than a year",
+            pb::SendSurveyRequest {
+                survey_cooldown: Some(prost_types::Duration {
+                    seconds: 366 * 24 * 3600,
+                    nanos: 0,
+                }),
+                ..valid()
+            },
+            vec!["survey_cooldown"],
+        ),
+        (
+            "a cool-down of part of a second",
+            pb::SendSurveyRequest {
+                survey_cooldown: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 5,
+                }),
+                ..valid()
+            },
+            vec!["survey_cooldown"],
+        ),
+        (
+            "a cool-down of zero records without checking",
+            pb::SendSurveyRequest {
+                survey_cooldown: Some(prost_types::Duration::default()),
+                ..valid()
+            },
+            vec![],
         ),
         (
             "a delay of more than a year",
