@@ -37,6 +37,9 @@
 //!   questions the log answers without an upstream call (customer history, covered ListFeedback
 //!   ranges).
 //!
+//! - [`alerts`]: alert rules over the log: matched responses become signed-JSON or Slack
+//!   deliveries of the outbox.
+//!
 //! Beside the flow:
 //!
 //! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
@@ -59,6 +62,7 @@
 //!   API.
 
 pub mod admin;
+pub mod alerts;
 pub mod app;
 pub mod auth;
 pub mod backoff;

@@ -405,6 +405,16 @@ impl Outbox {
         }
     }
 
+    /// Wakes the worker after deliveries were inserted with [`insert_delivery`].
+    pub(crate) fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    /// When a delivery queued now stops being retried (UNIX ms).
+    pub(crate) fn expire_ms_from(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_add(millis(self.settings.retry_window))
+    }
+
     /// Changes each time an attempt's outcome is recorded.
     pub fn outcomes(&self) -> watch::Receiver<u64> {
         self.outcomes.subscribe()
@@ -433,40 +443,14 @@ impl Outbox {
         let traceparent = crate::telemetry::propagation::traceparent(&span);
         self.store
             .write(move |tx| {
-                let now = now_ms();
-                let destinations = delivery
-                    .destinations
-                    .iter()
-                    .map(i32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                tx.execute(
-                    "INSERT INTO outbox (delivery_id, method, request, destinations, item_count,
-                        idempotency_key, replay_safe, state, create_ms, update_ms, next_attempt_ms,
-                        expire_ms, traceparent, owner)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10, ?11, ?12)",
-                    params![
-                        id,
-                        delivery.method,
-                        delivery.request,
-                        destinations,
-                        delivery.item_count,
-                        delivery.idempotency_key,
-                        delivery.replay_safe,
-                        DeliveryState::Pending as i64,
-                        now,
-                        expire_ms,
-                        traceparent,
-                        delivery.owner.stored(),
-                    ],
+                insert_delivery(
+                    tx,
+                    &id,
+                    &delivery,
+                    now_ms(),
+                    expire_ms,
+                    traceparent.as_deref(),
                 )?;
-                let seq = tx.last_insert_rowid();
-                let mut insert_key = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO outbox_keys (key, seq) VALUES (?1, ?2)",
-                )?;
-                for key in &delivery.ordering_keys {
-                    insert_key.execute(params![key, seq])?;
-                }
                 also(tx)
             })
             .instrument(span)
@@ -1184,6 +1168,53 @@ impl Outbox {
         }
         .instrument(span)
     }
+}
+
+/// Inserts a pending delivery inside the caller's transaction, due at once: the one statement
+/// every producer of deliveries shares ([`Outbox::enqueue_with`], and producers that must queue
+/// several deliveries together with their own state, such as the alert evaluator). Wake the
+/// worker with [`Outbox::notify`] once the transaction committed.
+pub(crate) fn insert_delivery(
+    tx: &rusqlite::Transaction<'_>,
+    delivery_id: &str,
+    delivery: &NewDelivery,
+    now: i64,
+    expire_ms: i64,
+    traceparent: Option<&str>,
+) -> rusqlite::Result<()> {
+    let destinations = delivery
+        .destinations
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    tx.execute(
+        "INSERT INTO outbox (delivery_id, method, request, destinations, item_count,
+            idempotency_key, replay_safe, state, create_ms, update_ms, next_attempt_ms,
+            expire_ms, traceparent, owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10, ?11, ?12)",
+        params![
+            delivery_id,
+            delivery.method,
+            delivery.request,
+            destinations,
+            delivery.item_count,
+            delivery.idempotency_key,
+            delivery.replay_safe,
+            DeliveryState::Pending as i64,
+            now,
+            expire_ms,
+            traceparent,
+            delivery.owner.stored(),
+        ],
+    )?;
+    let seq = tx.last_insert_rowid();
+    let mut insert_key =
+        tx.prepare_cached("INSERT OR IGNORE INTO outbox_keys (key, seq) VALUES (?1, ?2)")?;
+    for key in &delivery.ordering_keys {
+        insert_key.execute(params![key, seq])?;
+    }
+    Ok(())
 }
 
 fn dead_letter(

@@ -102,6 +102,9 @@ pub struct Observed {
     /// The encoded `cx.gateway.v1.Feedback`.
     pub payload: Vec<u8>,
     pub digest: [u8; 32],
+    /// The `traceparent` of the span that ingested it (a poll, a webhook call), kept with its
+    /// log entry so work that follows from the entry (alerts) links back to it.
+    pub traceparent: Option<String>,
 }
 
 impl Observed {
@@ -120,6 +123,7 @@ impl Observed {
             fields: EntryFields::of(feedback),
             payload,
             digest,
+            traceparent: None,
         }
     }
 }
@@ -506,8 +510,8 @@ pub(crate) fn append(
         tx.prepare_cached("SELECT digest FROM feedback_items WHERE feedback_id = ?1")?;
     let mut insert_entry = tx.prepare_cached(
         "INSERT INTO feedback_log (seq, feedback_id, kind, log_time_ms, campaign_id, metric,
-                                   score, score_category, has_comment, message)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                   score, score_category, has_comment, message, traceparent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     let mut upsert_item = tx.prepare_cached(
         "INSERT INTO feedback_items (feedback_id, digest, last_seq, create_time_ms, campaign_id,
@@ -560,6 +564,7 @@ pub(crate) fn append(
                 fields.score_category,
                 fields.has_comment,
                 message.as_ref(),
+                observed.traceparent,
             ])?;
             upsert_item.execute(params![
                 observed.feedback_id,

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, ErrorCode};
 
+pub mod alerts;
 mod schema;
 
 /// Jobs queued for the writer beyond this make callers wait, which is the backpressure of the

@@ -22,6 +22,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     crate::domain::idempotency::OWNER_MIGRATION,
     crate::domain::outbox::VERIFY_MIGRATION,
     crate::feedback::log::INDEX_MIGRATION,
+    crate::store::alerts::MIGRATION,
 ];
 
 pub fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {

@@ -1,0 +1,211 @@
+//! The alert evaluator: tails the feedback log from its own durable checkpoint, matches each entry
+//! against the rules in force, and queues the alerts in the outbox together with the checkpoint's
+//! move ([`AlertStore::commit`]), so a stop anywhere loses no alert and raises none twice.
+//!
+//! It reads the log, not the live fan-out: the log is the truth, entries appended while it was
+//! down or behind are read on its next turn, and the hub's head only wakes it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message as _;
+
+use crate::alerts::metrics::{AlertOutcomeLabel, count};
+use crate::alerts::payload::{AlertRecord, FeedbackFacts};
+use crate::alerts::rules::{EventKind, RuleSet};
+use crate::backoff::FailureStreak;
+use crate::domain::outbox::Outbox;
+use crate::error::Error;
+use crate::feedback::log::ReadOutcome;
+use crate::feedback::{FeedbackLog, Hub};
+use crate::pb;
+use crate::shutdown::Drain;
+use crate::store::alerts::{AlertOutcome, AlertStore, PendingAlert};
+
+/// Entries evaluated per transaction: bounds one commit's work and the memory of one turn.
+const BATCH_ENTRIES: usize = 256;
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// How often alert keys past their keeping time are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+pub struct Evaluator {
+    pub log: FeedbackLog,
+    pub hub: Arc<Hub>,
+    pub rules: RuleSet,
+    pub store: AlertStore,
+    pub outbox: Outbox,
+    /// Alert keys are kept this long (the feedback log's retention: a response can only come
+    /// back as new once the log forgot it); `None` keeps them.
+    pub keep_keys: Option<Duration>,
+    pub drain: Drain,
+}
+
+/// The version key of one response version: a digest of its content, so the same version logged
+/// again (after retention forgot it) has the same key.
+fn version_of(feedback: &pb::Feedback) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, &feedback.encode_to_vec());
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Evaluator {
+    /// Sets the checkpoint to the log's head the first time alerting runs on this store. Run
+    /// before the feedback workers start, so the first responses they log are evaluated.
+    pub async fn start_position(&self) -> Result<i64, Error> {
+        let state = self.log.state().await?;
+        self.store.checkpoint_or_start_at(state.head_seq).await
+    }
+
+    /// Evaluates until draining starts; store failures are retried with backoff.
+    pub async fn run(self) {
+        let mut head = self.hub.head_watch();
+        let mut streak = FailureStreak::for_store();
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            if self.drain.is_draining() {
+                return;
+            }
+            match self.turn().await {
+                Ok(true) => {
+                    streak.succeeded();
+                    continue;
+                }
+                Ok(false) => {
+                    let failures = streak.succeeded();
+                    if failures > 0 {
+                        tracing::info!(failures, "alert evaluation works again");
+                    }
+                }
+                Err(error) => {
+                    let failure = streak.failed();
+                    if let Some(suppressed) = failure.log {
+                        tracing::error!(
+                            %error,
+                            failures = failure.failures,
+                            suppressed,
+                            retry_in_ms = failure.delay.as_millis(),
+                            "cannot evaluate alert rules"
+                        );
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(failure.delay) => {}
+                        () = self.drain.clone().signaled() => return,
+                    }
+                    continue;
+                }
+            }
+            if let Some(keep) = self.keep_keys
+                && last_prune.elapsed() >= PRUNE_EVERY
+            {
+                last_prune = tokio::time::Instant::now();
+                let before = chrono::Utc::now()
+                    .timestamp_millis()
+                    .saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+                if let Err(error) = self.store.prune(before).await {
+                    tracing::warn!(%error, "cannot prune alert keys");
+                }
+            }
+            // Caught up: wait for the next append (or a periodic look, which also runs the
+            // pruning above when nothing is logged for a long time).
+            tokio::select! {
+                changed = head.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(PRUNE_EVERY) => {}
+                () = self.drain.clone().signaled() => return,
+            }
+        }
+    }
+
+    /// Evaluates one batch after the checkpoint. `true` when it moved (there may be more).
+    async fn turn(&self) -> Result<bool, Error> {
+        let checkpoint = match self.store.checkpoint().await? {
+            Some(checkpoint) => checkpoint,
+            None => self.start_position().await?,
+        };
+        let entries = match self
+            .log
+            .read_after(checkpoint, i64::MAX, BATCH_ENTRIES, BATCH_BYTES)
+            .await?
+        {
+            ReadOutcome::Entries(entries) => entries,
+            ReadOutcome::Expired => {
+                let pruned = self.log.state().await?.pruned_seq;
+                tracing::warn!(
+                    checkpoint,
+                    pruned,
+                    "feedback log entries were deleted by retention before alert rules saw them"
+                );
+                self.store.commit(&self.outbox, Vec::new(), pruned).await?;
+                return Ok(true);
+            }
+        };
+        let Some(last) = entries.last().map(|entry| entry.sequence) else {
+            return Ok(false);
+        };
+        let traces = self
+            .store
+            .ingestion_traces(checkpoint, last)
+            .await
+            .unwrap_or_default();
+        let rules = self.rules.current();
+        let mut pending = Vec::new();
+        for entry in &entries {
+            let Ok(message) = pb::SubscribeResponse::decode(entry.message.clone()) else {
+                tracing::warn!(
+                    sequence = entry.sequence,
+                    "a feedback log entry cannot be decoded, alert rules skip it"
+                );
+                continue;
+            };
+            let Some(pb::subscribe_response::Payload::FeedbackEvent(event)) = message.payload
+            else {
+                continue;
+            };
+            let kind = match pb::FeedbackEventKind::try_from(event.kind) {
+                Ok(pb::FeedbackEventKind::Created) => EventKind::Created,
+                Ok(pb::FeedbackEventKind::Updated) => EventKind::Updated,
+                _ => continue,
+            };
+            let Some(feedback) = event.feedback else {
+                continue;
+            };
+            let mut version = None;
+            for rule in rules.iter().filter(|rule| rule.matches(kind, &feedback)) {
+                count(&rule.name, AlertOutcomeLabel::Matched);
+                let record = AlertRecord {
+                    rule: rule.name.clone(),
+                    event: kind,
+                    log_sequence: entry.sequence,
+                    feedback: FeedbackFacts::of(&feedback),
+                };
+                let request = serde_json::to_vec(&record)
+                    .map_err(|error| Error::internal(format!("cannot encode an alert: {error}")))?;
+                pending.push(PendingAlert {
+                    rule: rule.name.clone(),
+                    feedback_id: feedback.feedback_id.clone(),
+                    version: version.get_or_insert_with(|| version_of(&feedback)).clone(),
+                    request,
+                    rate_limit: rule.rate_limit.map(|limit| (limit.count, limit.per)),
+                    traceparent: traces.get(&entry.sequence).cloned(),
+                });
+            }
+        }
+        let rules_of: Vec<String> = pending.iter().map(|alert| alert.rule.clone()).collect();
+        let outcomes = self.store.commit(&self.outbox, pending, last).await?;
+        for (rule, outcome) in rules_of.iter().zip(&outcomes) {
+            match outcome {
+                AlertOutcome::Queued(delivery_id) => {
+                    tracing::info!(rule = %rule, %delivery_id, "alert queued");
+                }
+                AlertOutcome::RateLimited => {
+                    count(rule, AlertOutcomeLabel::RateLimited);
+                    tracing::info!(rule = %rule, "alert dropped by the rule's rate limit");
+                }
+                AlertOutcome::Duplicate => {}
+            }
+        }
+        Ok(true)
+    }
+}
