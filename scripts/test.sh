@@ -3,7 +3,7 @@
 # into .venv, buf and the Node client's packages from npm, Go, prometheus and sqlite3 from Debian,
 # cargo-fuzz from crates.io), then formatting and lints, the Rust unit and integration tests, the
 # grpcurl suite against the built binary, the Python, Node and Go client tests, the client guide's
-# snippet check, the contract lint and breaking-change guard, the Helm chart checks, the
+# and README snippet checks, the contract lint and breaking-change guard, the Helm chart checks, the
 # monitoring checks (promtool, a real Prometheus), a quick benchmark smoke run and a short fuzz
 # run. Prints one line per suite and a closing summary.
 set -uo pipefail
@@ -102,6 +102,7 @@ else
   failures+=("build")
 fi
 suite "client guide snippets" python3 scripts/check-doc-snippets.py
+suite "readme snippets" python3 scripts/check-doc-snippets.py README.md
 suite "contract lint" bash scripts/buf-lint.sh
 suite "contract guard" bash scripts/buf-breaking.sh
 suite "helm chart" bash tests/helm/check.sh
