@@ -160,8 +160,9 @@ impl AlertStore {
                                 request: alert.request,
                                 destinations: Vec::new(),
                                 item_count: 1,
-                                // Alerts of one rule go out in the order they were raised.
-                                ordering_keys: vec![format!("alert:{}", alert.rule)],
+                                // Alerts are independent of each other: one a receiver keeps
+                                // failing must not hold back the rest for the retry window.
+                                ordering_keys: Vec::new(),
                                 idempotency_key: None,
                                 // Receivers drop a repeated alert by its id (`Cx-Alert-Id`).
                                 replay_safe: true,

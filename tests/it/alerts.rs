@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
-use crate::auth::{callers_file, with_token};
+use crate::auth::{callers_file, with_token, write_atomically};
 use crate::child::ChildGateway;
 use crate::support::{Options, TestGateway, finished_delivery};
 
@@ -504,4 +504,86 @@ async fn an_alert_cut_by_sigkill_is_delivered_once_after_the_restart() {
     assert_eq!(received_after[0].body, received_after[1].body);
     assert_eq!(gateway.terminate().code(), Some(0));
     emulator.stop().await;
+}
+
+/// The value of the `/metrics` series `name` whose labels include every one of `labels`.
+async fn metric(admin: SocketAddr, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// Waits until the series reaches `at_least` (the reload task reports through no other signal).
+async fn metric_reaches(admin: SocketAddr, name: &str, labels: &[&str], at_least: f64) {
+    let wait = async {
+        while metric(admin, name, labels).await.unwrap_or(0.0) < at_least {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{name} {labels:?} never reached {at_least}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_rules_file_keeps_the_rules_in_force_until_a_good_one_replaces_them() {
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rule = |name: &str| {
+        format!(
+            "[[rule]]\nname = \"{name}\"\nformat = \"slack\"\nurl = \"{}\"\n",
+            receiver.url(&format!("/{name}"))
+        )
+    };
+    let rules = rules_file(dir.path(), &rule("first"));
+    let gateway = start(&rules, &[("CXGW_RELOAD_INTERVAL", "50ms")]).await;
+    let admin = gateway.admin_addr;
+    const RELOADS: &str = "cxgw_alerts_rules_reloads_total";
+
+    // A broken file (and one whose secret file is missing) is refused and counted.
+    write_atomically(&rules, "[[rule]]\nname = ");
+    metric_reaches(admin, RELOADS, &["outcome=\"rejected\""], 1.0).await;
+    write_atomically(
+        &rules,
+        &(rule("first").replace("slack", "signed-json") + "secret_file = \"/nonexistent\"\n"),
+    );
+    metric_reaches(admin, RELOADS, &["outcome=\"rejected\""], 2.0).await;
+    gateway.sandbox().handle().simulate_feedback(1);
+    let received = receiver.wait_for(1).await;
+    assert_eq!(
+        received[0].path, "/first",
+        "the last good rules stay in force"
+    );
+    metric_reaches(
+        admin,
+        "cxgw_alerts_total",
+        &["rule=\"first\"", "outcome=\"sent\""],
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            admin,
+            "cxgw_alerts_total",
+            &["rule=\"first\"", "outcome=\"matched\""]
+        )
+        .await,
+        Some(1.0)
+    );
+
+    write_atomically(&rules, &rule("second"));
+    metric_reaches(admin, RELOADS, &["outcome=\"replaced\""], 1.0).await;
+    gateway.sandbox().handle().simulate_feedback(1);
+    let received = receiver.wait_for(2).await;
+    assert_eq!(received[1].path, "/second", "the new rules apply");
+    assert_eq!(received.len(), 2);
+    gateway.stop().await.unwrap();
 }
