@@ -24,6 +24,7 @@ use tokio::sync::{Notify, watch};
 use crate::auth::{callers_file, with_token, write_atomically};
 use crate::child::ChildGateway;
 use crate::support::{Options, TestGateway, finished_delivery};
+use crate::telemetry::Collector;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 const SECRET: &str = "alert-signing-secret-5b1e9c";
@@ -586,4 +587,55 @@ async fn a_bad_rules_file_keeps_the_rules_in_force_until_a_good_one_replaces_the
     assert_eq!(received[1].path, "/second", "the new rules apply");
     assert_eq!(received.len(), 2);
     gateway.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_alert_attempt_is_a_span_linked_to_the_ingestion_of_its_response() {
+    let (collector, endpoint) = Collector::start().await;
+    let receiver = Receiver::start(Behaviour::FailFirst(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let rules = rules_file(
+        dir.path(),
+        &format!(
+            "[[rule]]\nname = \"all\"\nformat = \"slack\"\nurl = \"{}\"\n",
+            receiver.url("/hook")
+        ),
+    );
+    let sandbox = Sandbox::new(sandbox_config());
+    let emulator = EmbeddedSandbox::spawn(
+        sandbox.clone(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .unwrap();
+    let mut settings = settings(&rules, &[]);
+    settings.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
+    let gateway = ChildGateway::start(&emulator, data_dir.path(), &settings).await;
+    sandbox.handle().simulate_feedback(1);
+    let received = receiver.wait_for(2).await;
+    let delivery = finished_delivery(&gateway.channel, &received[0].alert_id).await;
+    assert_eq!(delivery.state, pb::DeliveryState::Delivered as i32);
+    assert!(gateway.terminate().success());
+
+    let spans = collector.spans();
+    let attempts: Vec<_> = spans
+        .iter()
+        .filter(|span| span.name == "outbox.delivery")
+        .collect();
+    assert_eq!(
+        attempts.len(),
+        2,
+        "one span per attempt (a failure, then the success)"
+    );
+    for attempt in attempts {
+        assert!(attempt.parent_span_id.is_empty(), "a trace of its own");
+        assert_eq!(attempt.links.len(), 1);
+        let link = &attempt.links[0];
+        let ingestion = spans
+            .iter()
+            .find(|span| span.span_id == link.span_id && span.trace_id == link.trace_id)
+            .expect("the linked span was exported");
+        assert_eq!(ingestion.name, "feedback.sync.poll");
+    }
+    emulator.stop().await;
 }
