@@ -144,11 +144,7 @@ impl Evaluator {
         let Some(last) = entries.last().map(|entry| entry.sequence) else {
             return Ok(false);
         };
-        let traces = self
-            .store
-            .ingestion_traces(checkpoint, last)
-            .await
-            .unwrap_or_default();
+        let traces = self.store.ingestion_traces(checkpoint, last).await?;
         let rules = self.rules.current();
         let mut pending = Vec::new();
         for entry in &entries {
@@ -173,7 +169,6 @@ impl Evaluator {
             };
             let mut version = None;
             for rule in rules.iter().filter(|rule| rule.matches(kind, &feedback)) {
-                count(&rule.name, AlertOutcomeLabel::Matched);
                 let record = AlertRecord {
                     rule: rule.name.clone(),
                     event: kind,
@@ -195,11 +190,15 @@ impl Evaluator {
         let rules_of: Vec<String> = pending.iter().map(|alert| alert.rule.clone()).collect();
         let outcomes = self.store.commit(&self.outbox, pending, last).await?;
         for (rule, outcome) in rules_of.iter().zip(&outcomes) {
+            // Counted once committed, and only for new matches: a batch evaluated again after a
+            // failed commit, or an entry already alerted, counts nothing twice.
             match outcome {
                 AlertOutcome::Queued(delivery_id) => {
+                    count(rule, AlertOutcomeLabel::Matched);
                     tracing::info!(rule = %rule, %delivery_id, "alert queued");
                 }
                 AlertOutcome::RateLimited => {
+                    count(rule, AlertOutcomeLabel::Matched);
                     count(rule, AlertOutcomeLabel::RateLimited);
                     tracing::info!(rule = %rule, "alert dropped by the rule's rate limit");
                 }

@@ -639,3 +639,48 @@ async fn each_alert_attempt_is_a_span_linked_to_the_ingestion_of_its_response() 
     }
     emulator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_sends_at_most_its_rate_limit_and_counts_the_rest() {
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = rules_file(
+        dir.path(),
+        &format!(
+            "[[rule]]\nname = \"limited\"\nformat = \"slack\"\nurl = \"{}\"\n\
+             rate_limit = {{ count = 2, per = \"1h\" }}\n",
+            receiver.url("/hook")
+        ),
+    );
+    let gateway = start(&rules, &[]).await;
+    let admin = gateway.admin_addr;
+    gateway.sandbox().handle().simulate_feedback(5);
+    let labels = |outcome: &'static str| [r#"rule="limited""#, outcome];
+    metric_reaches(
+        admin,
+        "cxgw_alerts_total",
+        &labels(r#"outcome="matched""#),
+        5.0,
+    )
+    .await;
+    let received = receiver.wait_for(2).await;
+    for request in &received {
+        let delivery = finished_delivery(&gateway.channel, &request.alert_id).await;
+        assert_eq!(delivery.state, pb::DeliveryState::Delivered as i32);
+    }
+    assert_eq!(receiver.requests().len(), 2, "two alerts within the limit");
+    assert_eq!(
+        metric(
+            admin,
+            "cxgw_alerts_total",
+            &labels(r#"outcome="rate_limited""#)
+        )
+        .await,
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(admin, "cxgw_alerts_total", &labels(r#"outcome="sent""#)).await,
+        Some(2.0)
+    );
+    gateway.stop().await.unwrap();
+}
