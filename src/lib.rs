@@ -42,7 +42,8 @@
 //!
 //! Beside the flow:
 //!
-//! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors.
+//! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors,
+//!   and the alert evaluator's checkpoint and keys ([`store::alerts`]).
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`admin`]: the admin HTTP port (liveness, readiness, feedback counters, webhooks).
