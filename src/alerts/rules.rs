@@ -411,10 +411,8 @@ impl Rules {
             // position and the kind of problem.
             let position = error
                 .span()
-                .map(|span| {
-                    let line = text[..span.start.min(text.len())].lines().count().max(1);
-                    format!(" at line {line}")
-                })
+                .and_then(|span| text.get(..span.start))
+                .map(|before| format!(" at line {}", before.matches('\n').count() + 1))
                 .unwrap_or_default();
             format!(
                 "the file is not a valid rules file{position}: {}",
@@ -646,6 +644,11 @@ mod tests {
             assert!(error.contains(expected), "{error}");
             assert!(!error.contains("sekrit"), "{error}");
         }
+        let unknown = Rules::parse(&format!("[[rule]]\n{base}name = \"r\"\nbogus = 1\n"));
+        assert!(
+            unknown.unwrap_err().contains("at line 5"),
+            "the line is named"
+        );
         let twice = format!("[[rule]]\nname = \"r\"\n{base}[[rule]]\nname = \"r\"\n{base}");
         assert!(Rules::parse(&twice).unwrap_err().contains("defined twice"));
         let unsigned = "[[rule]]\nname = \"r\"\nformat = \"signed-json\"\nurl = \"http://a/\"\n";

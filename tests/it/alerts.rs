@@ -393,7 +393,7 @@ async fn a_receiver_that_never_succeeds_ends_in_a_dead_letter_only_admins_see() 
             (
                 "operator",
                 ADMIN,
-                &["deliveries:read", "deliveries:admin"][..],
+                &["deliveries:read", "deliveries:retry", "deliveries:admin"][..],
             ),
             ("reader", READER, &["deliveries:read"][..]),
         ],
@@ -461,6 +461,20 @@ async fn a_receiver_that_never_succeeds_ends_in_a_dead_letter_only_admins_see() 
         dead(READER).await.is_empty(),
         "the gateway's own deliveries"
     );
+    // Once the receiver is fixed, an operator requeues the alerts' dead letters by their method.
+    let retried = deliveries
+        .retry_dead_letters(with_token(
+            pb::RetryDeadLettersRequest {
+                delivery_ids: Vec::new(),
+                all: true,
+                method: "cx-gateway/Alert".to_owned(),
+            },
+            Some(ADMIN),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.requeued_count, 1);
     gateway.stop().await.unwrap();
 }
 
