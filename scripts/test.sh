@@ -2,8 +2,9 @@
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
 # into .venv, buf and the Node client's packages from npm, Go, prometheus and sqlite3 from Debian,
 # cargo-fuzz from crates.io), then formatting and lints, the Rust unit and integration tests, the
-# grpcurl suite against the built binary, the Python, Node and Go client tests, the client guide's
-# and README snippet checks, the contract lint and breaking-change guard, the Helm chart checks, the
+# grpcurl suite against the built binary, the Python, Node and Go client tests, Segment's Python
+# library against the Segment intake, the client guide's and README snippet checks, the contract
+# lint and breaking-change guard, the Helm chart checks, the
 # monitoring checks (promtool, a real Prometheus), a quick benchmark smoke run and a short fuzz
 # run. Prints one line per suite and a closing summary.
 set -uo pipefail
@@ -55,7 +56,8 @@ rust_tests() {
   fi
 }
 
-# The Node caller: its pinned packages (npm ci, skipped while the lock file is unchanged), then
+# The Node caller and Segment's Node library against the Segment intake: the pinned packages (npm
+# ci, skipped while the lock file is unchanged), then
 # node's test runner against the built binary.
 node_client() {
   local stamp=tests/node/node_modules/.cxgw-lock-sha256
@@ -65,7 +67,7 @@ node_client() {
     (cd tests/node && npm ci --no-audit --no-fund --loglevel=error) || return 1
     echo "$lock" >"$stamp"
   fi
-  (cd tests/node && CXGW_BINARY="$root/target/debug/cx-gateway" node --test client.test.js)
+  (cd tests/node && CXGW_BINARY="$root/target/debug/cx-gateway" node --test client.test.js segment.test.js)
 }
 
 build_binary() {
@@ -90,6 +92,8 @@ suite "rust tests" rust_tests
 if build_binary; then
   suite "grpcurl suite" bash tests/grpcurl/run.sh target/debug/cx-gateway
   suite "python client" .venv/bin/python tests/python/test_client.py target/debug/cx-gateway
+  # Segment's own Python library against the Segment intake.
+  suite "segment library" .venv/bin/python tests/python/test_segment.py target/debug/cx-gateway
   suite "node client" node_client
   suite "go client" bash tests/go/run.sh target/debug/cx-gateway
   # A scaled-down run of every benchmark scenario, so the benchmark cannot rot; it asserts no

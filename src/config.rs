@@ -330,6 +330,15 @@ pub struct Config {
     pub webhook: WebhookConfig,
     /// The alert rules (`CXGW_ALERT_RULES_FILE`); `None`: no alerts.
     pub alert_rules: Option<crate::alerts::RuleSet>,
+    /// The Segment-compatible HTTP intake (`CXGW_SEGMENT_LISTEN_ADDR`); `None` leaves it off.
+    pub segment: Option<SegmentSettings>,
+}
+
+/// The Segment-compatible HTTP intake. Its write keys live on the callers' entries
+/// (`segment_write_key_files`), so they share the callers' permissions, quotas and shares.
+#[derive(Debug, Clone)]
+pub struct SegmentSettings {
+    pub listen_addr: SocketAddr,
 }
 
 impl Config {
@@ -582,7 +591,21 @@ impl Config {
             },
             auth,
             tls,
+            segment: segment_settings(&s)?,
         })
+    }
+}
+
+fn segment_settings(s: &Reader<'_>) -> Result<Option<SegmentSettings>, ConfigError> {
+    const KEY: &str = "CXGW_SEGMENT_LISTEN_ADDR";
+    match s.source.get(KEY) {
+        None => Ok(None),
+        Some(text) if text.trim().is_empty() => Ok(None),
+        Some(text) => text
+            .trim()
+            .parse()
+            .map(|listen_addr| Some(SegmentSettings { listen_addr }))
+            .map_err(|error| ConfigError::new(KEY, format!("`{text}` is not an address: {error}"))),
     }
 }
 
@@ -854,6 +877,23 @@ mod tests {
             ("CXGW_RETAINLY_API_KEY", "key-canary"),
             ("CXGW_RETAINLY_API_SECRET", "secret-canary"),
         ]
+    }
+
+    #[test]
+    fn the_segment_intake_is_off_unless_given_an_address() {
+        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        assert!(config.segment.is_none());
+        let mut settings = keys();
+        settings.push(("CXGW_SEGMENT_LISTEN_ADDR", "127.0.0.1:8088"));
+        let config = Config::load(&MapSource::new(settings), UpstreamMode::Real).unwrap();
+        assert_eq!(config.segment.unwrap().listen_addr.port(), 8088);
+        let mut settings = keys();
+        settings.push(("CXGW_SEGMENT_LISTEN_ADDR", "port 8088"));
+        let error = Config::load(&MapSource::new(settings), UpstreamMode::Real).unwrap_err();
+        assert!(
+            error.to_string().contains("CXGW_SEGMENT_LISTEN_ADDR"),
+            "{error}"
+        );
     }
 
     #[test]

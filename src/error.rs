@@ -13,6 +13,8 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::upstream::failure::FailureClass;
 
+pub use self::reason::Reason;
+
 /// `ErrorInfo.domain` of every error the gateway produces.
 pub const ERROR_DOMAIN: &str = "cx-gateway";
 
@@ -44,6 +46,75 @@ pub enum ErrorCode {
     Unimplemented,
     Internal,
 }
+
+/// Gives an enum the stable names it is known by outside the process (on the wire, in the
+/// store): `ALL`, `as_str`, `parse`, and serde as those names. `$what` names the kind in the
+/// error for an unknown name.
+macro_rules! stable_names {
+    ($type:ident, $what:literal, { $($variant:ident = $text:literal,)* }) => {
+        impl $type {
+            /// Every value, in the order of its table.
+            pub const ALL: &[$type] = &[$($type::$variant,)*];
+
+            /// The stable name.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($type::$variant => $text,)*
+                }
+            }
+
+            /// The value a stable name names; `None` for a name this build does not know.
+            pub fn parse(text: &str) -> Option<$type> {
+                match text {
+                    $($text => Some($type::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                serializer: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                deserializer: D,
+            ) -> std::result::Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                $type::parse(&text).ok_or_else(|| {
+                    serde::de::Error::custom(format!(concat!("unknown ", $what, " `{}`"), text))
+                })
+            }
+        }
+    };
+}
+
+// The names of the gRPC codes the gateway's codes map to: how failed deliveries store them (a
+// name survives a renumbering; see the outbox).
+stable_names!(ErrorCode, "error code", {
+    InvalidArgument = "INVALID_ARGUMENT",
+    NotFound = "NOT_FOUND",
+    AlreadyExists = "ALREADY_EXISTS",
+    FailedPrecondition = "FAILED_PRECONDITION",
+    OutOfRange = "OUT_OF_RANGE",
+    ResourceExhausted = "RESOURCE_EXHAUSTED",
+    Unavailable = "UNAVAILABLE",
+    DeadlineExceeded = "DEADLINE_EXCEEDED",
+    Cancelled = "CANCELLED",
+    Unauthenticated = "UNAUTHENTICATED",
+    PermissionDenied = "PERMISSION_DENIED",
+    Aborted = "ABORTED",
+    Unimplemented = "UNIMPLEMENTED",
+    Internal = "INTERNAL",
+});
+
+// After `stable_names!`, which it uses.
+mod reason;
 
 impl ErrorCode {
     pub fn grpc_code(self) -> tonic::Code {
@@ -92,7 +163,7 @@ pub struct Error(Box<ErrorInner>);
 #[derive(Debug, Clone)]
 struct ErrorInner {
     code: ErrorCode,
-    reason: &'static str,
+    reason: Reason,
     message: String,
     violations: Vec<FieldViolation>,
     retry_after: Option<Duration>,
@@ -105,7 +176,7 @@ struct ErrorInner {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn new(code: ErrorCode, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, reason: Reason, message: impl Into<String>) -> Self {
         Self(Box::new(ErrorInner {
             code,
             reason,
@@ -123,17 +194,18 @@ impl Error {
             [only] => format!("invalid {}: {}", only.field, only.description),
             many => format!("{} invalid fields, see the BadRequest details", many.len()),
         };
-        Self::new(ErrorCode::InvalidArgument, "INVALID_FIELDS", message).with_violations(violations)
+        Self::new(ErrorCode::InvalidArgument, Reason::InvalidFields, message)
+            .with_violations(violations)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::Internal, "INTERNAL", message)
+        Self::new(ErrorCode::Internal, Reason::Internal, message)
     }
 
     pub fn unimplemented(what: &str) -> Self {
         Self::new(
             ErrorCode::Unimplemented,
-            "NOT_IMPLEMENTED",
+            Reason::NotImplemented,
             format!("{what} is not implemented by this gateway"),
         )
     }
@@ -171,7 +243,7 @@ impl Error {
         self.0.code
     }
 
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         self.0.reason
     }
 
@@ -270,7 +342,7 @@ impl From<Error> for tonic::Status {
             );
         }
         let mut details = ErrorDetails::new();
-        details.set_error_info(error.reason, ERROR_DOMAIN, error.metadata);
+        details.set_error_info(error.reason.as_str(), ERROR_DOMAIN, error.metadata);
         for (field, description) in sent {
             details.add_bad_request_violation(field, description);
         }
@@ -379,7 +451,7 @@ mod tests {
     fn retry_info_is_mirrored_as_a_pushback_for_client_retry_policies() {
         let busy = |delay| {
             tonic::Status::from(
-                Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down")
+                Error::new(ErrorCode::Unavailable, Reason::UpstreamUnavailable, "down")
                     .with_retry_after(delay),
             )
         };
@@ -391,7 +463,7 @@ mod tests {
         assert_eq!(pushback(&busy(Duration::from_secs(53))), Some("-1"));
         let refused = tonic::Status::from(Error::new(
             ErrorCode::NotFound,
-            "DELIVERY_NOT_FOUND",
+            Reason::DeliveryNotFound,
             "no such delivery",
         ));
         assert_eq!(pushback(&refused), None);

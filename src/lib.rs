@@ -18,12 +18,16 @@
 //! - **Adapters.** [`grpc`]: one module per service: validate ([`grpc::validate`]), convert,
 //!   call, convert back, with errors mapped once through [`error`]. Conversions the feedback
 //!   pipeline needs too are in [`convert`]; generated code is in [`pb`].
-//! - **Domain.** The write path: [`grpc::writes`] (the `WriteRpc` contract, SYNC and ASYNC
-//!   execution, idempotency keys, replay through the outbox executor) with the per-service
-//!   execution in `grpc/customers/execute.rs`, `grpc/surveys.rs` (with the outbox's survey
-//!   delivery in `grpc/surveys/delivery.rs`) and `grpc/events.rs`, over [`domain`]: the
-//!   durable [`domain::outbox`] of asynchronous writes and its delivery worker, and
-//!   [`domain::idempotency`] (remembered responses).
+//! - **Domain.** The write path, [`domain::writes`]: the `WriteRpc` contract, SYNC and ASYNC
+//!   execution, idempotency keys, replay through the outbox executor, and one table
+//!   (`domain/writes/rpcs.rs`) that declares every write RPC (method, request, execution
+//!   function, replay safety, permission). The per-service execution is beside it:
+//!   [`domain::writes::customers`], [`domain::writes::surveys`] (with the outbox's survey
+//!   delivery in [`domain::writes::survey_delivery`]) and [`domain::writes::events`]. Under
+//!   it: the durable [`domain::outbox`] of asynchronous writes and its delivery worker, and
+//!   [`domain::idempotency`] (remembered responses). Every failure carries a typed
+//!   [`error::Reason`] (its `ErrorInfo.reason`) and, from an upstream attempt, the
+//!   [`upstream::failure::FailureClass`] that decides retries.
 //! - **Scheduler.** [`upstream::scheduler`]: one lane per upstream account: the budget,
 //!   priorities, batching, single-flight reads and caching, retries, the circuit breaker.
 //! - **Clients.** [`upstream`]: the typed [`upstream::retently`] and [`upstream::retainly`]
@@ -42,11 +46,14 @@
 //!
 //! Beside the flow:
 //!
-//! - [`store`]: the embedded durable store (SQLite): outbox, idempotency, feedback log, cursors,
-//!   and the alert evaluator's checkpoint and keys ([`store::alerts`]).
+//! - [`store`]: storage behind narrow async traits per concern (outbox, idempotency records,
+//!   feedback log, cursors, the alert evaluator's state in [`store::alerts`]), every SQL statement
+//!   and the schema; the embedded SQLite engine is [`store::sqlite`].
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`admin`]: the admin HTTP port (liveness, readiness, feedback counters, webhooks).
+//! - [`segment`]: the Segment-compatible HTTP intake (track, identify, batch) on its own port,
+//!   feeding the same write path as `EventService` and `CustomerService`.
 //! - [`telemetry`]: logs, traces (OpenTelemetry, W3C context), metrics (`/metrics`, OTLP), redaction.
 //! - [`reload`]: reloading the callers and TLS files on SIGHUP and on change.
 //! - [`readiness`]: whether start-up work (outbox recovery) is done, for `/readyz` and health.
@@ -76,6 +83,7 @@ pub mod grpc;
 pub mod readiness;
 pub mod reload;
 pub mod sandbox_mode;
+pub mod segment;
 pub mod server;
 pub mod shutdown;
 pub mod store;

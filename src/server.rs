@@ -24,15 +24,14 @@ use crate::alerts::sender::{AlertAwareExecutor, AlertSender};
 use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::config::Config;
+use crate::domain::writes::WriteExecutor;
 use crate::feedback::{Clock, Feedback, FeedbackSettings, FeedbackSource};
 use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
-use crate::grpc::writes::WriteExecutor;
 use crate::pb;
 use crate::readiness::Stage;
 use crate::reload::{self, Reloadable};
 use crate::shutdown;
-use crate::store::alerts::AlertStore;
 use crate::telemetry;
 use crate::telemetry::grpc::TelemetryLayer;
 use crate::tls::{self, ReloadingTls};
@@ -46,6 +45,8 @@ const BACKGROUND_STOP_MARGIN: Duration = Duration::from_secs(1);
 pub struct Listeners {
     pub grpc: TcpListener,
     pub admin: TcpListener,
+    /// The Segment intake's port, when `CXGW_SEGMENT_LISTEN_ADDR` turns it on.
+    pub segment: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -56,7 +57,22 @@ impl Listeners {
         let admin = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot bind the admin address {}", config.admin_addr))?;
-        Ok(Listeners { grpc, admin })
+        let segment = match &config.segment {
+            Some(segment) => Some(TcpListener::bind(segment.listen_addr).await.with_context(
+                || {
+                    format!(
+                        "cannot bind the segment intake address {}",
+                        segment.listen_addr
+                    )
+                },
+            )?),
+            None => None,
+        };
+        Ok(Listeners {
+            grpc,
+            admin,
+            segment,
+        })
     }
 }
 
@@ -114,6 +130,25 @@ pub async fn run(
     );
 
     let callers = config.auth.callers.clone();
+    if let Some(listener) = listeners.segment {
+        // Keys are read now, so a broken key file stops the start rather than the first request.
+        let keys =
+            crate::segment::keys::WriteKeys::load(callers.clone(), config.auth.reload_interval)
+                .map_err(|reason| anyhow::anyhow!("cannot start the segment intake: {reason}"))?;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            write_keys = keys.len(),
+            authenticated = keys.authenticates(),
+            "segment intake serving"
+        );
+        if keys.authenticates() && keys.is_empty() {
+            tracing::warn!(
+                "the segment intake is on but no caller has segment_write_key_files, so every request is refused"
+            );
+        }
+        let intake = Arc::new(crate::segment::Intake::new(Arc::clone(&app), keys));
+        app.spawn_background(crate::segment::serve(listener, intake, drain.clone()));
+    }
     match &callers {
         Some(registry) => tracing::info!(
             callers = registry.current().len(),
@@ -152,6 +187,7 @@ pub async fn run(
         Clock::system(),
         drain.clone(),
     )
+    .await
     .context("cannot open the feedback log")?;
     let feedback = Arc::new(feedback);
     feedback.register_metrics();
@@ -160,7 +196,7 @@ pub async fn run(
             log: feedback.log().clone(),
             hub: Arc::clone(feedback.hub()),
             rules: rules.clone(),
-            store: AlertStore::new(app.store.clone()),
+            store: Arc::clone(app.store.alerts()),
             outbox: app.outbox.clone(),
             keep_keys: (!config.feedback.retention.is_zero()).then_some(config.feedback.retention),
             drain: drain.clone(),

@@ -175,8 +175,8 @@ where
 
 /// What a validated event becomes: the Retainly event and the survey recipient.
 fn track(event: &pb::Event) {
-    json(&events::retainly_event(event));
-    json(&events::recipient_from_event(event));
+    json(&cx_gateway::domain::writes::events::retainly_event(event));
+    json(&cx_gateway::domain::writes::events::recipient_from_event(event));
 }
 
 /// A refusal is the caller's mistake, and its status (with details) can be built.

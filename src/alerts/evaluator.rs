@@ -1,6 +1,6 @@
 //! The alert evaluator: tails the feedback log from its own durable checkpoint, matches each entry
 //! against the rules in force, and queues the alerts in the outbox together with the checkpoint's
-//! move ([`AlertStore::commit`]), so a stop anywhere loses no alert and raises none twice.
+//! move ([`AlertStore::queue_alerts`]), so a stop anywhere loses no alert and raises none twice.
 //!
 //! It reads the log, not the live fan-out: the log is the truth, entries appended while it was
 //! down or behind are read on its next turn, and the hub's head only wakes it.
@@ -14,13 +14,16 @@ use crate::alerts::metrics::{AlertOutcomeLabel, count};
 use crate::alerts::payload::{AlertRecord, FeedbackFacts};
 use crate::alerts::rules::{EventKind, RuleSet};
 use crate::backoff::FailureStreak;
-use crate::domain::outbox::Outbox;
+use crate::domain::Owner;
+use crate::domain::outbox::{Outbox, new_delivery_id};
 use crate::error::Error;
 use crate::feedback::log::ReadOutcome;
 use crate::feedback::{FeedbackLog, Hub};
 use crate::pb;
 use crate::shutdown::Drain;
-use crate::store::alerts::{AlertOutcome, AlertStore, PendingAlert};
+use crate::store::AlertStore;
+use crate::store::alerts::{AlertOutcome, PendingAlert, RateLimit};
+use crate::store::outbox::{NewDelivery, QueuedDelivery};
 
 /// Entries evaluated per transaction: bounds one commit's work and the memory of one turn.
 const BATCH_ENTRIES: usize = 256;
@@ -33,7 +36,7 @@ pub struct Evaluator {
     pub log: FeedbackLog,
     pub hub: Arc<Hub>,
     pub rules: RuleSet,
-    pub store: AlertStore,
+    pub store: Arc<dyn AlertStore>,
     pub outbox: Outbox,
     /// Alert keys are kept this long (the feedback log's retention: a response can only come
     /// back as new once the log forgot it); `None` keeps them.
@@ -56,7 +59,24 @@ impl Evaluator {
     /// before the feedback workers start, so the first responses they log are evaluated.
     pub async fn start_position(&self) -> Result<i64, Error> {
         let state = self.log.state().await?;
-        self.store.checkpoint_or_start_at(state.head_seq).await
+        Ok(self.store.checkpoint_or_start_at(state.head_seq).await?)
+    }
+
+    /// Queues `alerts` and moves the checkpoint to `checkpoint` in one store operation, then
+    /// wakes the outbox's worker if anything was queued.
+    async fn queue(
+        &self,
+        alerts: Vec<PendingAlert>,
+        checkpoint: i64,
+    ) -> Result<Vec<AlertOutcome>, Error> {
+        let outcomes = self.store.queue_alerts(alerts, checkpoint).await?;
+        if outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, AlertOutcome::Queued(_)))
+        {
+            self.outbox.notify();
+        }
+        Ok(outcomes)
     }
 
     /// Evaluates until draining starts; store failures are retried with backoff.
@@ -101,10 +121,7 @@ impl Evaluator {
                 && last_prune.elapsed() >= PRUNE_EVERY
             {
                 last_prune = tokio::time::Instant::now();
-                let before = chrono::Utc::now()
-                    .timestamp_millis()
-                    .saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
-                if let Err(error) = self.store.prune(before).await {
+                if let Err(error) = self.store.prune(keep).await {
                     tracing::warn!(%error, "cannot prune alert keys");
                 }
             }
@@ -137,15 +154,17 @@ impl Evaluator {
                     pruned,
                     "feedback log entries were deleted by retention before alert rules saw them"
                 );
-                self.store.commit(&self.outbox, Vec::new(), pruned).await?;
+                self.queue(Vec::new(), pruned).await?;
                 return Ok(true);
             }
         };
         let Some(last) = entries.last().map(|entry| entry.sequence) else {
             return Ok(false);
         };
-        let traces = self.store.ingestion_traces(checkpoint, last).await?;
         let rules = self.rules.current();
+        let expire_ms = self
+            .outbox
+            .expire_ms_from(chrono::Utc::now().timestamp_millis());
         let mut pending = Vec::new();
         for entry in &entries {
             let Ok(message) = pb::SubscribeResponse::decode(entry.message.clone()) else {
@@ -181,14 +200,35 @@ impl Evaluator {
                     rule: rule.name.clone(),
                     feedback_id: feedback.feedback_id.clone(),
                     version: version.get_or_insert_with(|| version_of(&feedback)).clone(),
-                    request,
-                    rate_limit: rule.rate_limit.map(|limit| (limit.count, limit.per)),
-                    traceparent: traces.get(&entry.sequence).cloned(),
+                    rate_limit: rule.rate_limit.map(|limit| RateLimit {
+                        count: limit.count,
+                        per: limit.per,
+                    }),
+                    delivery: QueuedDelivery {
+                        delivery_id: new_delivery_id(),
+                        delivery: NewDelivery {
+                            method: crate::alerts::ALERT_METHOD.to_owned(),
+                            request,
+                            destinations: Vec::new(),
+                            item_count: 1,
+                            // Alerts are independent of each other: one a receiver keeps
+                            // failing must not hold back the rest for the retry window.
+                            ordering_keys: Vec::new(),
+                            idempotency_key: None,
+                            // Receivers drop a repeated alert by its id (`Cx-Alert-Id`).
+                            replay_safe: true,
+                            // Only callers who see every delivery see alerts.
+                            owner: Owner::Gateway.stored().to_owned(),
+                        },
+                        expire_ms,
+                        // The delivery's span links to the span that ingested the response.
+                        traceparent: entry.traceparent.clone(),
+                    },
                 });
             }
         }
         let rules_of: Vec<String> = pending.iter().map(|alert| alert.rule.clone()).collect();
-        let outcomes = self.store.commit(&self.outbox, pending, last).await?;
+        let outcomes = self.queue(pending, last).await?;
         for (rule, outcome) in rules_of.iter().zip(&outcomes) {
             // Counted once committed, and only for new matches: a batch evaluated again after a
             // failed commit, or an entry already alerted, counts nothing twice.

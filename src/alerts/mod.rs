@@ -16,7 +16,7 @@
 //! # Layout
 //!
 //! - [`rules`]: the rules file, its validation, matching and reloading.
-//! - [`evaluator`]: tails the log and queues alerts (SQL in [`crate::store::alerts`]).
+//! - [`evaluator`]: tails the log and queues alerts (its state: [`crate::store::AlertStore`]).
 //! - [`payload`]: what is queued, and the signed-JSON and Slack bodies.
 //! - [`sender`]: the outbox executor of alert deliveries, and the signature.
 //! - [`metrics`]: per-rule counters.

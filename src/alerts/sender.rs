@@ -13,7 +13,7 @@ use crate::alerts::metrics::{AlertOutcomeLabel, count};
 use crate::alerts::payload::{ALERT_METHOD, AlertRecord};
 use crate::alerts::rules::{Format, RuleSet};
 use crate::domain::outbox::{Attempt, DeliveryError};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::upstream::failure::FailureClass;
 
 /// Longest wait for a receiver's answer; a receiver that takes longer is retried.
@@ -45,7 +45,7 @@ pub struct AlertSender {
     client: reqwest::Client,
 }
 
-fn failed(code: ErrorCode, reason: &'static str, message: impl Into<String>) -> Attempt {
+fn failed(code: ErrorCode, reason: Reason, message: impl Into<String>) -> Attempt {
     Attempt::Failed {
         error: DeliveryError::from(&Error::new(code, reason, message)),
     }
@@ -78,7 +78,7 @@ impl AlertSender {
             Err(error) => {
                 return failed(
                     ErrorCode::Internal,
-                    "ALERT_UNREADABLE",
+                    Reason::AlertUnreadable,
                     format!("the queued alert cannot be read: {error}"),
                 );
             }
@@ -88,7 +88,7 @@ impl AlertSender {
             count(&record.rule, AlertOutcomeLabel::Failed);
             return failed(
                 ErrorCode::FailedPrecondition,
-                "ALERT_RULE_REMOVED",
+                Reason::AlertRuleRemoved,
                 format!(
                     "rule `{}` is no longer in the alert rules file (requeue once it is back)",
                     record.rule
@@ -131,7 +131,7 @@ impl AlertSender {
                 };
                 let mut error = Error::new(
                     code,
-                    "ALERT_RECEIVER_FAILED",
+                    Reason::AlertReceiverFailed,
                     format!(
                         "the alert receiver of rule `{}` answered {status}",
                         rule.name
@@ -142,7 +142,7 @@ impl AlertSender {
                 if let Some(delay) = retry_after {
                     error = error.with_retry_after(delay);
                 }
-                crate::grpc::writes::attempt_failed(&error, true)
+                crate::domain::writes::attempt_failed(&error, true)
             }
             Err(error) => {
                 // Before the request was written nothing can have been received; after, the
@@ -154,7 +154,7 @@ impl AlertSender {
                 };
                 let error = Error::new(
                     ErrorCode::Unavailable,
-                    "ALERT_RECEIVER_UNREACHABLE",
+                    Reason::AlertReceiverUnreachable,
                     format!(
                         "the alert receiver of rule `{}` could not be reached: {}",
                         rule.name,
@@ -162,7 +162,7 @@ impl AlertSender {
                     ),
                 )
                 .with_failure_class(class);
-                crate::grpc::writes::attempt_failed(&error, true)
+                crate::domain::writes::attempt_failed(&error, true)
             }
         };
         count(

@@ -10,7 +10,11 @@
 //! permissions = ["read", "surveys:send"]
 //! weight = 2                             # fair share of the upstream budget (default 1)
 //! quota_per_minute = 600                 # hard cap of upstream requests per minute (optional)
+//! segment_write_key_files = ["/etc/cx-gateway/segment/billing-web"] # Segment intake write keys
 //! ```
+//!
+//! Segment write keys are files (a mounted Secret) rather than digests here, since the Segment
+//! library on the other side needs the key itself and rotating it means replacing a file.
 //!
 //! Tokens are stored only as SHA-256 digests, and SHA-256 rather than argon2 on purpose: a
 //! password hash makes brute force slow for low-entropy secrets a person picks, but bearer
@@ -65,9 +69,16 @@ pub struct Caller {
     permissions: PermissionSet,
     weight: u32,
     quota_per_minute: Option<u32>,
+    segment_write_key_files: Vec<PathBuf>,
 }
 
 impl Caller {
+    /// The files holding the write keys this caller's Segment libraries present, read by the
+    /// Segment intake.
+    pub fn segment_write_key_files(&self) -> &[PathBuf] {
+        &self.segment_write_key_files
+    }
+
     pub fn name(&self) -> &Arc<str> {
         &self.name
     }
@@ -143,6 +154,8 @@ struct Entry {
     permissions: Vec<String>,
     weight: Option<u32>,
     quota_per_minute: Option<u32>,
+    #[serde(default)]
+    segment_write_key_files: Vec<PathBuf>,
 }
 
 /// `token_sha256 = "…"` or `token_sha256 = ["…", "…"]` (several during a token rotation).
@@ -251,9 +264,21 @@ impl CallerTable {
                 ));
             }
             let hashes = entry.token_sha256.into_vec();
-            if hashes.is_empty() && entry.client_subjects.is_empty() {
+            if hashes.is_empty()
+                && entry.client_subjects.is_empty()
+                && entry.segment_write_key_files.is_empty()
+            {
                 return Err(format!(
-                    "caller `{name}`: needs token_sha256 or client_subjects to be identified"
+                    "caller `{name}`: needs token_sha256, client_subjects or segment_write_key_files to be identified"
+                ));
+            }
+            if entry
+                .segment_write_key_files
+                .iter()
+                .any(|path| path.as_os_str().is_empty())
+            {
+                return Err(format!(
+                    "caller `{name}`: empty path in segment_write_key_files"
                 ));
             }
             for (n, hash) in hashes.iter().enumerate() {
@@ -290,6 +315,7 @@ impl CallerTable {
                 permissions,
                 weight,
                 quota_per_minute: entry.quota_per_minute,
+                segment_write_key_files: entry.segment_write_key_files,
             }));
         }
         Ok(CallerTable {
@@ -325,6 +351,11 @@ impl CallerTable {
 
     pub fn len(&self) -> usize {
         self.callers.len()
+    }
+
+    /// Every caller, in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Caller>> {
+        self.callers.iter()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -523,7 +554,7 @@ mod tests {
             ),
             (
                 "[[caller]]\nname = \"a\"\npermissions = []\n".to_owned(),
-                "needs token_sha256 or client_subjects",
+                "needs token_sha256, client_subjects or segment_write_key_files",
             ),
             (
                 format!(

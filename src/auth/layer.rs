@@ -19,7 +19,7 @@ use tower::{Layer, Service};
 use super::callers::{Caller, CallerRegistry, CallerTable};
 use super::permissions::{Permission, is_open, required_permission};
 use crate::domain::{Owner, Visibility};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::grpc::deadline::Deadline;
 use crate::tls::TlsConnectInfo;
 use crate::upstream::CallContext;
@@ -137,7 +137,7 @@ where
                     tracing::info!(
                         rpc = %path,
                         peer = peer(&request).map(tracing::field::display),
-                        reason = error.reason(),
+                        reason = error.reason().as_str(),
                         cause = error.metadata().get("cause").map(String::as_str),
                         permission = error.metadata().get("permission").map(String::as_str),
                         caller = error.metadata().get("caller").map(String::as_str),
@@ -170,7 +170,7 @@ fn peer<B>(request: &http::Request<B>) -> Option<std::net::SocketAddr> {
 fn unauthenticated(cause: &'static str, message: &str) -> Error {
     Error::new(
         ErrorCode::Unauthenticated,
-        "CALLER_UNAUTHENTICATED",
+        Reason::CallerUnauthenticated,
         message,
     )
     .with_metadata("cause", cause)
@@ -186,7 +186,7 @@ fn authorize<B>(
     match required_permission(path) {
         Some(permission) if !caller.may(permission) => Err(Error::new(
             ErrorCode::PermissionDenied,
-            "PERMISSION_DENIED",
+            Reason::PermissionDenied,
             format!(
                 "caller {} lacks the permission {permission} that {path} needs",
                 caller.name()

@@ -7,8 +7,9 @@
 //! so adding an RPC without deciding who may call it does not compile into a release.
 
 use std::fmt;
+use std::sync::LazyLock;
 
-use crate::grpc::methods;
+use crate::domain::writes::WRITE_PERMISSIONS;
 
 /// What a caller may do. The names are the ones written in the callers file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,10 +123,10 @@ impl fmt::Debug for PermissionSet {
     }
 }
 
-/// Every RPC of `cx.gateway.v1` and the one permission it needs, by full gRPC path.
-pub const RPC_PERMISSIONS: &[(&str, Permission)] = &[
+/// The RPCs of `cx.gateway.v1` that write nothing, and the permission each needs; the write RPCs
+/// declare theirs in the write path's table ([`WRITE_PERMISSIONS`]).
+const READ_PERMISSIONS: &[(&str, Permission)] = &[
     // CustomerService
-    (methods::UPSERT_CUSTOMERS, Permission::CustomersWrite),
     (
         "/cx.gateway.v1.CustomerService/GetCustomer",
         Permission::Read,
@@ -133,18 +134,6 @@ pub const RPC_PERMISSIONS: &[(&str, Permission)] = &[
     (
         "/cx.gateway.v1.CustomerService/ListCustomers",
         Permission::Read,
-    ),
-    (methods::DELETE_CUSTOMERS, Permission::CustomersDelete),
-    (methods::UNSUBSCRIBE_CUSTOMERS, Permission::CustomersWrite),
-    (methods::RESUBSCRIBE_CUSTOMERS, Permission::CustomersWrite),
-    (
-        methods::UPSERT_CUSTOMER_ARRAY_ITEMS,
-        Permission::CustomersWrite,
-    ),
-    // Removing items from a customer's array edits the customer; it does not delete it.
-    (
-        methods::DELETE_CUSTOMER_ARRAY_ITEMS,
-        Permission::CustomersWrite,
     ),
     (
         "/cx.gateway.v1.CustomerService/ListCompanies",
@@ -155,7 +144,6 @@ pub const RPC_PERMISSIONS: &[(&str, Permission)] = &[
         Permission::Read,
     ),
     // SurveyService
-    (methods::SEND_SURVEY, Permission::SurveysSend),
     (
         "/cx.gateway.v1.SurveyService/ListCampaigns",
         Permission::Read,
@@ -175,16 +163,12 @@ pub const RPC_PERMISSIONS: &[(&str, Permission)] = &[
         "/cx.gateway.v1.SurveyService/GetCustomerFeedbackHistory",
         Permission::Read,
     ),
-    (methods::SET_FEEDBACK_TAGS, Permission::FeedbackWrite),
-    (methods::SET_FEEDBACK_TOPICS, Permission::FeedbackWrite),
     (
         "/cx.gateway.v1.SurveyService/ListSentSurveys",
         Permission::Read,
     ),
     ("/cx.gateway.v1.SurveyService/ListReports", Permission::Read),
     // EventService
-    (methods::TRACK_EVENT, Permission::EventsWrite),
-    (methods::TRACK_EVENTS, Permission::EventsWrite),
     (
         "/cx.gateway.v1.EventService/ListEventMappings",
         Permission::Read,
@@ -208,6 +192,15 @@ pub const RPC_PERMISSIONS: &[(&str, Permission)] = &[
         Permission::DeliveriesRetry,
     ),
 ];
+
+/// Every RPC of `cx.gateway.v1` and the one permission it needs, by full gRPC path.
+pub static RPC_PERMISSIONS: LazyLock<Vec<(&'static str, Permission)>> = LazyLock::new(|| {
+    WRITE_PERMISSIONS
+        .iter()
+        .chain(READ_PERMISSIONS)
+        .copied()
+        .collect()
+});
 
 /// The permission an RPC needs, by its full path; `None` for paths the contract does not have.
 pub fn required_permission(path: &str) -> Option<Permission> {

@@ -15,49 +15,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension as _, params};
 use tokio::sync::Notify;
 
 use crate::backoff::FailureStreak;
 use crate::domain::Owner;
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::shutdown::Drain;
-use crate::store::Store;
-
-pub const MIGRATION: (&str, &str) = (
-    "0003_idempotency",
-    "CREATE TABLE idempotency (
-        scope TEXT NOT NULL,
-        key TEXT NOT NULL,
-        request_hash BLOB NOT NULL,
-        response BLOB NOT NULL,
-        create_ms INTEGER NOT NULL,
-        PRIMARY KEY (scope, key)
-    ) STRICT;
-    CREATE INDEX idempotency_by_age ON idempotency (create_ms);",
-);
-
-/// Scopes idempotency records and deliveries to their owner (see [`Owner`]). SQLite cannot change
-/// a primary key in place, so the idempotency table is rebuilt with the owner in its unique key;
-/// existing records and deliveries keep a NULL owner (made before owners existed).
-pub const OWNER_MIGRATION: (&str, &str) = (
-    "0012_caller_scope",
-    "CREATE TABLE idempotency_by_owner (
-        owner TEXT,
-        scope TEXT NOT NULL,
-        key TEXT NOT NULL,
-        request_hash BLOB NOT NULL,
-        response BLOB NOT NULL,
-        create_ms INTEGER NOT NULL
-    ) STRICT;
-    INSERT INTO idempotency_by_owner (owner, scope, key, request_hash, response, create_ms)
-        SELECT NULL, scope, key, request_hash, response, create_ms FROM idempotency;
-    DROP TABLE idempotency;
-    ALTER TABLE idempotency_by_owner RENAME TO idempotency;
-    CREATE UNIQUE INDEX idempotency_by_key ON idempotency (owner, scope, key);
-    CREATE INDEX idempotency_by_age ON idempotency (create_ms);
-    ALTER TABLE outbox ADD COLUMN owner TEXT;",
-);
+use crate::store::{IdempotencyRecord, IdempotencyStore, Store};
 
 /// The SHA-256 of a request's encoding (without its options), to tell a true repeat from a
 /// reused key.
@@ -103,7 +67,7 @@ pub struct Fresh {
 
 #[derive(Clone)]
 pub struct Idempotency {
-    store: Store,
+    store: Arc<dyn IdempotencyStore>,
     window: Duration,
     running: RunningCalls,
 }
@@ -115,7 +79,7 @@ fn now_ms() -> i64 {
 fn reused() -> Error {
     Error::new(
         ErrorCode::FailedPrecondition,
-        "IDEMPOTENCY_KEY_REUSED",
+        Reason::IdempotencyKeyReused,
         "this idempotency key was already used for a different request",
     )
 }
@@ -123,7 +87,7 @@ fn reused() -> Error {
 impl Idempotency {
     pub fn new(store: Store, window: Duration) -> Idempotency {
         Idempotency {
-            store,
+            store: Arc::clone(store.idempotency()),
             window,
             running: Arc::new(Mutex::new(HashMap::new())),
         }
@@ -143,31 +107,18 @@ impl Idempotency {
         key: &str,
         hash: &[u8],
     ) -> Result<Option<Vec<u8>>, Error> {
-        let (owner, scope, key) = (owner.stored().to_owned(), scope.to_owned(), key.to_owned());
-        let oldest =
-            now_ms().saturating_sub(i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX));
-        let found: Option<(Vec<u8>, Vec<u8>)> = self
+        let found = self
             .store
-            .read(move |c| {
-                c.query_row(
-                    "SELECT request_hash, response FROM idempotency
-                     WHERE scope = ?1 AND key = ?2 AND create_ms >= ?3
-                        AND (owner = ?4 OR owner IS NULL)
-                     ORDER BY owner IS NULL LIMIT 1",
-                    params![scope, key, oldest, owner],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .optional()
-            })
+            .lookup(owner.stored(), scope, key, self.oldest_ms())
             .await?;
         match found {
             None => Ok(None),
-            Some((stored_hash, response)) if stored_hash == hash => Ok(Some(response)),
+            Some(stored) if stored.request_hash == hash => Ok(Some(stored.response)),
             Some(_) => Err(reused()),
         }
     }
 
-    /// An insert of the record, for callers that commit it together with other writes (the
+    /// The record of a call, for callers that commit it together with other writes (the
     /// outbox enqueue of an ASYNC call).
     pub fn record_job(
         owner: &Owner,
@@ -175,17 +126,19 @@ impl Idempotency {
         key: &str,
         hash: Vec<u8>,
         response: Vec<u8>,
-    ) -> impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send + 'static {
-        let (owner, scope, key) = (owner.stored().to_owned(), scope.to_owned(), key.to_owned());
-        move |tx| {
-            tx.execute(
-                "INSERT OR REPLACE INTO idempotency
-                    (owner, scope, key, request_hash, response, create_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![owner, scope, key, hash, response, now_ms()],
-            )?;
-            Ok(())
+    ) -> IdempotencyRecord {
+        IdempotencyRecord {
+            owner: owner.stored().to_owned(),
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            request_hash: hash,
+            response,
         }
+    }
+
+    /// Records created before this instant are past the window.
+    fn oldest_ms(&self) -> i64 {
+        now_ms().saturating_sub(i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX))
     }
 
     /// Runs `first` unless `(owner, scope, key)` was seen: then returns the remembered response
@@ -254,7 +207,7 @@ impl Idempotency {
         let fresh = first.await?;
         if fresh.remember {
             self.store
-                .write(Self::record_job(
+                .record(Self::record_job(
                     owner,
                     scope,
                     key,
@@ -271,11 +224,7 @@ impl Idempotency {
 
     /// Forgets records older than the window.
     pub async fn prune(&self) -> Result<usize, Error> {
-        let oldest =
-            now_ms().saturating_sub(i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX));
-        self.store
-            .write(move |tx| tx.execute("DELETE FROM idempotency WHERE create_ms < ?1", [oldest]))
-            .await
+        Ok(self.store.prune(self.oldest_ms()).await?)
     }
 
     /// Forgets records older than the window every `every` until draining starts, so the table

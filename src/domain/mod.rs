@@ -2,9 +2,12 @@
 //!
 //! - [`outbox`]: the durable queue of asynchronous writes and its delivery worker.
 //! - [`idempotency`]: remembered responses for idempotency keys and event message ids.
+//! - [`writes`]: the write path every write RPC takes after validation, its table of write
+//!   RPCs, and the execution of customers, surveys and events.
 
 pub mod idempotency;
 pub mod outbox;
+pub mod writes;
 
 use std::sync::Arc;
 
@@ -45,7 +48,7 @@ pub enum Visibility {
 }
 
 impl Visibility {
-    /// The owner to filter by, `None` for every delivery (a bound SQL parameter).
+    /// The owner to filter by, `None` for every delivery ([`crate::store::outbox::OwnerFilter`]).
     pub(crate) fn owner_filter(&self) -> Option<String> {
         match self {
             Visibility::All => None,

@@ -17,7 +17,8 @@ use super::outbox::{Attempt, DeliveryState, Executor, NewDelivery, Outbox, Outbo
 use super::{Owner, Visibility};
 use crate::readiness::{Readiness, Stage};
 use crate::shutdown;
-use crate::store::Store;
+use crate::store::SqliteStore;
+use crate::store::outbox::QueuedDelivery;
 
 fn delivery(body: &str, replay_safe: bool) -> NewDelivery {
     NewDelivery {
@@ -55,11 +56,8 @@ impl Executor for RecordingExecutor {
     }
 }
 
-async fn refuse_writes(store: &Store, refuse: bool) {
-    store
-        .write(move |tx| tx.pragma_update(None, "query_only", refuse))
-        .await
-        .unwrap();
+async fn refuse_writes(store: &SqliteStore, refuse: bool) {
+    store.refuse_writes(refuse).await;
 }
 
 /// One captured log event: its message and its fields, as text.
@@ -131,18 +129,12 @@ async fn next_line(lines: &mut mpsc::UnboundedReceiver<Line>, message: &str) -> 
 async fn failed_recovery_is_retried_while_not_ready_and_nothing_is_claimed_before() {
     let (_guard, mut lines) = capture_logs();
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(store.clone(), OutboxSettings::default());
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let outbox = Outbox::new(bundle, OutboxSettings::default());
     let in_flight = outbox.enqueue(delivery("replay-safe", true)).await.unwrap();
     let waiting = outbox.enqueue(delivery("queued", false)).await.unwrap();
     // The last run stopped while the first was being sent.
-    store
-        .write({
-            let id = in_flight.clone();
-            move |tx| tx.execute("UPDATE outbox SET state = 2 WHERE delivery_id = ?1", [id])
-        })
-        .await
-        .unwrap();
+    store.mark_in_flight(Some(&in_flight), None).await;
     refuse_writes(&store, true).await;
 
     let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
@@ -216,8 +208,8 @@ async fn failed_recovery_is_retried_while_not_ready_and_nothing_is_claimed_befor
 async fn the_claim_loop_backs_off_on_a_store_that_refuses_writes_and_logs_rate_limited() {
     let (_guard, mut lines) = capture_logs();
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(store.clone(), OutboxSettings::default());
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let outbox = Outbox::new(bundle, OutboxSettings::default());
     let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
     let readiness = Readiness::new();
     let (trigger, drain) = shutdown::channel();
@@ -232,14 +224,25 @@ async fn the_claim_loop_backs_off_on_a_store_that_refuses_writes_and_logs_rate_l
 
     // The write that fills the volume: it is acknowledged, and no write after it succeeds, so
     // every claim of it fails.
-    let id = outbox
-        .enqueue_with(
-            super::outbox::new_delivery_id(),
-            delivery("stuck", true),
-            |tx| tx.pragma_update(None, "query_only", true),
-        )
-        .await
-        .unwrap();
+    let id = super::outbox::new_delivery_id();
+    let stuck = delivery("stuck", true);
+    store
+        .enqueue_then_refuse_writes(QueuedDelivery {
+            delivery_id: id.clone(),
+            delivery: crate::store::outbox::NewDelivery {
+                method: stuck.method,
+                request: stuck.request,
+                destinations: stuck.destinations,
+                item_count: stuck.item_count,
+                ordering_keys: stuck.ordering_keys,
+                idempotency_key: None,
+                replay_safe: stuck.replay_safe,
+                owner: stuck.owner.stored().to_owned(),
+            },
+            expire_ms: chrono::Utc::now().timestamp_millis() + 3_600_000,
+            traceparent: None,
+        })
+        .await;
 
     let first = next_line(&mut lines, "cannot claim deliveries").await;
     assert_eq!(first.number("failures"), 1);
@@ -296,37 +299,23 @@ async fn the_claim_loop_backs_off_on_a_store_that_refuses_writes_and_logs_rate_l
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn idempotency_records_past_their_window_are_purged_each_round() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let idempotency =
-        super::idempotency::Idempotency::new(store.clone(), Duration::from_secs(3600));
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let idempotency = super::idempotency::Idempotency::new(bundle, Duration::from_secs(3600));
     let now = chrono::Utc::now().timestamp_millis();
     store
-        .write(move |tx| {
-            tx.execute(
-                "INSERT INTO idempotency (scope, key, request_hash, response, create_ms)
-                 VALUES ('TrackEvent', 'old', x'00', x'00', ?1), ('TrackEvent', 'new', x'00', x'00', ?2)",
-                [now - 2 * 3_600_000, now],
-            )
-        })
-        .await
-        .unwrap();
-    let keys = || {
-        store.read(|c| {
-            let mut statement = c.prepare("SELECT key FROM idempotency ORDER BY key")?;
-            statement
-                .query_map([], |row| row.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()
-        })
-    };
+        .insert_idempotency_at("TrackEvent", "old", now - 2 * 3_600_000)
+        .await;
+    store.insert_idempotency_at("TrackEvent", "new", now).await;
+    let keys = || store.idempotency_keys();
     let (trigger, drain) = shutdown::channel();
     let purge = tokio::spawn(idempotency.run_purge(Duration::from_secs(600), drain));
     // Before the first round nothing is deleted.
-    assert_eq!(keys().await.unwrap(), ["new", "old"]);
+    assert_eq!(keys().await, ["new", "old"]);
     // Just past the first round: the purge task woke first and queued its delete with the store's
     // writer, which runs jobs in order, so an empty write queued now returns after it.
     tokio::time::sleep(Duration::from_secs(600) + Duration::from_millis(1)).await;
-    store.write(|_| Ok(())).await.unwrap();
-    assert_eq!(keys().await.unwrap(), ["new"]);
+    store.writes_queued_so_far().await;
+    assert_eq!(keys().await, ["new"]);
     trigger.start();
     purge.await.unwrap();
 }

@@ -12,9 +12,9 @@ use super::outbox::{
     RetrySelection,
 };
 use super::{Owner, Visibility};
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, Reason};
 use crate::shutdown;
-use crate::store::Store;
+use crate::store::{SqliteStore, Store};
 
 fn delivery(method: &str, body: &str, keys: &[&str], replay_safe: bool) -> NewDelivery {
     NewDelivery {
@@ -31,8 +31,8 @@ fn delivery(method: &str, body: &str, keys: &[&str], replay_safe: bool) -> NewDe
 
 fn transient() -> DeliveryError {
     DeliveryError {
-        code: tonic::Code::Unavailable as i32,
-        reason: "UPSTREAM_UNAVAILABLE".to_owned(),
+        code: ErrorCode::Unavailable,
+        reason: Reason::UpstreamUnavailable,
         message: "upstream answered 503".to_owned(),
         metadata: HashMap::new(),
     }
@@ -183,7 +183,7 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     assert_eq!(page.deliveries[0].delivery_id, id);
     assert_eq!(
         page.deliveries[0].last_error.as_ref().unwrap().reason,
-        "UPSTREAM_UNAVAILABLE"
+        Reason::UpstreamUnavailable
     );
 
     let results = outbox
@@ -196,7 +196,7 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     assert!(results[0].requeued);
     assert_eq!(
         results[1].error.as_ref().unwrap().reason,
-        "DELIVERY_NOT_FOUND"
+        Reason::DeliveryNotFound
     );
     // The retry window is zero, but a requeued delivery gets one attempt now: it succeeds.
     wait_for_state(&outbox, &id, DeliveryState::Delivered).await;
@@ -270,8 +270,8 @@ async fn the_oldest_unfinished_delivery_is_reported_until_none_waits() {
 #[tokio::test]
 async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(store.clone(), fast_settings());
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let outbox = Outbox::new(bundle, fast_settings());
     let safe = outbox
         .enqueue(delivery("UpsertCustomers", "dave", &["dave"], true))
         .await
@@ -281,10 +281,7 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
         .await
         .unwrap();
     // Simulate a crash after both were claimed and sent.
-    store
-        .write(|tx| tx.execute("UPDATE outbox SET state = 2", []))
-        .await
-        .unwrap();
+    store.mark_in_flight(None, None).await;
     let (requeued, in_doubt) = outbox.recover().await.unwrap();
     assert_eq!((requeued, in_doubt), (1, 1));
     assert_eq!(
@@ -302,15 +299,15 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
         .unwrap()
         .unwrap();
     assert_eq!(doubtful.state, DeliveryState::DeadLettered);
-    assert_eq!(doubtful.last_error.unwrap().reason, "DELIVERY_IN_DOUBT");
+    assert_eq!(doubtful.last_error.unwrap().reason, Reason::DeliveryInDoubt);
 }
 
 #[tokio::test]
 async fn recovery_verifies_writes_whose_upstream_keeps_a_history() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
     let outbox = Outbox::new(
-        store.clone(),
+        bundle,
         OutboxSettings {
             verifiable_methods: vec!["SendSurvey".to_owned()],
             ..fast_settings()
@@ -324,10 +321,7 @@ async fn recovery_verifies_writes_whose_upstream_keeps_a_history() {
         .enqueue(delivery("TrackEvent", "gil", &["gil"], false))
         .await
         .unwrap();
-    store
-        .write(|tx| tx.execute("UPDATE outbox SET state = 2, update_ms = 1234", []))
-        .await
-        .unwrap();
+    store.mark_in_flight(None, Some(1234)).await;
     assert_eq!(outbox.recover().await.unwrap(), (1, 1));
     assert_eq!(
         outbox
@@ -488,8 +482,12 @@ async fn doubts_left_at_the_end_of_the_window_are_dead_lettered_in_doubt() {
             .unwrap()
             .last_error
             .unwrap();
-        assert_eq!(error.reason, "DELIVERY_IN_DOUBT", "{id}");
-        assert_eq!(error.metadata["cause"], "UPSTREAM_UNAVAILABLE", "{id}");
+        assert_eq!(error.reason, Reason::DeliveryInDoubt, "{id}");
+        assert_eq!(
+            error.metadata["cause"],
+            Reason::UpstreamUnavailable.as_str(),
+            "{id}"
+        );
     }
     trigger.start();
     worker.await.unwrap();
@@ -655,7 +653,7 @@ async fn idempotency_returns_the_first_response_and_refuses_a_reused_key() {
 
     let error = run(request_hash(b"request-b")).await.unwrap_err();
     assert_eq!(error.code(), ErrorCode::FailedPrecondition);
-    assert_eq!(error.reason(), "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(error.reason(), Reason::IdempotencyKeyReused);
 }
 
 #[tokio::test]
@@ -740,7 +738,7 @@ async fn idempotency_keys_belong_to_the_caller_that_used_them() {
     let reused = run(caller("beta"), b"something else", b"unused")
         .await
         .unwrap_err();
-    assert_eq!(reused.reason(), "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(reused.reason(), Reason::IdempotencyKeyReused);
     // Anonymous calls (no callers configured) form one more scope of their own.
     let anonymous = run(Owner::Anonymous, b"alpha's event", b"anonymous answer")
         .await
@@ -751,8 +749,8 @@ async fn idempotency_keys_belong_to_the_caller_that_used_them() {
 #[tokio::test]
 async fn records_made_before_owners_existed_still_answer_every_caller() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let idempotency = Idempotency::new(store.clone(), Duration::from_secs(3600));
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let idempotency = Idempotency::new(bundle.clone(), Duration::from_secs(3600));
     let hash = request_hash(b"queued before the upgrade");
     let legacy = Idempotency::record_job(
         &Owner::Anonymous,
@@ -761,11 +759,8 @@ async fn records_made_before_owners_existed_still_answer_every_caller() {
         hash.clone(),
         b"first answer".to_vec(),
     );
-    store.write(legacy).await.unwrap();
-    store
-        .write(|tx| tx.execute("UPDATE idempotency SET owner = NULL", []))
-        .await
-        .unwrap();
+    bundle.idempotency().record(legacy).await.unwrap();
+    store.forget_idempotency_owners().await;
     // A retry across the upgrade is recognised, whoever makes it: it never writes twice.
     let repeat = idempotency
         .run(&caller("alpha"), "TrackEvent", "old-key", hash, async {
@@ -783,8 +778,8 @@ async fn records_made_before_owners_existed_still_answer_every_caller() {
 #[tokio::test]
 async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(store.clone(), fast_settings());
+    let (store, bundle) = SqliteStore::open_for_test(dir.path());
+    let outbox = Outbox::new(bundle, fast_settings());
     let queue = |owner: Owner, body: &str| {
         let outbox = outbox.clone();
         let mut new = delivery("TrackEvent", body, &[body], false);
@@ -794,15 +789,7 @@ async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
     let alpha = queue(caller("alpha"), "alpha-1").await;
     let beta = queue(caller("beta"), "beta-1").await;
     let legacy = queue(Owner::Anonymous, "legacy-1").await;
-    store
-        .write(|tx| {
-            tx.execute(
-                "UPDATE outbox SET state = 5, owner = CASE WHEN owner = '' THEN NULL ELSE owner END",
-                [],
-            )
-        })
-        .await
-        .unwrap();
+    store.dead_letter_all_as_before_owners().await;
 
     let sees = |visibility: Visibility| {
         let outbox = outbox.clone();
@@ -847,7 +834,7 @@ async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
     assert!(!refused[0].requeued);
     assert_eq!(
         refused[0].error.as_ref().unwrap().reason,
-        "DELIVERY_NOT_FOUND"
+        Reason::DeliveryNotFound
     );
     // "All" means all of beta's own (and the ownerless ones).
     let all = outbox

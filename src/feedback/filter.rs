@@ -3,17 +3,8 @@
 
 use crate::pb;
 
-/// What a filter looks at; stored as columns of each log entry and carried by live entries.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EntryFields {
-    pub campaign_id: String,
-    /// `pb::Metric` as its number.
-    pub metric: i32,
-    pub score: Option<f64>,
-    /// `pb::ScoreCategory` as its number.
-    pub score_category: i32,
-    pub has_comment: bool,
-}
+/// What a filter looks at; stored beside each log entry and carried by live entries.
+pub use crate::store::feedback_log::EntryFields;
 
 impl EntryFields {
     pub fn of(feedback: &pb::Feedback) -> EntryFields {

@@ -52,7 +52,7 @@ use super::filter::Filter;
 use super::log::{FeedbackLog, LogEntry, LogState, ReadOutcome};
 use super::stats::FeedbackStats;
 use crate::convert::timestamp_from_ms;
-use crate::error::{Error, ErrorCode, FieldViolation};
+use crate::error::{Error, ErrorCode, FieldViolation, Reason};
 use crate::pb;
 use crate::shutdown::Drain;
 
@@ -281,7 +281,7 @@ impl Hub {
     async fn expired_error(&self, resume: Option<i64>) -> Error {
         let mut error = Error::new(
             ErrorCode::OutOfRange,
-            "CURSOR_EXPIRED",
+            Reason::CursorExpired,
             "the start position is older than the oldest retained feedback log entry; \
              resume from oldest_cursor to accept the gap",
         );
@@ -310,7 +310,7 @@ fn rfc3339(ms: i64) -> String {
 fn shutting_down() -> Error {
     Error::new(
         ErrorCode::Unavailable,
-        "SERVER_SHUTTING_DOWN",
+        Reason::ServerShuttingDown,
         "the gateway is shutting down; resume from the cursor of the last message",
     )
     .with_retry_after(Duration::from_secs(1))
@@ -329,7 +329,7 @@ impl Slot {
             hub.subscribers.fetch_sub(1, Ordering::AcqRel);
             return Err(Error::new(
                 ErrorCode::ResourceExhausted,
-                "TOO_MANY_SUBSCRIBERS",
+                Reason::TooManySubscribers,
                 format!("the gateway already serves its maximum of {max} feedback subscribers"),
             )
             .with_retry_after(Duration::from_secs(5)));
@@ -395,7 +395,7 @@ impl Subscriber {
             if self.deadline.is_some_and(|deadline| now >= deadline) {
                 return self.end(Error::new(
                     ErrorCode::DeadlineExceeded,
-                    "DEADLINE_EXCEEDED",
+                    Reason::DeadlineExceeded,
                     "the call's deadline passed",
                 ));
             }

@@ -19,7 +19,7 @@ use super::hub::Hub;
 use super::log::{self, AppendCounts, Observed, Origin};
 use super::stats::FeedbackStats;
 use crate::backoff::{LOG_EVERY, LogLimit};
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::shutdown::Drain;
 use crate::store::Store;
 
@@ -31,11 +31,7 @@ const QUEUE: usize = 256;
 const MAX_GROUP: usize = 64;
 
 /// A named sync position written in the same transaction as the observations.
-#[derive(Debug, Clone)]
-pub struct Checkpoint {
-    pub name: String,
-    pub value: String,
-}
+pub use crate::store::Checkpoint;
 
 struct Request {
     origin: Origin,
@@ -53,7 +49,7 @@ pub struct Ingest {
 fn stopped() -> Error {
     Error::new(
         ErrorCode::Unavailable,
-        "FEEDBACK_INGEST_STOPPED",
+        Reason::FeedbackIngestStopped,
         "the feedback log no longer accepts observations (the gateway is shutting down)",
     )
 }
@@ -159,20 +155,11 @@ async fn process(
         .collect();
     let now_ms = clock.now_ms();
     let outcome = store
-        .write(move |tx| {
-            let appended = log::append(tx, now_ms, &batches)?;
-            for checkpoint in &checkpoints {
-                tx.execute(
-                    "INSERT INTO sync_cursors (name, value) VALUES (?1, ?2)
-                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (&checkpoint.name, &checkpoint.value),
-                )?;
-            }
-            Ok(appended)
-        })
+        .feedback_log()
+        .append(now_ms, batches, checkpoints, log::encode_entry)
         .await;
     match outcome {
-        Ok((entries, counts)) => {
+        Ok(log::Appended { entries, counts }) => {
             if !entries.is_empty() {
                 tracing::debug!(
                     appended = entries.len(),
@@ -198,6 +185,7 @@ async fn process(
                     "cannot append to the feedback log"
                 );
             }
+            let error = Error::from(error);
             for request in group {
                 let _ = request.reply.send(Err(error.clone()));
             }

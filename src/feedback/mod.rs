@@ -127,8 +127,8 @@ pub struct Feedback {
 impl Feedback {
     /// Opens the log in `store` and builds the pipeline. Returns it with its workers (ingest,
     /// retention, and the poller when `source` is given and sync is on) for the caller to run.
-    /// Blocks briefly to read the log's identity (start-up only, see [`FeedbackLog::open`]).
-    pub fn open(
+    /// Reads the log's identity first (see [`FeedbackLog::open`]).
+    pub async fn open(
         store: Store,
         settings: FeedbackSettings,
         source: Option<Arc<dyn FeedbackSource>>,
@@ -136,7 +136,7 @@ impl Feedback {
         drain: Drain,
     ) -> Result<(Feedback, Vec<Worker>), Error> {
         let stats = Arc::new(FeedbackStats::default());
-        let (log, state) = FeedbackLog::open(store.clone())?;
+        let (log, state) = FeedbackLog::open(store.clone()).await?;
         tracing::info!(
             head = state.head_seq,
             pruned = state.pruned_seq,

@@ -159,18 +159,7 @@ pub struct SyncState {
 
 impl SyncState {
     pub async fn load(store: &Store) -> Result<Option<SyncState>, Error> {
-        let raw: Option<String> = store
-            .read(|connection| {
-                use rusqlite::OptionalExtension as _;
-                connection
-                    .query_row(
-                        "SELECT value FROM sync_cursors WHERE name = ?1",
-                        [CURSOR_NAME],
-                        |row| row.get(0),
-                    )
-                    .optional()
-            })
-            .await?;
+        let raw = store.cursors().get(CURSOR_NAME).await?;
         Ok(raw.and_then(|raw| match serde_json::from_str(&raw) {
             Ok(state) => Some(state),
             Err(error) => {
@@ -436,7 +425,7 @@ impl Poller {
             Ok(()) => "ok",
             Err(error) => {
                 // The reason is a fixed code; the message may quote the upstream.
-                span.record("error.type", error.reason());
+                span.record("error.type", error.reason().as_str());
                 span.record("otel.status_code", "ERROR");
                 "failed"
             }

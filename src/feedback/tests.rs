@@ -16,7 +16,7 @@ use super::hub::EventStream;
 use super::log::{Observed, Origin};
 use super::sync::{ListPage, ListQuery};
 use super::*;
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, Reason};
 use crate::pb;
 use crate::shutdown::{self, DrainTrigger};
 use crate::upstream::retently;
@@ -42,8 +42,9 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (trigger, drain) = shutdown::channel();
-        let (feedback, workers) =
-            Feedback::open(store.clone(), settings, source, clock, drain).unwrap();
+        let (feedback, workers) = Feedback::open(store.clone(), settings, source, clock, drain)
+            .await
+            .unwrap();
         let mut set = JoinSet::new();
         for worker in workers {
             set.spawn(worker);
@@ -409,7 +410,7 @@ async fn the_subscriber_limit_is_enforced_and_released() {
         .err()
         .expect("over the limit");
     assert_eq!(error.code(), ErrorCode::ResourceExhausted);
-    assert_eq!(error.reason(), "TOO_MANY_SUBSCRIBERS");
+    assert_eq!(error.reason(), Reason::TooManySubscribers);
     assert!(error.retry_after().is_some());
     drop(first);
     let _third = fixture
@@ -475,7 +476,7 @@ async fn draining_ends_streams_with_a_final_cursor() {
     ));
     let error = next(&mut stream).await.unwrap_err();
     assert_eq!(error.code(), ErrorCode::Unavailable);
-    assert_eq!(error.reason(), "SERVER_SHUTTING_DOWN");
+    assert_eq!(error.reason(), Reason::ServerShuttingDown);
     assert!(error.retry_after().is_some());
     assert!(stream.next().await.is_none());
     // New subscriptions are refused, and the workers stop.
@@ -485,7 +486,7 @@ async fn draining_ends_streams_with_a_final_cursor() {
         .await
         .err()
         .expect("draining");
-    assert_eq!(refused.reason(), "SERVER_SHUTTING_DOWN");
+    assert_eq!(refused.reason(), Reason::ServerShuttingDown);
     let mut workers = fixture.workers;
     while workers.join_next().await.is_some() {}
 }
@@ -551,7 +552,7 @@ async fn retention_by_age_deletes_old_entries_and_expired_positions_fail() {
         .err()
         .expect("expired");
     assert_eq!(expired.code(), ErrorCode::OutOfRange);
-    assert_eq!(expired.reason(), "CURSOR_EXPIRED");
+    assert_eq!(expired.reason(), Reason::CursorExpired);
     assert_eq!(
         expired.metadata().get("oldest_cursor"),
         Some(&log.cursor(3).encode())
@@ -563,7 +564,7 @@ async fn retention_by_age_deletes_old_entries_and_expired_positions_fail() {
         .await
         .err()
         .expect("expired");
-    assert_eq!(by_time.reason(), "CURSOR_EXPIRED");
+    assert_eq!(by_time.reason(), Reason::CursorExpired);
 
     // Resuming from oldest_cursor, or from the start, or after the new entries' time works.
     for start in [
@@ -641,7 +642,7 @@ async fn a_subscriber_overtaken_by_retention_ends_with_how_to_resume() {
             Err(error) => break error,
         }
     };
-    assert_eq!(error.reason(), "CURSOR_EXPIRED");
+    assert_eq!(error.reason(), Reason::CursorExpired);
     let log = fixture.hub().log();
     assert_eq!(
         error.metadata().get("oldest_cursor"),
@@ -694,7 +695,7 @@ impl FeedbackSource for ScriptedSource {
             if *self.fail.lock().unwrap() {
                 return Err(crate::error::Error::new(
                     ErrorCode::Unavailable,
-                    "UPSTREAM_UNAVAILABLE",
+                    Reason::UpstreamUnavailable,
                     "scripted failure",
                 ));
             }

@@ -192,7 +192,7 @@ impl WebhookReceiver {
             .map_err(|error| {
                 FeedbackStats::add(&self.stats.webhook_failed, 1);
                 span.record("outcome", "failed");
-                span.record("error.type", error.reason());
+                span.record("error.type", error.reason().as_str());
                 span.record("otel.status_code", "ERROR");
                 tracing::warn!(%error, "cannot store a webhook call, the sender should retry");
                 ReceiveError::Failed(error)

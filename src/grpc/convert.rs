@@ -2,14 +2,14 @@
 //! [`crate::convert`].
 
 use crate::domain::outbox::DeliveryError;
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::pb;
 use crate::upstream::retently;
 
 pub fn item_error(error: DeliveryError) -> pb::ItemError {
     pb::ItemError {
-        code: error.code,
-        reason: error.reason,
+        code: error.code.grpc_code() as i32,
+        reason: error.reason.as_str().to_owned(),
         message: error.message,
         metadata: error.metadata,
     }
@@ -53,7 +53,7 @@ pub fn recipient_outcome(
                 Some(error_to_item(
                     &crate::error::Error::new(
                         crate::error::ErrorCode::FailedPrecondition,
-                        "RECIPIENT_UNSUBSCRIBED",
+                        Reason::RecipientUnsubscribed,
                         "the recipient opted out of surveys",
                     )
                     .with_metadata("upstream", "retently"),
@@ -64,14 +64,14 @@ pub fn recipient_outcome(
                 Some(error_to_item(
                     &crate::error::Error::new(
                         crate::error::ErrorCode::FailedPrecondition,
-                        "UPSTREAM_ITEM_REJECTED",
+                        Reason::UpstreamItemRejected,
                         format!("retently answered `{status}` for this recipient"),
                     )
                     .with_metadata("upstream", "retently"),
                 )),
             ),
         },
-        Err(error) if crate::grpc::writes::possibly_applied(error) => {
+        Err(error) if crate::domain::writes::possibly_applied(error) => {
             (pb::RecipientOutcome::Unknown, Some(error_to_item(error)))
         }
         Err(error) => (pb::RecipientOutcome::Failed, Some(error_to_item(error))),

@@ -2,11 +2,10 @@
 //!
 //! Each RPC validates its request ([`validation`]), then reads through `App::retently` or, for
 //! writes, takes the one write path ([`writes::run`]: SYNC or ASYNC, idempotency keys) with an
-//! execution function ([`execute`]) that the outbox worker also replays. Conversions live in
+//! execution function ([`crate::domain::writes::customers`]) that the outbox worker also replays. Conversions live in
 //! [`convert`].
 
 pub mod convert;
-mod execute;
 pub mod validation;
 
 use std::sync::Arc;
@@ -14,15 +13,15 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
-pub(crate) use self::execute::{
+use self::validation::CustomerLookup;
+use crate::app::App;
+use crate::domain::writes::customers::{
     execute_delete_array_items, execute_delete_customers, execute_resubscribe_customers,
     execute_unsubscribe_customers, execute_upsert_array_items, execute_upsert_customers,
 };
-use self::validation::CustomerLookup;
-use crate::app::App;
-use crate::error::{Error, ErrorCode};
-use crate::grpc::writes::{self, WriteRpc};
-use crate::grpc::{methods, paging};
+
+use crate::error::{Error, ErrorCode, Reason};
+use crate::grpc::{paging, write};
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{self, CompanyQuery, CustomerQuery, PageRequest};
@@ -44,81 +43,6 @@ impl CustomerApi {
 fn context<T>(request: &Request<T>) -> CallContext {
     crate::auth::interactive_context(request)
 }
-
-/// Whether a per-item failure may pass on a later attempt (the outbox then retries the write):
-/// the same rule the outbox applies to a failed call.
-fn is_transient(error: Option<&pb::ItemError>) -> bool {
-    use tonic::Code;
-    error.is_some_and(|error| {
-        let credentials = matches!(
-            error.reason.as_str(),
-            "UPSTREAM_CREDENTIALS_REJECTED" | "UPSTREAM_CREDENTIALS_INVALID"
-        );
-        credentials
-            || [
-                Code::Unavailable,
-                Code::ResourceExhausted,
-                Code::DeadlineExceeded,
-                Code::Aborted,
-                Code::Cancelled,
-            ]
-            .iter()
-            .any(|code| *code as i32 == error.code)
-    })
-}
-
-fn customer_results_transient(results: &[pb::CustomerWriteResult]) -> bool {
-    results
-        .iter()
-        .flat_map(|result| &result.outcomes)
-        .any(|outcome| is_transient(outcome.error.as_ref()))
-}
-
-fn record_results_transient(results: &[pb::ArrayRecordResult]) -> bool {
-    results
-        .iter()
-        .any(|result| is_transient(result.error.as_ref()))
-}
-
-/// Implements [`WriteRpc`] for a request and its response. `$results` names the function that
-/// tells whether a response holds a transient per-item failure.
-macro_rules! write_rpc {
-    ($request:ty, $response:ty, $method:expr, replay_safe: $safe:expr, $results:ident) => {
-        impl WriteRpc for $request {
-            type Response = $response;
-            const METHOD: &'static str = $method;
-            const REPLAY_SAFE: bool = $safe;
-
-            fn without_options(mut self) -> Self {
-                self.options = None;
-                self
-            }
-
-            fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
-                response.delivery_id = delivery_id;
-            }
-
-            fn has_transient_failure(response: &Self::Response) -> bool {
-                $results(&response.results)
-            }
-        }
-    };
-}
-
-// Upserts, deletes and (un)subscribes leave the upstream as one success would when repeated.
-write_rpc!(pb::UpsertCustomersRequest, pb::UpsertCustomersResponse,
-    methods::UPSERT_CUSTOMERS, replay_safe: true, customer_results_transient);
-write_rpc!(pb::DeleteCustomersRequest, pb::DeleteCustomersResponse,
-    methods::DELETE_CUSTOMERS, replay_safe: true, customer_results_transient);
-write_rpc!(pb::UnsubscribeCustomersRequest, pb::UnsubscribeCustomersResponse,
-    methods::UNSUBSCRIBE_CUSTOMERS, replay_safe: true, customer_results_transient);
-write_rpc!(pb::ResubscribeCustomersRequest, pb::ResubscribeCustomersResponse,
-    methods::RESUBSCRIBE_CUSTOMERS, replay_safe: true, customer_results_transient);
-// Array items without an `item_id` are appended, so a repeat could add them twice.
-write_rpc!(pb::UpsertCustomerArrayItemsRequest, pb::UpsertCustomerArrayItemsResponse,
-    methods::UPSERT_CUSTOMER_ARRAY_ITEMS, replay_safe: false, record_results_transient);
-write_rpc!(pb::DeleteCustomerArrayItemsRequest, pb::DeleteCustomerArrayItemsResponse,
-    methods::DELETE_CUSTOMER_ARRAY_ITEMS, replay_safe: true, record_results_transient);
 
 fn date_time(seconds: i64) -> Result<DateTime<Utc>, Error> {
     DateTime::from_timestamp(seconds, 0)
@@ -146,22 +70,13 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::UpsertCustomersRequest>,
     ) -> Result<Response<pb::UpsertCustomersResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::upsert_customers(&request)?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        write::serve(
+            &self.app,
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_upsert_customers(app, r, ctx),
+            validation::upsert_customers,
+            execute_upsert_customers,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn get_customer(
@@ -187,7 +102,7 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
                 page.items.into_iter().next().ok_or_else(|| {
                     Error::new(
                         ErrorCode::NotFound,
-                        "UPSTREAM_NOT_FOUND",
+                        Reason::UpstreamNotFound,
                         "retently has no customer with this email",
                     )
                     .with_metadata("upstream", "retently")
@@ -231,114 +146,69 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::DeleteCustomersRequest>,
     ) -> Result<Response<pb::DeleteCustomersResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::delete_customers(&request)?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        write::serve(
+            &self.app,
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_delete_customers(app, r, ctx),
+            validation::delete_customers,
+            execute_delete_customers,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn unsubscribe_customers(
         &self,
         request: Request<pb::UnsubscribeCustomersRequest>,
     ) -> Result<Response<pb::UnsubscribeCustomersResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::subscription_change(
-            &request.emails,
-            &request.message,
-            request.options.as_ref(),
-        )?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        write::serve(
+            &self.app,
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_unsubscribe_customers(app, r, ctx),
+            |r: &pb::UnsubscribeCustomersRequest| {
+                validation::subscription_change(&r.emails, &r.message, r.options.as_ref())
+            },
+            execute_unsubscribe_customers,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn resubscribe_customers(
         &self,
         request: Request<pb::ResubscribeCustomersRequest>,
     ) -> Result<Response<pb::ResubscribeCustomersResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::subscription_change(&request.emails, "", request.options.as_ref())?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        write::serve(
+            &self.app,
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_resubscribe_customers(app, r, ctx),
+            |r: &pb::ResubscribeCustomersRequest| {
+                validation::subscription_change(&r.emails, "", r.options.as_ref())
+            },
+            execute_resubscribe_customers,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn upsert_customer_array_items(
         &self,
         request: Request<pb::UpsertCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::UpsertCustomerArrayItemsResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::upsert_array_items(&request)?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        write::serve(
+            &self.app,
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_upsert_array_items(app, r, ctx),
+            validation::upsert_array_items,
+            execute_upsert_array_items,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn delete_customer_array_items(
         &self,
         request: Request<pb::DeleteCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::DeleteCustomerArrayItemsResponse>, Status> {
-        let ctx = context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let write = validation::delete_array_items(&request)?;
-        let app = &self.app;
-        let response = writes::run(
-            app,
-            owner,
+        write::serve(
+            &self.app,
             request,
-            write.mode,
-            write.key,
-            write.facts,
-            |r| execute_delete_array_items(app, r, ctx),
+            validation::delete_array_items,
+            execute_delete_array_items,
         )
-        .await?;
-        Ok(Response::new(response))
+        .await
     }
 
     async fn list_companies(

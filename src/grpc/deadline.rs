@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tonic::codegen::http;
 use tower::{Layer, Service};
 
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 
 /// The instant by which the caller wants an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +99,7 @@ where
                 Err(_elapsed) => {
                     let error = Error::new(
                         ErrorCode::DeadlineExceeded,
-                        "DEADLINE_EXCEEDED",
+                        Reason::DeadlineExceeded,
                         format!(
                             "the call did not finish within its deadline of {}",
                             humantime::format_duration(round_to_millis(timeout))

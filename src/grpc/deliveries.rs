@@ -3,13 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
 use crate::convert::timestamp_from_ms;
 use crate::domain::outbox::{DeliveryRecord, DeliveryState, RetrySelection};
-use crate::error::{Error, ErrorCode, Violations};
+use crate::error::{Error, ErrorCode, Reason, Violations};
 use crate::grpc::convert::item_error;
 use crate::grpc::{methods, paging};
 use crate::pb;
@@ -47,7 +46,7 @@ impl DeliveryApi {
         let result = record
             .result
             .as_deref()
-            .and_then(|bytes| decode_result(&record.method, bytes));
+            .and_then(|bytes| crate::domain::writes::delivery_result(&record.method, bytes));
         pb::Delivery {
             delivery_id: record.delivery_id,
             method: record.method,
@@ -70,36 +69,6 @@ impl DeliveryApi {
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// The stored response of a delivered write, as the `Delivery.result` case of its method.
-fn decode_result(method: &str, bytes: &[u8]) -> Option<pb::delivery::Result> {
-    use pb::delivery::Result as R;
-    Some(match method {
-        methods::UPSERT_CUSTOMERS => {
-            R::UpsertCustomers(pb::UpsertCustomersResponse::decode(bytes).ok()?)
-        }
-        methods::DELETE_CUSTOMERS => {
-            R::DeleteCustomers(pb::DeleteCustomersResponse::decode(bytes).ok()?)
-        }
-        methods::UNSUBSCRIBE_CUSTOMERS => {
-            R::UnsubscribeCustomers(pb::UnsubscribeCustomersResponse::decode(bytes).ok()?)
-        }
-        methods::RESUBSCRIBE_CUSTOMERS => {
-            R::ResubscribeCustomers(pb::ResubscribeCustomersResponse::decode(bytes).ok()?)
-        }
-        methods::UPSERT_CUSTOMER_ARRAY_ITEMS => {
-            R::UpsertCustomerArrayItems(pb::UpsertCustomerArrayItemsResponse::decode(bytes).ok()?)
-        }
-        methods::DELETE_CUSTOMER_ARRAY_ITEMS => {
-            R::DeleteCustomerArrayItems(pb::DeleteCustomerArrayItemsResponse::decode(bytes).ok()?)
-        }
-        methods::SEND_SURVEY => R::SendSurvey(pb::SendSurveyResponse::decode(bytes).ok()?),
-        methods::TRACK_EVENT | methods::TRACK_EVENTS => {
-            R::TrackEvent(pb::TrackEventResponse::decode(bytes).ok()?)
-        }
-        _ => return None,
-    })
 }
 
 fn check_id(violations: &mut Violations, field: String, id: &str) {
@@ -147,7 +116,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
             .ok_or_else(|| {
                 Error::new(
                     ErrorCode::NotFound,
-                    "DELIVERY_NOT_FOUND",
+                    Reason::DeliveryNotFound,
                     "no delivery of this caller has this id (it may have expired)",
                 )
             })?;

@@ -2,32 +2,25 @@
 //! configured event names trigger (the way Segment's Retently destination maps track events to
 //! transactional campaigns).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prost::Message as _;
-use serde_json::{Map, Value};
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
 use crate::config::EventMappings;
-use crate::convert::timestamp_to_ms;
+use crate::domain::writes::events::{OCCURRED_AT, execute_track_event};
+use crate::domain::writes::{self, DeliveryFacts};
 use crate::error::{Error, Violations};
-use crate::grpc::convert::{error_to_item, json_value, recipient_outcome};
-use crate::grpc::writes::{self, DeliveryFacts, WriteRpc};
+use crate::grpc::convert::error_to_item;
 use crate::grpc::{methods, paging, validate};
 use crate::pb;
-use crate::upstream::CallContext;
-use crate::upstream::retainly::{RetainlyEvent, RetainlyId};
-use crate::upstream::retently::{CustomerInput, PropertyInput, PropertyType, SurveyRequest};
 
 /// Retainly's event name limit.
 const MAX_EVENT_NAME: usize = 50;
 /// Retainly's limit on event data fields.
 const MAX_DATA_FIELDS: usize = 50;
-/// The data key that carries `occur_time` (Retainly has no event time field).
-const OCCURRED_AT: &str = "occurred_at";
 /// Events per TrackEvents message.
 const MAX_EVENTS_PER_MESSAGE: usize = 1000;
 /// Rejected events listed in a TrackEvents response (the counts stay exact).
@@ -44,22 +37,6 @@ pub struct EventApi {
 impl EventApi {
     pub fn new(app: Arc<App>) -> Self {
         Self { app }
-    }
-}
-
-impl WriteRpc for pb::TrackEventRequest {
-    type Response = pb::TrackEventResponse;
-    const METHOD: &'static str = methods::TRACK_EVENT;
-    // A Retainly event starts workflows each time it is recorded.
-    const REPLAY_SAFE: bool = false;
-
-    fn without_options(mut self) -> Self {
-        self.options = None;
-        self
-    }
-
-    fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
-        response.delivery_id = delivery_id;
     }
 }
 
@@ -198,6 +175,17 @@ pub fn check_track_event(
         .ok_or_else(|| Error::internal("no event after validation"))
 }
 
+/// What the outbox records about an event that passed [`check_track_event`] (the Segment intake
+/// queues events itself, after validating a whole batch).
+pub(crate) fn event_facts(mappings: &EventMappings, event: pb::Event) -> DeliveryFacts {
+    let campaigns = mappings.get(&event.name).cloned().unwrap_or_default();
+    facts(&CheckedEvent {
+        event,
+        dedup_key: None,
+        campaigns,
+    })
+}
+
 fn facts(checked: &CheckedEvent) -> DeliveryFacts {
     let mut destinations = vec![pb::Destination::Retainly];
     if !checked.campaigns.is_empty() {
@@ -208,161 +196,6 @@ fn facts(checked: &CheckedEvent) -> DeliveryFacts {
         item_count: 1,
         // Events of one customer reach Retainly in the order they were accepted.
         ordering_keys: vec![format!("retainly:{}", checked.event.customer_id)],
-    }
-}
-
-/// Records the event at Retainly, then sends the surveys its name maps to. Shared by SYNC calls
-/// and the outbox worker.
-pub(crate) async fn execute_track_event(
-    app: &App,
-    request: pb::TrackEventRequest,
-    ctx: CallContext,
-) -> Result<pb::TrackEventResponse, Error> {
-    let Some(event) = request.event else {
-        return Err(Error::internal("a validated event is missing"));
-    };
-    let campaigns = app
-        .config
-        .event_mappings
-        .get(&event.name)
-        .cloned()
-        .unwrap_or_default();
-    // Retainly first: if recording the event fails, no survey is sent, so the call can be
-    // repeated as a whole.
-    app.retainly
-        .track_event(&ctx, retainly_event(&event))
-        .await?;
-
-    let recipient = recipient_from_event(&event);
-    let sends = campaigns.iter().map(|campaign_id| {
-        app.retently.send_survey(
-            &ctx,
-            SurveyRequest {
-                campaign_id: campaign_id.clone(),
-                delay_days: None,
-                recipient: recipient.clone(),
-            },
-        )
-    });
-    let results = futures_util::future::join_all(sends).await;
-    let triggered_surveys = campaigns
-        .into_iter()
-        .zip(results)
-        .map(|(campaign_id, result)| {
-            let (outcome, error) = recipient_outcome(&result);
-            pb::TriggeredSurvey {
-                campaign_id,
-                outcome: outcome as i32,
-                error,
-            }
-        })
-        .collect();
-    Ok(pb::TrackEventResponse {
-        delivery_id: String::new(),
-        duplicate: false,
-        triggered_surveys,
-    })
-}
-
-/// The Retainly event a validated event becomes: its properties as the event data, plus
-/// `occurred_at` when `occur_time` is set (Retainly has no event time field).
-pub fn retainly_event(event: &pb::Event) -> RetainlyEvent {
-    let mut data: Map<String, Value> = event
-        .properties
-        .as_ref()
-        .map(|properties| {
-            properties
-                .fields
-                .iter()
-                .map(|(key, value)| (key.clone(), json_value(value)))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(time) = &event.occur_time {
-        let occurred = chrono::DateTime::from_timestamp_millis(timestamp_to_ms(time))
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-            .unwrap_or_default();
-        data.insert(OCCURRED_AT.to_owned(), Value::String(occurred));
-    }
-    RetainlyEvent {
-        customer_id: RetainlyId::Text(event.customer_id.clone()),
-        event: event.name.clone(),
-        data: (!data.is_empty()).then_some(data),
-    }
-}
-
-/// The survey recipient an event describes, as Segment's Retently destination reads a track
-/// event: names, company and tags from their usual keys, other top-level scalars as properties.
-pub fn recipient_from_event(event: &pb::Event) -> CustomerInput {
-    use prost_types::value::Kind;
-    let fields: BTreeMap<&str, &prost_types::Value> = event
-        .properties
-        .as_ref()
-        .map(|p| p.fields.iter().map(|(k, v)| (k.as_str(), v)).collect())
-        .unwrap_or_default();
-    let text = |keys: &[&str]| {
-        keys.iter()
-            .find_map(|key| match fields.get(key).and_then(|v| v.kind.as_ref()) {
-                Some(Kind::StringValue(text)) if !text.is_empty() => Some(text.clone()),
-                _ => None,
-            })
-    };
-    let standard = [
-        "first_name",
-        "firstName",
-        "last_name",
-        "lastName",
-        "company",
-        "companyName",
-        "tags",
-    ];
-    let tags = match fields.get("tags").and_then(|v| v.kind.as_ref()) {
-        Some(Kind::StringValue(text)) => Some(
-            text.split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned)
-                .collect(),
-        ),
-        Some(Kind::ListValue(list)) => Some(
-            list.values
-                .iter()
-                .filter_map(|v| match &v.kind {
-                    Some(Kind::StringValue(t)) if !t.is_empty() => Some(t.clone()),
-                    _ => None,
-                })
-                .collect(),
-        ),
-        _ => None,
-    };
-    let properties = fields
-        .iter()
-        .filter(|(key, _)| !standard.contains(key))
-        .filter_map(|(key, value)| {
-            let (kind, text) = match value.kind.as_ref()? {
-                Kind::StringValue(text) => (PropertyType::String, text.clone()),
-                Kind::BoolValue(flag) => (PropertyType::Boolean, flag.to_string()),
-                Kind::NumberValue(number) if number.fract() == 0.0 && number.abs() < 9.0e15 => {
-                    (PropertyType::Integer, format!("{number:.0}"))
-                }
-                Kind::NumberValue(number) => (PropertyType::String, number.to_string()),
-                _ => return None,
-            };
-            Some(PropertyInput {
-                label: (*key).to_owned(),
-                kind: Some(kind),
-                value: Some(text),
-            })
-        })
-        .collect();
-    CustomerInput {
-        email: event.email.clone(),
-        first_name: text(&["first_name", "firstName"]),
-        last_name: text(&["last_name", "lastName"]),
-        company: text(&["company", "companyName"]),
-        tags,
-        properties,
-        ..CustomerInput::default()
     }
 }
 
@@ -540,3 +373,6 @@ fn reject(summary: &mut pb::TrackEventsResponse, index: i64, message_id: &str, e
         });
     }
 }
+
+#[cfg(test)]
+mod validation_tables;

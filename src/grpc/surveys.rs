@@ -12,11 +12,8 @@
 
 pub mod convert;
 pub mod cursor;
-mod delivery;
 pub mod history;
 pub mod validation;
-
-pub(crate) use self::delivery::deliver_send_survey;
 
 use std::sync::Arc;
 
@@ -26,12 +23,14 @@ use crate::app::App;
 // The caller's deadline and name: the name picks the fair share of the budget a call spends.
 use crate::auth::interactive_context;
 use crate::convert::{feedback_to_pb, timestamp_to_ms};
-use crate::error::{Error, ErrorCode, Violations};
+use crate::domain::writes;
+use crate::domain::writes::surveys::{
+    check_campaign, execute_send_survey, execute_set_feedback_tags, execute_set_feedback_topics,
+};
+use crate::error::{Error, Violations};
 use crate::feedback::{FeedbackLog, FeedbackQuery as LogQuery};
-use crate::grpc::writes::{self, WriteRpc};
-use crate::grpc::{methods, paging, validate};
+use crate::grpc::{paging, validate, write};
 use crate::pb;
-use crate::upstream::CallContext;
 use crate::upstream::retently::{FeedbackQuery, OutboxQuery, PageRequest};
 
 use self::validation::{ValidWrite, email_filter, id_filter, known};
@@ -56,6 +55,26 @@ impl SurveyApi {
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// The page a list held whole in memory asks for, after its own checks (recorded in `v`);
+/// every violation found is answered at once.
+fn local_page_request(
+    mut v: Violations,
+    page_size: i32,
+    page_token: &str,
+    filters: &str,
+) -> Result<(usize, paging::PagePosition), Error> {
+    let page = paging::page_request(
+        &mut v,
+        page_size,
+        page_token,
+        DEFAULT_LOCAL_PAGE,
+        MAX_LOCAL_PAGE,
+        filters,
+    );
+    v.into_result()?;
+    Ok(page)
 }
 
 /// One page of a list held whole in memory: `(items, next_page_token, total_size)`.
@@ -117,15 +136,8 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             "campaigns;metric={};type={};active={:?}",
             request.metric, request.r#type, request.active
         );
-        let (size, position) = paging::page_request(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            DEFAULT_LOCAL_PAGE,
-            MAX_LOCAL_PAGE,
-            &filters,
-        );
-        v.into_result()?;
+        let (size, position) =
+            local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let campaigns = self.app.retently.campaigns(&ctx).await?;
         let mut matching: Vec<pb::Campaign> = campaigns
             .iter()
@@ -159,15 +171,8 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             "templates;metric={};channel={}",
             request.metric, request.channel
         );
-        let (size, position) = paging::page_request(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            DEFAULT_LOCAL_PAGE,
-            MAX_LOCAL_PAGE,
-            &filters,
-        );
-        v.into_result()?;
+        let (size, position) =
+            local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let templates = self.app.retently.templates(&ctx).await?;
         let mut matching: Vec<pb::Template> = templates
             .iter()
@@ -242,32 +247,26 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             &request.retently_customer_id,
         );
         email_filter(&mut v, "email", &request.email);
-        let (start, end) = time_range(
-            &mut v,
-            request.start_time.as_ref(),
-            request.end_time.as_ref(),
-        );
-        let order: Option<pb::TimeOrder> = known(&mut v, "order", request.order);
-        let filters = format!(
-            "feedback;campaign={:?};customer={:?};email={:?};start={:?};end={:?};order={}",
-            request.campaign_id,
-            request.retently_customer_id,
-            request.email,
-            request.start_time.as_ref().map(timestamp_to_ms),
-            request.end_time.as_ref().map(timestamp_to_ms),
-            request.order,
-        );
-        let now = now_ms();
-        let cursor = cursor::resolve(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            &filters,
-            end,
+        let TimedPage {
+            start,
+            order,
+            filters,
             now,
-        );
-        v.into_result()?;
-        let non_empty = |value: String| (!value.is_empty()).then_some(value);
+            cursor,
+        } = timed_page(
+            v,
+            format!(
+                "feedback;campaign={:?};customer={:?};email={:?}",
+                request.campaign_id, request.retently_customer_id, request.email,
+            ),
+            TimedList {
+                start_time: request.start_time.as_ref(),
+                end_time: request.end_time.as_ref(),
+                order: request.order,
+                page_size: request.page_size,
+                page_token: &request.page_token,
+            },
+        )?;
         let order = order.unwrap_or_default();
         if let Some(start_ms) = start
             && let Some(covered) = self.log.covered_range().await?
@@ -349,32 +348,26 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         &self,
         request: Request<pb::SetFeedbackTagsRequest>,
     ) -> Result<Response<pb::SetFeedbackTagsResponse>, Status> {
-        let ctx = interactive_context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let ValidWrite { mode, key, facts } = validation::set_feedback_tags(&request)?;
-        let app = &self.app;
-        let response = writes::run(app, owner, request, mode, key, facts, |request| {
-            execute_set_feedback_tags(app, request, ctx)
-        })
-        .await?;
-        Ok(Response::new(response))
+        write::serve(
+            &self.app,
+            request,
+            validation::set_feedback_tags,
+            execute_set_feedback_tags,
+        )
+        .await
     }
 
     async fn set_feedback_topics(
         &self,
         request: Request<pb::SetFeedbackTopicsRequest>,
     ) -> Result<Response<pb::SetFeedbackTopicsResponse>, Status> {
-        let ctx = interactive_context(&request);
-        let owner = crate::auth::owner_of(&request);
-        let request = request.into_inner();
-        let ValidWrite { mode, key, facts } = validation::set_feedback_topics(&request)?;
-        let app = &self.app;
-        let response = writes::run(app, owner, request, mode, key, facts, |request| {
-            execute_set_feedback_topics(app, request, ctx)
-        })
-        .await?;
-        Ok(Response::new(response))
+        write::serve(
+            &self.app,
+            request,
+            validation::set_feedback_topics,
+            execute_set_feedback_topics,
+        )
+        .await
     }
 
     async fn list_sent_surveys(
@@ -406,33 +399,26 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             }
             Ok(sent_by) => convert::sent_by_filter(sent_by),
         };
-        let (start, end) = time_range(
-            &mut v,
-            request.start_time.as_ref(),
-            request.end_time.as_ref(),
-        );
-        let order: Option<pb::TimeOrder> = known(&mut v, "order", request.order);
-        let filters = format!(
-            "sent_surveys;campaign={:?};email={:?};channel={};sent_by={};start={:?};end={:?};order={}",
-            request.campaign_id,
-            request.email,
-            request.channel,
-            request.sent_by,
-            request.start_time.as_ref().map(timestamp_to_ms),
-            request.end_time.as_ref().map(timestamp_to_ms),
-            request.order,
-        );
-        let now = now_ms();
-        let cursor = cursor::resolve(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            &filters,
-            end,
+        let TimedPage {
+            start,
+            order,
+            filters,
             now,
-        );
-        v.into_result()?;
-        let non_empty = |value: String| (!value.is_empty()).then_some(value);
+            cursor,
+        } = timed_page(
+            v,
+            format!(
+                "sent_surveys;campaign={:?};email={:?};channel={};sent_by={}",
+                request.campaign_id, request.email, request.channel, request.sent_by,
+            ),
+            TimedList {
+                start_time: request.start_time.as_ref(),
+                end_time: request.end_time.as_ref(),
+                order: request.order,
+                page_size: request.page_size,
+                page_token: &request.page_token,
+            },
+        )?;
         let query = OutboxQuery {
             email: non_empty(request.email),
             campaign_id: non_empty(request.campaign_id),
@@ -465,15 +451,8 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             validate::retently_path_id(&mut v, "campaign_id", &request.campaign_id);
         }
         let filters = format!("reports;campaign={:?}", request.campaign_id);
-        let (size, position) = paging::page_request(
-            &mut v,
-            request.page_size,
-            &request.page_token,
-            DEFAULT_LOCAL_PAGE,
-            MAX_LOCAL_PAGE,
-            &filters,
-        );
-        v.into_result()?;
+        let (size, position) =
+            local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let campaign_id = (!request.campaign_id.is_empty()).then_some(request.campaign_id.as_str());
         let reports = self.app.retently.reports(&ctx, campaign_id).await?;
         let mut reports: Vec<pb::CampaignReport> = reports.iter().map(convert::report).collect();
@@ -510,6 +489,54 @@ fn time_range(
     (start, end)
 }
 
+/// The paging fields of a time-ordered list (ListFeedback, ListSentSurveys).
+struct TimedList<'a> {
+    start_time: Option<&'a prost_types::Timestamp>,
+    end_time: Option<&'a prost_types::Timestamp>,
+    order: i32,
+    page_size: i32,
+    page_token: &'a str,
+}
+
+/// A time-ordered list's checked window and page.
+struct TimedPage {
+    start: Option<i64>,
+    order: Option<pb::TimeOrder>,
+    /// What the page token is bound to: the list's own filters, then the window and order.
+    filters: String,
+    now: i64,
+    cursor: cursor::Cursor,
+}
+
+/// Checks a time-ordered list's window and order (after the list's own checks, recorded in
+/// `v`) and resolves its page under `filters` plus the window and order; every violation
+/// found is answered at once.
+fn timed_page(mut v: Violations, filters: String, list: TimedList<'_>) -> Result<TimedPage, Error> {
+    let (start, end) = time_range(&mut v, list.start_time, list.end_time);
+    let order: Option<pb::TimeOrder> = known(&mut v, "order", list.order);
+    let filters = format!(
+        "{filters};start={:?};end={:?};order={}",
+        list.start_time.map(timestamp_to_ms),
+        list.end_time.map(timestamp_to_ms),
+        list.order,
+    );
+    let now = now_ms();
+    let cursor = cursor::resolve(&mut v, list.page_size, list.page_token, &filters, end, now);
+    v.into_result()?;
+    Ok(TimedPage {
+        start,
+        order,
+        filters,
+        now,
+        cursor,
+    })
+}
+
+/// An optional filter: `None` when the caller left it empty.
+fn non_empty(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
 /// The upstream's `total`, or, when it gives none, what the pages read so far show.
 fn total_size(total: Option<u64>, cursor: &cursor::Cursor, on_page: usize) -> i64 {
     match total {
@@ -518,244 +545,5 @@ fn total_size(total: Option<u64>, cursor: &cursor::Cursor, on_page: usize) -> i6
             let before = i64::from(cursor.page.saturating_sub(1)) * i64::from(cursor.size);
             before.saturating_add(i64::try_from(on_page).unwrap_or(i64::MAX))
         }
-    }
-}
-
-// ---- writes ----
-
-impl WriteRpc for pb::SendSurveyRequest {
-    type Response = pb::SendSurveyResponse;
-    const METHOD: &'static str = methods::SEND_SURVEY;
-    /// A second send would survey the recipients twice.
-    const REPLAY_SAFE: bool = false;
-
-    fn without_options(mut self) -> Self {
-        self.options = None;
-        self
-    }
-
-    fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
-        response.delivery_id = delivery_id;
-    }
-
-    /// A send where every recipient failed before its request left the gateway (budget,
-    /// circuit, connection refused) or was refused up front (429) is not remembered: a repeat
-    /// under the same key, as the RetryInfo invites, runs anew.
-    fn remember(response: &Self::Response) -> bool {
-        !response.results.iter().all(|result| {
-            result.outcome == pb::RecipientOutcome::Failed as i32
-                && result.error.as_ref().is_some_and(|error| {
-                    matches!(
-                        error.reason.as_str(),
-                        "UPSTREAM_BUDGET_EXHAUSTED"
-                            | "UPSTREAM_CIRCUIT_OPEN"
-                            | "UPSTREAM_UNREACHABLE"
-                            | "UPSTREAM_RATE_LIMITED"
-                            | "DEADLINE_EXCEEDED"
-                    )
-                })
-        })
-    }
-}
-
-impl WriteRpc for pb::SetFeedbackTagsRequest {
-    type Response = pb::SetFeedbackTagsResponse;
-    const METHOD: &'static str = methods::SET_FEEDBACK_TAGS;
-    /// Appends are not replay-safe; see [`WriteRpc::replay_safe`] for the per-request answer.
-    const REPLAY_SAFE: bool = false;
-
-    fn replay_safe(&self) -> bool {
-        self.mode == pb::UpdateMode::Replace as i32
-    }
-
-    fn without_options(mut self) -> Self {
-        self.options = None;
-        self
-    }
-
-    fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
-        response.delivery_id = delivery_id;
-    }
-}
-
-impl WriteRpc for pb::SetFeedbackTopicsRequest {
-    type Response = pb::SetFeedbackTopicsResponse;
-    const METHOD: &'static str = methods::SET_FEEDBACK_TOPICS;
-    /// Appends are not replay-safe; see [`WriteRpc::replay_safe`] for the per-request answer.
-    const REPLAY_SAFE: bool = false;
-
-    fn replay_safe(&self) -> bool {
-        self.mode == pb::UpdateMode::Replace as i32
-    }
-
-    fn without_options(mut self) -> Self {
-        self.options = None;
-        self
-    }
-
-    fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
-        response.delivery_id = delivery_id;
-    }
-}
-
-/// Longest a SendSurvey waits for the campaign list to check its `campaign_id`.
-const CAMPAIGN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// `NOT_FOUND` (with no `/survey` call made) when Retently has no campaign with this id.
-/// When the campaign list cannot be read in time (an outage, an exhausted budget) the send goes
-/// ahead unchecked, so an asynchronous send is still queued, and the upstream decides.
-async fn check_campaign(app: &App, ctx: &CallContext, campaign_id: &str) -> Result<(), Error> {
-    // The read itself carries no deadline: a read in flight is shared only with callers whose
-    // deadline it outlives, so reads bound by each caller's own deadline would not be shared,
-    // and a crowd of concurrent sends would each read the list. Each send waits for it at most
-    // CAMPAIGN_CHECK_WAIT (or its own deadline) while the one shared read goes on.
-    let mut read_ctx = ctx.clone();
-    read_ctx.deadline = None;
-    let limit = tokio::time::Instant::now() + CAMPAIGN_CHECK_WAIT;
-    let wait_until = ctx.deadline.map_or(limit, |deadline| deadline.min(limit));
-    let checked = tokio::time::timeout_at(
-        wait_until,
-        app.retently.campaign_exists(&read_ctx, campaign_id),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(Error::new(
-            ErrorCode::DeadlineExceeded,
-            "CAMPAIGN_CHECK_TIMEOUT",
-            "the campaign list was not read in time",
-        ))
-    });
-    match checked {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(Error::new(
-            ErrorCode::NotFound,
-            "CAMPAIGN_NOT_FOUND",
-            "no retently campaign has this campaign_id",
-        )
-        .with_metadata("campaign_id", campaign_id)),
-        Err(error) => {
-            tracing::debug!(%error, "cannot read the campaigns, sending without checking campaign_id");
-            Ok(())
-        }
-    }
-}
-
-/// Sends `request` and returns each recipient's result with, for a failed or unknown one, its
-/// error, in request order.
-async fn send_each(
-    app: &App,
-    request: pb::SendSurveyRequest,
-    ctx: CallContext,
-) -> Vec<(pb::RecipientResult, Option<Error>)> {
-    let delay = request.delay_days.and_then(|days| u32::try_from(days).ok());
-    let recipients = request.recipients.iter().map(convert::recipient).collect();
-    let outcomes = app
-        .retently
-        .send_surveys(&ctx, &request.campaign_id, delay, recipients)
-        .await;
-    request
-        .recipients
-        .iter()
-        .zip(outcomes)
-        .enumerate()
-        .map(|(index, (recipient, outcome))| {
-            convert::recipient_result(index, &recipient.email, outcome)
-        })
-        .collect()
-}
-
-/// Sends a validated SendSurvey request now: one result per recipient, in request order.
-pub(crate) async fn execute_send_survey(
-    app: &App,
-    request: pb::SendSurveyRequest,
-    ctx: CallContext,
-) -> Result<pb::SendSurveyResponse, Error> {
-    Ok(pb::SendSurveyResponse {
-        delivery_id: String::new(),
-        results: send_each(app, request, ctx)
-            .await
-            .into_iter()
-            .map(|(result, _)| result)
-            .collect(),
-    })
-}
-
-pub(crate) async fn execute_set_feedback_tags(
-    app: &App,
-    request: pb::SetFeedbackTagsRequest,
-    ctx: CallContext,
-) -> Result<pb::SetFeedbackTagsResponse, Error> {
-    let op = convert::label_op(request.mode)?;
-    app.retently
-        .set_response_tags(&ctx, &request.feedback_id, request.tags, op)
-        .await?;
-    Ok(pb::SetFeedbackTagsResponse::default())
-}
-
-pub(crate) async fn execute_set_feedback_topics(
-    app: &App,
-    request: pb::SetFeedbackTopicsRequest,
-    ctx: CallContext,
-) -> Result<pb::SetFeedbackTopicsResponse, Error> {
-    let op = convert::label_op(request.mode)?;
-    let topics = request.topics.iter().map(convert::topic).collect();
-    app.retently
-        .set_response_topics(&ctx, &request.feedback_id, topics, op)
-        .await?;
-    Ok(pb::SetFeedbackTopicsResponse::default())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn failed(reason: &str) -> pb::RecipientResult {
-        pb::RecipientResult {
-            outcome: pb::RecipientOutcome::Failed as i32,
-            error: Some(pb::ItemError {
-                reason: reason.to_owned(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn sends_that_never_left_the_gateway_are_not_remembered() {
-        let response = |results| pb::SendSurveyResponse {
-            delivery_id: String::new(),
-            results,
-        };
-        let shed = response(vec![
-            failed("UPSTREAM_BUDGET_EXHAUSTED"),
-            failed("UPSTREAM_CIRCUIT_OPEN"),
-        ]);
-        assert!(!pb::SendSurveyRequest::remember(&shed));
-        let refused = response(vec![failed("UPSTREAM_NOT_FOUND")]);
-        assert!(pb::SendSurveyRequest::remember(&refused));
-        let mixed = response(vec![
-            failed("UPSTREAM_BUDGET_EXHAUSTED"),
-            pb::RecipientResult {
-                outcome: pb::RecipientOutcome::Scheduled as i32,
-                ..Default::default()
-            },
-        ]);
-        assert!(pb::SendSurveyRequest::remember(&mixed));
-    }
-
-    #[test]
-    fn only_replacements_are_replay_safe() {
-        let tags = |mode: pb::UpdateMode| pb::SetFeedbackTagsRequest {
-            mode: mode as i32,
-            ..Default::default()
-        };
-        assert!(tags(pb::UpdateMode::Replace).replay_safe());
-        assert!(!tags(pb::UpdateMode::Append).replay_safe());
-        let topics = pb::SetFeedbackTopicsRequest {
-            mode: pb::UpdateMode::Append as i32,
-            ..Default::default()
-        };
-        assert!(!topics.replay_safe());
-        assert!(!pb::SendSurveyRequest::default().replay_safe());
     }
 }

@@ -464,6 +464,16 @@ pub fn retainly_value(
     }
 }
 
+/// The fields a validator's violations name, in order; empty when the request is valid (for the
+/// validators' table tests).
+#[cfg(test)]
+pub(crate) fn violated_fields<T>(outcome: Result<T, crate::error::Error>) -> Vec<String> {
+    match outcome {
+        Ok(_) => Vec::new(),
+        Err(error) => error.violations().iter().map(|v| v.field.clone()).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

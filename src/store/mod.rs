@@ -1,663 +1,122 @@
-//! The embedded durable store: one SQLite database in the data directory, holding the outbox of
-//! asynchronous writes, idempotency records, the feedback log and sync cursors.
+//! Storage: every SQL statement and the whole schema of the gateway, behind narrow async traits
+//! per concern, so the rest of the gateway never sees an engine.
 //!
-//! Writes go through one writer thread that runs every job queued since its last commit in one
-//! transaction (group commit): a burst of acknowledgements costs one fsync, not one each, and
-//! SQLite's single-writer rule is never contended. Each job runs inside its own savepoint, so one
-//! failing job does not undo the others in the same group. Reads run on a small pool of read-only
-//! connections through `spawn_blocking`; WAL mode lets them proceed while the writer commits.
+//! - [`OutboxStore`] ([`outbox`]): the durable outbox of asynchronous writes: enqueue (with the
+//!   call's idempotency record), claim with ordering, attempt outcomes, recovery, dead letters.
+//! - [`IdempotencyStore`] ([`idempotency`]): remembered responses of idempotent calls.
+//! - [`FeedbackLogStore`] ([`feedback_log`]): the deduplicated feedback log, its latest versions
+//!   of every response, retention and the reads behind `FeedbackStream` and `ListFeedback`.
+//! - [`CursorStore`] ([`cursors`]): named checkpoints of background pollers.
+//! - [`AlertStore`] ([`alerts`]): the alert evaluator's checkpoint, alert keys and rate limit
+//!   counts, and the queueing of its alerts in the outbox.
 //!
-//! `synchronous = FULL`: a job's result is returned only after its commit reached the disk, which
-//! is what "acknowledged" means for an asynchronous write.
+//! Each trait method is one atomic operation (a transaction of the engine), described by what
+//! it does, never by a borrowed connection, so a networked engine implements the same traits.
+//! Failures are a [`StoreError`] of a typed [`StoreErrorKind`].
 //!
-//! The store checks itself at open: `PRAGMA quick_check` refuses a damaged file (with the
-//! recovery command in the error), and a marker file beside the database refuses a database that
-//! went missing where one was created, unless the operator asks for a new one
-//! ([`MissingStore::CreateNew`]). A fresh directory gets a new store and its marker.
+//! Engines: [`sqlite`], the embedded default (one SQLite file in the data directory, group
+//! commit through one writer thread). [`Store`] bundles one engine's implementations as trait
+//! objects; that is what the domain holds.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
-use rusqlite::{Connection, OpenFlags, Transaction};
-use tokio::sync::{mpsc, oneshot};
-
-use crate::error::{Error, ErrorCode};
+use std::path::Path;
+use std::sync::Arc;
 
 pub mod alerts;
-mod schema;
+pub mod cursors;
+mod error;
+pub mod feedback_log;
+pub mod idempotency;
+pub mod outbox;
+pub mod sqlite;
 
-/// Jobs queued for the writer beyond this make callers wait, which is the backpressure of the
-/// whole write path (a full disk or a slow fsync slows acknowledgements instead of growing memory).
-const WRITER_QUEUE: usize = 4096;
+/// The engines' shared contract tests; see [`store_contract_tests!`](crate::store_contract_tests).
+#[cfg(test)]
+pub(crate) mod contract;
 
-/// At most this many jobs share one transaction, so one commit never holds the write lock for long.
-const MAX_GROUP: usize = 512;
+pub use alerts::AlertStore;
+pub use cursors::{Checkpoint, CursorStore};
+pub use error::{StoreError, StoreErrorKind};
+pub use feedback_log::FeedbackLogStore;
+pub use idempotency::{IdempotencyRecord, IdempotencyStore};
+pub use outbox::OutboxStore;
+pub use sqlite::{DATABASE_FILE, MARKER_FILE, MissingStore, OpenError, SqliteStore};
 
-/// Read connections kept open; reads beyond this open a fresh connection rather than wait.
-const READ_POOL: usize = 4;
-
-/// What a job hands back after running: called with the commit's error, if any, to answer the
-/// caller only once the outcome is durable.
-type Completion = Box<dyn FnOnce(Option<String>) + Send>;
-type WriteJob = Box<dyn FnOnce(&Transaction<'_>) -> Completion + Send>;
-
-/// A handle to the store; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<StoreInner>,
+/// An engine that holds every concern.
+pub trait Engine:
+    OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + AlertStore
+{
 }
 
-struct StoreInner {
-    path: PathBuf,
-    writer: mpsc::Sender<WriteJob>,
-    readers: Mutex<Vec<Connection>>,
+impl<E: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + AlertStore> Engine for E {}
+
+/// The store the gateway runs on: one engine, seen through its per-concern traits. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Store {
+    outbox: Arc<dyn OutboxStore>,
+    idempotency: Arc<dyn IdempotencyStore>,
+    feedback_log: Arc<dyn FeedbackLogStore>,
+    cursors: Arc<dyn CursorStore>,
+    alerts: Arc<dyn AlertStore>,
+    /// Names the engine and where its data lives, for logs (never a secret).
+    description: Arc<str>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.inner.path)
+            .field("engine", &self.description)
             .finish()
     }
 }
 
-fn storage_error(error: impl std::fmt::Display) -> Error {
-    Error::new(
-        ErrorCode::Unavailable,
-        "STORE_UNAVAILABLE",
-        format!("the durable store failed: {error}"),
-    )
-}
-
-/// The database file inside the data directory.
-pub const DATABASE_FILE: &str = "gateway.db";
-
-/// Left beside the database when the store is created, so a database file that later goes missing
-/// (a volume mounted empty, a file deleted by hand) is noticed instead of silently replaced by an
-/// empty store, which would lose the outbox, the dead letters and the idempotency memory.
-pub const MARKER_FILE: &str = "gateway.db.marker";
-
-/// Damage reports of `PRAGMA quick_check` read at most; the first ones name the problem.
-const MAX_DAMAGE_REPORTS: usize = 100;
-
-/// How [`Store::open_with`] treats a data directory whose marker says a store existed there but
-/// whose database file is missing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum MissingStore {
-    /// Refuse to start (the default): the operator restores the file or decides otherwise.
-    #[default]
-    Refuse,
-    /// Create a new, empty store (the operator accepts that what the old one held is gone).
-    CreateNew,
-}
-
-/// Why the store did not open. The first two are refusals an operator must act on; their messages
-/// say what to do.
-#[derive(Debug)]
-pub enum OpenError {
-    Damaged {
-        path: PathBuf,
-        /// Problems reported (at most [`MAX_DAMAGE_REPORTS`] are read).
-        problems: usize,
-        first: String,
-    },
-    Missing {
-        path: PathBuf,
-        marker: PathBuf,
-    },
-    Failed(Error),
-}
-
-impl From<Error> for OpenError {
-    fn from(error: Error) -> Self {
-        OpenError::Failed(error)
-    }
-}
-
-impl std::error::Error for OpenError {}
-
-impl std::fmt::Display for OpenError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OpenError::Damaged {
-                path,
-                problems,
-                first,
-            } => {
-                let recovered = path.with_file_name("gateway.recovered.db");
-                let count = if *problems >= MAX_DAMAGE_REPORTS {
-                    format!("{problems} or more problems")
-                } else {
-                    format!("{problems} problem(s)")
-                };
-                write!(
-                    f,
-                    "the store {} is damaged: quick_check found {count}, first: {first}; the \
-                     gateway does not start on a damaged store. stop every gateway using it, \
-                     recover what is readable with `sqlite3 {} .recover | sqlite3 {}` (with a \
-                     sqlite3 that lacks .recover, such as Debian's: .dump in its place), move \
-                     {DATABASE_FILE} and its -wal and -shm files aside, rename {} to \
-                     {DATABASE_FILE} and start again (README: \"Store faults\")",
-                    path.display(),
-                    path.display(),
-                    recovered.display(),
-                    recovered.display(),
-                )
-            }
-            OpenError::Missing { path, marker } => write!(
-                f,
-                "the store {} is missing, but {} shows a store was created in this directory: \
-                 starting empty would lose its outbox, dead letters and idempotency records. \
-                 restore {DATABASE_FILE} from a backup, or start once with `serve \
-                 --allow-new-store` (or CXGW_ALLOW_NEW_STORE=true) to create a new, empty store",
-                path.display(),
-                marker.display()
-            ),
-            OpenError::Failed(error) => write!(f, "{error}"),
-        }
-    }
-}
-
 impl Store {
-    /// Opens `gateway.db` in `data_dir`, creating it only in a directory where no store was
-    /// created before (see [`Store::open_with`]).
+    /// Opens the embedded SQLite store in `data_dir` (see [`SqliteStore::open`]).
     pub fn open(data_dir: &Path) -> Result<Store, OpenError> {
         Store::open_with(data_dir, MissingStore::Refuse)
     }
 
-    /// Opens `gateway.db` in `data_dir` after checking it: a damaged database, or a missing one
-    /// where the marker shows a store was created (unless `missing` says to create a new one), is
-    /// refused. Creates the directory, the database and the marker when the directory holds
-    /// neither, and applies pending migrations.
+    /// Opens the embedded SQLite store in `data_dir` (see [`SqliteStore::open_with`]).
     pub fn open_with(data_dir: &Path, missing: MissingStore) -> Result<Store, OpenError> {
-        std::fs::create_dir_all(data_dir).map_err(|error| {
-            storage_error(format!(
-                "cannot create the data directory {}: {error}",
-                data_dir.display()
-            ))
-        })?;
-        let path = data_dir.join(DATABASE_FILE);
-        let marker = data_dir.join(MARKER_FILE);
-        let exists = file_exists(&path)?;
-        let marked = file_exists(&marker)?;
-        if marked && !exists {
-            match missing {
-                MissingStore::Refuse => return Err(OpenError::Missing { path, marker }),
-                MissingStore::CreateNew => tracing::warn!(
-                    path = %path.display(),
-                    "creating a new, empty store in place of a missing one, as asked"
-                ),
-            }
-        }
-        let mut connection = Connection::open(&path).map_err(|error| damage_or(&path, error))?;
-        if exists {
-            check_integrity(&connection, &path)?;
-            if marked && !has_schema(&connection).map_err(|error| damage_or(&path, error))? {
-                // An emptied file (truncated, or replaced by an empty one) is as missing as a
-                // deleted one.
-                if missing == MissingStore::Refuse {
-                    return Err(OpenError::Missing { path, marker });
-                }
-            }
-        }
-        connection
-            .execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = ON;
-                 PRAGMA busy_timeout = 5000;",
-            )
-            .map_err(|error| damage_or(&path, error))?;
-        schema::migrate(&mut connection).map_err(|error| damage_or(&path, error))?;
-        // Written once the schema is durable, so a start that fails before leaves no marker behind
-        // a store that never held anything. A store from a version without markers gains one.
-        if !marked {
-            write_marker(data_dir, &marker)?;
-        }
-
-        let (writer, jobs) = mpsc::channel::<WriteJob>(WRITER_QUEUE);
-        std::thread::Builder::new()
-            .name("cxgw-store-writer".to_owned())
-            .spawn(move || write_loop(connection, jobs))
-            .map_err(storage_error)?;
-        Ok(Store {
-            inner: Arc::new(StoreInner {
-                path,
-                writer,
-                readers: Mutex::new(Vec::new()),
-            }),
-        })
+        let engine = SqliteStore::open_with(data_dir, missing)?;
+        let description = format!("sqlite:{}", engine.path().display());
+        Ok(Store::from_engine(engine, description))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    /// Runs `job` in the writer's transaction and returns once it is durably committed.
-    pub async fn write<R, F>(&self, job: F) -> Result<R, Error>
-    where
-        R: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
-    {
-        let (reply, result) = oneshot::channel::<Result<R, String>>();
-        let boxed: WriteJob = Box::new(move |tx: &Transaction<'_>| {
-            let outcome = run_in_savepoint(tx, job);
-            Box::new(move |commit_error: Option<String>| {
-                let answer = match (outcome, commit_error) {
-                    (_, Some(error)) => Err(error),
-                    (Ok(value), None) => Ok(value),
-                    (Err(error), None) => Err(error.to_string()),
-                };
-                let _ = reply.send(answer);
-            })
-        });
-        self.inner
-            .writer
-            .send(boxed)
-            .await
-            .map_err(|_| storage_error("the writer thread has stopped"))?;
-        // A job dropped without running (the writer could not open a transaction) closes `reply`.
-        result
-            .await
-            .map_err(|_| storage_error("the write was not committed"))?
-            .map_err(storage_error)
-    }
-
-    /// Runs `job` on a read connection (a consistent snapshot for the duration of the job).
-    pub async fn read<R, F>(&self, job: F) -> Result<R, Error>
-    where
-        R: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
-    {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let connection = match inner.readers.lock().ok().and_then(|mut pool| pool.pop()) {
-                Some(connection) => connection,
-                None => open_reader(&inner.path)?,
-            };
-            let outcome = job(&connection);
-            if let Ok(mut pool) = inner.readers.lock()
-                && pool.len() < READ_POOL
-            {
-                pool.push(connection);
-            }
-            outcome
-        })
-        .await
-        .map_err(|error| storage_error(format!("a read task failed: {error}")))?
-        .map_err(storage_error)
-    }
-}
-
-fn file_exists(path: &Path) -> Result<bool, OpenError> {
-    path.try_exists().map_err(|error| {
-        OpenError::Failed(storage_error(format!(
-            "cannot look for {}: {error}",
-            path.display()
-        )))
-    })
-}
-
-/// SQLite reports a file that is not a database, or whose pages do not parse, with typed codes:
-/// those are damage, anything else (permissions, I/O) is a plain failure.
-fn damage_or(path: &Path, error: rusqlite::Error) -> OpenError {
-    match error.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
-            OpenError::Damaged {
-                path: path.to_path_buf(),
-                problems: 1,
-                first: error.to_string(),
-            }
-        }
-        _ => OpenError::Failed(storage_error(error)),
-    }
-}
-
-/// `PRAGMA quick_check`: every page of every table and index is read and its structure checked
-/// (not the agreement of indexes with their tables, which `integrity_check` adds at several times
-/// the cost). It reads the whole file once: about a second per few hundred megabytes.
-fn check_integrity(connection: &Connection, path: &Path) -> Result<(), OpenError> {
-    let started = std::time::Instant::now();
-    let reports = (|| {
-        let mut statement =
-            connection.prepare(&format!("PRAGMA quick_check({MAX_DAMAGE_REPORTS})"))?;
-        statement
-            .query_map([], |row| row.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<String>>>()
-    })()
-    .map_err(|error| damage_or(path, error))?;
-    if reports.len() == 1 && reports[0] == "ok" {
-        tracing::info!(
-            path = %path.display(),
-            elapsed_ms = started.elapsed().as_millis(),
-            "store integrity checked"
-        );
-        return Ok(());
-    }
-    Err(OpenError::Damaged {
-        path: path.to_path_buf(),
-        problems: reports.len(),
-        first: reports.into_iter().next().unwrap_or_default(),
-    })
-}
-
-/// Whether the migrations ever ran on this database.
-fn has_schema(connection: &Connection) -> rusqlite::Result<bool> {
-    connection.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'schema_migrations')",
-        [],
-        |row| row.get(0),
-    )
-}
-
-/// Writes the marker durably: the file, then the directory entry.
-fn write_marker(data_dir: &Path, marker: &Path) -> Result<(), OpenError> {
-    use std::io::Write as _;
-    let written = (|| {
-        let mut file = std::fs::File::create(marker)?;
-        writeln!(
-            file,
-            "cx-gateway created a store ({DATABASE_FILE}) in this directory at {}.\n\
-             While this file exists the gateway refuses to start without {DATABASE_FILE}, instead \
-             of silently creating an empty one.",
-            chrono::Utc::now().to_rfc3339()
-        )?;
-        file.sync_all()?;
-        std::fs::File::open(data_dir)?.sync_all()
-    })();
-    written.map_err(|error| {
-        OpenError::Failed(storage_error(format!(
-            "cannot write the store marker {}: {error}",
-            marker.display()
-        )))
-    })
-}
-
-fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
-    let connection = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    connection.execute_batch("PRAGMA busy_timeout = 5000;")?;
-    Ok(connection)
-}
-
-fn run_in_savepoint<R>(
-    tx: &Transaction<'_>,
-    job: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R>,
-) -> rusqlite::Result<R> {
-    tx.execute_batch("SAVEPOINT job")?;
-    match job(tx) {
-        Ok(value) => {
-            tx.execute_batch("RELEASE job")?;
-            Ok(value)
-        }
-        Err(error) => {
-            tx.execute_batch("ROLLBACK TO job; RELEASE job")?;
-            Err(error)
+    /// The store backed by `engine`; `description` names it in logs and must hold no secret.
+    pub fn from_engine<E: Engine>(engine: E, description: impl Into<Arc<str>>) -> Store {
+        let engine = Arc::new(engine);
+        Store {
+            outbox: Arc::clone(&engine) as Arc<dyn OutboxStore>,
+            idempotency: Arc::clone(&engine) as Arc<dyn IdempotencyStore>,
+            feedback_log: Arc::clone(&engine) as Arc<dyn FeedbackLogStore>,
+            cursors: Arc::clone(&engine) as Arc<dyn CursorStore>,
+            alerts: engine as Arc<dyn AlertStore>,
+            description: description.into(),
         }
     }
-}
 
-fn write_loop(mut connection: Connection, mut jobs: mpsc::Receiver<WriteJob>) {
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_GROUP);
-    while let Some(first) = jobs.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_GROUP {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let tx = match connection.transaction() {
-            Ok(tx) => tx,
-            Err(error) => {
-                tracing::error!(%error, jobs = batch.len(), "cannot begin a store transaction");
-                // Dropping the jobs tells their callers the write was not committed.
-                batch.clear();
-                continue;
-            }
-        };
-        let completions: Vec<Completion> = batch.drain(..).map(|job| job(&tx)).collect();
-        let commit_error = tx.commit().err().map(|error| {
-            tracing::error!(%error, jobs = completions.len(), "a store commit failed");
-            error.to_string()
-        });
-        for complete in completions {
-            complete(commit_error.clone());
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn writes_are_visible_to_reads_and_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let count = 200;
-        let writes = (0..count).map(|i| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .write(move |tx| {
-                        tx.execute(
-                            "INSERT INTO sync_cursors (name, value) VALUES (?1, ?2)",
-                            (format!("cursor-{i}"), i.to_string()),
-                        )
-                    })
-                    .await
-            })
-        });
-        for write in writes {
-            assert_eq!(write.await.unwrap().unwrap(), 1);
-        }
-        let stored: i64 = store
-            .read(|c| c.query_row("SELECT COUNT(*) FROM sync_cursors", [], |row| row.get(0)))
-            .await
-            .unwrap();
-        assert_eq!(stored, count);
-        drop(store);
-
-        let reopened = Store::open(dir.path()).unwrap();
-        let value: String = reopened
-            .read(|c| {
-                c.query_row(
-                    "SELECT value FROM sync_cursors WHERE name = 'cursor-7'",
-                    [],
-                    |row| row.get(0),
-                )
-            })
-            .await
-            .unwrap();
-        assert_eq!(value, "7");
+    pub fn outbox(&self) -> &Arc<dyn OutboxStore> {
+        &self.outbox
     }
 
-    /// Opens a store, writes to it and closes it, leaving everything in the main file (no WAL), as
-    /// a stopped gateway leaves it.
-    async fn stopped_store(dir: &Path) -> PathBuf {
-        let store = Store::open(dir).unwrap();
-        for i in 0..50 {
-            store
-                .write(move |tx| {
-                    tx.execute(
-                        "INSERT INTO sync_cursors (name, value) VALUES (?1, ?2)",
-                        (format!("cursor-{i}"), "x".repeat(200)),
-                    )
-                })
-                .await
-                .unwrap();
-        }
-        let path = store.path().to_path_buf();
-        drop(store);
-        let connection = Connection::open(&path).unwrap();
-        connection
-            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-            .unwrap();
-        path
+    pub fn idempotency(&self) -> &Arc<dyn IdempotencyStore> {
+        &self.idempotency
     }
 
-    /// Overwrites page `page` (1-based) of the database file with bytes no page can hold.
-    fn damage_page(path: &Path, page: u64) {
-        use std::io::{Seek as _, SeekFrom, Write as _};
-        let page_size: i64 = Connection::open(path)
-            .unwrap()
-            .query_row("PRAGMA page_size", [], |row| row.get(0))
-            .unwrap();
-        let page_size = u64::try_from(page_size).unwrap();
-        let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        file.seek(SeekFrom::Start((page - 1) * page_size)).unwrap();
-        file.write_all(&vec![0xA5; usize::try_from(page_size).unwrap()])
-            .unwrap();
-        file.sync_all().unwrap();
+    pub fn feedback_log(&self) -> &Arc<dyn FeedbackLogStore> {
+        &self.feedback_log
     }
 
-    fn root_page(path: &Path, name: &str) -> u64 {
-        let page: i64 = Connection::open(path)
-            .unwrap()
-            .query_row(
-                "SELECT rootpage FROM sqlite_schema WHERE name = ?1",
-                [name],
-                |row| row.get(0),
-            )
-            .unwrap();
-        u64::try_from(page).unwrap()
+    pub fn cursors(&self) -> &Arc<dyn CursorStore> {
+        &self.cursors
     }
 
-    #[tokio::test]
-    async fn a_damaged_store_is_refused_with_the_command_to_recover_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = stopped_store(dir.path()).await;
-        // An index page: the outbox's rows are intact, and `.recover` rebuilds indexes.
-        damage_page(&path, root_page(&path, "outbox_by_state"));
-        let error = Store::open(dir.path()).unwrap_err();
-        let OpenError::Damaged { problems, .. } = &error else {
-            panic!("expected a damaged store, got {error}");
-        };
-        assert!(*problems >= 1);
-        let message = error.to_string();
-        assert!(message.contains("quick_check found"), "{message}");
-        assert!(
-            message.contains(&format!("sqlite3 {} .recover", path.display())),
-            "{message}"
-        );
-        // Refused again on the next start: nothing was repaired or recreated behind the scenes.
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(OpenError::Damaged { .. })
-        ));
+    pub fn alerts(&self) -> &Arc<dyn AlertStore> {
+        &self.alerts
     }
 
-    #[tokio::test]
-    async fn a_store_whose_header_is_destroyed_is_refused_as_damaged() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = stopped_store(dir.path()).await;
-        damage_page(&path, 1);
-        let error = Store::open(dir.path()).unwrap_err();
-        assert!(matches!(error, OpenError::Damaged { .. }), "{error}");
-        assert!(error.to_string().contains(".recover"), "{error}");
-    }
-
-    #[tokio::test]
-    async fn a_missing_store_is_refused_where_one_was_created_unless_asked_to_create_one() {
-        let dir = tempfile::tempdir().unwrap();
-        // A fresh directory just works, and the store leaves its marker.
-        let path = stopped_store(dir.path()).await;
-        assert!(dir.path().join(MARKER_FILE).exists());
-
-        std::fs::remove_file(&path).unwrap();
-        let error = Store::open(dir.path()).unwrap_err();
-        assert!(matches!(error, OpenError::Missing { .. }), "{error}");
-        let message = error.to_string();
-        assert!(message.contains("--allow-new-store"), "{message}");
-        assert!(message.contains("CXGW_ALLOW_NEW_STORE=true"), "{message}");
-        assert!(!path.exists(), "a refused start must not create the file");
-
-        // An emptied file is as missing as a deleted one.
-        std::fs::File::create(&path).unwrap();
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(OpenError::Missing { .. })
-        ));
-
-        // Asked explicitly: a new, empty store, usable at once.
-        let store = Store::open_with(dir.path(), MissingStore::CreateNew).unwrap();
-        let cursors: i64 = store
-            .read(|c| c.query_row("SELECT COUNT(*) FROM sync_cursors", [], |row| row.get(0)))
-            .await
-            .unwrap();
-        assert_eq!(cursors, 0);
-        store
-            .write(|tx| {
-                tx.execute(
-                    "INSERT INTO sync_cursors (name, value) VALUES ('new', '1')",
-                    [],
-                )
-            })
-            .await
-            .unwrap();
-        drop(store);
-        // From then on it is the store of this directory, opened without the flag.
-        let reopened = Store::open(dir.path()).unwrap();
-        let value: String = reopened
-            .read(|c| {
-                c.query_row(
-                    "SELECT value FROM sync_cursors WHERE name = 'new'",
-                    [],
-                    |row| row.get(0),
-                )
-            })
-            .await
-            .unwrap();
-        assert_eq!(value, "1");
-    }
-
-    #[tokio::test]
-    async fn a_store_from_before_markers_gains_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = stopped_store(dir.path()).await;
-        std::fs::remove_file(dir.path().join(MARKER_FILE)).unwrap();
-        drop(Store::open(dir.path()).unwrap());
-        assert!(dir.path().join(MARKER_FILE).exists());
-        std::fs::remove_file(&path).unwrap();
-        assert!(matches!(
-            Store::open(dir.path()),
-            Err(OpenError::Missing { .. })
-        ));
-    }
-
-    #[tokio::test]
-    async fn a_failing_job_does_not_undo_its_neighbours() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let good = store.write(|tx| {
-            tx.execute(
-                "INSERT INTO sync_cursors (name, value) VALUES ('a', '1')",
-                [],
-            )
-        });
-        let bad = store.write(|tx| {
-            tx.execute(
-                "INSERT INTO sync_cursors (name, value) VALUES ('b', '1')",
-                [],
-            )?;
-            tx.execute("INSERT INTO no_such_table VALUES (1)", [])
-        });
-        let (good, bad) = tokio::join!(good, bad);
-        good.unwrap();
-        let error = bad.unwrap_err();
-        assert_eq!(error.code(), ErrorCode::Unavailable);
-        let names: Vec<String> = store
-            .read(|c| {
-                let mut statement = c.prepare("SELECT name FROM sync_cursors ORDER BY name")?;
-                statement
-                    .query_map([], |row| row.get(0))?
-                    .collect::<rusqlite::Result<Vec<String>>>()
-            })
-            .await
-            .unwrap();
-        assert_eq!(names, vec!["a".to_owned()]);
+    pub fn description(&self) -> &str {
+        &self.description
     }
 }

@@ -145,6 +145,11 @@ pub struct Metrics {
     pub alerts: Counter<u64>,
     /// `cxgw.alerts.rules.reloads`: reloads of the alert rules file by outcome.
     pub alert_rule_reloads: Counter<u64>,
+    /// `cxgw.segment.requests`: Segment intake requests by endpoint and answer status.
+    pub segment_requests: Counter<u64>,
+    /// `cxgw.segment.messages`: messages of accepted Segment requests by type and what became
+    /// of them (queued, duplicate, not forwarded).
+    pub segment_messages: Counter<u64>,
     _observed: Vec<ObservedInstrument>,
 }
 
@@ -294,6 +299,19 @@ impl Metrics {
                 .with_description(
                     "Catch-ups from the feedback log completed (the subscriber is back on the \
                      live buffer), by cause: overflow, replay (a start position in the past)",
+                )
+                .build(),
+            segment_requests: meter
+                .u64_counter("cxgw.segment.requests")
+                .with_description(
+                    "Segment intake requests by endpoint (track, identify, batch) and answer status",
+                )
+                .build(),
+            segment_messages: meter
+                .u64_counter("cxgw.segment.messages")
+                .with_description(
+                    "Messages of accepted Segment requests by type and outcome: queued, duplicate \
+                     (a messageId seen before) or acknowledged (nothing to forward)",
                 )
                 .build(),
             provider,

@@ -248,7 +248,7 @@ fn rebased(error: &Error, violations: Vec<FieldViolation>) -> Error {
 
 /// For an `INVALID_ARGUMENT` whose every violation names `<list_field>[i]`, the violations per
 /// item index with fields relative to the item. `None` when the rejection is not per item.
-fn split_rejection(
+pub(crate) fn split_rejection(
     error: &Error,
     list_field: &str,
     len: usize,
@@ -281,11 +281,12 @@ fn split_rejection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Reason;
 
     fn invalid(fields: &[&str]) -> Error {
         Error::new(
             ErrorCode::InvalidArgument,
-            "UPSTREAM_INVALID_ARGUMENT",
+            Reason::UpstreamInvalidArgument,
             "rejected",
         )
         .with_violations(
@@ -320,7 +321,7 @@ mod tests {
     fn rejections_not_about_items_are_not_split() {
         assert!(split_rejection(&invalid(&["campaign"]), "subscribers", 3).is_none());
         assert!(split_rejection(&invalid(&["subscribers[5].email"]), "subscribers", 3).is_none());
-        let unavailable = Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down");
+        let unavailable = Error::new(ErrorCode::Unavailable, Reason::UpstreamUnavailable, "down");
         assert!(split_rejection(&unavailable, "subscribers", 3).is_none());
     }
 
@@ -328,7 +329,7 @@ mod tests {
     fn rebased_errors_keep_code_reason_and_metadata() {
         let error = rebased(&invalid(&["x"]), vec![FieldViolation::new("email", "bad")]);
         assert_eq!(error.code(), ErrorCode::InvalidArgument);
-        assert_eq!(error.reason(), "UPSTREAM_INVALID_ARGUMENT");
+        assert_eq!(error.reason(), Reason::UpstreamInvalidArgument);
         assert_eq!(error.metadata()["upstream"], "retently");
         assert_eq!(
             error.message(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 
 /// Scheduling class of a call. Interactive work is served first; background work still gets a
 /// guaranteed share (see [`crate::upstream::SchedulerSettings::background_share`]) so it never
@@ -68,7 +68,7 @@ impl CallContext {
 pub(crate) fn deadline_exceeded(upstream: &'static str) -> Error {
     Error::new(
         ErrorCode::DeadlineExceeded,
-        "DEADLINE_EXCEEDED",
+        Reason::DeadlineExceeded,
         format!("deadline passed while waiting for {upstream}"),
     )
     .with_metadata("upstream", upstream)

@@ -99,12 +99,24 @@ pub fn delivery_decision(error: &Error, replay_safe: bool) -> DeliveryDecision {
     }
 }
 
+/// An error of a failed upstream attempt of `class`, for tests that decide on the class.
+#[cfg(test)]
+pub(crate) fn upstream_failure(class: FailureClass) -> Error {
+    Error::new(
+        ErrorCode::Unavailable,
+        crate::error::Reason::UpstreamUnavailable,
+        "failed",
+    )
+    .with_failure_class(class)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Reason;
 
     fn upstream(class: FailureClass) -> Error {
-        Error::new(ErrorCode::Unavailable, "UPSTREAM_ANY", "failed").with_failure_class(class)
+        upstream_failure(class)
     }
 
     /// Every case of the classification, from the HTTP outcome to the outbox's decision, for a
@@ -156,7 +168,7 @@ mod tests {
             (ErrorCode::FailedPrecondition, Failed),
             (ErrorCode::Internal, Failed),
         ] {
-            let error = Error::new(code, "GATEWAY_ANY", "refused");
+            let error = Error::new(code, Reason::Internal, "refused");
             assert_eq!(delivery_decision(&error, false), decision, "{code:?}");
             assert_eq!(delivery_decision(&error, true), decision, "{code:?}");
         }

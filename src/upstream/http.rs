@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::Instrument as _;
 
-use crate::error::{Error, ErrorCode, FieldViolation};
+use crate::error::{Error, ErrorCode, FieldViolation, Reason};
 use crate::upstream::scheduler::{AttemptError, FailureClass};
 
 /// Largest response body read; a list of 1,000 feedback items is a few MB.
@@ -312,7 +312,7 @@ impl Transport {
         let error = if class == FailureClass::CredentialsRejected {
             Error::new(
                 ErrorCode::FailedPrecondition,
-                "UPSTREAM_CREDENTIALS_REJECTED",
+                Reason::UpstreamCredentialsRejected,
                 format!(
                     "{upstream} rejected the gateway's credentials; the configured api key needs attention"
                 ),
@@ -337,36 +337,36 @@ impl Transport {
                     };
                     Error::new(
                         ErrorCode::InvalidArgument,
-                        "UPSTREAM_INVALID_ARGUMENT",
+                        Reason::UpstreamInvalidArgument,
                         message,
                     )
                     .with_violations(rejection.violations)
                 }
                 404 => Error::new(
                     ErrorCode::NotFound,
-                    "UPSTREAM_NOT_FOUND",
+                    Reason::UpstreamNotFound,
                     format!("{upstream} has no such {}", route.resource),
                 ),
                 408 | 429 => Error::new(
                     ErrorCode::ResourceExhausted,
-                    "UPSTREAM_RATE_LIMITED",
+                    Reason::UpstreamRateLimited,
                     format!("{upstream} refused the request for now (http {code})"),
                 )
                 .with_retry_after(retry_after.unwrap_or(DEFAULT_RETRY_AFTER)),
                 409 => Error::new(
                     ErrorCode::Aborted,
-                    "UPSTREAM_CONFLICT",
+                    Reason::UpstreamConflict,
                     format!("{upstream} reported a conflict"),
                 ),
                 500..=599 => Error::new(
                     ErrorCode::Unavailable,
-                    "UPSTREAM_UNAVAILABLE",
+                    Reason::UpstreamUnavailable,
                     format!("{upstream} failed to handle the request (http {code})"),
                 )
                 .with_retry_after(retry_after.unwrap_or(DEFAULT_RETRY_AFTER)),
                 _ => Error::new(
                     ErrorCode::Internal,
-                    "UPSTREAM_UNEXPECTED_STATUS",
+                    Reason::UpstreamUnexpectedStatus,
                     format!("{upstream} answered with an unexpected http status {code}"),
                 ),
             }
@@ -400,14 +400,14 @@ impl Transport {
         let (class, reason, message, status) = if error.is_connect() {
             (
                 FailureClass::NotSent,
-                "UPSTREAM_UNREACHABLE",
+                Reason::UpstreamUnreachable,
                 format!("cannot connect to {upstream}: {cause}"),
                 "connect_error",
             )
         } else if error.is_timeout() {
             (
                 FailureClass::PossiblyApplied,
-                "UPSTREAM_TIMEOUT",
+                Reason::UpstreamTimeout,
                 format!(
                     "{upstream} did not answer within {} ms",
                     timeout.as_millis()
@@ -417,12 +417,12 @@ impl Transport {
         } else {
             (
                 FailureClass::PossiblyApplied,
-                "UPSTREAM_CONNECTION_FAILED",
+                Reason::UpstreamConnectionFailed,
                 format!("the connection to {upstream} failed: {cause}"),
                 "connection_error",
             )
         };
-        tracing::debug!(upstream, route = %route, reason, "upstream transport failure");
+        tracing::debug!(upstream, route = %route, reason = reason.as_str(), "upstream transport failure");
         let error = Error::new(ErrorCode::Unavailable, reason, message)
             .with_retry_after(DEFAULT_RETRY_AFTER);
         AttemptError {
@@ -447,7 +447,7 @@ impl Transport {
         self.decorate(
             Error::new(
                 ErrorCode::Internal,
-                "UPSTREAM_MALFORMED_RESPONSE",
+                Reason::UpstreamMalformedResponse,
                 format!(
                     "{} answered {route} with an unexpected body: {what}",
                     self.upstream

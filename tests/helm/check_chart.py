@@ -253,8 +253,10 @@ def check_single_writer(rendered: Rendered) -> None:
 
 def check_ports(rendered: Rendered) -> None:
     values = rendered.values
+    segment = values["segment"]["enabled"]
+    names = {"grpc", "http"} | ({"segment"} if segment else set())
     ports = {p["name"]: p for p in rendered.container()["ports"]}
-    assert set(ports) == {"grpc", "http"}, f"container ports {sorted(ports)}"
+    assert set(ports) == names, f"container ports {sorted(ports)}"
     assert ports["grpc"]["containerPort"] == values["containerPorts"]["grpc"]
     assert ports["http"]["containerPort"] == values["containerPorts"]["http"]
     settings = rendered.config_map()
@@ -262,12 +264,30 @@ def check_ports(rendered: Rendered) -> None:
     assert settings["CXGW_ADMIN_ADDR"] == f"0.0.0.0:{values['containerPorts']['http']}"
     for name in (FULLNAME, f"{FULLNAME}-headless"):
         service_ports = {p["name"]: p for p in rendered.service(name)["spec"]["ports"]}
-        assert set(service_ports) == {"grpc", "http"}, f"{name} ports {sorted(service_ports)}"
+        assert set(service_ports) == names, f"{name} ports {sorted(service_ports)}"
         assert service_ports["grpc"]["targetPort"] == "grpc"
         assert service_ports["http"]["targetPort"] == "http"
     main = {p["name"]: p for p in rendered.service(FULLNAME)["spec"]["ports"]}
     assert main["grpc"]["port"] == values["service"]["ports"]["grpc"]
     assert main["http"]["port"] == values["service"]["ports"]["http"]
+    if segment:
+        # The Segment intake: its own port, its listen address, and the write key files mounted
+        # read-only where the callers file's segment_write_key_files point.
+        assert ports["segment"]["containerPort"] == values["containerPorts"]["segment"]
+        assert main["segment"]["port"] == values["service"]["ports"]["segment"]
+        assert main["segment"]["targetPort"] == "segment"
+        assert settings["CXGW_SEGMENT_LISTEN_ADDR"] == f"0.0.0.0:{values['containerPorts']['segment']}"
+        if values["segment"]["writeKeysSecret"]:
+            volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+            volume = volumes["segment-write-keys"]["secret"]
+            assert volume["secretName"] == values["segment"]["writeKeysSecret"]
+            assert volume["defaultMode"] == 0o440, "write key files readable beyond the pod's group"
+            mount = [m for m in rendered.container()["volumeMounts"] if m["name"] == "segment-write-keys"]
+            assert mount == [
+                {"name": "segment-write-keys", "mountPath": "/etc/cx-gateway/segment", "readOnly": True}
+            ], f"write keys mount {mount}"
+    else:
+        assert "CXGW_SEGMENT_LISTEN_ADDR" not in settings, "the segment intake is on by default"
 
 
 def check_probes(rendered: Rendered) -> None:
@@ -641,7 +661,11 @@ def check_network_policy(rendered: Rendered) -> None:
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     ports = rendered.values["containerPorts"]
     first = policy["ingress"][0]
-    assert sorted(p["port"] for p in first["ports"]) == sorted([ports["grpc"], ports["http"]])
+    # The Segment intake's port, when it is on, is reached by the same peers.
+    expected = [ports["grpc"], ports["http"]] + (
+        [ports["segment"]] if rendered.values["segment"]["enabled"] else []
+    )
+    assert sorted(p["port"] for p in first["ports"]) == sorted(expected)
     if policy_values["allowExternal"]:
         assert "from" not in first
     else:

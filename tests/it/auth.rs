@@ -699,7 +699,7 @@ async fn a_flooding_caller_cannot_crowd_out_a_trickling_one_against_the_sandbox(
             // request was sent.
             Err(error) if error.metadata().contains_key("status") => answered += 1,
             Err(error) if error.code() == ErrorCode::ResourceExhausted => {
-                assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+                assert_eq!(error.reason().as_str(), "UPSTREAM_BUDGET_EXHAUSTED");
                 assert!(error.retry_after().is_some());
                 refused += 1;
             }

@@ -11,6 +11,7 @@ mod feedback;
 mod foundation;
 mod insights;
 mod owners;
+mod segment;
 mod support;
 mod surveys;
 mod telemetry;

@@ -27,6 +27,8 @@ pub struct Options {
 pub struct TestGateway {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The Segment intake's address, when the settings turn it on.
+    pub segment_addr: Option<SocketAddr>,
     pub channel: Channel,
     pub sandbox: EmbeddedSandbox,
     shutdown: Option<oneshot::Sender<()>>,
@@ -67,7 +69,12 @@ impl TestGateway {
         let listeners = Listeners {
             grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            segment: match &config.segment {
+                Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                None => None,
+            },
         };
+        let segment_addr = listeners.segment.as_ref().map(|l| l.local_addr().unwrap());
         let grpc_addr = listeners.grpc.local_addr().unwrap();
         let admin_addr = listeners.admin.local_addr().unwrap();
         let (shutdown, shutdown_signal) = oneshot::channel::<()>();
@@ -78,6 +85,7 @@ impl TestGateway {
         TestGateway {
             grpc_addr,
             admin_addr,
+            segment_addr,
             channel,
             sandbox,
             shutdown: Some(shutdown),

@@ -219,7 +219,7 @@ async fn three_times_the_budget_is_shed_with_retry_info_and_never_rate_limited()
             Ok(_) => ok += 1,
             Err(error) => {
                 assert_eq!(error.code(), ErrorCode::ResourceExhausted, "{error}");
-                assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+                assert_eq!(error.reason().as_str(), "UPSTREAM_BUDGET_EXHAUSTED");
                 let retry = error.retry_after().expect("RetryInfo");
                 assert!(
                     retry >= Duration::from_secs(1) && retry <= Duration::from_secs(62),
@@ -462,7 +462,7 @@ fn assert_upstream_error(
     status: &str,
 ) {
     assert_eq!(error.code(), code, "{error:?}");
-    assert_eq!(error.reason(), reason, "{error:?}");
+    assert_eq!(error.reason().as_str(), reason, "{error:?}");
     assert_eq!(error.metadata()["upstream"], upstream, "{error:?}");
     assert_eq!(error.metadata()["status"], status, "{error:?}");
 }
@@ -709,7 +709,7 @@ async fn server_errors_become_unavailable_then_the_circuit_opens() {
         .await
         .unwrap_err();
     assert_eq!(error.code(), ErrorCode::Unavailable);
-    assert_eq!(error.reason(), "UPSTREAM_CIRCUIT_OPEN");
+    assert_eq!(error.reason().as_str(), "UPSTREAM_CIRCUIT_OPEN");
     assert!(error.retry_after().unwrap() > Duration::from_secs(20));
     assert_eq!(
         upstream.handle.status_count(Api::Retently, 503),
@@ -739,7 +739,7 @@ async fn a_slow_upstream_times_out_within_the_callers_deadline() {
     .unwrap_err();
     // The caller's deadline cut the attempt: DEADLINE_EXCEEDED, saying which upstream was slow.
     assert_eq!(error.code(), ErrorCode::DeadlineExceeded, "{error:?}");
-    assert_eq!(error.reason(), "UPSTREAM_TIMEOUT");
+    assert_eq!(error.reason().as_str(), "UPSTREAM_TIMEOUT");
     assert_eq!(error.metadata()["status"], "timeout");
 }
 
@@ -1108,7 +1108,7 @@ async fn documented_variations_decode_and_malformed_bodies_name_the_field() {
             .unwrap_err(),
     ] {
         assert_eq!(error.code(), ErrorCode::Internal, "{error:?}");
-        assert_eq!(error.reason(), "UPSTREAM_MALFORMED_RESPONSE");
+        assert_eq!(error.reason().as_str(), "UPSTREAM_MALFORMED_RESPONSE");
         assert!(
             !format!("{error:?}").contains("ann@example.com"),
             "{error:?}"
@@ -1199,7 +1199,7 @@ async fn redirects_are_reported_not_followed() {
     let (api, _stop) = fake_retently(router).await;
     let error = api.campaigns(&within(10)).await.unwrap_err();
     assert_eq!(error.code(), ErrorCode::Internal, "{error:?}");
-    assert_eq!(error.reason(), "UPSTREAM_UNEXPECTED_STATUS");
+    assert_eq!(error.reason().as_str(), "UPSTREAM_UNEXPECTED_STATUS");
     assert_eq!(error.metadata()["status"], "302");
     assert!(!followed.load(std::sync::atomic::Ordering::SeqCst));
 }

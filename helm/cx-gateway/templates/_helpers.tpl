@@ -185,6 +185,11 @@ alert rules (with their secret files) are mounted (read-only).
 /etc/cx-gateway/alerts
 {{- end }}
 
+{{- /* Where the Segment write key files are mounted (callers' segment_write_key_files). */}}
+{{- define "cx-gateway.segmentKeysDir" -}}
+/etc/cx-gateway/segment
+{{- end }}
+
 {{/*
 A probe: native gRPC health on the grpc port, or the admin port's HTTP endpoints when the gRPC
 port speaks TLS (kubelet's gRPC probes cannot). Call with (dict "ctx" $ "probe" .Values.xProbe

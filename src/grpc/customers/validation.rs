@@ -7,9 +7,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::domain::writes::DeliveryFacts;
 use crate::error::{Error, Violations};
 use crate::grpc::validate;
-use crate::grpc::writes::DeliveryFacts;
 use crate::pb;
 use crate::upstream::retently::email_key;
 
@@ -27,12 +27,7 @@ const MAX_PAGE_SIZE: usize = 1000;
 /// Retently's default page size, which the contract adopts.
 pub const DEFAULT_PAGE_SIZE: usize = 20;
 
-/// A valid write: how to run it and what the outbox records about it.
-pub struct Write {
-    pub mode: pb::DeliveryMode,
-    pub key: Option<String>,
-    pub facts: DeliveryFacts,
-}
+pub use crate::grpc::write::ValidWrite;
 
 pub fn retently_key(email: &str) -> String {
     format!("retently:{}", email_key(email))
@@ -100,7 +95,7 @@ impl CustomerKeys {
 // Each check below runs in a `validate` span under the call's server span (the request itself
 // is not recorded).
 #[tracing::instrument(name = "validate", skip_all)]
-pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<Write, Error> {
+pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "customers", request.customers.len(), MAX_ITEMS);
     let destinations = validate::destinations(&mut v, "destinations", &request.destinations);
@@ -133,7 +128,7 @@ pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<Write, E
         validate::properties(&mut v, &format!("{at}.properties"), &customer.properties);
     }
     v.into_result()?;
-    Ok(Write {
+    Ok(ValidWrite {
         mode,
         key,
         facts: DeliveryFacts {
@@ -145,7 +140,7 @@ pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<Write, E
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
-pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<Write, Error> {
+pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "customers", request.customers.len(), MAX_ITEMS);
     let destinations = validate::destinations(&mut v, "destinations", &request.destinations);
@@ -156,7 +151,7 @@ pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<Write, E
         keys.check(&mut v, &at, &customer.email, &customer.customer_id);
     }
     v.into_result()?;
-    Ok(Write {
+    Ok(ValidWrite {
         mode,
         key,
         facts: DeliveryFacts {
@@ -173,7 +168,7 @@ pub fn subscription_change(
     emails: &[String],
     message: &str,
     options: Option<&pb::WriteOptions>,
-) -> Result<Write, Error> {
+) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "emails", emails.len(), MAX_ITEMS);
     validate::max_len(&mut v, "message", message, validate::MAX_STRING_CHARS);
@@ -188,7 +183,7 @@ pub fn subscription_change(
         }
     }
     v.into_result()?;
-    Ok(Write {
+    Ok(ValidWrite {
         mode,
         key,
         facts: DeliveryFacts {
@@ -239,7 +234,9 @@ fn array_target(
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
-pub fn upsert_array_items(request: &pb::UpsertCustomerArrayItemsRequest) -> Result<Write, Error> {
+pub fn upsert_array_items(
+    request: &pb::UpsertCustomerArrayItemsRequest,
+) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "records", request.records.len(), MAX_ITEMS);
     let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
@@ -297,7 +294,7 @@ pub fn upsert_array_items(request: &pb::UpsertCustomerArrayItemsRequest) -> Resu
         }
     }
     v.into_result()?;
-    Ok(Write {
+    Ok(ValidWrite {
         mode,
         key,
         facts: DeliveryFacts {
@@ -309,7 +306,9 @@ pub fn upsert_array_items(request: &pb::UpsertCustomerArrayItemsRequest) -> Resu
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
-pub fn delete_array_items(request: &pb::DeleteCustomerArrayItemsRequest) -> Result<Write, Error> {
+pub fn delete_array_items(
+    request: &pb::DeleteCustomerArrayItemsRequest,
+) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
     validate::batch_len(&mut v, "records", request.records.len(), MAX_ITEMS);
     let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
@@ -339,7 +338,7 @@ pub fn delete_array_items(request: &pb::DeleteCustomerArrayItemsRequest) -> Resu
         }
     }
     v.into_result()?;
-    Ok(Write {
+    Ok(ValidWrite {
         mode,
         key,
         facts: DeliveryFacts {
@@ -664,3 +663,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod tables;

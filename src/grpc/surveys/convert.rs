@@ -9,7 +9,7 @@ use crate::convert::{
     channel_from_retently, json_struct, metric_from_retently, property_from_retently,
     timestamp_from_ms, timestamp_from_rfc3339,
 };
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::grpc::convert::{property_to_retently, recipient_outcome};
 use crate::pb;
 use crate::upstream::retently::{self, CustomerInput, LabelOp, SurveyOutcome, email_key};
@@ -117,11 +117,11 @@ pub fn recipient_result(
     let error = match outcome {
         Err(error) => Some(error),
         // The upstream answered for the recipient without scheduling it.
-        Ok(_) => item.as_ref().map(|item| {
-            let reason = if item.reason == "RECIPIENT_UNSUBSCRIBED" {
-                "RECIPIENT_UNSUBSCRIBED"
+        Ok(sent) => item.as_ref().map(|item| {
+            let reason = if sent.status == retently::SurveyStatus::Unsubscribed {
+                Reason::RecipientUnsubscribed
             } else {
-                "UPSTREAM_ITEM_REJECTED"
+                Reason::UpstreamItemRejected
             };
             Error::new(ErrorCode::FailedPrecondition, reason, item.message.clone())
                 .with_metadata("upstream", "retently")
@@ -318,7 +318,7 @@ mod tests {
     use crate::upstream::failure::FailureClass;
     use crate::upstream::retently::SurveyStatus;
 
-    fn error(reason: &'static str, code: ErrorCode) -> Error {
+    fn error(reason: Reason, code: ErrorCode) -> Error {
         Error::new(code, reason, "x")
     }
 
@@ -355,36 +355,36 @@ mod tests {
                 pb::RecipientOutcome::Failed,
             ),
             (
-                Err(error("UPSTREAM_TIMEOUT", ErrorCode::Unavailable)
+                Err(error(Reason::UpstreamTimeout, ErrorCode::Unavailable)
                     .with_failure_class(FailureClass::PossiblyApplied)),
                 pb::RecipientOutcome::Unknown,
             ),
             // A 500.
             (
-                Err(error("UPSTREAM_UNAVAILABLE", ErrorCode::Unavailable)
+                Err(error(Reason::UpstreamUnavailable, ErrorCode::Unavailable)
                     .with_failure_class(FailureClass::PossiblyApplied)),
                 pb::RecipientOutcome::Unknown,
             ),
             // A 503: Retently did not act.
             (
-                Err(error("UPSTREAM_UNAVAILABLE", ErrorCode::Unavailable)
+                Err(error(Reason::UpstreamUnavailable, ErrorCode::Unavailable)
                     .with_failure_class(FailureClass::Unavailable)),
                 pb::RecipientOutcome::Failed,
             ),
             (
-                Err(error("UPSTREAM_UNREACHABLE", ErrorCode::Unavailable)
+                Err(error(Reason::UpstreamUnreachable, ErrorCode::Unavailable)
                     .with_failure_class(FailureClass::NotSent)),
                 pb::RecipientOutcome::Failed,
             ),
             (
                 Err(error(
-                    "UPSTREAM_BUDGET_EXHAUSTED",
+                    Reason::UpstreamBudgetExhausted,
                     ErrorCode::ResourceExhausted,
                 )),
                 pb::RecipientOutcome::Failed,
             ),
             (
-                Err(error("UPSTREAM_NOT_FOUND", ErrorCode::NotFound)),
+                Err(error(Reason::UpstreamNotFound, ErrorCode::NotFound)),
                 pb::RecipientOutcome::Failed,
             ),
         ];

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 
+use crate::domain::writes::DeliveryFacts;
 use crate::error::{Error, Violations};
 use crate::grpc::validate::{self, MAX_EMAIL_CHARS, MAX_STRING_CHARS};
-use crate::grpc::writes::DeliveryFacts;
 use crate::pb;
 use crate::upstream::retently::email_key;
 
@@ -17,12 +17,7 @@ const MAX_DELAY_DAYS: i32 = 365;
 /// Tags or topics per SetFeedbackTags / SetFeedbackTopics call.
 const MAX_LABELS: usize = 100;
 
-/// What a validated write needs: how to deliver it and what the outbox records.
-pub struct ValidWrite {
-    pub mode: pb::DeliveryMode,
-    pub key: Option<String>,
-    pub facts: DeliveryFacts,
-}
+pub use crate::grpc::write::ValidWrite;
 
 /// The outbox ordering key of a Retently customer: survey sends upsert the recipient, so they
 /// are ordered with the other writes to the same address.
@@ -193,3 +188,6 @@ pub fn id_filter(v: &mut Violations, field: &str, value: &str) {
 pub fn email_filter(v: &mut Violations, field: &str, value: &str) {
     validate::max_len(v, field, value, MAX_EMAIL_CHARS);
 }
+
+#[cfg(test)]
+mod tables;

@@ -9,7 +9,7 @@ use serde_json::json;
 use super::error::parse_rejection;
 use super::model::*;
 use crate::config::Secret;
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::upstream::http::{Route, Transport};
 use crate::upstream::scheduler::AttemptError;
 
@@ -45,7 +45,7 @@ impl RetainlyClient {
             let mut value = HeaderValue::from_str(secret.expose()).map_err(|_| {
                 Error::new(
                     ErrorCode::FailedPrecondition,
-                    "UPSTREAM_CREDENTIALS_INVALID",
+                    Reason::UpstreamCredentialsInvalid,
                     format!(
                         "the retainly api {name} contains characters not allowed in an http header"
                     ),

@@ -28,7 +28,7 @@ use futures_util::future::join_all;
 pub use self::client::RetainlyClient;
 pub use self::model::*;
 use crate::config::RetainlyConfig;
-use crate::error::{Error, ErrorCode, FieldViolation, Result};
+use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
 use crate::upstream::batching;
 use crate::upstream::context::CallContext;
 use crate::upstream::scheduler::batch::{BatchHandle, BatchLimits, Batcher};
@@ -70,7 +70,7 @@ impl RetainlyApi {
         let missing = |what: &str| {
             Error::new(
                 ErrorCode::FailedPrecondition,
-                "UPSTREAM_CREDENTIALS_MISSING",
+                Reason::UpstreamCredentialsMissing,
                 format!("no retainly api {what} is configured"),
             )
             .with_metadata("upstream", client::UPSTREAM)

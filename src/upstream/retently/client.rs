@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use super::error::parse_rejection;
 use super::model::*;
 use crate::config::Secret;
-use crate::error::{Error, ErrorCode};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::upstream::http::{Answer, Route, Transport};
 use crate::upstream::scheduler::AttemptError;
 
@@ -60,7 +60,7 @@ impl RetentlyClient {
             HeaderValue::from_str(&format!("api_key={}", api_key.expose())).map_err(|_| {
                 Error::new(
                     ErrorCode::FailedPrecondition,
-                    "UPSTREAM_CREDENTIALS_INVALID",
+                    Reason::UpstreamCredentialsInvalid,
                     "the retently api key contains characters not allowed in an http header",
                 )
                 .with_metadata("upstream", UPSTREAM)
@@ -696,7 +696,7 @@ fn item_rejected(route: Route, reason: Option<&str>) -> Error {
     };
     Error::new(
         code,
-        "UPSTREAM_ITEM_REJECTED",
+        Reason::UpstreamItemRejected,
         format!("retently refused this customer: {reason}"),
     )
     .with_metadata("upstream", UPSTREAM)

@@ -33,7 +33,7 @@ use futures_util::future::join_all;
 pub use self::client::{CustomerChange, RetentlyClient};
 pub use self::model::*;
 use crate::config::{RetentlyConfig, Secret};
-use crate::error::{Error, ErrorCode, FieldViolation, Result};
+use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
 use crate::upstream::batching;
 use crate::upstream::context::CallContext;
 use crate::upstream::scheduler::batch::{BatchHandle, BatchLimits, Batcher};
@@ -125,7 +125,7 @@ impl RetentlyApi {
         let api_key = config.api_key.as_ref().ok_or_else(|| {
             Error::new(
                 ErrorCode::FailedPrecondition,
-                "UPSTREAM_CREDENTIALS_MISSING",
+                Reason::UpstreamCredentialsMissing,
                 "no retently api key is configured",
             )
             .with_metadata("upstream", client::UPSTREAM)

@@ -46,7 +46,7 @@ use self::breaker::{Admission, Breaker, BreakerConfig};
 use self::budget::SlidingWindow;
 use self::fair::{CallerShare, CallerShares, EqualShares, FairQueue, FlowKey};
 use self::retry::{BackoffPolicy, RetryBudget, RetryBudgetConfig};
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, ErrorCode, Reason, Result};
 use crate::upstream::context::{CallContext, Priority, deadline_exceeded};
 
 /// The `caller` metric label of attempts made without an authenticated caller (sandbox, trusted
@@ -385,7 +385,7 @@ impl Lane {
     fn draining(&self) -> Error {
         Error::new(
             ErrorCode::Unavailable,
-            "GATEWAY_DRAINING",
+            Reason::GatewayDraining,
             format!(
                 "the gateway is shutting down; nothing more is sent to {}",
                 self.shared.upstream
@@ -401,7 +401,7 @@ impl Lane {
         let retry = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
         Error::new(
             ErrorCode::ResourceExhausted,
-            "UPSTREAM_BUDGET_EXHAUSTED",
+            Reason::UpstreamBudgetExhausted,
             format!(
                 "the {} request budget has no room in time for this call",
                 self.shared.upstream
@@ -438,8 +438,8 @@ impl Lane {
         let outcome = match &result {
             Ok(_) => "granted",
             Err(error) => match error.reason() {
-                "UPSTREAM_CIRCUIT_OPEN" => "circuit_open",
-                "DEADLINE_EXCEEDED" => "deadline_exceeded",
+                Reason::UpstreamCircuitOpen => "circuit_open",
+                Reason::DeadlineExceeded => "deadline_exceeded",
                 _ => "shed",
             },
         };
@@ -489,7 +489,7 @@ impl Lane {
     fn circuit_open(&self, retry_after: Duration) -> Error {
         Error::new(
             ErrorCode::Unavailable,
-            "UPSTREAM_CIRCUIT_OPEN",
+            Reason::UpstreamCircuitOpen,
             format!(
                 "{} is failing; calls are refused until a probe succeeds",
                 self.shared.upstream
@@ -504,7 +504,7 @@ impl Lane {
         let retry = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
         Error::new(
             ErrorCode::ResourceExhausted,
-            "CALLER_QUOTA_EXCEEDED",
+            Reason::CallerQuotaExceeded,
             format!(
                 "caller {caller} has used its quota of {limit} {} requests per {}",
                 self.shared.upstream,
@@ -713,7 +713,7 @@ impl Lane {
                 let error = failure.error.with_failure_class(failure.class);
                 // A timeout cut short by the caller's deadline is DEADLINE_EXCEEDED (AIP-193),
                 // still saying which upstream did not answer in its reason and metadata.
-                if bounded_by_deadline && error.reason() == "UPSTREAM_TIMEOUT" {
+                if bounded_by_deadline && error.reason() == Reason::UpstreamTimeout {
                     return Err(error.with_code(ErrorCode::DeadlineExceeded));
                 }
                 return Err(error);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::*;
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, Reason};
 
 fn settings(limit: u32) -> SchedulerSettings {
     SchedulerSettings {
@@ -25,7 +25,7 @@ fn transient() -> AttemptError {
     AttemptError {
         error: Error::new(
             ErrorCode::Unavailable,
-            "UPSTREAM_UNAVAILABLE",
+            Reason::UpstreamUnavailable,
             "retently failed",
         ),
         class: FailureClass::PossiblyApplied,
@@ -99,7 +99,7 @@ async fn sheds_at_once_when_the_wait_exceeds_the_deadline_and_queues_otherwise()
         .expect_err("no room within 10 s");
     assert_eq!(Instant::now(), start, "shed without waiting");
     assert_eq!(error.code(), ErrorCode::ResourceExhausted);
-    assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+    assert_eq!(error.reason(), Reason::UpstreamBudgetExhausted);
     assert_eq!(error.retry_after(), Some(Duration::from_secs(60)));
     assert_eq!(error.metadata()["upstream"], "retently");
 
@@ -159,7 +159,7 @@ async fn a_full_queue_sheds() {
         .call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
         .await
         .expect_err("queue is full");
-    assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+    assert_eq!(error.reason(), Reason::UpstreamBudgetExhausted);
     for task in waiting {
         task.await.unwrap().expect("queued calls still run");
     }
@@ -309,7 +309,11 @@ async fn retry_after_is_honoured_and_pauses_the_whole_lane() {
             attempts.push(Instant::now());
             if attempts.len() == 1 {
                 Err(AttemptError {
-                    error: Error::new(ErrorCode::ResourceExhausted, "UPSTREAM_RATE_LIMITED", "429"),
+                    error: Error::new(
+                        ErrorCode::ResourceExhausted,
+                        Reason::UpstreamRateLimited,
+                        "429",
+                    ),
                     class: FailureClass::Refused,
                     retry_after: Some(Duration::from_secs(7)),
                 })
@@ -351,8 +355,12 @@ async fn a_retry_after_beyond_the_deadline_returns_the_error_at_once() {
     let error = lane
         .call(&ctx, Idempotency::Idempotent, |_| async {
             Err::<(), _>(AttemptError {
-                error: Error::new(ErrorCode::ResourceExhausted, "UPSTREAM_RATE_LIMITED", "429")
-                    .with_retry_after(Duration::from_secs(30)),
+                error: Error::new(
+                    ErrorCode::ResourceExhausted,
+                    Reason::UpstreamRateLimited,
+                    "429",
+                )
+                .with_retry_after(Duration::from_secs(30)),
                 class: FailureClass::Refused,
                 retry_after: Some(Duration::from_secs(30)),
             })
@@ -428,7 +436,7 @@ async fn the_breaker_fails_fast_then_probes() {
         .await
         .expect_err("open");
     assert_eq!(error.code(), ErrorCode::Unavailable);
-    assert_eq!(error.reason(), "UPSTREAM_CIRCUIT_OPEN");
+    assert_eq!(error.reason(), Reason::UpstreamCircuitOpen);
     assert_eq!(error.retry_after(), Some(Duration::from_secs(5)));
     assert_eq!(attempts.load(Ordering::SeqCst), 2, "no attempt while open");
     let granted = lane.counters().granted;
@@ -513,13 +521,13 @@ async fn a_drain_refuses_background_work_that_was_not_sent_and_lets_interactive_
     lane.close_background();
     let error = waiting.await.unwrap().expect_err("refused by the drain");
     assert_eq!(Instant::now(), start, "refused at once, not after its wait");
-    assert_eq!(error.reason(), "GATEWAY_DRAINING");
+    assert_eq!(error.reason(), Reason::GatewayDraining);
     assert_eq!(error.failure_class(), Some(FailureClass::NotSent));
     let later = lane
         .call(&CallContext::background(), Idempotency::Idempotent, ok)
         .await
         .expect_err("new background work is refused too");
-    assert_eq!(later.reason(), "GATEWAY_DRAINING");
+    assert_eq!(later.reason(), Reason::GatewayDraining);
     lane.call(
         &CallContext::interactive_within(Duration::from_secs(120)),
         Idempotency::Idempotent,
@@ -550,7 +558,11 @@ async fn the_failure_class_travels_with_the_error() {
                 attempts.fetch_add(1, Ordering::SeqCst);
                 async {
                     Err::<(), _>(AttemptError {
-                        error: Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "503"),
+                        error: Error::new(
+                            ErrorCode::Unavailable,
+                            Reason::UpstreamUnavailable,
+                            "503",
+                        ),
                         class: FailureClass::Unavailable,
                         retry_after: None,
                     })

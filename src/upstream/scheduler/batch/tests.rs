@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 
 use super::*;
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, Reason};
 
 /// What the fake upstream saw: one entry per call, with the items of that call.
 type Calls = Arc<Mutex<Vec<Vec<String>>>>;
@@ -64,7 +64,7 @@ const GATHER: Option<(Duration, Duration)> =
 fn budget_error() -> Error {
     Error::new(
         ErrorCode::ResourceExhausted,
-        "UPSTREAM_BUDGET_EXHAUSTED",
+        Reason::UpstreamBudgetExhausted,
         "no room",
     )
 }
@@ -302,7 +302,7 @@ async fn an_item_whose_deadline_passes_before_sealing_is_withdrawn() {
         .await
         .unwrap()
         .expect_err("deadline passed in the open batch");
-    assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+    assert_eq!(error.reason(), Reason::UpstreamBudgetExhausted);
     gate.notify_one();
     assert_eq!(patient.await.unwrap().unwrap(), "sent");
     assert_eq!(*calls.lock().unwrap(), vec![vec!["patient".to_owned()]]);

@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::*;
-use crate::error::ErrorCode;
+use crate::error::{ErrorCode, Reason};
 use crate::upstream::CallContext;
 use crate::upstream::scheduler::{AttemptError, Idempotency, Lane, SchedulerSettings};
 
@@ -72,7 +72,7 @@ async fn a_flooding_caller_cannot_delay_a_trickling_one() {
             Ok(_) => served += 1,
             Err(error) => {
                 assert_eq!(error.code(), ErrorCode::ResourceExhausted);
-                assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+                assert_eq!(error.reason(), Reason::UpstreamBudgetExhausted);
                 assert!(error.retry_after().is_some());
                 shed += 1;
             }
@@ -147,7 +147,7 @@ async fn a_quota_refuses_with_retry_info_and_frees_with_the_window() {
         .await
         .expect_err("over quota");
     assert_eq!(error.code(), ErrorCode::ResourceExhausted);
-    assert_eq!(error.reason(), "CALLER_QUOTA_EXCEEDED");
+    assert_eq!(error.reason(), Reason::CallerQuotaExceeded);
     assert_eq!(error.retry_after(), Some(Duration::from_secs(1)));
     assert_eq!(error.metadata()["caller"], "capped");
     assert_eq!(error.metadata()["quota"], "3");
@@ -174,7 +174,7 @@ async fn an_attempt_shed_for_budget_does_not_spend_quota() {
     let error = call(&lane, "capped", Duration::from_millis(100))
         .await
         .expect_err("no budget in time");
-    assert_eq!(error.reason(), "UPSTREAM_BUDGET_EXHAUSTED");
+    assert_eq!(error.reason(), Reason::UpstreamBudgetExhausted);
     // The quota still has its second slot.
     call(&lane, "capped", Duration::from_secs(5)).await.unwrap();
 }

@@ -15,13 +15,13 @@ use prost::Message as _;
 
 use crate::app::App;
 use crate::domain::outbox::{Attempt, DeliveryError};
-use crate::error::{Error, ErrorCode};
-use crate::grpc::writes::{WriteRpc as _, is_transient, possibly_applied};
+use crate::domain::writes::{WriteRpc as _, is_transient, possibly_applied};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{OutboxQuery, PageRequest};
 
-use super::send_each;
+use super::surveys::send_each;
 
 /// How far before the attempt's start the history is read: Retently stamps the send with its
 /// own clock, which may run behind the gateway's. A survey of the same campaign to the same
@@ -171,7 +171,7 @@ fn settle(
             let error = doubtful.or(retryable).cloned().unwrap_or_else(|| {
                 Error::new(
                     ErrorCode::Unavailable,
-                    "PARTIAL_DELIVERY",
+                    Reason::PartialDelivery,
                     "some recipients are not surveyed yet",
                 )
             });
@@ -246,7 +246,7 @@ async fn surveyed_since(
     }
     Err(Error::new(
         ErrorCode::FailedPrecondition,
-        "SURVEY_HISTORY_TOO_LONG",
+        Reason::SurveyHistoryTooLong,
         format!(
             "the campaign sent more than {} surveys since the attempt; the history was not checked",
             MAX_HISTORY_PAGES * HISTORY_PAGE
@@ -269,7 +269,7 @@ mod tests {
     }
 
     fn upstream_error(class: FailureClass) -> Error {
-        Error::new(ErrorCode::Unavailable, "UPSTREAM_ANY", "failed").with_failure_class(class)
+        crate::upstream::failure::upstream_failure(class)
     }
 
     #[test]

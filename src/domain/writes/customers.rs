@@ -7,11 +7,12 @@ use std::future::Future;
 use futures_util::future::join_all;
 use tokio::time::Instant;
 
-use super::convert::{self, applied, failed};
-use super::validation::MAX_ITEMS;
 use crate::app::App;
-use crate::error::{Error, ErrorCode, FieldViolation, Result};
+use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
+use crate::grpc::customers::convert::{self, applied, failed};
+use crate::grpc::customers::validation::MAX_ITEMS;
 use crate::pb;
+use crate::upstream::batching::split_rejection;
 use crate::upstream::retently::{EmailOutcome, MAX_CHANGE_BATCH};
 use crate::upstream::{CallContext, Priority};
 
@@ -50,7 +51,7 @@ fn unknown_at_deadline<'a>(
         if unknown {
             return Err(Error::new(
                 ErrorCode::DeadlineExceeded,
-                "DEADLINE_EXCEEDED",
+                Reason::DeadlineExceeded,
                 "the deadline passed before every outcome was known; some writes may have been \
                  applied, repeat the call with the same idempotency key",
             ));
@@ -400,25 +401,12 @@ where
 }
 
 /// For an INVALID_ARGUMENT whose every violation names `records[i]` (`i < len`), the violations
-/// per record index, with fields in the contract's terms relative to the record.
+/// per record index, with fields in the contract's terms relative to the record (the batching
+/// of the scheduler splits its rejections the same way).
 fn rejected_records(error: &Error, len: usize) -> Option<Vec<(usize, Vec<FieldViolation>)>> {
-    if error.code() != ErrorCode::InvalidArgument || error.violations().is_empty() {
-        return None;
-    }
-    let mut per_record: Vec<(usize, Vec<FieldViolation>)> = Vec::new();
-    for violation in error.violations() {
-        let rest = violation.field.strip_prefix("records[")?;
-        let (index, rest) = rest.split_once(']')?;
-        let index: usize = index.parse().ok()?;
-        if index >= len {
-            return None;
-        }
-        let field = contract_field(rest.strip_prefix('.').unwrap_or(rest));
-        let violation = FieldViolation::new(field, violation.description.clone());
-        match per_record.iter_mut().find(|(i, _)| *i == index) {
-            Some((_, violations)) => violations.push(violation),
-            None => per_record.push((index, vec![violation])),
-        }
+    let mut per_record = split_rejection(error, "records", len)?;
+    for violation in per_record.iter_mut().flat_map(|(_, violations)| violations) {
+        violation.field = contract_field(&violation.field);
     }
     Some(per_record)
 }
@@ -569,6 +557,42 @@ pub(crate) async fn execute_delete_array_items(
 // request whole and the indices Retainly reports are the request's own.
 const _: () = assert!(MAX_ITEMS <= crate::upstream::retainly::MAX_BATCH);
 
+/// Whether a per-item failure may pass on a later attempt (the outbox then retries the write):
+/// the same rule the outbox applies to a failed call.
+fn is_transient(error: Option<&pb::ItemError>) -> bool {
+    use tonic::Code;
+    error.is_some_and(|error| {
+        // Responses carry the reason as its wire string; decide on the typed reason it names.
+        let credentials = matches!(
+            Reason::parse(&error.reason),
+            Some(Reason::UpstreamCredentialsRejected | Reason::UpstreamCredentialsInvalid)
+        );
+        credentials
+            || [
+                Code::Unavailable,
+                Code::ResourceExhausted,
+                Code::DeadlineExceeded,
+                Code::Aborted,
+                Code::Cancelled,
+            ]
+            .iter()
+            .any(|code| *code as i32 == error.code)
+    })
+}
+
+pub(crate) fn customer_results_transient(results: &[pb::CustomerWriteResult]) -> bool {
+    results
+        .iter()
+        .flat_map(|result| &result.outcomes)
+        .any(|outcome| is_transient(outcome.error.as_ref()))
+}
+
+pub(crate) fn record_results_transient(results: &[pb::ArrayRecordResult]) -> bool {
+    results
+        .iter()
+        .any(|result| is_transient(result.error.as_ref()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,7 +602,7 @@ mod tests {
     fn invalid(fields: &[&str]) -> Error {
         Error::new(
             ErrorCode::InvalidArgument,
-            "UPSTREAM_INVALID_ARGUMENT",
+            Reason::UpstreamInvalidArgument,
             "rejected",
         )
         .with_violations(
@@ -613,7 +637,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_failures_fail_every_record() {
-        let unavailable = Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down");
+        let unavailable = Error::new(ErrorCode::Unavailable, Reason::UpstreamUnavailable, "down");
         let outcomes = send_records(vec![1, 2], |_| {
             let error = unavailable.clone();
             async move { Err(error) }
@@ -631,7 +655,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn outcomes_unknown_at_the_deadline_fail_the_call() {
-        let unavailable = Error::new(ErrorCode::Unavailable, "UPSTREAM_TIMEOUT", "no answer");
+        let unavailable = Error::new(ErrorCode::Unavailable, Reason::UpstreamTimeout, "no answer");
         let rejected = invalid(&["records[0]"]);
         let later = CallContext::interactive_within(Duration::from_secs(1));
         assert!(unknown_at_deadline(&later, [&unavailable, &rejected]).is_ok());
@@ -641,14 +665,18 @@ mod tests {
         // Known outcomes stay per item even after the deadline.
         assert!(unknown_at_deadline(&passed, [&rejected]).is_ok());
         // The scheduler's own verdict counts whenever it comes.
-        let gave_up = Error::new(ErrorCode::DeadlineExceeded, "DEADLINE_EXCEEDED", "too late");
+        let gave_up = Error::new(
+            ErrorCode::DeadlineExceeded,
+            Reason::DeadlineExceeded,
+            "too late",
+        );
         assert!(unknown_at_deadline(&later, [&gave_up]).is_err());
         assert!(unknown_at_deadline(&CallContext::background(), [&unavailable]).is_ok());
     }
 
     #[test]
     fn only_a_whole_failed_call_is_the_error_of_a_replay() {
-        let down = Error::new(ErrorCode::Unavailable, "UPSTREAM_UNAVAILABLE", "down");
+        let down = Error::new(ErrorCode::Unavailable, Reason::UpstreamUnavailable, "down");
         assert!(failed_as_a_whole(&[Err(down.clone()), Err(down.clone())]).is_some());
         assert!(failed_as_a_whole(&[Err(down.clone()), Ok(())]).is_none());
         assert!(failed_as_a_whole(&[Err(invalid(&["records[0]"])), Err(down)]).is_none());

@@ -8,17 +8,29 @@
 //!   a `delivery_id` once that is durable. The outbox worker later replays the request through the
 //!   very same execution function at background priority ([`WriteExecutor`]). With a key, the
 //!   idempotency record is committed in the same transaction as the queued delivery.
+//!
+//! Every write RPC is declared once, in the table of `rpcs.rs`, which generates its
+//! [`WriteRpc`] impl, its method name, its permission and the outbox executor's dispatch. The
+//! execution functions live beside it, one module per service ([`customers`], [`surveys`],
+//! [`survey_delivery`], [`events`]).
 
 use std::sync::Arc;
 
 use prost::Message;
 
 use crate::app::App;
+pub mod customers;
+pub mod events;
+mod rpcs;
+pub mod survey_delivery;
+pub mod surveys;
+
+pub use self::rpcs::{WRITE_PERMISSIONS, delivery_result, methods};
+
 use crate::domain::Owner;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
-use crate::error::{Error, ErrorCode};
-use crate::grpc::{customers, methods, surveys};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::failure::{DeliveryDecision, FailureClass, delivery_decision};
@@ -211,9 +223,7 @@ async fn enqueue_as<R: WriteRpc>(
         owner: owner.clone(),
     };
     let Some(key) = key else {
-        app.outbox
-            .enqueue_with(delivery_id, delivery, |_| Ok(()))
-            .await?;
+        app.outbox.enqueue_with(delivery_id, delivery, None).await?;
         return Ok(Written {
             response,
             repeated: false,
@@ -227,7 +237,9 @@ async fn enqueue_as<R: WriteRpc>(
     let stored = app
         .idempotency
         .run(&owner, scope, &key, hash, async move {
-            outbox.enqueue_with(delivery_id, delivery, record).await?;
+            outbox
+                .enqueue_with(delivery_id, delivery, Some(record))
+                .await?;
             Ok(Fresh {
                 response: response_bytes,
                 remember: false,
@@ -280,8 +292,8 @@ where
             if replay_safe && R::has_transient_failure(&response) {
                 return Attempt::Retry {
                     error: DeliveryError {
-                        code: tonic::Code::Unavailable as i32,
-                        reason: "PARTIAL_DELIVERY".to_owned(),
+                        code: ErrorCode::Unavailable,
+                        reason: Reason::PartialDelivery,
                         message: "some items failed transiently and are attempted again".to_owned(),
                         metadata: Default::default(),
                     },
@@ -329,73 +341,12 @@ impl Executor for WriteExecutor {
         delivery_id: &str,
         verify_since_ms: Option<i64>,
     ) -> Attempt {
-        let app = &self.app;
-        match method {
-            methods::SEND_SURVEY => {
-                surveys::deliver_send_survey(app, request, delivery_id, verify_since_ms).await
-            }
-            methods::SET_FEEDBACK_TAGS => {
-                replay::<pb::SetFeedbackTagsRequest, _, _>(request, delivery_id, |r, ctx| {
-                    surveys::execute_set_feedback_tags(app, r, ctx)
-                })
-                .await
-            }
-            methods::SET_FEEDBACK_TOPICS => {
-                replay::<pb::SetFeedbackTopicsRequest, _, _>(request, delivery_id, |r, ctx| {
-                    surveys::execute_set_feedback_topics(app, r, ctx)
-                })
-                .await
-            }
-            methods::TRACK_EVENT | methods::TRACK_EVENTS => {
-                replay::<pb::TrackEventRequest, _, _>(request, delivery_id, |r, ctx| {
-                    crate::grpc::events::execute_track_event(app, r, ctx)
-                })
-                .await
-            }
-            methods::UPSERT_CUSTOMERS => {
-                replay::<pb::UpsertCustomersRequest, _, _>(request, delivery_id, |r, ctx| {
-                    customers::execute_upsert_customers(app, r, ctx)
-                })
-                .await
-            }
-            methods::DELETE_CUSTOMERS => {
-                replay::<pb::DeleteCustomersRequest, _, _>(request, delivery_id, |r, ctx| {
-                    customers::execute_delete_customers(app, r, ctx)
-                })
-                .await
-            }
-            methods::UNSUBSCRIBE_CUSTOMERS => {
-                replay::<pb::UnsubscribeCustomersRequest, _, _>(request, delivery_id, |r, ctx| {
-                    customers::execute_unsubscribe_customers(app, r, ctx)
-                })
-                .await
-            }
-            methods::RESUBSCRIBE_CUSTOMERS => {
-                replay::<pb::ResubscribeCustomersRequest, _, _>(request, delivery_id, |r, ctx| {
-                    customers::execute_resubscribe_customers(app, r, ctx)
-                })
-                .await
-            }
-            methods::UPSERT_CUSTOMER_ARRAY_ITEMS => {
-                replay::<pb::UpsertCustomerArrayItemsRequest, _, _>(
-                    request,
-                    delivery_id,
-                    |r, ctx| customers::execute_upsert_array_items(app, r, ctx),
-                )
-                .await
-            }
-            methods::DELETE_CUSTOMER_ARRAY_ITEMS => {
-                replay::<pb::DeleteCustomerArrayItemsRequest, _, _>(
-                    request,
-                    delivery_id,
-                    |r, ctx| customers::execute_delete_array_items(app, r, ctx),
-                )
-                .await
-            }
-            _ => Attempt::Failed {
+        match rpcs::deliver(&self.app, method, request, delivery_id, verify_since_ms).await {
+            Some(attempt) => attempt,
+            None => Attempt::Failed {
                 error: DeliveryError::from(&Error::new(
                     ErrorCode::Unimplemented,
-                    "NOT_IMPLEMENTED",
+                    Reason::NotImplemented,
                     format!("{method} cannot be delivered by this build"),
                 )),
             },

@@ -1,0 +1,246 @@
+//! The one table of write RPCs. Each row declares a write: its method, its request and
+//! response, the function that executes it (for SYNC calls and the outbox worker alike),
+//! whether sending it twice is harmless, and the permission a caller needs. From the table come
+//! the [`WriteRpc`] impls, the method names ([`methods`]), the outbox executor's dispatch
+//! ([`deliver`]), the permission entries ([`WRITE_PERMISSIONS`]) and the decoding of a
+//! delivered write's result ([`delivery_result`]), so adding a write RPC takes a row here and
+//! its execution function.
+//!
+//! Optional columns, in this order: `replay_safe_of` (a per-request answer, see
+//! [`WriteRpc::replay_safe`]), `remember` ([`WriteRpc::remember`]), `transient`
+//! ([`WriteRpc::has_transient_failure`], given the response's `results`), `deliver` (an
+//! outbox attempt of its own instead of a plain replay) and `result` (the `Delivery.result`
+//! case). Rows under `aliases` are RPCs that queue the requests of another row (TrackEvents
+//! queues one TrackEvent per event).
+
+use std::sync::Arc;
+
+use prost::Message as _;
+
+use super::{WriteRpc, customers, events, replay, survey_delivery, surveys};
+use crate::app::App;
+use crate::auth::Permission;
+use crate::domain::outbox::Attempt;
+use crate::pb;
+
+macro_rules! write_rpcs {
+    (
+        rpcs: [$(
+            $(#[$doc:meta])*
+            $name:ident = $path:literal {
+                request: $request:ty => $response:ty,
+                execute: $execute:path,
+                replay_safe: $replay_safe:literal,
+                permission: $permission:ident,
+                $(replay_safe_of: $replay_safe_of:path,)?
+                $(remember: $remember:path,)?
+                $(transient: $transient:path,)?
+                $(deliver: $deliver:path,)?
+                $(result: $result:ident,)?
+            }
+        )*]
+        aliases: [$(
+            $(#[$alias_doc:meta])*
+            $alias:ident = $alias_path:literal {
+                queues: $queued:ty,
+                execute: $alias_execute:path,
+                permission: $alias_permission:ident,
+                $(result: $alias_result:ident,)?
+            }
+        )*]
+    ) => {
+        /// Full gRPC method names of the write RPCs, as `Delivery.method` reports them.
+        pub mod methods {
+            $($(#[$doc])* pub const $name: &str = $path;)*
+            $($(#[$alias_doc])* pub const $alias: &str = $alias_path;)*
+
+            /// Every write RPC.
+            pub const WRITES: &[&str] = &[$($name,)* $($alias,)*];
+        }
+
+        $(
+            impl WriteRpc for $request {
+                type Response = $response;
+                const METHOD: &'static str = methods::$name;
+                const REPLAY_SAFE: bool = $replay_safe;
+
+                $(fn replay_safe(&self) -> bool {
+                    $replay_safe_of(self)
+                })?
+
+                $(fn remember(response: &Self::Response) -> bool {
+                    $remember(response)
+                })?
+
+                fn without_options(mut self) -> Self {
+                    self.options = None;
+                    self
+                }
+
+                fn set_delivery_id(response: &mut Self::Response, delivery_id: String) {
+                    response.delivery_id = delivery_id;
+                }
+
+                $(fn has_transient_failure(response: &Self::Response) -> bool {
+                    $transient(&response.results)
+                })?
+            }
+        )*
+
+        /// One outbox attempt of a queued write of `method`; `None` for a method this build
+        /// does not know.
+        pub(crate) async fn deliver(
+            app: &Arc<App>,
+            method: &str,
+            request: &[u8],
+            delivery_id: &str,
+            verify_since_ms: Option<i64>,
+        ) -> Option<Attempt> {
+            // Not every row reads the verification window; only `deliver` columns do.
+            let _ = verify_since_ms;
+            Some(match method {
+                $(methods::$name => {
+                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms,
+                        $request, $execute $(, $deliver)?)
+                })*
+                $(methods::$alias => {
+                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms,
+                        $queued, $alias_execute)
+                })*
+                _ => return None,
+            })
+        }
+
+        /// The permission each write RPC needs, by full path (the rest of the contract is in
+        /// [`crate::auth::permissions`]).
+        pub const WRITE_PERMISSIONS: &[(&str, Permission)] = &[
+            $((methods::$name, Permission::$permission),)*
+            $((methods::$alias, Permission::$alias_permission),)*
+        ];
+
+        /// The stored response of a delivered write, as the `Delivery.result` case of its
+        /// method; `None` for a method without one or bytes that do not decode.
+        pub fn delivery_result(method: &str, bytes: &[u8]) -> Option<pb::delivery::Result> {
+            use pb::delivery::Result as R;
+            $($(if method == methods::$name {
+                return <$response>::decode(bytes).ok().map(R::$result);
+            })?)*
+            $($(if method == methods::$alias {
+                return <<$queued as WriteRpc>::Response>::decode(bytes)
+                    .ok()
+                    .map(R::$alias_result);
+            })?)*
+            None
+        }
+    };
+    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident,
+        $type:ty, $execute:path, $deliver:path) => {
+        $deliver($app, $request, $delivery_id, $verify).await
+    };
+    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident,
+        $type:ty, $execute:path) => {
+        replay::<$type, _, _>($request, $delivery_id, |request, ctx| {
+            $execute($app, request, ctx)
+        })
+        .await
+    };
+}
+
+write_rpcs! {
+    rpcs: [
+        // Upserts, deletes and (un)subscribes leave the upstream as one success would when
+        // repeated.
+        UPSERT_CUSTOMERS = "/cx.gateway.v1.CustomerService/UpsertCustomers" {
+            request: pb::UpsertCustomersRequest => pb::UpsertCustomersResponse,
+            execute: customers::execute_upsert_customers,
+            replay_safe: true,
+            permission: CustomersWrite,
+            transient: customers::customer_results_transient,
+            result: UpsertCustomers,
+        }
+        DELETE_CUSTOMERS = "/cx.gateway.v1.CustomerService/DeleteCustomers" {
+            request: pb::DeleteCustomersRequest => pb::DeleteCustomersResponse,
+            execute: customers::execute_delete_customers,
+            replay_safe: true,
+            permission: CustomersDelete,
+            transient: customers::customer_results_transient,
+            result: DeleteCustomers,
+        }
+        UNSUBSCRIBE_CUSTOMERS = "/cx.gateway.v1.CustomerService/UnsubscribeCustomers" {
+            request: pb::UnsubscribeCustomersRequest => pb::UnsubscribeCustomersResponse,
+            execute: customers::execute_unsubscribe_customers,
+            replay_safe: true,
+            permission: CustomersWrite,
+            transient: customers::customer_results_transient,
+            result: UnsubscribeCustomers,
+        }
+        RESUBSCRIBE_CUSTOMERS = "/cx.gateway.v1.CustomerService/ResubscribeCustomers" {
+            request: pb::ResubscribeCustomersRequest => pb::ResubscribeCustomersResponse,
+            execute: customers::execute_resubscribe_customers,
+            replay_safe: true,
+            permission: CustomersWrite,
+            transient: customers::customer_results_transient,
+            result: ResubscribeCustomers,
+        }
+        // Array items without an `item_id` are appended, so a repeat could add them twice.
+        UPSERT_CUSTOMER_ARRAY_ITEMS = "/cx.gateway.v1.CustomerService/UpsertCustomerArrayItems" {
+            request: pb::UpsertCustomerArrayItemsRequest => pb::UpsertCustomerArrayItemsResponse,
+            execute: customers::execute_upsert_array_items,
+            replay_safe: false,
+            permission: CustomersWrite,
+            transient: customers::record_results_transient,
+            result: UpsertCustomerArrayItems,
+        }
+        // Removing items from a customer's array edits the customer; it does not delete it.
+        DELETE_CUSTOMER_ARRAY_ITEMS = "/cx.gateway.v1.CustomerService/DeleteCustomerArrayItems" {
+            request: pb::DeleteCustomerArrayItemsRequest => pb::DeleteCustomerArrayItemsResponse,
+            execute: customers::execute_delete_array_items,
+            replay_safe: true,
+            permission: CustomersWrite,
+            transient: customers::record_results_transient,
+            result: DeleteCustomerArrayItems,
+        }
+        // A second send would survey the recipients twice; the outbox checks Retently's
+        // history before an attempt that follows one in doubt.
+        SEND_SURVEY = "/cx.gateway.v1.SurveyService/SendSurvey" {
+            request: pb::SendSurveyRequest => pb::SendSurveyResponse,
+            execute: surveys::execute_send_survey,
+            replay_safe: false,
+            permission: SurveysSend,
+            remember: surveys::remember_send,
+            deliver: survey_delivery::deliver_send_survey,
+            result: SendSurvey,
+        }
+        // Appends are not replay-safe, replacements are.
+        SET_FEEDBACK_TAGS = "/cx.gateway.v1.SurveyService/SetFeedbackTags" {
+            request: pb::SetFeedbackTagsRequest => pb::SetFeedbackTagsResponse,
+            execute: surveys::execute_set_feedback_tags,
+            replay_safe: false,
+            permission: FeedbackWrite,
+            replay_safe_of: surveys::replaces_tags,
+        }
+        SET_FEEDBACK_TOPICS = "/cx.gateway.v1.SurveyService/SetFeedbackTopics" {
+            request: pb::SetFeedbackTopicsRequest => pb::SetFeedbackTopicsResponse,
+            execute: surveys::execute_set_feedback_topics,
+            replay_safe: false,
+            permission: FeedbackWrite,
+            replay_safe_of: surveys::replaces_topics,
+        }
+        // A Retainly event starts workflows each time it is recorded.
+        TRACK_EVENT = "/cx.gateway.v1.EventService/TrackEvent" {
+            request: pb::TrackEventRequest => pb::TrackEventResponse,
+            execute: events::execute_track_event,
+            replay_safe: false,
+            permission: EventsWrite,
+            result: TrackEvent,
+        }
+    ]
+    aliases: [
+        TRACK_EVENTS = "/cx.gateway.v1.EventService/TrackEvents" {
+            queues: pb::TrackEventRequest,
+            execute: events::execute_track_event,
+            permission: EventsWrite,
+            result: TrackEvent,
+        }
+    ]
+}
