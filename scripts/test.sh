@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need (Python tools
-# into .venv, buf and the Node client's packages from npm, Go, prometheus and sqlite3 from Debian,
-# cargo-fuzz from crates.io), then formatting and lints, the Rust unit and integration tests, the
-# grpcurl suite against the built binary, the Python, Node and Go client tests, Segment's Python
-# library against the Segment intake, the client guide's and README snippet checks, the contract
-# lint and breaking-change guard, the Helm chart checks, the
+# into .venv, buf and the Node client's packages from npm, Go, prometheus, sqlite3 and
+# PostgreSQL from Debian, cargo-fuzz from crates.io), starts a throw-away PostgreSQL cluster for
+# the store's tests (scripts/postgres.sh; removed at exit), then formatting and lints, the Rust
+# unit and integration tests, the grpcurl suite against the built binary, the Python, Node and
+# Go client tests, Segment's Python library against the Segment intake, the client guide's
+# and README snippet checks, the contract lint and breaking-change guard, the Helm chart checks, the
 # monitoring checks (promtool, a real Prometheus), a quick benchmark smoke run and a short fuzz
 # run. Prints one line per suite and a closing summary.
 set -uo pipefail
@@ -86,6 +87,16 @@ if ! setup_debian; then
   echo "suites: 0 passed, 1 failed"
   exit 1
 fi
+
+# The PostgreSQL engine's tests run against a real server; they fail rather than skip without it.
+source scripts/postgres.sh
+trap postgres_stop EXIT
+if ! postgres_start; then
+  echo "::: setup: FAILED (postgresql)"
+  echo "suites: 0 passed, 1 failed"
+  exit 1
+fi
+export CXGW_TEST_REQUIRE_POSTGRES=1
 
 suite "rust lints" rust_lints
 suite "rust tests" rust_tests

@@ -9,10 +9,12 @@ use anyhow::Context as _;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::config::StoreSelection;
 use crate::domain::idempotency::Idempotency;
 use crate::domain::outbox::{Outbox, OutboxSettings};
 use crate::readiness::Readiness;
 use crate::shutdown::Drain;
+use crate::store::postgres::PostgresStore;
 use crate::store::{MissingStore, Store};
 use crate::upstream::scheduler::fair::{CallerShares, EqualShares};
 use crate::upstream::{RetainlyApi, RetentlyApi};
@@ -36,29 +38,25 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the store in the configured data directory, or in a fresh temporary one when none is
-    /// configured (sandbox mode), and builds the upstream clients. Must run inside the runtime
-    /// (the schedulers spawn their dispatchers).
-    pub fn open(config: Config, drain: Drain) -> anyhow::Result<App> {
-        let (temporary, data_dir): (Option<tempfile::TempDir>, PathBuf) = match &config.data_dir {
-            Some(dir) => (None, dir.clone()),
-            None => {
-                let dir = tempfile::Builder::new()
-                    .prefix("cx-gateway-")
-                    .tempdir()
-                    .context("cannot create a temporary data directory")?;
-                let path = dir.path().to_path_buf();
-                (Some(dir), path)
+    /// Opens the store (the embedded one in the configured data directory, or in a fresh
+    /// temporary one when none is configured (sandbox mode); or the PostgreSQL database), and
+    /// builds the upstream clients. Must run inside the runtime (the schedulers spawn their
+    /// dispatchers).
+    pub async fn open(config: Config, drain: Drain) -> anyhow::Result<App> {
+        let (store, temporary) = match &config.store {
+            StoreSelection::Embedded => {
+                let (store, temporary) = open_embedded(&config)?;
+                (store, temporary)
+            }
+            StoreSelection::Postgres(settings) => {
+                // The error names what failed, never the URL (see store::postgres).
+                let engine = PostgresStore::connect(settings)
+                    .await
+                    .context("cannot open the postgres store")?;
+                tracing::info!(pool_size = settings.pool_size, "store open on postgres");
+                (Store::from_engine(engine, "postgres"), None)
             }
         };
-        let missing = if config.allow_new_store {
-            MissingStore::CreateNew
-        } else {
-            MissingStore::Refuse
-        };
-        let store = Store::open_with(&data_dir, missing)
-            .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
-        tracing::info!(data_dir = %data_dir.display(), temporary = temporary.is_some(), "store open");
         let outbox = Outbox::new(
             store.clone(),
             OutboxSettings {
@@ -118,4 +116,29 @@ impl App {
             set.abort_all();
         }
     }
+}
+
+/// The embedded store in the configured data directory, or in a fresh temporary one (sandbox
+/// mode), which the returned guard removes when dropped.
+fn open_embedded(config: &Config) -> anyhow::Result<(Store, Option<tempfile::TempDir>)> {
+    let (temporary, data_dir): (Option<tempfile::TempDir>, PathBuf) = match &config.data_dir {
+        Some(dir) => (None, dir.clone()),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("cx-gateway-")
+                .tempdir()
+                .context("cannot create a temporary data directory")?;
+            let path = dir.path().to_path_buf();
+            (Some(dir), path)
+        }
+    };
+    let missing = if config.allow_new_store {
+        MissingStore::CreateNew
+    } else {
+        MissingStore::Refuse
+    };
+    let store = Store::open_with(&data_dir, missing)
+        .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+    tracing::info!(data_dir = %data_dir.display(), temporary = temporary.is_some(), "store open");
+    Ok((store, temporary))
 }

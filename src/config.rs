@@ -304,6 +304,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Directory of the embedded store; `None` in sandbox mode means a temporary directory.
     pub data_dir: Option<PathBuf>,
+    /// Which engine holds the store (`CXGW_STORE`).
+    pub store: StoreSelection,
     /// `CXGW_ALLOW_NEW_STORE` (or `serve --allow-new-store`): create a new, empty store where the
     /// marker shows one existed but its database file is missing, instead of refusing to start.
     pub allow_new_store: bool,
@@ -537,6 +539,7 @@ impl Config {
             grpc_addr: s.parse("CXGW_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
             admin_addr: s.parse("CXGW_ADMIN_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
             data_dir,
+            store: store_selection(&s)?,
             allow_new_store: s.boolean("CXGW_ALLOW_NEW_STORE", false)?,
             log: LogConfig {
                 format: log_format,
@@ -701,6 +704,61 @@ fn tls_settings(s: &Reader<'_>) -> Result<Option<TlsSettings>, ConfigError> {
 }
 
 /// Reads the TOML file into environment-style keys (see [`parse_config_file`]).
+/// Which engine holds the store.
+#[derive(Debug, Clone)]
+pub enum StoreSelection {
+    /// `CXGW_STORE=embedded` (the default): SQLite in the data directory.
+    Embedded,
+    /// `CXGW_STORE=postgres`: the PostgreSQL database of `CXGW_POSTGRES_URL` (or the file named
+    /// by `CXGW_POSTGRES_URL_FILE`), a secret like the API keys.
+    Postgres(crate::store::postgres::PostgresSettings),
+}
+
+fn store_selection(s: &Reader<'_>) -> Result<StoreSelection, ConfigError> {
+    const URL: &str = "CXGW_POSTGRES_URL";
+    match s.string("CXGW_STORE", "embedded").as_str() {
+        "embedded" => {
+            for key in [
+                URL,
+                "CXGW_POSTGRES_URL_FILE",
+                "CXGW_POSTGRES_POOL_SIZE",
+                "CXGW_POSTGRES_CA_FILE",
+                "CXGW_POSTGRES_CLAIM_LEASE",
+            ] {
+                if s.source.get(key).is_some() {
+                    return Err(ConfigError::new(
+                        key,
+                        "applies only with CXGW_STORE=postgres",
+                    ));
+                }
+            }
+            Ok(StoreSelection::Embedded)
+        }
+        "postgres" => {
+            let url = s.secret(URL)?.ok_or_else(|| {
+                ConfigError::new(
+                    URL,
+                    format!("required by CXGW_STORE=postgres (or {URL}_FILE)"),
+                )
+            })?;
+            let mut settings = crate::store::postgres::PostgresSettings::new(url);
+            settings.pool_size =
+                s.parse_in("CXGW_POSTGRES_POOL_SIZE", settings.pool_size, 1..=100)?;
+            settings.ca_file = s.source.get("CXGW_POSTGRES_CA_FILE").map(PathBuf::from);
+            settings.claim_lease = s.duration_in(
+                "CXGW_POSTGRES_CLAIM_LEASE",
+                settings.claim_lease,
+                Duration::from_secs(3)..=Duration::from_secs(3600),
+            )?;
+            Ok(StoreSelection::Postgres(settings))
+        }
+        other => Err(ConfigError::new(
+            "CXGW_STORE",
+            format!("expected `embedded` or `postgres`, got `{other}`"),
+        )),
+    }
+}
+
 fn read_config_file(path: &str) -> Result<MapSource, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| {
         ConfigError::new("CXGW_CONFIG_FILE", format!("cannot read `{path}`: {error}"))
@@ -869,6 +927,52 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `CXGW_STORE` picks the engine; the PostgreSQL URL comes from the variable or its file,
+    /// stays out of the configuration's debug output, and is refused where it would be ignored.
+    #[test]
+    fn the_store_is_chosen_by_cxgw_store() {
+        let with = |extra: &[(&'static str, &str)]| {
+            let mut pairs: Vec<(&str, String)> =
+                keys().into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+            pairs.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+            Config::load(&MapSource::new(pairs), UpstreamMode::Real)
+        };
+        assert!(matches!(with(&[]).unwrap().store, StoreSelection::Embedded));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("postgres-url");
+        std::fs::write(&file, "postgres://gw:pg-canary-pw@db:5432/gw\n").unwrap();
+        let config = with(&[
+            ("CXGW_STORE", "postgres"),
+            ("CXGW_POSTGRES_URL_FILE", file.to_str().unwrap()),
+            ("CXGW_POSTGRES_POOL_SIZE", "4"),
+        ])
+        .unwrap();
+        let StoreSelection::Postgres(settings) = &config.store else {
+            panic!("postgres was asked for");
+        };
+        assert_eq!(
+            settings.url.expose(),
+            "postgres://gw:pg-canary-pw@db:5432/gw"
+        );
+        assert_eq!(settings.pool_size, 4);
+        assert!(!format!("{config:?}").contains("pg-canary-pw"));
+
+        let error = with(&[("CXGW_STORE", "postgres")]).unwrap_err();
+        assert_eq!(error.key, "CXGW_POSTGRES_URL");
+        let error = with(&[("CXGW_POSTGRES_URL", "postgres://db/gw")]).unwrap_err();
+        assert_eq!(error.key, "CXGW_POSTGRES_URL");
+        let error = with(&[("CXGW_STORE", "redis")]).unwrap_err();
+        assert_eq!(error.key, "CXGW_STORE");
+        let error = with(&[
+            ("CXGW_STORE", "postgres"),
+            ("CXGW_POSTGRES_URL", "postgres://db/gw"),
+            ("CXGW_POSTGRES_CLAIM_LEASE", "1s"),
+        ])
+        .unwrap_err();
+        assert_eq!(error.key, "CXGW_POSTGRES_CLAIM_LEASE");
+    }
 
     fn keys() -> Vec<(&'static str, &'static str)> {
         vec![

@@ -107,7 +107,7 @@ pub async fn run(
     let (stopping_trigger, stopping) = shutdown::channel();
     let shutdown_grace = config.shutdown_grace;
     let drain_delay = config.drain_delay;
-    let app = Arc::new(App::open(config, drain.clone())?);
+    let app = Arc::new(App::open(config, drain.clone()).await?);
     let config = Arc::clone(&app.config);
     telemetry::register_store_probes(&app);
     // Asynchronous writes are delivered from the outbox by one worker, replaying each through

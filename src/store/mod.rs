@@ -15,7 +15,8 @@
 //! Failures are a [`StoreError`] of a typed [`StoreErrorKind`].
 //!
 //! Engines: [`sqlite`], the embedded default (one SQLite file in the data directory, group
-//! commit through one writer thread). [`Store`] bundles one engine's implementations as trait
+//! commit through one writer thread); [`postgres`], one PostgreSQL database shared by several
+//! replicas. [`Store`] bundles one engine's implementations as trait
 //! objects; that is what the domain holds.
 
 use std::path::Path;
@@ -27,6 +28,7 @@ mod error;
 pub mod feedback_log;
 pub mod idempotency;
 pub mod outbox;
+pub mod postgres;
 pub mod sqlite;
 
 /// The engines' shared contract tests; see [`store_contract_tests!`](crate::store_contract_tests).

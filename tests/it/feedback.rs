@@ -632,8 +632,9 @@ async fn shutdown_ends_streams_with_a_final_cursor_to_resume_from() {
 
 #[tokio::test]
 async fn an_idle_poll_costs_one_upstream_request() {
-    // Heartbeats show a completed poll within 50 ms; the next one starts 500 ms after it, so
-    // counters read right after such a heartbeat are between polls.
+    // Counters are read while the poller's next request waits in the sandbox's hold gate: every
+    // poll before it has finished and been counted on both sides, and it has not been counted on
+    // either, however slow the machine is.
     let gateway = TestGateway::start_with(
         sandbox_config(),
         settings(&[
@@ -648,11 +649,22 @@ async fn an_idle_poll_costs_one_upstream_request() {
     handle.simulate_feedback(5);
     events(&mut stream, 5).await;
     expect_quiet(&mut stream, 0).await;
-    let before = stats(admin).await;
-    let upstream_before = handle.requests_to(cx_sandbox::Api::Retently, "/api/v2/feedback");
+    let between_polls = || async {
+        handle.hold_after(cx_sandbox::Api::Retently, 0);
+        crate::support::eventually("the poller's next request is held", PATIENCE, || {
+            handle.held(cx_sandbox::Api::Retently) == 1
+        })
+        .await;
+        let counted = (
+            stats(admin).await,
+            handle.requests_to(cx_sandbox::Api::Retently, "/api/v2/feedback"),
+        );
+        handle.release(cx_sandbox::Api::Retently);
+        counted
+    };
+    let (before, upstream_before) = between_polls().await;
     expect_quiet(&mut stream, 10).await;
-    let after = stats(admin).await;
-    let upstream_after = handle.requests_to(cx_sandbox::Api::Retently, "/api/v2/feedback");
+    let (after, upstream_after) = between_polls().await;
     let polls = after.polls - before.polls;
     assert!(polls >= 10, "{polls}");
     assert_eq!(after.poll_requests - before.poll_requests, polls);

@@ -78,6 +78,35 @@ fn key(feedback: &pb::Feedback) -> (i64, i32, String) {
     (time.seconds, time.nanos, feedback.feedback_id.clone())
 }
 
+/// Waits until a complete poll started after the newest of `logged` was created, so the log's
+/// coverage includes every one of them. A poll that started just before a response was created
+/// can still return it (and stream it) while vouching only for what came before its start; on a
+/// slow machine that poll is often the last one before the test holds the poller.
+async fn synced_past(channel: &tonic::transport::Channel, logged: &[pb::Feedback]) {
+    let newest = logged.iter().map(key).max().expect("responses");
+    let mut client = SurveyServiceClient::new(channel.clone());
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let answer = client
+                .get_customer_feedback_history(pb::GetCustomerFeedbackHistoryRequest {
+                    email: logged[0].email.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("history")
+                .into_inner();
+            if let Some(synced) = answer.synced_until
+                && (synced.seconds, synced.nanos) > (newest.0, newest.1)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a complete poll started after the newest response");
+}
+
 #[tokio::test]
 async fn customer_history_comes_from_the_log_with_no_upstream_request() {
     let gateway = TestGateway::start_with(sandbox_config(), settings()).await;
@@ -90,6 +119,7 @@ async fn customer_history_comes_from_the_log_with_no_upstream_request() {
     let simulated = handle.simulate_feedback(12);
     assert_eq!(simulated.len(), 12);
     let logged = feedback_events(&mut stream, simulated.len()).await;
+    synced_past(&gateway.channel, &logged).await;
 
     // The poller's next request waits in the sandbox: from here on, nothing reaches it.
     handle.hold_after(Api::Retently, 0);
@@ -271,6 +301,7 @@ async fn list_feedback_is_served_from_the_log_when_it_covers_the_range_and_match
         .into_inner();
     let simulated = handle.simulate_feedback(14);
     let logged = feedback_events(&mut stream, simulated.len()).await;
+    synced_past(&gateway.channel, &logged).await;
     handle.hold_after(Api::Retently, 0);
     eventually("the poller's next request is held", PATIENCE, || {
         handle.held(Api::Retently) == 1

@@ -11,6 +11,7 @@ mod feedback;
 mod foundation;
 mod insights;
 mod owners;
+mod postgres;
 mod segment;
 mod support;
 mod surveys;

@@ -1,0 +1,215 @@
+//! The PostgreSQL schema, as numbered migrations applied in order at start.
+//!
+//! Replicas start together (a rollout, a scale-up), so the migrations run inside one
+//! transaction that first takes a transaction-scoped advisory lock: the first replica applies
+//! what is missing, the others wait for its commit and then find nothing left to do. DDL is
+//! transactional in PostgreSQL, so a replica that dies half-way leaves the schema as it was.
+//! A version applied by a newer gateway and unknown to this one is left alone: migrations only
+//! add, so an older replica keeps working beside a newer one during a rolling upgrade.
+//!
+//! Never edit a published migration; append a new one with the next version.
+
+use super::{PostgresStore, query_error};
+use crate::store::StoreError;
+
+/// One schema change.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// The key of the advisory lock that serializes migrations across replicas ("cxgwmigr").
+const MIGRATION_LOCK: i64 = 0x6378_6777_6d69_6772;
+
+/// Every migration, in the order they apply.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "store",
+        sql: "
+    -- The outbox's queue position, handed out inside the enqueue transaction under this row's
+    -- lock: positions follow commit order, so a delivery acknowledged later never overtakes an
+    -- earlier one for the same customer (a sequence would hand out positions in start order).
+    CREATE TABLE outbox_head (
+        id smallint PRIMARY KEY CHECK (id = 1),
+        seq bigint NOT NULL
+    );
+    INSERT INTO outbox_head (id, seq) VALUES (1, 0);
+    CREATE TABLE outbox (
+        seq bigint PRIMARY KEY,
+        delivery_id text NOT NULL UNIQUE,
+        method text NOT NULL,
+        request bytea NOT NULL,
+        destinations integer[] NOT NULL,
+        item_count bigint NOT NULL,
+        idempotency_key text,
+        replay_safe boolean NOT NULL,
+        owner text,
+        state smallint NOT NULL,
+        attempt_count integer NOT NULL DEFAULT 0,
+        replay_count integer NOT NULL DEFAULT 0,
+        last_error text,
+        result bytea,
+        create_ms bigint NOT NULL,
+        update_ms bigint NOT NULL,
+        next_attempt_ms bigint NOT NULL,
+        complete_ms bigint,
+        expire_ms bigint NOT NULL,
+        traceparent text,
+        verify_since_ms bigint,
+        -- Until when the replica that claimed an in-flight delivery holds it; after that any
+        -- replica takes it over with the recovery rules.
+        lease_until_ms bigint,
+        -- The replica holding the claim: it alone renews the lease and records the outcome.
+        claimed_by text
+    );
+    CREATE INDEX outbox_due ON outbox (next_attempt_ms) WHERE state IN (1, 3);
+    CREATE INDEX outbox_in_flight ON outbox (lease_until_ms) WHERE state = 2;
+    CREATE INDEX outbox_finished ON outbox (state, complete_ms) WHERE state IN (4, 5);
+    CREATE TABLE outbox_keys (
+        key text NOT NULL,
+        seq bigint NOT NULL REFERENCES outbox (seq) ON DELETE CASCADE,
+        PRIMARY KEY (key, seq)
+    );
+    CREATE INDEX outbox_keys_by_seq ON outbox_keys (seq);
+    CREATE TABLE idempotency (
+        owner text NOT NULL,
+        scope text NOT NULL,
+        key text NOT NULL,
+        request_hash bytea NOT NULL,
+        response bytea NOT NULL,
+        create_ms bigint NOT NULL,
+        PRIMARY KEY (owner, scope, key)
+    );
+    CREATE INDEX idempotency_by_age ON idempotency (create_ms);
+    -- Named positions of background pollers.
+    CREATE TABLE sync_cursors (
+        name text PRIMARY KEY,
+        value text NOT NULL
+    );
+    -- The feedback log (see feedback_log.rs). Ids compare byte by byte (\"C\"), as in the
+    -- embedded engine, whatever the database's collation: they are keyset positions.
+    CREATE TABLE feedback_log (
+        seq bigint PRIMARY KEY,
+        feedback_id text COLLATE \"C\" NOT NULL,
+        kind integer NOT NULL,
+        log_time_ms bigint NOT NULL,
+        campaign_id text NOT NULL,
+        metric integer NOT NULL,
+        score double precision,
+        score_category integer NOT NULL,
+        has_comment boolean NOT NULL,
+        message bytea NOT NULL
+    );
+    CREATE INDEX feedback_log_by_time ON feedback_log (log_time_ms);
+    CREATE TABLE feedback_items (
+        feedback_id text COLLATE \"C\" PRIMARY KEY,
+        digest bytea NOT NULL,
+        last_seq bigint NOT NULL,
+        create_time_ms bigint NOT NULL,
+        campaign_id text NOT NULL,
+        customer_id text NOT NULL,
+        email text NOT NULL,
+        payload bytea NOT NULL
+    );
+    CREATE INDEX feedback_items_by_creation ON feedback_items (create_time_ms, feedback_id);
+    CREATE INDEX feedback_items_by_email
+        ON feedback_items (lower(email), create_time_ms, feedback_id);
+    CREATE INDEX feedback_items_by_customer
+        ON feedback_items (customer_id, create_time_ms, feedback_id);
+    CREATE INDEX feedback_items_by_campaign
+        ON feedback_items (campaign_id, create_time_ms, feedback_id);
+    -- One row: the log's random epoch (part of every cursor), its head and pruned bounds. The
+    -- head is the counter appends take their sequences from under this row's lock.
+    CREATE TABLE feedback_log_meta (
+        id smallint PRIMARY KEY CHECK (id = 1),
+        epoch bigint NOT NULL,
+        head_seq bigint NOT NULL,
+        head_time_ms bigint NOT NULL,
+        pruned_seq bigint NOT NULL,
+        pruned_time_ms bigint NOT NULL,
+        items_horizon_ms bigint NOT NULL
+    );
+    INSERT INTO feedback_log_meta
+        (id, epoch, head_seq, head_time_ms, pruned_seq, pruned_time_ms, items_horizon_ms)
+        VALUES (1, 1 + floor(random() * 9223372036854774000)::bigint, 0, 0, 0, 0, 0);
+    ",
+    },
+    Migration {
+        version: 2,
+        name: "alerts",
+        sql: "
+    -- The alert evaluator's checkpoint in the feedback log, and one key per alert raised
+    -- (rule, response, version; delivery_id NULL when its rule's rate limit dropped it).
+    CREATE TABLE alert_checkpoint (
+        id smallint PRIMARY KEY CHECK (id = 1),
+        seq bigint NOT NULL
+    );
+    CREATE TABLE alert_keys (
+        rule text NOT NULL,
+        feedback_id text NOT NULL,
+        version text NOT NULL,
+        delivery_id text,
+        create_ms bigint NOT NULL,
+        PRIMARY KEY (rule, feedback_id, version)
+    );
+    CREATE INDEX alert_keys_by_rule ON alert_keys (rule, create_ms);
+    CREATE INDEX alert_keys_by_time ON alert_keys (create_ms);
+    -- The traceparent of the span that ingested each entry, which alert deliveries link to.
+    ALTER TABLE feedback_log ADD COLUMN traceparent text;
+    ",
+    },
+];
+
+/// Applies the migrations this database lacks; returns the versions applied by this call.
+pub async fn migrate(store: &PostgresStore) -> Result<Vec<i32>, StoreError> {
+    const OPERATION: &str = "migrate the schema";
+    let query = query_error(OPERATION);
+    let mut connection = store.connection(OPERATION).await?;
+    let transaction = connection.transaction().await.map_err(&query)?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(&query)?;
+    transaction
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .map_err(&query)?;
+    let applied: Vec<i32> = transaction
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(&query)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut newly_applied = Vec::new();
+    for migration in MIGRATIONS {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        transaction
+            .batch_execute(migration.sql)
+            .await
+            .map_err(&query)?;
+        transaction
+            .execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                &[&migration.version, &migration.name],
+            )
+            .await
+            .map_err(&query)?;
+        newly_applied.push(migration.version);
+    }
+    transaction.commit().await.map_err(&query)?;
+    if !newly_applied.is_empty() {
+        tracing::info!(versions = ?newly_applied, "postgres schema migrated");
+    }
+    Ok(newly_applied)
+}

@@ -1,0 +1,622 @@
+//! Tests of what only a shared, networked engine has to get right: replicas starting, appending,
+//! claiming and recording at the same time, and the URL staying secret. Interleavings are made
+//! by construction: a test holds a lock in its own transaction and waits until PostgreSQL
+//! reports the operation under test waiting behind it.
+
+use std::time::Duration;
+
+use super::testing::{admin_client, fresh_database, fresh_store, wait_for_lock_waiters};
+use super::*;
+use crate::error::{ErrorCode, Reason};
+use crate::store::cursors::{Checkpoint, CursorStore};
+use crate::store::feedback_log::{
+    EntryEncoder, EntryFields, FeedbackLogStore, Observed, Origin, ReadOutcome,
+};
+use crate::store::idempotency::{IdempotencyRecord, IdempotencyStore};
+use crate::store::outbox::{
+    AttemptRecord, DeliveryError, DeliveryState, NewDelivery, OutboxStore, QueuedDelivery,
+};
+
+fn observed(id: &str, version: u8) -> Observed {
+    Observed {
+        feedback_id: id.to_owned(),
+        create_time_ms: 1_000,
+        customer_id: format!("cust-{id}"),
+        email: format!("{id}@example.com"),
+        fields: EntryFields {
+            campaign_id: "camp-1".to_owned(),
+            metric: 1,
+            score: Some(9.0),
+            score_category: 3,
+            has_comment: false,
+        },
+        payload: vec![version],
+        digest: [version; 32],
+        traceparent: None,
+    }
+}
+
+/// Encodes the sequence, so a test can check what the engine passed.
+const ENCODE: EntryEncoder = |_epoch, sequence, _kind, _time, _payload| {
+    prost::bytes::Bytes::from(sequence.to_be_bytes().to_vec())
+};
+
+fn delivery(id: &str, customer: &str, replay_safe: bool, method: &str) -> QueuedDelivery {
+    QueuedDelivery {
+        delivery_id: id.to_owned(),
+        delivery: NewDelivery {
+            method: method.to_owned(),
+            request: vec![1, 2, 3],
+            destinations: vec![2],
+            item_count: 1,
+            ordering_keys: vec![customer.to_owned()],
+            idempotency_key: None,
+            replay_safe,
+            owner: "alpha".to_owned(),
+        },
+        expire_ms: chrono::Utc::now().timestamp_millis() + 3_600_000,
+        traceparent: None,
+    }
+}
+
+fn error(reason: Reason) -> DeliveryError {
+    DeliveryError {
+        code: ErrorCode::Unavailable,
+        reason,
+        message: "test".to_owned(),
+        metadata: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_migrate_once() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let starts = (0..4).map(|_| {
+        let settings = settings.clone();
+        tokio::spawn(async move { PostgresStore::connect(&settings).await })
+    });
+    let mut stores = Vec::new();
+    for start in starts {
+        stores.push(start.await.unwrap().expect("every replica starts"));
+    }
+    let client = admin_client(settings.url.expose()).await;
+    let versions: Vec<i32> = client
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let expected: Vec<i32> = migrations::MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(versions, expected);
+    // A later start finds nothing to do.
+    assert!(migrations::migrate(&stores[0]).await.unwrap().is_empty());
+}
+
+/// The trap of a `bigserial`: a later append committing first. Here the first append is held
+/// inside its transaction (the test locks a row it must update); the second must wait for it
+/// instead of committing the next sequence first, and a reader sees neither until both commit,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_get_sequences_in_commit_order_across_replicas() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    replica_a
+        .append(
+            1_000,
+            vec![(Origin::Poll, vec![observed("f-1", 1)])],
+            vec![],
+            ENCODE,
+        )
+        .await
+        .unwrap();
+
+    // Hold the row of f-1 so that replica A's append of its new version stops half-way: after
+    // it took sequence 2, before it commits.
+    let mut holder = admin_client(settings.url.expose()).await;
+    let hold = holder.transaction().await.unwrap();
+    hold.execute(
+        "SELECT 1 FROM feedback_items WHERE feedback_id = 'f-1' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let first = tokio::spawn({
+        let replica_a = replica_a.clone();
+        async move {
+            replica_a
+                .append(
+                    2_000,
+                    vec![(Origin::Poll, vec![observed("f-1", 2)])],
+                    vec![],
+                    ENCODE,
+                )
+                .await
+        }
+    });
+    wait_for_lock_waiters(&settings, 1).await;
+    let second = tokio::spawn({
+        let replica_b = replica_b.clone();
+        async move {
+            replica_b
+                .append(
+                    2_000,
+                    vec![(Origin::Webhook, vec![observed("f-2", 1)])],
+                    vec![Checkpoint {
+                        name: "webhook".to_owned(),
+                        value: "f-2".to_owned(),
+                    }],
+                    ENCODE,
+                )
+                .await
+        }
+    });
+    // Replica B waits for replica A's append rather than committing sequence 3 before 2.
+    wait_for_lock_waiters(&settings, 2).await;
+    assert!(!second.is_finished());
+    match replica_b
+        .read_after(1, i64::MAX, 100, 1 << 20)
+        .await
+        .unwrap()
+    {
+        ReadOutcome::Entries(entries) => assert!(entries.is_empty()),
+        ReadOutcome::Expired => panic!("nothing was pruned"),
+    }
+    assert_eq!(CursorStore::get(&replica_b, "webhook").await.unwrap(), None);
+
+    hold.rollback().await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
+    let sequences = |appended: &crate::store::feedback_log::Appended| {
+        appended
+            .entries
+            .iter()
+            .map(|entry| entry.sequence)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sequences(&first), vec![2]);
+    assert_eq!(sequences(&second), vec![3]);
+    let ReadOutcome::Entries(entries) = replica_a
+        .read_after(0, i64::MAX, 100, 1 << 20)
+        .await
+        .unwrap()
+    else {
+        panic!("nothing was pruned");
+    };
+    let read: Vec<(i64, Vec<u8>)> = entries
+        .iter()
+        .map(|entry| (entry.sequence, entry.message.to_vec()))
+        .collect();
+    assert_eq!(
+        read,
+        (1..=3)
+            .map(|sequence: i64| (sequence, sequence.to_be_bytes().to_vec()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(replica_a.state().await.unwrap().head_seq, 3);
+    assert_eq!(
+        CursorStore::get(&replica_a, "webhook")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("f-2")
+    );
+}
+
+/// A response seen by two replicas at once (the poller on one, a webhook on the other) is
+/// logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_seen_by_two_replicas_is_logged_once() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    let (a, b) = tokio::join!(
+        replica_a.append(
+            1_000,
+            vec![(Origin::Poll, vec![observed("f-9", 1)])],
+            vec![],
+            ENCODE
+        ),
+        replica_b.append(
+            1_000,
+            vec![(Origin::Webhook, vec![observed("f-9", 1)])],
+            vec![],
+            ENCODE
+        ),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.entries.len() + b.entries.len(), 1);
+    assert_eq!(a.counts[0].created + b.counts[0].created, 1);
+    assert_eq!(a.counts[0].unchanged + b.counts[0].unchanged, 1);
+    assert_eq!(replica_a.state().await.unwrap().head_seq, 1);
+}
+
+/// A delivery another replica is claiming right now is skipped without waiting, and still
+/// holds back the younger delivery of the same customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_skip_rows_another_replica_holds_and_keep_customer_order() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica = PostgresStore::connect(&settings).await.unwrap();
+    for (id, customer) in [("d-1", "c-1"), ("d-2", "c-1"), ("d-3", "c-2")] {
+        replica
+            .enqueue(delivery(id, customer, true, "UpsertCustomers"), None)
+            .await
+            .unwrap();
+    }
+    // Another replica in the middle of claiming d-1.
+    let mut other = admin_client(settings.url.expose()).await;
+    let other_claim = other.transaction().await.unwrap();
+    other_claim
+        .execute(
+            "SELECT 1 FROM outbox WHERE delivery_id = 'd-1' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let claimed = tokio::time::timeout(Duration::from_secs(60), replica.claim(10))
+        .await
+        .expect("a claim never waits for another replica's rows")
+        .unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|c| c.delivery_id.as_str()).collect();
+    assert_eq!(ids, vec!["d-3"]);
+    other_claim.rollback().await.unwrap();
+    let claimed = replica.claim(10).await.unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|c| c.delivery_id.as_str()).collect();
+    assert_eq!(ids, vec!["d-1"]);
+    replica
+        .record_attempt("d-1", AttemptRecord::Delivered { result: vec![7] })
+        .await
+        .unwrap();
+    let claimed = replica.claim(10).await.unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|c| c.delivery_id.as_str()).collect();
+    assert_eq!(ids, vec!["d-2"]);
+}
+
+/// Two replicas claiming at once take every due delivery exactly once between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_claim_each_delivery_once() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    for n in 0..200 {
+        replica_a
+            .enqueue(
+                delivery(&format!("d-{n}"), &format!("c-{n}"), true, "TrackEvent"),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let drain = |replica: PostgresStore| async move {
+        let mut taken = Vec::new();
+        loop {
+            let claimed = replica.claim(7).await.unwrap();
+            if claimed.is_empty() {
+                return taken;
+            }
+            taken.extend(claimed.into_iter().map(|c| c.delivery_id));
+        }
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(drain(replica_a.clone())),
+        tokio::spawn(drain(replica_b.clone()))
+    );
+    let mut all: Vec<String> = a.unwrap().into_iter().chain(b.unwrap()).collect();
+    all.sort();
+    let mut expected: Vec<String> = (0..200).map(|n| format!("d-{n}")).collect();
+    expected.sort();
+    assert_eq!(all, expected);
+}
+
+/// A replica that dies leaves its claims; once their lease has run out another replica takes
+/// them over with the recovery rules, and a live replica's claims are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_claims_are_taken_over_with_the_recovery_rules() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    // The dying replica's claims lapse at once; the live one's never do during the test.
+    let dying = PostgresStore::connect(&PostgresSettings {
+        claim_lease: Duration::ZERO,
+        ..settings.clone()
+    })
+    .await
+    .unwrap();
+    let live = PostgresStore::connect(&PostgresSettings {
+        claim_lease: Duration::from_secs(3600),
+        ..settings.clone()
+    })
+    .await
+    .unwrap();
+    let in_doubt = error(Reason::DeliveryInDoubt);
+    let verifiable = vec!["SendSurvey".to_owned()];
+    dying.recover(&verifiable, in_doubt.clone()).await.unwrap();
+    live.recover(&verifiable, in_doubt.clone()).await.unwrap();
+    live.enqueue(delivery("live", "c-4", false, "TrackEvent"), None)
+        .await
+        .unwrap();
+    assert_eq!(live.claim(1).await.unwrap().len(), 1);
+    dying
+        .enqueue(delivery("safe", "c-1", true, "UpsertCustomers"), None)
+        .await
+        .unwrap();
+    dying
+        .enqueue(delivery("event", "c-2", false, "TrackEvent"), None)
+        .await
+        .unwrap();
+    dying
+        .enqueue(delivery("survey", "c-3", false, "SendSurvey"), None)
+        .await
+        .unwrap();
+    assert_eq!(dying.claim(10).await.unwrap().len(), 3);
+    drop(dying);
+
+    // A replica starting now recovers only what lapsed.
+    let starting = PostgresStore::connect(&settings).await.unwrap();
+    let recovered = starting
+        .recover(&verifiable, in_doubt.clone())
+        .await
+        .unwrap();
+    assert_eq!(recovered.requeued, 2);
+    assert_eq!(recovered.in_doubt, 1);
+    let state = |id: &'static str| {
+        let starting = starting.clone();
+        async move {
+            OutboxStore::get(&starting, id, None)
+                .await
+                .unwrap()
+                .expect("the delivery exists")
+        }
+    };
+    assert_eq!(state("safe").await.state, DeliveryState::Pending);
+    assert_eq!(state("survey").await.state, DeliveryState::Pending);
+    let event = state("event").await;
+    assert_eq!(event.state, DeliveryState::DeadLettered);
+    assert_eq!(event.last_error, Some(in_doubt));
+    assert_eq!(state("live").await.state, DeliveryState::InFlight);
+    // The survey send is claimed again with its history to check from the lapsed attempt on.
+    let claimed = starting.claim(10).await.unwrap();
+    let survey = claimed
+        .iter()
+        .find(|c| c.delivery_id == "survey")
+        .expect("the survey send is due again");
+    assert!(survey.verify_since_ms.is_some());
+    assert_eq!(survey.attempts, 2);
+}
+
+/// Two replicas recording the same key at once: one record wins, the other replica gets the
+/// winner's response back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_on_one_key_resolve_to_one_winner() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    let record = |response: u8| IdempotencyRecord {
+        owner: "alpha".to_owned(),
+        scope: "TrackEvent".to_owned(),
+        key: "k-1".to_owned(),
+        request_hash: vec![1],
+        response: vec![response],
+    };
+    let since = chrono::Utc::now().timestamp_millis() - 60_000;
+    // Replica A is inside its transaction, key written, not yet committed.
+    let mut connection = replica_a.connection("test").await.unwrap();
+    let a_insert = connection.transaction().await.unwrap();
+    a_insert
+        .execute(
+            "INSERT INTO idempotency (owner, scope, key, request_hash, response, create_ms)
+             VALUES ('alpha', 'TrackEvent', 'k-1', '\\x01', '\\x0a', $1)",
+            &[&chrono::Utc::now().timestamp_millis()],
+        )
+        .await
+        .unwrap();
+    let b = tokio::spawn({
+        let replica_b = replica_b.clone();
+        async move { replica_b.record_first(record(11), since).await }
+    });
+    wait_for_lock_waiters(&settings, 1).await;
+    a_insert.commit().await.unwrap();
+    let outcome = b.await.unwrap().unwrap();
+    assert_eq!(
+        outcome,
+        idempotency::FirstRecord::Existing(crate::store::idempotency::StoredResponse {
+            request_hash: vec![1],
+            response: vec![10],
+        })
+    );
+    let stored = replica_b
+        .lookup("alpha", "TrackEvent", "k-1", since)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.response, vec![10]);
+    // A record older than the window is replaced.
+    assert_eq!(
+        replica_b.record_first(record(12), i64::MAX).await.unwrap(),
+        idempotency::FirstRecord::Stored
+    );
+}
+
+/// The URL's password appears in no error and no debug output, whether the URL is malformed,
+/// the password is wrong or the server is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_url_stays_secret() {
+    let Some(cluster) = super::testing::cluster_url() else {
+        return;
+    };
+    const PASSWORD: &str = "s3cret-Pa55word";
+    let mut wrong = reqwest::Url::parse(&cluster).unwrap();
+    wrong.set_password(Some(PASSWORD)).unwrap();
+    let mut nobody = wrong.clone();
+    // A port nothing listens on: the test cluster's own, on a host address it does not bind.
+    nobody.set_host(Some("127.0.0.2")).unwrap();
+    let urls = [
+        wrong.to_string(),
+        nobody.to_string(),
+        format!("postgres://cxgw:{PASSWORD}@127.0.0.1:notaport/db"),
+        format!("host=127.0.0.1 password={PASSWORD} sslmode=bogus"),
+    ];
+    for url in urls {
+        let settings = PostgresSettings {
+            pool_size: 1,
+            ..PostgresSettings::new(Secret::new(url))
+        };
+        assert!(!format!("{settings:?}").contains(PASSWORD));
+        let error = PostgresStore::connect(&settings)
+            .await
+            .expect_err("the connection fails");
+        let text = format!("{error} {error:?}");
+        assert!(!text.contains(PASSWORD), "{text}");
+        assert_eq!(error.kind(), crate::store::StoreErrorKind::Unavailable);
+    }
+}
+
+/// `sslmode=require` makes the client insist on TLS: against a server without it, the
+/// connection is refused rather than made in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_by_the_url_is_never_skipped() {
+    let Some(cluster) = super::testing::cluster_url() else {
+        return;
+    };
+    let mut url = reqwest::Url::parse(&cluster).unwrap();
+    url.query_pairs_mut().append_pair("sslmode", "require");
+    let settings = PostgresSettings::new(Secret::new(url.to_string()));
+    let error = PostgresStore::connect(&settings)
+        .await
+        .expect_err("the server offers no TLS");
+    assert_eq!(error.kind(), crate::store::StoreErrorKind::Unavailable);
+    // The same URL without the requirement connects.
+    let plain = PostgresStore::connect(&PostgresSettings::new(Secret::new(cluster)))
+        .await
+        .expect("a plain connection");
+    plain.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fresh_store_is_empty_and_migrated() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    let state = store.state().await.unwrap();
+    assert_eq!(state.head_seq, 0);
+    assert_ne!(state.epoch, 0);
+    assert_eq!(store.depth().await.unwrap().unfinished, 0);
+}
+
+/// A replica's late outcome of a claim another replica took over is not recorded: the delivery
+/// is the other replica's by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_outcome_of_a_lapsed_claim_is_not_recorded() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let paused = PostgresStore::connect(&PostgresSettings {
+        claim_lease: Duration::ZERO,
+        ..settings.clone()
+    })
+    .await
+    .unwrap();
+    let other = PostgresStore::connect(&settings).await.unwrap();
+    let in_doubt = error(Reason::DeliveryInDoubt);
+    paused
+        .enqueue(delivery("d-1", "c-1", true, "UpsertCustomers"), None)
+        .await
+        .unwrap();
+    assert_eq!(paused.claim(1).await.unwrap().len(), 1);
+    // The paused replica's claim lapsed: the other replica takes the delivery over and sends it.
+    other.recover(&[], in_doubt).await.unwrap();
+    assert_eq!(other.claim(1).await.unwrap()[0].delivery_id, "d-1");
+    paused
+        .record_attempt("d-1", AttemptRecord::Delivered { result: vec![1] })
+        .await
+        .unwrap();
+    paused
+        .return_to_pending("d-1", error(Reason::GatewayDraining))
+        .await
+        .unwrap();
+    let record = OutboxStore::get(&other, "d-1", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.state, DeliveryState::InFlight);
+    assert_eq!(record.attempt_count, 2);
+    other
+        .record_attempt("d-1", AttemptRecord::Delivered { result: vec![2] })
+        .await
+        .unwrap();
+    let record = OutboxStore::get(&other, "d-1", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.state, DeliveryState::Delivered);
+    assert_eq!(record.result, Some(vec![2]));
+}
+
+/// A live replica renews its claims, so another replica does not take them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_claims_stay_with_their_replica() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let holder = PostgresStore::connect(&settings).await.unwrap();
+    let other = PostgresStore::connect(&settings).await.unwrap();
+    holder
+        .enqueue(delivery("d-1", "c-1", true, "UpsertCustomers"), None)
+        .await
+        .unwrap();
+    holder
+        .enqueue(delivery("d-2", "c-2", true, "UpsertCustomers"), None)
+        .await
+        .unwrap();
+    assert_eq!(holder.claim(1).await.unwrap()[0].delivery_id, "d-1");
+    assert_eq!(other.claim(1).await.unwrap()[0].delivery_id, "d-2");
+    // Both leases as good as run out; only the holder renews.
+    admin_client(settings.url.expose())
+        .await
+        .execute("UPDATE outbox SET lease_until_ms = 0", &[])
+        .await
+        .unwrap();
+    assert_eq!(holder.renew_leases().await.unwrap(), 1);
+    let recovered = other
+        .recover(&[], error(Reason::DeliveryInDoubt))
+        .await
+        .unwrap();
+    // Only d-2 lapsed (its replica did not renew it).
+    assert_eq!(recovered.requeued, 1);
+    let d1 = OutboxStore::get(&other, "d-1", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d1.state, DeliveryState::InFlight);
+    let d2 = OutboxStore::get(&other, "d-2", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d2.state, DeliveryState::Pending);
+}
+
+/// The store contract every engine keeps, on a fresh PostgreSQL database.
+mod contract {
+    async fn fresh() -> Option<((), crate::store::Store)> {
+        let store = super::fresh_store().await?;
+        Some(((), crate::store::Store::from_engine(store, "postgres")))
+    }
+
+    crate::store_contract_tests!(fresh);
+}
