@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Checks that the Python, Node and Go code of docs/clients.md is the code the client tests run.
+"""Checks that the Python, Node and Go code of docs/clients.md (or of README.md) is the code the
+tests run.
 
 Each such code block in the guide is preceded by a marker naming a region of a test source:
 
@@ -9,7 +10,7 @@ and the block must equal that region (the lines between `[START node_unary]` and
 `[END node_unary]` comments, dedented). A Python, JavaScript/TypeScript or Go block without a marker
 fails the check, and so does a region no block shows (a snippet dropped from the guide).
 
-Usage: scripts/check-doc-snippets.py [docs/clients.md]
+Usage: scripts/check-doc-snippets.py [docs/clients.md | README.md]
 """
 
 import pathlib
@@ -19,6 +20,11 @@ import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKED_LANGUAGES = {"python", "py", "js", "javascript", "ts", "typescript", "go"}
+# The test sources each guide must show every region of.
+SHOWN_SOURCES = {
+    "clients.md": ("tests/node/client.test.js", "tests/go/client/client_test.go", "tests/python/test_client.py"),
+    "README.md": ("tests/python/verify_alert.py",),
+}
 MARKER = re.compile(r"^<!-- snippet: (?P<path>[^#\s]+)#(?P<name>[\w-]+) -->$")
 FENCE = re.compile(r"^```(?P<lang>\S*)\s*$")
 REGION = re.compile(r"^\s*(?://|#) \[(?P<edge>START|END) (?P<name>[\w-]+)\]\s*$")
@@ -83,7 +89,7 @@ def main():
         elif code != expected:
             problems.append(f"{guide.name}:{line}: the block differs from {marker['path']}#{name}")
         shown.add((path, name))
-    for test_source in ("tests/node/client.test.js", "tests/go/client/client_test.go", "tests/python/test_client.py"):
+    for test_source in SHOWN_SOURCES.get(guide.name, ()):
         path = ROOT / test_source
         for name in sources.get(path) or regions(path):
             if (path, name) not in shown:

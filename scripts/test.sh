@@ -5,7 +5,7 @@
 # the store's tests (scripts/postgres.sh; removed at exit), then formatting and lints, the Rust
 # unit and integration tests, the grpcurl suite against the built binary, the Python, Node and
 # Go client tests, Segment's Python library against the Segment intake, the client guide's
-# snippet check, the contract lint and breaking-change guard, the Helm chart checks, the
+# and README snippet checks, the contract lint and breaking-change guard, the Helm chart checks, the
 # monitoring checks (promtool, a real Prometheus), a quick benchmark smoke run and a short fuzz
 # run. Prints one line per suite and a closing summary.
 set -uo pipefail
@@ -117,6 +117,7 @@ else
   failures+=("build")
 fi
 suite "client guide snippets" python3 scripts/check-doc-snippets.py
+suite "readme snippets" python3 scripts/check-doc-snippets.py README.md
 suite "contract lint" bash scripts/buf-lint.sh
 suite "contract guard" bash scripts/buf-breaking.sh
 suite "helm chart" bash tests/helm/check.sh

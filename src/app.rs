@@ -61,6 +61,8 @@ impl App {
             store.clone(),
             OutboxSettings {
                 retry_window: config.writes.retry_window,
+                base_backoff: config.writes.base_backoff,
+                max_backoff: config.writes.max_backoff,
                 drain_grace: config.shutdown_grace,
                 // Retently's history of sent surveys tells whether a cut send went out.
                 verifiable_methods: vec![crate::grpc::methods::SEND_SURVEY.to_owned()],

@@ -267,6 +267,10 @@ pub struct WriteSettings {
     pub retry_window: Duration,
     /// How long idempotency keys and event message ids are remembered.
     pub idempotency_window: Duration,
+    /// First retry delay of a queued delivery; doubles per attempt (with full jitter) up to
+    /// `max_backoff`.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
 }
 
 /// Who may call, and how the gateway learns it.
@@ -370,6 +374,8 @@ pub struct Config {
     pub telemetry: crate::telemetry::TelemetryConfig,
     pub feedback: FeedbackConfig,
     pub webhook: WebhookConfig,
+    /// The alert rules (`CXGW_ALERT_RULES_FILE`); `None`: no alerts.
+    pub alert_rules: Option<crate::alerts::RuleSet>,
     /// The Segment-compatible HTTP intake (`CXGW_SEGMENT_LISTEN_ADDR`); `None` leaves it off.
     pub segment: Option<SegmentSettings>,
 }
@@ -548,6 +554,31 @@ impl Config {
             ));
         }
 
+        let base_backoff = s.duration_in(
+            "CXGW_OUTBOX_BASE_BACKOFF",
+            Duration::from_secs(1),
+            Duration::from_millis(1)..=Duration::from_secs(3600),
+        )?;
+        let max_backoff = s.duration_in(
+            "CXGW_OUTBOX_MAX_BACKOFF",
+            Duration::from_secs(300),
+            Duration::from_millis(1)..=Duration::from_secs(24 * 3600),
+        )?;
+        if max_backoff < base_backoff {
+            return Err(ConfigError::new(
+                "CXGW_OUTBOX_MAX_BACKOFF",
+                "must not be below CXGW_OUTBOX_BASE_BACKOFF",
+            ));
+        }
+        let alert_rules = match source.get("CXGW_ALERT_RULES_FILE") {
+            None => None,
+            Some(path) if path.trim().is_empty() => None,
+            Some(path) => Some(
+                crate::alerts::RuleSet::load(PathBuf::from(path))
+                    .map_err(|reason| ConfigError::new("CXGW_ALERT_RULES_FILE", reason))?,
+            ),
+        };
+
         let event_mappings = parse_event_mappings(&s.string("CXGW_EVENT_MAPPINGS", ""))?;
         Ok(Config {
             grpc_addr: s.parse("CXGW_GRPC_ADDR", SocketAddr::from(([0, 0, 0, 0], 50051)))?,
@@ -591,10 +622,13 @@ impl Config {
                     .duration("CXGW_OUTBOX_RETRY_WINDOW", Duration::from_secs(4 * 3600))?,
                 idempotency_window: s
                     .duration("CXGW_IDEMPOTENCY_WINDOW", Duration::from_secs(24 * 3600))?,
+                base_backoff,
+                max_backoff,
             },
             event_rules: event_rules(&s, &event_mappings)?,
             survey_cooldown: survey_cooldown(&s)?,
             survey_cooldown_backfill: s.boolean("CXGW_SURVEY_COOLDOWN_BACKFILL", false)?,
+            alert_rules,
             event_mappings,
             telemetry: crate::telemetry::TelemetryConfig::from_source(source)?,
             sandbox: SandboxSettings {

@@ -41,11 +41,14 @@
 //!   questions the log answers without an upstream call (customer history, covered ListFeedback
 //!   ranges).
 //!
+//! - [`alerts`]: alert rules over the log: matched responses become signed-JSON or Slack
+//!   deliveries of the outbox.
+//!
 //! Beside the flow:
 //!
 //! - [`store`]: storage behind narrow async traits per concern (outbox, idempotency records,
-//!   feedback log, cursors), every SQL statement and the schema; the embedded SQLite engine is
-//!   [`store::sqlite`].
+//!   feedback log, cursors, the alert evaluator's state in [`store::alerts`]), every SQL statement
+//!   and the schema; the embedded SQLite engine is [`store::sqlite`].
 //! - [`config`]: typed settings from `CXGW_*` and an optional file, validated at start.
 //! - [`app`]: what the services share: settings, store, drain, background workers.
 //! - [`admin`]: the admin HTTP port (liveness, readiness, feedback counters, webhooks).
@@ -69,6 +72,7 @@
 //!   API.
 
 pub mod admin;
+pub mod alerts;
 pub mod app;
 pub mod auth;
 pub mod backoff;

@@ -1,5 +1,5 @@
-//! Reloads what may change while the gateway runs — the callers file, the TLS files and the event
-//! rules file — on
+//! Reloads what may change while the gateway runs — the callers file, the TLS files, the event
+//! rules file and the alert rules file (with the secret files it names) — on
 //! SIGHUP and whenever their content changes, without dropping a connection.
 //!
 //! Content is polled rather than watched with inotify: Kubernetes updates a mounted Secret by
@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::MissedTickBehavior;
 
+use crate::alerts::RuleSet;
+use crate::alerts::rules::Reloaded as RulesReloaded;
 use crate::auth::{CallerRegistry, Reloaded};
 use crate::shutdown::Drain;
 use crate::tls::ReloadingTls;
@@ -23,6 +25,7 @@ pub struct Reloadable {
     pub callers: Option<CallerRegistry>,
     pub tls: Option<Arc<ReloadingTls>>,
     pub rules: Option<Arc<crate::rules::EventRules>>,
+    pub alert_rules: Option<RuleSet>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +50,7 @@ struct Failures {
     callers: Option<String>,
     tls: Option<String>,
     rules: Option<String>,
+    alert_rules: Option<String>,
 }
 
 impl Reloadable {
@@ -57,6 +61,7 @@ impl Reloadable {
             .is_none()
             && self.tls.is_none()
             && self.rules.as_ref().and_then(|rules| rules.file()).is_none()
+            && self.alert_rules.is_none()
     }
 
     fn reload(&self, trigger: Trigger, failures: &mut Failures) {
@@ -111,6 +116,37 @@ impl Reloadable {
                         );
                     }
                     failures.rules = Some(error);
+                }
+            }
+        }
+        if let Some(rules) = &self.alert_rules {
+            match rules.reload() {
+                Ok(RulesReloaded::Replaced { rules: count }) => {
+                    failures.alert_rules = None;
+                    crate::alerts::metrics::count_reload(false);
+                    for rule in rules.current().iter() {
+                        crate::alerts::metrics::register_rule(&rule.name);
+                    }
+                    tracing::info!(
+                        file = %rules.path().display(),
+                        rules = count,
+                        trigger = trigger.as_str(),
+                        "alert rules reloaded"
+                    );
+                }
+                Ok(RulesReloaded::Unchanged) => failures.alert_rules = None,
+                Err(error) => {
+                    // Counted once per distinct problem, like the line: a broken file is one
+                    // refusal, not one per poll.
+                    if trigger == Trigger::Signal || failures.alert_rules.as_ref() != Some(&error) {
+                        crate::alerts::metrics::count_reload(true);
+                        tracing::warn!(
+                            setting = "CXGW_ALERT_RULES_FILE",
+                            %error,
+                            "cannot reload the alert rules, keeping the previous ones"
+                        );
+                    }
+                    failures.alert_rules = Some(error);
                 }
             }
         }

@@ -19,6 +19,8 @@ use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::alerts::evaluator::Evaluator;
+use crate::alerts::sender::{AlertAwareExecutor, AlertSender};
 use crate::app::App;
 use crate::auth::AuthLayer;
 use crate::config::Config;
@@ -110,9 +112,13 @@ pub async fn run(
     telemetry::register_store_probes(&app);
     // Asynchronous writes are delivered from the outbox by one worker, replaying each through
     // the same code as a synchronous call.
+    // Alerts are deliveries of the outbox too, put on the wire by their own sender.
     app.spawn_background(app.outbox.clone().run_worker(
-        Arc::new(WriteExecutor {
-            app: Arc::clone(&app),
+        Arc::new(AlertAwareExecutor {
+            alerts: AlertSender::new(app.config.alert_rules.clone())?,
+            writes: WriteExecutor {
+                app: Arc::clone(&app),
+            },
         }),
         drain.clone(),
         app.readiness.clone(),
@@ -172,6 +178,7 @@ pub async fn run(
             callers: callers.clone(),
             tls: tls.clone(),
             rules: Some(Arc::clone(&config.event_rules)),
+            alert_rules: config.alert_rules.clone(),
         },
         config.auth.reload_interval,
         drain.clone(),
@@ -188,6 +195,33 @@ pub async fn run(
     .context("cannot open the feedback log")?;
     let feedback = Arc::new(feedback);
     feedback.register_metrics();
+    if let Some(rules) = config.alert_rules.clone() {
+        let evaluator = Evaluator {
+            log: feedback.log().clone(),
+            hub: Arc::clone(feedback.hub()),
+            rules: rules.clone(),
+            store: Arc::clone(app.store.alerts()),
+            outbox: app.outbox.clone(),
+            keep_keys: (!config.feedback.retention.is_zero()).then_some(config.feedback.retention),
+            drain: drain.clone(),
+        };
+        // Before the feedback workers start, so the first responses they log are evaluated.
+        let from = evaluator
+            .start_position()
+            .await
+            .context("cannot read the alert checkpoint")?;
+        let current = rules.current();
+        for rule in current.iter() {
+            crate::alerts::metrics::register_rule(&rule.name);
+        }
+        tracing::info!(
+            rules = current.len(),
+            file = %rules.path().display(),
+            after_sequence = from,
+            "alert rules in force"
+        );
+        app.spawn_background(evaluator.run());
+    }
     for worker in workers {
         app.spawn_background(worker);
     }

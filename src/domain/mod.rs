@@ -23,15 +23,19 @@ pub enum Owner {
     Anonymous,
     /// A caller of the callers file, by its name.
     Caller(Arc<str>),
+    /// The gateway itself (alert deliveries): seen only by callers who see every delivery.
+    Gateway,
 }
 
 impl Owner {
-    /// The value stored in the `owner` columns. Caller names are never empty (the callers file
-    /// refuses them), so the empty string cannot collide with a caller.
+    /// The value stored in the `owner` columns. Caller names are never empty and never hold a
+    /// `:` (the callers file refuses both), so neither the empty string nor `:gateway` can
+    /// collide with a caller.
     pub fn stored(&self) -> &str {
         match self {
             Owner::Anonymous => "",
             Owner::Caller(name) => name,
+            Owner::Gateway => ":gateway",
         }
     }
 }

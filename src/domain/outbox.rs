@@ -240,6 +240,17 @@ impl Outbox {
         }
     }
 
+    /// Wakes the worker after deliveries were queued by an operation of another store concern
+    /// (the alert store's, which queues alerts together with its own state).
+    pub(crate) fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    /// When a delivery queued now stops being retried (UNIX ms).
+    pub(crate) fn expire_ms_from(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_add(millis(self.settings.retry_window))
+    }
+
     /// Changes each time an attempt's outcome is recorded.
     pub fn outcomes(&self) -> watch::Receiver<u64> {
         self.outcomes.subscribe()

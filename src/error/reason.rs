@@ -114,6 +114,16 @@ reasons! {
     UpstreamTimeout = "UPSTREAM_TIMEOUT",
     /// The connection failed after the request left.
     UpstreamConnectionFailed = "UPSTREAM_CONNECTION_FAILED",
+
+    // Alert deliveries.
+    /// A queued alert cannot be read back.
+    AlertUnreadable = "ALERT_UNREADABLE",
+    /// The alert's rule is no longer in the alert rules file.
+    AlertRuleRemoved = "ALERT_RULE_REMOVED",
+    /// The alert receiver answered with a failure status.
+    AlertReceiverFailed = "ALERT_RECEIVER_FAILED",
+    /// The alert receiver could not be reached or did not answer.
+    AlertReceiverUnreachable = "ALERT_RECEIVER_UNREACHABLE",
 }
 
 impl fmt::Display for Reason {
@@ -194,6 +204,13 @@ mod tests {
             (
                 Reason::UpstreamConnectionFailed,
                 "UPSTREAM_CONNECTION_FAILED",
+            ),
+            (Reason::AlertUnreadable, "ALERT_UNREADABLE"),
+            (Reason::AlertRuleRemoved, "ALERT_RULE_REMOVED"),
+            (Reason::AlertReceiverFailed, "ALERT_RECEIVER_FAILED"),
+            (
+                Reason::AlertReceiverUnreachable,
+                "ALERT_RECEIVER_UNREACHABLE",
             ),
         ];
         assert_eq!(

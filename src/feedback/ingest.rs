@@ -78,6 +78,14 @@ impl Ingest {
         checkpoint: Option<Checkpoint>,
     ) -> Result<AppendCounts, Error> {
         let (reply, answer) = oneshot::channel();
+        let mut observations = observations;
+        if let Some(traceparent) =
+            crate::telemetry::propagation::traceparent(&tracing::Span::current())
+        {
+            for observed in &mut observations {
+                observed.traceparent = Some(traceparent.clone());
+            }
+        }
         self.requests
             .send(Request {
                 origin,

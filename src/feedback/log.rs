@@ -43,6 +43,7 @@ impl Observed {
             fields: EntryFields::of(feedback),
             payload,
             digest,
+            traceparent: None,
         }
     }
 }

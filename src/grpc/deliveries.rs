@@ -80,10 +80,15 @@ fn check_id(violations: &mut Violations, field: String, id: &str) {
 }
 
 fn check_method(violations: &mut Violations, method: &str) {
-    if !method.is_empty() && !methods::WRITES.contains(&method) {
+    // Alerts are deliveries too, so their dead letters can be listed and requeued together.
+    if !method.is_empty()
+        && !methods::WRITES.contains(&method)
+        && method != crate::alerts::ALERT_METHOD
+    {
         violations.add(
             "method",
-            "must be the full name of a write RPC, e.g. /cx.gateway.v1.CustomerService/UpsertCustomers",
+            "must be the full name of a write RPC, e.g. /cx.gateway.v1.CustomerService/UpsertCustomers, \
+             or cx-gateway/Alert",
         );
     }
 }

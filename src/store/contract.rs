@@ -11,6 +11,7 @@ use std::time::Duration;
 use prost::bytes::Bytes;
 
 use super::fatigue::{Claim, Reservation, ReserveRequest, Surveyed};
+use super::alerts::{AlertOutcome, PendingAlert, RateLimit};
 use super::feedback_log::{
     AppendCounts, CustomerKey, EntryFields, EntryKind, FeedbackQuery, Observed, Origin, ReadOutcome,
 };
@@ -20,7 +21,8 @@ use super::outbox::{
     RequeueOutcome, RetrySelection,
 };
 use super::{
-    Checkpoint, CursorStore, FatigueStore, FeedbackLogStore, IdempotencyStore, OutboxStore, Store,
+    AlertStore, Checkpoint, CursorStore, FatigueStore, FeedbackLogStore, IdempotencyStore,
+    OutboxStore, Store,
 };
 use super::{StoreErrorKind, outbox::OutboxDepth};
 use crate::error::{ErrorCode, Reason};
@@ -56,6 +58,10 @@ macro_rules! store_contract_tests {
             fatigue_recipient_blocked_in_one_scope_reserves_none,
             fatigue_concurrent_reservations_of_one_email_grant_exactly_one,
             fatigue_seeding_keeps_the_later_time_and_marks_the_backfill_done,
+            the_alert_checkpoint_starts_at_the_head_once,
+            alerts_queue_once_per_rule_and_version_within_their_rate_limit,
+            a_batch_of_alerts_that_cannot_be_stored_changes_nothing,
+            alert_keys_are_pruned_after_their_keeping_time,
         );
     };
     (@each $fresh:path; $($name:ident),* $(,)?) => {
@@ -722,6 +728,8 @@ fn observed(id: &str, version: u8, create_time_ms: i64, email: &str, campaign: &
         },
         payload: format!("{id}@{version}").into_bytes(),
         digest: [version; 32],
+        // Odd versions were ingested under a trace, even ones without.
+        traceparent: (version % 2 == 1).then(|| format!("trace-{id}-{version}")),
     }
 }
 
@@ -968,6 +976,8 @@ pub(crate) async fn log_reads_follow_sequences_bounds_and_retention(store: &Stor
     };
     assert_eq!(entries[0].log_time_ms, 5_000);
     assert_eq!(entries[0].fields, observed("f5", 1, 5, "a@x", "c1").fields);
+    // The ingestion's trace is kept with the entry.
+    assert_eq!(entries[0].traceparent.as_deref(), Some("trace-f5-1"));
     assert_eq!(log.position_before(3_000).await.unwrap(), (2, false));
     assert_eq!(log.position_before(500).await.unwrap(), (0, false));
     assert_eq!(log.oldest().await.unwrap(), Some((1, 1_000)));
@@ -1356,5 +1366,185 @@ pub(crate) async fn fatigue_seeding_keeps_the_later_time_and_marks_the_backfill_
             .await
             .unwrap()
             .is_some()
+    );
+}
+
+fn pending_alert(
+    rule: &str,
+    feedback_id: &str,
+    delivery_id: &str,
+    limit: Option<u32>,
+) -> PendingAlert {
+    PendingAlert {
+        rule: rule.to_owned(),
+        feedback_id: feedback_id.to_owned(),
+        version: "v1".to_owned(),
+        rate_limit: limit.map(|count| RateLimit {
+            count,
+            per: Duration::from_secs(3600),
+        }),
+        delivery: QueuedDelivery {
+            delivery_id: delivery_id.to_owned(),
+            delivery: NewDelivery {
+                method: "cx-gateway/Alert".to_owned(),
+                request: format!("{rule}/{feedback_id}").into_bytes(),
+                destinations: Vec::new(),
+                item_count: 1,
+                ordering_keys: Vec::new(),
+                idempotency_key: None,
+                replay_safe: true,
+                owner: ":gateway".to_owned(),
+            },
+            expire_ms: now_ms() + 3_600_000,
+            traceparent: Some(format!("trace-{delivery_id}")),
+        },
+    }
+}
+
+pub(crate) async fn the_alert_checkpoint_starts_at_the_head_once(store: &Store) {
+    let alerts: &dyn AlertStore = store.alerts().as_ref();
+    assert_eq!(alerts.checkpoint().await.unwrap(), None);
+    assert_eq!(alerts.checkpoint_or_start_at(5).await.unwrap(), 5);
+    // Set once: a later start keeps the evaluator where it was.
+    assert_eq!(alerts.checkpoint_or_start_at(0).await.unwrap(), 5);
+    assert_eq!(alerts.checkpoint_or_start_at(9).await.unwrap(), 5);
+    assert_eq!(alerts.checkpoint().await.unwrap(), Some(5));
+}
+
+pub(crate) async fn alerts_queue_once_per_rule_and_version_within_their_rate_limit(store: &Store) {
+    let alerts: &dyn AlertStore = store.alerts().as_ref();
+    let outbox: &dyn OutboxStore = store.outbox().as_ref();
+    let outcomes = alerts
+        .queue_alerts(
+            vec![
+                pending_alert("a", "f1", "alert_1", Some(2)),
+                pending_alert("a", "f1", "alert_2", Some(2)),
+                pending_alert("b", "f1", "alert_3", None),
+                pending_alert("a", "f2", "alert_4", Some(2)),
+                pending_alert("a", "f3", "alert_5", Some(2)),
+            ],
+            9,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            AlertOutcome::Queued("alert_1".to_owned()),
+            AlertOutcome::Duplicate,
+            AlertOutcome::Queued("alert_3".to_owned()),
+            AlertOutcome::Queued("alert_4".to_owned()),
+            AlertOutcome::RateLimited,
+        ]
+    );
+    assert_eq!(alerts.checkpoint().await.unwrap(), Some(9));
+    // Queued alerts are deliveries like any other: pending, due now, in queue order.
+    let queued = outbox.get("alert_1", None).await.unwrap().unwrap();
+    assert_eq!(queued.state, DeliveryState::Pending);
+    assert_eq!(queued.method, "cx-gateway/Alert");
+    assert!(outbox.get("alert_2", None).await.unwrap().is_none());
+    assert!(outbox.get("alert_5", None).await.unwrap().is_none());
+    // Owned by the gateway: a caller does not see them.
+    assert!(
+        outbox
+            .get("alert_1", Some("alpha".to_owned()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let claimed = outbox.claim(10).await.unwrap();
+    let claimed_ids: Vec<&str> = claimed.iter().map(|c| c.delivery_id.as_str()).collect();
+    assert_eq!(claimed_ids, ["alert_1", "alert_3", "alert_4"]);
+    assert_eq!(claimed[0].request, b"a/f1");
+    assert_eq!(claimed[0].traceparent.as_deref(), Some("trace-alert_1"));
+
+    // The same entries evaluated again queue nothing, the rate-limited one included, and the
+    // checkpoint never moves back.
+    let again = alerts
+        .queue_alerts(
+            vec![
+                pending_alert("a", "f1", "alert_6", Some(2)),
+                pending_alert("a", "f3", "alert_7", Some(2)),
+            ],
+            7,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, [AlertOutcome::Duplicate, AlertOutcome::Duplicate]);
+    assert_eq!(alerts.checkpoint().await.unwrap(), Some(9));
+    // Another version of a response alerts again, within the rule's limit.
+    let mut updated = pending_alert("b", "f1", "alert_8", None);
+    updated.version = "v2".to_owned();
+    assert_eq!(
+        alerts.queue_alerts(vec![updated], 10).await.unwrap(),
+        [AlertOutcome::Queued("alert_8".to_owned())]
+    );
+    assert_eq!(
+        alerts
+            .queue_alerts(vec![pending_alert("a", "f4", "alert_9", Some(2))], 11)
+            .await
+            .unwrap(),
+        [AlertOutcome::RateLimited]
+    );
+    assert_eq!(outbox.depth().await.unwrap().unfinished, 4);
+}
+
+pub(crate) async fn a_batch_of_alerts_that_cannot_be_stored_changes_nothing(store: &Store) {
+    let alerts: &dyn AlertStore = store.alerts().as_ref();
+    let outbox: &dyn OutboxStore = store.outbox().as_ref();
+    alerts.checkpoint_or_start_at(3).await.unwrap();
+    // A delivery id already taken makes the second alert's insert fail.
+    outbox
+        .enqueue(delivery("taken", "", &[], true), None)
+        .await
+        .unwrap();
+    let refused = alerts
+        .queue_alerts(
+            vec![
+                pending_alert("a", "f1", "alert_1", None),
+                pending_alert("a", "f2", "taken", None),
+            ],
+            8,
+        )
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(alerts.checkpoint().await.unwrap(), Some(3));
+    assert!(outbox.get("alert_1", None).await.unwrap().is_none());
+    // No key was kept either: the batch evaluated again queues both.
+    assert_eq!(
+        alerts
+            .queue_alerts(
+                vec![
+                    pending_alert("a", "f1", "alert_1", None),
+                    pending_alert("a", "f2", "alert_2", None),
+                ],
+                8,
+            )
+            .await
+            .unwrap(),
+        [
+            AlertOutcome::Queued("alert_1".to_owned()),
+            AlertOutcome::Queued("alert_2".to_owned()),
+        ]
+    );
+    assert_eq!(alerts.checkpoint().await.unwrap(), Some(8));
+}
+
+pub(crate) async fn alert_keys_are_pruned_after_their_keeping_time(store: &Store) {
+    let alerts: &dyn AlertStore = store.alerts().as_ref();
+    alerts
+        .queue_alerts(vec![pending_alert("a", "f1", "alert_1", Some(1))], 1)
+        .await
+        .unwrap();
+    assert_eq!(alerts.prune(Duration::from_secs(3600)).await.unwrap(), 0);
+    next_millisecond().await;
+    assert_eq!(alerts.prune(Duration::ZERO).await.unwrap(), 1);
+    // Forgotten: the same response alerts again, and the rate limit counts from scratch.
+    assert_eq!(
+        alerts
+            .queue_alerts(vec![pending_alert("a", "f1", "alert_2", Some(1))], 2)
+            .await
+            .unwrap(),
+        [AlertOutcome::Queued("alert_2".to_owned())]
     );
 }

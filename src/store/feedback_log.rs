@@ -41,6 +41,9 @@ pub struct Observed {
     /// The encoded `cx.gateway.v1.Feedback`.
     pub payload: Vec<u8>,
     pub digest: [u8; 32],
+    /// The W3C `traceparent` of the span that ingested it (a poll, a webhook call), kept with
+    /// its log entry so work that follows from the entry (alerts) links back to it.
+    pub traceparent: Option<String>,
 }
 
 /// Whether an entry is a response's first version or a changed one.
@@ -74,6 +77,8 @@ pub struct LogEntry {
     pub fields: EntryFields,
     /// The encoded `SubscribeResponse` carrying this entry's `FeedbackEvent`.
     pub message: Bytes,
+    /// The `traceparent` of the span that ingested the response, if traces were exported.
+    pub traceparent: Option<String>,
 }
 
 /// What one batch of observations did.

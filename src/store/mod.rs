@@ -9,6 +9,8 @@
 //! - [`CursorStore`] ([`cursors`]): named checkpoints of background pollers.
 //! - [`FatigueStore`] ([`fatigue`]): who was surveyed when, behind the survey cool-down and the
 //!   event rules' throttles.
+//! - [`AlertStore`] ([`alerts`]): the alert evaluator's checkpoint, alert keys and rate limit
+//!   counts, and the queueing of its alerts in the outbox.
 //!
 //! Each trait method is one atomic operation (a transaction of the engine), described by what
 //! it does, never by a borrowed connection, so a networked engine implements the same traits.
@@ -22,6 +24,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod alerts;
 pub mod cursors;
 mod error;
 pub mod fatigue;
@@ -35,6 +38,7 @@ pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod contract;
 
+pub use alerts::AlertStore;
 pub use cursors::{Checkpoint, CursorStore};
 pub use error::{StoreError, StoreErrorKind};
 pub use fatigue::FatigueStore;
@@ -45,12 +49,13 @@ pub use sqlite::{DATABASE_FILE, MARKER_FILE, MissingStore, OpenError, SqliteStor
 
 /// An engine that holds every concern.
 pub trait Engine:
-    OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore
+    OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore + AlertStore
 {
 }
 
-impl<E: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore> Engine
-    for E
+impl<
+    E: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore + AlertStore,
+> Engine for E
 {
 }
 
@@ -63,6 +68,7 @@ pub struct Store {
     feedback_log: Arc<dyn FeedbackLogStore>,
     cursors: Arc<dyn CursorStore>,
     fatigue: Arc<dyn FatigueStore>,
+    alerts: Arc<dyn AlertStore>,
     /// Names the engine and where its data lives, for logs (never a secret).
     description: Arc<str>,
 }
@@ -96,7 +102,8 @@ impl Store {
             idempotency: Arc::clone(&engine) as Arc<dyn IdempotencyStore>,
             feedback_log: Arc::clone(&engine) as Arc<dyn FeedbackLogStore>,
             cursors: Arc::clone(&engine) as Arc<dyn CursorStore>,
-            fatigue: engine as Arc<dyn FatigueStore>,
+            fatigue: Arc::clone(&engine) as Arc<dyn FatigueStore>,
+            alerts: engine as Arc<dyn AlertStore>,
             description: description.into(),
         }
     }
@@ -119,6 +126,10 @@ impl Store {
 
     pub fn fatigue(&self) -> &Arc<dyn FatigueStore> {
         &self.fatigue
+    }
+
+    pub fn alerts(&self) -> &Arc<dyn AlertStore> {
+        &self.alerts
     }
 
     pub fn description(&self) -> &str {

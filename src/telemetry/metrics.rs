@@ -141,6 +141,10 @@ pub struct Metrics {
     pub subscriber_overflows: Counter<u64>,
     /// `cxgw.feedback.subscriber.catch_ups`: catch-ups from the log completed, by cause.
     pub subscriber_catch_ups: Counter<u64>,
+    /// `cxgw.alerts`: alerts by rule and outcome (matched, rate_limited, sent, failed).
+    pub alerts: Counter<u64>,
+    /// `cxgw.alerts.rules.reloads`: reloads of the alert rules file by outcome.
+    pub alert_rule_reloads: Counter<u64>,
     /// `cxgw.segment.requests`: Segment intake requests by endpoint and answer status.
     pub segment_requests: Counter<u64>,
     /// `cxgw.segment.messages`: messages of accepted Segment requests by type and what became
@@ -241,6 +245,21 @@ impl Metrics {
                 .u64_histogram("cxgw.upstream.batch.size")
                 .with_description("Items coalesced into one upstream request")
                 .with_boundaries(SIZE_BOUNDS.to_vec())
+                .build(),
+            alerts: meter
+                .u64_counter("cxgw.alerts")
+                .with_description(
+                    "Alerts by rule and outcome: matched (a response matched the rule), \
+                     rate_limited (dropped by the rule's rate limit), sent (a receiver accepted \
+                     it), failed (an attempt failed; retried or dead-lettered)",
+                )
+                .build(),
+            alert_rule_reloads: meter
+                .u64_counter("cxgw.alerts.rules.reloads")
+                .with_description(
+                    "Reloads of the alert rules file by outcome: replaced, rejected (the file \
+                     was refused and the rules in force stay)",
+                )
                 .build(),
             outbox_enqueued: meter
                 .u64_counter("cxgw.outbox.enqueued")

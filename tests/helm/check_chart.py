@@ -334,6 +334,19 @@ def check_callers_and_tls(rendered: Rendered) -> None:
             "ca.crt",
         )
         assert settings["CXGW_TLS_CLIENT_AUTH"] == tls["clientAuth"]
+    alerts = values["alerts"]
+    if alerts["existingSecret"]:
+        # The whole Secret: the rules name their secret files by path beside the rules file.
+        mount = mounts["alerts"]
+        assert mount.get("readOnly") is True and "subPath" not in mount, "alerts"
+        assert env["CXGW_ALERT_RULES_FILE"]["value"] == f"{mount['mountPath']}/{alerts['rulesKey']}"
+        secret = volumes["alerts"]["secret"]
+        assert secret["secretName"] == alerts["existingSecret"], "alerts"
+        assert secret["defaultMode"] == 0o440, "alerts"
+        assert "items" not in secret, "every key of the alerts Secret is mounted"
+    else:
+        assert "CXGW_ALERT_RULES_FILE" not in env, "CXGW_ALERT_RULES_FILE set without its Secret"
+    assert "CXGW_ALERT_RULES_FILE" not in settings, "CXGW_ALERT_RULES_FILE in the ConfigMap"
     for variable in ("CXGW_CALLERS_FILE", "CXGW_TLS_CERT_FILE", "CXGW_TLS_KEY_FILE",
                      "CXGW_TLS_CLIENT_CA_FILE"):
         assert variable not in settings, f"{variable} in the ConfigMap"
@@ -1015,6 +1028,12 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("client auth not known", {"tls": {"clientAuth": "sometimes"}}, "/tls/clientAuth"),
     ("reload interval not a duration", {"callers": {"reloadInterval": "soon"}}, "reloadInterval"),
     ("callers inline in the ConfigMap", {"config": {"extraSettings": {"CXGW_CALLERS": "x"}}}, "CXGW_CALLERS"),
+    (
+        "alert rules file in the ConfigMap",
+        {"config": {"extraSettings": {"CXGW_ALERT_RULES_FILE": "/x"}}},
+        "CXGW_ALERT_RULES_FILE",
+    ),
+    ("alert rules Secret not a name", {"alerts": {"existingSecret": "Bad_Name"}}, "/alerts/existingSecret"),
     ("webhook on without a secret", {"webhook": {"enabled": True}}, "/webhook/secret"),
     (
         "webhook signature without its secret",

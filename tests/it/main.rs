@@ -1,6 +1,7 @@
 //! Integration tests: the real server on `127.0.0.1:0` against the in-process sandbox. One test
 //! binary with modules, so the whole stack is linked once.
 
+mod alerts;
 mod auth;
 mod child;
 mod crash;

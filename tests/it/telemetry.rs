@@ -39,7 +39,7 @@ use crate::support::{eventually, finished_delivery, seeded_transactional_campaig
 
 /// Everything the fake collector received.
 #[derive(Clone, Default)]
-struct Collector {
+pub(crate) struct Collector {
     traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
 }
@@ -68,7 +68,7 @@ impl MetricsService for Collector {
 
 impl Collector {
     /// Serves OTLP/gRPC on an ephemeral loopback port for the rest of the test.
-    async fn start() -> (Collector, String) {
+    pub(crate) async fn start() -> (Collector, String) {
         let collector = Collector::default();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -80,7 +80,7 @@ impl Collector {
         (collector, endpoint)
     }
 
-    fn spans(&self) -> Vec<Span> {
+    pub(crate) fn spans(&self) -> Vec<Span> {
         self.traces
             .lock()
             .unwrap()

@@ -166,8 +166,8 @@ The label a client pod carries to reach the gateway when networkPolicy.allowExte
 {{- end }}
 
 {{/*
-Where the callers file, the server certificate, the client CA bundle and the webhook secrets are
-mounted (read-only).
+Where the callers file, the server certificate, the client CA bundle, the webhook secrets and the
+alert rules (with their secret files) are mounted (read-only).
 */}}
 {{- define "cx-gateway.callersDir" -}}
 /etc/cx-gateway/callers
@@ -183,6 +183,9 @@ mounted (read-only).
 {{- end }}
 {{- define "cx-gateway.webhookDir" -}}
 /etc/cx-gateway/webhook
+{{- end }}
+{{- define "cx-gateway.alertsDir" -}}
+/etc/cx-gateway/alerts
 {{- end }}
 
 {{- /* Where the Segment write key files are mounted (callers' segment_write_key_files). */}}

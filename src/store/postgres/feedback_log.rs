@@ -64,6 +64,7 @@ struct NewEntries {
     score_category: Vec<i32>,
     has_comment: Vec<bool>,
     message: Vec<Vec<u8>>,
+    traceparent: Vec<Option<String>>,
 }
 
 /// The latest version of one response after an append.
@@ -148,6 +149,7 @@ impl FeedbackLogStore for PostgresStore {
                     new.score_category.push(fields.score_category);
                     new.has_comment.push(fields.has_comment);
                     new.message.push(message.to_vec());
+                    new.traceparent.push(observed.traceparent.clone());
                     known.insert(observed.feedback_id.clone(), observed.digest.to_vec());
                     items.insert(
                         &observed.feedback_id,
@@ -165,6 +167,7 @@ impl FeedbackLogStore for PostgresStore {
                         log_time_ms: head_time,
                         fields: fields.clone(),
                         message,
+                        traceparent: observed.traceparent.clone(),
                     });
                 }
                 counts.push(batch);
@@ -172,10 +175,10 @@ impl FeedbackLogStore for PostgresStore {
             if !new.seq.is_empty() {
                 tx.execute(
                     "INSERT INTO feedback_log (seq, feedback_id, kind, log_time_ms, campaign_id,
-                        metric, score, score_category, has_comment, message)
+                        metric, score, score_category, has_comment, message, traceparent)
                      SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[],
                         $4::bigint[], $5::text[], $6::integer[], $7::double precision[],
-                        $8::integer[], $9::boolean[], $10::bytea[])",
+                        $8::integer[], $9::boolean[], $10::bytea[], $11::text[])",
                     &[
                         &new.seq,
                         &new.feedback_id,
@@ -187,6 +190,7 @@ impl FeedbackLogStore for PostgresStore {
                         &new.score_category,
                         &new.has_comment,
                         &new.message,
+                        &new.traceparent,
                     ],
                 )
                 .await
@@ -268,7 +272,7 @@ impl FeedbackLogStore for PostgresStore {
         let rows = tx
             .query(
                 "SELECT seq, log_time_ms, campaign_id, metric, score, score_category,
-                        has_comment, message
+                        has_comment, message, traceparent
                  FROM feedback_log WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
                 &[&after, &up_to, &limit],
             )
@@ -291,6 +295,7 @@ impl FeedbackLogStore for PostgresStore {
                     has_comment: row.get(6),
                 },
                 message: Bytes::from(message),
+                traceparent: row.get(8),
             });
             if bytes >= max_bytes {
                 break;

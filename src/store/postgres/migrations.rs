@@ -23,10 +23,11 @@ pub struct Migration {
 const MIGRATION_LOCK: i64 = 0x6378_6777_6d69_6772;
 
 /// Every migration, in the order they apply.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "store",
-    sql: "
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "store",
+        sql: "
     -- The outbox's queue position, handed out inside the enqueue transaction under this row's
     -- lock: positions follow commit order, so a delivery acknowledged later never overtakes an
     -- earlier one for the same customer (a sequence would hand out positions in start order).
@@ -134,7 +135,32 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         (id, epoch, head_seq, head_time_ms, pruned_seq, pruned_time_ms, items_horizon_ms)
         VALUES (1, 1 + floor(random() * 9223372036854774000)::bigint, 0, 0, 0, 0, 0);
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "alerts",
+        sql: "
+    -- The alert evaluator's checkpoint in the feedback log, and one key per alert raised
+    -- (rule, response, version; delivery_id NULL when its rule's rate limit dropped it).
+    CREATE TABLE alert_checkpoint (
+        id smallint PRIMARY KEY CHECK (id = 1),
+        seq bigint NOT NULL
+    );
+    CREATE TABLE alert_keys (
+        rule text NOT NULL,
+        feedback_id text NOT NULL,
+        version text NOT NULL,
+        delivery_id text,
+        create_ms bigint NOT NULL,
+        PRIMARY KEY (rule, feedback_id, version)
+    );
+    CREATE INDEX alert_keys_by_rule ON alert_keys (rule, create_ms);
+    CREATE INDEX alert_keys_by_time ON alert_keys (create_ms);
+    -- The traceparent of the span that ingested each entry, which alert deliveries link to.
+    ALTER TABLE feedback_log ADD COLUMN traceparent text;
+    ",
+    },
+];
 
 /// Applies the migrations this database lacks; returns the versions applied by this call.
 pub async fn migrate(store: &PostgresStore) -> Result<Vec<i32>, StoreError> {

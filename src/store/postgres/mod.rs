@@ -11,6 +11,7 @@
 //!
 //! # Layout
 //! - [`migrations`]: the versioned schema, applied at start by one replica at a time.
+//! - `alerts`: the alert evaluator's checkpoint and alert keys.
 //! - `cursors`: the pollers' checkpoints.
 //! - [`feedback_log`]: the shared feedback log, numbered in commit order without gaps.
 //! - [`outbox`]: deliveries claimed across replicas under a lease.
@@ -28,6 +29,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::config::Secret;
 use crate::store::{StoreError, StoreErrorKind};
 
+mod alerts;
 mod cursors;
 pub mod feedback_log;
 pub mod idempotency;

@@ -258,6 +258,51 @@ async fn dead_letter(
     Ok(())
 }
 
+/// Queues one delivery (its position, row and ordering keys) inside a transaction: the one
+/// insert of the outbox, shared by [`OutboxStore::enqueue`] and the alert store.
+pub(crate) async fn insert_delivery(
+    tx: &tokio_postgres::Transaction<'_>,
+    queued: &QueuedDelivery,
+    now: i64,
+    fail: &impl Fn(tokio_postgres::Error) -> StoreError,
+) -> Result<(), StoreError> {
+    // Position, delivery and ordering keys in one statement: the head row's lock, which
+    // serializes enqueues, is held for this statement and the commit only.
+    let delivery = &queued.delivery;
+    tx.execute(
+        "WITH head AS (
+            UPDATE outbox_head SET seq = seq + 1 WHERE id = 1 RETURNING seq),
+         queued AS (
+            INSERT INTO outbox (seq, delivery_id, method, request, destinations,
+                item_count, idempotency_key, replay_safe, owner, state, create_ms,
+                update_ms, next_attempt_ms, expire_ms, traceparent)
+            SELECT head.seq, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12
+            FROM head
+            RETURNING seq)
+         INSERT INTO outbox_keys (key, seq)
+         SELECT DISTINCT keys.key, queued.seq
+         FROM queued, unnest($13::text[]) AS keys (key)",
+        &[
+            &queued.delivery_id,
+            &delivery.method,
+            &delivery.request,
+            &delivery.destinations,
+            &i64::from(delivery.item_count),
+            &delivery.idempotency_key,
+            &delivery.replay_safe,
+            &delivery.owner,
+            &PENDING,
+            &now,
+            &queued.expire_ms,
+            &queued.traceparent,
+            &delivery.ordering_keys,
+        ],
+    )
+    .await
+    .map_err(fail)?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl OutboxStore for PostgresStore {
     async fn enqueue(
@@ -273,41 +318,7 @@ impl OutboxStore for PostgresStore {
             if let Some(record) = &remember {
                 store_record(&tx, record, now, &fail).await?;
             }
-            // Position, delivery and ordering keys in one statement: the head row's lock, which
-            // serializes enqueues, is held for this statement and the commit only.
-            let delivery = &queued.delivery;
-            tx.execute(
-                "WITH head AS (
-                    UPDATE outbox_head SET seq = seq + 1 WHERE id = 1 RETURNING seq),
-                 queued AS (
-                    INSERT INTO outbox (seq, delivery_id, method, request, destinations,
-                        item_count, idempotency_key, replay_safe, owner, state, create_ms,
-                        update_ms, next_attempt_ms, expire_ms, traceparent)
-                    SELECT head.seq, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12
-                    FROM head
-                    RETURNING seq)
-                 INSERT INTO outbox_keys (key, seq)
-                 SELECT DISTINCT keys.key, queued.seq
-                 FROM queued, unnest($13::text[]) AS keys (key)",
-                &[
-                    &queued.delivery_id,
-                    &delivery.method,
-                    &delivery.request,
-                    &delivery.destinations,
-                    &i64::from(delivery.item_count),
-                    &delivery.idempotency_key,
-                    &delivery.replay_safe,
-                    &delivery.owner,
-                    &PENDING,
-                    &now,
-                    &queued.expire_ms,
-                    &queued.traceparent,
-                    &delivery.ordering_keys,
-                ],
-            )
-            .await
-            .map_err(&fail)?;
-            Ok(())
+            insert_delivery(&tx, &queued, now, &fail).await
         })
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::testing::{admin_client, fresh_database, fresh_store, wait_for_lock_waiters};
 use super::*;
+use crate::error::{ErrorCode, Reason};
 use crate::store::cursors::{Checkpoint, CursorStore};
 use crate::store::feedback_log::{
     EntryEncoder, EntryFields, FeedbackLogStore, Observed, Origin, ReadOutcome,
@@ -31,6 +32,7 @@ fn observed(id: &str, version: u8) -> Observed {
         },
         payload: vec![version],
         digest: [version; 32],
+        traceparent: None,
     }
 }
 
@@ -57,10 +59,10 @@ fn delivery(id: &str, customer: &str, replay_safe: bool, method: &str) -> Queued
     }
 }
 
-fn error(reason: &str) -> DeliveryError {
+fn error(reason: Reason) -> DeliveryError {
     DeliveryError {
-        code: 14,
-        reason: reason.to_owned(),
+        code: ErrorCode::Unavailable,
+        reason,
         message: "test".to_owned(),
         metadata: Default::default(),
     }
@@ -340,7 +342,7 @@ async fn lapsed_claims_are_taken_over_with_the_recovery_rules() {
     })
     .await
     .unwrap();
-    let in_doubt = error("DELIVERY_IN_DOUBT");
+    let in_doubt = error(Reason::DeliveryInDoubt);
     let verifiable = vec!["SendSurvey".to_owned()];
     dying.recover(&verifiable, in_doubt.clone()).await.unwrap();
     live.recover(&verifiable, in_doubt.clone()).await.unwrap();
@@ -531,7 +533,7 @@ async fn a_late_outcome_of_a_lapsed_claim_is_not_recorded() {
     .await
     .unwrap();
     let other = PostgresStore::connect(&settings).await.unwrap();
-    let in_doubt = error("DELIVERY_IN_DOUBT");
+    let in_doubt = error(Reason::DeliveryInDoubt);
     paused
         .enqueue(delivery("d-1", "c-1", true, "UpsertCustomers"), None)
         .await
@@ -545,7 +547,7 @@ async fn a_late_outcome_of_a_lapsed_claim_is_not_recorded() {
         .await
         .unwrap();
     paused
-        .return_to_pending("d-1", error("DRAINING"))
+        .return_to_pending("d-1", error(Reason::GatewayDraining))
         .await
         .unwrap();
     let record = OutboxStore::get(&other, "d-1", None)
@@ -592,7 +594,7 @@ async fn renewed_claims_stay_with_their_replica() {
         .unwrap();
     assert_eq!(holder.renew_leases().await.unwrap(), 1);
     let recovered = other
-        .recover(&[], error("DELIVERY_IN_DOUBT"))
+        .recover(&[], error(Reason::DeliveryInDoubt))
         .await
         .unwrap();
     // Only d-2 lapsed (its replica did not renew it).

@@ -102,8 +102,8 @@ fn append(
         tx.prepare_cached("SELECT digest FROM feedback_items WHERE feedback_id = ?1")?;
     let mut insert_entry = tx.prepare_cached(
         "INSERT INTO feedback_log (seq, feedback_id, kind, log_time_ms, campaign_id, metric,
-                                   score, score_category, has_comment, message)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                   score, score_category, has_comment, message, traceparent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     let mut upsert_item = tx.prepare_cached(
         "INSERT INTO feedback_items (feedback_id, digest, last_seq, create_time_ms, campaign_id,
@@ -148,6 +148,7 @@ fn append(
                 fields.score_category,
                 fields.has_comment,
                 message.as_ref(),
+                observed.traceparent,
             ])?;
             upsert_item.execute(params![
                 observed.feedback_id,
@@ -168,6 +169,7 @@ fn append(
                 log_time_ms: head_time,
                 fields: fields.clone(),
                 message,
+                traceparent: observed.traceparent.clone(),
             });
         }
         counts.push(batch);
@@ -299,7 +301,7 @@ impl FeedbackLogStore for SqliteStore {
             }
             let mut statement = tx.prepare_cached(
                 "SELECT seq, log_time_ms, campaign_id, metric, score, score_category,
-                        has_comment, message
+                        has_comment, message, traceparent
                  FROM feedback_log WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
             )?;
             let limit = i64::try_from(max_entries).unwrap_or(i64::MAX);
@@ -320,6 +322,7 @@ impl FeedbackLogStore for SqliteStore {
                         has_comment: row.get(6)?,
                     },
                     message: Bytes::from(message),
+                    traceparent: row.get(8)?,
                 });
                 if bytes >= max_bytes {
                     break;

@@ -1,6 +1,6 @@
 //! The embedded engine: one SQLite database in the data directory, holding the outbox of
-//! asynchronous writes, idempotency records, the feedback log, sync cursors and the survey
-//! record of the cool-down. It implements
+//! asynchronous writes, idempotency records, the feedback log, sync cursors, the survey record
+//! of the cool-down and the alert evaluator's state. It implements
 //! every store trait ([`super::OutboxStore`] and the others, one module each) and owns the
 //! schema ([`schema`]).
 //!
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{StoreError, StoreErrorKind};
 
+mod alerts;
 mod cursors;
 mod error_codes;
 mod fatigue;

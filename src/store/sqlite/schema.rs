@@ -24,6 +24,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     FEEDBACK_ITEMS_LOOKUP,
     super::error_codes::MIGRATION,
     super::fatigue::MIGRATION,
+    super::alerts::MIGRATION,
 ];
 
 /// The outbox of asynchronous writes, and the ordering keys (customers) of each delivery.
