@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use prost::bytes::Bytes;
 
-use super::fatigue::{Claim, Reservation, ReserveRequest, Surveyed};
 use super::alerts::{AlertOutcome, PendingAlert, RateLimit};
+use super::fatigue::{Claim, Reservation, ReserveRequest, Surveyed};
 use super::feedback_log::{
     AppendCounts, CustomerKey, EntryFields, EntryKind, FeedbackQuery, Observed, Origin, ReadOutcome,
 };

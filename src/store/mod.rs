@@ -53,9 +53,8 @@ pub trait Engine:
 {
 }
 
-impl<
-    E: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore + AlertStore,
-> Engine for E
+impl<E: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore + AlertStore>
+    Engine for E
 {
 }
 

@@ -160,6 +160,24 @@ pub const MIGRATIONS: &[Migration] = &[
     ALTER TABLE feedback_log ADD COLUMN traceparent text;
     ",
     },
+    Migration {
+        version: 3,
+        name: "survey_fatigue",
+        sql: "
+    -- Who was surveyed when, per scope (see fatigue.rs). `token` names the reservation that
+    -- wrote `surveyed_ms`; `previous_ms` is the time the entry held before it, put back when the
+    -- reservation is released.
+    CREATE TABLE survey_fatigue (
+        scope text NOT NULL,
+        email text NOT NULL,
+        surveyed_ms bigint NOT NULL,
+        token text,
+        previous_ms bigint,
+        PRIMARY KEY (scope, email)
+    );
+    CREATE INDEX survey_fatigue_by_email ON survey_fatigue (email, token);
+    ",
+    },
 ];
 
 /// Applies the migrations this database lacks; returns the versions applied by this call.

@@ -13,6 +13,7 @@
 //! - [`migrations`]: the versioned schema, applied at start by one replica at a time.
 //! - `alerts`: the alert evaluator's checkpoint and alert keys.
 //! - `cursors`: the pollers' checkpoints.
+//! - `fatigue`: the survey record behind the cool-down, reserved race-free across replicas.
 //! - [`feedback_log`]: the shared feedback log, numbered in commit order without gaps.
 //! - [`outbox`]: deliveries claimed across replicas under a lease.
 //! - [`idempotency`]: records that replicas racing on one key resolve to one winner.
@@ -31,6 +32,7 @@ use crate::store::{StoreError, StoreErrorKind};
 
 mod alerts;
 mod cursors;
+mod fatigue;
 pub mod feedback_log;
 pub mod idempotency;
 pub mod migrations;

@@ -620,3 +620,128 @@ mod contract {
 
     crate::store_contract_tests!(fresh);
 }
+
+fn alert(feedback_id: &str, delivery_id: &str) -> crate::store::alerts::PendingAlert {
+    crate::store::alerts::PendingAlert {
+        rule: "detractors".to_owned(),
+        feedback_id: feedback_id.to_owned(),
+        version: "v1".to_owned(),
+        rate_limit: Some(crate::store::alerts::RateLimit {
+            count: 1,
+            per: Duration::from_secs(3600),
+        }),
+        delivery: delivery(delivery_id, "", true, "cx-gateway/Alert"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_queueing_alerts_at_once_keep_keys_and_rate_limits_exact() {
+    use crate::store::alerts::{AlertOutcome, AlertStore};
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    replica_a.checkpoint_or_start_at(0).await.unwrap();
+
+    // Hold the checkpoint so that both replicas' batches are under way at once.
+    let mut holder = admin_client(settings.url.expose()).await;
+    let hold = holder.transaction().await.unwrap();
+    hold.execute("SELECT 1 FROM alert_checkpoint FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let queue = |replica: &PostgresStore, alerts, checkpoint| {
+        let replica = replica.clone();
+        tokio::spawn(async move { replica.queue_alerts(alerts, checkpoint).await })
+    };
+    // The same response on both, and a second response the rule's limit of one leaves out.
+    let first = queue(&replica_a, vec![alert("f-1", "alert-a1")], 5);
+    let second = queue(
+        &replica_b,
+        vec![alert("f-1", "alert-b1"), alert("f-2", "alert-b2")],
+        4,
+    );
+    wait_for_lock_waiters(&settings, 2).await;
+    hold.commit().await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
+
+    let queued = match (first.as_slice(), second.as_slice()) {
+        // A first: B's copy of f-1 is known, and f-2 is over the limit.
+        ([AlertOutcome::Queued(id)], [AlertOutcome::Duplicate, AlertOutcome::RateLimited]) => {
+            id.clone()
+        }
+        // B first: A's copy of f-1 is known.
+        ([AlertOutcome::Duplicate], [AlertOutcome::Queued(id), AlertOutcome::RateLimited]) => {
+            id.clone()
+        }
+        other => panic!("unexpected outcomes {other:?}"),
+    };
+    // Exactly one alert reached the outbox, and the checkpoint kept the later position.
+    assert_eq!(OutboxStore::depth(&replica_b).await.unwrap().unfinished, 1);
+    let claimed = replica_b.claim(10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].delivery_id, queued);
+    assert_eq!(replica_a.checkpoint().await.unwrap(), Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_reserving_overlapping_recipients_grant_each_once_without_deadlock() {
+    use crate::store::fatigue::{Claim, FatigueStore, Reservation, ReserveRequest};
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    let request = |email: &str| ReserveRequest {
+        email: email.to_owned(),
+        claims: vec![Claim {
+            scope: String::new(),
+            not_since_ms: 0,
+        }],
+    };
+
+    // Hold both recipients' entries, so that the two sends, which name them in opposite
+    // orders, are both under way before either takes one: taken in the order named, each
+    // would take one entry and wait for the other's.
+    let mut holder = admin_client(settings.url.expose()).await;
+    let hold = holder.transaction().await.unwrap();
+    for email in ["ann@x.io", "bo@x.io"] {
+        hold.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            &[
+                &super::fatigue::LOCK_CLASS,
+                &super::fatigue::lock_key("", email),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let reserve = |replica: &PostgresStore, token: &'static str, emails: [&str; 2]| {
+        let replica = replica.clone();
+        let requests = emails.map(request).to_vec();
+        tokio::spawn(async move { replica.reserve(token, 1_000, requests).await })
+    };
+    let first = reserve(&replica_a, "send-a", ["ann@x.io", "bo@x.io"]);
+    let second = reserve(&replica_b, "send-b", ["bo@x.io", "ann@x.io"]);
+    wait_for_lock_waiters(&settings, 2).await;
+    hold.commit().await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    let second = second.await.unwrap().unwrap();
+
+    // Whichever ran first took both; the other was held back from both by it.
+    let blocked = Reservation::Blocked {
+        scope: String::new(),
+        surveyed_ms: 1_000,
+    };
+    let granted = [Reservation::Granted, Reservation::Granted];
+    assert!(
+        (first == granted && second == [blocked.clone(), blocked.clone()])
+            || (second == granted && first == [blocked.clone(), blocked]),
+        "unexpected answers {first:?} {second:?}"
+    );
+    assert_eq!(
+        replica_b.last_surveyed("", "ann@x.io").await.unwrap(),
+        Some(1_000)
+    );
+}
