@@ -2,6 +2,8 @@
 //! emulator; one is SIGKILLed with deliveries on the wire, and the other takes its claims over.
 //! Every acknowledged write arrives once or is dead-lettered as in doubt (never sent twice),
 //! and the database URL, password included, appears in no log line of either replica.
+//! Two replicas sending a survey to one customer at the same moment survey them once (the
+//! cool-down's reservation is one atomic operation of the shared database).
 //!
 //! The kill lands mid-delivery by construction: the emulator lets a fifth of the events through
 //! and holds every later one on the wire until the kill.
@@ -215,5 +217,103 @@ async fn a_replica_takes_over_the_deliveries_of_one_that_was_killed() {
         );
         assert!(!line.contains(&url), "the database url in a log line");
     }
+    emulator.stop().await;
+}
+
+/// The survey cool-down holds across replicas: a customer being surveyed through one replica
+/// is held back when another replica sends them a survey at the same moment. The first send is
+/// held on the wire in the emulator, so the second comes while it is certainly in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sending_to_one_customer_at_once_survey_them_once() {
+    use cx_gateway::pb::survey_service_client::SurveyServiceClient;
+    use cx_sandbox::HoldSpec;
+
+    let Some(url) = fresh_database_url().await else {
+        return;
+    };
+    let secrets = tempfile::tempdir().unwrap();
+    let url_file = secrets.path().join("postgres-url");
+    std::fs::write(&url_file, format!("{url}\n")).unwrap();
+    let settings = vec![
+        ("CXGW_STORE", "postgres".to_owned()),
+        ("CXGW_POSTGRES_URL_FILE", url_file.display().to_string()),
+        ("CXGW_SURVEY_COOLDOWN", "7d".to_owned()),
+        ("CXGW_SHUTDOWN_GRACE", "2s".to_owned()),
+    ];
+    let sandbox = Sandbox::new(SandboxConfig::default());
+    let campaign = |metric: &str| {
+        sandbox
+            .handle()
+            .transactional_campaign(metric)
+            .unwrap_or_else(|| panic!("the default seed has a transactional {metric} campaign"))
+    };
+    let (nps, csat) = (campaign("NPS"), campaign("CSAT"));
+    let emulator = EmbeddedSandbox::spawn(
+        sandbox.clone(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .unwrap();
+    let data_a = tempfile::tempdir().unwrap();
+    let data_b = tempfile::tempdir().unwrap();
+    let replica_a = ChildGateway::start(&emulator, data_a.path(), &settings).await;
+    let replica_b = ChildGateway::start(&emulator, data_b.path(), &settings).await;
+
+    let handle = sandbox.handle().clone();
+    handle.hold(
+        Api::Retently,
+        HoldSpec {
+            route: Some("/api/v2/survey".to_owned()),
+            ..HoldSpec::default()
+        },
+    );
+    let send = |channel: tonic::transport::Channel, campaign_id: String| async move {
+        SurveyServiceClient::new(channel)
+            .send_survey(pb::SendSurveyRequest {
+                campaign_id,
+                recipients: vec![pb::Recipient {
+                    email: "shared@example.com".to_owned(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let first = tokio::spawn(send(replica_a.channel.clone(), nps));
+    eventually(
+        "the first send is held on the wire",
+        Duration::from_secs(30),
+        || handle.held(Api::Retently) == 1,
+    )
+    .await;
+    let second = send(replica_b.channel.clone(), csat).await;
+    assert_eq!(
+        second.results[0].outcome,
+        pb::RecipientOutcome::Throttled as i32
+    );
+    assert_eq!(
+        second.results[0].throttle.as_ref().unwrap().source,
+        pb::ThrottleSource::SurveyCooldown as i32
+    );
+    assert_eq!(
+        handle.held(Api::Retently),
+        1,
+        "no upstream call for the second send"
+    );
+    handle.release(Api::Retently);
+    let first = first.await.unwrap();
+    assert_eq!(
+        first.results[0].outcome,
+        pb::RecipientOutcome::Scheduled as i32
+    );
+    let recipients: Vec<String> = handle
+        .survey_sends()
+        .into_iter()
+        .flat_map(|send| send.recipients)
+        .collect();
+    assert_eq!(recipients, ["shared@example.com"]);
+    assert_eq!(replica_a.terminate().code(), Some(0));
+    assert_eq!(replica_b.terminate().code(), Some(0));
     emulator.stop().await;
 }
