@@ -23,7 +23,7 @@ CHECKED_LANGUAGES = {"python", "py", "js", "javascript", "ts", "typescript", "go
 # The test sources each guide must show every region of.
 SHOWN_SOURCES = {
     "clients.md": ("tests/node/client.test.js", "tests/go/client/client_test.go", "tests/python/test_client.py"),
-    "README.md": ("tests/python/verify_alert.py",),
+    "README.md": ("tests/python/verify_alert.py", "tests/python/test_segment.py", "tests/node/segment.test.js"),
 }
 MARKER = re.compile(r"^<!-- snippet: (?P<path>[^#\s]+)#(?P<name>[\w-]+) -->$")
 FENCE = re.compile(r"^```(?P<lang>\S*)\s*$")

@@ -103,13 +103,16 @@ after(async () => {
 
 test('identify, track and a batch reach the upstreams, in order', async () => {
   const errors = [];
-  const analytics = new Analytics({ writeKey: WRITE_KEY, host: gateway.segment, flushAt: 4, maxRetries: 0 });
+  const [writeKey, intake] = [WRITE_KEY, gateway.segment];
+  // [START segment_node]
+  const analytics = new Analytics({ writeKey, host: intake, flushAt: 4, maxRetries: 0 });
   analytics.on('error', (error) => errors.push(error));
   analytics.identify({ userId: 'node-1', traits: { email: 'node.one@example.com', name: 'No De', plan: 'team' } });
   for (const step of ['Signed Up', 'Invited Team', 'Upgraded']) {
     analytics.track({ userId: 'node-1', event: step, properties: { source: 'node' } });
   }
   await analytics.closeAndFlush();
+  // [END segment_node]
   assert.deepEqual(errors, []);
   const events = await eventually('three events', async () => {
     const found = await eventsOf('node-1');

@@ -136,8 +136,14 @@ segment_write_key_files = ["{key_file}"]
         return [e for e in events if e["customerId"] == user]
 
     def test_identify_and_track_reach_both_upstreams_and_the_mapped_survey(self):
-        self.client.identify("py-1", {"email": "py.one@example.com", "firstName": "Py", "plan": "team"})
-        self.client.track("py-1", "Order Placed", {"email": "py.one@example.com", "total": 99})
+        write_key, intake = WRITE_KEY, self.host
+        # [START segment_python]
+        analytics = Client(write_key, host=intake)
+        analytics.identify("py-1", {"email": "py.one@example.com", "firstName": "Py", "plan": "team"})
+        analytics.track("py-1", "Order Placed", {"email": "py.one@example.com", "total": 99})
+        analytics.flush()  # waits until the queued messages were sent
+        # [END segment_python]
+        analytics.shutdown()
         wait_until(
             "the customer at both upstreams",
             lambda: any(c["email"] == "py.one@example.com" for c in get_json(f"{self.sandbox}/_sandbox/retently/customers")["customers"])
