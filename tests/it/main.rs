@@ -12,6 +12,7 @@ mod foundation;
 mod insights;
 mod owners;
 mod postgres;
+mod replicas;
 mod rules;
 mod segment;
 mod support;

@@ -23,38 +23,10 @@ use cx_sandbox::{Api, Sandbox, SandboxConfig};
 use tokio::net::TcpListener;
 
 use crate::child::ChildGateway;
+use crate::replicas::fresh_database_url;
 use crate::support::eventually;
 
 const WRITES: usize = 600;
-
-/// A new database on the test cluster, as a URL; `None` when no cluster is configured and none
-/// is required.
-async fn fresh_database_url() -> Option<String> {
-    let url = match std::env::var("CXGW_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            assert!(
-                std::env::var("CXGW_TEST_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "CXGW_TEST_REQUIRE_POSTGRES=1 but CXGW_TEST_POSTGRES_URL is not set: run the \
-                 tests through scripts/postgres.sh (scripts/test.sh does)"
-            );
-            eprintln!("skipped: CXGW_TEST_POSTGRES_URL is not set (scripts/postgres.sh sets it)");
-            return None;
-        }
-    };
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to the test cluster");
-    tokio::spawn(connection);
-    let name = format!("cxgw_it_{:016x}", rand::random::<u64>());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create a test database");
-    let mut database = reqwest::Url::parse(&url).expect("the test cluster's url");
-    database.set_path(&name);
-    Some(database.to_string())
-}
 
 fn async_event(n: usize) -> pb::TrackEventRequest {
     pb::TrackEventRequest {
