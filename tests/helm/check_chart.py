@@ -4,10 +4,10 @@ the operations guide uses.
 For the default values and every value set in helm/cx-gateway/ci/: lint (strict), render offline
 through the Helm v4 SDK, validate every rendered object with kubernetes-validate in strict mode
 against the oldest Kubernetes the chart supports and the newest the validator knows, and assert
-the properties operators rely on (gRPC probes on the grpc port, hardening, keys and webhook
-secrets only as files, the data volume at CXGW_DATA_DIR, drain timing). Then a table of bad value
-sets, each of which the schema must refuse, and the template guards that refuse to expose an
-unauthenticated webhook. Prints one line per check and `N passed, N failed` last; exits 1 on any
+the properties operators rely on (gRPC probes on the grpc port, hardening, keys, webhook secrets
+and the database URL only as files, the data volume at CXGW_DATA_DIR, drain timing, the workload
+kind of each store mode). Then a table of bad value sets, each of which the schema must refuse,
+and the template guards that refuse to expose an unauthenticated webhook. Prints one line per check and `N passed, N failed` last; exits 1 on any
 failure.
 """
 
@@ -48,6 +48,10 @@ CANARIES = {
     "retainlyApiKey": "rak-canary-21be04d7",
     "retainlyApiSecret": "ras-canary-d95e11a0",
 }
+# The database URL the chart stores in its Secret (store.postgres.url), and its password alone:
+# searched for the same way, in clear and in base64.
+POSTGRES_PASSWORD_CANARY = "pgpw-canary-4e7b19c3"
+POSTGRES_URL_CANARY = f"postgres://cxgw:{POSTGRES_PASSWORD_CANARY}@cx-db-rw.cx.svc:5432/cx?sslmode=require"
 # The webhook secrets, searched for the same way when the chart stores them.
 WEBHOOK_CANARIES = {
     "secret": "whs-canary-5c0e8b27",
@@ -144,8 +148,18 @@ class Rendered:
             if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"
         ]
 
+    def postgres(self) -> bool:
+        return self.values["store"]["mode"] == "postgres"
+
+    def workload_kind(self) -> str:
+        return "Deployment" if self.postgres() else "StatefulSet"
+
     def workload(self) -> dict[str, Any]:
-        return self.one("StatefulSet")
+        """The one workload: the StatefulSet of the embedded store or the Deployment of the
+        PostgreSQL mode, never both."""
+        other = "StatefulSet" if self.postgres() else "Deployment"
+        assert not self.kind(other), f"a {other} next to the {self.workload_kind()}"
+        return self.one(self.workload_kind())
 
     def pod_spec(self) -> dict[str, Any]:
         return self.workload()["spec"]["template"]["spec"]
@@ -241,14 +255,42 @@ def check_labels(rendered: Rendered) -> None:
     assert selector.items() <= pod_labels.items(), "pod labels do not carry the selector"
 
 
-def check_single_writer(rendered: Rendered) -> None:
+def check_workload(rendered: Rendered) -> None:
+    """The embedded store: one StatefulSet replica with its headless Service, no autoscaler. The
+    PostgreSQL mode: a Deployment that surges (a new pod is ready before an old one stops), no
+    volume claim, no headless Service, an autoscaler aimed at the Deployment when enabled."""
+    values = rendered.values
     workload = rendered.workload()
-    assert not rendered.kind("Deployment"), "a Deployment next to the StatefulSet"
-    assert workload["spec"].get("replicas") == 1, "the embedded store allows one replica"
-    assert workload["spec"]["serviceName"] == f"{FULLNAME}-headless"
-    headless = rendered.service(f"{FULLNAME}-headless")
-    assert headless["spec"]["clusterIP"] == "None"
-    assert not rendered.kind("HorizontalPodAutoscaler"), "an HPA with the embedded store"
+    spec = workload["spec"]
+    autoscaling = values["autoscaling"]["enabled"]
+    if not rendered.postgres():
+        assert spec.get("replicas") == 1, "the embedded store allows one replica"
+        assert spec["serviceName"] == f"{FULLNAME}-headless"
+        headless = rendered.service(f"{FULLNAME}-headless")
+        assert headless["spec"]["clusterIP"] == "None"
+        assert not rendered.kind("HorizontalPodAutoscaler"), "an HPA with the embedded store"
+        return
+    names = [s["metadata"]["name"] for s in rendered.kind("Service")]
+    assert names == [FULLNAME], f"Services {names}: the headless one belongs to the StatefulSet"
+    strategy = spec["strategy"]
+    assert strategy["type"] == "RollingUpdate", f"strategy {strategy}"
+    rolling = strategy["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0, "a roll would stop a pod before its replacement is ready"
+    assert rolling["maxSurge"] not in (0, "0%"), "a roll without surge cannot keep every pod serving"
+    assert "volumeClaimTemplates" not in spec and "serviceName" not in spec
+    if autoscaling:
+        assert "replicas" not in spec, "replicas fights the HPA"
+        hpa = rendered.one("HorizontalPodAutoscaler")["spec"]
+        assert hpa["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": FULLNAME,
+        }, f"HPA target {hpa['scaleTargetRef']}"
+        assert hpa["minReplicas"] == values["autoscaling"]["minReplicas"]
+        assert hpa["maxReplicas"] == values["autoscaling"]["maxReplicas"]
+    else:
+        assert spec["replicas"] == values["replicaCount"], f"replicas {spec.get('replicas')}"
+        assert not rendered.kind("HorizontalPodAutoscaler"), "an HPA although autoscaling is off"
 
 
 def check_ports(rendered: Rendered) -> None:
@@ -262,7 +304,8 @@ def check_ports(rendered: Rendered) -> None:
     settings = rendered.config_map()
     assert settings["CXGW_GRPC_ADDR"] == f"0.0.0.0:{values['containerPorts']['grpc']}"
     assert settings["CXGW_ADMIN_ADDR"] == f"0.0.0.0:{values['containerPorts']['http']}"
-    for name in (FULLNAME, f"{FULLNAME}-headless"):
+    services = [FULLNAME] if rendered.postgres() else [FULLNAME, f"{FULLNAME}-headless"]
+    for name in services:
         service_ports = {p["name"]: p for p in rendered.service(name)["spec"]["ports"]}
         assert set(service_ports) == names, f"{name} ports {sorted(service_ports)}"
         assert service_ports["grpc"]["targetPort"] == "grpc"
@@ -445,7 +488,14 @@ def check_writable_paths(rendered: Rendered) -> None:
     assert "emptyDir" in volumes["tmp"], "/tmp is not an emptyDir"
     templates = rendered.workload()["spec"].get("volumeClaimTemplates", [])
     persistence = values["persistence"]
-    if not persistence["enabled"]:
+    if rendered.postgres():
+        # The database holds everything: the pod's data directory is scratch space.
+        assert volumes["data"] == {
+            "name": "data",
+            "emptyDir": {"sizeLimit": persistence["emptyDirSizeLimit"]},
+        }, f"data volume {volumes['data']}"
+        assert not templates, "a volume claim in the PostgreSQL mode"
+    elif not persistence["enabled"]:
         assert "emptyDir" in volumes["data"] and not templates
     elif persistence["existingClaim"]:
         claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
@@ -537,7 +587,8 @@ def check_keys_are_files(rendered: Rendered) -> None:
 
 def expected_secret_data(values: dict[str, Any]) -> dict[str, str]:
     """What the chart's own Secret must hold: the upstream keys unless they come from an existing
-    Secret (or the sandbox needs none), the webhook secrets unless they come from one."""
+    Secret (or the sandbox needs none), the webhook secrets unless they come from one, the
+    database URL in the PostgreSQL mode unless it comes from one."""
     data = {}
     keys = values["upstreamKeys"]
     if not values["sandbox"]["enabled"] and not keys["existingSecret"]:
@@ -548,6 +599,9 @@ def expected_secret_data(values: dict[str, Any]) -> dict[str, str]:
         data[webhook["secretKeys"]["secret"]] = webhook["secret"]
         if webhook["requireSignature"]:
             data[webhook["secretKeys"]["signingSecret"]] = webhook["signingSecret"]
+    postgres = values["store"]["postgres"]
+    if values["store"]["mode"] == "postgres" and not postgres["existingSecret"]:
+        data[postgres["secretKey"]] = postgres["url"]
     return data
 
 
@@ -630,9 +684,66 @@ def check_webhook(rendered: Rendered) -> None:
     assert paths == wanted, f"mounted {paths}, expected {wanted}"
 
 
+def check_store_settings(rendered: Rendered) -> None:
+    """CXGW_STORE follows store.mode. In the PostgreSQL mode the URL reaches the pod only as a
+    read-only file from a Secret (the chart's or existingSecret) through CXGW_POSTGRES_URL_FILE,
+    never in the ConfigMap or an environment value; the CA bundle likewise; pool size and claim
+    lease are plain settings. With the embedded store no CXGW_POSTGRES_* name is set at all (the
+    gateway refuses them there)."""
+    values = rendered.values
+    store = values["store"]
+    settings = rendered.config_map()
+    env_list = rendered.container().get("env", [])
+    env = rendered.env()
+    assert settings["CXGW_STORE"] == store["mode"], f"CXGW_STORE {settings.get('CXGW_STORE')}"
+    assert "CXGW_STORE" not in env, "CXGW_STORE beside the ConfigMap"
+    postgres_settings = {key for key in settings if key.startswith("CXGW_POSTGRES_")}
+    postgres_env = {item["name"] for item in env_list if item["name"].startswith("CXGW_POSTGRES_")}
+    mounts = {m["name"]: m for m in rendered.container()["volumeMounts"]}
+    volumes = {v["name"]: v for v in rendered.pod_spec()["volumes"]}
+    if not rendered.postgres():
+        assert not postgres_settings and not postgres_env, "CXGW_POSTGRES_* with the embedded store"
+        assert not {"postgres-url", "postgres-ca"} & (set(mounts) | set(volumes))
+        return
+    postgres = store["postgres"]
+    assert postgres_settings == {"CXGW_POSTGRES_POOL_SIZE", "CXGW_POSTGRES_CLAIM_LEASE"}, (
+        f"database settings in the ConfigMap: {sorted(postgres_settings)}"
+    )
+    assert settings["CXGW_POSTGRES_POOL_SIZE"] == str(postgres["poolSize"])
+    assert settings["CXGW_POSTGRES_CLAIM_LEASE"] == f"{postgres['claimLeaseSeconds']}s"
+    expected_env = {"CXGW_POSTGRES_URL_FILE"}
+    expected_files = {"CXGW_POSTGRES_URL_FILE": (
+        "postgres-url", postgres["existingSecret"] or FULLNAME, postgres["secretKey"], "url"
+    )}
+    if postgres["caSecretName"]:
+        expected_env.add("CXGW_POSTGRES_CA_FILE")
+        expected_files["CXGW_POSTGRES_CA_FILE"] = (
+            "postgres-ca", postgres["caSecretName"], postgres["caSecretKey"], "ca.crt"
+        )
+    assert postgres_env == expected_env, f"database variables {sorted(postgres_env)}"
+    for variable, (volume_name, secret_name, key, file_name) in expected_files.items():
+        item = next(i for i in env_list if i["name"] == variable)
+        assert set(item) == {"name", "value"}, f"{variable} is not a plain file path"
+        mount = mounts[volume_name]
+        assert mount.get("readOnly") is True and "subPath" not in mount, volume_name
+        assert item["value"] == f"{mount['mountPath']}/{file_name}", variable
+        secret = volumes[volume_name]["secret"]
+        assert secret["secretName"] == secret_name, f"{volume_name} from {secret['secretName']}"
+        assert secret["defaultMode"] == 0o440, f"{volume_name} readable beyond the pod's group"
+        assert secret["items"] == [{"key": key, "path": file_name}], f"{volume_name} items"
+    # The URL itself is in no value, by name or by reference, and in no setting.
+    assert "CXGW_POSTGRES_URL" not in env and "CXGW_POSTGRES_URL" not in settings
+    for item in env_list:
+        reference = item.get("valueFrom", {}).get("secretKeyRef", {})
+        assert reference.get("name") != (postgres["existingSecret"] or FULLNAME) or (
+            reference.get("key") != postgres["secretKey"]
+        ), f"{item['name']} carries the database URL"
+
+
 def check_no_key_outside_secret(rendered: Rendered) -> None:
     forms = []
-    for canary in [*CANARIES.values(), *WEBHOOK_CANARIES.values()]:
+    secrets = [*CANARIES.values(), *WEBHOOK_CANARIES.values()]
+    for canary in [*secrets, POSTGRES_URL_CANARY, POSTGRES_PASSWORD_CANARY]:
         forms += [canary, base64.b64encode(canary.encode()).decode()]
     for template, text in rendered.manifests.items():
         if template.endswith("/secret.yaml"):
@@ -964,7 +1075,13 @@ def check_notes(rendered: Rendered) -> None:
         and not all(keys[f] for f in CANARIES)
     )
     assert ("upstream keys are missing" in notes) == keys_missing, "missing-keys warning wrong"
-    assert ("persistence is disabled" in notes) == (not values["persistence"]["enabled"])
+    postgres = values["store"]["mode"] == "postgres"
+    assert ("persistence is disabled" in notes) == (
+        not postgres and not values["persistence"]["enabled"]
+    ), "persistence warning"
+    assert ("STORE: PostgreSQL" in notes) == postgres, "store notes"
+    kind = "deployment" if postgres else "statefulset"
+    assert f"rollout status {kind}/{FULLNAME}" in notes, "rollout command names another kind"
     webhook = values["webhook"]
     assert ("Retently webhooks are received" in notes) == webhook["enabled"], "webhook notes"
     if webhook["enabled"]:
@@ -989,7 +1106,7 @@ def check_image(rendered: Rendered) -> None:
 
 PROPERTY_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("labels", check_labels),
-    ("single writer", check_single_writer),
+    ("workload of the store mode", check_workload),
     ("ports grpc/http", check_ports),
     ("grpc probes", check_probes),
     ("callers and tls as files", check_callers_and_tls),
@@ -1002,6 +1119,7 @@ PROPERTY_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("keys only as files", check_keys_are_files),
     ("chart Secret holds exactly the managed secrets", check_chart_secret),
     ("webhook secrets only as files, settings in the ConfigMap", check_webhook),
+    ("store settings, database URL only as a file", check_store_settings),
     ("no key value outside the Secret", check_no_key_outside_secret),
     ("OTEL_* variables", check_otel),
     ("network policy", check_network_policy),
@@ -1136,6 +1254,110 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         "/autoscaling/enabled",
     ),
     ("store mode not built", {"store": {"mode": "redis"}}, "/store/mode"),
+    ("postgres without a URL source", {"store": {"mode": "postgres"}}, "/store/postgres"),
+    (
+        "postgres with an empty URL and no Secret",
+        {"store": {"mode": "postgres", "postgres": {"url": "", "existingSecret": ""}}},
+        "/store/postgres",
+    ),
+    (
+        "a database URL with the embedded store",
+        {"store": {"postgres": {"url": "postgres://db/cx"}}},
+        "/store/postgres/url",
+    ),
+    (
+        "a database Secret with the embedded store",
+        {"store": {"postgres": {"existingSecret": "cx-db-app"}}},
+        "/store/postgres/existingSecret",
+    ),
+    ("URL as a number", {"store": {"mode": "postgres", "postgres": {"url": 5432}}}, "/store/postgres/url"),
+    (
+        "URL Secret name malformed",
+        {"store": {"mode": "postgres", "postgres": {"existingSecret": "DB_App"}}},
+        "/store/postgres/existingSecret",
+    ),
+    (
+        "URL Secret key malformed",
+        {"store": {"mode": "postgres", "postgres": {"existingSecret": "db", "secretKey": "db/uri"}}},
+        "/store/postgres/secretKey",
+    ),
+    (
+        "CA Secret name malformed",
+        {"store": {"mode": "postgres", "postgres": {"existingSecret": "db", "caSecretName": "Db Ca"}}},
+        "/store/postgres/caSecretName",
+    ),
+    (
+        "pool size zero",
+        {"store": {"mode": "postgres", "postgres": {"existingSecret": "db", "poolSize": 0}}},
+        "/store/postgres/poolSize",
+    ),
+    (
+        "pool size above the gateway's maximum",
+        {"store": {"mode": "postgres", "postgres": {"existingSecret": "db", "poolSize": 101}}},
+        "/store/postgres/poolSize",
+    ),
+    (
+        "claim lease below the gateway's minimum",
+        {"store": {"mode": "postgres", "postgres": {"existingSecret": "db", "claimLeaseSeconds": 2}}},
+        "/store/postgres/claimLeaseSeconds",
+    ),
+    (
+        "claim lease as a duration string",
+        {"store": {"mode": "postgres", "postgres": {"existingSecret": "db", "claimLeaseSeconds": "30s"}}},
+        "/store/postgres/claimLeaseSeconds",
+    ),
+    ("unknown store key", {"store": {"postgresUrl": "x"}}, "postgresUrl"),
+    (
+        "unknown postgres key",
+        {"store": {"mode": "postgres", "postgres": {"existingSecret": "db", "password": "x"}}},
+        "password",
+    ),
+    (
+        "an existing claim in the postgres mode",
+        {
+            "store": {"mode": "postgres", "postgres": {"existingSecret": "db"}},
+            "persistence": {"existingClaim": "data-cxgw-cx-gateway-0"},
+        },
+        "/persistence/existingClaim",
+    ),
+    (
+        "three sandbox replicas on postgres (an emulator each)",
+        {
+            "sandbox": {"enabled": True},
+            "store": {"mode": "postgres", "postgres": {"existingSecret": "db"}},
+            "replicaCount": 3,
+        },
+        "/replicaCount",
+    ),
+    (
+        "an autoscaled sandbox on postgres",
+        {
+            "sandbox": {"enabled": True},
+            "store": {"mode": "postgres", "postgres": {"existingSecret": "db"}},
+            "autoscaling": {"enabled": True},
+        },
+        "/autoscaling/enabled",
+    ),
+    (
+        "database URL inlined through extraEnv",
+        {"extraEnv": [{"name": "CXGW_POSTGRES_URL", "value": "postgres://db/cx"}]},
+        "/extraEnv/0/name",
+    ),
+    (
+        "database setting through extraSettings",
+        {"config": {"extraSettings": {"CXGW_POSTGRES_POOL_SIZE": 4}}},
+        "'CXGW_POSTGRES_POOL_SIZE'",
+    ),
+    (
+        "database URL file through extraSettings",
+        {"config": {"extraSettings": {"CXGW_POSTGRES_URL_FILE": "/x"}}},
+        "'CXGW_POSTGRES_URL_FILE'",
+    ),
+    (
+        "store engine through extraSettings",
+        {"config": {"extraSettings": {"CXGW_STORE": "postgres"}}},
+        "'CXGW_STORE'",
+    ),
     ("unknown top-level key", {"replicas": 1}, "replicas"),
     ("unknown nested key", {"config": {"logLevel": "debug"}}, "logLevel"),
     ("unknown persistence key", {"persistence": {"sizeGi": 5}}, "sizeGi"),
@@ -1425,34 +1647,22 @@ def check_webhook_key_collision(chart: helm.Chart) -> None:
 # Templates the shipped schema keeps out of reach, and the image.
 
 
-def check_hpa_template() -> None:
-    """The HPA needs a scale-out store mode, which no release offers yet, so the shipped schema
-    refuses autoscaling. Render it from a copy of the chart without that one rule, so the
-    template is known to produce a valid object the day the mode arrives."""
-    with tempfile.TemporaryDirectory() as scratch:
-        copy_dir = Path(scratch) / "cx-gateway"
-        shutil.copytree(CHART, copy_dir)
-        schema_path = copy_dir / "values.schema.json"
-        schema = json.loads(schema_path.read_text())
-        rules = [r for r in schema["allOf"] if "autoscaling" not in json.dumps(r.get("then", {}))]
-        assert len(rules) == len(schema["allOf"]) - 1, "the embedded-store rule moved"
-        if rules:
-            schema["allOf"] = rules
-        else:
-            del schema["allOf"]
-        schema_path.write_text(json.dumps(schema))
-        with helm.Chart.load(str(copy_dir)) as chart:
-            rendered = Rendered(
-                chart, {"autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80}}
-            )
+def check_hpa_follows_mode(chart: helm.Chart) -> None:
+    """The autoscaler exists only in the PostgreSQL mode (the schema refuses it with the embedded
+    store, see the bad values) and scales the Deployment, which then leaves replicas to it."""
+    values = {
+        "store": {"mode": "postgres", "postgres": {"existingSecret": "cx-db-app"}},
+        "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
+    }
+    rendered = Rendered(chart, values)
     hpa = rendered.one("HorizontalPodAutoscaler")
     for version in KUBE_VERSIONS:
         kubernetes_validate.validate(hpa, version, strict=True)
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
+        "kind": "Deployment",
         "name": FULLNAME,
-    }
+    }, f"HPA target {hpa['spec']['scaleTargetRef']}"
     assert hpa["spec"]["minReplicas"] == 1 and hpa["spec"]["maxReplicas"] == 3
     metrics = {
         m["resource"]["name"]: m["resource"]["target"]["averageUtilization"]
@@ -1460,6 +1670,80 @@ def check_hpa_template() -> None:
     }
     assert metrics == {"cpu": 75, "memory": 80}, f"metrics {metrics}"
     assert "replicas" not in rendered.workload()["spec"], "replicas fights the HPA"
+    check_workload(rendered)
+    without = Rendered(chart, deep_merge(values, {"autoscaling": {"enabled": False}}))
+    assert not without.kind("HorizontalPodAutoscaler")
+
+
+def postgres_values(url: str = POSTGRES_URL_CANARY) -> dict[str, Any]:
+    """The PostgreSQL mode with the URL in the chart's own Secret."""
+    return {"store": {"mode": "postgres", "postgres": {"url": url}}, "replicaCount": 2}
+
+
+def check_postgres_url_rolls_pods(chart: helm.Chart) -> None:
+    """The URL is read at start: a new chart-managed value must roll the pods, and the Secret
+    holds it under its key."""
+
+    def checksum(values: dict[str, Any]) -> str:
+        workload = Rendered(chart, values).workload()
+        return workload["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+
+    first = checksum(postgres_values())
+    rotated = POSTGRES_URL_CANARY.replace(POSTGRES_PASSWORD_CANARY, "pgpw-rotated-0b61")
+    assert checksum(postgres_values(rotated)) != first, "a new database password does not roll"
+    assert checksum(postgres_values()) == first, "the checksum is not stable"
+    rendered = Rendered(chart, deep_merge(postgres_values(), {"upstreamKeys": dict(CANARIES)}))
+    secret = rendered.one("Secret")
+    stored = base64.b64decode(secret["data"]["postgres-url"]).decode()
+    assert stored == POSTGRES_URL_CANARY, "the Secret does not hold the URL"
+    check_store_settings(rendered)
+    check_chart_secret(rendered)
+    check_no_key_outside_secret(rendered)
+
+
+def check_postgres_key_collision(chart: helm.Chart) -> None:
+    """The URL under a key name another chart-managed secret uses would replace that secret."""
+    values = deep_merge(
+        postgres_values(), {"store": {"postgres": {"secretKey": "retently-api-key"}}}
+    )
+    try:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    except helm.HelmRenderError as error:
+        message = str(error)
+        assert 'store.postgres.secretKey: key "retently-api-key" is already used' in message, message
+        assert POSTGRES_PASSWORD_CANARY not in message, "the refusal shows the database password"
+        return
+    raise AssertionError("rendered a Secret where the database URL replaces an API key")
+
+
+def check_refusal_hides_url(chart: helm.Chart) -> None:
+    """A value set refused for any reason never repeats the database URL in the error (the
+    schema checks the URL by type only: a pattern would print a refused value whole)."""
+    refused = [
+        deep_merge(postgres_values(), {"sandbox": {"enabled": True}}),
+        deep_merge(postgres_values(), {"store": {"mode": "embedded"}}),
+        deep_merge(postgres_values(), {"store": {"postgres": {"poolSize": 0}}}),
+    ]
+    for values in refused:
+        try:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        except helm.HelmValuesError as error:
+            assert POSTGRES_PASSWORD_CANARY not in str(error), f"the error shows the URL: {error}"
+            continue
+        raise AssertionError("rendered although the values are invalid")
+
+
+def check_sandbox_on_postgres(chart: helm.Chart) -> None:
+    """`serve --sandbox` runs with CXGW_STORE=postgres (its emulator in the pod, the store in the
+    database), so one replica renders; more are refused (see the bad values), since each pod's
+    emulator would be a different upstream behind one shared outbox."""
+    values = deep_merge(postgres_values(), {"sandbox": {"enabled": True}, "replicaCount": 1})
+    rendered = Rendered(chart, values)
+    assert rendered.container()["args"] == ["serve", "--sandbox"]
+    assert rendered.workload()["spec"]["replicas"] == 1
+    check_store_settings(rendered)
+    check_keys_are_files(rendered)
+    check_chart_secret(rendered)
 
 
 def check_dockerfile() -> None:
@@ -1559,7 +1843,10 @@ def check_named_settings_exist() -> None:
     gateway (or the chart, or the OpenTelemetry SDK) reads."""
     cxgw, otel = settings_read_by_gateway()
     assert "CXGW_WEBHOOK_SECRET_FILE" in cxgw and "CXGW_GRPC_ADDR" in cxgw, "settings not found"
-    chart_text = "".join(path.read_text() for path in (CHART / "templates").rglob("*.yaml"))
+    # The pod template lives in _helpers.tpl, so every template file counts.
+    chart_text = "".join(
+        path.read_text() for path in (CHART / "templates").rglob("*") if path.is_file()
+    )
     chart_otel = set(re.findall(r"\b(OTEL_[A-Z0-9_]*[A-Z0-9])\b", chart_text))
     unknown = []
     for path in NAMED_IN:
@@ -1622,8 +1909,8 @@ def value_sets() -> list[tuple[str, dict[str, Any]]]:
 
 
 def with_canaries(values: dict[str, Any]) -> dict[str, Any]:
-    """The value set with recognisable key and webhook secret values, for those the chart stores
-    itself."""
+    """The value set with recognisable key, webhook secret and database URL values, for those the
+    chart stores itself."""
     keys = values.get("upstreamKeys", {})
     if not (keys.get("existingSecret") or values.get("sandbox", {}).get("enabled")):
         values = deep_merge(values, {"upstreamKeys": dict(CANARIES)})
@@ -1633,6 +1920,9 @@ def with_canaries(values: dict[str, Any]) -> dict[str, Any]:
         if webhook.get("requireSignature"):
             canaries["signingSecret"] = WEBHOOK_CANARIES["signingSecret"]
         values = deep_merge(values, {"webhook": canaries})
+    store = values.get("store", {})
+    if store.get("mode") == "postgres" and not store.get("postgres", {}).get("existingSecret"):
+        values = deep_merge(values, {"store": {"postgres": {"url": POSTGRES_URL_CANARY}}})
     return values
 
 
@@ -1707,9 +1997,26 @@ def main() -> int:
             "[cli] kubernetes-validate --strict accepts every rendered manifest",
             lambda: check_cli(all_rendered),
         )
-    results.check(
-        "[hpa] template renders a valid autoscaler for a scale-out mode", check_hpa_template
-    )
+        results.check(
+            "[hpa] the autoscaler scales the Deployment of the PostgreSQL mode",
+            lambda: check_hpa_follows_mode(chart),
+        )
+        results.check(
+            "[postgres] a changed database URL rolls the pods",
+            lambda: check_postgres_url_rolls_pods(chart),
+        )
+        results.check(
+            "[postgres] the URL's key name cannot replace another secret",
+            lambda: check_postgres_key_collision(chart),
+        )
+        results.check(
+            "[postgres] a refused value set never shows the database URL",
+            lambda: check_refusal_hides_url(chart),
+        )
+        results.check(
+            "[postgres] the sandbox runs one replica on PostgreSQL",
+            lambda: check_sandbox_on_postgres(chart),
+        )
     results.check(
         "[image] Dockerfile: locked release build, distroless, non-root", check_dockerfile
     )
