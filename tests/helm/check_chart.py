@@ -1080,6 +1080,14 @@ def check_notes(rendered: Rendered) -> None:
         not postgres and not values["persistence"]["enabled"]
     ), "persistence warning"
     assert ("STORE: PostgreSQL" in notes) == postgres, "store notes"
+    policy = values["networkPolicy"]
+    unreachable = (
+        postgres
+        and policy["enabled"]
+        and not policy["allowExternalEgress"]
+        and not policy["extraEgress"]
+    )
+    assert ("cannot reach the database" in notes) == unreachable, "database egress warning"
     kind = "deployment" if postgres else "statefulset"
     assert f"rollout status {kind}/{FULLNAME}" in notes, "rollout command names another kind"
     webhook = values["webhook"]
@@ -1733,6 +1741,19 @@ def check_refusal_hides_url(chart: helm.Chart) -> None:
         raise AssertionError("rendered although the values are invalid")
 
 
+def check_database_egress_warning(chart: helm.Chart) -> None:
+    """Egress limited to DNS and HTTPS shuts the pods out of the database: the notes say so until
+    an extraEgress rule is given."""
+    closed = deep_merge(postgres_values(), {"networkPolicy": {"allowExternalEgress": False}})
+    rendered = Rendered(chart, closed)
+    assert "cannot reach the database" in rendered.notes, "no warning"
+    check_notes(rendered)
+    rule = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 5432, "protocol": "TCP"}]}
+    opened = Rendered(chart, deep_merge(closed, {"networkPolicy": {"extraEgress": [rule]}}))
+    assert "cannot reach the database" not in opened.notes, "warning despite an egress rule"
+    check_network_policy(opened)
+
+
 def check_sandbox_on_postgres(chart: helm.Chart) -> None:
     """`serve --sandbox` runs with CXGW_STORE=postgres (its emulator in the pod, the store in the
     database), so one replica renders; more are refused (see the bad values), since each pod's
@@ -2012,6 +2033,10 @@ def main() -> int:
         results.check(
             "[postgres] a refused value set never shows the database URL",
             lambda: check_refusal_hides_url(chart),
+        )
+        results.check(
+            "[postgres] the notes warn when egress shuts out the database",
+            lambda: check_database_egress_warning(chart),
         )
         results.check(
             "[postgres] the sandbox runs one replica on PostgreSQL",
