@@ -5,7 +5,8 @@
 # the store's tests (scripts/postgres.sh; removed at exit), then formatting and lints, the Rust
 # unit and integration tests, the grpcurl suite against the built binary, the Python, Node and
 # Go client tests, Segment's Python library against the Segment intake, the client guide's
-# and README snippet checks, the contract lint and breaking-change guard, the Helm chart checks, the
+# and README snippet checks, the contract lint and breaking-change guard, the Helm chart checks (and
+# the chart's PostgreSQL mode run with the built gateway), the
 # monitoring checks (promtool, a real Prometheus), a quick benchmark smoke run and a short fuzz
 # run. Prints one line per suite and a closing summary.
 set -uo pipefail
@@ -112,6 +113,9 @@ if build_binary; then
   suite "bench smoke" target/debug/cx-gateway-bench --quick --json target/bench-quick.json
   # Alerting rules (promtool) and every dashboard and alert query against a real Prometheus.
   suite "monitoring" bash tests/monitoring/check.sh target/debug/cx-gateway
+  # The chart's PostgreSQL mode as rendered (settings, environment, Secret files), run as two
+  # replicas of the built gateway on the test database.
+  suite "helm chart on postgres" bash tests/helm/run_on_postgres.sh target/debug/cx-gateway
 else
   failed=$((failed + 1))
   failures+=("build")
