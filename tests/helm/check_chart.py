@@ -17,7 +17,6 @@ import base64
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
