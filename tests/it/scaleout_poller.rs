@@ -184,6 +184,7 @@ async fn scaleout_poller_idle_replicas_make_one_poll_per_interval_in_all() {
     let counted = polls(&sandbox) - first;
     let window = since.elapsed().as_secs_f64();
     let most = window.floor() as u64 + 1;
+    eprintln!("three idle replicas: {counted} polls in {window:.1} s of 1 s intervals");
     assert!(
         (2..=most).contains(&counted),
         "{counted} polls in {window:.1} s of 1 s intervals (at most {most} for one poller)"
@@ -238,6 +239,7 @@ async fn scaleout_poller_takes_over_within_5s_and_streams_stay_exact() {
     })
     .await;
     let takeover = killed.elapsed();
+    eprintln!("first poll by the new leader {takeover:?} after the kill (lease 1 s)");
     assert!(
         takeover < TAKEOVER_BOUND,
         "the first poll after the kill came {takeover:?} after it"
