@@ -8,9 +8,10 @@
 //!   sequence, across the takeover; the dead replica's subscriber resumes on another replica by
 //!   its cursor with no gap and no duplicate.
 //!
-//! The kill falls between two polls by construction: the interval is long (4 s) and the kill
-//! comes as soon as the other replicas' subscribers received what the poll before it appended,
-//! so every `/feedback` request after the kill is the new leader's.
+//! The kill falls in the middle of a poll by construction: the emulator holds every `/feedback`
+//! request on the wire from the first poll's end on, the old leader's next one is held when it
+//! is killed (and dies with it), and the next request to arrive at the gate is the new leader's
+//! first poll, whose arrival is timed from the kill.
 //!
 //! Needs the test cluster of `scripts/postgres.sh` (`CXGW_TEST_POSTGRES_URL`); without it the
 //! tests pass as skipped, unless `CXGW_TEST_REQUIRE_POSTGRES=1` (scripts/test.sh) requires it.
@@ -21,7 +22,7 @@ use std::time::Duration;
 use cx_gateway::pb;
 use cx_gateway::pb::feedback_stream_client::FeedbackStreamClient;
 use cx_gateway::sandbox_mode::EmbeddedSandbox;
-use cx_sandbox::{Api, Sandbox, SandboxConfig, SeedConfig};
+use cx_sandbox::{Api, HoldSpec, Sandbox, SandboxConfig, SeedConfig};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -204,7 +205,7 @@ async fn scaleout_poller_takes_over_within_5s_and_streams_stay_exact() {
     let (sandbox, emulator) = emulator().await;
     let mut all_ids = simulated(&sandbox, 20);
     let mut replicas = database
-        .start_replicas(3, &emulator, &settings("4s", "1s"))
+        .start_replicas(3, &emulator, &settings("2s", "1s"))
         .await;
     let mut streams = Vec::new();
     for replica in &replicas {
@@ -220,25 +221,35 @@ async fn scaleout_poller_takes_over_within_5s_and_streams_stay_exact() {
     assert_eq!(leaders.len(), 1, "one replica leads: {leaders:?}");
     let leader = leaders[0];
     let old_epoch = *leads(&replicas[leader]).last().unwrap();
-    let polls_before = polls(&sandbox);
 
-    // Responses the dead leader will never see; then the kill, between two of its polls.
+    // Every later poll waits at the emulator's gate; responses the old leader will never see
+    // arrive; its next poll reaches the gate, and it is killed with that request on the wire.
+    let handle = sandbox.handle().clone();
+    handle.hold(
+        Api::Retently,
+        HoldSpec {
+            route: Some(FEEDBACK_ROUTE.to_owned()),
+            ..HoldSpec::default()
+        },
+    );
     all_ids.extend(simulated(&sandbox, 15));
+    eventually("the old leader's next poll at the gate", PATIENCE, || {
+        handle.held(Api::Retently) >= 1
+    })
+    .await;
     let dead = replicas.remove(leader);
     drop(streams.remove(leader));
     let dead_received = received.remove(leader);
     let killed = Instant::now();
     dead.kill();
-    let polls_at_kill = polls(&sandbox);
-    assert_eq!(
-        polls_at_kill, polls_before,
-        "the kill came between two polls of the old leader"
-    );
+
+    // The next poll to arrive is the new leader's first.
     eventually("a poll by the new leader", PATIENCE, || {
-        polls(&sandbox) > polls_at_kill
+        handle.held(Api::Retently) >= 2
     })
     .await;
     let takeover = killed.elapsed();
+    handle.release(Api::Retently);
     eprintln!("first poll by the new leader {takeover:?} after the kill (lease 1 s)");
     assert!(
         takeover < TAKEOVER_BOUND,
