@@ -256,3 +256,173 @@ async fn renew(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::shutdown;
+    use crate::store::StoreError;
+
+    /// What the scripted store answers to every request for the lease.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Answer {
+        Granted(i64),
+        Taken,
+        Unreachable,
+    }
+
+    struct ScriptedLeases {
+        answer: Mutex<Answer>,
+        asked: Mutex<Vec<Instant>>,
+        released: Mutex<Vec<i64>>,
+    }
+
+    impl ScriptedLeases {
+        fn new(answer: Answer) -> Arc<ScriptedLeases> {
+            Arc::new(ScriptedLeases {
+                answer: Mutex::new(answer),
+                asked: Mutex::new(Vec::new()),
+                released: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn answer(&self, answer: Answer) {
+            *self.answer.lock().unwrap() = answer;
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    #[async_trait::async_trait]
+    impl LeaseStore for ScriptedLeases {
+        fn lease_ttl(&self) -> Duration {
+            TTL
+        }
+
+        async fn acquire_lease(
+            &self,
+            lease: &str,
+            _holder: &str,
+        ) -> Result<Option<Fence>, StoreError> {
+            self.asked.lock().unwrap().push(Instant::now());
+            match *self.answer.lock().unwrap() {
+                Answer::Granted(epoch) => Ok(Some(Fence {
+                    lease: lease.to_owned(),
+                    epoch,
+                })),
+                Answer::Taken => Ok(None),
+                Answer::Unreachable => Err(StoreError::unavailable("the database is away")),
+            }
+        }
+
+        async fn release_lease(&self, fence: &Fence) -> Result<(), StoreError> {
+            self.released.lock().unwrap().push(fence.epoch);
+            Ok(())
+        }
+    }
+
+    fn leadership(leases: &Arc<ScriptedLeases>, drain: Drain) -> (Leadership, Arc<FeedbackStats>) {
+        let stats = Arc::new(FeedbackStats::default());
+        let leadership = Leadership::new(
+            Arc::clone(leases) as Arc<dyn LeaseStore>,
+            "feedback.retently",
+            "replica-a".to_owned(),
+            Arc::clone(&stats),
+            drain,
+        );
+        (leadership, stats)
+    }
+
+    /// A standby asks every third of the lease until it is granted; the term then lasts while
+    /// renewals keep the epoch, and ends at the first renewal that finds another holder.
+    #[tokio::test(start_paused = true)]
+    async fn a_term_lasts_while_renewed_and_ends_when_taken_over() {
+        let leases = ScriptedLeases::new(Answer::Taken);
+        let (_trigger, drain) = shutdown::channel();
+        let (leadership, stats) = leadership(&leases, drain);
+        let started = Instant::now();
+        let granting = {
+            let leases = Arc::clone(&leases);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                leases.answer(Answer::Granted(7));
+            })
+        };
+        let term = leadership.acquire().await.expect("granted");
+        granting.await.unwrap();
+        assert_eq!(term.fence().epoch, 7);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(3),
+            "asked every second"
+        );
+        assert_eq!(
+            stats
+                .poller_leading
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!term.is_lost(), "renewed with the same epoch");
+        leases.answer(Answer::Taken);
+        let taken = Instant::now();
+        term.lost().await;
+        assert!(taken.elapsed() <= TTL / 3);
+        assert_eq!(
+            stats
+                .poller_leading
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        assert_eq!(
+            stats.lease_lost.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    /// A holder that cannot reach the store stops leading when its lease may have run out,
+    /// counted from the last renewal that succeeded, not later.
+    #[tokio::test(start_paused = true)]
+    async fn a_term_ends_when_no_renewal_succeeded_within_the_lease() {
+        let leases = ScriptedLeases::new(Answer::Granted(1));
+        let (_trigger, drain) = shutdown::channel();
+        let (leadership, _stats) = leadership(&leases, drain);
+        let term = leadership.acquire().await.expect("granted");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        leases.answer(Answer::Unreachable);
+        // The last success was the renewal at 1 s: the lease holds until 4 s.
+        term.lost().await;
+        let renewals = leases.asked.lock().unwrap().clone();
+        let granted_at = renewals[0];
+        assert_eq!(
+            Instant::now() - granted_at,
+            Duration::from_secs(4),
+            "lost exactly when the lease renewed at 1 s ran out"
+        );
+    }
+
+    /// A draining holder gives its lease up, so another replica does not wait for it to expire.
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_holder_releases_its_lease() {
+        let leases = ScriptedLeases::new(Answer::Granted(4));
+        let (trigger, drain) = shutdown::channel();
+        let (leadership, stats) = leadership(&leases, drain);
+        let term = leadership.acquire().await.expect("granted");
+        trigger.start();
+        leadership.end(term).await;
+        assert_eq!(*leases.released.lock().unwrap(), [4]);
+        assert_eq!(
+            stats
+                .poller_leading
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        assert!(
+            leadership.acquire().await.is_none(),
+            "no new term while draining"
+        );
+    }
+}

@@ -292,6 +292,8 @@ impl FeedbackLogStore for PostgresStore {
         })
     }
 
+    /// Each call opens a listening connection of its own, outside the pool, which lives as
+    /// long as the receiver.
     fn append_wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(super::notify::listen(self, APPENDS_CHANNEL))
     }
