@@ -194,6 +194,49 @@ async fn scaleout_poller_idle_replicas_make_one_poll_per_interval_in_all() {
         .filter(|&index| !leads(&replicas[index]).is_empty())
         .collect();
     assert!(!leaders.is_empty(), "a replica says it leads");
+
+    // Which replica leads shows in `/feedback/stats` and in the metrics: one of the three.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut leading = Vec::new();
+        for replica in &replicas {
+            let stats: Value =
+                reqwest::get(format!("http://{}/feedback/stats", replica.admin_addr))
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+            let metrics = reqwest::get(format!("http://{}/metrics", replica.admin_addr))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let gauge = metrics
+                .lines()
+                .find(|line| line.starts_with("cxgw_feedback_poller_leader"))
+                .and_then(|line| line.split_whitespace().last())
+                .map(str::to_owned);
+            leading.push((stats["poller_leading"].as_u64(), gauge));
+        }
+        let one = leading
+            .iter()
+            .filter(|(stats, _)| *stats == Some(1))
+            .count()
+            == 1
+            && leading
+                .iter()
+                .all(|(stats, gauge)| gauge.as_deref() == stats.map(|v| v.to_string()).as_deref());
+        if one {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one replica reports it leads: {leading:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(replicas);
 }
 
