@@ -767,6 +767,63 @@ async fn a_takeover_waits_for_the_old_holder_s_write_in_progress() {
     assert_eq!(new.epoch, old.epoch + 1);
 }
 
+/// An append on one replica wakes the log tail of another: the `NOTIFY` sent by the appending
+/// transaction reaches the other replica's listening connection once it commits, and an
+/// append that adds nothing sends none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_wake_the_other_replicas_tails() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    let mut wakeups = replica_b.append_wakeups().expect("replicas share the log");
+    // The first wake-up says the connection listens (appends before it were not announced).
+    tokio::time::timeout(Duration::from_secs(30), wakeups.changed())
+        .await
+        .expect("listening in time")
+        .unwrap();
+    let listening = *wakeups.borrow_and_update();
+    replica_a
+        .append(
+            1_000,
+            vec![(Origin::Poll, vec![observed("f1", 1)])],
+            Vec::new(),
+            ENCODE,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), wakeups.changed())
+        .await
+        .expect("woken by the append")
+        .unwrap();
+    assert_eq!(*wakeups.borrow_and_update(), listening + 1);
+    // The same response again appends nothing; a later real append is the next wake-up.
+    replica_a
+        .append(
+            2_000,
+            vec![(Origin::Poll, vec![observed("f1", 1)])],
+            Vec::new(),
+            ENCODE,
+        )
+        .await
+        .unwrap();
+    replica_a
+        .append(
+            3_000,
+            vec![(Origin::Poll, vec![observed("f2", 1)])],
+            Vec::new(),
+            ENCODE,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), wakeups.changed())
+        .await
+        .expect("woken by the second append")
+        .unwrap();
+    assert_eq!(*wakeups.borrow_and_update(), listening + 2);
+}
+
 /// The store contract every engine keeps, on a fresh PostgreSQL database.
 mod contract {
     async fn fresh() -> Option<((), crate::store::Store)> {
