@@ -772,6 +772,7 @@ fn store_selection(s: &Reader<'_>) -> Result<StoreSelection, ConfigError> {
                 "CXGW_POSTGRES_POOL_SIZE",
                 "CXGW_POSTGRES_CA_FILE",
                 "CXGW_POSTGRES_CLAIM_LEASE",
+                "CXGW_POSTGRES_POLLER_LEASE",
             ] {
                 if s.source.get(key).is_some() {
                     return Err(ConfigError::new(
@@ -797,6 +798,11 @@ fn store_selection(s: &Reader<'_>) -> Result<StoreSelection, ConfigError> {
                 "CXGW_POSTGRES_CLAIM_LEASE",
                 settings.claim_lease,
                 Duration::from_secs(3)..=Duration::from_secs(3600),
+            )?;
+            settings.poller_lease = s.duration_in(
+                "CXGW_POSTGRES_POLLER_LEASE",
+                settings.poller_lease,
+                Duration::from_secs(1)..=Duration::from_secs(60),
             )?;
             Ok(StoreSelection::Postgres(settings))
         }
@@ -1020,6 +1026,15 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(error.key, "CXGW_POSTGRES_CLAIM_LEASE");
+        let error = with(&[
+            ("CXGW_STORE", "postgres"),
+            ("CXGW_POSTGRES_URL", "postgres://db/gw"),
+            ("CXGW_POSTGRES_POLLER_LEASE", "500ms"),
+        ])
+        .unwrap_err();
+        assert_eq!(error.key, "CXGW_POSTGRES_POLLER_LEASE");
+        let error = with(&[("CXGW_POSTGRES_POLLER_LEASE", "3s")]).unwrap_err();
+        assert_eq!(error.key, "CXGW_POSTGRES_POLLER_LEASE");
     }
 
     fn keys() -> Vec<(&'static str, &'static str)> {

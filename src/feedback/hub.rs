@@ -23,6 +23,14 @@
 //! is exactly one more than the subscriber's position (older ones are skipped, a jump means it
 //! lagged and reads the log again). Sequences are gap-free, so this check is exact.
 //!
+//! Several replicas on one database share one log, and each replica's hub publishes every entry
+//! of it, whoever appended it: the entries this replica's ingest task appends as soon as they
+//! commit, the others' when the log tail ([`super::tail`]) reads them. Publishing is serialized
+//! and strictly in sequence order: entries at or below the published head are skipped, and
+//! entries missing before a local append are read from the log and published first. The ring
+//! therefore carries the same gap-free sequence on every replica, and a cursor issued by one
+//! replica means the same position on any other.
+//!
 //! Telemetry: a subscription is the RPC's server span, which lasts as long as the stream. What
 //! the stream delivers is reported on it as events, one per *batch* (a catch-up page, or a run
 //! of live entries sent without waiting), never one per message: `feedback.batch` with the
@@ -112,6 +120,8 @@ pub struct Hub {
     /// The sync watermark (UNIX milliseconds), once known.
     sync_time_ms: watch::Sender<Option<i64>>,
     readers: Semaphore,
+    /// Held while publishing: the ingest task and the log tail both publish, one at a time.
+    publishing: tokio::sync::Mutex<()>,
     subscribers: AtomicUsize,
     settings: HubSettings,
     drain: Drain,
@@ -144,6 +154,7 @@ impl Hub {
             head: watch::Sender::new(state.head_seq),
             sync_time_ms: watch::Sender::new(None),
             readers: Semaphore::new(settings.catch_up_readers.max(1)),
+            publishing: tokio::sync::Mutex::new(()),
             subscribers: AtomicUsize::new(0),
             settings,
             drain,
@@ -165,10 +176,79 @@ impl Hub {
         *self.head.borrow()
     }
 
-    /// Publishes entries just committed, in sequence order. Called only by the ingest task, the
-    /// log's one appender, so entries arrive here in the order they were committed.
-    pub(crate) fn publish(&self, entries: Vec<LogEntry>) {
+    /// Publishes entries this replica just committed, in sequence order (the ingest task, this
+    /// replica's one appender, calls it after each commit). Entries other replicas appended
+    /// before them are read from the log and published first; if that read fails, the log tail
+    /// publishes them all at its next read.
+    pub(crate) async fn publish(&self, entries: Vec<LogEntry>) {
+        let Some(first) = entries.first().map(|entry| entry.sequence) else {
+            return;
+        };
+        let _publishing = self.publishing.lock().await;
+        if first > self.head() + 1 {
+            if let Err(error) = self.publish_log_until(first - 1).await {
+                tracing::warn!(
+                    %error,
+                    head = self.head(),
+                    first,
+                    "cannot read the entries other replicas appended, the log tail publishes \
+                     them later"
+                );
+                return;
+            }
+            if first > self.head() + 1 {
+                return;
+            }
+        }
+        self.send_in_order(entries);
+    }
+
+    /// Publishes every entry of the log after the published head: those other replicas
+    /// appended (the log tail), or those a subscriber's cursor from another replica names.
+    pub(crate) async fn publish_from_log(&self) -> Result<(), Error> {
+        let _publishing = self.publishing.lock().await;
+        self.publish_log_until(i64::MAX).await
+    }
+
+    /// Reads and publishes the log after the head up to `up_to`; the caller holds `publishing`.
+    async fn publish_log_until(&self, up_to: i64) -> Result<(), Error> {
+        loop {
+            let head = self.head();
+            if head >= up_to {
+                return Ok(());
+            }
+            let read = self
+                .log
+                .read_after(
+                    head,
+                    up_to,
+                    self.settings.catch_up_entries.max(1),
+                    self.settings.catch_up_bytes,
+                )
+                .await?;
+            match read {
+                ReadOutcome::Entries(entries) if entries.is_empty() => return Ok(()),
+                ReadOutcome::Entries(entries) => self.send_in_order(entries),
+                ReadOutcome::Expired => {
+                    // Retention deleted entries this replica never published. The head moves
+                    // past them: a live subscriber sees the jump, reads the log and ends with
+                    // CURSOR_EXPIRED, as one that fell behind retention does.
+                    let pruned = self.log.state().await?.pruned_seq;
+                    if pruned <= head {
+                        return Ok(());
+                    }
+                    self.head.send_replace(pruned);
+                }
+            }
+        }
+    }
+
+    /// Sends entries that follow the head to the ring; the caller holds `publishing`.
+    fn send_in_order(&self, entries: Vec<LogEntry>) {
         for entry in entries {
+            if entry.sequence <= self.head() {
+                continue;
+            }
             // The head moves first: a subscriber that starts now either finds the entry in the
             // log (up to the head) or receives it from the ring, and skips the second copy.
             self.head.send_replace(entry.sequence);
@@ -248,6 +328,14 @@ impl Hub {
             Start::Latest => Ok(head),
             Start::Earliest => Ok(self.log.state().await?.pruned_seq.min(head)),
             Start::After(cursor) => {
+                // A cursor issued by another replica may be ahead of what this one published
+                // so far: publish the log up to now first.
+                let head = if cursor.epoch == self.log.epoch() && cursor.sequence > head {
+                    self.publish_from_log().await?;
+                    self.head()
+                } else {
+                    head
+                };
                 let violation = if cursor.epoch != self.log.epoch() {
                     Some(CursorError::OtherLog)
                 } else if cursor.sequence > head {
@@ -271,6 +359,12 @@ impl Hub {
                 if expired {
                     return Err(self.expired_error(None).await);
                 }
+                let head = if before > head {
+                    self.publish_from_log().await?;
+                    self.head()
+                } else {
+                    head
+                };
                 Ok(before.min(head))
             }
         }

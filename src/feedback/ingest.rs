@@ -8,7 +8,11 @@
 //! sender hanging up) cannot leave a committed entry unpublished.
 //!
 //! Requests that queue up while a transaction commits are merged into the next one, so a burst
-//! of webhook calls costs one commit, not one each.
+//! of webhook calls costs one commit, not one each. The poller's requests carry the fence of its
+//! lease and commit on their own: when the lease was lost, only the poller's write is refused.
+//!
+//! Other replicas sharing the store append too; the hub publishes their entries before this
+//! one's (see [`Hub::publish`]).
 
 use std::sync::Arc;
 
@@ -22,6 +26,7 @@ use crate::backoff::{LOG_EVERY, LogLimit};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::shutdown::Drain;
 use crate::store::Store;
+use crate::store::leases::{Fence, UnderLease};
 
 /// Requests waiting for the ingest task; beyond this, callers wait (backpressure on the poller
 /// and on webhook senders rather than memory).
@@ -37,7 +42,9 @@ struct Request {
     origin: Origin,
     observations: Vec<Observed>,
     checkpoint: Option<Checkpoint>,
-    reply: oneshot::Sender<Result<AppendCounts, Error>>,
+    /// The poller's lease, checked in the append's transaction.
+    fence: Option<Fence>,
+    reply: oneshot::Sender<Result<UnderLease<AppendCounts>, Error>>,
 }
 
 /// A handle to the ingest task; cheap to clone.
@@ -77,6 +84,33 @@ impl Ingest {
         observations: Vec<Observed>,
         checkpoint: Option<Checkpoint>,
     ) -> Result<AppendCounts, Error> {
+        match self.send(origin, observations, checkpoint, None).await? {
+            UnderLease::Done(counts) => Ok(counts),
+            // Only a write under a fence can find its lease lost.
+            UnderLease::LeaseLost => Err(stopped()),
+        }
+    }
+
+    /// [`Ingest::submit`] under the poller's lease: appends nothing and leaves the checkpoint
+    /// alone when another replica holds the lease now ([`UnderLease::LeaseLost`]).
+    pub async fn submit_fenced(
+        &self,
+        origin: Origin,
+        observations: Vec<Observed>,
+        checkpoint: Option<Checkpoint>,
+        fence: Fence,
+    ) -> Result<UnderLease<AppendCounts>, Error> {
+        self.send(origin, observations, checkpoint, Some(fence))
+            .await
+    }
+
+    async fn send(
+        &self,
+        origin: Origin,
+        observations: Vec<Observed>,
+        checkpoint: Option<Checkpoint>,
+        fence: Option<Fence>,
+    ) -> Result<UnderLease<AppendCounts>, Error> {
         let (reply, answer) = oneshot::channel();
         let mut observations = observations;
         if let Some(traceparent) =
@@ -91,6 +125,7 @@ impl Ingest {
                 origin,
                 observations,
                 checkpoint,
+                fence,
                 reply,
             })
             .await
@@ -110,25 +145,34 @@ async fn run(
     // Appends fail together on a full store (every webhook call and poll at once): one line per
     // interval says so, with the count of the others.
     let failure_log = LogLimit::new(LOG_EVERY);
+    // A fenced request met while merging, which commits on its own next.
+    let mut carried: Option<Request> = None;
     loop {
-        let first = tokio::select! {
-            biased;
-            request = queue.recv() => match request {
-                Some(request) => request,
-                None => return,
-            },
-            () = drain.clone().signaled() => {
-                // Finish what was already handed over, then refuse the rest.
-                queue.close();
-                match queue.recv().await {
+        let first = match carried.take() {
+            Some(request) => request,
+            None => tokio::select! {
+                biased;
+                request = queue.recv() => match request {
                     Some(request) => request,
                     None => return,
+                },
+                () = drain.clone().signaled() => {
+                    // Finish what was already handed over, then refuse the rest.
+                    queue.close();
+                    match queue.recv().await {
+                        Some(request) => request,
+                        None => return,
+                    }
                 }
-            }
+            },
         };
         let mut group = vec![first];
-        while group.len() < MAX_GROUP {
+        while group[0].fence.is_none() && group.len() < MAX_GROUP {
             match queue.try_recv() {
+                Ok(request) if request.fence.is_some() => {
+                    carried = Some(request);
+                    break;
+                }
                 Ok(request) => group.push(request),
                 Err(_) => break,
             }
@@ -154,12 +198,28 @@ async fn process(
         .filter_map(|request| request.checkpoint.clone())
         .collect();
     let now_ms = clock.now_ms();
-    let outcome = store
-        .feedback_log()
-        .append(now_ms, batches, checkpoints, log::encode_entry)
-        .await;
+    // A fenced request always forms a group of its own (see `run`).
+    let fence = group.first().and_then(|request| request.fence.clone());
+    let outcome = match &fence {
+        None => store
+            .feedback_log()
+            .append(now_ms, batches, checkpoints, log::encode_entry)
+            .await
+            .map(UnderLease::Done),
+        Some(fence) => {
+            store
+                .feedback_log()
+                .append_fenced(fence, now_ms, batches, checkpoints, log::encode_entry)
+                .await
+        }
+    };
     match outcome {
-        Ok(log::Appended { entries, counts }) => {
+        Ok(UnderLease::LeaseLost) => {
+            for request in group {
+                let _ = request.reply.send(Ok(UnderLease::LeaseLost));
+            }
+        }
+        Ok(UnderLease::Done(log::Appended { entries, counts })) => {
             if !entries.is_empty() {
                 tracing::debug!(
                     appended = entries.len(),
@@ -167,13 +227,13 @@ async fn process(
                     "feedback log appended"
                 );
             }
-            hub.publish(entries);
+            hub.publish(entries).await;
             for (request, counts) in group.into_iter().zip(counts) {
                 FeedbackStats::add(&stats.created, counts.created);
                 FeedbackStats::add(&stats.updated, counts.updated);
                 FeedbackStats::add(&stats.unchanged, counts.unchanged);
                 FeedbackStats::add(&stats.ignored, counts.ignored);
-                let _ = request.reply.send(Ok(counts));
+                let _ = request.reply.send(Ok(UnderLease::Done(counts)));
             }
         }
         Err(error) => {

@@ -22,6 +22,8 @@
 //! - [`ingest`]: the log's one appender: dedup, append, checkpoint, publish.
 //! - [`hub`]: fan-out, start positions, catch-up from the log, heartbeats, drain.
 //! - [`sync`]: the incremental poller and its upstream seam ([`sync::FeedbackSource`]).
+//! - [`leader`]: the poller's lease, so replicas sharing a database run one poller in all.
+//! - [`tail`]: on a shared database, publishes what other replicas append to this one's hub.
 //! - [`webhook`]: authentication and reading of webhook export calls.
 //! - [`retention`]: the task that deletes what the log no longer keeps.
 //! - [`cursor`], [`filter`]: cursors and subscription filters.
@@ -34,10 +36,12 @@ pub mod filter;
 pub mod history;
 pub mod hub;
 pub mod ingest;
+pub mod leader;
 pub mod log;
 pub mod retention;
 pub mod stats;
 pub mod sync;
+pub mod tail;
 pub mod webhook;
 
 #[cfg(test)]
@@ -169,9 +173,26 @@ impl Feedback {
                 progress,
             )),
         ];
+        // Other replicas append to a shared log: this replica's subscribers get their entries
+        // from the tail.
+        if let Some(wakeups) = store.feedback_log().append_wakeups() {
+            workers.push(Box::pin(tail::run(
+                Arc::clone(&hub),
+                store.clone(),
+                wakeups,
+                drain.clone(),
+            )));
+        }
         let syncing = settings.sync.is_some() && source.is_some();
         match (settings.sync.clone(), source) {
             (Some(sync), Some(source)) => {
+                let leadership = leader::Leadership::new(
+                    Arc::clone(store.leases()),
+                    sync::CURSOR_NAME,
+                    leader::replica_name(),
+                    Arc::clone(&stats),
+                    drain.clone(),
+                );
                 let poller = sync::Poller {
                     source,
                     ingest: ingest.clone(),
@@ -181,6 +202,7 @@ impl Feedback {
                     clock,
                     stats: Arc::clone(&stats),
                     drain,
+                    leadership,
                 };
                 workers.push(Box::pin(poller.run()));
             }

@@ -40,6 +40,12 @@ pub struct FeedbackStats {
     pub catch_ups: AtomicU64,
     /// Log entries deleted by retention.
     pub pruned: AtomicU64,
+    /// 1 while this replica holds the feedback poller's lease (it is the one that polls).
+    pub poller_leading: AtomicU64,
+    /// Times this replica took the poller's lease, and lost it to another replica or for want
+    /// of a timely renewal.
+    pub lease_acquired: AtomicU64,
+    pub lease_lost: AtomicU64,
 }
 
 /// A point-in-time copy of [`FeedbackStats`].
@@ -65,6 +71,9 @@ pub struct StatsSnapshot {
     pub subscriptions: u64,
     pub catch_ups: u64,
     pub pruned: u64,
+    pub poller_leading: u64,
+    pub lease_acquired: u64,
+    pub lease_lost: u64,
 }
 
 impl FeedbackStats {
@@ -100,6 +109,8 @@ impl FeedbackStats {
                 ("subscription", s.subscriptions),
                 ("catch_up", s.catch_ups),
                 ("pruned", s.pruned),
+                ("lease_acquired", s.lease_acquired),
+                ("lease_lost", s.lease_lost),
             ] {
                 readings.push((value, vec![KeyValue::new("kind", kind)]));
             }
@@ -111,6 +122,14 @@ impl FeedbackStats {
                 return false;
             };
             readings.push((stats.subscribers.load(Ordering::Relaxed), Vec::new()));
+            true
+        });
+        let leading = Arc::downgrade(stats);
+        register_probe(Observed::FeedbackPollerLeader, move |readings| {
+            let Some(stats) = leading.upgrade() else {
+                return false;
+            };
+            readings.push((stats.poller_leading.load(Ordering::Relaxed), Vec::new()));
             true
         });
     }
@@ -142,6 +161,9 @@ impl FeedbackStats {
             subscriptions: get(&self.subscriptions),
             catch_ups: get(&self.catch_ups),
             pruned: get(&self.pruned),
+            poller_leading: get(&self.poller_leading),
+            lease_acquired: get(&self.lease_acquired),
+            lease_lost: get(&self.lease_lost),
         }
     }
 }

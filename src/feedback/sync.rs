@@ -17,6 +17,12 @@
 //! interactive callers. Its state (checkpoint, covered range, watermark) is a JSON value in
 //! `sync_cursors`, written in the same transaction as the responses of each page.
 //!
+//! Replicas sharing one database run one poller in all: a replica polls only while it holds the
+//! poller's lease ([`super::leader`]), reads the state from the store each time it takes the
+//! lease, and writes every page and checkpoint under the lease's fence, so a replica that lost
+//! the lease can neither append nor move the checkpoint back. A replica that takes the lease
+//! over polls at once (after its own first interval since start).
+//!
 //! Each poll (and rescan) is a root span `feedback.sync.poll` — it runs on its own, under no
 //! RPC — whose upstream attempts are its children, with what it read: requests, items found,
 //! new, updated, unchanged and malformed ones, and its outcome; the same counts feed the
@@ -36,16 +42,18 @@ use super::clock::Clock;
 use super::convert::{ConvertError, feedback_to_pb};
 use super::hub::Hub;
 use super::ingest::{Checkpoint, Ingest};
+use super::leader::{Leadership, Term};
 use super::log::{Observed, Origin};
 use super::stats::FeedbackStats;
 use crate::backoff::FailureStreak;
 use crate::error::Error;
 use crate::shutdown::Drain;
 use crate::store::Store;
+use crate::store::leases::UnderLease;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{self, FeedbackQuery, PageRequest, RetentlyApi};
 
-/// The name of the poller's row in `sync_cursors`.
+/// The name of the poller's row in `sync_cursors`, and of its lease.
 pub const CURSOR_NAME: &str = "feedback.retently";
 
 /// Retently's largest page.
@@ -204,6 +212,8 @@ pub struct Poller {
     pub clock: Clock,
     pub stats: Arc<FeedbackStats>,
     pub drain: Drain,
+    /// The poller polls only while this replica holds the lease.
+    pub leadership: Leadership,
 }
 
 /// What a completed read of the list stands for.
@@ -240,7 +250,7 @@ pub struct PollTally {
     pub unchanged: u64,
     /// Items skipped as unreadable.
     pub malformed: u64,
-    /// Draining started before the poll finished.
+    /// Draining started, or the poller lost its lease, before the poll finished.
     pub interrupted: bool,
 }
 
@@ -260,6 +270,20 @@ impl Poller {
             () = tokio::time::sleep(self.settings.poll_interval) => {}
             () = self.drain.clone().signaled() => return,
         }
+        loop {
+            let Some(term) = self.leadership.acquire().await else {
+                return;
+            };
+            self.lead(&term).await;
+            self.leadership.end(term).await;
+            if self.drain.is_draining() {
+                return;
+            }
+        }
+    }
+
+    /// Polls while `term` lasts (or until draining starts), from the state in the store.
+    async fn lead(&self, term: &Term) {
         // A poll that fails again and again (upstream down, store full) waits longer each time, up
         // to this, and its warning is rate-limited.
         let mut failures = FailureStreak::new(
@@ -291,7 +315,7 @@ impl Poller {
                             "cannot read the feedback sync state, retrying"
                         );
                     }
-                    if self.pause_for(failure.delay).await {
+                    if self.pause_for(failure.delay, term).await {
                         return;
                     }
                 }
@@ -305,7 +329,7 @@ impl Poller {
             "feedback sync started"
         );
         loop {
-            if self.drain.is_draining() {
+            if self.drain.is_draining() || term.is_lost() {
                 return;
             }
             let started_ms = self.clock.now_ms();
@@ -323,10 +347,13 @@ impl Poller {
                 rescan: covers_rescan,
             };
             let mut retry_in = None;
-            match self
-                .traced_poll(&mut state, start_ms, started_ms, read)
-                .await
-            {
+            let polled = self
+                .traced_poll(&mut state, start_ms, started_ms, read, term)
+                .await;
+            if term.is_lost() {
+                return;
+            }
+            match polled {
                 Ok(()) => {
                     let failed = failures.succeeded();
                     if failed > 0 {
@@ -365,7 +392,10 @@ impl Poller {
                         incremental: false,
                         rescan: true,
                     };
-                    match self.traced_poll(&mut state, from, started_ms, read).await {
+                    match self
+                        .traced_poll(&mut state, from, started_ms, read, term)
+                        .await
+                    {
                         Ok(()) => FeedbackStats::add(&self.stats.rescans, 1),
                         Err(error) => {
                             FeedbackStats::add(&self.stats.poll_failures, 1);
@@ -377,17 +407,18 @@ impl Poller {
             let wait = retry_in.map_or(self.settings.poll_interval, |delay| {
                 delay.max(self.settings.poll_interval)
             });
-            if self.pause_for(wait).await {
+            if self.pause_for(wait, term).await {
                 return;
             }
         }
     }
 
-    /// Waits `wait`; `true` when draining started meanwhile.
-    async fn pause_for(&self, wait: Duration) -> bool {
+    /// Waits `wait`; `true` when draining started or the term ended meanwhile.
+    async fn pause_for(&self, wait: Duration, term: &Term) -> bool {
         tokio::select! {
-            () = tokio::time::sleep(wait) => self.drain.is_draining(),
+            () = tokio::time::sleep(wait) => self.drain.is_draining() || term.is_lost(),
             () = self.drain.clone().signaled() => true,
+            () = term.lost() => true,
         }
     }
 
@@ -399,6 +430,7 @@ impl Poller {
         start_ms: i64,
         started_ms: i64,
         read: Read,
+        term: &Term,
     ) -> Result<(), Error> {
         let kind = read.kind();
         let span = tracing::info_span!(
@@ -417,7 +449,7 @@ impl Poller {
         );
         let mut tally = PollTally::default();
         let result = self
-            .poll(state, start_ms, started_ms, read, &mut tally)
+            .poll(state, start_ms, started_ms, read, term, &mut tally)
             .instrument(span.clone())
             .await;
         let outcome = match &result {
@@ -460,13 +492,16 @@ impl Poller {
         result
     }
 
-    /// Reads every page from `start_ms` on and hands each to the log with the advanced state.
+    /// Reads every page from `start_ms` on and hands each to the log with the advanced state,
+    /// under the term's fence. Stops early (`interrupted`) when draining starts or the term
+    /// ends.
     async fn poll(
         &self,
         state: &mut SyncState,
         start_ms: i64,
         started_ms: i64,
         read: Read,
+        term: &Term,
         tally: &mut PollTally,
     ) -> Result<(), Error> {
         let start = DateTime::from_timestamp_millis(start_ms).unwrap_or_default();
@@ -482,6 +517,10 @@ impl Poller {
             let listed = tokio::select! {
                 biased;
                 () = self.drain.clone().signaled() => {
+                    tally.interrupted = true;
+                    return Ok(());
+                }
+                () = term.lost() => {
                     tally.interrupted = true;
                     return Ok(());
                 }
@@ -513,10 +552,20 @@ impl Poller {
                     next.synced_to_ms = Some(started_ms);
                 }
             }
-            let counts = self
+            let submitted = self
                 .ingest
-                .submit(Origin::Poll, observations, Some(next.checkpoint()))
+                .submit_fenced(
+                    Origin::Poll,
+                    observations,
+                    Some(next.checkpoint()),
+                    term.fence().clone(),
+                )
                 .await?;
+            let UnderLease::Done(counts) = submitted else {
+                term.taken_over();
+                tally.interrupted = true;
+                return Ok(());
+            };
             tally.new += counts.created;
             tally.updated += counts.updated;
             tally.unchanged += counts.unchanged;

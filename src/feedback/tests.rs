@@ -328,6 +328,71 @@ async fn cursors_of_another_log_or_ahead_of_it_are_invalid() {
     }
 }
 
+/// Entries another appender committed (a replica sharing the database) reach this hub's
+/// subscribers once and in sequence order: before a local append that follows them, or when the
+/// log tail reads the log; and a cursor issued by that replica, ahead of what this hub published
+/// so far, resumes here instead of being refused.
+#[tokio::test]
+async fn entries_appended_by_other_replicas_are_published_in_order_once() {
+    let fixture = Fixture::new(FeedbackSettings::default()).await;
+    let elsewhere = |ids: &[&str]| {
+        let observations: Vec<Observed> = ids
+            .iter()
+            .map(|id| Observed::new(&response(id, "c", 5.0, "", &[])))
+            .collect();
+        let store = fixture.store.clone();
+        async move {
+            store
+                .feedback_log()
+                .append(
+                    1_000,
+                    vec![(Origin::Webhook, observations)],
+                    Vec::new(),
+                    log::encode_entry,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let mut stream = fixture
+        .subscribe(filter::Filter::default(), Start::Latest)
+        .await;
+    next(&mut stream).await.unwrap();
+    elsewhere(&["r1", "r2"]).await;
+    assert_eq!(fixture.hub().head(), 0, "not published by this hub yet");
+    fixture
+        .observe(Origin::Webhook, &[response("r3", "c", 5.0, "", &[])])
+        .await;
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        received.push(next_event(&mut stream).await);
+    }
+    elsewhere(&["r4"]).await;
+    fixture.hub().publish_from_log().await.unwrap();
+    received.push(next_event(&mut stream).await);
+    assert_eq!(
+        received,
+        [("r1", 1), ("r2", 2), ("r3", 3), ("r4", 4)]
+            .map(|(id, sequence)| (id.to_owned(), sequence))
+    );
+
+    // A cursor at sequence 6, from a replica that published r5 and r6 already.
+    elsewhere(&["r5", "r6", "r7"]).await;
+    let cursor = fixture.hub().log().cursor(6);
+    let mut resumed = fixture
+        .subscribe(filter::Filter::default(), Start::After(cursor))
+        .await;
+    assert!(matches!(
+        next(&mut resumed).await.unwrap(),
+        Sent::Heartbeat { sequence: 6, .. }
+    ));
+    assert_eq!(next_event(&mut resumed).await, ("r7".to_owned(), 7));
+    // The first stream gets r5..r7 once, from the ring.
+    for expected in 5..=7 {
+        assert_eq!(next_event(&mut stream).await.1, expected);
+    }
+}
+
 #[tokio::test]
 async fn a_subscriber_that_falls_behind_continues_from_the_log_without_loss() {
     let settings = FeedbackSettings {

@@ -16,6 +16,7 @@ use super::feedback_log::{
     AppendCounts, CustomerKey, EntryFields, EntryKind, FeedbackQuery, Observed, Origin, ReadOutcome,
 };
 use super::idempotency::IdempotencyRecord;
+use super::leases::{Fence, UnderLease};
 use super::outbox::{
     AttemptRecord, DeadLetterFilter, DeliveryError, DeliveryState, NewDelivery, QueuedDelivery,
     RequeueOutcome, RetrySelection,
@@ -53,6 +54,7 @@ macro_rules! store_contract_tests {
             log_reads_follow_sequences_bounds_and_retention,
             latest_versions_answer_queries_and_customer_histories,
             cursors_keep_the_last_value_per_name,
+            writes_under_a_lease_apply_only_with_its_current_epoch,
             fatigue_reservations_block_inside_the_window_until_released,
             fatigue_release_puts_back_the_earlier_survey_time,
             fatigue_recipient_blocked_in_one_scope_reserves_none,
@@ -927,6 +929,92 @@ pub(crate) async fn concurrent_appends_get_gap_free_sequences_in_commit_order(st
     assert_eq!(log.state().await.unwrap().head_seq, APPENDS);
     let read = sequences(log.read_after(0, APPENDS, 1_000, usize::MAX).await.unwrap());
     assert_eq!(read, (1..=APPENDS).collect::<Vec<_>>());
+}
+
+/// A lease is granted to a holder and renewed with the same epoch; a write under it applies only
+/// while its epoch is the lease's current one, and one with another epoch neither appends nor
+/// moves the checkpoint (on PostgreSQL a takeover makes the old epoch such a one; the embedded
+/// engine never grants another).
+pub(crate) async fn writes_under_a_lease_apply_only_with_its_current_epoch(store: &Store) {
+    let leases = store.leases();
+    let fence = leases
+        .acquire_lease("feedback.retently", "replica-a")
+        .await
+        .unwrap()
+        .expect("a free lease is granted");
+    assert_eq!(fence.lease, "feedback.retently");
+    let renewed = leases
+        .acquire_lease("feedback.retently", "replica-a")
+        .await
+        .unwrap();
+    assert_eq!(renewed.as_ref(), Some(&fence), "a renewal keeps the epoch");
+    assert!(!leases.lease_ttl().is_zero());
+    let checkpoint = |value: &str| Checkpoint {
+        name: "feedback.retently".to_owned(),
+        value: value.to_owned(),
+    };
+    let log = store.feedback_log();
+    let appended = log
+        .append_fenced(
+            &fence,
+            1_000,
+            vec![(Origin::Poll, vec![observed("f1", 1, 10, "a@x", "c1")])],
+            vec![checkpoint("page-2")],
+            encode,
+        )
+        .await
+        .unwrap();
+    let UnderLease::Done(appended) = appended else {
+        panic!("the holder's write is refused");
+    };
+    assert_eq!(
+        appended
+            .entries
+            .iter()
+            .map(|e| e.sequence)
+            .collect::<Vec<_>>(),
+        [1]
+    );
+
+    let stale = Fence {
+        epoch: fence.epoch - 1,
+        ..fence.clone()
+    };
+    let refused = log
+        .append_fenced(
+            &stale,
+            2_000,
+            vec![(Origin::Poll, vec![observed("f2", 1, 20, "a@x", "c1")])],
+            vec![checkpoint("page-1")],
+            encode,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(refused, UnderLease::LeaseLost));
+    assert_eq!(log.state().await.unwrap().head_seq, 1);
+    assert_eq!(
+        store
+            .cursors()
+            .get("feedback.retently")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("page-2"),
+        "a stale epoch cannot move the checkpoint back"
+    );
+    let ReadOutcome::Entries(entries) = log.read_after(0, 10, 10, usize::MAX).await.unwrap() else {
+        panic!("nothing was pruned");
+    };
+    assert_eq!(entries.len(), 1);
+    // Giving the lease up and taking it again works (a replica that drained and came back).
+    leases.release_lease(&fence).await.unwrap();
+    assert!(
+        leases
+            .acquire_lease("feedback.retently", "replica-a")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 /// Appends `count` new responses, one per call, logged at `1_000 * sequence`.

@@ -7,6 +7,7 @@ use prost::bytes::Bytes;
 
 use super::StoreError;
 use super::cursors::Checkpoint;
+use super::leases::{Fence, UnderLease};
 
 /// What a subscription filter looks at; stored beside each entry and carried by live entries.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +183,28 @@ pub trait FeedbackLogStore: Send + Sync + 'static {
         checkpoints: Vec<Checkpoint>,
         encode: EntryEncoder,
     ) -> Result<Appended, StoreError>;
+
+    /// [`FeedbackLogStore::append`] made under a lease (the poller's pages and checkpoints):
+    /// in the same transaction, checks first that `fence` is still the lease's current epoch,
+    /// and appends nothing and writes no checkpoint when another holder took the lease since
+    /// ([`UnderLease::LeaseLost`]). A holder that lost its lease therefore can neither append
+    /// nor move the checkpoint back, however long it was paused.
+    async fn append_fenced(
+        &self,
+        fence: &Fence,
+        now_ms: i64,
+        batches: Vec<(Origin, Vec<Observed>)>,
+        checkpoints: Vec<Checkpoint>,
+        encode: EntryEncoder,
+    ) -> Result<UnderLease<Appended>, StoreError>;
+
+    /// A signal that changes after other processes appended to the log (several replicas on
+    /// one database); `None` when this process is the log's only appender (the embedded
+    /// store). A wake-up only: what was appended is read from the log, and a reader that must
+    /// not miss anything also reads it every so often, as a wake-up may be lost.
+    fn append_wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 
     /// Entries after `after`, up to `up_to` inclusive, oldest first; at most `max_entries` and,
     /// beyond the first entry, at most about `max_bytes` of messages. `Expired` when retention

@@ -11,6 +11,8 @@
 //!   event rules' throttles.
 //! - [`AlertStore`] ([`alerts`]): the alert evaluator's checkpoint, alert keys and rate limit
 //!   counts, and the queueing of its alerts in the outbox.
+//! - [`LeaseStore`] ([`leases`]): leases with fencing tokens, so that one replica runs the
+//!   feedback poller.
 //!
 //! Each trait method is one atomic operation (a transaction of the engine), described by what
 //! it does, never by a borrowed connection, so a networked engine implements the same traits.
@@ -30,6 +32,7 @@ mod error;
 pub mod fatigue;
 pub mod feedback_log;
 pub mod idempotency;
+pub mod leases;
 pub mod outbox;
 pub mod postgres;
 pub mod sqlite;
@@ -44,17 +47,31 @@ pub use error::{StoreError, StoreErrorKind};
 pub use fatigue::FatigueStore;
 pub use feedback_log::FeedbackLogStore;
 pub use idempotency::{IdempotencyRecord, IdempotencyStore};
+pub use leases::LeaseStore;
 pub use outbox::OutboxStore;
 pub use sqlite::{DATABASE_FILE, MARKER_FILE, MissingStore, OpenError, SqliteStore};
 
 /// An engine that holds every concern.
 pub trait Engine:
-    OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore + AlertStore
+    OutboxStore
+    + IdempotencyStore
+    + FeedbackLogStore
+    + CursorStore
+    + FatigueStore
+    + AlertStore
+    + LeaseStore
 {
 }
 
-impl<E: OutboxStore + IdempotencyStore + FeedbackLogStore + CursorStore + FatigueStore + AlertStore>
-    Engine for E
+impl<
+    E: OutboxStore
+        + IdempotencyStore
+        + FeedbackLogStore
+        + CursorStore
+        + FatigueStore
+        + AlertStore
+        + LeaseStore,
+> Engine for E
 {
 }
 
@@ -68,6 +85,7 @@ pub struct Store {
     cursors: Arc<dyn CursorStore>,
     fatigue: Arc<dyn FatigueStore>,
     alerts: Arc<dyn AlertStore>,
+    leases: Arc<dyn LeaseStore>,
     /// Names the engine and where its data lives, for logs (never a secret).
     description: Arc<str>,
 }
@@ -102,7 +120,8 @@ impl Store {
             feedback_log: Arc::clone(&engine) as Arc<dyn FeedbackLogStore>,
             cursors: Arc::clone(&engine) as Arc<dyn CursorStore>,
             fatigue: Arc::clone(&engine) as Arc<dyn FatigueStore>,
-            alerts: engine as Arc<dyn AlertStore>,
+            alerts: Arc::clone(&engine) as Arc<dyn AlertStore>,
+            leases: engine as Arc<dyn LeaseStore>,
             description: description.into(),
         }
     }
@@ -129,6 +148,10 @@ impl Store {
 
     pub fn alerts(&self) -> &Arc<dyn AlertStore> {
         &self.alerts
+    }
+
+    pub fn leases(&self) -> &Arc<dyn LeaseStore> {
+        &self.leases
     }
 
     pub fn description(&self) -> &str {

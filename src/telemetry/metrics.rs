@@ -59,6 +59,8 @@ pub enum Observed {
     FeedbackEvents,
     /// Open FeedbackStream subscriptions.
     FeedbackSubscribers,
+    /// 1 while this replica holds the feedback poller's lease.
+    FeedbackPollerLeader,
     /// Seconds since the feedback sync's watermark (a fractional reading, see
     /// [`register_float_probe`]).
     FeedbackSyncLag,
@@ -426,6 +428,12 @@ fn observed_instruments(
             "cxgw.feedback.subscribers",
             "Open FeedbackStream subscriptions",
             Observed::FeedbackSubscribers,
+        ),
+        gauge(
+            "cxgw.feedback.poller.leader",
+            "1 while this replica holds the feedback poller's lease and polls Retently (one \
+             replica in all when several share a database), 0 otherwise",
+            Observed::FeedbackPollerLeader,
         ),
         seconds_gauge(
             "cxgw.outbox.oldest_pending.age",

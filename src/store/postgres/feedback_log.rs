@@ -23,6 +23,7 @@ use crate::store::feedback_log::{
     AppendCounts, Appended, CustomerKey, EntryEncoder, EntryFields, EntryKind, FeedbackLogStore,
     FeedbackQuery, LogEntry, LogState, Observed, Origin, ReadOutcome, StoredFeedbackPage,
 };
+use crate::store::leases::{Fence, UnderLease};
 
 const READ_STATE: &str =
     "SELECT epoch, head_seq, head_time_ms, pruned_seq, pruned_time_ms FROM feedback_log_meta";
@@ -73,6 +74,181 @@ struct NewItem<'a> {
     last_seq: i64,
 }
 
+/// The `NOTIFY` channel of appends: a wake-up for the replicas that tail the log.
+const APPENDS_CHANNEL: &str = "cxgw_feedback_appends";
+
+/// The append itself, inside the caller's transaction (see [`FeedbackLogStore::append`]).
+async fn append_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    now_ms: i64,
+    batches: &[(Origin, Vec<Observed>)],
+    checkpoints: &[Checkpoint],
+    encode: EntryEncoder,
+) -> Result<Appended, StoreError> {
+    let fail = query_error("append to the feedback log");
+    // The lock that serializes appends (see the module doc).
+    let state = state_from_row(
+        &tx.query_one(&format!("{READ_STATE} FOR UPDATE"), &[])
+            .await
+            .map_err(&fail)?,
+    );
+    let ids: Vec<&str> = batches
+        .iter()
+        .flat_map(|(_, observations)| observations.iter())
+        .map(|observed| observed.feedback_id.as_str())
+        .collect();
+    let mut known: HashMap<String, Vec<u8>> = tx
+        .query(
+            "SELECT feedback_id, digest FROM feedback_items WHERE feedback_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(&fail)?
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut head_seq = state.head_seq;
+    let mut head_time = state.head_time_ms;
+    let mut new = NewEntries::default();
+    let mut items: HashMap<&str, NewItem<'_>> = HashMap::new();
+    let mut entries = Vec::new();
+    let mut counts = Vec::with_capacity(batches.len());
+    for (origin, observations) in batches {
+        let mut batch = AppendCounts::default();
+        for observed in observations {
+            let kind = match known.get(&observed.feedback_id) {
+                None => EntryKind::Created,
+                Some(digest) if digest.as_slice() == observed.digest.as_slice() => {
+                    batch.unchanged += 1;
+                    continue;
+                }
+                Some(_) if *origin == Origin::Webhook => {
+                    batch.ignored += 1;
+                    continue;
+                }
+                Some(_) => EntryKind::Updated,
+            };
+            head_seq += 1;
+            head_time = head_time.max(now_ms);
+            let message = encode(state.epoch, head_seq, kind, head_time, &observed.payload);
+            let fields = &observed.fields;
+            new.seq.push(head_seq);
+            new.feedback_id.push(observed.feedback_id.clone());
+            new.kind.push(kind.number());
+            new.log_time_ms.push(head_time);
+            new.campaign_id.push(fields.campaign_id.clone());
+            new.metric.push(fields.metric);
+            new.score.push(fields.score);
+            new.score_category.push(fields.score_category);
+            new.has_comment.push(fields.has_comment);
+            new.message.push(message.to_vec());
+            new.traceparent.push(observed.traceparent.clone());
+            known.insert(observed.feedback_id.clone(), observed.digest.to_vec());
+            items.insert(
+                &observed.feedback_id,
+                NewItem {
+                    observed,
+                    last_seq: head_seq,
+                },
+            );
+            match kind {
+                EntryKind::Updated => batch.updated += 1,
+                EntryKind::Created => batch.created += 1,
+            }
+            entries.push(LogEntry {
+                sequence: head_seq,
+                log_time_ms: head_time,
+                fields: fields.clone(),
+                message,
+                traceparent: observed.traceparent.clone(),
+            });
+        }
+        counts.push(batch);
+    }
+    if !new.seq.is_empty() {
+        tx.execute(
+            "INSERT INTO feedback_log (seq, feedback_id, kind, log_time_ms, campaign_id,
+                    metric, score, score_category, has_comment, message, traceparent)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[],
+                    $4::bigint[], $5::text[], $6::integer[], $7::double precision[],
+                    $8::integer[], $9::boolean[], $10::bytea[], $11::text[])",
+            &[
+                &new.seq,
+                &new.feedback_id,
+                &new.kind,
+                &new.log_time_ms,
+                &new.campaign_id,
+                &new.metric,
+                &new.score,
+                &new.score_category,
+                &new.has_comment,
+                &new.message,
+                &new.traceparent,
+            ],
+        )
+        .await
+        .map_err(&fail)?;
+        // One row per response: a response seen twice in one append keeps its last
+        // version (an upsert may not touch one row twice).
+        let mut item_ids = Vec::with_capacity(items.len());
+        let mut digests = Vec::with_capacity(items.len());
+        let mut last_seqs = Vec::with_capacity(items.len());
+        let mut create_times = Vec::with_capacity(items.len());
+        let mut campaigns = Vec::with_capacity(items.len());
+        let mut customers = Vec::with_capacity(items.len());
+        let mut emails = Vec::with_capacity(items.len());
+        let mut payloads = Vec::with_capacity(items.len());
+        for item in items.values() {
+            let observed = item.observed;
+            item_ids.push(observed.feedback_id.as_str());
+            digests.push(observed.digest.as_slice());
+            last_seqs.push(item.last_seq);
+            create_times.push(observed.create_time_ms);
+            campaigns.push(observed.fields.campaign_id.as_str());
+            customers.push(observed.customer_id.as_str());
+            emails.push(observed.email.as_str());
+            payloads.push(observed.payload.as_slice());
+        }
+        tx.execute(
+            "INSERT INTO feedback_items (feedback_id, digest, last_seq, create_time_ms,
+                    campaign_id, customer_id, email, payload)
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[],
+                    $5::text[], $6::text[], $7::text[], $8::bytea[])
+                 ON CONFLICT (feedback_id) DO UPDATE SET
+                    digest = EXCLUDED.digest, last_seq = EXCLUDED.last_seq,
+                    create_time_ms = EXCLUDED.create_time_ms,
+                    campaign_id = EXCLUDED.campaign_id, customer_id = EXCLUDED.customer_id,
+                    email = EXCLUDED.email, payload = EXCLUDED.payload",
+            &[
+                &item_ids,
+                &digests,
+                &last_seqs,
+                &create_times,
+                &campaigns,
+                &customers,
+                &emails,
+                &payloads,
+            ],
+        )
+        .await
+        .map_err(&fail)?;
+        tx.execute(
+            "UPDATE feedback_log_meta SET head_seq = $1, head_time_ms = $2",
+            &[&head_seq, &head_time],
+        )
+        .await
+        .map_err(&fail)?;
+        // Delivered when this transaction commits: wakes the other replicas' tails.
+        tx.execute("SELECT pg_notify($1, '')", &[&APPENDS_CHANNEL])
+            .await
+            .map_err(&fail)?;
+    }
+    for checkpoint in checkpoints {
+        super::cursors::put(tx, checkpoint, &fail).await?;
+    }
+    Ok(Appended { entries, counts })
+}
+
 #[async_trait::async_trait]
 impl FeedbackLogStore for PostgresStore {
     async fn state(&self) -> Result<LogState, StoreError> {
@@ -92,165 +268,34 @@ impl FeedbackLogStore for PostgresStore {
         encode: EntryEncoder,
     ) -> Result<Appended, StoreError> {
         in_transaction!(self, "append to the feedback log", |tx| {
-            let fail = query_error("append to the feedback log");
-            // The lock that serializes appends (see the module doc).
-            let state = state_from_row(
-                &tx.query_one(&format!("{READ_STATE} FOR UPDATE"), &[])
-                    .await
-                    .map_err(&fail)?,
-            );
-            let ids: Vec<&str> = batches
-                .iter()
-                .flat_map(|(_, observations)| observations.iter())
-                .map(|observed| observed.feedback_id.as_str())
-                .collect();
-            let mut known: HashMap<String, Vec<u8>> = tx
-                .query(
-                    "SELECT feedback_id, digest FROM feedback_items WHERE feedback_id = ANY($1)",
-                    &[&ids],
-                )
-                .await
-                .map_err(&fail)?
-                .into_iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect();
-            let mut head_seq = state.head_seq;
-            let mut head_time = state.head_time_ms;
-            let mut new = NewEntries::default();
-            let mut items: HashMap<&str, NewItem<'_>> = HashMap::new();
-            let mut entries = Vec::new();
-            let mut counts = Vec::with_capacity(batches.len());
-            for (origin, observations) in &batches {
-                let mut batch = AppendCounts::default();
-                for observed in observations {
-                    let kind = match known.get(&observed.feedback_id) {
-                        None => EntryKind::Created,
-                        Some(digest) if digest.as_slice() == observed.digest.as_slice() => {
-                            batch.unchanged += 1;
-                            continue;
-                        }
-                        Some(_) if *origin == Origin::Webhook => {
-                            batch.ignored += 1;
-                            continue;
-                        }
-                        Some(_) => EntryKind::Updated,
-                    };
-                    head_seq += 1;
-                    head_time = head_time.max(now_ms);
-                    let message = encode(state.epoch, head_seq, kind, head_time, &observed.payload);
-                    let fields = &observed.fields;
-                    new.seq.push(head_seq);
-                    new.feedback_id.push(observed.feedback_id.clone());
-                    new.kind.push(kind.number());
-                    new.log_time_ms.push(head_time);
-                    new.campaign_id.push(fields.campaign_id.clone());
-                    new.metric.push(fields.metric);
-                    new.score.push(fields.score);
-                    new.score_category.push(fields.score_category);
-                    new.has_comment.push(fields.has_comment);
-                    new.message.push(message.to_vec());
-                    new.traceparent.push(observed.traceparent.clone());
-                    known.insert(observed.feedback_id.clone(), observed.digest.to_vec());
-                    items.insert(
-                        &observed.feedback_id,
-                        NewItem {
-                            observed,
-                            last_seq: head_seq,
-                        },
-                    );
-                    match kind {
-                        EntryKind::Updated => batch.updated += 1,
-                        EntryKind::Created => batch.created += 1,
-                    }
-                    entries.push(LogEntry {
-                        sequence: head_seq,
-                        log_time_ms: head_time,
-                        fields: fields.clone(),
-                        message,
-                        traceparent: observed.traceparent.clone(),
-                    });
-                }
-                counts.push(batch);
-            }
-            if !new.seq.is_empty() {
-                tx.execute(
-                    "INSERT INTO feedback_log (seq, feedback_id, kind, log_time_ms, campaign_id,
-                        metric, score, score_category, has_comment, message, traceparent)
-                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[],
-                        $4::bigint[], $5::text[], $6::integer[], $7::double precision[],
-                        $8::integer[], $9::boolean[], $10::bytea[], $11::text[])",
-                    &[
-                        &new.seq,
-                        &new.feedback_id,
-                        &new.kind,
-                        &new.log_time_ms,
-                        &new.campaign_id,
-                        &new.metric,
-                        &new.score,
-                        &new.score_category,
-                        &new.has_comment,
-                        &new.message,
-                        &new.traceparent,
-                    ],
-                )
-                .await
-                .map_err(&fail)?;
-                // One row per response: a response seen twice in one append keeps its last
-                // version (an upsert may not touch one row twice).
-                let mut item_ids = Vec::with_capacity(items.len());
-                let mut digests = Vec::with_capacity(items.len());
-                let mut last_seqs = Vec::with_capacity(items.len());
-                let mut create_times = Vec::with_capacity(items.len());
-                let mut campaigns = Vec::with_capacity(items.len());
-                let mut customers = Vec::with_capacity(items.len());
-                let mut emails = Vec::with_capacity(items.len());
-                let mut payloads = Vec::with_capacity(items.len());
-                for item in items.values() {
-                    let observed = item.observed;
-                    item_ids.push(observed.feedback_id.as_str());
-                    digests.push(observed.digest.as_slice());
-                    last_seqs.push(item.last_seq);
-                    create_times.push(observed.create_time_ms);
-                    campaigns.push(observed.fields.campaign_id.as_str());
-                    customers.push(observed.customer_id.as_str());
-                    emails.push(observed.email.as_str());
-                    payloads.push(observed.payload.as_slice());
-                }
-                tx.execute(
-                    "INSERT INTO feedback_items (feedback_id, digest, last_seq, create_time_ms,
-                        campaign_id, customer_id, email, payload)
-                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::bigint[],
-                        $5::text[], $6::text[], $7::text[], $8::bytea[])
-                     ON CONFLICT (feedback_id) DO UPDATE SET
-                        digest = EXCLUDED.digest, last_seq = EXCLUDED.last_seq,
-                        create_time_ms = EXCLUDED.create_time_ms,
-                        campaign_id = EXCLUDED.campaign_id, customer_id = EXCLUDED.customer_id,
-                        email = EXCLUDED.email, payload = EXCLUDED.payload",
-                    &[
-                        &item_ids,
-                        &digests,
-                        &last_seqs,
-                        &create_times,
-                        &campaigns,
-                        &customers,
-                        &emails,
-                        &payloads,
-                    ],
-                )
-                .await
-                .map_err(&fail)?;
-                tx.execute(
-                    "UPDATE feedback_log_meta SET head_seq = $1, head_time_ms = $2",
-                    &[&head_seq, &head_time],
-                )
-                .await
-                .map_err(&fail)?;
-            }
-            for checkpoint in &checkpoints {
-                super::cursors::put(&tx, checkpoint, &fail).await?;
-            }
-            Ok(Appended { entries, counts })
+            append_in(&tx, now_ms, &batches, &checkpoints, encode).await
         })
+    }
+
+    async fn append_fenced(
+        &self,
+        fence: &Fence,
+        now_ms: i64,
+        batches: Vec<(Origin, Vec<Observed>)>,
+        checkpoints: Vec<Checkpoint>,
+        encode: EntryEncoder,
+    ) -> Result<UnderLease<Appended>, StoreError> {
+        in_transaction!(self, "append to the feedback log", |tx| {
+            // Checked first: the lease row stays share-locked until the commit, so no
+            // takeover lands between this check and the append (see `leases`).
+            let fail = query_error("append to the feedback log");
+            if !super::leases::holds(&tx, fence, &fail).await? {
+                return Ok(UnderLease::LeaseLost);
+            }
+            let appended = append_in(&tx, now_ms, &batches, &checkpoints, encode).await?;
+            Ok(UnderLease::Done(appended))
+        })
+    }
+
+    /// Each call opens a listening connection of its own, outside the pool, which lives as
+    /// long as the receiver.
+    fn append_wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(super::notify::listen(self, APPENDS_CHANNEL))
     }
 
     async fn read_after(

@@ -178,6 +178,21 @@ pub const MIGRATIONS: &[Migration] = &[
     CREATE INDEX survey_fatigue_by_email ON survey_fatigue (email, token);
     ",
     },
+    Migration {
+        version: 5,
+        name: "leases",
+        sql: "
+    -- Leases with fencing tokens (see leases.rs): the holder of `name` until `expires_at` (the
+    -- database's clock), and the epoch that grows each time the lease changes hands, which the
+    -- holder's writes must still find here to be applied.
+    CREATE TABLE leases (
+        name text PRIMARY KEY,
+        holder text NOT NULL,
+        epoch bigint NOT NULL,
+        expires_at timestamptz NOT NULL
+    );
+    ",
+    },
 ];
 
 /// Applies the migrations this database lacks; returns the versions applied by this call.

@@ -15,6 +15,8 @@
 //! - `cursors`: the pollers' checkpoints.
 //! - `fatigue`: the survey record behind the cool-down, reserved race-free across replicas.
 //! - [`feedback_log`]: the shared feedback log, numbered in commit order without gaps.
+//! - `leases`: leases with fencing tokens (the one feedback poller across replicas).
+//! - `notify`: the listening connection that wakes the replicas' log tails after appends.
 //! - [`outbox`]: deliveries claimed across replicas under a lease.
 //! - [`idempotency`]: records that replicas racing on one key resolve to one winner.
 
@@ -35,7 +37,9 @@ mod cursors;
 mod fatigue;
 pub mod feedback_log;
 pub mod idempotency;
+mod leases;
 pub mod migrations;
+mod notify;
 pub mod outbox;
 
 #[cfg(test)]
@@ -50,6 +54,10 @@ pub const DEFAULT_POOL_SIZE: usize = 8;
 /// short loss of the database; a dead replica's deliveries are taken over about this long
 /// after its death.
 pub const DEFAULT_CLAIM_LEASE: Duration = Duration::from_secs(30);
+
+/// See [`PostgresSettings::poller_lease`]: with the standbys asking every third of it, the
+/// poller of a replica that died runs on another one within about 4 s.
+pub const DEFAULT_POLLER_LEASE: Duration = Duration::from_secs(3);
 
 /// Lease renewals come no more often than this, whatever the lease.
 const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
@@ -77,6 +85,11 @@ pub struct PostgresSettings {
     /// any replica takes it over as one whose replica died. The replica renews its claims
     /// every third of this while it runs.
     pub claim_lease: Duration,
+    /// How long the feedback poller's lease lasts without a renewal (see
+    /// [`crate::store::leases`]): its holder renews it every third of this, the other replicas
+    /// ask for it as often, and one of them takes it over at most this long after the holder
+    /// died.
+    pub poller_lease: Duration,
 }
 
 impl PostgresSettings {
@@ -86,6 +99,7 @@ impl PostgresSettings {
             ca_file: None,
             pool_size: DEFAULT_POOL_SIZE,
             claim_lease: DEFAULT_CLAIM_LEASE,
+            poller_lease: DEFAULT_POLLER_LEASE,
         }
     }
 }
@@ -159,6 +173,11 @@ pub struct PostgresStore {
     /// How long a claimed delivery stays with the replica that claimed it (see [`outbox`]).
     claim_lease: Duration,
     outbox_state: Arc<outbox::OutboxState>,
+    /// See [`PostgresSettings::poller_lease`].
+    poller_lease: Duration,
+    /// How to open a connection of its own, outside the pool (the `LISTEN` connection). Holds
+    /// the password: never logged.
+    connect: Arc<(tokio_postgres::Config, MakeRustlsConnect)>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -197,6 +216,7 @@ impl PostgresStore {
             config.application_name("cx-gateway");
         }
         let tls = MakeRustlsConnect::new(tls_config(settings.ca_file.as_deref())?);
+        let connect = Arc::new((config.clone(), tls.clone()));
         let manager = Manager::from_config(
             config,
             tls,
@@ -220,6 +240,8 @@ impl PostgresStore {
             pool,
             claim_lease: settings.claim_lease,
             outbox_state: Arc::default(),
+            poller_lease: settings.poller_lease,
+            connect,
         })
     }
 
@@ -231,6 +253,8 @@ impl PostgresStore {
         let alive = Arc::downgrade(&self.outbox_state);
         let pool = self.pool.clone();
         let claim_lease = self.claim_lease;
+        let poller_lease = self.poller_lease;
+        let connect = Arc::clone(&self.connect);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
@@ -241,6 +265,8 @@ impl PostgresStore {
                     pool: pool.clone(),
                     claim_lease,
                     outbox_state,
+                    poller_lease,
+                    connect: Arc::clone(&connect),
                 };
                 if let Err(error) = store.renew_leases().await {
                     tracing::warn!(%error, "cannot renew the claims of in-flight deliveries");

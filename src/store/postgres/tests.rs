@@ -611,6 +611,219 @@ async fn renewed_claims_stay_with_their_replica() {
     assert_eq!(d2.state, DeliveryState::Pending);
 }
 
+/// The poller's lease across replicas: one holder at a time; once it has expired (its holder
+/// paused or died) another replica takes it with the next epoch, and from then on the old
+/// holder can neither renew it, nor append, nor move the checkpoint back, while the new one
+/// can. Expiry is made by construction (the row's expiry moved into the past), not waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_over_fences_out_its_old_holder() {
+    use crate::store::leases::{LeaseStore, UnderLease};
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    const LEASE: &str = "feedback.retently";
+    let old = replica_a
+        .acquire_lease(LEASE, "replica-a")
+        .await
+        .unwrap()
+        .expect("the free lease is granted");
+    assert_eq!(
+        replica_b.acquire_lease(LEASE, "replica-b").await.unwrap(),
+        None,
+        "a running lease stays with its holder"
+    );
+    let page = |id: &str, value: &str| {
+        (
+            vec![(Origin::Poll, vec![observed(id, 1)])],
+            vec![Checkpoint {
+                name: LEASE.to_owned(),
+                value: value.to_owned(),
+            }],
+        )
+    };
+    let (batches, checkpoints) = page("f1", "checkpoint-1");
+    assert!(matches!(
+        replica_a
+            .append_fenced(&old, 1_000, batches, checkpoints, ENCODE)
+            .await
+            .unwrap(),
+        UnderLease::Done(_)
+    ));
+
+    // Replica A pauses past its lease.
+    admin_client(settings.url.expose())
+        .await
+        .execute(
+            "UPDATE leases SET expires_at = clock_timestamp() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let new = replica_b
+        .acquire_lease(LEASE, "replica-b")
+        .await
+        .unwrap()
+        .expect("an expired lease is taken over");
+    assert_eq!(new.epoch, old.epoch + 1);
+
+    // Replica A wakes up: its renewal fails, and so do its writes.
+    assert_eq!(
+        replica_a.acquire_lease(LEASE, "replica-a").await.unwrap(),
+        None
+    );
+    let (batches, checkpoints) = page("f-late", "checkpoint-0");
+    assert!(matches!(
+        replica_a
+            .append_fenced(&old, 2_000, batches, checkpoints, ENCODE)
+            .await
+            .unwrap(),
+        UnderLease::LeaseLost
+    ));
+    assert_eq!(replica_b.state().await.unwrap().head_seq, 1);
+    assert_eq!(
+        CursorStore::get(&replica_b, LEASE)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("checkpoint-1")
+    );
+    let (batches, checkpoints) = page("f2", "checkpoint-2");
+    assert!(matches!(
+        replica_b
+            .append_fenced(&new, 3_000, batches, checkpoints, ENCODE)
+            .await
+            .unwrap(),
+        UnderLease::Done(_)
+    ));
+    assert_eq!(
+        CursorStore::get(&replica_a, LEASE)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("checkpoint-2")
+    );
+
+    // A release hands the lease over at once; only the current epoch can release it.
+    replica_a.release_lease(&old).await.unwrap();
+    assert_eq!(
+        replica_a.acquire_lease(LEASE, "replica-a").await.unwrap(),
+        None
+    );
+    replica_b.release_lease(&new).await.unwrap();
+    let back = replica_a
+        .acquire_lease(LEASE, "replica-a")
+        .await
+        .unwrap()
+        .expect("a released lease is free");
+    assert_eq!(back.epoch, new.epoch + 1);
+}
+
+/// A takeover waits for a write of the old holder that already passed its fence check, so the
+/// new holder reads the state only after that write: the old holder's transaction holds the
+/// lease's row (here a transaction standing in for it, between its check and its commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_waits_for_the_old_holder_s_write_in_progress() {
+    use crate::store::leases::LeaseStore;
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    let old = replica_a
+        .acquire_lease("feedback.retently", "replica-a")
+        .await
+        .unwrap()
+        .unwrap();
+    // The holder's lease runs out while it is paused; it wakes up and its write passes the
+    // fence check (nobody took over yet).
+    admin_client(settings.url.expose())
+        .await
+        .execute("UPDATE leases SET expires_at = '-infinity'", &[])
+        .await
+        .unwrap();
+    let mut writer = admin_client(settings.url.expose()).await;
+    let write = writer.transaction().await.unwrap();
+    let epoch: i64 = write
+        .query_one(
+            "SELECT epoch FROM leases WHERE name = 'feedback.retently' FOR SHARE",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(epoch, old.epoch);
+    let takeover = tokio::spawn(async move {
+        replica_b
+            .acquire_lease("feedback.retently", "replica-b")
+            .await
+            .unwrap()
+    });
+    wait_for_lock_waiters(&settings, 1).await;
+    assert!(!takeover.is_finished());
+    write.commit().await.unwrap();
+    let new = takeover.await.unwrap().expect("taken over after the write");
+    assert_eq!(new.epoch, old.epoch + 1);
+}
+
+/// An append on one replica wakes the log tail of another: the `NOTIFY` sent by the appending
+/// transaction reaches the other replica's listening connection once it commits, and an
+/// append that adds nothing sends none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_wake_the_other_replicas_tails() {
+    let Some(settings) = fresh_database().await else {
+        return;
+    };
+    let replica_a = PostgresStore::connect(&settings).await.unwrap();
+    let replica_b = PostgresStore::connect(&settings).await.unwrap();
+    let mut wakeups = replica_b.append_wakeups().expect("replicas share the log");
+    // The first wake-up says the connection listens (appends before it were not announced).
+    tokio::time::timeout(Duration::from_secs(30), wakeups.changed())
+        .await
+        .expect("listening in time")
+        .unwrap();
+    let listening = *wakeups.borrow_and_update();
+    replica_a
+        .append(
+            1_000,
+            vec![(Origin::Poll, vec![observed("f1", 1)])],
+            Vec::new(),
+            ENCODE,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), wakeups.changed())
+        .await
+        .expect("woken by the append")
+        .unwrap();
+    assert_eq!(*wakeups.borrow_and_update(), listening + 1);
+    // The same response again appends nothing; a later real append is the next wake-up.
+    replica_a
+        .append(
+            2_000,
+            vec![(Origin::Poll, vec![observed("f1", 1)])],
+            Vec::new(),
+            ENCODE,
+        )
+        .await
+        .unwrap();
+    replica_a
+        .append(
+            3_000,
+            vec![(Origin::Poll, vec![observed("f2", 1)])],
+            Vec::new(),
+            ENCODE,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), wakeups.changed())
+        .await
+        .expect("woken by the second append")
+        .unwrap();
+    assert_eq!(*wakeups.borrow_and_update(), listening + 2);
+}
+
 /// The store contract every engine keeps, on a fresh PostgreSQL database.
 mod contract {
     async fn fresh() -> Option<((), crate::store::Store)> {

@@ -19,6 +19,7 @@ use crate::store::feedback_log::{
     AppendCounts, Appended, CustomerKey, EntryEncoder, EntryFields, EntryKind, FeedbackLogStore,
     FeedbackQuery, LogEntry, LogState, Observed, Origin, ReadOutcome, StoredFeedbackPage,
 };
+use crate::store::leases::{Fence, UnderLease};
 
 fn read_state(connection: &Connection) -> rusqlite::Result<LogState> {
     connection.query_row(
@@ -283,6 +284,23 @@ impl FeedbackLogStore for SqliteStore {
             Ok(appended)
         })
         .await
+    }
+
+    async fn append_fenced(
+        &self,
+        fence: &Fence,
+        now_ms: i64,
+        batches: Vec<(Origin, Vec<Observed>)>,
+        checkpoints: Vec<Checkpoint>,
+        encode: EntryEncoder,
+    ) -> Result<UnderLease<Appended>, StoreError> {
+        // Every lease of the embedded store keeps one epoch forever (see `leases`): a fence of
+        // another one was never granted here.
+        if fence.epoch != super::leases::EMBEDDED_EPOCH {
+            return Ok(UnderLease::LeaseLost);
+        }
+        let appended = self.append(now_ms, batches, checkpoints, encode).await?;
+        Ok(UnderLease::Done(appended))
     }
 
     async fn read_after(

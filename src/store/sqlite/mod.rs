@@ -32,6 +32,7 @@ mod error_codes;
 mod fatigue;
 mod feedback_log;
 mod idempotency;
+mod leases;
 mod outbox;
 mod schema;
 #[cfg(test)]
