@@ -15,6 +15,7 @@
 //! - `cursors`: the pollers' checkpoints.
 //! - `fatigue`: the survey record behind the cool-down, reserved race-free across replicas.
 //! - [`feedback_log`]: the shared feedback log, numbered in commit order without gaps.
+//! - `health`: the probe behind readiness, on a connection of its own.
 //! - [`outbox`]: deliveries claimed across replicas under a lease.
 //! - [`idempotency`]: records that replicas racing on one key resolve to one winner.
 
@@ -34,6 +35,7 @@ mod alerts;
 mod cursors;
 mod fatigue;
 pub mod feedback_log;
+mod health;
 pub mod idempotency;
 pub mod migrations;
 pub mod outbox;
@@ -59,6 +61,12 @@ const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 /// rather than holding an RPC for as long as the database is away.
 const POOL_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long sent data may stay unacknowledged by the database host before the connection is
+/// dropped (Linux `TCP_USER_TIMEOUT`), unless the URL sets it: without it, an operation on a
+/// connection whose network path died waits for the kernel's retransmissions, about 15 minutes,
+/// instead of failing as unavailable.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -159,6 +167,8 @@ pub struct PostgresStore {
     /// How long a claimed delivery stays with the replica that claimed it (see [`outbox`]).
     claim_lease: Duration,
     outbox_state: Arc<outbox::OutboxState>,
+    /// The health probe's own connection (see `health`).
+    probe: Arc<health::ProbeConnection>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -196,7 +206,11 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("cx-gateway");
         }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         let tls = MakeRustlsConnect::new(tls_config(settings.ca_file.as_deref())?);
+        let probe = Arc::new(health::ProbeConnection::new(config.clone(), tls.clone()));
         let manager = Manager::from_config(
             config,
             tls,
@@ -220,6 +234,7 @@ impl PostgresStore {
             pool,
             claim_lease: settings.claim_lease,
             outbox_state: Arc::default(),
+            probe,
         })
     }
 
@@ -231,6 +246,7 @@ impl PostgresStore {
         let alive = Arc::downgrade(&self.outbox_state);
         let pool = self.pool.clone();
         let claim_lease = self.claim_lease;
+        let probe = Arc::clone(&self.probe);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
@@ -241,6 +257,7 @@ impl PostgresStore {
                     pool: pool.clone(),
                     claim_lease,
                     outbox_state,
+                    probe: Arc::clone(&probe),
                 };
                 if let Err(error) = store.renew_leases().await {
                     tracing::warn!(%error, "cannot renew the claims of in-flight deliveries");
