@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use cx_gateway::pb;
 use cx_gateway::pb::delivery_service_client::DeliveryServiceClient;
 use cx_gateway::pb::event_service_client::EventServiceClient;
+use cx_gateway::pb::feedback_stream_client::FeedbackStreamClient;
 use cx_gateway::sandbox_mode::EmbeddedSandbox;
 use cx_sandbox::{Sandbox, SandboxConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -585,11 +586,24 @@ async fn a_replica_without_its_database_is_not_ready_and_refuses_what_needs_it()
     };
     let relay = Relay::start(cluster_addr(&database)).await;
     let secrets = tempfile::tempdir().unwrap();
-    let extra = [(
-        "CXGW_POSTGRES_URL_FILE",
-        relayed_url_file(&database, &relay, &secrets),
-    )];
-    let sandbox = Sandbox::new(SandboxConfig::default());
+    let extra = [
+        (
+            "CXGW_POSTGRES_URL_FILE",
+            relayed_url_file(&database, &relay, &secrets),
+        ),
+        // The poller meets the outage within the test's few seconds of it.
+        ("CXGW_FEEDBACK_POLL_INTERVAL", "200ms".to_owned()),
+        ("CXGW_FEEDBACK_RESCAN_INTERVAL", "0s".to_owned()),
+        ("CXGW_RETENTLY_REQUESTS_PER_MINUTE", "6000".to_owned()),
+    ];
+    // No seeded responses: the one the test adds is the first the stream carries.
+    let sandbox = Sandbox::new(SandboxConfig {
+        seed: cx_sandbox::SeedConfig {
+            feedback: 0,
+            ..cx_sandbox::SeedConfig::default()
+        },
+        ..SandboxConfig::default()
+    });
     let emulator = EmbeddedSandbox::spawn(
         sandbox.clone(),
         TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -600,6 +614,12 @@ async fn a_replica_without_its_database_is_not_ready_and_refuses_what_needs_it()
     health.until(ServingStatus::Serving).await;
     let mut events = EventServiceClient::new(replica.channel.clone());
     let mut deliveries = DeliveryServiceClient::new(replica.channel.clone());
+    // A subscriber from before the outage, live from now on.
+    let mut stream = FeedbackStreamClient::new(replica.channel.clone())
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let queued = events
         .track_event(event("before", pb::DeliveryMode::Async))
         .await
@@ -656,6 +676,20 @@ async fn a_replica_without_its_database_is_not_ready_and_refuses_what_needs_it()
         upstream_before,
         "no upstream call for a refused write"
     );
+    // The poller meets the outage too (its polls fail while the log cannot take them).
+    let stats = || async {
+        reqwest::get(format!("http://{}/feedback/stats", replica.admin_addr))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while stats().await["poll_failures"].as_u64() < Some(1) {
+        assert!(tokio::time::Instant::now() < deadline, "a poll failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let text = metrics(&replica).await;
     assert_eq!(sample(&text, "cxgw_store_reachable", None), Some(0.0));
     // The scrape-time read of the store sees it too.
@@ -692,6 +726,25 @@ async fn a_replica_without_its_database_is_not_ready_and_refuses_what_needs_it()
     let arrived = recorded(&sandbox);
     assert!(!arrived.contains_key("async-while-down"));
     assert_eq!(arrived["sync-while-down"], 1);
+    // The poller resumed by itself, and the stream opened before the outage carries what it
+    // logs now.
+    let response = sandbox.handle().simulate_feedback(1);
+    let expected = response[0]["id"].as_str().unwrap().to_owned();
+    let received = tokio::time::timeout(SETTLE, async {
+        loop {
+            let message = stream
+                .message()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            if let Some(pb::subscribe_response::Payload::FeedbackEvent(event)) = message.payload {
+                return event.feedback.unwrap().feedback_id;
+            }
+        }
+    })
+    .await
+    .expect("the new response reaches the subscriber");
+    assert_eq!(received, expected);
 
     assert_no_secret(std::slice::from_ref(&replica), &database);
     assert_eq!(replica.terminate().code(), Some(0));
