@@ -4,10 +4,16 @@
 //! probe waiting for one would call a busy database unreachable. The probe's connection is
 //! opened again whenever it broke, so a database that returns is seen at the next probe.
 
+use std::time::Duration;
+
 use tokio::sync::Mutex;
 
 use super::{CONNECT_TIMEOUT, PostgresStore, query_error};
 use crate::store::{HealthProbe, StoreError};
+
+/// How long `SELECT 1` may take on an open connection; within the watcher's own timeout, so a
+/// connection that hangs is dropped here rather than kept for the next probe.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the probe reaches the database, and its open connection (if any).
 pub(crate) struct ProbeConnection {
@@ -54,12 +60,23 @@ impl ProbeConnection {
                 "postgres: health probe failed: no connection",
             ));
         };
-        let answered = connected.simple_query("SELECT 1").await;
-        if let Err(error) = answered {
-            *client = None;
-            return Err(query_error("health probe")(error));
+        let answered =
+            tokio::time::timeout(ANSWER_TIMEOUT, connected.simple_query("SELECT 1")).await;
+        match answered {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => {
+                *client = None;
+                Err(query_error("health probe")(error))
+            }
+            // A connection that stopped answering is not asked again: its path may be dead
+            // while a new one would get through.
+            Err(_elapsed) => {
+                *client = None;
+                Err(StoreError::unavailable(
+                    "postgres: health probe failed: no answer in time",
+                ))
+            }
         }
-        Ok(())
     }
 }
 
