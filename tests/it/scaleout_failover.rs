@@ -632,6 +632,21 @@ async fn a_replica_without_its_database_is_not_ready_and_refuses_what_needs_it()
     })
     .await;
 
+    // The poller is past its start (it has polled), so the outage meets its polling loop.
+    let stats = || async {
+        reqwest::get(format!("http://{}/feedback/stats", replica.admin_addr))
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while stats().await["polls"].as_u64() < Some(1) {
+        assert!(tokio::time::Instant::now() < deadline, "the poller polls");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     relay.down().await;
     health.until(ServingStatus::NotServing).await;
     // Alive, not ready: nothing restarts it.
@@ -677,17 +692,15 @@ async fn a_replica_without_its_database_is_not_ready_and_refuses_what_needs_it()
         "no upstream call for a refused write"
     );
     // The poller meets the outage too (its polls fail while the log cannot take them).
-    let stats = || async {
-        reqwest::get(format!("http://{}/feedback/stats", replica.admin_addr))
-            .await
-            .unwrap()
-            .json::<serde_json::Value>()
-            .await
-            .unwrap()
-    };
     let deadline = tokio::time::Instant::now() + SETTLE;
     while stats().await["poll_failures"].as_u64() < Some(1) {
-        assert!(tokio::time::Instant::now() < deadline, "a poll failed");
+        if tokio::time::Instant::now() > deadline {
+            let log = replica.log.lock().unwrap().clone();
+            panic!(
+                "no poll failed while the database was away; the log:\n{}",
+                log.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let text = metrics(&replica).await;
