@@ -13,7 +13,7 @@ use axum::{Json, Router};
 
 use crate::feedback::Feedback;
 use crate::feedback::webhook::{ReceiveError, Rejection, SIGNATURE_HEADER, WebhookReceiver};
-use crate::readiness::Readiness;
+use crate::readiness::{Readiness, Stage};
 use crate::shutdown::Drain;
 
 #[derive(Clone)]
@@ -40,13 +40,16 @@ async fn livez() -> &'static str {
     "ok\n"
 }
 
-/// Ready once start-up work is done (outbox recovery) and until shutdown begins, so load
-/// balancers send calls only to a replica that delivers, and stop sending them before the drain.
+/// Ready once start-up work is done (outbox recovery), while the store answers and until
+/// shutdown begins, so load balancers send calls only to a replica that delivers and commits,
+/// and stop sending them before the drain.
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
     if state.stopping.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else if !state.readiness.is_ready() {
+    } else if state.readiness.stage() != Stage::Ready {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    } else if !state.readiness.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n")
     } else {
         (StatusCode::OK, "ready\n")
     }

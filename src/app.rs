@@ -29,7 +29,8 @@ pub struct App {
     /// The Retainly workspace behind its scheduler.
     pub retainly: RetainlyApi,
     pub drain: Drain,
-    /// Whether start-up work is done (outbox recovery); `/readyz` and health report it.
+    /// Whether start-up work is done (outbox recovery) and the store answers; `/readyz` and
+    /// health report it.
     pub readiness: Readiness,
     /// Workers that run until draining starts; each must watch `drain` and return promptly.
     background: Mutex<JoinSet<()>>,
@@ -54,7 +55,9 @@ impl App {
                     .await
                     .context("cannot open the postgres store")?;
                 tracing::info!(pool_size = settings.pool_size, "store open on postgres");
-                (Store::from_engine(engine, "postgres"), None)
+                let probe = Arc::new(engine.clone());
+                let store = Store::from_engine(engine, "postgres").with_health_probe(probe);
+                (store, None)
             }
         };
         let outbox = Outbox::new(

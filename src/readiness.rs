@@ -1,10 +1,15 @@
-//! Whether the gateway's start-up work is done: until the outbox has recovered the deliveries that
-//! were in flight at the last stop, no delivery is claimed, so `/readyz` answers 503 and gRPC
-//! health says NOT_SERVING (load balancers send their traffic to replicas that deliver).
+//! Whether this replica should be sent calls: its start-up work is done, and its store can be
+//! reached. `/readyz` and gRPC health report it, so load balancers send their traffic to
+//! replicas that deliver and commit.
 //!
-//! Three stages rather than a flag so the server can wait for the first attempt before it answers
-//! its first health check: a healthy store is ready from the first answer on, and one whose
-//! recovery failed is reported not ready from the first answer on, with no window in between.
+//! - Start-up: until the outbox has recovered the deliveries that were in flight at the last
+//!   stop, no delivery is claimed. Three stages rather than a flag so the server can wait for
+//!   the first attempt before it answers its first health check: a healthy store is ready from
+//!   the first answer on, and one whose recovery failed is reported not ready from the first
+//!   answer on, with no window in between.
+//! - Reachability: a networked store (PostgreSQL) that stops answering makes the replica not
+//!   ready until it answers again (see [`crate::store::health`]); the embedded store is always
+//!   reachable.
 
 use tokio::sync::watch;
 
@@ -18,10 +23,23 @@ pub enum Stage {
     Ready,
 }
 
-/// A cheap, cloneable view and setter of the start-up stage.
+/// Both conditions in one value, so a watcher sees them change together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    stage: Stage,
+    store_reachable: bool,
+}
+
+impl State {
+    fn ready(self) -> bool {
+        self.stage == Stage::Ready && self.store_reachable
+    }
+}
+
+/// A cheap, cloneable view and setter of the start-up stage and the store's reachability.
 #[derive(Debug, Clone)]
 pub struct Readiness {
-    stage: watch::Sender<Stage>,
+    state: watch::Sender<State>,
 }
 
 impl Default for Readiness {
@@ -33,47 +51,80 @@ impl Default for Readiness {
 impl Readiness {
     pub fn new() -> Readiness {
         Readiness {
-            stage: watch::channel(Stage::Starting).0,
+            state: watch::channel(State {
+                stage: Stage::Starting,
+                // Reachable until a probe says otherwise: the store was reached at start.
+                store_reachable: true,
+            })
+            .0,
         }
     }
 
     pub fn stage(&self) -> Stage {
-        *self.stage.borrow()
+        self.state.borrow().stage
     }
 
+    /// Start-up done and the store reachable: the replica should be sent calls.
     pub fn is_ready(&self) -> bool {
-        self.stage() == Stage::Ready
+        self.state.borrow().ready()
+    }
+
+    pub fn store_reachable(&self) -> bool {
+        self.state.borrow().store_reachable
     }
 
     pub fn mark_ready(&self) {
-        self.stage.send_replace(Stage::Ready);
+        self.state.send_modify(|state| state.stage = Stage::Ready);
     }
 
     /// The first attempt failed (later failures leave the stage as it is).
     pub fn mark_retrying(&self) {
-        self.stage.send_if_modified(|stage| {
-            let first = *stage == Stage::Starting;
+        self.state.send_if_modified(|state| {
+            let first = state.stage == Stage::Starting;
             if first {
-                *stage = Stage::Retrying;
+                state.stage = Stage::Retrying;
             }
             first
         });
     }
 
+    /// Records whether the store answers; `true` when that changed.
+    pub fn set_store_reachable(&self, reachable: bool) -> bool {
+        self.state.send_if_modified(|state| {
+            let changed = state.store_reachable != reachable;
+            state.store_reachable = reachable;
+            changed
+        })
+    }
+
     /// Resolves once the first attempt finished, with the stage it left.
     pub async fn first_attempt(&self) -> Stage {
-        let mut receiver = self.stage.subscribe();
-        match receiver.wait_for(|stage| *stage != Stage::Starting).await {
-            Ok(stage) => *stage,
+        let mut receiver = self.state.subscribe();
+        match receiver
+            .wait_for(|state| state.stage != Stage::Starting)
+            .await
+        {
+            Ok(state) => state.stage,
             // Unreachable while `self` holds the sender.
             Err(_) => Stage::Starting,
         }
     }
 
-    /// Resolves once ready.
+    /// Resolves once start-up work is done (whether the store is reachable or not).
     pub async fn ready(&self) {
-        let mut receiver = self.stage.subscribe();
-        let _ = receiver.wait_for(|stage| *stage == Stage::Ready).await;
+        let mut receiver = self.state.subscribe();
+        let _ = receiver.wait_for(|state| state.stage == Stage::Ready).await;
+    }
+
+    /// Resolves once [`Readiness::is_ready`] differs from `was_ready`, with the new value (at
+    /// once if it already does), so a follower that publishes readiness misses no change.
+    pub async fn changed_from(&self, was_ready: bool) -> bool {
+        let mut receiver = self.state.subscribe();
+        match receiver.wait_for(|state| state.ready() != was_ready).await {
+            Ok(state) => state.ready(),
+            // Unreachable while `self` holds the sender.
+            Err(_) => was_ready,
+        }
     }
 }
 
@@ -96,6 +147,31 @@ mod tests {
         assert!(readiness.is_ready());
         // Ready stays ready: a later failure is not a start-up failure.
         readiness.mark_retrying();
+        assert!(readiness.is_ready());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_makes_a_started_replica_unready_until_it_returns() {
+        let readiness = Readiness::new();
+        // Before start-up finished, reachability alone does not make it ready.
+        assert!(!readiness.is_ready());
+        assert!(!readiness.set_store_reachable(true), "no change");
+        readiness.mark_ready();
+        assert!(readiness.is_ready());
+
+        let follower = readiness.clone();
+        let lost = tokio::spawn(async move { follower.changed_from(true).await });
+        assert!(readiness.set_store_reachable(false));
+        assert!(!lost.await.unwrap());
+        assert!(!readiness.is_ready());
+        assert_eq!(readiness.stage(), Stage::Ready, "start-up stays done");
+        // Waiting for start-up does not wait for the store.
+        readiness.ready().await;
+
+        let follower = readiness.clone();
+        let back = tokio::spawn(async move { follower.changed_from(false).await });
+        assert!(readiness.set_store_reachable(true));
+        assert!(back.await.unwrap());
         assert!(readiness.is_ready());
     }
 }

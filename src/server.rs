@@ -29,7 +29,6 @@ use crate::feedback::{Clock, Feedback, FeedbackSettings, FeedbackSource};
 use crate::grpc;
 use crate::grpc::deadline::DeadlineLayer;
 use crate::pb;
-use crate::readiness::Stage;
 use crate::reload::{self, Reloadable};
 use crate::shutdown;
 use crate::telemetry;
@@ -128,6 +127,18 @@ pub async fn run(
             .clone()
             .run_purge(IDEMPOTENCY_PURGE_EVERY, drain.clone()),
     );
+    // A networked store that stops answering makes the replica not ready until it answers
+    // again; claims resume at once when it does.
+    if let Some(probe) = app.store.health_probe() {
+        let outbox = app.outbox.clone();
+        app.spawn_background(crate::store::health::watch(
+            Arc::clone(probe),
+            crate::store::health::HealthSettings::default(),
+            app.readiness.clone(),
+            drain.clone(),
+            move || outbox.notify(),
+        ));
+    }
     if let (Some(cooldown), true) = (config.survey_cooldown, config.survey_cooldown_backfill) {
         app.spawn_background(crate::domain::fatigue::backfill(Arc::clone(&app), cooldown));
     }
@@ -227,34 +238,34 @@ pub async fn run(
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    // Health answers SERVING only once the outbox recovered what was in flight at the last stop.
-    // The first attempt is awaited, so a healthy store is SERVING from the first answer on; one
-    // whose recovery keeps failing stays NOT_SERVING (and `/readyz` 503) until a retry succeeds.
-    let serving = match app.readiness.first_attempt().await {
-        Stage::Ready => tonic_health::ServingStatus::Serving,
-        Stage::Starting | Stage::Retrying => tonic_health::ServingStatus::NotServing,
-    };
+    // Health answers SERVING only once the outbox recovered what was in flight at the last stop,
+    // and only while the store answers. The first recovery attempt is awaited, so a healthy
+    // store is SERVING from the first answer on; one whose recovery keeps failing stays
+    // NOT_SERVING (and `/readyz` 503) until a retry succeeds.
+    app.readiness.first_attempt().await;
+    let ready = app.readiness.is_ready();
     // The overall status ("") is what Kubernetes probes ask for by default.
     for name in SERVICE_NAMES.into_iter().chain([""]) {
-        health.set_service_status(name, serving).await;
+        health.set_service_status(name, serving_status(ready)).await;
     }
     health
         .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
         .await;
-    // Promotes health to SERVING once a retried recovery succeeds; stopped before the drain sets
-    // NOT_SERVING, so it can never overwrite that.
-    let promote_health = (serving != tonic_health::ServingStatus::Serving).then(|| {
+    // Follows readiness (a retried recovery that succeeds, a store lost and back); stopped
+    // before the drain sets NOT_SERVING, so it can never overwrite that.
+    let follow_health = {
         let health = health.clone();
         let readiness = app.readiness.clone();
         tokio::spawn(async move {
-            readiness.ready().await;
-            for name in SERVICE_NAMES.into_iter().chain([""]) {
-                health
-                    .set_service_status(name, tonic_health::ServingStatus::Serving)
-                    .await;
+            let mut ready = ready;
+            loop {
+                ready = readiness.changed_from(ready).await;
+                for name in SERVICE_NAMES.into_iter().chain([""]) {
+                    health.set_service_status(name, serving_status(ready)).await;
+                }
             }
         })
-    });
+    };
 
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
@@ -382,11 +393,10 @@ pub async fn run(
         "stopping: reporting not serving, still serving until the drain"
     );
     stopping_trigger.start();
-    // A start-up recovery that succeeds from now on must not report SERVING again.
-    if let Some(promote) = promote_health {
-        promote.abort();
-        let _ = promote.await;
-    }
+    // A start-up recovery that succeeds or a store that returns from now on must not report
+    // SERVING again.
+    follow_health.abort();
+    let _ = follow_health.await;
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health
             .set_service_status(name, tonic_health::ServingStatus::NotServing)
@@ -437,6 +447,14 @@ pub async fn run(
     // Last, so the spans and metrics of the drain itself are delivered too.
     telemetry::flush().await;
     Ok(())
+}
+
+fn serving_status(ready: bool) -> tonic_health::ServingStatus {
+    if ready {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    }
 }
 
 /// Reflection over the gateway's contract, the `google.rpc` error details and the health service.

@@ -21,7 +21,8 @@
 //! Engines: [`sqlite`], the embedded default (one SQLite file in the data directory, group
 //! commit through one writer thread); [`postgres`], one PostgreSQL database shared by several
 //! replicas. [`Store`] bundles one engine's implementations as trait
-//! objects; that is what the domain holds.
+//! objects; that is what the domain holds. A networked engine also gives a [`HealthProbe`]
+//! ([`health`]), whose answers drive readiness.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub mod cursors;
 mod error;
 pub mod fatigue;
 pub mod feedback_log;
+pub mod health;
 pub mod idempotency;
 pub mod leases;
 pub mod outbox;
@@ -46,6 +48,7 @@ pub use cursors::{Checkpoint, CursorStore};
 pub use error::{StoreError, StoreErrorKind};
 pub use fatigue::FatigueStore;
 pub use feedback_log::FeedbackLogStore;
+pub use health::HealthProbe;
 pub use idempotency::{IdempotencyRecord, IdempotencyStore};
 pub use leases::LeaseStore;
 pub use outbox::OutboxStore;
@@ -86,6 +89,9 @@ pub struct Store {
     fatigue: Arc<dyn FatigueStore>,
     alerts: Arc<dyn AlertStore>,
     leases: Arc<dyn LeaseStore>,
+    /// How to tell whether the engine can be reached; `None` for the embedded one, whose file
+    /// is always at hand.
+    health: Option<Arc<dyn HealthProbe>>,
     /// Names the engine and where its data lives, for logs (never a secret).
     description: Arc<str>,
 }
@@ -122,8 +128,19 @@ impl Store {
             fatigue: Arc::clone(&engine) as Arc<dyn FatigueStore>,
             alerts: Arc::clone(&engine) as Arc<dyn AlertStore>,
             leases: engine as Arc<dyn LeaseStore>,
+            health: None,
             description: description.into(),
         }
+    }
+
+    /// The store with `probe` telling whether its engine can be reached (see [`health`]).
+    pub fn with_health_probe(mut self, probe: Arc<dyn HealthProbe>) -> Store {
+        self.health = Some(probe);
+        self
+    }
+
+    pub fn health_probe(&self) -> Option<&Arc<dyn HealthProbe>> {
+        self.health.as_ref()
     }
 
     pub fn outbox(&self) -> &Arc<dyn OutboxStore> {

@@ -69,6 +69,9 @@ pub enum Observed {
     OutboxOldestPendingAge,
     /// 1 when the durable store answered a read just now, 0 when it failed or timed out.
     StoreAvailable,
+    /// 1 while the store's health probe reaches it (always for the embedded store), 0 while the
+    /// replica reports not serving for lack of it.
+    StoreReachable,
 }
 
 /// One reading: the value and its attributes.
@@ -135,6 +138,8 @@ pub struct Metrics {
     pub outbox_enqueued: Counter<u64>,
     /// `cxgw.outbox.attempts`: delivery attempts by method and outcome.
     pub outbox_attempts: Counter<u64>,
+    /// `cxgw.store.health_checks`: health probes of a networked store by outcome (ok, failed).
+    pub store_health_checks: Counter<u64>,
     /// `cxgw.feedback.sync.polls`: feedback polls by kind and outcome.
     pub feedback_polls: Counter<u64>,
     /// `cxgw.feedback.sync.items`: items the feedback sync read, by what became of them.
@@ -273,6 +278,13 @@ impl Metrics {
                     "Outbox delivery attempts by method and outcome: delivered, retry (a \
                      transient failure: tried again, or dead-lettered once the retry window is \
                      over), failed (a permanent failure, dead-lettered)",
+                )
+                .build(),
+            store_health_checks: meter
+                .u64_counter("cxgw.store.health_checks")
+                .with_description(
+                    "Health probes of a networked store (PostgreSQL) by outcome: ok or failed \
+                     (no answer, or none within the probe's timeout)",
                 )
                 .build(),
             feedback_polls: meter
@@ -446,6 +458,12 @@ fn observed_instruments(
             "1 when the durable store answered a read at this collection, 0 when it failed or \
              took longer than 2 s",
             Observed::StoreAvailable,
+        ),
+        gauge(
+            "cxgw.store.reachable",
+            "1 while the store's health probe reaches it (always for the embedded store), 0 \
+             while the replica reports not serving because its database cannot be reached",
+            Observed::StoreReachable,
         ),
         process_start_time(meter),
         seconds_gauge(

@@ -246,6 +246,7 @@ const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub fn register_store_probes(app: &std::sync::Arc<crate::app::App>) {
     register_outbox_age_probe(app);
     register_store_available_probe(app);
+    register_store_reachable_probe(app);
     let app = std::sync::Arc::downgrade(app);
     let runtime = tokio::runtime::Handle::current();
     metrics::register_probe(metrics::Observed::OutboxDeliveries, move |readings| {
@@ -306,6 +307,18 @@ fn pending_age_seconds(oldest_ms: Option<i64>, now_ms: i64) -> f64 {
         let age = now_ms.saturating_sub(oldest).max(0) as f64;
         age / 1000.0
     })
+}
+
+/// The health probe's view, kept by readiness: no store access at scrape time.
+fn register_store_reachable_probe(app: &std::sync::Arc<crate::app::App>) {
+    let app = std::sync::Arc::downgrade(app);
+    metrics::register_probe(metrics::Observed::StoreReachable, move |readings| {
+        let Some(app) = app.upgrade() else {
+            return false;
+        };
+        readings.push((u64::from(app.readiness.store_reachable()), Vec::new()));
+        true
+    });
 }
 
 fn register_store_available_probe(app: &std::sync::Arc<crate::app::App>) {

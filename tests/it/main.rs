@@ -15,6 +15,7 @@ mod postgres;
 mod replicas;
 mod rules;
 mod scaleout_poller;
+mod scaleout_failover;
 mod segment;
 mod support;
 mod surveys;

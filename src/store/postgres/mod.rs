@@ -17,6 +17,7 @@
 //! - [`feedback_log`]: the shared feedback log, numbered in commit order without gaps.
 //! - `leases`: leases with fencing tokens (the one feedback poller across replicas).
 //! - `notify`: the listening connection that wakes the replicas' log tails after appends.
+//! - `health`: the probe behind readiness, on a connection of its own.
 //! - [`outbox`]: deliveries claimed across replicas under a lease.
 //! - [`idempotency`]: records that replicas racing on one key resolve to one winner.
 
@@ -36,6 +37,7 @@ mod alerts;
 mod cursors;
 mod fatigue;
 pub mod feedback_log;
+mod health;
 pub mod idempotency;
 mod leases;
 pub mod migrations;
@@ -67,6 +69,12 @@ const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 /// rather than holding an RPC for as long as the database is away.
 const POOL_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long sent data may stay unacknowledged by the database host before the connection is
+/// dropped (Linux `TCP_USER_TIMEOUT`), unless the URL sets it: without it, an operation on a
+/// connection whose network path died waits for the kernel's retransmissions, about 15 minutes,
+/// instead of failing as unavailable.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -178,6 +186,8 @@ pub struct PostgresStore {
     /// How to open a connection of its own, outside the pool (the `LISTEN` connection). Holds
     /// the password: never logged.
     connect: Arc<(tokio_postgres::Config, MakeRustlsConnect)>,
+    /// The health probe's own connection (see `health`).
+    probe: Arc<health::ProbeConnection>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -215,8 +225,12 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("cx-gateway");
         }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         let tls = MakeRustlsConnect::new(tls_config(settings.ca_file.as_deref())?);
         let connect = Arc::new((config.clone(), tls.clone()));
+        let probe = Arc::new(health::ProbeConnection::new(config.clone(), tls.clone()));
         let manager = Manager::from_config(
             config,
             tls,
@@ -242,6 +256,7 @@ impl PostgresStore {
             outbox_state: Arc::default(),
             poller_lease: settings.poller_lease,
             connect,
+            probe,
         })
     }
 
@@ -255,6 +270,7 @@ impl PostgresStore {
         let claim_lease = self.claim_lease;
         let poller_lease = self.poller_lease;
         let connect = Arc::clone(&self.connect);
+        let probe = Arc::clone(&self.probe);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
@@ -267,6 +283,7 @@ impl PostgresStore {
                     outbox_state,
                     poller_lease,
                     connect: Arc::clone(&connect),
+                    probe: Arc::clone(&probe),
                 };
                 if let Err(error) = store.renew_leases().await {
                     tracing::warn!(%error, "cannot renew the claims of in-flight deliveries");

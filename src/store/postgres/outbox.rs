@@ -53,6 +53,9 @@ pub(crate) struct OutboxState {
     /// The recovery rules last given to [`OutboxStore::recover`]; until then, lapsed claims
     /// stay as they are (a replica recovers before it claims, so it has them when it claims).
     rules: Mutex<Option<RecoveryRules>>,
+    /// Queue positions of claims whose transaction failed after it marked them (see
+    /// [`release_unheld_claims`]).
+    unheld_claims: Mutex<Vec<i64>>,
 }
 
 impl Default for OutboxState {
@@ -60,11 +63,31 @@ impl Default for OutboxState {
         OutboxState {
             replica: format!("replica-{:016x}", rand::random::<u64>()),
             rules: Mutex::default(),
+            unheld_claims: Mutex::default(),
         }
     }
 }
 
 impl PostgresStore {
+    /// Makes this replica's claims look like those of a claim whose commit was cut off: the
+    /// worker never got them.
+    #[cfg(test)]
+    pub(crate) async fn lose_claims_for_test(&self) {
+        let connection = self.connection("test").await.unwrap();
+        let rows = connection
+            .query(
+                "SELECT seq FROM outbox WHERE state = $1 AND claimed_by = $2",
+                &[&IN_FLIGHT, &self.outbox_state.replica],
+            )
+            .await
+            .unwrap();
+        self.outbox_state
+            .unheld_claims
+            .lock()
+            .unwrap()
+            .extend(rows.iter().map(|row| row.get::<_, i64>(0)));
+    }
+
     /// Extends the lease of every delivery this replica holds in flight; returns how many.
     pub(crate) async fn renew_leases(&self) -> Result<u64, StoreError> {
         let connection = self.connection("renew claims").await?;
@@ -213,6 +236,31 @@ async fn take_over_lapsed(
     })
 }
 
+/// Puts back to pending, inside `tx`, the deliveries at `seqs` that are still in flight under
+/// `replica`'s mark. They are those of a claim whose transaction failed after marking them:
+/// when the connection breaks during the commit, the commit may have happened with nobody told,
+/// and the worker, which got an error, never attempts them. This replica would then renew their
+/// lease for as long as it runs and they would never be delivered. Nothing was sent for them,
+/// so pending (and the attempt not counted) is exact. Runs in the next claim's transaction,
+/// before it selects: no claim of this replica succeeded in between, so no delivery at those
+/// positions can be one this replica is attempting.
+async fn release_unheld_claims(
+    tx: &tokio_postgres::Transaction<'_>,
+    seqs: &[i64],
+    replica: &str,
+    now: i64,
+    fail: &impl Fn(tokio_postgres::Error) -> StoreError,
+) -> Result<u64, StoreError> {
+    tx.execute(
+        "UPDATE outbox SET state = $1, attempt_count = GREATEST(attempt_count - 1, 0),
+            next_attempt_ms = $2, lease_until_ms = NULL, claimed_by = NULL
+         WHERE seq = ANY($3) AND state = $4 AND claimed_by = $5",
+        &[&PENDING, &now, &seqs, &IN_FLIGHT, &replica],
+    )
+    .await
+    .map_err(fail)
+}
+
 /// Locks `delivery_id` if `replica` still holds its claim, and returns its retry window's end and
 /// `verify_since_ms`. `None` when the claim lapsed and was taken over (the delivery is another
 /// replica's now, or recovered): the caller then records nothing.
@@ -330,68 +378,108 @@ impl OutboxStore for PostgresStore {
             .map(|rules| rules.clone())
             .ok()
             .flatten();
+        let unheld = self
+            .outbox_state
+            .unheld_claims
+            .lock()
+            .map(|unheld| unheld.clone())
+            .unwrap_or_default();
         let lease = millis(self.claim_lease);
-        in_transaction!(self, "claim deliveries", |tx| {
-            let fail = query_error("claim deliveries");
-            let now = now_ms();
-            if let Some(rules) = &rules {
-                let recovered = take_over_lapsed(&tx, rules, now, None, &fail).await?;
-                if recovered != Recovered::default() {
-                    tracing::warn!(
-                        requeued = recovered.requeued,
-                        in_doubt = recovered.in_doubt,
-                        "took over deliveries whose claim lapsed (their replica stopped)"
-                    );
+        // The positions this claim marked, kept if its transaction fails (see
+        // `release_unheld_claims`).
+        let mut marked: Vec<i64> = Vec::new();
+        let claimed: Result<Vec<ClaimedDelivery>, StoreError> = async {
+            in_transaction!(self, "claim deliveries", |tx| {
+                let fail = query_error("claim deliveries");
+                let now = now_ms();
+                if !unheld.is_empty() {
+                    let released =
+                        release_unheld_claims(&tx, &unheld, &self.outbox_state.replica, now, &fail)
+                            .await?;
+                    if released > 0 {
+                        tracing::warn!(
+                            released,
+                            "put back deliveries of a claim whose commit was cut off"
+                        );
+                    }
+                }
+                if let Some(rules) = &rules {
+                    let recovered = take_over_lapsed(&tx, rules, now, None, &fail).await?;
+                    if recovered != Recovered::default() {
+                        tracing::warn!(
+                            requeued = recovered.requeued,
+                            in_doubt = recovered.in_doubt,
+                            "took over deliveries whose claim lapsed (their replica stopped)"
+                        );
+                    }
+                }
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let rows = tx
+                    .query(
+                        "SELECT d.seq, d.delivery_id, d.method, d.request, d.attempt_count,
+                            d.traceparent, d.verify_since_ms FROM outbox d
+                         WHERE d.state IN ($1, $2) AND d.next_attempt_ms <= $3
+                           AND NOT EXISTS (
+                             SELECT 1 FROM outbox_keys k
+                             JOIN outbox_keys older ON older.key = k.key AND older.seq < k.seq
+                             JOIN outbox o ON o.seq = older.seq AND o.state IN ($1, $2, $4)
+                             WHERE k.seq = d.seq)
+                         ORDER BY d.seq LIMIT $5
+                         FOR UPDATE OF d SKIP LOCKED",
+                        &[&PENDING, &RETRY_WAIT, &now, &IN_FLIGHT, &limit],
+                    )
+                    .await
+                    .map_err(&fail)?;
+                let seqs: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+                if !seqs.is_empty() {
+                    marked.clone_from(&seqs);
+                    tx.execute(
+                        "UPDATE outbox SET state = $1, attempt_count = attempt_count + 1,
+                            update_ms = $2, lease_until_ms = $3, claimed_by = $4
+                         WHERE seq = ANY($5)",
+                        &[
+                            &IN_FLIGHT,
+                            &now,
+                            &now.saturating_add(lease),
+                            &self.outbox_state.replica,
+                            &seqs,
+                        ],
+                    )
+                    .await
+                    .map_err(&fail)?;
+                }
+                Ok(rows
+                    .iter()
+                    .map(|row| ClaimedDelivery {
+                        delivery_id: row.get(1),
+                        method: row.get(2),
+                        request: row.get(3),
+                        attempts: u32::try_from(row.get::<_, i32>(4))
+                            .unwrap_or_default()
+                            .saturating_add(1),
+                        traceparent: row.get(5),
+                        verify_since_ms: row.get(6),
+                    })
+                    .collect())
+            })
+        }
+        .await;
+        if let Ok(mut unheld_now) = self.outbox_state.unheld_claims.lock() {
+            match &claimed {
+                // The release committed with this claim.
+                Ok(_) => unheld_now.retain(|seq| !unheld.contains(seq)),
+                // Whether it committed is unknown: released or not, marked or not, none of
+                // these is a delivery the worker attempts.
+                Err(_) => {
+                    for seq in marked {
+                        if !unheld_now.contains(&seq) {
+                            unheld_now.push(seq);
+                        }
+                    }
                 }
             }
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = tx
-                .query(
-                    "SELECT d.seq, d.delivery_id, d.method, d.request, d.attempt_count,
-                        d.traceparent, d.verify_since_ms FROM outbox d
-                     WHERE d.state IN ($1, $2) AND d.next_attempt_ms <= $3
-                       AND NOT EXISTS (
-                         SELECT 1 FROM outbox_keys k
-                         JOIN outbox_keys older ON older.key = k.key AND older.seq < k.seq
-                         JOIN outbox o ON o.seq = older.seq AND o.state IN ($1, $2, $4)
-                         WHERE k.seq = d.seq)
-                     ORDER BY d.seq LIMIT $5
-                     FOR UPDATE OF d SKIP LOCKED",
-                    &[&PENDING, &RETRY_WAIT, &now, &IN_FLIGHT, &limit],
-                )
-                .await
-                .map_err(&fail)?;
-            let seqs: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
-            if !seqs.is_empty() {
-                tx.execute(
-                    "UPDATE outbox SET state = $1, attempt_count = attempt_count + 1,
-                        update_ms = $2, lease_until_ms = $3, claimed_by = $4
-                     WHERE seq = ANY($5)",
-                    &[
-                        &IN_FLIGHT,
-                        &now,
-                        &now.saturating_add(lease),
-                        &self.outbox_state.replica,
-                        &seqs,
-                    ],
-                )
-                .await
-                .map_err(&fail)?;
-            }
-            Ok(rows
-                .iter()
-                .map(|row| ClaimedDelivery {
-                    delivery_id: row.get(1),
-                    method: row.get(2),
-                    request: row.get(3),
-                    attempts: u32::try_from(row.get::<_, i32>(4))
-                        .unwrap_or_default()
-                        .saturating_add(1),
-                    traceparent: row.get(5),
-                    verify_since_ms: row.get(6),
-                })
-                .collect())
-        })
+        }
+        claimed
     }
 
     async fn record_attempt(

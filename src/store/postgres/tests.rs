@@ -824,6 +824,48 @@ async fn appends_wake_the_other_replicas_tails() {
     assert_eq!(*wakeups.borrow_and_update(), listening + 2);
 }
 
+/// A claim whose commit happened with the answer cut off (the connection broke during the
+/// commit) left deliveries in flight under this replica's mark that its worker never got: the
+/// next claim puts them back and hands them out, uncounted and never as in doubt (nothing was
+/// sent), instead of this replica renewing their lease forever.
+#[tokio::test]
+async fn deliveries_of_a_claim_whose_answer_was_lost_are_claimed_again() {
+    let Some(store) = fresh_store().await else {
+        return;
+    };
+    store
+        .recover(&[], error(Reason::DeliveryInDoubt))
+        .await
+        .unwrap();
+    for (id, customer) in [("d-1", "c-1"), ("d-2", "c-2")] {
+        store
+            .enqueue(delivery(id, customer, false, "TrackEvent"), None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.claim(10).await.unwrap().len(), 2);
+    store.lose_claims_for_test().await;
+    // Lease renewals keep them (they are marked as this replica's) ...
+    assert_eq!(store.renew_leases().await.unwrap(), 2);
+    // ... and the next claim puts them back first.
+    let again = store.claim(10).await.unwrap();
+    let mut ids: Vec<_> = again.iter().map(|d| d.delivery_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["d-1", "d-2"]);
+    assert!(
+        again.iter().all(|d| d.attempts == 1),
+        "the cut-off claim is no attempt: {again:?}"
+    );
+    // Held now: not released again, not claimed twice.
+    assert!(store.claim(10).await.unwrap().is_empty());
+    let d1 = OutboxStore::get(&store, "d-1", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d1.state, DeliveryState::InFlight);
+    assert_eq!(d1.attempt_count, 1);
+}
+
 /// The store contract every engine keeps, on a fresh PostgreSQL database.
 mod contract {
     async fn fresh() -> Option<((), crate::store::Store)> {
