@@ -11,6 +11,8 @@
 //!   event rules' throttles.
 //! - [`AlertStore`] ([`alerts`]): the alert evaluator's checkpoint, alert keys and rate limit
 //!   counts, and the queueing of its alerts in the outbox.
+//! - [`BudgetStore`] ([`budget`]): upstream request budgets shared by replicas (PostgreSQL only;
+//!   one embedded replica keeps its budget in memory).
 //!
 //! Each trait method is one atomic operation (a transaction of the engine), described by what
 //! it does, never by a borrowed connection, so a networked engine implements the same traits.
@@ -25,6 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub mod alerts;
+pub mod budget;
 pub mod cursors;
 mod error;
 pub mod fatigue;
@@ -39,6 +42,7 @@ pub mod sqlite;
 pub(crate) mod contract;
 
 pub use alerts::AlertStore;
+pub use budget::BudgetStore;
 pub use cursors::{Checkpoint, CursorStore};
 pub use error::{StoreError, StoreErrorKind};
 pub use fatigue::FatigueStore;
