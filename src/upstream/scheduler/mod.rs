@@ -145,11 +145,13 @@ impl SchedulerSettings {
         }
     }
 
-    /// The same settings with the upstream's counting window set to `window`, the jitter margin
-    /// scaled with it (a sixtieth: the 1 s of a one-minute window).
+    /// The same settings with the upstream's counting window set to `window`. The jitter margin
+    /// stays 1 s (it covers how much later one request can arrive than another after their
+    /// grants, which does not shrink with the window), but at most a quarter of a window
+    /// shorter than 4 s.
     pub fn with_window(mut self, window: Duration) -> Self {
         self.window = window;
-        self.jitter_margin = window / 60;
+        self.jitter_margin = (window / 4).min(Duration::from_secs(1));
         self
     }
 
