@@ -9,6 +9,11 @@
 //! budget would have room. The gateway therefore never sends the upstream more than it allows;
 //! excess demand waits (bounded) or is refused here, never by a 429 upstream.
 //!
+//! Replicas on PostgreSQL share one budget per account instead ([`shared`]): the lane's
+//! dispatcher asks the database for a slot for the waiter at the head of its queues, and every
+//! caller waits in the queues; the window the lane keeps is then a copy of the shared one, for
+//! estimates.
+//!
 //! One dispatcher task per lane hands out slots as they free, choosing between the classes so
 //! interactive work goes first while background work gets at least one slot in
 //! `background_share + 1` when both wait. Inside a class, callers share the slots by weight
