@@ -15,7 +15,7 @@ use crate::domain::outbox::{Outbox, OutboxSettings};
 use crate::readiness::Readiness;
 use crate::shutdown::Drain;
 use crate::store::postgres::PostgresStore;
-use crate::store::{MissingStore, Store};
+use crate::store::{BudgetStore, MissingStore, Store};
 use crate::upstream::scheduler::fair::{CallerShares, EqualShares};
 use crate::upstream::{RetainlyApi, RetentlyApi};
 
@@ -44,6 +44,9 @@ impl App {
     /// builds the upstream clients. Must run inside the runtime (the schedulers spawn their
     /// dispatchers).
     pub async fn open(config: Config, drain: Drain) -> anyhow::Result<App> {
+        // One replica on the embedded store keeps its upstream budgets in memory; replicas on
+        // PostgreSQL share them there.
+        let mut shared_budget: Option<Arc<dyn BudgetStore>> = None;
         let (store, temporary) = match &config.store {
             StoreSelection::Embedded => {
                 let (store, temporary) = open_embedded(&config)?;
@@ -56,6 +59,7 @@ impl App {
                     .context("cannot open the postgres store")?;
                 tracing::info!(pool_size = settings.pool_size, "store open on postgres");
                 let probe = Arc::new(engine.clone());
+                shared_budget = Some(Arc::new(engine.clone()));
                 let store = Store::from_engine(engine, "postgres").with_health_probe(probe);
                 (store, None)
             }
@@ -79,8 +83,9 @@ impl App {
             Some(registry) => Arc::new(registry.clone()),
             None => Arc::new(EqualShares),
         };
-        let retently = RetentlyApi::from_config(&config.retently, Arc::clone(&shares))?;
-        let retainly = RetainlyApi::from_config(&config.retainly, shares)?;
+        let retently =
+            RetentlyApi::from_config(&config.retently, Arc::clone(&shares), shared_budget.clone())?;
+        let retainly = RetainlyApi::from_config(&config.retainly, shares, shared_budget)?;
         Ok(App {
             retently,
             retainly,

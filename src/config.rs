@@ -161,6 +161,9 @@ pub struct RetentlyConfig {
     pub base_url: Url,
     pub api_key: Option<Secret>,
     pub requests_per_minute: u32,
+    /// The window Retently counts `requests_per_minute` in: a minute, unless an emulator with a
+    /// shortened window stands in for it (`CXGW_RETENTLY_RATE_WINDOW`).
+    pub rate_window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -410,6 +413,11 @@ impl Config {
                 "CXGW_RETENTLY_REQUESTS_PER_MINUTE",
                 150,
                 1..=100_000,
+            )?,
+            rate_window: s.duration_in(
+                "CXGW_RETENTLY_RATE_WINDOW",
+                Duration::from_secs(60),
+                Duration::from_millis(100)..=Duration::from_secs(3600),
             )?,
         };
         let retainly = RetainlyConfig {

@@ -13,6 +13,8 @@
 //!   counts, and the queueing of its alerts in the outbox.
 //! - [`LeaseStore`] ([`leases`]): leases with fencing tokens, so that one replica runs the
 //!   feedback poller.
+//! - [`BudgetStore`] ([`budget`]): upstream request budgets shared by replicas (PostgreSQL only;
+//!   one embedded replica keeps its budget in memory).
 //!
 //! Each trait method is one atomic operation (a transaction of the engine), described by what
 //! it does, never by a borrowed connection, so a networked engine implements the same traits.
@@ -28,6 +30,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub mod alerts;
+pub mod budget;
 pub mod cursors;
 mod error;
 pub mod fatigue;
@@ -44,6 +47,7 @@ pub mod sqlite;
 pub(crate) mod contract;
 
 pub use alerts::AlertStore;
+pub use budget::BudgetStore;
 pub use cursors::{Checkpoint, CursorStore};
 pub use error::{StoreError, StoreErrorKind};
 pub use fatigue::FatigueStore;

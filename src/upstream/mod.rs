@@ -14,7 +14,10 @@
 //! use cx_gateway::upstream::retently::{CustomerInput, SurveyRequest};
 //! use cx_gateway::upstream::{CallContext, RetentlyApi};
 //!
-//! let retently = RetentlyApi::from_config(&config.retently)?;
+//! use cx_gateway::upstream::scheduler::fair::EqualShares;
+//!
+//! // One replica on the embedded store: no shared budget.
+//! let retently = RetentlyApi::from_config(&config.retently, std::sync::Arc::new(EqualShares), None)?;
 //! let ctx = CallContext::interactive_within(Duration::from_secs(5)).with_caller("billing");
 //! let outcome = retently
 //!     .send_survey(&ctx, SurveyRequest {

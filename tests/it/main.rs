@@ -16,6 +16,7 @@ mod replicas;
 mod rules;
 mod scaleout_poller;
 mod scaleout_failover;
+mod scaleout_budget;
 mod segment;
 mod support;
 mod surveys;

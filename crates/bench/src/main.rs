@@ -61,7 +61,8 @@ struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
     /// Run only this scenario (repeatable): raw-rpc, added-latency, survey-coalescing,
-    /// retainly-batching, feedback-sync, fan-out.
+    /// retainly-batching, feedback-sync, fan-out, scale-out (needs PostgreSQL:
+    /// CXGW_BENCH_POSTGRES_URL, or run through scripts/postgres.sh).
     #[arg(long = "scenario", value_name = "NAME")]
     pub scenarios: Vec<String>,
     /// The gateway binary to measure (default: `cx-gateway` next to this binary).

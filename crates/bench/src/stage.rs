@@ -35,7 +35,7 @@ impl Caller {
             .collect();
         let callers = format!(
             "[[caller]]\nname = \"bench\"\ntoken_sha256 = [\"{digest}\"]\n\
-             permissions = [\"read\", \"surveys:send\", \"customers:write\", \"feedback:subscribe\"]\n"
+             permissions = [\"read\", \"surveys:send\", \"customers:write\", \"events:write\", \"feedback:subscribe\"]\n"
         );
         let authorization = MetadataValue::try_from(format!("Bearer {token}"))
             .context("the token is not a valid header value")?;
@@ -59,6 +59,9 @@ pub struct Stage {
     pub sandbox: EmbeddedSandbox,
     pub caller: Caller,
     pub gateway: ChildServer,
+    /// Further replicas of the gateway beside `gateway`, on the same store and emulator
+    /// (scale-out on PostgreSQL); empty for one gateway.
+    pub replicas: Vec<ChildServer>,
     /// When the gateway process was started: its background work (feedback sync) begins then.
     pub gateway_spawned: std::time::Instant,
     /// Holds the gateway's data directory and log; removed on drop.
@@ -73,6 +76,18 @@ impl Stage {
         sandbox: SandboxConfig,
         settings: &[(&str, String)],
     ) -> anyhow::Result<Stage> {
+        Stage::start_replicas(binaries, sandbox, settings, 1).await
+    }
+
+    /// Like [`Stage::start`] with `count` gateway processes (at least one), each with its own
+    /// ports and data directory and otherwise the same settings: replicas when `settings` put
+    /// them on one shared store.
+    pub async fn start_replicas(
+        binaries: &Binaries,
+        sandbox: SandboxConfig,
+        settings: &[(&str, String)],
+        count: usize,
+    ) -> anyhow::Result<Stage> {
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .context("cannot bind a loopback port for the sandbox")?;
@@ -85,17 +100,9 @@ impl Stage {
             .prefix("cx-gateway-bench-")
             .tempdir()
             .context("cannot create a temporary directory")?;
-        let grpc_addr = free_loopback_addr()?;
-        let admin_addr = free_loopback_addr()?;
         let base_url = sandbox.base_url().to_string();
         let (caller, callers) = Caller::generate()?;
         let mut envs: Vec<(String, String)> = vec![
-            ("CXGW_GRPC_ADDR".into(), grpc_addr.to_string()),
-            ("CXGW_ADMIN_ADDR".into(), admin_addr.to_string()),
-            (
-                "CXGW_DATA_DIR".into(),
-                dir.path().join("data").display().to_string(),
-            ),
             ("CXGW_LOG".into(), "warn".into()),
             ("CXGW_CALLERS".into(), callers),
             ("CXGW_RETENTLY_BASE_URL".into(), base_url.clone()),
@@ -115,22 +122,59 @@ impl Stage {
             envs.push(((*key).to_owned(), value.clone()));
         }
         let gateway_spawned = std::time::Instant::now();
-        let gateway = ChildServer::start(
-            "gateway",
-            &binaries.gateway,
-            &["serve"],
-            &envs,
-            grpc_addr,
-            &dir.path().join("gateway.log"),
-        )
-        .await?;
+        let mut gateways = Vec::with_capacity(count.max(1));
+        for index in 0..count.max(1) {
+            // The first gateway keeps the names a single-gateway stage always had.
+            let suffix = if index == 0 {
+                String::new()
+            } else {
+                format!("-{index}")
+            };
+            let grpc_addr = free_loopback_addr()?;
+            let mut own = envs.clone();
+            own.extend([
+                ("CXGW_GRPC_ADDR".to_owned(), grpc_addr.to_string()),
+                (
+                    "CXGW_ADMIN_ADDR".to_owned(),
+                    free_loopback_addr()?.to_string(),
+                ),
+                (
+                    "CXGW_DATA_DIR".to_owned(),
+                    dir.path()
+                        .join(format!("data{suffix}"))
+                        .display()
+                        .to_string(),
+                ),
+            ]);
+            gateways.push(
+                ChildServer::start(
+                    "gateway",
+                    &binaries.gateway,
+                    &["serve"],
+                    &own,
+                    grpc_addr,
+                    &dir.path().join(format!("gateway{suffix}.log")),
+                )
+                .await?,
+            );
+        }
+        let gateway = gateways.remove(0);
         Ok(Stage {
             sandbox,
             caller,
             gateway,
+            replicas: gateways,
             gateway_spawned,
             dir,
         })
+    }
+
+    /// The gRPC address of every gateway process, the first one first.
+    pub fn grpc_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(&self.gateway)
+            .chain(&self.replicas)
+            .map(ChildServer::addr)
+            .collect()
     }
 
     pub fn handle(&self) -> &SandboxHandle {
@@ -146,9 +190,13 @@ impl Stage {
         let Stage {
             sandbox,
             gateway,
+            replicas,
             dir,
             ..
         } = self;
+        for replica in replicas {
+            replica.stop().await;
+        }
         gateway.stop().await;
         sandbox.stop().await;
         drop(dir);

@@ -179,6 +179,75 @@ pub const MIGRATIONS: &[Migration] = &[
     ",
     },
     Migration {
+        version: 4,
+        name: "upstream_budget",
+        sql: "
+    -- One upstream request budget for every replica (see budget.rs): per account, the grant
+    -- times of the current window (microseconds since the epoch by the database's clock,
+    -- oldest first) and the end of an upstream Retry-After.
+    CREATE TABLE upstream_budget (
+        account text PRIMARY KEY,
+        grants bigint[] NOT NULL DEFAULT '{}',
+        blocked_until_us bigint
+    );
+    -- Takes one slot of a budget of p_limit grants in any p_window_us, in one statement (one
+    -- round trip): under the account row's lock it evicts the grants that left the window,
+    -- checks the count and the Retry-After, and appends the new grant. The clock is read once
+    -- the lock is held, so grants are appended in time order whoever waited for the lock.
+    CREATE FUNCTION cxgw_budget_acquire(p_account text, p_limit integer, p_window_us bigint)
+    RETURNS TABLE (granted boolean, grant_us bigint, retry_us bigint, ages_us bigint[],
+                   blocked_us bigint)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        v_grants bigint[];
+        v_blocked bigint;
+        v_now bigint;
+        v_count integer;
+    BEGIN
+        SELECT b.grants, b.blocked_until_us INTO v_grants, v_blocked
+            FROM upstream_budget b WHERE b.account = p_account FOR UPDATE;
+        IF NOT FOUND THEN
+            -- The first grant of an account; a racing replica's insert is waited for.
+            INSERT INTO upstream_budget (account) VALUES (p_account)
+                ON CONFLICT (account) DO NOTHING;
+            SELECT b.grants, b.blocked_until_us INTO v_grants, v_blocked
+                FROM upstream_budget b WHERE b.account = p_account FOR UPDATE;
+        END IF;
+        v_now := floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+        v_grants := ARRAY(SELECT g FROM unnest(v_grants) AS g
+                          WHERE g + p_window_us > v_now ORDER BY g);
+        IF v_blocked IS NOT NULL AND v_blocked <= v_now THEN
+            v_blocked := NULL;
+        END IF;
+        v_count := cardinality(v_grants);
+        IF v_blocked IS NULL AND v_count < p_limit THEN
+            v_grants := v_grants || v_now;
+            granted := true;
+            grant_us := v_now;
+            retry_us := 0;
+        ELSE
+            granted := false;
+            grant_us := NULL;
+            -- With the window full, a slot frees when the grant p_limit places before the
+            -- next one leaves it (more than p_limit grants remain when the limit was lowered).
+            retry_us := CASE WHEN v_count >= p_limit
+                             THEN v_grants[v_count - p_limit + 1] + p_window_us - v_now
+                             ELSE 0 END;
+            IF v_blocked IS NOT NULL THEN
+                retry_us := GREATEST(retry_us, v_blocked - v_now);
+            END IF;
+        END IF;
+        UPDATE upstream_budget SET grants = v_grants, blocked_until_us = v_blocked
+            WHERE account = p_account;
+        ages_us := ARRAY(SELECT v_now - g FROM unnest(v_grants) WITH ORDINALITY AS t (g, n)
+                         ORDER BY n);
+        blocked_us := v_blocked - v_now;
+        RETURN NEXT;
+    END
+    $$;
+    ",
+    },
+    Migration {
         version: 5,
         name: "leases",
         sql: "

@@ -12,6 +12,7 @@
 //! # Layout
 //! - [`migrations`]: the versioned schema, applied at start by one replica at a time.
 //! - `alerts`: the alert evaluator's checkpoint and alert keys.
+//! - `budget`: the upstream request budgets every replica shares, one grant per round trip.
 //! - `cursors`: the pollers' checkpoints.
 //! - `fatigue`: the survey record behind the cool-down, reserved race-free across replicas.
 //! - [`feedback_log`]: the shared feedback log, numbered in commit order without gaps.
@@ -34,6 +35,7 @@ use crate::config::Secret;
 use crate::store::{StoreError, StoreErrorKind};
 
 mod alerts;
+mod budget;
 mod cursors;
 mod fatigue;
 pub mod feedback_log;

@@ -29,10 +29,12 @@ pub use self::client::RetainlyClient;
 pub use self::model::*;
 use crate::config::RetainlyConfig;
 use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
+use crate::store::BudgetStore;
 use crate::upstream::batching;
 use crate::upstream::context::CallContext;
 use crate::upstream::scheduler::batch::{BatchHandle, BatchLimits, Batcher};
 use crate::upstream::scheduler::fair::CallerShares;
+use crate::upstream::scheduler::shared::SharedBudget;
 use crate::upstream::scheduler::{Idempotency, Lane, LaneCounters, SchedulerSettings};
 
 /// Objects per request, as documented.
@@ -66,7 +68,12 @@ impl fmt::Debug for RetainlyApi {
 impl RetainlyApi {
     /// Builds the client and the scheduler from the gateway's settings, sharing the budget
     /// between callers by `shares`. Must run inside a tokio runtime.
-    pub fn from_config(config: &RetainlyConfig, shares: Arc<dyn CallerShares>) -> Result<Self> {
+    /// With `budget`, the request budget is the one every replica shares in that store.
+    pub fn from_config(
+        config: &RetainlyConfig,
+        shares: Arc<dyn CallerShares>,
+        budget: Option<Arc<dyn BudgetStore>>,
+    ) -> Result<Self> {
         let missing = |what: &str| {
             Error::new(
                 ErrorCode::FailedPrecondition,
@@ -81,9 +88,12 @@ impl RetainlyApi {
             .as_ref()
             .ok_or_else(|| missing("secret"))?;
         let client = RetainlyClient::new(config.base_url.clone(), key, secret)?;
+        let shared = budget.map(|store| SharedBudget::new(store, client::UPSTREAM, key.expose()));
         Ok(Self::with_client(
             client,
-            SchedulerSettings::new(config.requests_per_minute).with_shares(shares),
+            SchedulerSettings::new(config.requests_per_minute)
+                .with_shares(shares)
+                .with_shared_budget(shared),
         ))
     }
 

@@ -34,11 +34,13 @@ pub use self::client::{CustomerChange, RetentlyClient};
 pub use self::model::*;
 use crate::config::{RetentlyConfig, Secret};
 use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
+use crate::store::BudgetStore;
 use crate::upstream::batching;
 use crate::upstream::context::CallContext;
 use crate::upstream::scheduler::batch::{BatchHandle, BatchLimits, Batcher};
 use crate::upstream::scheduler::cache::{Caching, Reads};
 use crate::upstream::scheduler::fair::CallerShares;
+use crate::upstream::scheduler::shared::SharedBudget;
 use crate::upstream::scheduler::{
     AttemptError, Idempotency, Lane, LaneCounters, SchedulerSettings,
 };
@@ -121,7 +123,12 @@ impl RetentlyApi {
     /// Builds the client and the scheduler from the gateway's settings, sharing the budget
     /// between callers by `shares`. Must run inside a tokio runtime (the scheduler spawns its
     /// dispatcher).
-    pub fn from_config(config: &RetentlyConfig, shares: Arc<dyn CallerShares>) -> Result<Self> {
+    /// With `budget`, the request budget is the one every replica shares in that store.
+    pub fn from_config(
+        config: &RetentlyConfig,
+        shares: Arc<dyn CallerShares>,
+        budget: Option<Arc<dyn BudgetStore>>,
+    ) -> Result<Self> {
         let api_key = config.api_key.as_ref().ok_or_else(|| {
             Error::new(
                 ErrorCode::FailedPrecondition,
@@ -130,10 +137,15 @@ impl RetentlyApi {
             )
             .with_metadata("upstream", client::UPSTREAM)
         })?;
+        let shared =
+            budget.map(|store| SharedBudget::new(store, client::UPSTREAM, api_key.expose()));
         Self::new(
             config.base_url.clone(),
             api_key,
-            SchedulerSettings::new(config.requests_per_minute).with_shares(shares),
+            SchedulerSettings::new(config.requests_per_minute)
+                .with_window(config.rate_window)
+                .with_shares(shares)
+                .with_shared_budget(shared),
         )
     }
 

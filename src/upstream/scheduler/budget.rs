@@ -85,8 +85,18 @@ impl SlidingWindow {
         if self.blocked_until.is_some() {
             0
         } else {
-            self.limit - self.log.len()
+            self.limit.saturating_sub(self.log.len())
         }
+    }
+
+    /// Replaces the log with the one a shared budget reported at `now`: the ages of its grants,
+    /// oldest first, and how long a `Retry-After` still holds. The lane then estimates waits
+    /// from what every replica was granted.
+    pub fn mirror(&mut self, now: Instant, ages: &[Duration], blocked_for: Option<Duration>) {
+        self.log.clear();
+        self.log
+            .extend(ages.iter().map(|&age| now.checked_sub(age).unwrap_or(now)));
+        self.blocked_until = blocked_for.map(|pause| now + pause);
     }
 
     /// Gives back a slot granted at `at` that was never used (its caller left before sending).

@@ -205,7 +205,7 @@ mod queue_tests {
     /// Pushes a waiter and keeps its receiver alive so it counts as listening.
     fn push(
         queue: &mut FairQueue,
-        receivers: &mut Vec<oneshot::Receiver<tokio::time::Instant>>,
+        receivers: &mut Vec<oneshot::Receiver<super::super::Grant>>,
         name: &str,
         weight: u32,
         id: u64,

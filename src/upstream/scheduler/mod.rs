@@ -9,6 +9,11 @@
 //! budget would have room. The gateway therefore never sends the upstream more than it allows;
 //! excess demand waits (bounded) or is refused here, never by a 429 upstream.
 //!
+//! Replicas on PostgreSQL share one budget per account instead ([`shared`]): the lane's
+//! dispatcher asks the database for a slot for the waiter at the head of its queues, and every
+//! caller waits in the queues; the window the lane keeps is then a copy of the shared one, for
+//! estimates.
+//!
 //! One dispatcher task per lane hands out slots as they free, choosing between the classes so
 //! interactive work goes first while background work gets at least one slot in
 //! `background_share + 1` when both wait. Inside a class, callers share the slots by weight
@@ -22,6 +27,7 @@
 //! - [`batch`]: coalescing of concurrent writes into one upstream call, with per-item results.
 //! - [`cache`]: single-flight and the TTL cache for reads.
 //! - [`fair`]: weighted fair queueing between callers and their quotas.
+//! - [`shared`]: the budget shared by every replica on PostgreSQL, in place of the lane's own.
 
 pub mod batch;
 pub mod breaker;
@@ -29,6 +35,7 @@ pub mod budget;
 pub mod cache;
 pub mod fair;
 pub mod retry;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,12 +53,18 @@ use self::breaker::{Admission, Breaker, BreakerConfig};
 use self::budget::SlidingWindow;
 use self::fair::{CallerShare, CallerShares, EqualShares, FairQueue, FlowKey};
 use self::retry::{BackoffPolicy, RetryBudget, RetryBudgetConfig};
+use self::shared::SharedBudget;
 use crate::error::{Error, ErrorCode, Reason, Result};
+use crate::store::budget::GrantId;
 use crate::upstream::context::{CallContext, Priority, deadline_exceeded};
 
 /// The `caller` metric label of attempts made without an authenticated caller (sandbox, trusted
 /// mesh).
 const ANONYMOUS_CALLER: &str = "anonymous";
+
+/// Shortest wait after a refusal of the shared budget, so a refusal that names no time (none
+/// is expected) cannot make the dispatcher ask the database in a busy loop.
+const MIN_SHARED_RETRY: Duration = Duration::from_millis(1);
 
 /// Time kept between an attempt's timeout and the caller's deadline to hand the answer back.
 const REPLY_MARGIN: Duration = Duration::from_millis(10);
@@ -109,6 +122,9 @@ pub struct SchedulerSettings {
     pub shares: Arc<dyn CallerShares>,
     /// The window of `CallerShare::quota_per_minute`: a minute, shortened only by tests.
     pub quota_window: Duration,
+    /// The budget every replica shares (PostgreSQL), in place of this lane's own; `None` for
+    /// one replica on the embedded store.
+    pub shared_budget: Option<SharedBudget>,
 }
 
 impl SchedulerSettings {
@@ -130,7 +146,24 @@ impl SchedulerSettings {
             cache_capacity: 1024,
             shares: Arc::new(EqualShares),
             quota_window: Duration::from_secs(60),
+            shared_budget: None,
         }
+    }
+
+    /// The same settings with the upstream's counting window set to `window`. The jitter margin
+    /// stays 1 s (it covers how much later one request can arrive than another after their
+    /// grants, which does not shrink with the window), but at most a quarter of a window
+    /// shorter than 4 s.
+    pub fn with_window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self.jitter_margin = (window / 4).min(Duration::from_secs(1));
+        self
+    }
+
+    /// The same settings with the budget shared by every replica in `budget`.
+    pub fn with_shared_budget(mut self, budget: Option<SharedBudget>) -> Self {
+        self.shared_budget = budget;
+        self
     }
 
     /// The same settings with callers' weights and quotas from `shares`.
@@ -176,6 +209,8 @@ impl AttemptError {
 #[derive(Debug)]
 pub struct Permit {
     granted_at: Instant,
+    /// The slot of the shared budget, given back with an unused permit.
+    shared_grant: Option<GrantId>,
     probe: bool,
     /// The caller's quota slot this attempt took, given back with an unused permit.
     quota: Option<QuotaCharge>,
@@ -188,11 +223,31 @@ struct QuotaCharge {
     at: Instant,
 }
 
-/// An attempt waiting for a slot; the dispatcher sends it the grant time.
+/// An attempt waiting for a slot; the dispatcher sends it the grant.
 #[derive(Debug)]
 struct Waiter {
     id: u64,
-    grant: oneshot::Sender<Instant>,
+    grant: oneshot::Sender<Grant>,
+}
+
+/// What the dispatcher hands a waiter.
+#[derive(Debug)]
+enum Grant {
+    /// A slot taken at `at` (and its name in the shared budget, if there is one).
+    Slot {
+        at: Instant,
+        shared: Option<GrantId>,
+    },
+    /// No slot could be asked for (the shared budget is unreachable): nothing was sent.
+    Refused(Error),
+}
+
+/// A granted slot as [`Lane::acquire`] returns it.
+#[derive(Debug)]
+struct Slot {
+    at: Instant,
+    shared: Option<GrantId>,
+    quota: Option<QuotaCharge>,
 }
 
 /// Quota windows kept before idle ones are dropped (callers come from the callers file, so this
@@ -341,7 +396,14 @@ impl Lane {
             state: Mutex::new(state),
             wake: Arc::clone(&wake),
         });
-        tokio::spawn(dispatch(Arc::downgrade(&shared), wake));
+        match shared.settings.shared_budget.clone() {
+            Some(budget) => {
+                tokio::spawn(dispatch_shared(Arc::downgrade(&shared), wake, budget));
+            }
+            None => {
+                tokio::spawn(dispatch(Arc::downgrade(&shared), wake));
+            }
+        }
         register_probes(&shared);
         Self { shared }
     }
@@ -472,10 +534,11 @@ impl Lane {
             }
         };
         match self.acquire(ctx).await {
-            Ok((granted_at, quota)) => Ok(Permit {
-                granted_at,
+            Ok(slot) => Ok(Permit {
+                granted_at: slot.at,
+                shared_grant: slot.shared,
                 probe,
-                quota,
+                quota: slot.quota,
             }),
             Err(error) => {
                 if probe {
@@ -560,8 +623,8 @@ impl Lane {
         }
     }
 
-    /// Waits for a budget slot, or sheds. Returns the grant time and the quota charge.
-    async fn acquire(&self, ctx: &CallContext) -> Result<(Instant, Option<QuotaCharge>)> {
+    /// Waits for a budget slot, or sheds.
+    async fn acquire(&self, ctx: &CallContext) -> Result<Slot> {
         let settings = &self.shared.settings;
         let now = Instant::now();
         let wait_limit = match ctx.remaining(now) {
@@ -585,11 +648,19 @@ impl Lane {
                 state.ahead_of(ctx.priority, &flow, share.weight, settings.background_share);
             // Straight through only when nobody waits at all: a free slot with waiters is the
             // dispatcher's to hand out by weight, or interactive arrivals could starve
-            // background work that is already queued (and newcomers jump other callers).
+            // background work that is already queued (and newcomers jump other callers). A
+            // shared budget is only asked by the dispatcher, one slot at a time.
             let nobody_waits = !state.interactive.has_live() && !state.background.has_live();
-            if nobody_waits && state.budget.try_acquire(now).is_ok() {
+            if settings.shared_budget.is_none()
+                && nobody_waits
+                && state.budget.try_acquire(now).is_ok()
+            {
                 state.counters.granted += 1;
-                return Ok((now, charge));
+                return Ok(Slot {
+                    at: now,
+                    shared: None,
+                    quota: charge,
+                });
             }
             let wait = state.budget.estimate(now, ahead) - now;
             if wait > wait_limit || state.queue(ctx.priority).len() >= settings.max_queue {
@@ -615,7 +686,7 @@ impl Lane {
         self.shared.wake.notify_one();
         tokio::select! {
             result = &mut granted => match result {
-                Ok(at) => Ok((at, charge)),
+                Ok(grant) => self.granted(grant, charge),
                 Err(_) => {
                     let mut state = self.lock();
                     Self::refund_quota(&mut state, charge.as_ref());
@@ -629,8 +700,8 @@ impl Lane {
                 granted.close();
                 // The dispatcher may have granted just before the close; the wait limit keeps
                 // `min_attempt_time` in reserve, so the slot is still worth using.
-                if let Ok(at) = granted.try_recv() {
-                    return Ok((at, charge));
+                if let Ok(grant) = granted.try_recv() {
+                    return self.granted(grant, charge);
                 }
                 let now = Instant::now();
                 let mut state = self.lock();
@@ -643,6 +714,21 @@ impl Lane {
                 drop(state);
                 self.shared.wake.notify_one();
                 Err(self.budget_exhausted(wait))
+            }
+        }
+    }
+
+    /// The slot the dispatcher handed over, or its refusal (then the quota slot is given back).
+    fn granted(&self, grant: Grant, charge: Option<QuotaCharge>) -> Result<Slot> {
+        match grant {
+            Grant::Slot { at, shared } => Ok(Slot {
+                at,
+                shared,
+                quota: charge,
+            }),
+            Grant::Refused(error) => {
+                Self::refund_quota(&mut self.lock(), charge.as_ref());
+                Err(error)
             }
         }
     }
@@ -707,6 +793,13 @@ impl Lane {
                 Err(failure) => failure,
             };
             guard.settle(Some(&failure));
+            if failure.class == FailureClass::Refused
+                && let (Some(after), Some(budget)) =
+                    (failure.retry_after, &self.shared.settings.shared_budget)
+            {
+                // Every replica holds off, not just this one: the upstream counts the account.
+                budget.block_for(after).await;
+            }
             let Some(delay) = self.retry_delay(ctx, idempotency, &failure, retry) else {
                 // The class goes with the error, so whoever decides next (the outbox) knows what
                 // the upstream can have done.
@@ -732,6 +825,13 @@ impl Lane {
     }
 
     fn release_unused(&self, permit: Permit) {
+        if let (Some(grant), Some(budget)) =
+            (permit.shared_grant, &self.shared.settings.shared_budget)
+        {
+            let budget = budget.clone();
+            // Giving the slot back is not worth holding the caller for a round trip.
+            tokio::spawn(async move { budget.refund(grant).await });
+        }
         let mut state = self.lock();
         state.budget.refund(permit.granted_at);
         Self::refund_quota(&mut state, permit.quota.as_ref());
@@ -901,7 +1001,14 @@ async fn dispatch(lane: Weak<Shared>, wake: Arc<Notify>) {
                             state.budget.refund(now);
                             continue;
                         };
-                        if waiter.grant.send(now).is_err() {
+                        if waiter
+                            .grant
+                            .send(Grant::Slot {
+                                at: now,
+                                shared: None,
+                            })
+                            .is_err()
+                        {
                             state.budget.refund(now);
                             continue;
                         }
@@ -929,5 +1036,114 @@ async fn dispatch(lane: Weak<Shared>, wake: Arc<Notify>) {
     }
 }
 
+/// Hands out slots of the shared budget to waiters: asks the store for one slot whenever
+/// someone waits, gives it to the waiter the weighting picks, and after a refusal waits the time
+/// the store named. Exits when the lane is dropped.
+async fn dispatch_shared(lane: Weak<Shared>, wake: Arc<Notify>, budget: SharedBudget) {
+    loop {
+        let Some(shared) = lane.upgrade() else {
+            return;
+        };
+        let settings = &shared.settings;
+        let share = settings.background_share;
+        let waiting = {
+            let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.next_class(share).is_some()
+        };
+        if !waiting {
+            drop(shared);
+            wake.notified().await;
+            continue;
+        }
+        let answer = budget
+            .acquire(
+                settings.requests_per_window,
+                settings.window + settings.jitter_margin,
+            )
+            .await;
+        let now = Instant::now();
+        // Decided under the lock, acted on after it (no guard is held across an await).
+        let next = {
+            let mut state = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+            hand_out(&shared, &mut state, answer, now)
+        };
+        drop(shared);
+        match next {
+            AfterAsk::AskAgain => {}
+            AfterAsk::Wait(retry_in) => {
+                // Nothing frees before then, whoever arrives meanwhile.
+                tokio::time::sleep(retry_in.max(MIN_SHARED_RETRY)).await;
+            }
+            AfterAsk::GiveBack(grant) => budget.refund(grant).await,
+        }
+    }
+}
+
+/// What the shared dispatcher does after an answer of the store.
+enum AfterAsk {
+    AskAgain,
+    Wait(Duration),
+    /// A slot nobody was left to take.
+    GiveBack(GrantId),
+}
+
+/// Applies one answer of the shared budget: hands the slot to the waiter the weighting picks,
+/// or, when the store could not be reached, refuses every waiter (fail closed).
+fn hand_out(
+    shared: &Shared,
+    state: &mut LaneState,
+    answer: std::result::Result<crate::store::budget::BudgetAnswer, crate::store::StoreError>,
+    now: Instant,
+) -> AfterAsk {
+    let share = shared.settings.background_share;
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(error) => {
+            // Without the shared count no request may go, so every waiter hears now that
+            // nothing was sent, rather than waiting out its deadline.
+            let refusal = shared::unreachable(shared.upstream, &error);
+            tracing::warn!(
+                upstream = shared.upstream,
+                %error,
+                "shared upstream budget unreachable; refusing waiting calls"
+            );
+            for class in [Priority::Interactive, Priority::Background] {
+                while let Some(waiter) = state.queue(class).pop() {
+                    state.counters.shed += 1;
+                    let _ = waiter.grant.send(Grant::Refused(refusal.clone()));
+                }
+            }
+            return AfterAsk::AskAgain;
+        }
+    };
+    state.budget.mirror(now, &answer.ages, answer.blocked_for);
+    let Some(grant) = answer.grant else {
+        return AfterAsk::Wait(answer.retry_in);
+    };
+    while let Some(class) = state.next_class(share) {
+        let Some(waiter) = state.queue(class).pop() else {
+            continue;
+        };
+        let slot = Grant::Slot {
+            at: now,
+            shared: Some(grant),
+        };
+        if waiter.grant.send(slot).is_err() {
+            continue;
+        }
+        state.counters.granted += 1;
+        state.interactive_streak = match class {
+            Priority::Interactive if state.background.has_live() => state.interactive_streak + 1,
+            _ => 0,
+        };
+        return AfterAsk::AskAgain;
+    }
+    // Everyone left while the store answered.
+    AfterAsk::GiveBack(grant)
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod shared_tests;

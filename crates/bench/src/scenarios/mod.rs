@@ -1,4 +1,4 @@
-//! The six scenarios. Each builds its own [`super::stage::Stage`], drives it, and fills a
+//! The seven scenarios. Each builds its own [`super::stage::Stage`], drives it, and fills a
 //! [`ScenarioReport`]; an error keeps what was measured so far and marks the scenario failed.
 
 pub mod added_latency;
@@ -6,6 +6,7 @@ pub mod fan_out;
 pub mod feedback_sync;
 pub mod raw_rpc;
 pub mod retainly_batching;
+pub mod scale_out;
 pub mod survey_coalescing;
 
 use super::process::Binaries;
@@ -19,16 +20,18 @@ pub enum Scenario {
     RetainlyBatching,
     FeedbackSync,
     FanOut,
+    ScaleOut,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::RawRpc,
         Scenario::AddedLatency,
         Scenario::SurveyCoalescing,
         Scenario::RetainlyBatching,
         Scenario::FeedbackSync,
         Scenario::FanOut,
+        Scenario::ScaleOut,
     ];
 
     pub fn id(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Scenario {
             Scenario::RetainlyBatching => "retainly-batching",
             Scenario::FeedbackSync => "feedback-sync",
             Scenario::FanOut => "fan-out",
+            Scenario::ScaleOut => "scale-out",
         }
     }
 
@@ -54,6 +58,9 @@ impl Scenario {
             Scenario::RetainlyBatching => "4. Retainly batching: UpsertCustomers from many callers",
             Scenario::FeedbackSync => "5. feedback sync: existing responses into the log",
             Scenario::FanOut => "6. fan-out: FeedbackStream.Subscribe to many subscribers",
+            Scenario::ScaleOut => {
+                "7. scale-out: 1 and 3 replicas on PostgreSQL next to the embedded store"
+            }
         }
     }
 
@@ -76,6 +83,7 @@ impl Scenario {
             }
             Scenario::FeedbackSync => feedback_sync::run(&mut report, binaries, quick).await,
             Scenario::FanOut => fan_out::run(&mut report, binaries, quick).await,
+            Scenario::ScaleOut => scale_out::run(&mut report, binaries, quick).await,
         };
         if let Err(error) = result {
             report.status = Status::Failed(format!("{error:#}"));
