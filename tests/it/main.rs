@@ -14,6 +14,7 @@ mod owners;
 mod postgres;
 mod replicas;
 mod rules;
+mod scaleout_replicas;
 mod segment;
 mod support;
 mod surveys;
