@@ -7,7 +7,8 @@
 //! upserts of one key are serialised by the primary key's lock, so exactly one takes it. The
 //! record is read after the upsert, in a new statement (read committed: a fresh snapshot), so a
 //! holder that stored its record and released its claim while this claim waited on that claim's
-//! row is seen as recorded rather than run again.
+//! row is seen as recorded rather than run again. Both statements commit on their own: a claim
+//! costs two round trips.
 
 use super::outbox::store_record;
 use super::{PostgresStore, in_transaction, query_error};
@@ -136,14 +137,18 @@ impl IdempotencyStore for PostgresStore {
         claim: &KeyClaim,
         terms: ClaimTerms,
     ) -> Result<ClaimOutcome, StoreError> {
-        in_transaction!(self, "claim an idempotency key", |tx| {
-            let fail = query_error("claim an idempotency key");
-            let now = chrono::Utc::now().timestamp_millis();
-            // The existing claim's lease comes back when the upsert leaves it alone, from the
-            // same statement: read separately, it could be gone by then.
-            let row = tx
-                .query_one(
-                    "WITH taken AS (
+        // Each statement commits on its own (two round trips, not four): the upsert must commit
+        // before the record is read anyway for the read to see a racing holder's record, and
+        // a claim left behind by a failure between them only delays repeats by its lease (the
+        // record, once there, answers before any claim is looked at).
+        let fail = query_error("claim an idempotency key");
+        let connection = self.connection("claim an idempotency key").await?;
+        let now = chrono::Utc::now().timestamp_millis();
+        // The existing claim's lease comes back when the upsert leaves it alone, from the
+        // same statement: read separately, it could be gone by then.
+        let row = connection
+            .query_one(
+                "WITH taken AS (
                         INSERT INTO idempotency_claims AS c
                             (owner, scope, key, holder, create_ms, lease_until_ms)
                         VALUES ($1, $2, $3, $4, $5, $6)
@@ -156,57 +161,57 @@ impl IdempotencyStore for PostgresStore {
                      SELECT EXISTS (SELECT 1 FROM taken),
                         (SELECT lease_until_ms FROM idempotency_claims
                          WHERE owner = $1 AND scope = $2 AND key = $3)",
-                    &[
-                        &claim.owner,
-                        &claim.scope,
-                        &claim.key,
-                        &claim.holder,
-                        &now,
-                        &terms.lease_until_ms,
-                        &terms.created_since_ms,
-                        &terms.take_over_lapsed,
-                    ],
-                )
-                .await
-                .map_err(&fail)?;
-            let claimed: bool = row.get(0);
-            let held_until: Option<i64> = row.get(1);
-            let recorded = tx
-                .query_opt(
-                    "SELECT request_hash, response FROM idempotency
+                &[
+                    &claim.owner,
+                    &claim.scope,
+                    &claim.key,
+                    &claim.holder,
+                    &now,
+                    &terms.lease_until_ms,
+                    &terms.created_since_ms,
+                    &terms.take_over_lapsed,
+                ],
+            )
+            .await
+            .map_err(&fail)?;
+        let claimed: bool = row.get(0);
+        let held_until: Option<i64> = row.get(1);
+        let recorded = connection
+            .query_opt(
+                "SELECT request_hash, response FROM idempotency
                      WHERE owner = $1 AND scope = $2 AND key = $3 AND create_ms >= $4",
-                    &[
-                        &claim.owner,
-                        &claim.scope,
-                        &claim.key,
-                        &terms.created_since_ms,
-                    ],
-                )
-                .await
-                .map_err(&fail)?;
-            if let Some(row) = recorded {
-                if claimed {
-                    // Not a call to run after all: leave the claims as they were.
-                    tx.execute(
+                &[
+                    &claim.owner,
+                    &claim.scope,
+                    &claim.key,
+                    &terms.created_since_ms,
+                ],
+            )
+            .await
+            .map_err(&fail)?;
+        if let Some(row) = recorded {
+            if claimed {
+                // Not a call to run after all: leave no claim behind.
+                connection
+                    .execute(
                         "DELETE FROM idempotency_claims
                          WHERE owner = $1 AND scope = $2 AND key = $3 AND holder = $4",
                         &[&claim.owner, &claim.scope, &claim.key, &claim.holder],
                     )
                     .await
                     .map_err(&fail)?;
-                }
-                return Ok(ClaimOutcome::Recorded(StoredResponse {
-                    request_hash: row.get(0),
-                    response: row.get(1),
-                }));
             }
-            Ok(match (claimed, held_until) {
-                (true, _) => ClaimOutcome::Claimed,
-                // Released between the upsert and the read: free again, the caller asks anew.
-                (false, None) => ClaimOutcome::Running,
-                (false, Some(until)) if until >= now => ClaimOutcome::Running,
-                (false, Some(_)) => ClaimOutcome::Abandoned,
-            })
+            return Ok(ClaimOutcome::Recorded(StoredResponse {
+                request_hash: row.get(0),
+                response: row.get(1),
+            }));
+        }
+        Ok(match (claimed, held_until) {
+            (true, _) => ClaimOutcome::Claimed,
+            // Released between the upsert and the read: free again, the caller asks anew.
+            (false, None) => ClaimOutcome::Running,
+            (false, Some(until)) if until >= now => ClaimOutcome::Running,
+            (false, Some(_)) => ClaimOutcome::Abandoned,
         })
     }
 
