@@ -7,7 +7,7 @@
 //!
 //! - within the process, an in-process gate per key: a repeat on the same replica waits for a
 //!   wake-up, touching the store only once the first call ended;
-//! - across processes, a claim in the store ([`IdempotencyStore::claim`]): the call that holds
+//! - across processes, a claim in the store ([`IdempotencyStore::claim_key`]): the call that holds
 //!   the key's claim runs, renewing the claim's lease while it runs ([`CLAIM_LEASE`]); a repeat
 //!   on another replica finds the claim held and asks again with a growing pause (up to
 //!   [`MAX_CLAIM_POLL`]) until the record is there or the claim is gone. The caller's deadline

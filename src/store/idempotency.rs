@@ -83,7 +83,7 @@ pub struct KeyClaim {
     pub holder: String,
 }
 
-/// What [`IdempotencyStore::claim`] found.
+/// What [`IdempotencyStore::claim_key`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {
     /// The key's record, created within the window: the call is a repeat, nothing to run.
