@@ -1,10 +1,27 @@
 //! Idempotency keys and event message ids: a repeat within the window returns the first call's
 //! response and makes no second upstream call.
 //!
-//! Records live in the store, so a repeat after a restart is still recognised. A repeat that
-//! arrives while the first call is still running waits for it (an in-process gate per key)
-//! instead of racing it to the upstream. Only calls that reached an upstream or the outbox are
-//! remembered; a call rejected before that (bad input) runs anew when repeated.
+//! Records live in the store, so a repeat after a restart, or on another replica, is still
+//! recognised. A repeat that arrives while the first call is still running waits for it instead
+//! of racing it to the upstream, in two steps:
+//!
+//! - within the process, an in-process gate per key: a repeat on the same replica waits for a
+//!   wake-up, touching the store only once the first call ended;
+//! - across processes, a claim in the store ([`IdempotencyStore::claim_key`]): the call that holds
+//!   the key's claim runs, renewing the claim's lease while it runs ([`CLAIM_LEASE`]); a repeat
+//!   on another replica finds the claim held and asks again with a growing pause (up to
+//!   [`MAX_CLAIM_POLL`]) until the record is there or the claim is gone. The caller's deadline
+//!   bounds the wait (the RPC ends and drops it).
+//!
+//! A claim whose lease ran out without a record belongs to a call whose replica stopped
+//! mid-call; nobody knows whether it reached the upstream. The outbox's in-doubt rule decides:
+//! a replay-safe write is run again by the repeat that finds it; any other repeat within the
+//! window is answered `ABORTED` with reason `DELIVERY_IN_DOUBT`, never run again blindly (a new
+//! idempotency key sends it again deliberately).
+//!
+//! Only calls that reached an upstream or the outbox are remembered; a call rejected before that
+//! (bad input), a call that failed and one whose caller went away release the claim, and a
+//! repeat runs anew, as within one process.
 //!
 //! Records belong to the [`Owner`] that made them: another caller using the same key is a
 //! fresh call. Records written before owners existed (migration `0012_caller_scope`) have none
@@ -21,7 +38,21 @@ use crate::backoff::FailureStreak;
 use crate::domain::Owner;
 use crate::error::{Error, ErrorCode, Reason};
 use crate::shutdown::Drain;
+use crate::store::idempotency::{ClaimOutcome, ClaimTerms, KeyClaim};
 use crate::store::{IdempotencyRecord, IdempotencyStore, Store};
+
+/// How long a key's claim holds without a renewal. The running call renews it every third of
+/// this, so a repeat on another replica waits about this long after the claim's replica died
+/// before it learns the call is in doubt; short enough for a caller's retry, long enough to
+/// outlast two missed renewals on a busy database.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(15);
+
+/// The first pause of a repeat waiting for another replica's call; doubled after each look.
+const FIRST_CLAIM_POLL: Duration = Duration::from_millis(20);
+
+/// The longest pause between two looks at a claim another replica holds: an upstream call takes
+/// about a second, so a waiter learns of its end within about one more.
+pub const MAX_CLAIM_POLL: Duration = Duration::from_secs(1);
 
 /// The SHA-256 of a request's encoding (without its options), to tell a true repeat from a
 /// reused key.
@@ -84,6 +115,94 @@ fn reused() -> Error {
     )
 }
 
+/// The answer to a repeat whose first call died mid-call on another replica.
+fn interrupted() -> Error {
+    Error::new(
+        ErrorCode::Aborted,
+        Reason::DeliveryInDoubt,
+        "an earlier call with this idempotency key stopped mid-call with its replica and may \
+         have reached the upstream, so it is not run again; send it with a new key to run it",
+    )
+}
+
+/// The end of a claim's lease taken or renewed now.
+fn lease_until_ms() -> i64 {
+    now_ms().saturating_add(i64::try_from(CLAIM_LEASE.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A key's claim while its call runs: renews the lease every third of [`CLAIM_LEASE`], and
+/// gives the claim up when the call ends ([`HeldClaim::release`]) or is dropped mid-call (the
+/// caller went away), so a repeat runs anew as it would within one process.
+struct HeldClaim {
+    store: Arc<dyn IdempotencyStore>,
+    claim: Option<KeyClaim>,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl HeldClaim {
+    fn hold(store: Arc<dyn IdempotencyStore>, claim: KeyClaim) -> HeldClaim {
+        let renewal = tokio::spawn({
+            let store = Arc::clone(&store);
+            let claim = claim.clone();
+            async move {
+                let every = CLAIM_LEASE / 3;
+                let mut ticker =
+                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticker.tick().await;
+                    match store.renew_key_claim(&claim, lease_until_ms()).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(
+                                scope = %claim.scope,
+                                "an idempotency claim lapsed while its call ran"
+                            );
+                            return;
+                        }
+                        // Retried at the next tick; two misses still leave a third of the lease.
+                        Err(error) => {
+                            tracing::warn!(%error, scope = %claim.scope, "cannot renew an idempotency claim");
+                        }
+                    }
+                }
+            }
+        });
+        HeldClaim {
+            store,
+            claim: Some(claim),
+            renewal,
+        }
+    }
+
+    /// Gives the claim up now. A failure leaves it to lapse; a repeat then treats the call as
+    /// interrupted, which is the safe side.
+    async fn release(mut self) {
+        self.renewal.abort();
+        if let Some(claim) = self.claim.take()
+            && let Err(error) = self.store.release_key_claim(&claim).await
+        {
+            tracing::warn!(%error, scope = %claim.scope, "cannot release an idempotency claim");
+        }
+    }
+}
+
+impl Drop for HeldClaim {
+    fn drop(&mut self) {
+        self.renewal.abort();
+        if let Some(claim) = self.claim.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let store = Arc::clone(&self.store);
+            runtime.spawn(async move {
+                if let Err(error) = store.release_key_claim(&claim).await {
+                    tracing::warn!(%error, scope = %claim.scope, "cannot release an idempotency claim");
+                }
+            });
+        }
+    }
+}
+
 impl Idempotency {
     pub fn new(store: Store, window: Duration) -> Idempotency {
         Idempotency {
@@ -142,13 +261,16 @@ impl Idempotency {
     }
 
     /// Runs `first` unless `(owner, scope, key)` was seen: then returns the remembered response
-    /// (or waits for the running first call and returns its), marked as a repeat.
+    /// (or waits for the running first call, on this replica or another, and returns its),
+    /// marked as a repeat. `replay_safe` tells whether running the call again is harmless when
+    /// the call that held the key died mid-call (see the module doc).
     pub async fn run<F>(
         &self,
         owner: &Owner,
         scope: &str,
         key: &str,
         hash: Vec<u8>,
+        replay_safe: bool,
         first: F,
     ) -> Result<Remembered, Error>
     where
@@ -197,16 +319,36 @@ impl Idempotency {
             key: gate_key,
         };
         // A call that finished between the lookup above and claiming the gate left its record
-        // and opened the gate; looking again under the gate keeps it from running twice.
-        if let Some(response) = self.lookup(owner, scope, key, &hash).await? {
-            return Ok(Remembered {
-                response,
-                repeated: true,
-            });
+        // and opened the gate; the claim reads the record again under the gate, which keeps it
+        // from running twice, and serialises the call with its repeats on other replicas.
+        let claim = KeyClaim {
+            owner: owner.stored().to_owned(),
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+            holder: format!("call-{:032x}", rand::random::<u128>()),
+        };
+        if let Some(stored) = self.claim_key(&claim, replay_safe).await? {
+            return if stored.request_hash == hash {
+                Ok(Remembered {
+                    response: stored.response,
+                    repeated: true,
+                })
+            } else {
+                Err(reused())
+            };
         }
-        let fresh = first.await?;
+        let held = HeldClaim::hold(Arc::clone(&self.store), claim);
+        let fresh = first.await;
+        let fresh = match fresh {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                held.release().await;
+                return Err(error);
+            }
+        };
         if fresh.remember {
-            self.store
+            let recorded = self
+                .store
                 .record(Self::record_job(
                     owner,
                     scope,
@@ -214,15 +356,55 @@ impl Idempotency {
                     hash,
                     fresh.response.clone(),
                 ))
-                .await?;
+                .await;
+            if let Err(error) = recorded {
+                held.release().await;
+                return Err(error.into());
+            }
         }
+        held.release().await;
         Ok(Remembered {
             response: fresh.response,
             repeated: false,
         })
     }
 
-    /// Forgets records older than the window.
+    /// Claims `claim`'s key in the store, waiting while another replica's call holds it.
+    /// `Some(record)` when the key has a record by then (the call is a repeat), `None` once
+    /// this call holds the key.
+    async fn claim_key(
+        &self,
+        claim: &KeyClaim,
+        replay_safe: bool,
+    ) -> Result<Option<crate::store::idempotency::StoredResponse>, Error> {
+        let mut pause = FIRST_CLAIM_POLL;
+        let mut waited = false;
+        loop {
+            let terms = ClaimTerms {
+                lease_until_ms: lease_until_ms(),
+                created_since_ms: self.oldest_ms(),
+                take_over_lapsed: replay_safe,
+            };
+            match self.store.claim_key(claim, terms).await? {
+                ClaimOutcome::Recorded(stored) => return Ok(Some(stored)),
+                ClaimOutcome::Claimed => return Ok(None),
+                ClaimOutcome::Running => {
+                    if !waited {
+                        waited = true;
+                        tracing::debug!(
+                            scope = %claim.scope,
+                            "waiting for the call that holds this idempotency key on another replica"
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_CLAIM_POLL);
+                }
+                ClaimOutcome::Abandoned => return Err(interrupted()),
+            }
+        }
+    }
+
+    /// Forgets records (and claims) older than the window.
     pub async fn prune(&self) -> Result<usize, Error> {
         Ok(self.store.prune(self.oldest_ms()).await?)
     }

@@ -625,6 +625,7 @@ async fn idempotency_returns_the_first_response_and_refuses_a_reused_key() {
                     "UpsertCustomers",
                     "key-1",
                     hash,
+                    true,
                     async move {
                         tokio::task::yield_now().await;
                         *calls.lock().unwrap() += 1;
@@ -663,17 +664,24 @@ async fn calls_that_reached_nothing_are_not_remembered() {
     let idempotency = Idempotency::new(store, Duration::from_secs(3600));
     let hash = request_hash(b"request");
     let first = idempotency
-        .run(&Owner::Anonymous, "SendSurvey", "k", hash.clone(), async {
-            Ok(Fresh {
-                response: b"rejected".to_vec(),
-                remember: false,
-            })
-        })
+        .run(
+            &Owner::Anonymous,
+            "SendSurvey",
+            "k",
+            hash.clone(),
+            false,
+            async {
+                Ok(Fresh {
+                    response: b"rejected".to_vec(),
+                    remember: false,
+                })
+            },
+        )
         .await
         .unwrap();
     assert_eq!(first.response, b"rejected");
     let second = idempotency
-        .run(&Owner::Anonymous, "SendSurvey", "k", hash, async {
+        .run(&Owner::Anonymous, "SendSurvey", "k", hash, false, async {
             Ok(Fresh {
                 response: b"ran again".to_vec(),
                 remember: true,
@@ -703,6 +711,7 @@ async fn idempotency_keys_belong_to_the_caller_that_used_them() {
                     "TrackEvent",
                     "shared-key",
                     request_hash(request),
+                    false,
                     async {
                         Ok(Fresh {
                             response: response.to_vec(),
@@ -763,12 +772,19 @@ async fn records_made_before_owners_existed_still_answer_every_caller() {
     store.forget_idempotency_owners().await;
     // A retry across the upgrade is recognised, whoever makes it: it never writes twice.
     let repeat = idempotency
-        .run(&caller("alpha"), "TrackEvent", "old-key", hash, async {
-            Ok(Fresh {
-                response: b"second write".to_vec(),
-                remember: true,
-            })
-        })
+        .run(
+            &caller("alpha"),
+            "TrackEvent",
+            "old-key",
+            hash,
+            false,
+            async {
+                Ok(Fresh {
+                    response: b"second write".to_vec(),
+                    remember: true,
+                })
+            },
+        )
         .await
         .unwrap();
     assert!(repeat.repeated);

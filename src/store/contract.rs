@@ -15,7 +15,7 @@ use super::fatigue::{Claim, Reservation, ReserveRequest, Surveyed};
 use super::feedback_log::{
     AppendCounts, CustomerKey, EntryFields, EntryKind, FeedbackQuery, Observed, Origin, ReadOutcome,
 };
-use super::idempotency::IdempotencyRecord;
+use super::idempotency::{ClaimOutcome, ClaimTerms, IdempotencyRecord, KeyClaim};
 use super::leases::{Fence, UnderLease};
 use super::outbox::{
     AttemptRecord, DeadLetterFilter, DeliveryError, DeliveryState, NewDelivery, QueuedDelivery,
@@ -49,6 +49,9 @@ macro_rules! store_contract_tests {
             finished_deliveries_are_pruned_after_their_retention,
             a_delivery_and_its_idempotency_record_commit_together,
             idempotency_records_belong_to_their_owner_and_age_out,
+            an_idempotency_key_is_claimed_by_one_call_until_released_or_recorded,
+            lapsed_idempotency_claims_are_reported_or_taken_over,
+            concurrent_claims_of_one_idempotency_key_grant_exactly_one,
             appends_deduplicate_sequence_and_checkpoint_in_one_operation,
             concurrent_appends_get_gap_free_sequences_in_commit_order,
             log_reads_follow_sequences_bounds_and_retention,
@@ -713,6 +716,242 @@ pub(crate) async fn idempotency_records_belong_to_their_owner_and_age_out(store:
     next_millisecond().await;
     assert_eq!(records.prune(now_ms()).await.unwrap(), 2);
     assert_eq!(lookup("alpha", "TrackEvent", 0).await, None);
+}
+
+fn key_claim(holder: &str) -> KeyClaim {
+    KeyClaim {
+        owner: "alpha".to_owned(),
+        scope: "TrackEvent".to_owned(),
+        key: "k-1".to_owned(),
+        holder: holder.to_owned(),
+    }
+}
+
+/// Terms of a claim made now: a minute's lease, a window that started `window_ms` ago.
+fn claim_terms(window_ms: i64, take_over_lapsed: bool) -> ClaimTerms {
+    ClaimTerms {
+        lease_until_ms: now_ms() + 60_000,
+        created_since_ms: now_ms() - window_ms,
+        take_over_lapsed,
+    }
+}
+
+pub(crate) async fn an_idempotency_key_is_claimed_by_one_call_until_released_or_recorded(
+    store: &Store,
+) {
+    let records: &dyn IdempotencyStore = store.idempotency().as_ref();
+    let terms = || claim_terms(3_600_000, false);
+    let first = key_claim("call-1");
+    assert_eq!(
+        records.claim_key(&first, terms()).await.unwrap(),
+        ClaimOutcome::Claimed
+    );
+    // Its holder asking again keeps it; another call finds it running.
+    assert_eq!(
+        records.claim_key(&first, terms()).await.unwrap(),
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        records
+            .claim_key(&key_claim("call-2"), terms())
+            .await
+            .unwrap(),
+        ClaimOutcome::Running
+    );
+    assert!(
+        records
+            .renew_key_claim(&first, now_ms() + 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !records
+            .renew_key_claim(&key_claim("call-2"), now_ms() + 60_000)
+            .await
+            .unwrap()
+    );
+    // Another owner's, scope's or key's claims are apart.
+    for other in [
+        KeyClaim {
+            owner: "beta".to_owned(),
+            ..key_claim("call-3")
+        },
+        KeyClaim {
+            scope: "SendSurvey".to_owned(),
+            ..key_claim("call-3")
+        },
+        KeyClaim {
+            key: "k-2".to_owned(),
+            ..key_claim("call-3")
+        },
+    ] {
+        assert_eq!(
+            records.claim_key(&other, terms()).await.unwrap(),
+            ClaimOutcome::Claimed
+        );
+    }
+    // Released by another call: still held. Released by its holder: free.
+    records
+        .release_key_claim(&key_claim("call-2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        records
+            .claim_key(&key_claim("call-2"), terms())
+            .await
+            .unwrap(),
+        ClaimOutcome::Running
+    );
+    records.release_key_claim(&first).await.unwrap();
+    assert!(
+        !records
+            .renew_key_claim(&first, now_ms() + 60_000)
+            .await
+            .unwrap()
+    );
+    let second = key_claim("call-2");
+    assert_eq!(
+        records.claim_key(&second, terms()).await.unwrap(),
+        ClaimOutcome::Claimed
+    );
+    // Once the key has a record, every claim gets the record, its holder's included, and a
+    // claim answered with the record holds nothing afterwards.
+    records
+        .record(IdempotencyRecord {
+            owner: "alpha".to_owned(),
+            scope: "TrackEvent".to_owned(),
+            key: "k-1".to_owned(),
+            request_hash: vec![9],
+            response: b"answer".to_vec(),
+        })
+        .await
+        .unwrap();
+    records.release_key_claim(&second).await.unwrap();
+    let recorded = records
+        .claim_key(&key_claim("call-4"), terms())
+        .await
+        .unwrap();
+    let ClaimOutcome::Recorded(stored) = recorded else {
+        panic!("expected the record, got {recorded:?}");
+    };
+    assert_eq!(
+        (stored.request_hash, stored.response),
+        (vec![9], b"answer".to_vec())
+    );
+    assert!(
+        !records
+            .renew_key_claim(&key_claim("call-4"), now_ms() + 60_000)
+            .await
+            .unwrap()
+    );
+    // A record before the window does not answer: the key is free again.
+    next_millisecond().await;
+    assert_eq!(
+        records
+            .claim_key(
+                &key_claim("call-5"),
+                ClaimTerms {
+                    created_since_ms: now_ms() + 1,
+                    ..terms()
+                }
+            )
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+    // Pruning forgets claims made before the window, with the records.
+    next_millisecond().await;
+    assert_eq!(records.prune(now_ms()).await.unwrap(), 1);
+    assert_eq!(
+        records
+            .claim_key(&key_claim("call-6"), terms())
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+}
+
+pub(crate) async fn lapsed_idempotency_claims_are_reported_or_taken_over(store: &Store) {
+    let records: &dyn IdempotencyStore = store.idempotency().as_ref();
+    let lapsed = ClaimTerms {
+        lease_until_ms: now_ms() - 1,
+        ..claim_terms(3_600_000, false)
+    };
+    assert_eq!(
+        records.claim_key(&key_claim("died"), lapsed).await.unwrap(),
+        ClaimOutcome::Claimed
+    );
+    // Not taken over: reported as abandoned, and it stays so for later repeats.
+    for _ in 0..2 {
+        assert_eq!(
+            records
+                .claim_key(&key_claim("repeat"), claim_terms(3_600_000, false))
+                .await
+                .unwrap(),
+            ClaimOutcome::Abandoned
+        );
+    }
+    // Taken over on request: the new holder holds it, the old one lost it.
+    let taker = key_claim("taker");
+    assert_eq!(
+        records
+            .claim_key(&taker, claim_terms(3_600_000, true))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+    assert!(
+        !records
+            .renew_key_claim(&key_claim("died"), now_ms() + 60_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        records
+            .claim_key(&key_claim("repeat"), claim_terms(3_600_000, true))
+            .await
+            .unwrap(),
+        ClaimOutcome::Running
+    );
+    // A claim made before the window no longer holds the key, lapsed or not.
+    next_millisecond().await;
+    assert_eq!(
+        records
+            .claim_key(&key_claim("later"), claim_terms(0, false))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+}
+
+pub(crate) async fn concurrent_claims_of_one_idempotency_key_grant_exactly_one(store: &Store) {
+    let attempts = (0..16).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .idempotency()
+                .claim_key(
+                    &key_claim(&format!("call-{n}")),
+                    claim_terms(3_600_000, true),
+                )
+                .await
+                .unwrap()
+        })
+    });
+    let mut outcomes = Vec::new();
+    for attempt in attempts.collect::<Vec<_>>() {
+        outcomes.push(attempt.await.unwrap());
+    }
+    let claimed = outcomes
+        .iter()
+        .filter(|outcome| **outcome == ClaimOutcome::Claimed)
+        .count();
+    assert_eq!(claimed, 1, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, ClaimOutcome::Claimed | ClaimOutcome::Running))
+    );
 }
 
 fn observed(id: &str, version: u8, create_time_ms: i64, email: &str, campaign: &str) -> Observed {

@@ -17,6 +17,7 @@ mod rules;
 mod scaleout_poller;
 mod scaleout_failover;
 mod scaleout_budget;
+mod scaleout_replicas;
 mod segment;
 mod support;
 mod surveys;

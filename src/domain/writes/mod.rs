@@ -144,9 +144,10 @@ where
         }),
         (_, Some(key)) => {
             let hash = request_hash(&encoded);
+            let replay_safe = request.replay_safe();
             let remembered = app
                 .idempotency
-                .run(&owner, R::METHOD, &key, hash, async move {
+                .run(&owner, R::METHOD, &key, hash, replay_safe, async move {
                     let response = execute_now(request).await?;
                     Ok(Fresh {
                         remember: R::remember(&response),
@@ -236,7 +237,7 @@ async fn enqueue_as<R: WriteRpc>(
     // so `remember: false` here (it is already stored).
     let stored = app
         .idempotency
-        .run(&owner, scope, &key, hash, async move {
+        .run(&owner, scope, &key, hash, replay_safe, async move {
             outbox
                 .enqueue_with(delivery_id, delivery, Some(record))
                 .await?;

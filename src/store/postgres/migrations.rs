@@ -262,6 +262,26 @@ pub const MIGRATIONS: &[Migration] = &[
     );
     ",
     },
+    Migration {
+        version: 6,
+        name: "idempotency_claims",
+        sql: "
+    -- The call running under an idempotency key, on whichever replica (see idempotency.rs):
+    -- `holder` names the call, which renews `lease_until_ms` while it runs; a repeat finding a
+    -- live claim waits for the key's record. Apart from `idempotency`, so a replica that
+    -- predates claims still reads only finished records there.
+    CREATE TABLE idempotency_claims (
+        owner text NOT NULL,
+        scope text NOT NULL,
+        key text NOT NULL,
+        holder text NOT NULL,
+        create_ms bigint NOT NULL,
+        lease_until_ms bigint NOT NULL,
+        PRIMARY KEY (owner, scope, key)
+    );
+    CREATE INDEX idempotency_claims_by_age ON idempotency_claims (create_ms);
+    ",
+    },
 ];
 
 /// Applies the migrations this database lacks; returns the versions applied by this call.

@@ -63,6 +63,9 @@ struct StoreInner {
     path: PathBuf,
     writer: mpsc::Sender<WriteJob>,
     readers: Mutex<Vec<Connection>>,
+    /// Idempotency claims (see [`idempotency`]): in memory, since one process is the only one
+    /// using the file, and a claim means nothing once its process is gone.
+    claims: Mutex<idempotency::Claims>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -252,6 +255,7 @@ impl SqliteStore {
                 path,
                 writer,
                 readers: Mutex::new(Vec::new()),
+                claims: Mutex::default(),
             }),
         })
     }
