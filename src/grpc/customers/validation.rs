@@ -13,8 +13,8 @@ use crate::grpc::validate;
 use crate::pb;
 use crate::upstream::retently::email_key;
 
-/// Items per write request (Retainly's documented maximum per call).
-pub const MAX_ITEMS: usize = 10_000;
+/// Items per write request: what one Retainly call takes.
+pub use crate::domain::writes::customers::MAX_ITEMS;
 /// Items per array record, and ids per array deletion.
 pub const MAX_ARRAY_ITEMS: usize = 1000;
 /// Array fields a Retainly customer may hold.
