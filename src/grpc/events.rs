@@ -12,6 +12,7 @@ use crate::app::App;
 use crate::config::EventMappings;
 use crate::convert::timestamp_to_ms;
 use crate::domain::writes::events::{Event, OCCURRED_AT};
+use crate::domain::writes::values::Destination;
 use crate::domain::writes::{self, DeliveryFacts};
 use crate::error::{Error, Violations};
 use crate::grpc::convert::error_to_item;
@@ -189,9 +190,9 @@ pub(crate) fn event_facts(mappings: &EventMappings, event: pb::Event) -> Deliver
 }
 
 fn facts(checked: &CheckedEvent) -> DeliveryFacts {
-    let mut destinations = vec![pb::Destination::Retainly];
+    let mut destinations = vec![Destination::Retainly];
     if !checked.campaigns.is_empty() {
-        destinations.push(pb::Destination::Retently);
+        destinations.push(Destination::Retently);
     }
     DeliveryFacts {
         destinations,
@@ -239,7 +240,7 @@ impl pb::event_service_server::EventService for EventApi {
             &self.app,
             owner,
             request,
-            mode,
+            mode.into(),
             checked.dedup_key,
             facts,
             ctx,

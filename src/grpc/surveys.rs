@@ -123,7 +123,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         let request = request.into_inner();
         let ValidWrite { mode, key, facts } = validation::send_survey(&request)?;
         check_campaign(&self.app, &ctx, &request.campaign_id).await?;
-        let written = writes::run(&self.app, owner, request, mode, key, facts, ctx).await?;
+        let written = writes::run(&self.app, owner, request, mode.into(), key, facts, ctx).await?;
         Ok(Response::new(written.response))
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
-use crate::domain::writes::{self, DeliveryFacts, WriteRpc};
+use crate::domain::writes::{self, DeliveryFacts, DeliveryMode, WriteRpc};
 use crate::error::Error;
 use crate::pb;
 
@@ -28,6 +28,25 @@ pub async fn serve<R: WriteRpc>(
     let owner = crate::auth::owner_of(&request);
     let request = request.into_inner();
     let write = validate(&request)?;
-    let written = writes::run(app, owner, request, write.mode, write.key, write.facts, ctx).await?;
+    let written = writes::run(
+        app,
+        owner,
+        request,
+        write.mode.into(),
+        write.key,
+        write.facts,
+        ctx,
+    )
+    .await?;
     Ok(Response::new(written.response))
+}
+
+impl From<pb::DeliveryMode> for DeliveryMode {
+    /// ASYNC queues; SYNC and unset run now.
+    fn from(mode: pb::DeliveryMode) -> Self {
+        match mode {
+            pb::DeliveryMode::Async => DeliveryMode::Async,
+            pb::DeliveryMode::Sync | pb::DeliveryMode::Unspecified => DeliveryMode::Sync,
+        }
+    }
 }

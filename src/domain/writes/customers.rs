@@ -306,6 +306,23 @@ async fn only_if<T>(wanted: bool, call: impl Future<Output = T>) -> Option<T> {
     if wanted { Some(call.await) } else { None }
 }
 
+/// A customer's keys at both upstreams: `(customer_id, email)`.
+trait Keyed {
+    fn keys(&self) -> (&str, &str);
+}
+
+impl Keyed for Customer {
+    fn keys(&self) -> (&str, &str) {
+        (&self.customer_id, &self.email)
+    }
+}
+
+impl Keyed for CustomerRef {
+    fn keys(&self) -> (&str, &str) {
+        (&self.customer_id, &self.email)
+    }
+}
+
 /// One slot per item and destination, filled as the upstream calls answer.
 struct Results {
     order: Vec<Destination>,
@@ -325,13 +342,13 @@ impl Results {
     }
 
     /// The slots of customers named by both keys.
-    fn of_customers<'a>(
-        order: Vec<Destination>,
-        customers: impl Iterator<Item = (&'a str, &'a str)>,
-    ) -> Self {
+    fn of_customers(order: Vec<Destination>, customers: &[impl Keyed]) -> Self {
         Self::new(
             order,
-            customers.map(|(customer_id, email)| (customer_id.to_owned(), email.to_owned())),
+            customers.iter().map(|customer| {
+                let (customer_id, email) = customer.keys();
+                (customer_id.to_owned(), email.to_owned())
+            }),
         )
     }
 
@@ -403,12 +420,7 @@ pub(crate) async fn upsert_customers(
     ctx: CallContext,
 ) -> Result<Vec<CustomerWriteResult>> {
     let customers = &command.customers;
-    let results = Results::of_customers(
-        command.destinations,
-        customers
-            .iter()
-            .map(|c| (c.customer_id.as_str(), c.email.as_str())),
-    );
+    let results = Results::of_customers(command.destinations, customers);
     let retently = only_if(results.wants(Destination::Retently), async {
         let inputs = customers
             .iter()
@@ -454,12 +466,7 @@ pub(crate) async fn delete_customers(
     ctx: CallContext,
 ) -> Result<Vec<CustomerWriteResult>> {
     let customers = &command.customers;
-    let results = Results::of_customers(
-        command.destinations,
-        customers
-            .iter()
-            .map(|c| (c.customer_id.as_str(), c.email.as_str())),
-    );
+    let results = Results::of_customers(command.destinations, customers);
     let retently = only_if(results.wants(Destination::Retently), async {
         let emails = customers
             .iter()

@@ -30,11 +30,11 @@ pub mod values;
 
 pub use self::rpcs::{WRITE_PERMISSIONS, delivery_result, methods};
 
+use self::values::Destination;
 use crate::domain::Owner;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
 use crate::error::{Error, ErrorCode, Reason};
-use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::failure::{DeliveryDecision, FailureClass, delivery_decision};
 
@@ -84,9 +84,16 @@ pub trait WriteRpc: Message + Default + Clone + Send + 'static {
     }
 }
 
+/// Whether a write runs while the caller waits or is queued in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryMode {
+    Sync,
+    Async,
+}
+
 /// What the outbox records about a write besides its request.
 pub struct DeliveryFacts {
-    pub destinations: Vec<pb::Destination>,
+    pub destinations: Vec<Destination>,
     pub item_count: usize,
     /// The customers it touches, for per-customer ordering.
     pub ordering_keys: Vec<String>,
@@ -105,7 +112,7 @@ pub async fn run<R: WriteRpc>(
     app: &Arc<App>,
     owner: Owner,
     request: R,
-    mode: pb::DeliveryMode,
+    mode: DeliveryMode,
     idempotency_key: Option<String>,
     facts: DeliveryFacts,
     ctx: CallContext,
@@ -113,7 +120,7 @@ pub async fn run<R: WriteRpc>(
     let request = request.without_options();
     let encoded = request.encode_to_vec();
     match (mode, idempotency_key) {
-        (pb::DeliveryMode::Async, key) => {
+        (DeliveryMode::Async, key) => {
             let replay_safe = request.replay_safe();
             let queued = Queued {
                 method: R::METHOD,
@@ -201,7 +208,7 @@ async fn enqueue_as<R: WriteRpc>(
     let delivery = NewDelivery {
         method: method.to_owned(),
         request: encoded.clone(),
-        destinations: facts.destinations.iter().map(|d| *d as i32).collect(),
+        destinations: facts.destinations.iter().map(|d| d.stored()).collect(),
         item_count: u32::try_from(facts.item_count).unwrap_or(u32::MAX),
         ordering_keys: facts.ordering_keys,
         idempotency_key: key.clone(),

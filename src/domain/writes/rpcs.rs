@@ -306,6 +306,19 @@ mod tests {
     }
 
     #[test]
+    fn destinations_are_stored_as_the_contract_numbers_them() {
+        use super::super::values::Destination;
+        assert_eq!(
+            Destination::Retently.stored(),
+            pb::Destination::Retently as i32
+        );
+        assert_eq!(
+            Destination::Retainly.stored(),
+            pb::Destination::Retainly as i32
+        );
+    }
+
+    #[test]
     fn only_replacements_are_replay_safe() {
         let tags = |mode: pb::UpdateMode| pb::SetFeedbackTagsRequest {
             mode: mode as i32,

@@ -307,10 +307,9 @@ pub(crate) async fn set_feedback_tags(
     ctx: CallContext,
 ) -> Result<(), Error> {
     let op = label_op(command.op)?;
-    app.retently
+    (app.retently)
         .set_response_tags(&ctx, &command.feedback_id, command.tags, op)
-        .await?;
-    Ok(())
+        .await
 }
 
 pub(crate) async fn set_feedback_topics(
@@ -318,10 +317,8 @@ pub(crate) async fn set_feedback_topics(
     command: SetFeedbackTopics,
     ctx: CallContext,
 ) -> Result<(), Error> {
-    let op = label_op(command.op)?;
     let topics = command.topics.iter().map(topic).collect();
-    app.retently
-        .set_response_topics(&ctx, &command.feedback_id, topics, op)
-        .await?;
-    Ok(())
+    (app.retently)
+        .set_response_topics(&ctx, &command.feedback_id, topics, label_op(command.op)?)
+        .await
 }

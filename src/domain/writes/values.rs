@@ -6,11 +6,22 @@ use serde_json::{Number, Value};
 
 use crate::upstream::retently::{PropertyInput, PropertyType};
 
-/// An upstream a customer write goes to.
+/// An upstream a write goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination {
     Retently,
     Retainly,
+}
+
+impl Destination {
+    /// The number the outbox stores for it: the contract's `Destination` number, which
+    /// `Delivery.destinations` reports as it is.
+    pub fn stored(self) -> i32 {
+        match self {
+            Destination::Retently => 1,
+            Destination::Retainly => 2,
+        }
+    }
 }
 
 /// A named custom property of a customer or recipient.

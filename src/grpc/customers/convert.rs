@@ -14,15 +14,21 @@ use crate::upstream::retently;
 
 // ---- requests to commands ----
 
+/// A destination the write path knows; `None` for UNSPECIFIED.
+pub fn destination(destination: pb::Destination) -> Option<Destination> {
+    match destination {
+        pb::Destination::Retently => Some(Destination::Retently),
+        pb::Destination::Retainly => Some(Destination::Retainly),
+        pb::Destination::Unspecified => None,
+    }
+}
+
 /// The destinations of a validated request, in request order.
 pub fn destinations(values: &[i32]) -> Vec<Destination> {
     values
         .iter()
-        .filter_map(|value| match pb::Destination::try_from(*value) {
-            Ok(pb::Destination::Retently) => Some(Destination::Retently),
-            Ok(pb::Destination::Retainly) => Some(Destination::Retainly),
-            Ok(pb::Destination::Unspecified) | Err(_) => None,
-        })
+        .filter_map(|value| pb::Destination::try_from(*value).ok())
+        .filter_map(destination)
         .collect()
 }
 
