@@ -1,7 +1,8 @@
-//! Conversions to the contract's `pb` types that the gRPC adapters and the feedback pipeline
-//! both need: instants, and Retently survey responses as `Feedback` (with their properties,
-//! metrics, channels and sentiments). Neither side owns them, so here neither imports the other;
-//! what only one adapter needs stays in `grpc::convert` or `feedback::convert`.
+//! Conversions to and from the contract's `pb` types that the gRPC adapters, the write path and
+//! the feedback pipeline share: instants, `google.protobuf.Value` as JSON, and Retently survey
+//! responses as `Feedback` (with their properties, metrics, channels and sentiments). No side
+//! owns them, so here none imports another; what only one adapter needs stays in
+//! `grpc::convert` or `feedback::convert`.
 
 use crate::pb;
 use crate::upstream::retently;
@@ -212,5 +213,36 @@ pub fn feedback_to_pb(feedback: &retently::Feedback) -> pb::Feedback {
         resolved: feedback.resolved,
         bogus: feedback.is_bogus,
         submitted: feedback.is_submitted,
+    }
+}
+
+/// Largest integer a double holds exactly (2^53 - 1).
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
+/// A `google.protobuf.Value` as JSON. Struct numbers are doubles; whole ones within the safe
+/// range go out as integers so `123` stays `123` rather than becoming `123.0` upstream.
+pub fn json_value(value: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    use serde_json::{Number, Value};
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(flag)) => Value::Bool(*flag),
+        Some(Kind::NumberValue(number)) => {
+            if number.fract() == 0.0 && number.abs() <= MAX_SAFE_INTEGER {
+                // Exact: a whole double within ±2^53 converts to i64 without loss.
+                Value::Number(Number::from(*number as i64))
+            } else {
+                Number::from_f64(*number).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(Kind::StringValue(text)) => Value::String(text.clone()),
+        Some(Kind::ListValue(list)) => Value::Array(list.values.iter().map(json_value).collect()),
+        Some(Kind::StructValue(object)) => Value::Object(
+            object
+                .fields
+                .iter()
+                .map(|(key, value)| (key.clone(), json_value(value)))
+                .collect(),
+        ),
     }
 }

@@ -21,9 +21,11 @@
 //! - **Domain.** The write path, [`domain::writes`]: the `WriteRpc` contract, SYNC and ASYNC
 //!   execution, idempotency keys, replay through the outbox executor, and one table
 //!   (`domain/writes/rpcs.rs`) that declares every write RPC (method, request, execution
-//!   function, replay safety, permission). The per-service execution is beside it:
+//!   function, replay safety, permission). The per-service execution is beside it, in plain
+//!   Rust commands and outcomes (the adapters convert requests and responses at their edge):
 //!   [`domain::writes::customers`], [`domain::writes::surveys`] (with the outbox's survey
-//!   delivery in [`domain::writes::survey_delivery`]) and [`domain::writes::events`]. Under
+//!   delivery in [`domain::writes::survey_delivery`]) and [`domain::writes::events`], over the
+//!   values of [`domain::writes::values`]. Under
 //!   it: the durable [`domain::outbox`] of asynchronous writes and its delivery worker, and
 //!   [`domain::idempotency`] (remembered responses). Every failure carries a typed
 //!   [`error::Reason`] (its `ErrorInfo.reason`) and, from an upstream attempt, the

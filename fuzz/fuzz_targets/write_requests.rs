@@ -10,10 +10,12 @@
 use std::sync::LazyLock;
 
 use cx_gateway::config::EventMappings;
+use cx_gateway::domain::writes::surveys as survey_writes;
+use cx_gateway::domain::writes::{customers as customer_writes, events as event_writes};
 use cx_gateway::error::Error;
-use cx_gateway::grpc::customers::{convert as customer_convert, validation as customers};
+use cx_gateway::grpc::customers::validation as customers;
 use cx_gateway::grpc::events;
-use cx_gateway::grpc::surveys::{convert as survey_convert, validation as surveys};
+use cx_gateway::grpc::surveys::validation as surveys;
 use cx_gateway::pb;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -45,14 +47,14 @@ fuzz_target!(|data: &[u8]| {
     match rpc % 16 {
         0 => write::<pb::UpsertCustomersRequest, _>(bytes, |request| {
             customers::upsert_customers(request)?;
-            for customer in &request.customers {
+            for customer in customer_writes::UpsertCustomers::from(request.clone()).customers {
                 let email = customer.email.trim().to_ascii_lowercase();
-                json(&customer_convert::retently_customer(
-                    customer,
+                json(&customer_writes::retently_customer(
+                    &customer,
                     email.clone(),
                 ));
                 let email = (!customer.email.is_empty()).then_some(email);
-                json(&customer_convert::retainly_customer(customer, email));
+                json(&customer_writes::retainly_customer(&customer, email));
             }
             Ok(())
         }),
@@ -72,35 +74,37 @@ fuzz_target!(|data: &[u8]| {
         }),
         4 => write::<pb::UpsertCustomerArrayItemsRequest, _>(bytes, |request| {
             customers::upsert_array_items(request)?;
-            for record in &request.records {
-                json(&customer_convert::array_record(record));
+            for record in customer_writes::UpsertArrayItems::from(request.clone()).records {
+                json(&customer_writes::array_record(&record));
             }
             Ok(())
         }),
         5 => write::<pb::DeleteCustomerArrayItemsRequest, _>(bytes, |request| {
             customers::delete_array_items(request)?;
-            for record in &request.records {
-                json(&customer_convert::array_deletion(record));
+            for record in customer_writes::DeleteArrayItems::from(request.clone()).records {
+                json(&customer_writes::array_deletion(&record));
             }
             Ok(())
         }),
         6 => write::<pb::SendSurveyRequest, _>(bytes, |request| {
             surveys::send_survey(request)?;
-            for recipient in &request.recipients {
-                json(&survey_convert::recipient(recipient));
+            for recipient in survey_writes::SendSurvey::from(request.clone()).recipients {
+                json(&survey_writes::recipient(&recipient));
             }
             Ok(())
         }),
         7 => write::<pb::SetFeedbackTagsRequest, _>(bytes, |request| {
             surveys::set_feedback_tags(request)?;
-            survey_convert::label_op(request.mode)?;
+            let command = survey_writes::SetFeedbackTags::from(request.clone());
+            assert!(command.op.is_some(), "a valid tag change has a mode");
             Ok(())
         }),
         8 => write::<pb::SetFeedbackTopicsRequest, _>(bytes, |request| {
             surveys::set_feedback_topics(request)?;
-            survey_convert::label_op(request.mode)?;
-            for topic in &request.topics {
-                json(&survey_convert::topic(topic));
+            let command = survey_writes::SetFeedbackTopics::from(request.clone());
+            assert!(command.op.is_some(), "a valid topic change has a mode");
+            for topic in &command.topics {
+                json(&survey_writes::topic(topic));
             }
             Ok(())
         }),
@@ -175,8 +179,9 @@ where
 
 /// What a validated event becomes: the Retainly event and the survey recipient.
 fn track(event: &pb::Event) {
-    json(&cx_gateway::domain::writes::events::retainly_event(event));
-    json(&cx_gateway::domain::writes::events::recipient_from_event(event));
+    let event = event_writes::Event::from(event.clone());
+    json(&event_writes::retainly_event(&event));
+    json(&event_writes::recipient_from_event(&event));
 }
 
 /// A refusal is the caller's mistake, and its status (with details) can be built.

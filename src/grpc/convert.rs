@@ -2,9 +2,11 @@
 //! [`crate::convert`].
 
 use crate::domain::outbox::DeliveryError;
-use crate::error::{Error, Reason};
+use crate::domain::writes::surveys::RecipientOutcome;
+use crate::domain::writes::values::{Date, Property, PropertyValue, Timestamp};
+use crate::error::Error;
+use crate::grpc::rules::throttle_to_pb;
 use crate::pb;
-use crate::upstream::retently;
 
 pub fn item_error(error: DeliveryError) -> pb::ItemError {
     pb::ItemError {
@@ -35,114 +37,66 @@ pub fn error_to_item(error: &Error) -> pb::ItemError {
     item
 }
 
-/// What one recipient's survey send came to, as the contract reports it: an answer is
-/// SCHEDULED or THROTTLED; a failure after which the upstream may have acted is UNKNOWN (never
-/// resent); any other failure is FAILED.
+/// A position in a request as the contract's `int32` index.
+pub fn index(position: usize) -> i32 {
+    i32::try_from(position).unwrap_or(i32::MAX)
+}
+
+/// What one recipient's survey send came to, as the contract reports it: the outcome, the
+/// error of a failed or unknown send, and the throttle that held it back.
 pub fn recipient_outcome(
-    result: &Result<crate::upstream::retently::SurveyOutcome, crate::error::Error>,
-) -> (pb::RecipientOutcome, Option<pb::ItemError>) {
-    use crate::upstream::retently::SurveyStatus;
-    match result {
-        Ok(outcome) => match &outcome.status {
-            SurveyStatus::Scheduled | SurveyStatus::Accepted => {
-                (pb::RecipientOutcome::Scheduled, None)
-            }
-            SurveyStatus::Throttled => (pb::RecipientOutcome::Throttled, None),
-            SurveyStatus::Unsubscribed => (
-                pb::RecipientOutcome::Failed,
-                Some(error_to_item(
-                    &crate::error::Error::new(
-                        crate::error::ErrorCode::FailedPrecondition,
-                        Reason::RecipientUnsubscribed,
-                        "the recipient opted out of surveys",
-                    )
-                    .with_metadata("upstream", "retently"),
-                )),
-            ),
-            SurveyStatus::Other(status) => (
-                pb::RecipientOutcome::Failed,
-                Some(error_to_item(
-                    &crate::error::Error::new(
-                        crate::error::ErrorCode::FailedPrecondition,
-                        Reason::UpstreamItemRejected,
-                        format!("retently answered `{status}` for this recipient"),
-                    )
-                    .with_metadata("upstream", "retently"),
-                )),
-            ),
-        },
-        Err(error) if crate::domain::writes::possibly_applied(error) => {
-            (pb::RecipientOutcome::Unknown, Some(error_to_item(error)))
-        }
-        Err(error) => (pb::RecipientOutcome::Failed, Some(error_to_item(error))),
+    outcome: &RecipientOutcome,
+) -> (
+    pb::RecipientOutcome,
+    Option<pb::ItemError>,
+    Option<pb::Throttle>,
+) {
+    match outcome {
+        RecipientOutcome::Scheduled => (pb::RecipientOutcome::Scheduled, None, None),
+        RecipientOutcome::Throttled(throttle) => (
+            pb::RecipientOutcome::Throttled,
+            None,
+            throttle.as_ref().map(throttle_to_pb),
+        ),
+        RecipientOutcome::Failed(error) => (
+            pb::RecipientOutcome::Failed,
+            Some(error_to_item(error)),
+            None,
+        ),
+        RecipientOutcome::Unknown(error) => (
+            pb::RecipientOutcome::Unknown,
+            Some(error_to_item(error)),
+            None,
+        ),
     }
 }
 
-// ---- Retently writes ----
-
-/// A property as Retently's `{label, type, value}`: the key goes out as the label, which
-/// Retently turns into the same snake_case name. `None` for a property without a value (the
-/// validators refuse those before anything is sent).
-pub fn property_to_retently(property: &pb::Property) -> Option<retently::PropertyInput> {
-    use pb::property_value::Kind;
-    use retently::PropertyType;
-    let (kind, value) = match property.value.as_ref()?.kind.as_ref()? {
-        Kind::StringValue(text) => (PropertyType::String, text.clone()),
-        // Retently has no decimal type; Rust's `Display` of a double is the shortest text that
-        // reads back as the same number.
-        Kind::NumberValue(number) => (PropertyType::String, number.to_string()),
-        Kind::IntegerValue(number) => (PropertyType::Integer, number.to_string()),
-        Kind::BoolValue(flag) => (PropertyType::Boolean, flag.to_string()),
-        Kind::DateValue(date) => (PropertyType::Date, date_text(date)),
-        Kind::TimestampValue(timestamp) => (PropertyType::Date, instant_text(timestamp)?),
-        Kind::StringListValue(list) => (PropertyType::Collection, list.values.join(",")),
-    };
-    Some(retently::PropertyInput {
-        label: property.name.clone(),
-        kind: Some(kind),
-        value: Some(value),
-    })
-}
-
-/// A calendar date as `YYYY-MM-DD`, the form both upstreams read.
-pub fn date_text(date: &pb::Date) -> String {
-    format!("{:04}-{:02}-{:02}", date.year, date.month, date.day)
-}
-
-/// RFC 3339 UTC with milliseconds (`2022-02-25T21:00:00.000Z`), the form both upstreams show.
-pub fn instant_text(timestamp: &prost_types::Timestamp) -> Option<String> {
-    let nanos = u32::try_from(timestamp.nanos).ok()?;
-    let instant = chrono::DateTime::<chrono::Utc>::from_timestamp(timestamp.seconds, nanos)?;
-    Some(instant.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-}
-
-/// Largest integer a double holds exactly (2^53 - 1).
-const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
-
-/// A `google.protobuf.Value` as JSON. Struct numbers are doubles; whole ones within the safe
-/// range go out as integers so `123` stays `123` rather than becoming `123.0` upstream.
-pub fn json_value(value: &prost_types::Value) -> serde_json::Value {
-    use prost_types::value::Kind;
-    use serde_json::{Number, Value};
-    match &value.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(flag)) => Value::Bool(*flag),
-        Some(Kind::NumberValue(number)) => {
-            if number.fract() == 0.0 && number.abs() <= MAX_SAFE_INTEGER {
-                // Exact: a whole double within ±2^53 converts to i64 without loss.
-                Value::Number(Number::from(*number as i64))
-            } else {
-                Number::from_f64(*number).map_or(Value::Null, Value::Number)
-            }
+/// A property as the write path carries it.
+impl From<pb::Property> for Property {
+    fn from(property: pb::Property) -> Self {
+        use pb::property_value::Kind;
+        let value = property
+            .value
+            .and_then(|value| value.kind)
+            .map(|kind| match kind {
+                Kind::StringValue(text) => PropertyValue::Text(text),
+                Kind::NumberValue(number) => PropertyValue::Number(number),
+                Kind::IntegerValue(number) => PropertyValue::Integer(number),
+                Kind::BoolValue(flag) => PropertyValue::Bool(flag),
+                Kind::DateValue(date) => PropertyValue::Date(Date {
+                    year: date.year,
+                    month: date.month,
+                    day: date.day,
+                }),
+                Kind::TimestampValue(timestamp) => PropertyValue::Timestamp(Timestamp {
+                    seconds: timestamp.seconds,
+                    nanos: timestamp.nanos,
+                }),
+                Kind::StringListValue(list) => PropertyValue::TextList(list.values),
+            });
+        Property {
+            name: property.name,
+            value,
         }
-        Some(Kind::StringValue(text)) => Value::String(text.clone()),
-        Some(Kind::ListValue(list)) => Value::Array(list.values.iter().map(json_value).collect()),
-        Some(Kind::StructValue(object)) => Value::Object(
-            object
-                .fields
-                .iter()
-                .map(|(key, value)| (key.clone(), json_value(value)))
-                .collect(),
-        ),
     }
 }

@@ -1,9 +1,9 @@
 //! `cx.gateway.v1.CustomerService`: customers and companies at Retently and Retainly.
 //!
 //! Each RPC validates its request ([`validation`]), then reads through `App::retently` or, for
-//! writes, takes the one write path ([`writes::run`]: SYNC or ASYNC, idempotency keys) with an
-//! execution function ([`crate::domain::writes::customers`]) that the outbox worker also replays. Conversions live in
-//! [`convert`].
+//! writes, takes the one write path ([`crate::domain::writes::run`]: SYNC or ASYNC, idempotency
+//! keys), which runs the execution in [`crate::domain::writes::customers`] that the outbox
+//! worker also replays. Conversions live in [`convert`].
 
 pub mod convert;
 pub mod validation;
@@ -15,11 +15,6 @@ use tonic::{Request, Response, Status};
 
 use self::validation::CustomerLookup;
 use crate::app::App;
-use crate::domain::writes::customers::{
-    execute_delete_array_items, execute_delete_customers, execute_resubscribe_customers,
-    execute_unsubscribe_customers, execute_upsert_array_items, execute_upsert_customers,
-};
-
 use crate::error::{Error, ErrorCode, Reason};
 use crate::grpc::{paging, write};
 use crate::pb;
@@ -70,13 +65,7 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::UpsertCustomersRequest>,
     ) -> Result<Response<pb::UpsertCustomersResponse>, Status> {
-        write::serve(
-            &self.app,
-            request,
-            validation::upsert_customers,
-            execute_upsert_customers,
-        )
-        .await
+        write::serve(&self.app, request, validation::upsert_customers).await
     }
 
     async fn get_customer(
@@ -146,27 +135,16 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::DeleteCustomersRequest>,
     ) -> Result<Response<pb::DeleteCustomersResponse>, Status> {
-        write::serve(
-            &self.app,
-            request,
-            validation::delete_customers,
-            execute_delete_customers,
-        )
-        .await
+        write::serve(&self.app, request, validation::delete_customers).await
     }
 
     async fn unsubscribe_customers(
         &self,
         request: Request<pb::UnsubscribeCustomersRequest>,
     ) -> Result<Response<pb::UnsubscribeCustomersResponse>, Status> {
-        write::serve(
-            &self.app,
-            request,
-            |r: &pb::UnsubscribeCustomersRequest| {
-                validation::subscription_change(&r.emails, &r.message, r.options.as_ref())
-            },
-            execute_unsubscribe_customers,
-        )
+        write::serve(&self.app, request, |r: &pb::UnsubscribeCustomersRequest| {
+            validation::subscription_change(&r.emails, &r.message, r.options.as_ref())
+        })
         .await
     }
 
@@ -174,14 +152,9 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::ResubscribeCustomersRequest>,
     ) -> Result<Response<pb::ResubscribeCustomersResponse>, Status> {
-        write::serve(
-            &self.app,
-            request,
-            |r: &pb::ResubscribeCustomersRequest| {
-                validation::subscription_change(&r.emails, "", r.options.as_ref())
-            },
-            execute_resubscribe_customers,
-        )
+        write::serve(&self.app, request, |r: &pb::ResubscribeCustomersRequest| {
+            validation::subscription_change(&r.emails, "", r.options.as_ref())
+        })
         .await
     }
 
@@ -189,26 +162,14 @@ impl pb::customer_service_server::CustomerService for CustomerApi {
         &self,
         request: Request<pb::UpsertCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::UpsertCustomerArrayItemsResponse>, Status> {
-        write::serve(
-            &self.app,
-            request,
-            validation::upsert_array_items,
-            execute_upsert_array_items,
-        )
-        .await
+        write::serve(&self.app, request, validation::upsert_array_items).await
     }
 
     async fn delete_customer_array_items(
         &self,
         request: Request<pb::DeleteCustomerArrayItemsRequest>,
     ) -> Result<Response<pb::DeleteCustomerArrayItemsResponse>, Status> {
-        write::serve(
-            &self.app,
-            request,
-            validation::delete_array_items,
-            execute_delete_array_items,
-        )
-        .await
+        write::serve(&self.app, request, validation::delete_array_items).await
     }
 
     async fn list_companies(

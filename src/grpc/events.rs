@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::App;
 use crate::config::EventMappings;
-use crate::domain::writes::events::{OCCURRED_AT, execute_track_event};
+use crate::convert::timestamp_to_ms;
+use crate::domain::writes::events::{Event, OCCURRED_AT};
+use crate::domain::writes::values::Destination;
 use crate::domain::writes::{self, DeliveryFacts};
 use crate::error::{Error, Violations};
 use crate::grpc::convert::error_to_item;
@@ -188,9 +190,9 @@ pub(crate) fn event_facts(mappings: &EventMappings, event: pb::Event) -> Deliver
 }
 
 fn facts(checked: &CheckedEvent) -> DeliveryFacts {
-    let mut destinations = vec![pb::Destination::Retainly];
+    let mut destinations = vec![Destination::Retainly];
     if !checked.campaigns.is_empty() {
-        destinations.push(pb::Destination::Retently);
+        destinations.push(Destination::Retently);
     }
     DeliveryFacts {
         destinations,
@@ -234,15 +236,14 @@ impl pb::event_service_server::EventService for EventApi {
             event: Some(checked.event),
             options: None,
         };
-        let app = Arc::clone(&self.app);
-        let written = writes::run_dedup(
+        let written = writes::run(
             &self.app,
             owner,
             request,
-            mode,
+            mode.into(),
             checked.dedup_key,
             facts,
-            |request| async move { execute_track_event(&app, request, ctx).await },
+            ctx,
         )
         .await?;
         let mut response = written.response;
@@ -368,6 +369,28 @@ impl pb::event_service_server::EventService for EventApi {
                 .unwrap_or_default(),
             rules_file_error: self.app.config.event_rules.refused().unwrap_or_default(),
         }))
+    }
+}
+
+/// The event as the write path carries it.
+impl From<pb::Event> for Event {
+    fn from(event: pb::Event) -> Self {
+        Event {
+            customer_id: event.customer_id,
+            email: event.email,
+            name: event.name,
+            properties: event.properties,
+            occurred_at_ms: event.occur_time.as_ref().map(timestamp_to_ms),
+            message_id: event.message_id,
+            traits: event.traits,
+        }
+    }
+}
+
+/// A TrackEvent request's event; `None` when it has none (validation refuses that).
+impl From<pb::TrackEventRequest> for Option<Event> {
+    fn from(request: pb::TrackEventRequest) -> Self {
+        request.event.map(Event::from)
     }
 }
 

@@ -1,17 +1,16 @@
-//! The protobuf side of event rules and the survey cool-down: running the rules of a tracked
-//! event, and converting rules, decisions and throttles to the contract's messages.
+//! The protobuf side of event rules and the survey cool-down: checking what they read, and
+//! converting rules, decisions and throttles to the contract's messages (the rules run in the
+//! write path, [`crate::domain::writes::events`]).
 
 use std::time::Duration;
 
-use crate::app::App;
 use crate::convert::timestamp_from_ms;
-use crate::domain::fatigue::{self, Guarded, Limits, Throttle, ThrottleSource};
+use crate::domain::fatigue::{Throttle, ThrottleSource};
+use crate::domain::writes::events::{RuleOutcome, TriggeredSurvey};
 use crate::error::Violations;
 use crate::grpc::convert::recipient_outcome;
 use crate::pb;
-use crate::rules::{Attributes, Decision, Recorded, Rule, RuleSource};
-use crate::upstream::CallContext;
-use crate::upstream::retently::SurveyRequest;
+use crate::rules::{Rule, RuleSource};
 
 /// Traits one event may carry for the filters.
 const MAX_TRAITS: usize = 100;
@@ -25,17 +24,6 @@ pub fn throttle_to_pb(throttle: &Throttle) -> pb::Throttle {
             ThrottleSource::EventRule => pb::ThrottleSource::EventRule,
         } as i32,
         eligible_at: Some(timestamp_from_ms(throttle.eligible_at_ms)),
-    }
-}
-
-/// The result of a recipient the guard held back.
-pub fn throttled_result(index: usize, email: &str, throttle: &Throttle) -> pb::RecipientResult {
-    pb::RecipientResult {
-        index: i32::try_from(index).unwrap_or(i32::MAX),
-        email: email.to_owned(),
-        outcome: pb::RecipientOutcome::Throttled as i32,
-        error: None,
-        throttle: Some(throttle_to_pb(throttle)),
     }
 }
 
@@ -89,98 +77,42 @@ pub fn check_cooldown(v: &mut Violations, request: &pb::SendSurveyRequest) {
     }
 }
 
-/// The guard's limits for a validated SendSurvey.
-pub fn send_survey_limits(app: &App, request: &pb::SendSurveyRequest) -> Limits {
-    let requested = request
-        .survey_cooldown
-        .as_ref()
-        .map(|d| Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0)));
-    Limits {
-        cooldown: Limits::resolve(app.config.survey_cooldown, requested),
-        rule: None,
-        origin: None,
-    }
-}
-
-fn skipped(rule: &Rule, decision: pb::RuleDecision) -> pb::TriggeredSurvey {
-    pb::TriggeredSurvey {
-        campaign_id: rule.campaign_id.clone(),
+/// One event rule's survey as the contract reports it.
+pub fn triggered_survey_to_pb(triggered: TriggeredSurvey) -> pb::TriggeredSurvey {
+    let entry = |decision: pb::RuleDecision| pb::TriggeredSurvey {
+        campaign_id: triggered.campaign_id.clone(),
         outcome: pb::RecipientOutcome::Unspecified as i32,
         error: None,
-        rule_id: rule.id.clone(),
+        rule_id: triggered.rule_id.clone(),
         decision: decision as i32,
         throttle: None,
+    };
+    match &triggered.outcome {
+        RuleOutcome::FilteredOut => entry(pb::RuleDecision::FilteredOut),
+        RuleOutcome::SampledOut => entry(pb::RuleDecision::SampledOut),
+        RuleOutcome::Throttled(throttle) => pb::TriggeredSurvey {
+            outcome: pb::RecipientOutcome::Throttled as i32,
+            throttle: Some(throttle_to_pb(throttle)),
+            ..entry(pb::RuleDecision::Throttled)
+        },
+        RuleOutcome::Sent(outcome) => {
+            let (outcome, error, throttle) = recipient_outcome(outcome);
+            pb::TriggeredSurvey {
+                outcome: outcome as i32,
+                error,
+                throttle,
+                ..entry(pb::RuleDecision::Sent)
+            }
+        }
     }
 }
 
-/// Runs every rule naming the event, in rule order, and answers each one's decision. Rules are
-/// taken one after another (not concurrently) so that when several pass for one customer the
-/// survey cool-down lets the first in rule order through, the same way every time.
-pub async fn trigger_surveys(
-    app: &App,
-    ctx: &CallContext,
-    event: &pb::Event,
-) -> Vec<pb::TriggeredSurvey> {
-    let rules = app.config.event_rules.current();
-    let attributes = Attributes {
-        properties: event.properties.as_ref(),
-        traits: event.traits.as_ref(),
-    };
-    let recipient = crate::domain::writes::events::recipient_from_event(event);
-    let mut triggered = Vec::new();
-    for rule in rules.matching(&event.name) {
-        crate::rules::record(rule, Recorded::Matched);
-        match rule.decide(&event.customer_id, &event.message_id, &attributes) {
-            Decision::FilteredOut => {
-                crate::rules::record(rule, Recorded::FilteredOut);
-                triggered.push(skipped(rule, pb::RuleDecision::FilteredOut));
-                continue;
-            }
-            Decision::SampledOut => {
-                crate::rules::record(rule, Recorded::SampledOut);
-                triggered.push(skipped(rule, pb::RuleDecision::SampledOut));
-                continue;
-            }
-            Decision::Send => {}
+impl From<Vec<TriggeredSurvey>> for pb::TrackEventResponse {
+    fn from(triggered: Vec<TriggeredSurvey>) -> Self {
+        pb::TrackEventResponse {
+            delivery_id: String::new(),
+            duplicate: false,
+            triggered_surveys: triggered.into_iter().map(triggered_survey_to_pb).collect(),
         }
-        let limits = Limits {
-            cooldown: Limits::resolve(app.config.survey_cooldown, rule.cooldown),
-            rule: rule
-                .throttle_days
-                .map(|days| (rule.id.clone(), fatigue::days(days))),
-            origin: Some(rule.id.clone()),
-        };
-        let request = SurveyRequest {
-            campaign_id: rule.campaign_id.clone(),
-            delay_days: rule.delay_days,
-            recipient: recipient.clone(),
-        };
-        let entry = match fatigue::send_one_guarded(app, ctx, request, &limits).await {
-            Guarded::Throttled(throttle) => {
-                crate::rules::record(rule, Recorded::Throttled);
-                pb::TriggeredSurvey {
-                    outcome: pb::RecipientOutcome::Throttled as i32,
-                    decision: pb::RuleDecision::Throttled as i32,
-                    throttle: Some(throttle_to_pb(&throttle)),
-                    ..skipped(rule, pb::RuleDecision::Throttled)
-                }
-            }
-            Guarded::Sent(result) => {
-                let (outcome, error) = recipient_outcome(&result);
-                let recorded = if result.is_ok() {
-                    Recorded::Sent
-                } else {
-                    Recorded::Failed
-                };
-                crate::rules::record(rule, recorded);
-                pb::TriggeredSurvey {
-                    outcome: outcome as i32,
-                    error,
-                    ..skipped(rule, pb::RuleDecision::Sent)
-                }
-            }
-        };
-        triggered.push(entry);
     }
-    triggered
 }

@@ -24,9 +24,7 @@ use crate::app::App;
 use crate::auth::interactive_context;
 use crate::convert::{feedback_to_pb, timestamp_to_ms};
 use crate::domain::writes;
-use crate::domain::writes::surveys::{
-    check_campaign, execute_send_survey, execute_set_feedback_tags, execute_set_feedback_topics,
-};
+use crate::domain::writes::surveys::check_campaign;
 use crate::error::{Error, Violations};
 use crate::feedback::{FeedbackLog, FeedbackQuery as LogQuery};
 use crate::grpc::{paging, validate, write};
@@ -77,13 +75,16 @@ fn local_page_request(
     Ok(page)
 }
 
-/// One page of a list held whole in memory: `(items, next_page_token, total_size)`.
+/// One page of a list held whole in memory, ordered by `(name, id)` as `key` reads them:
+/// `(items, next_page_token, total_size)`.
 fn local_page<T>(
-    items: Vec<T>,
+    mut items: Vec<T>,
+    key: impl Fn(&T) -> (&str, &str),
     size: usize,
     position: &paging::PagePosition,
     filters: &str,
 ) -> (Vec<T>, String, i64) {
+    items.sort_by(|a, b| key(a).cmp(&key(b)));
     let total = items.len();
     let start = usize::try_from(position.after).unwrap_or(usize::MAX);
     let page: Vec<T> = items.into_iter().skip(start).take(size).collect();
@@ -94,6 +95,13 @@ fn local_page<T>(
         paging::next_page_token(next_after, size, filters),
         i64::try_from(total).unwrap_or(i64::MAX),
     )
+}
+
+/// Whether an enum filter lets `value` through: unset or UNSPECIFIED (0) lets everything.
+fn passes<E: Into<i32>>(filter: Option<E>, value: i32) -> bool {
+    filter
+        .map(Into::into)
+        .is_none_or(|wanted| wanted == 0 || value == wanted)
 }
 
 /// Upstream sort of a time-ordered list: newest first unless asked otherwise.
@@ -115,12 +123,8 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         let request = request.into_inner();
         let ValidWrite { mode, key, facts } = validation::send_survey(&request)?;
         check_campaign(&self.app, &ctx, &request.campaign_id).await?;
-        let app = &self.app;
-        let response = writes::run(app, owner, request, mode, key, facts, |request| {
-            execute_send_survey(app, request, ctx)
-        })
-        .await?;
-        Ok(Response::new(response))
+        let written = writes::run(&self.app, owner, request, mode.into(), key, facts, ctx).await?;
+        Ok(Response::new(written.response))
     }
 
     async fn list_campaigns(
@@ -139,18 +143,19 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         let (size, position) =
             local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let campaigns = self.app.retently.campaigns(&ctx).await?;
-        let mut matching: Vec<pb::Campaign> = campaigns
+        let matching = campaigns
             .iter()
             .map(convert::campaign)
-            .filter(|c| metric.is_none_or(|m| m == pb::Metric::Unspecified || c.metric == m as i32))
-            .filter(|c| {
-                kind.is_none_or(|k| k == pb::CampaignType::Unspecified || c.r#type == k as i32)
-            })
+            .filter(|c| passes(metric, c.metric) && passes(kind, c.r#type))
             .filter(|c| request.active.is_none_or(|active| c.active == active))
             .collect();
-        matching.sort_by(|a, b| (&a.name, &a.campaign_id).cmp(&(&b.name, &b.campaign_id)));
-        let (campaigns, next_page_token, total_size) =
-            local_page(matching, size, &position, &filters);
+        let (campaigns, next_page_token, total_size) = local_page(
+            matching,
+            |c: &pb::Campaign| (c.name.as_str(), c.campaign_id.as_str()),
+            size,
+            &position,
+            &filters,
+        );
         Ok(Response::new(pb::ListCampaignsResponse {
             campaigns,
             next_page_token,
@@ -174,17 +179,18 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         let (size, position) =
             local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let templates = self.app.retently.templates(&ctx).await?;
-        let mut matching: Vec<pb::Template> = templates
+        let matching = templates
             .iter()
             .map(convert::template)
-            .filter(|t| metric.is_none_or(|m| m == pb::Metric::Unspecified || t.metric == m as i32))
-            .filter(|t| {
-                channel.is_none_or(|c| c == pb::Channel::Unspecified || t.channel == c as i32)
-            })
+            .filter(|t| passes(metric, t.metric) && passes(channel, t.channel))
             .collect();
-        matching.sort_by(|a, b| (&a.name, &a.template_id).cmp(&(&b.name, &b.template_id)));
-        let (templates, next_page_token, total_size) =
-            local_page(matching, size, &position, &filters);
+        let (templates, next_page_token, total_size) = local_page(
+            matching,
+            |t: &pb::Template| (t.name.as_str(), t.template_id.as_str()),
+            size,
+            &position,
+            &filters,
+        );
         Ok(Response::new(pb::ListTemplatesResponse {
             templates,
             next_page_token,
@@ -348,26 +354,14 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         &self,
         request: Request<pb::SetFeedbackTagsRequest>,
     ) -> Result<Response<pb::SetFeedbackTagsResponse>, Status> {
-        write::serve(
-            &self.app,
-            request,
-            validation::set_feedback_tags,
-            execute_set_feedback_tags,
-        )
-        .await
+        write::serve(&self.app, request, validation::set_feedback_tags).await
     }
 
     async fn set_feedback_topics(
         &self,
         request: Request<pb::SetFeedbackTopicsRequest>,
     ) -> Result<Response<pb::SetFeedbackTopicsResponse>, Status> {
-        write::serve(
-            &self.app,
-            request,
-            validation::set_feedback_topics,
-            execute_set_feedback_topics,
-        )
-        .await
+        write::serve(&self.app, request, validation::set_feedback_topics).await
     }
 
     async fn list_sent_surveys(
@@ -455,9 +449,14 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             local_page_request(v, request.page_size, &request.page_token, &filters)?;
         let campaign_id = (!request.campaign_id.is_empty()).then_some(request.campaign_id.as_str());
         let reports = self.app.retently.reports(&ctx, campaign_id).await?;
-        let mut reports: Vec<pb::CampaignReport> = reports.iter().map(convert::report).collect();
-        reports.sort_by(|a, b| (&a.name, &a.campaign_id).cmp(&(&b.name, &b.campaign_id)));
-        let (reports, next_page_token, total_size) = local_page(reports, size, &position, &filters);
+        let reports = reports.iter().map(convert::report).collect();
+        let (reports, next_page_token, total_size) = local_page(
+            reports,
+            |r: &pb::CampaignReport| (r.name.as_str(), r.campaign_id.as_str()),
+            size,
+            &position,
+            &filters,
+        );
         Ok(Response::new(pb::ListReportsResponse {
             reports,
             next_page_token,

@@ -1,15 +1,14 @@
 //! What every write RPC's adapter does: validate the request, then hand it to the one write
-//! path ([`writes::run`]) with its execution function.
+//! path ([`writes::run`]), which converts it to its command and runs its execution function.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
-use crate::domain::writes::{self, DeliveryFacts, WriteRpc};
+use crate::domain::writes::{self, DeliveryFacts, DeliveryMode, WriteRpc};
 use crate::error::Error;
 use crate::pb;
-use crate::upstream::CallContext;
 
 /// A valid write: how to deliver it and what the outbox records about it.
 pub struct ValidWrite {
@@ -18,31 +17,36 @@ pub struct ValidWrite {
     pub facts: DeliveryFacts,
 }
 
-/// Serves a write RPC: the caller's context and owner, `validate`, then the write path with
-/// `execute` (which the outbox worker replays for ASYNC calls).
-pub async fn serve<'a, R, Fut>(
-    app: &'a Arc<App>,
+/// Serves a write RPC: the caller's context and owner, `validate`, then the write path (whose
+/// execution function the outbox worker replays for ASYNC calls).
+pub async fn serve<R: WriteRpc>(
+    app: &Arc<App>,
     request: Request<R>,
     validate: impl FnOnce(&R) -> Result<ValidWrite, Error>,
-    execute: impl FnOnce(&'a App, R, CallContext) -> Fut,
-) -> Result<Response<R::Response>, Status>
-where
-    R: WriteRpc,
-    Fut: Future<Output = Result<R::Response, Error>>,
-{
+) -> Result<Response<R::Response>, Status> {
     let ctx = crate::auth::interactive_context(&request);
     let owner = crate::auth::owner_of(&request);
     let request = request.into_inner();
     let write = validate(&request)?;
-    let response = writes::run(
+    let written = writes::run(
         app,
         owner,
         request,
-        write.mode,
+        write.mode.into(),
         write.key,
         write.facts,
-        |request| execute(app, request, ctx),
+        ctx,
     )
     .await?;
-    Ok(Response::new(response))
+    Ok(Response::new(written.response))
+}
+
+impl From<pb::DeliveryMode> for DeliveryMode {
+    /// ASYNC queues; SYNC and unset run now.
+    fn from(mode: pb::DeliveryMode) -> Self {
+        match mode {
+            pb::DeliveryMode::Async => DeliveryMode::Async,
+            pb::DeliveryMode::Sync | pb::DeliveryMode::Unspecified => DeliveryMode::Sync,
+        }
+    }
 }

@@ -278,24 +278,30 @@ pub(crate) fn split_rejection(
     Some(per_item)
 }
 
+/// `upstream`'s rejection of a call, naming `fields`, as its client reports a 400/422.
+#[cfg(test)]
+pub(crate) fn rejection(upstream: &str, fields: &[&str]) -> Error {
+    Error::new(
+        ErrorCode::InvalidArgument,
+        crate::error::Reason::UpstreamInvalidArgument,
+        "rejected",
+    )
+    .with_violations(
+        fields
+            .iter()
+            .map(|f| FieldViolation::new(*f, "bad"))
+            .collect(),
+    )
+    .with_metadata("upstream", upstream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::Reason;
 
     fn invalid(fields: &[&str]) -> Error {
-        Error::new(
-            ErrorCode::InvalidArgument,
-            Reason::UpstreamInvalidArgument,
-            "rejected",
-        )
-        .with_violations(
-            fields
-                .iter()
-                .map(|f| FieldViolation::new(*f, "bad"))
-                .collect(),
-        )
-        .with_metadata("upstream", "retently")
+        rejection("retently", fields)
     }
 
     #[test]

@@ -1,32 +1,250 @@
 //! The execution of CustomerService writes: what a SYNC call runs now and what the outbox worker
-//! replays later (at background priority) for an ASYNC one. Each takes a validated request and
+//! replays later (at background priority) for an ASYNC one. Each takes a validated command and
 //! answers with one outcome per item and destination; only a passed deadline fails the call.
 
 use std::future::Future;
 
 use futures_util::future::join_all;
+use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use super::values::{Destination, Property, non_empty, property_to_retently, retainly_value};
 use crate::app::App;
 use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
-use crate::grpc::customers::convert::{self, applied, failed};
-use crate::grpc::customers::validation::MAX_ITEMS;
-use crate::pb;
 use crate::upstream::batching::split_rejection;
-use crate::upstream::retently::{EmailOutcome, MAX_CHANGE_BATCH};
+use crate::upstream::retainly::{ArrayDeletion, ArrayRecord, RetainlyCustomer, RetainlyId};
+use crate::upstream::retently::{CustomerInput, EmailOutcome, MAX_CHANGE_BATCH, UpsertStatus};
 use crate::upstream::{CallContext, Priority};
+
+/// Customers, addresses or array records per write: what one Retainly call takes at most
+/// (asserted below), so a write is never split across calls.
+pub const MAX_ITEMS: usize = 10_000;
 
 /// How many times array records are sent again without the records Retainly rejected by index.
 const MAX_SPLIT_ROUNDS: usize = 3;
 
-/// The destinations of a validated request, in request order.
-fn destinations(values: &[i32]) -> Vec<pb::Destination> {
-    values
-        .iter()
-        .filter_map(|value| pb::Destination::try_from(*value).ok())
-        .filter(|destination| *destination != pb::Destination::Unspecified)
-        .collect()
+// ---- commands ----
+
+/// A customer to upsert, as validation accepted it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Customer {
+    /// Retainly's key; may be empty when the customer goes to Retently only.
+    pub customer_id: String,
+    /// Retently's key; may be empty when the customer goes to Retainly only.
+    pub email: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub company: String,
+    pub tags: Vec<String>,
+    pub properties: Vec<Property>,
 }
+
+/// A customer named by its keys at both upstreams.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CustomerRef {
+    pub customer_id: String,
+    pub email: String,
+}
+
+/// UpsertCustomers: every customer to every destination, in the order given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpsertCustomers {
+    pub destinations: Vec<Destination>,
+    pub customers: Vec<Customer>,
+}
+
+/// DeleteCustomers: every customer from every destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteCustomers {
+    pub destinations: Vec<Destination>,
+    pub customers: Vec<CustomerRef>,
+}
+
+/// UnsubscribeCustomers at Retently, with the optional note (empty: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnsubscribeCustomers {
+    pub emails: Vec<String>,
+    pub message: String,
+}
+
+/// ResubscribeCustomers at Retently.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResubscribeCustomers {
+    pub emails: Vec<String>,
+}
+
+/// One item of a customer's array field; an empty `item_id` appends it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArrayItem {
+    pub item_id: String,
+    pub fields: Map<String, Value>,
+}
+
+/// Items for one array field of one customer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArrayItems {
+    pub customer_id: String,
+    pub field: String,
+    pub items: Vec<ArrayItem>,
+}
+
+/// Item ids to remove from one array field of one customer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArrayItemIds {
+    pub customer_id: String,
+    pub field: String,
+    pub item_ids: Vec<String>,
+}
+
+/// UpsertCustomerArrayItems.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpsertArrayItems {
+    pub records: Vec<ArrayItems>,
+}
+
+/// DeleteCustomerArrayItems.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteArrayItems {
+    pub records: Vec<ArrayItemIds>,
+}
+
+// ---- outcomes ----
+
+/// What a write did at one destination that took it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Done; the upstream did not say more.
+    Applied,
+    Created,
+    Updated,
+}
+
+/// A destination that took the item: what it did and, at Retently, the customer's id there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub outcome: WriteOutcome,
+    /// Empty when unknown or not at Retently.
+    pub retently_id: String,
+}
+
+/// One destination's answer for one item.
+#[derive(Debug, Clone)]
+pub struct DestinationOutcome {
+    pub destination: Destination,
+    pub result: Result<Applied>,
+}
+
+/// One customer's outcomes, one per destination in the order the command listed them; its
+/// position is the customer's position in the command.
+#[derive(Debug, Clone)]
+pub struct CustomerWriteResult {
+    pub customer_id: String,
+    pub email: String,
+    pub outcomes: Vec<DestinationOutcome>,
+}
+
+/// One array record's outcome; its position is the record's position in the command.
+#[derive(Debug, Clone)]
+pub struct ArrayRecordResult {
+    pub customer_id: String,
+    pub field: String,
+    pub result: Result<()>,
+}
+
+// ---- to the upstreams ----
+
+/// The Retently subscriber of a validated customer, keyed by its normalised `email`.
+pub fn retently_customer(customer: &Customer, email: String) -> CustomerInput {
+    CustomerInput {
+        email,
+        first_name: non_empty(&customer.first_name),
+        last_name: non_empty(&customer.last_name),
+        company: non_empty(&customer.company),
+        // Output only in the contract: never sent.
+        job_title: None,
+        tags: (!customer.tags.is_empty()).then(|| customer.tags.clone()),
+        properties: customer
+            .properties
+            .iter()
+            .filter_map(property_to_retently)
+            .collect(),
+    }
+}
+
+/// The Retainly customer of a validated customer: `id` plus the standard fields that are set and
+/// one top-level field per property.
+pub fn retainly_customer(customer: &Customer, email: Option<String>) -> RetainlyCustomer {
+    let mut fields = Map::new();
+    if let Some(email) = email {
+        fields.insert("email".to_owned(), Value::String(email));
+    }
+    for (key, value) in [
+        ("first_name", &customer.first_name),
+        ("last_name", &customer.last_name),
+        ("company", &customer.company),
+    ] {
+        if let Some(value) = non_empty(value) {
+            fields.insert(key.to_owned(), Value::String(value));
+        }
+    }
+    if !customer.tags.is_empty() {
+        fields.insert(
+            "tags".to_owned(),
+            Value::Array(customer.tags.iter().cloned().map(Value::String).collect()),
+        );
+    }
+    for property in &customer.properties {
+        if let Some(value) = property.value.as_ref().and_then(retainly_value) {
+            fields.insert(property.name.clone(), value);
+        }
+    }
+    RetainlyCustomer {
+        id: RetainlyId::Text(customer.customer_id.clone()),
+        fields,
+    }
+}
+
+/// `{customer_id, field, data}`; an item's id goes first as `id`, beside its fields.
+pub fn array_record(record: &ArrayItems) -> ArrayRecord {
+    ArrayRecord {
+        customer_id: RetainlyId::Text(record.customer_id.clone()),
+        field: record.field.clone(),
+        data: record
+            .items
+            .iter()
+            .map(|item| {
+                let mut object = Map::new();
+                if !item.item_id.is_empty() {
+                    object.insert("id".to_owned(), Value::String(item.item_id.clone()));
+                }
+                for (key, value) in &item.fields {
+                    object.insert(key.clone(), value.clone());
+                }
+                object
+            })
+            .collect(),
+    }
+}
+
+/// `{customer_id, field, ids}` with the ids as JSON strings.
+pub fn array_deletion(record: &ArrayItemIds) -> ArrayDeletion {
+    ArrayDeletion {
+        customer_id: RetainlyId::Text(record.customer_id.clone()),
+        field: record.field.clone(),
+        ids: record.item_ids.iter().cloned().map(Value::String).collect(),
+    }
+}
+
+/// What a Retently upsert did: `created`/`updated` as said, anything else only "applied".
+pub fn upsert_outcome(status: &UpsertStatus) -> WriteOutcome {
+    match status {
+        UpsertStatus::Created => WriteOutcome::Created,
+        UpsertStatus::Updated => WriteOutcome::Updated,
+        UpsertStatus::Other(_) => WriteOutcome::Applied,
+    }
+}
+
+// ---- execution ----
 
 /// Normalised as validation normalised it: Retently keys customers by the trimmed, lower-cased
 /// address.
@@ -60,18 +278,61 @@ fn unknown_at_deadline<'a>(
     Ok(())
 }
 
+/// Applied, with nothing more known than that.
+const JUST_APPLIED: Applied = Applied {
+    outcome: WriteOutcome::Applied,
+    retently_id: String::new(),
+};
+
+/// One destination's outcomes from its answers, one per item: `applied` reads what a success
+/// did.
+fn answered<T>(
+    destination: Destination,
+    answers: &[Result<T>],
+    applied: impl Fn(&T) -> Applied,
+) -> (Destination, Vec<DestinationOutcome>) {
+    let outcomes = answers
+        .iter()
+        .map(|answer| DestinationOutcome {
+            destination,
+            result: answer.as_ref().map(&applied).map_err(Clone::clone),
+        })
+        .collect();
+    (destination, outcomes)
+}
+
+/// Runs `call` when `wanted`; `None`, with no call made, otherwise.
+async fn only_if<T>(wanted: bool, call: impl Future<Output = T>) -> Option<T> {
+    if wanted { Some(call.await) } else { None }
+}
+
+/// A customer's keys at both upstreams: `(customer_id, email)`.
+trait Keyed {
+    fn keys(&self) -> (&str, &str);
+}
+
+impl Keyed for Customer {
+    fn keys(&self) -> (&str, &str) {
+        (&self.customer_id, &self.email)
+    }
+}
+
+impl Keyed for CustomerRef {
+    fn keys(&self) -> (&str, &str) {
+        (&self.customer_id, &self.email)
+    }
+}
+
 /// One slot per item and destination, filled as the upstream calls answer.
 struct Results {
-    order: Vec<pb::Destination>,
-    results: Vec<pb::CustomerWriteResult>,
+    order: Vec<Destination>,
+    results: Vec<CustomerWriteResult>,
 }
 
 impl Results {
-    fn new(order: Vec<pb::Destination>, items: impl Iterator<Item = (String, String)>) -> Self {
+    fn new(order: Vec<Destination>, items: impl Iterator<Item = (String, String)>) -> Self {
         let results = items
-            .enumerate()
-            .map(|(index, (customer_id, email))| pb::CustomerWriteResult {
-                index: i32::try_from(index).unwrap_or(i32::MAX),
+            .map(|(customer_id, email)| CustomerWriteResult {
                 customer_id,
                 email,
                 outcomes: Vec::with_capacity(order.len()),
@@ -80,15 +341,26 @@ impl Results {
         Self { order, results }
     }
 
-    fn wants(&self, destination: pb::Destination) -> bool {
+    /// The slots of customers named by both keys.
+    fn of_customers(order: Vec<Destination>, customers: &[impl Keyed]) -> Self {
+        Self::new(
+            order,
+            customers.iter().map(|customer| {
+                let (customer_id, email) = customer.keys();
+                (customer_id.to_owned(), email.to_owned())
+            }),
+        )
+    }
+
+    fn wants(&self, destination: Destination) -> bool {
         self.order.contains(&destination)
     }
 
     /// Puts each destination's outcomes in the order the request listed the destinations.
     fn finish(
         mut self,
-        mut per_destination: Vec<(pb::Destination, Vec<pb::DestinationOutcome>)>,
-    ) -> Vec<pb::CustomerWriteResult> {
+        mut per_destination: Vec<(Destination, Vec<DestinationOutcome>)>,
+    ) -> Vec<CustomerWriteResult> {
         for destination in &self.order {
             if let Some(position) = per_destination.iter().position(|(d, _)| d == destination) {
                 let (_, outcomes) = per_destination.swap_remove(position);
@@ -101,15 +373,12 @@ impl Results {
     }
 }
 
-/// Retently's answer for one address of a delete or (un)subscribe.
-fn email_outcome(outcome: &Result<EmailOutcome>) -> pb::DestinationOutcome {
-    match outcome {
-        Ok(outcome) => pb::DestinationOutcome {
-            retently_id: outcome.id.clone().unwrap_or_default(),
-            ..applied(pb::Destination::Retently, pb::WriteOutcome::Applied)
-        },
-        Err(error) => failed(pb::Destination::Retently, error),
-    }
+/// Retently's answers for the addresses of a delete or (un)subscribe.
+fn email_outcomes(answers: &[Result<EmailOutcome>]) -> (Destination, Vec<DestinationOutcome>) {
+    answered(Destination::Retently, answers, |outcome| Applied {
+        outcome: WriteOutcome::Applied,
+        retently_id: outcome.id.clone().unwrap_or_default(),
+    })
 }
 
 /// Sends address changes in calls of Retently's size, so one failed call fails only its own
@@ -145,43 +414,30 @@ where
     Ok(outcomes)
 }
 
-pub(crate) async fn execute_upsert_customers(
+pub(crate) async fn upsert_customers(
     app: &App,
-    request: pb::UpsertCustomersRequest,
+    command: UpsertCustomers,
     ctx: CallContext,
-) -> Result<pb::UpsertCustomersResponse> {
-    let results = Results::new(
-        destinations(&request.destinations),
-        request
-            .customers
+) -> Result<Vec<CustomerWriteResult>> {
+    let customers = &command.customers;
+    let results = Results::of_customers(command.destinations, customers);
+    let retently = only_if(results.wants(Destination::Retently), async {
+        let inputs = customers
             .iter()
-            .map(|c| (c.customer_id.clone(), c.email.clone())),
-    );
-    let retently = async {
-        if !results.wants(pb::Destination::Retently) {
-            return None;
-        }
-        let inputs = request
-            .customers
-            .iter()
-            .map(|c| convert::retently_customer(c, normalised_email(&c.email)))
+            .map(|c| retently_customer(c, normalised_email(&c.email)))
             .collect();
-        Some(app.retently.upsert_customers(&ctx, inputs).await)
-    };
-    let retainly = async {
-        if !results.wants(pb::Destination::Retainly) {
-            return None;
-        }
-        let customers = request
-            .customers
+        app.retently.upsert_customers(&ctx, inputs).await
+    });
+    let retainly = only_if(results.wants(Destination::Retainly), async {
+        let inputs = customers
             .iter()
             .map(|c| {
                 let email = (!c.email.is_empty()).then(|| normalised_email(&c.email));
-                convert::retainly_customer(c, email)
+                retainly_customer(c, email)
             })
             .collect();
-        Some(app.retainly.upsert_customers(&ctx, customers).await)
-    };
+        app.retainly.upsert_customers(&ctx, inputs).await
+    });
     let (retently, retainly) = tokio::join!(retently, retainly);
     let errors = retently
         .iter()
@@ -190,105 +446,60 @@ pub(crate) async fn execute_upsert_customers(
         .chain(retainly.iter().flatten().filter_map(|r| r.as_ref().err()));
     unknown_at_deadline(&ctx, errors)?;
     let mut per_destination = Vec::new();
-    if let Some(outcomes) = retently {
-        let outcomes = outcomes
-            .iter()
-            .map(|outcome| match outcome {
-                Ok(upsert) => pb::DestinationOutcome {
-                    retently_id: upsert.id.clone().unwrap_or_default(),
-                    ..applied(
-                        pb::Destination::Retently,
-                        convert::upsert_outcome(&upsert.status),
-                    )
-                },
-                Err(error) => failed(pb::Destination::Retently, error),
-            })
-            .collect();
-        per_destination.push((pb::Destination::Retently, outcomes));
+    if let Some(answers) = retently {
+        per_destination.push(answered(Destination::Retently, &answers, |upsert| {
+            Applied {
+                outcome: upsert_outcome(&upsert.status),
+                retently_id: upsert.id.clone().unwrap_or_default(),
+            }
+        }));
     }
-    if let Some(outcomes) = retainly {
-        let outcomes = outcomes
-            .iter()
-            .map(|outcome| match outcome {
-                Ok(()) => applied(pb::Destination::Retainly, pb::WriteOutcome::Applied),
-                Err(error) => failed(pb::Destination::Retainly, error),
-            })
-            .collect();
-        per_destination.push((pb::Destination::Retainly, outcomes));
+    if let Some(answers) = retainly {
+        per_destination.push(answered(Destination::Retainly, &answers, |()| JUST_APPLIED));
     }
-    Ok(pb::UpsertCustomersResponse {
-        delivery_id: String::new(),
-        results: results.finish(per_destination),
-    })
+    Ok(results.finish(per_destination))
 }
 
-pub(crate) async fn execute_delete_customers(
+pub(crate) async fn delete_customers(
     app: &App,
-    request: pb::DeleteCustomersRequest,
+    command: DeleteCustomers,
     ctx: CallContext,
-) -> Result<pb::DeleteCustomersResponse> {
-    let results = Results::new(
-        destinations(&request.destinations),
-        request
-            .customers
-            .iter()
-            .map(|c| (c.customer_id.clone(), c.email.clone())),
-    );
-    let retently = async {
-        if !results.wants(pb::Destination::Retently) {
-            return None;
-        }
-        let emails = request
-            .customers
+) -> Result<Vec<CustomerWriteResult>> {
+    let customers = &command.customers;
+    let results = Results::of_customers(command.destinations, customers);
+    let retently = only_if(results.wants(Destination::Retently), async {
+        let emails = customers
             .iter()
             .map(|c| normalised_email(&c.email))
             .collect();
-        Some(
-            change_emails(&ctx, emails, |chunk| {
-                let ctx = ctx.clone();
-                async move { app.retently.delete_customers(&ctx, chunk).await }
-            })
-            .await,
-        )
-    };
-    let retainly = async {
-        if !results.wants(pb::Destination::Retainly) {
-            return None;
-        }
-        let ids = request
-            .customers
+        change_emails(&ctx, emails, |chunk| {
+            let ctx = ctx.clone();
+            async move { app.retently.delete_customers(&ctx, chunk).await }
+        })
+        .await
+    });
+    let retainly = only_if(results.wants(Destination::Retainly), async {
+        let ids = customers
             .iter()
             .map(|c| c.customer_id.clone().into())
             .collect();
-        Some(app.retainly.delete_customers(&ctx, ids).await)
-    };
+        app.retainly.delete_customers(&ctx, ids).await
+    });
     let (retently, retainly) = tokio::join!(retently, retainly);
     if let Some(Err(error)) = &retainly {
         unknown_at_deadline(&ctx, [error])?;
     }
     let mut per_destination = Vec::new();
-    if let Some(outcomes) = retently {
-        per_destination.push((
-            pb::Destination::Retently,
-            outcomes?.iter().map(email_outcome).collect(),
-        ));
+    if let Some(answers) = retently {
+        per_destination.push(email_outcomes(&answers?));
     }
     if let Some(answer) = retainly {
         // One answer for the whole call: every customer shares it. Retainly deletes of unknown
         // ids succeed, so there is nothing per customer to tell apart.
-        let outcome = match answer {
-            Ok(()) => applied(pb::Destination::Retainly, pb::WriteOutcome::Applied),
-            Err(error) => failed(pb::Destination::Retainly, &error),
-        };
-        per_destination.push((
-            pb::Destination::Retainly,
-            vec![outcome; request.customers.len()],
-        ));
+        let shared = vec![answer; customers.len()];
+        per_destination.push(answered(Destination::Retainly, &shared, |()| JUST_APPLIED));
     }
-    Ok(pb::DeleteCustomersResponse {
-        delivery_id: String::new(),
-        results: results.finish(per_destination),
-    })
+    Ok(results.finish(per_destination))
 }
 
 /// Unsubscribe (`Some(message)`) or resubscribe (`None`): one RETENTLY outcome per address.
@@ -297,9 +508,9 @@ async fn subscription_change(
     emails: &[String],
     message: Option<String>,
     ctx: CallContext,
-) -> Result<Vec<pb::CustomerWriteResult>> {
+) -> Result<Vec<CustomerWriteResult>> {
     let results = Results::new(
-        vec![pb::Destination::Retently],
+        vec![Destination::Retently],
         emails.iter().map(|email| (String::new(), email.clone())),
     );
     let normalised = emails.iter().map(|email| normalised_email(email)).collect();
@@ -309,7 +520,7 @@ async fn subscription_change(
         async move {
             match message {
                 Some(message) => {
-                    // An empty note is "not set" in proto3 and is not sent.
+                    // An empty note is "not set" in the contract and is not sent.
                     let message = (!message.is_empty()).then_some(message);
                     app.retently
                         .unsubscribe_customers(&ctx, chunk, message)
@@ -320,34 +531,23 @@ async fn subscription_change(
         }
     })
     .await?;
-    Ok(results.finish(vec![(
-        pb::Destination::Retently,
-        outcomes.iter().map(email_outcome).collect(),
-    )]))
+    Ok(results.finish(vec![email_outcomes(&outcomes)]))
 }
 
-pub(crate) async fn execute_unsubscribe_customers(
+pub(crate) async fn unsubscribe_customers(
     app: &App,
-    request: pb::UnsubscribeCustomersRequest,
+    command: UnsubscribeCustomers,
     ctx: CallContext,
-) -> Result<pb::UnsubscribeCustomersResponse> {
-    let results = subscription_change(app, &request.emails, Some(request.message), ctx).await?;
-    Ok(pb::UnsubscribeCustomersResponse {
-        delivery_id: String::new(),
-        results,
-    })
+) -> Result<Vec<CustomerWriteResult>> {
+    subscription_change(app, &command.emails, Some(command.message), ctx).await
 }
 
-pub(crate) async fn execute_resubscribe_customers(
+pub(crate) async fn resubscribe_customers(
     app: &App,
-    request: pb::ResubscribeCustomersRequest,
+    command: ResubscribeCustomers,
     ctx: CallContext,
-) -> Result<pb::ResubscribeCustomersResponse> {
-    let results = subscription_change(app, &request.emails, None, ctx).await?;
-    Ok(pb::ResubscribeCustomersResponse {
-        delivery_id: String::new(),
-        results,
-    })
+) -> Result<Vec<CustomerWriteResult>> {
+    subscription_change(app, &command.emails, None, ctx).await
 }
 
 /// Sends `records` with `send`; when Retainly rejects the call because of some records (a 422
@@ -468,35 +668,23 @@ fn failed_as_a_whole(outcomes: &[Result<()>]) -> Option<Error> {
 fn record_results(
     records: impl Iterator<Item = (String, String)>,
     outcomes: Vec<Result<()>>,
-) -> Vec<pb::ArrayRecordResult> {
+) -> Vec<ArrayRecordResult> {
     records
         .zip(outcomes)
-        .enumerate()
-        .map(|(index, ((customer_id, field), outcome))| {
-            let (outcome, error) = match outcome {
-                Ok(()) => (pb::WriteOutcome::Applied, None),
-                Err(error) => (
-                    pb::WriteOutcome::Failed,
-                    Some(crate::grpc::convert::error_to_item(&error)),
-                ),
-            };
-            pb::ArrayRecordResult {
-                index: i32::try_from(index).unwrap_or(i32::MAX),
-                customer_id,
-                field,
-                outcome: outcome as i32,
-                error,
-            }
+        .map(|((customer_id, field), result)| ArrayRecordResult {
+            customer_id,
+            field,
+            result,
         })
         .collect()
 }
 
-pub(crate) async fn execute_upsert_array_items(
+pub(crate) async fn upsert_array_items(
     app: &App,
-    request: pb::UpsertCustomerArrayItemsRequest,
+    command: UpsertArrayItems,
     ctx: CallContext,
-) -> Result<pb::UpsertCustomerArrayItemsResponse> {
-    let records = request.records.iter().map(convert::array_record).collect();
+) -> Result<Vec<ArrayRecordResult>> {
+    let records = command.records.iter().map(array_record).collect();
     let outcomes = send_records(records, |batch| {
         let ctx = ctx.clone();
         async move { app.retainly.upsert_array_items(&ctx, batch).await }
@@ -513,44 +701,34 @@ pub(crate) async fn execute_upsert_array_items(
     {
         return Err(error);
     }
-    Ok(pb::UpsertCustomerArrayItemsResponse {
-        delivery_id: String::new(),
-        results: record_results(
-            request
-                .records
-                .into_iter()
-                .map(|r| (r.customer_id, r.field)),
-            outcomes,
-        ),
-    })
+    Ok(record_results(
+        command
+            .records
+            .into_iter()
+            .map(|r| (r.customer_id, r.field)),
+        outcomes,
+    ))
 }
 
-pub(crate) async fn execute_delete_array_items(
+pub(crate) async fn delete_array_items(
     app: &App,
-    request: pb::DeleteCustomerArrayItemsRequest,
+    command: DeleteArrayItems,
     ctx: CallContext,
-) -> Result<pb::DeleteCustomerArrayItemsResponse> {
-    let records = request
-        .records
-        .iter()
-        .map(convert::array_deletion)
-        .collect();
+) -> Result<Vec<ArrayRecordResult>> {
+    let records = command.records.iter().map(array_deletion).collect();
     let outcomes = send_records(records, |batch| {
         let ctx = ctx.clone();
         async move { app.retainly.delete_array_items(&ctx, batch).await }
     })
     .await;
     unknown_at_deadline(&ctx, outcomes.iter().filter_map(|o| o.as_ref().err()))?;
-    Ok(pb::DeleteCustomerArrayItemsResponse {
-        delivery_id: String::new(),
-        results: record_results(
-            request
-                .records
-                .into_iter()
-                .map(|r| (r.customer_id, r.field)),
-            outcomes,
-        ),
-    })
+    Ok(record_results(
+        command
+            .records
+            .into_iter()
+            .map(|r| (r.customer_id, r.field)),
+        outcomes,
+    ))
 }
 
 // Validation bounds every write to what one Retainly call takes, so `send_records` sends each
@@ -559,38 +737,31 @@ const _: () = assert!(MAX_ITEMS <= crate::upstream::retainly::MAX_BATCH);
 
 /// Whether a per-item failure may pass on a later attempt (the outbox then retries the write):
 /// the same rule the outbox applies to a failed call.
-fn is_transient(error: Option<&pb::ItemError>) -> bool {
-    use tonic::Code;
-    error.is_some_and(|error| {
-        // Responses carry the reason as its wire string; decide on the typed reason it names.
-        let credentials = matches!(
-            Reason::parse(&error.reason),
-            Some(Reason::UpstreamCredentialsRejected | Reason::UpstreamCredentialsInvalid)
-        );
-        credentials
-            || [
-                Code::Unavailable,
-                Code::ResourceExhausted,
-                Code::DeadlineExceeded,
-                Code::Aborted,
-                Code::Cancelled,
-            ]
-            .iter()
-            .any(|code| *code as i32 == error.code)
-    })
+fn is_transient(error: &Error) -> bool {
+    matches!(
+        error.reason(),
+        Reason::UpstreamCredentialsRejected | Reason::UpstreamCredentialsInvalid
+    ) || matches!(
+        error.code(),
+        ErrorCode::Unavailable
+            | ErrorCode::ResourceExhausted
+            | ErrorCode::DeadlineExceeded
+            | ErrorCode::Aborted
+            | ErrorCode::Cancelled
+    )
 }
 
-pub(crate) fn customer_results_transient(results: &[pb::CustomerWriteResult]) -> bool {
+pub(crate) fn customer_results_transient(results: &[CustomerWriteResult]) -> bool {
     results
         .iter()
         .flat_map(|result| &result.outcomes)
-        .any(|outcome| is_transient(outcome.error.as_ref()))
+        .any(|outcome| outcome.result.as_ref().is_err_and(is_transient))
 }
 
-pub(crate) fn record_results_transient(results: &[pb::ArrayRecordResult]) -> bool {
+pub(crate) fn record_results_transient(results: &[ArrayRecordResult]) -> bool {
     results
         .iter()
-        .any(|result| is_transient(result.error.as_ref()))
+        .any(|result| result.result.as_ref().is_err_and(is_transient))
 }
 
 #[cfg(test)]
@@ -600,18 +771,7 @@ mod tests {
     use std::time::Duration;
 
     fn invalid(fields: &[&str]) -> Error {
-        Error::new(
-            ErrorCode::InvalidArgument,
-            Reason::UpstreamInvalidArgument,
-            "rejected",
-        )
-        .with_violations(
-            fields
-                .iter()
-                .map(|f| FieldViolation::new(*f, "bad"))
-                .collect(),
-        )
-        .with_metadata("upstream", "retainly")
+        crate::upstream::batching::rejection("retainly", fields)
     }
 
     #[tokio::test]

@@ -12,7 +12,9 @@
 //! Every write RPC is declared once, in the table of `rpcs.rs`, which generates its
 //! [`WriteRpc`] impl, its method name, its permission and the outbox executor's dispatch. The
 //! execution functions live beside it, one module per service ([`customers`], [`surveys`],
-//! [`survey_delivery`], [`events`]).
+//! [`survey_delivery`], [`events`]), in plain Rust: each takes a command and answers an
+//! outcome; the request and response messages are converted at the adapter's edge, by the
+//! `From` impls the table names.
 
 use std::sync::Arc;
 
@@ -24,20 +26,25 @@ pub mod events;
 mod rpcs;
 pub mod survey_delivery;
 pub mod surveys;
+pub mod values;
 
 pub use self::rpcs::{WRITE_PERMISSIONS, delivery_result, methods};
 
+use self::values::Destination;
 use crate::domain::Owner;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
 use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
 use crate::error::{Error, ErrorCode, Reason};
-use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::failure::{DeliveryDecision, FailureClass, delivery_decision};
 
 /// A write RPC's request type and what the write path needs to know about it.
 pub trait WriteRpc: Message + Default + Clone + Send + 'static {
     type Response: Message + Default + Send + 'static;
+    /// The request in plain Rust, as its execution function takes it.
+    type Command: Send;
+    /// What the execution function answers, before it becomes the response.
+    type Outcome: Send;
     /// Full gRPC method name, as `Delivery.method` reports it.
     const METHOD: &'static str;
     /// Whether sending it twice is harmless (see the outbox's module doc on crash safety).
@@ -49,58 +56,47 @@ pub trait WriteRpc: Message + Default + Clone + Send + 'static {
         Self::REPLAY_SAFE
     }
 
-    /// Whether a SYNC response is remembered under its idempotency key. A response that only
+    /// Whether a SYNC outcome is remembered under its idempotency key. An outcome that only
     /// reports that nothing reached the upstream (every item shed by the budget) is not, so a
     /// repeat, which the RetryInfo invites, runs anew.
-    fn remember(_response: &Self::Response) -> bool {
+    fn remember(_outcome: &Self::Outcome) -> bool {
         true
     }
+
+    /// The validated (or queued) request as its command.
+    fn command(self) -> Self::Command;
+    /// Runs the command now (SYNC calls and the outbox worker alike).
+    fn execute(
+        app: &App,
+        command: Self::Command,
+        ctx: CallContext,
+    ) -> impl Future<Output = Result<Self::Outcome, Error>> + Send;
+    /// The response the outcome becomes.
+    fn respond(outcome: Self::Outcome) -> Self::Response;
 
     /// The request without its `options`, which are not part of what is written.
     fn without_options(self) -> Self;
     fn set_delivery_id(response: &mut Self::Response, delivery_id: String);
-    /// Whether the response holds an item that failed in a way a later attempt may fix; an
+    /// Whether the outcome holds an item that failed in a way a later attempt may fix; an
     /// asynchronous delivery whose operation is replay-safe is then attempted again.
-    fn has_transient_failure(_response: &Self::Response) -> bool {
+    fn has_transient_failure(_outcome: &Self::Outcome) -> bool {
         false
     }
 }
 
+/// Whether a write runs while the caller waits or is queued in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryMode {
+    Sync,
+    Async,
+}
+
 /// What the outbox records about a write besides its request.
 pub struct DeliveryFacts {
-    pub destinations: Vec<pb::Destination>,
+    pub destinations: Vec<Destination>,
     pub item_count: usize,
     /// The customers it touches, for per-customer ordering.
     pub ordering_keys: Vec<String>,
-}
-
-/// Runs a validated write in the mode the caller chose; its idempotency key and delivery belong
-/// to `owner`.
-pub async fn run<R, F, Fut>(
-    app: &Arc<App>,
-    owner: Owner,
-    request: R,
-    mode: pb::DeliveryMode,
-    idempotency_key: Option<String>,
-    facts: DeliveryFacts,
-    execute_now: F,
-) -> Result<R::Response, Error>
-where
-    R: WriteRpc,
-    F: FnOnce(R) -> Fut,
-    Fut: Future<Output = Result<R::Response, Error>>,
-{
-    run_dedup(
-        app,
-        owner,
-        request,
-        mode,
-        idempotency_key,
-        facts,
-        execute_now,
-    )
-    .await
-    .map(|written| written.response)
 }
 
 /// A write's response, and whether it repeats an earlier call's (same idempotency key).
@@ -109,25 +105,22 @@ pub struct Written<T> {
     pub repeated: bool,
 }
 
-/// [`run`], also telling whether the response is a remembered one.
-pub async fn run_dedup<R, F, Fut>(
+/// Runs a validated write in the mode the caller chose (a SYNC one within `ctx`), and tells
+/// whether the response is a remembered one; its idempotency key and delivery belong to
+/// `owner`.
+pub async fn run<R: WriteRpc>(
     app: &Arc<App>,
     owner: Owner,
     request: R,
-    mode: pb::DeliveryMode,
+    mode: DeliveryMode,
     idempotency_key: Option<String>,
     facts: DeliveryFacts,
-    execute_now: F,
-) -> Result<Written<R::Response>, Error>
-where
-    R: WriteRpc,
-    F: FnOnce(R) -> Fut,
-    Fut: Future<Output = Result<R::Response, Error>>,
-{
+    ctx: CallContext,
+) -> Result<Written<R::Response>, Error> {
     let request = request.without_options();
     let encoded = request.encode_to_vec();
     match (mode, idempotency_key) {
-        (pb::DeliveryMode::Async, key) => {
+        (DeliveryMode::Async, key) => {
             let replay_safe = request.replay_safe();
             let queued = Queued {
                 method: R::METHOD,
@@ -139,7 +132,7 @@ where
             enqueue_as::<R>(app, queued, key, facts).await
         }
         (_, None) => Ok(Written {
-            response: execute_now(request).await?,
+            response: R::respond(R::execute(app, request.command(), ctx).await?),
             repeated: false,
         }),
         (_, Some(key)) => {
@@ -148,10 +141,10 @@ where
             let remembered = app
                 .idempotency
                 .run(&owner, R::METHOD, &key, hash, replay_safe, async move {
-                    let response = execute_now(request).await?;
+                    let outcome = R::execute(app, request.command(), ctx).await?;
                     Ok(Fresh {
-                        remember: R::remember(&response),
-                        response: response.encode_to_vec(),
+                        remember: R::remember(&outcome),
+                        response: R::respond(outcome).encode_to_vec(),
                     })
                 })
                 .await?;
@@ -216,7 +209,7 @@ async fn enqueue_as<R: WriteRpc>(
     let delivery = NewDelivery {
         method: method.to_owned(),
         request: encoded.clone(),
-        destinations: facts.destinations.iter().map(|d| *d as i32).collect(),
+        destinations: facts.destinations.iter().map(|d| d.stored()).collect(),
         item_count: u32::try_from(facts.item_count).unwrap_or(u32::MAX),
         ordering_keys: facts.ordering_keys,
         idempotency_key: key.clone(),
@@ -270,27 +263,25 @@ pub fn possibly_applied(error: &Error) -> bool {
     error.failure_class() == Some(FailureClass::PossiblyApplied)
 }
 
+/// A queued request of `R`, or the failed attempt of one that does not decode.
+pub(crate) fn decode_queued<R: WriteRpc>(request: &[u8]) -> Result<R, Attempt> {
+    R::decode(request).map_err(|error| Attempt::Failed {
+        error: DeliveryError::from(&Error::internal(format!(
+            "the queued request does not decode: {error}"
+        ))),
+    })
+}
+
 /// Replays one queued write through its execution function and classifies the outcome.
-pub async fn replay<R, F, Fut>(request: &[u8], delivery_id: &str, execute: F) -> Attempt
-where
-    R: WriteRpc,
-    F: FnOnce(R, CallContext) -> Fut,
-    Fut: Future<Output = Result<R::Response, Error>>,
-{
-    let request = match R::decode(request) {
+pub async fn replay<R: WriteRpc>(app: &App, request: &[u8], delivery_id: &str) -> Attempt {
+    let request = match decode_queued::<R>(request) {
         Ok(request) => request,
-        Err(error) => {
-            return Attempt::Failed {
-                error: DeliveryError::from(&Error::internal(format!(
-                    "the queued request does not decode: {error}"
-                ))),
-            };
-        }
+        Err(failed) => return failed,
     };
     let replay_safe = request.replay_safe();
-    match execute(request, CallContext::background()).await {
-        Ok(mut response) => {
-            if replay_safe && R::has_transient_failure(&response) {
+    match R::execute(app, request.command(), CallContext::background()).await {
+        Ok(outcome) => {
+            if replay_safe && R::has_transient_failure(&outcome) {
                 return Attempt::Retry {
                     error: DeliveryError {
                         code: ErrorCode::Unavailable,
@@ -301,6 +292,7 @@ where
                     retry_after: None,
                 };
             }
+            let mut response = R::respond(outcome);
             R::set_delivery_id(&mut response, delivery_id.to_owned());
             Attempt::Delivered {
                 result: response.encode_to_vec(),

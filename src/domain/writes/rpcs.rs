@@ -1,6 +1,8 @@
 //! The one table of write RPCs. Each row declares a write: its method, its request and
-//! response, the function that executes it (for SYNC calls and the outbox worker alike),
-//! whether sending it twice is harmless, and the permission a caller needs. From the table come
+//! response, its command and outcome in plain Rust (converted from the request and into the
+//! response by `From` impls at the adapter's edge, `grpc::*::convert`), the function that
+//! executes it (for SYNC calls and the outbox worker alike), whether sending it twice is
+//! harmless, and the permission a caller needs. From the table come
 //! the [`WriteRpc`] impls, the method names ([`methods`]), the outbox executor's dispatch
 //! ([`deliver`]), the permission entries ([`WRITE_PERMISSIONS`]) and the decoding of a
 //! delivered write's result ([`delivery_result`]), so adding a write RPC takes a row here and
@@ -8,7 +10,7 @@
 //!
 //! Optional columns, in this order: `replay_safe_of` (a per-request answer, see
 //! [`WriteRpc::replay_safe`]), `remember` ([`WriteRpc::remember`]), `transient`
-//! ([`WriteRpc::has_transient_failure`], given the response's `results`), `deliver` (an
+//! ([`WriteRpc::has_transient_failure`], given the outcome), `deliver` (an
 //! outbox attempt of its own instead of a plain replay) and `result` (the `Delivery.result`
 //! case). Rows under `aliases` are RPCs that queue the requests of another row (TrackEvents
 //! queues one TrackEvent per event).
@@ -21,7 +23,9 @@ use super::{WriteRpc, customers, events, replay, survey_delivery, surveys};
 use crate::app::App;
 use crate::auth::Permission;
 use crate::domain::outbox::Attempt;
+use crate::error::Error;
 use crate::pb;
+use crate::upstream::CallContext;
 
 macro_rules! write_rpcs {
     (
@@ -29,6 +33,7 @@ macro_rules! write_rpcs {
             $(#[$doc:meta])*
             $name:ident = $path:literal {
                 request: $request:ty => $response:ty,
+                command: $command:ty => $outcome:ty,
                 execute: $execute:path,
                 replay_safe: $replay_safe:literal,
                 permission: $permission:ident,
@@ -43,7 +48,6 @@ macro_rules! write_rpcs {
             $(#[$alias_doc:meta])*
             $alias:ident = $alias_path:literal {
                 queues: $queued:ty,
-                execute: $alias_execute:path,
                 permission: $alias_permission:ident,
                 $(result: $alias_result:ident,)?
             }
@@ -61,16 +65,34 @@ macro_rules! write_rpcs {
         $(
             impl WriteRpc for $request {
                 type Response = $response;
+                type Command = $command;
+                type Outcome = $outcome;
                 const METHOD: &'static str = methods::$name;
                 const REPLAY_SAFE: bool = $replay_safe;
 
                 $(fn replay_safe(&self) -> bool {
-                    $replay_safe_of(self)
+                    $replay_safe_of(&self.clone().command())
                 })?
 
-                $(fn remember(response: &Self::Response) -> bool {
-                    $remember(response)
+                $(fn remember(outcome: &Self::Outcome) -> bool {
+                    $remember(outcome)
                 })?
+
+                fn command(self) -> Self::Command {
+                    <$command>::from(self)
+                }
+
+                fn execute(
+                    app: &App,
+                    command: Self::Command,
+                    ctx: CallContext,
+                ) -> impl Future<Output = Result<Self::Outcome, Error>> + Send {
+                    $execute(app, command, ctx)
+                }
+
+                fn respond(outcome: Self::Outcome) -> Self::Response {
+                    <$response>::from(outcome)
+                }
 
                 fn without_options(mut self) -> Self {
                     self.options = None;
@@ -81,8 +103,8 @@ macro_rules! write_rpcs {
                     response.delivery_id = delivery_id;
                 }
 
-                $(fn has_transient_failure(response: &Self::Response) -> bool {
-                    $transient(&response.results)
+                $(fn has_transient_failure(outcome: &Self::Outcome) -> bool {
+                    $transient(outcome)
                 })?
             }
         )*
@@ -101,11 +123,10 @@ macro_rules! write_rpcs {
             Some(match method {
                 $(methods::$name => {
                     write_rpcs!(@deliver app, request, delivery_id, verify_since_ms,
-                        $request, $execute $(, $deliver)?)
+                        $request $(, $deliver)?)
                 })*
                 $(methods::$alias => {
-                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms,
-                        $queued, $alias_execute)
+                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms, $queued)
                 })*
                 _ => return None,
             })
@@ -134,15 +155,11 @@ macro_rules! write_rpcs {
         }
     };
     (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident,
-        $type:ty, $execute:path, $deliver:path) => {
+        $type:ty, $deliver:path) => {
         $deliver($app, $request, $delivery_id, $verify).await
     };
-    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident,
-        $type:ty, $execute:path) => {
-        replay::<$type, _, _>($request, $delivery_id, |request, ctx| {
-            $execute($app, request, ctx)
-        })
-        .await
+    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident, $type:ty) => {
+        replay::<$type>($app, $request, $delivery_id).await
     };
 }
 
@@ -152,7 +169,8 @@ write_rpcs! {
         // repeated.
         UPSERT_CUSTOMERS = "/cx.gateway.v1.CustomerService/UpsertCustomers" {
             request: pb::UpsertCustomersRequest => pb::UpsertCustomersResponse,
-            execute: customers::execute_upsert_customers,
+            command: customers::UpsertCustomers => Vec<customers::CustomerWriteResult>,
+            execute: customers::upsert_customers,
             replay_safe: true,
             permission: CustomersWrite,
             transient: customers::customer_results_transient,
@@ -160,7 +178,8 @@ write_rpcs! {
         }
         DELETE_CUSTOMERS = "/cx.gateway.v1.CustomerService/DeleteCustomers" {
             request: pb::DeleteCustomersRequest => pb::DeleteCustomersResponse,
-            execute: customers::execute_delete_customers,
+            command: customers::DeleteCustomers => Vec<customers::CustomerWriteResult>,
+            execute: customers::delete_customers,
             replay_safe: true,
             permission: CustomersDelete,
             transient: customers::customer_results_transient,
@@ -168,7 +187,8 @@ write_rpcs! {
         }
         UNSUBSCRIBE_CUSTOMERS = "/cx.gateway.v1.CustomerService/UnsubscribeCustomers" {
             request: pb::UnsubscribeCustomersRequest => pb::UnsubscribeCustomersResponse,
-            execute: customers::execute_unsubscribe_customers,
+            command: customers::UnsubscribeCustomers => Vec<customers::CustomerWriteResult>,
+            execute: customers::unsubscribe_customers,
             replay_safe: true,
             permission: CustomersWrite,
             transient: customers::customer_results_transient,
@@ -176,7 +196,8 @@ write_rpcs! {
         }
         RESUBSCRIBE_CUSTOMERS = "/cx.gateway.v1.CustomerService/ResubscribeCustomers" {
             request: pb::ResubscribeCustomersRequest => pb::ResubscribeCustomersResponse,
-            execute: customers::execute_resubscribe_customers,
+            command: customers::ResubscribeCustomers => Vec<customers::CustomerWriteResult>,
+            execute: customers::resubscribe_customers,
             replay_safe: true,
             permission: CustomersWrite,
             transient: customers::customer_results_transient,
@@ -185,7 +206,8 @@ write_rpcs! {
         // Array items without an `item_id` are appended, so a repeat could add them twice.
         UPSERT_CUSTOMER_ARRAY_ITEMS = "/cx.gateway.v1.CustomerService/UpsertCustomerArrayItems" {
             request: pb::UpsertCustomerArrayItemsRequest => pb::UpsertCustomerArrayItemsResponse,
-            execute: customers::execute_upsert_array_items,
+            command: customers::UpsertArrayItems => Vec<customers::ArrayRecordResult>,
+            execute: customers::upsert_array_items,
             replay_safe: false,
             permission: CustomersWrite,
             transient: customers::record_results_transient,
@@ -194,7 +216,8 @@ write_rpcs! {
         // Removing items from a customer's array edits the customer; it does not delete it.
         DELETE_CUSTOMER_ARRAY_ITEMS = "/cx.gateway.v1.CustomerService/DeleteCustomerArrayItems" {
             request: pb::DeleteCustomerArrayItemsRequest => pb::DeleteCustomerArrayItemsResponse,
-            execute: customers::execute_delete_array_items,
+            command: customers::DeleteArrayItems => Vec<customers::ArrayRecordResult>,
+            execute: customers::delete_array_items,
             replay_safe: true,
             permission: CustomersWrite,
             transient: customers::record_results_transient,
@@ -204,24 +227,27 @@ write_rpcs! {
         // history before an attempt that follows one in doubt.
         SEND_SURVEY = "/cx.gateway.v1.SurveyService/SendSurvey" {
             request: pb::SendSurveyRequest => pb::SendSurveyResponse,
-            execute: surveys::execute_send_survey,
+            command: surveys::SendSurvey => Vec<surveys::RecipientResult>,
+            execute: surveys::send_survey,
             replay_safe: false,
             permission: SurveysSend,
             remember: surveys::remember_send,
-            deliver: survey_delivery::deliver_send_survey,
+            deliver: survey_delivery::deliver_send_survey::<pb::SendSurveyRequest>,
             result: SendSurvey,
         }
         // Appends are not replay-safe, replacements are.
         SET_FEEDBACK_TAGS = "/cx.gateway.v1.SurveyService/SetFeedbackTags" {
             request: pb::SetFeedbackTagsRequest => pb::SetFeedbackTagsResponse,
-            execute: surveys::execute_set_feedback_tags,
+            command: surveys::SetFeedbackTags => (),
+            execute: surveys::set_feedback_tags,
             replay_safe: false,
             permission: FeedbackWrite,
             replay_safe_of: surveys::replaces_tags,
         }
         SET_FEEDBACK_TOPICS = "/cx.gateway.v1.SurveyService/SetFeedbackTopics" {
             request: pb::SetFeedbackTopicsRequest => pb::SetFeedbackTopicsResponse,
-            execute: surveys::execute_set_feedback_topics,
+            command: surveys::SetFeedbackTopics => (),
+            execute: surveys::set_feedback_topics,
             replay_safe: false,
             permission: FeedbackWrite,
             replay_safe_of: surveys::replaces_topics,
@@ -229,7 +255,8 @@ write_rpcs! {
         // A Retainly event starts workflows each time it is recorded.
         TRACK_EVENT = "/cx.gateway.v1.EventService/TrackEvent" {
             request: pb::TrackEventRequest => pb::TrackEventResponse,
-            execute: events::execute_track_event,
+            command: Option<events::Event> => Vec<events::TriggeredSurvey>,
+            execute: events::track_event,
             replay_safe: false,
             permission: EventsWrite,
             result: TrackEvent,
@@ -238,9 +265,72 @@ write_rpcs! {
     aliases: [
         TRACK_EVENTS = "/cx.gateway.v1.EventService/TrackEvents" {
             queues: pb::TrackEventRequest,
-            execute: events::execute_track_event,
             permission: EventsWrite,
             result: TrackEvent,
         }
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::surveys::{RecipientOutcome, RecipientResult};
+    use super::*;
+    use crate::error::{ErrorCode, Reason};
+
+    fn failed(reason: Reason) -> RecipientResult {
+        RecipientResult {
+            index: 0,
+            email: String::new(),
+            outcome: RecipientOutcome::Failed(Error::new(ErrorCode::Unavailable, reason, "x")),
+        }
+    }
+
+    #[test]
+    fn sends_that_never_left_the_gateway_are_not_remembered() {
+        let shed = vec![
+            failed(Reason::UpstreamBudgetExhausted),
+            failed(Reason::UpstreamCircuitOpen),
+        ];
+        assert!(!pb::SendSurveyRequest::remember(&shed));
+        let refused = vec![failed(Reason::UpstreamNotFound)];
+        assert!(pb::SendSurveyRequest::remember(&refused));
+        let mixed = vec![
+            failed(Reason::UpstreamBudgetExhausted),
+            RecipientResult {
+                index: 1,
+                email: String::new(),
+                outcome: RecipientOutcome::Scheduled,
+            },
+        ];
+        assert!(pb::SendSurveyRequest::remember(&mixed));
+    }
+
+    #[test]
+    fn destinations_are_stored_as_the_contract_numbers_them() {
+        use super::super::values::Destination;
+        assert_eq!(
+            Destination::Retently.stored(),
+            pb::Destination::Retently as i32
+        );
+        assert_eq!(
+            Destination::Retainly.stored(),
+            pb::Destination::Retainly as i32
+        );
+    }
+
+    #[test]
+    fn only_replacements_are_replay_safe() {
+        let tags = |mode: pb::UpdateMode| pb::SetFeedbackTagsRequest {
+            mode: mode as i32,
+            ..Default::default()
+        };
+        assert!(tags(pb::UpdateMode::Replace).replay_safe());
+        assert!(!tags(pb::UpdateMode::Append).replay_safe());
+        let topics = pb::SetFeedbackTopicsRequest {
+            mode: pb::UpdateMode::Append as i32,
+            ..Default::default()
+        };
+        assert!(!topics.replay_safe());
+        assert!(!pb::SendSurveyRequest::default().replay_safe());
+    }
 }

@@ -15,13 +15,12 @@ use prost::Message as _;
 
 use crate::app::App;
 use crate::domain::outbox::{Attempt, DeliveryError};
-use crate::domain::writes::{WriteRpc as _, is_transient, possibly_applied};
+use crate::domain::writes::{WriteRpc, is_transient, possibly_applied};
 use crate::error::{Error, ErrorCode, Reason};
-use crate::pb;
 use crate::upstream::CallContext;
 use crate::upstream::retently::{OutboxQuery, PageRequest};
 
-use super::surveys::send_each;
+use super::surveys::{RecipientOutcome, RecipientResult, SendSurvey, send_each};
 
 /// How far before the attempt's start the history is read: Retently stamps the send with its
 /// own clock, which may run behind the gateway's. A survey of the same campaign to the same
@@ -42,22 +41,19 @@ fn normalized(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
-/// One attempt of a queued SendSurvey (see the module doc).
-pub(crate) async fn deliver_send_survey(
+/// One attempt of a queued SendSurvey (see the module doc); `R` is its queued request.
+pub(crate) async fn deliver_send_survey<R>(
     app: &App,
     request: &[u8],
     delivery_id: &str,
     verify_since_ms: Option<i64>,
-) -> Attempt {
-    let request = match pb::SendSurveyRequest::decode(request) {
-        Ok(request) => request,
-        Err(error) => {
-            return Attempt::Failed {
-                error: DeliveryError::from(&Error::internal(format!(
-                    "the queued request does not decode: {error}"
-                ))),
-            };
-        }
+) -> Attempt
+where
+    R: WriteRpc<Command = SendSurvey, Outcome = Vec<RecipientResult>>,
+{
+    let request = match super::decode_queued::<R>(request) {
+        Ok(request) => request.command(),
+        Err(failed) => return failed,
     };
     let ctx = CallContext::background();
     let started_ms = now_ms();
@@ -85,67 +81,60 @@ pub(crate) async fn deliver_send_survey(
         .cloned()
         .enumerate()
         .partition(|(_, recipient)| surveyed.contains(&normalized(&recipient.email)));
-    let mut results: Vec<(pb::RecipientResult, Option<Error>)> = found
+    let mut results: Vec<RecipientResult> = found
         .into_iter()
-        .map(|(index, recipient)| {
-            (
-                pb::RecipientResult {
-                    index: i32::try_from(index).unwrap_or(i32::MAX),
-                    email: recipient.email,
-                    outcome: pb::RecipientOutcome::Scheduled as i32,
-                    error: None,
-                    throttle: None,
-                },
-                None,
-            )
+        .map(|(index, recipient)| RecipientResult {
+            index,
+            email: recipient.email,
+            outcome: RecipientOutcome::Scheduled,
         })
         .collect();
     if !unsent.is_empty() {
-        let (indexes, recipients): (Vec<usize>, Vec<pb::Recipient>) = unsent.into_iter().unzip();
+        let (indexes, recipients): (Vec<usize>, Vec<_>) = unsent.into_iter().unzip();
         let sent = send_each(
             app,
-            pb::SendSurveyRequest {
+            SendSurvey {
                 recipients,
                 ..request.clone()
             },
             ctx,
         )
         .await;
-        for (index, (mut result, error)) in indexes.into_iter().zip(sent) {
-            result.index = i32::try_from(index).unwrap_or(i32::MAX);
-            results.push((result, error));
+        for (index, mut result) in indexes.into_iter().zip(sent) {
+            result.index = index;
+            results.push(result);
         }
     }
-    results.sort_by_key(|(result, _)| result.index);
-    settle(results, started_ms, verify_since_ms, delivery_id)
+    results.sort_by_key(|result| result.index);
+    settle::<R>(results, started_ms, verify_since_ms, delivery_id)
 }
 
 /// The attempt's outcome from every recipient's result: delivered when nothing is left to do
 /// and something reached Retently, failed when every recipient was refused for good; otherwise
 /// attempted again, checking the history first if anything may have gone out.
-fn settle(
-    results: Vec<(pb::RecipientResult, Option<Error>)>,
+fn settle<R>(
+    results: Vec<RecipientResult>,
     started_ms: i64,
     verify_since_ms: Option<i64>,
     delivery_id: &str,
-) -> Attempt {
+) -> Attempt
+where
+    R: WriteRpc<Outcome = Vec<RecipientResult>>,
+{
     let doubtful = results
         .iter()
-        .filter_map(|(_, error)| error.as_ref())
+        .filter_map(|result| result.outcome.error())
         .find(|error| possibly_applied(error));
     let retryable = results
         .iter()
-        .filter_map(|(_, error)| error.as_ref())
+        .filter_map(|result| result.outcome.error())
         .find(|error| !possibly_applied(error) && is_transient(error));
-    let reached = results.iter().any(|(result, _)| {
-        result.outcome == pb::RecipientOutcome::Scheduled as i32
-            || result.outcome == pb::RecipientOutcome::Throttled as i32
-    });
+    let reached = results.iter().any(|result| result.outcome.taken());
     // Every recipient refused for good (an unknown campaign, all unsubscribed): the send as a
     // whole failed, and the dead letters are where an operator sees it.
     let refused = results
         .iter()
-        .find_map(|(_, error)| error.as_ref())
+        .find_map(|result| result.outcome.error())
         .filter(|_| !reached && doubtful.is_none() && retryable.is_none());
     if let Some(error) = refused {
         return Attempt::Failed {
@@ -154,11 +143,8 @@ fn settle(
     }
     match (doubtful, retryable) {
         (None, None) => {
-            let mut response = pb::SendSurveyResponse {
-                delivery_id: String::new(),
-                results: results.into_iter().map(|(result, _)| result).collect(),
-            };
-            pb::SendSurveyRequest::set_delivery_id(&mut response, delivery_id.to_owned());
+            let mut response = R::respond(results);
+            R::set_delivery_id(&mut response, delivery_id.to_owned());
             Attempt::Delivered {
                 result: response.encode_to_vec(),
             }
@@ -190,7 +176,7 @@ fn settle(
 async fn surveyed_since(
     app: &App,
     ctx: &CallContext,
-    request: &pb::SendSurveyRequest,
+    request: &SendSurvey,
     since_ms: i64,
 ) -> Result<HashSet<String>, Error> {
     let wanted: HashSet<String> = request
@@ -258,16 +244,21 @@ async fn surveyed_since(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb;
     use crate::upstream::failure::FailureClass;
 
-    fn result(index: i32, outcome: pb::RecipientOutcome) -> pb::RecipientResult {
-        pb::RecipientResult {
+    fn result(index: usize, outcome: RecipientOutcome) -> RecipientResult {
+        RecipientResult {
             index,
             email: format!("r{index}@example.com"),
-            outcome: outcome as i32,
-            error: None,
-            throttle: None,
+            outcome,
         }
+    }
+
+    /// Settles a first attempt (started at 10, nothing in doubt before) of delivery `dlv_1`,
+    /// whose response is stored as SendSurvey's.
+    fn settle(results: Vec<RecipientResult>) -> Attempt {
+        super::settle::<pb::SendSurveyRequest>(results, 10, None, "dlv_1")
     }
 
     fn upstream_error(class: FailureClass) -> Error {
@@ -276,13 +267,8 @@ mod tests {
 
     #[test]
     fn an_attempt_is_settled_by_what_its_recipients_came_to() {
-        use pb::RecipientOutcome::{Failed, Scheduled, Throttled, Unknown};
-        let done = settle(
-            vec![(result(0, Scheduled), None), (result(1, Throttled), None)],
-            10,
-            None,
-            "dlv_1",
-        );
+        use RecipientOutcome::{Failed, Scheduled, Throttled, Unknown};
+        let done = settle(vec![result(0, Scheduled), result(1, Throttled(None))]);
         let Attempt::Delivered { result: bytes } = done else {
             panic!("delivered: {done:?}");
         };
@@ -291,75 +277,44 @@ mod tests {
         assert_eq!(response.results.len(), 2);
 
         // A 503 for everyone: nothing went out, a plain retry.
-        let refused = settle(
-            vec![(
-                result(0, Failed),
-                Some(upstream_error(FailureClass::Unavailable)),
-            )],
-            10,
-            None,
-            "dlv_1",
-        );
+        let refused = settle(vec![result(
+            0,
+            Failed(upstream_error(FailureClass::Unavailable)),
+        )]);
         assert!(matches!(refused, Attempt::Retry { .. }), "{refused:?}");
 
         // A 500: the history is checked from this attempt's start next time.
-        let doubt = settle(
-            vec![(
-                result(0, Unknown),
-                Some(upstream_error(FailureClass::PossiblyApplied)),
-            )],
-            10,
-            None,
-            "dlv_1",
-        );
+        let doubt = settle(vec![result(
+            0,
+            Unknown(upstream_error(FailureClass::PossiblyApplied)),
+        )]);
         assert!(
             matches!(doubt, Attempt::Unresolved { since_ms: 10, .. }),
             "{doubt:?}"
         );
 
         // One recipient surveyed, one refused: checked next time so the first is not resent.
-        let partial = settle(
-            vec![
-                (result(0, Scheduled), None),
-                (
-                    result(1, Failed),
-                    Some(upstream_error(FailureClass::Refused)),
-                ),
-            ],
-            10,
-            None,
-            "dlv_1",
-        );
+        let partial = settle(vec![
+            result(0, Scheduled),
+            result(1, Failed(upstream_error(FailureClass::Refused))),
+        ]);
         assert!(matches!(partial, Attempt::Unresolved { .. }), "{partial:?}");
 
         // Refused for good, every recipient: the send failed.
-        let unknown_campaign = settle(
-            vec![(
-                result(0, Failed),
-                Some(upstream_error(FailureClass::Permanent)),
-            )],
-            10,
-            None,
-            "dlv_1",
-        );
+        let unknown_campaign = settle(vec![result(
+            0,
+            Failed(upstream_error(FailureClass::Permanent)),
+        )]);
         assert!(
             matches!(unknown_campaign, Attempt::Failed { .. }),
             "{unknown_campaign:?}"
         );
 
         // A recipient refused for good does not hold the delivery back.
-        let rejected = settle(
-            vec![
-                (result(0, Scheduled), None),
-                (
-                    result(1, Failed),
-                    Some(upstream_error(FailureClass::Permanent)),
-                ),
-            ],
-            10,
-            None,
-            "dlv_1",
-        );
+        let rejected = settle(vec![
+            result(0, Scheduled),
+            result(1, Failed(upstream_error(FailureClass::Permanent))),
+        ]);
         assert!(
             matches!(rejected, Attempt::Delivered { .. }),
             "{rejected:?}"

@@ -1,46 +1,215 @@
 //! The execution of SurveyService's writes: SendSurvey (with the campaign check before it),
 //! SetFeedbackTags and SetFeedbackTopics. Shared by SYNC calls and the outbox worker.
 
-use crate::app::App;
-use crate::domain::fatigue::Guarded;
-use crate::error::{Error, ErrorCode, Reason};
-use crate::grpc::surveys::convert;
-use crate::pb;
-use crate::upstream::CallContext;
+use std::time::Duration;
 
-/// Whether a SendSurvey response is remembered under its idempotency key. A send where every
+use super::customers::{Customer, retently_customer};
+use crate::app::App;
+use crate::domain::fatigue::{Guarded, Limits, Throttle};
+use crate::error::{Error, ErrorCode, FieldViolation, Reason};
+use crate::upstream::CallContext;
+use crate::upstream::retently::{
+    self, CustomerInput, LabelOp, SurveyOutcome, SurveyStatus, email_key,
+};
+
+// ---- commands ----
+
+/// SendSurvey: one campaign's survey to every recipient.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SendSurvey {
+    pub campaign_id: String,
+    /// Keyed by email; their `customer_id` is not used.
+    pub recipients: Vec<Customer>,
+    /// Days Retently waits before sending; `None` for its default.
+    pub delay_days: Option<i32>,
+    /// The caller's survey cool-down instead of the configured one.
+    pub survey_cooldown: Option<Duration>,
+}
+
+/// A topic's sentiment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sentiment {
+    Positive,
+    Neutral,
+    Negative,
+}
+
+/// A topic on a survey response; without a sentiment Retently applies neutral.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topic {
+    pub name: String,
+    pub sentiment: Option<Sentiment>,
+}
+
+/// SetFeedbackTags. `op` is `None` for a mode the contract does not know (validation refuses it
+/// before anything runs or is queued).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetFeedbackTags {
+    pub feedback_id: String,
+    pub tags: Vec<String>,
+    pub op: Option<LabelOp>,
+}
+
+/// SetFeedbackTopics; `op` as in [`SetFeedbackTags`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetFeedbackTopics {
+    pub feedback_id: String,
+    pub topics: Vec<Topic>,
+    pub op: Option<LabelOp>,
+}
+
+// ---- outcomes ----
+
+/// What one recipient's survey send came to: an answer is SCHEDULED or THROTTLED; a failure
+/// after which the upstream may have acted is UNKNOWN (never resent); any other failure is
+/// FAILED.
+#[derive(Debug, Clone)]
+pub enum RecipientOutcome {
+    Scheduled,
+    /// Held back: by the gateway's cool-down or an event rule's throttle (with when the
+    /// recipient may be surveyed again), or by the campaign's own throttle at Retently (`None`).
+    Throttled(Option<Throttle>),
+    Failed(Error),
+    Unknown(Error),
+}
+
+impl RecipientOutcome {
+    /// The error of a failed or unknown send.
+    pub fn error(&self) -> Option<&Error> {
+        match self {
+            RecipientOutcome::Failed(error) | RecipientOutcome::Unknown(error) => Some(error),
+            RecipientOutcome::Scheduled | RecipientOutcome::Throttled(_) => None,
+        }
+    }
+
+    /// Whether the send reached Retently and was taken (scheduled or throttled there).
+    pub fn taken(&self) -> bool {
+        matches!(
+            self,
+            RecipientOutcome::Scheduled | RecipientOutcome::Throttled(_)
+        )
+    }
+}
+
+/// One recipient's result; `index` is its position in the command.
+#[derive(Debug, Clone)]
+pub struct RecipientResult {
+    pub index: usize,
+    pub email: String,
+    pub outcome: RecipientOutcome,
+}
+
+/// What one recipient's survey send came to (see [`RecipientOutcome`]).
+pub fn recipient_outcome(result: Result<SurveyOutcome, Error>) -> RecipientOutcome {
+    let refused = |reason, message: String| {
+        RecipientOutcome::Failed(
+            Error::new(ErrorCode::FailedPrecondition, reason, message)
+                .with_metadata("upstream", "retently"),
+        )
+    };
+    match result {
+        Ok(outcome) => match outcome.status {
+            SurveyStatus::Scheduled | SurveyStatus::Accepted => RecipientOutcome::Scheduled,
+            SurveyStatus::Throttled => RecipientOutcome::Throttled(None),
+            SurveyStatus::Unsubscribed => refused(
+                Reason::RecipientUnsubscribed,
+                "the recipient opted out of surveys".to_owned(),
+            ),
+            SurveyStatus::Other(status) => refused(
+                Reason::UpstreamItemRejected,
+                format!("retently answered `{status}` for this recipient"),
+            ),
+        },
+        Err(error) if super::possibly_applied(&error) => RecipientOutcome::Unknown(error),
+        Err(error) => RecipientOutcome::Failed(error),
+    }
+}
+
+/// The recipient's result, classified as every survey send is ([`recipient_outcome`]).
+pub fn recipient_result(
+    index: usize,
+    email: &str,
+    outcome: Result<SurveyOutcome, Error>,
+) -> RecipientResult {
+    RecipientResult {
+        index,
+        email: email.to_owned(),
+        outcome: recipient_outcome(outcome),
+    }
+}
+
+// ---- to Retently ----
+
+/// A validated recipient as a Retently subscriber, keyed by its normalised email. Empty fields
+/// and an empty tag list are left out: a survey send must not clear what the customer has.
+pub fn recipient(recipient: &Customer) -> CustomerInput {
+    retently_customer(recipient, email_key(&recipient.email))
+}
+
+/// A topic as `{name, sentiment}`; an unspecified sentiment is left out (the upstream then uses
+/// neutral).
+pub fn topic(topic: &Topic) -> retently::Topic {
+    let sentiment = topic.sentiment.map(|sentiment| match sentiment {
+        Sentiment::Positive => "positive",
+        Sentiment::Neutral => "neutral",
+        Sentiment::Negative => "negative",
+    });
+    retently::Topic {
+        name: topic.name.clone(),
+        sentiment: sentiment.map(str::to_owned),
+    }
+}
+
+/// The label operation, or the error validation answers for an unknown mode.
+fn label_op(op: Option<LabelOp>) -> Result<LabelOp, Error> {
+    op.ok_or_else(|| {
+        Error::invalid_argument(vec![FieldViolation::new(
+            "mode",
+            "must be APPEND or REPLACE",
+        )])
+    })
+}
+
+// ---- decisions ----
+
+/// Whether a SendSurvey outcome is remembered under its idempotency key. A send where every
 /// recipient failed before its request left the gateway (budget, circuit, connection refused)
 /// or was refused up front (429) is not: a repeat under the same key, as the RetryInfo
 /// invites, runs anew.
-pub(crate) fn remember_send(response: &pb::SendSurveyResponse) -> bool {
-    !response.results.iter().all(|result| {
-        result.outcome == pb::RecipientOutcome::Failed as i32
-            && result.error.as_ref().is_some_and(|error| {
-                // The response carries each reason as its wire string; decide on the typed
-                // reason it names.
-                matches!(
-                    Reason::parse(&error.reason),
-                    Some(
-                        Reason::UpstreamBudgetExhausted
-                            | Reason::UpstreamCircuitOpen
-                            | Reason::UpstreamUnreachable
-                            | Reason::UpstreamRateLimited
-                            | Reason::DeadlineExceeded
-                    )
-                )
-            })
+pub(crate) fn remember_send(results: &[RecipientResult]) -> bool {
+    !results.iter().all(|result| match &result.outcome {
+        RecipientOutcome::Failed(error) => matches!(
+            error.reason(),
+            Reason::UpstreamBudgetExhausted
+                | Reason::UpstreamCircuitOpen
+                | Reason::UpstreamUnreachable
+                | Reason::UpstreamRateLimited
+                | Reason::DeadlineExceeded
+        ),
+        _ => false,
     })
 }
 
 /// Whether a tag change is replay-safe: replacing the tags is, appending them is not.
-pub(crate) fn replaces_tags(request: &pb::SetFeedbackTagsRequest) -> bool {
-    request.mode == pb::UpdateMode::Replace as i32
+pub(crate) fn replaces_tags(command: &SetFeedbackTags) -> bool {
+    command.op == Some(LabelOp::Replace)
 }
 
 /// Whether a topic change is replay-safe: replacing the topics is, appending them is not.
-pub(crate) fn replaces_topics(request: &pb::SetFeedbackTopicsRequest) -> bool {
-    request.mode == pb::UpdateMode::Replace as i32
+pub(crate) fn replaces_topics(command: &SetFeedbackTopics) -> bool {
+    command.op == Some(LabelOp::Replace)
 }
+
+/// The guard's limits for a validated SendSurvey.
+pub fn send_survey_limits(app: &App, command: &SendSurvey) -> Limits {
+    Limits {
+        cooldown: Limits::resolve(app.config.survey_cooldown, command.survey_cooldown),
+        rule: None,
+        origin: None,
+    }
+}
+
+// ---- execution ----
 
 /// Longest a SendSurvey waits for the campaign list to check its `campaign_id`.
 const CAMPAIGN_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -88,134 +257,68 @@ pub(crate) async fn check_campaign(
     }
 }
 
-/// Sends `request` and returns each recipient's result with, for a failed or unknown one, its
-/// error, in request order.
+/// Sends `command` and returns each recipient's result, in command order.
 pub(crate) async fn send_each(
     app: &App,
-    request: pb::SendSurveyRequest,
+    command: SendSurvey,
     ctx: CallContext,
-) -> Vec<(pb::RecipientResult, Option<Error>)> {
-    let delay = request.delay_days.and_then(|days| u32::try_from(days).ok());
-    let recipients = request.recipients.iter().map(convert::recipient).collect();
+) -> Vec<RecipientResult> {
+    let delay = command.delay_days.and_then(|days| u32::try_from(days).ok());
+    let recipients = command.recipients.iter().map(recipient).collect();
     // Through the survey cool-down: a recipient inside it gets THROTTLED and no upstream call.
-    let limits = crate::grpc::rules::send_survey_limits(app, &request);
+    let limits = send_survey_limits(app, &command);
     let outcomes = crate::domain::fatigue::send_guarded(
         app,
         &ctx,
-        &request.campaign_id,
+        &command.campaign_id,
         delay,
         recipients,
         &limits,
     )
     .await;
-    request
+    command
         .recipients
         .iter()
         .zip(outcomes)
         .enumerate()
         .map(|(index, (recipient, outcome))| match outcome {
-            Guarded::Sent(outcome) => convert::recipient_result(index, &recipient.email, outcome),
-            Guarded::Throttled(throttle) => (
-                crate::grpc::rules::throttled_result(index, &recipient.email, &throttle),
-                None,
-            ),
+            Guarded::Sent(outcome) => recipient_result(index, &recipient.email, outcome),
+            Guarded::Throttled(throttle) => RecipientResult {
+                index,
+                email: recipient.email.clone(),
+                outcome: RecipientOutcome::Throttled(Some(throttle)),
+            },
         })
         .collect()
 }
 
-/// Sends a validated SendSurvey request now: one result per recipient, in request order.
-pub(crate) async fn execute_send_survey(
+/// Sends a validated SendSurvey now: one result per recipient, in command order.
+pub(crate) async fn send_survey(
     app: &App,
-    request: pb::SendSurveyRequest,
+    command: SendSurvey,
     ctx: CallContext,
-) -> Result<pb::SendSurveyResponse, Error> {
-    Ok(pb::SendSurveyResponse {
-        delivery_id: String::new(),
-        results: send_each(app, request, ctx)
-            .await
-            .into_iter()
-            .map(|(result, _)| result)
-            .collect(),
-    })
+) -> Result<Vec<RecipientResult>, Error> {
+    Ok(send_each(app, command, ctx).await)
 }
 
-pub(crate) async fn execute_set_feedback_tags(
+pub(crate) async fn set_feedback_tags(
     app: &App,
-    request: pb::SetFeedbackTagsRequest,
+    command: SetFeedbackTags,
     ctx: CallContext,
-) -> Result<pb::SetFeedbackTagsResponse, Error> {
-    let op = convert::label_op(request.mode)?;
-    app.retently
-        .set_response_tags(&ctx, &request.feedback_id, request.tags, op)
-        .await?;
-    Ok(pb::SetFeedbackTagsResponse::default())
+) -> Result<(), Error> {
+    let op = label_op(command.op)?;
+    (app.retently)
+        .set_response_tags(&ctx, &command.feedback_id, command.tags, op)
+        .await
 }
 
-pub(crate) async fn execute_set_feedback_topics(
+pub(crate) async fn set_feedback_topics(
     app: &App,
-    request: pb::SetFeedbackTopicsRequest,
+    command: SetFeedbackTopics,
     ctx: CallContext,
-) -> Result<pb::SetFeedbackTopicsResponse, Error> {
-    let op = convert::label_op(request.mode)?;
-    let topics = request.topics.iter().map(convert::topic).collect();
-    app.retently
-        .set_response_topics(&ctx, &request.feedback_id, topics, op)
-        .await?;
-    Ok(pb::SetFeedbackTopicsResponse::default())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::writes::WriteRpc;
-
-    fn failed(reason: Reason) -> pb::RecipientResult {
-        pb::RecipientResult {
-            outcome: pb::RecipientOutcome::Failed as i32,
-            error: Some(pb::ItemError {
-                reason: reason.as_str().to_owned(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn sends_that_never_left_the_gateway_are_not_remembered() {
-        let response = |results| pb::SendSurveyResponse {
-            delivery_id: String::new(),
-            results,
-        };
-        let shed = response(vec![
-            failed(Reason::UpstreamBudgetExhausted),
-            failed(Reason::UpstreamCircuitOpen),
-        ]);
-        assert!(!pb::SendSurveyRequest::remember(&shed));
-        let refused = response(vec![failed(Reason::UpstreamNotFound)]);
-        assert!(pb::SendSurveyRequest::remember(&refused));
-        let mixed = response(vec![
-            failed(Reason::UpstreamBudgetExhausted),
-            pb::RecipientResult {
-                outcome: pb::RecipientOutcome::Scheduled as i32,
-                ..Default::default()
-            },
-        ]);
-        assert!(pb::SendSurveyRequest::remember(&mixed));
-    }
-
-    #[test]
-    fn only_replacements_are_replay_safe() {
-        let tags = |mode: pb::UpdateMode| pb::SetFeedbackTagsRequest {
-            mode: mode as i32,
-            ..Default::default()
-        };
-        assert!(tags(pb::UpdateMode::Replace).replay_safe());
-        assert!(!tags(pb::UpdateMode::Append).replay_safe());
-        let topics = pb::SetFeedbackTopicsRequest {
-            mode: pb::UpdateMode::Append as i32,
-            ..Default::default()
-        };
-        assert!(!topics.replay_safe());
-        assert!(!pb::SendSurveyRequest::default().replay_safe());
-    }
+) -> Result<(), Error> {
+    let topics = command.topics.iter().map(topic).collect();
+    (app.retently)
+        .set_response_topics(&ctx, &command.feedback_id, topics, label_op(command.op)?)
+        .await
 }

@@ -1,125 +1,231 @@
-//! CustomerService messages ⇄ the upstream clients' types, field by field as the contract's
-//! comments map them.
+//! CustomerService messages ⇄ the write path's commands and outcomes and the Retently client's
+//! types, field by field as the contract's comments map them.
 
-use serde_json::{Map, Number, Value};
-
-use crate::convert::{property_from_retently, timestamp_from_rfc3339};
-use crate::error::Error;
-use crate::grpc::convert::{
-    date_text, error_to_item, instant_text, json_value, property_to_retently,
+use crate::convert::{json_value, property_from_retently, timestamp_from_rfc3339};
+use crate::domain::writes::customers::{
+    self as domain, ArrayItem, ArrayItemIds, ArrayItems, ArrayRecordResult, CustomerRef,
+    CustomerWriteResult, DeleteArrayItems, DeleteCustomers, ResubscribeCustomers,
+    UnsubscribeCustomers, UpsertArrayItems, UpsertCustomers, WriteOutcome,
 };
+use crate::domain::writes::values::Destination;
+use crate::grpc::convert::{error_to_item, index};
 use crate::pb;
-use crate::upstream::retainly::{ArrayDeletion, ArrayRecord, RetainlyCustomer, RetainlyId};
-use crate::upstream::retently::{self, CustomerInput, UpsertStatus};
+use crate::upstream::retently;
 
-/// Empty strings are "not set" in proto3, and the contract promises an upsert never clears a
-/// stored value by omission: they are left out of the upstream request.
-fn non_empty(value: &str) -> Option<String> {
-    (!value.is_empty()).then(|| value.to_owned())
-}
+// ---- requests to commands ----
 
-// ---- requests to Retently ----
-
-/// The Retently subscriber of a validated customer, keyed by its normalised `email`.
-pub fn retently_customer(customer: &pb::Customer, email: String) -> CustomerInput {
-    CustomerInput {
-        email,
-        first_name: non_empty(&customer.first_name),
-        last_name: non_empty(&customer.last_name),
-        company: non_empty(&customer.company),
-        // Output only in the contract: never sent.
-        job_title: None,
-        tags: (!customer.tags.is_empty()).then(|| customer.tags.clone()),
-        properties: customer
-            .properties
-            .iter()
-            .filter_map(property_to_retently)
-            .collect(),
+/// A destination the write path knows; `None` for UNSPECIFIED.
+pub fn destination(destination: pb::Destination) -> Option<Destination> {
+    match destination {
+        pb::Destination::Retently => Some(Destination::Retently),
+        pb::Destination::Retainly => Some(Destination::Retainly),
+        pb::Destination::Unspecified => None,
     }
 }
 
-// ---- requests to Retainly ----
+/// The destinations of a validated request, in request order.
+pub fn destinations(values: &[i32]) -> Vec<Destination> {
+    values
+        .iter()
+        .filter_map(|value| pb::Destination::try_from(*value).ok())
+        .filter_map(destination)
+        .collect()
+}
 
-/// The Retainly customer of a validated customer: `id` plus the standard fields that are set and
-/// one top-level field per property.
-pub fn retainly_customer(customer: &pb::Customer, email: Option<String>) -> RetainlyCustomer {
-    let mut fields = Map::new();
-    if let Some(email) = email {
-        fields.insert("email".to_owned(), Value::String(email));
-    }
-    for (key, value) in [
-        ("first_name", &customer.first_name),
-        ("last_name", &customer.last_name),
-        ("company", &customer.company),
-    ] {
-        if let Some(value) = non_empty(value) {
-            fields.insert(key.to_owned(), Value::String(value));
+impl From<pb::Customer> for domain::Customer {
+    fn from(customer: pb::Customer) -> Self {
+        domain::Customer {
+            customer_id: customer.customer_id,
+            email: customer.email,
+            first_name: customer.first_name,
+            last_name: customer.last_name,
+            company: customer.company,
+            tags: customer.tags,
+            properties: customer.properties.into_iter().map(Into::into).collect(),
         }
     }
-    if !customer.tags.is_empty() {
-        fields.insert(
-            "tags".to_owned(),
-            Value::Array(customer.tags.iter().cloned().map(Value::String).collect()),
-        );
-    }
-    for property in &customer.properties {
-        if let Some(value) = property.value.as_ref().and_then(retainly_value) {
-            fields.insert(property.name.clone(), value);
+}
+
+impl From<pb::UpsertCustomersRequest> for UpsertCustomers {
+    fn from(request: pb::UpsertCustomersRequest) -> Self {
+        UpsertCustomers {
+            destinations: destinations(&request.destinations),
+            customers: request.customers.into_iter().map(Into::into).collect(),
         }
-    }
-    RetainlyCustomer {
-        id: RetainlyId::Text(customer.customer_id.clone()),
-        fields,
     }
 }
 
-/// A property value as the plain JSON Retainly stores.
-fn retainly_value(value: &pb::PropertyValue) -> Option<Value> {
-    use pb::property_value::Kind;
-    Some(match value.kind.as_ref()? {
-        Kind::StringValue(text) => Value::String(text.clone()),
-        Kind::NumberValue(number) => Value::Number(Number::from_f64(*number)?),
-        Kind::IntegerValue(number) => Value::Number(Number::from(*number)),
-        Kind::BoolValue(flag) => Value::Bool(*flag),
-        Kind::DateValue(date) => Value::String(date_text(date)),
-        Kind::TimestampValue(timestamp) => Value::String(instant_text(timestamp)?),
-        Kind::StringListValue(list) => {
-            Value::Array(list.values.iter().cloned().map(Value::String).collect())
+impl From<pb::DeleteCustomersRequest> for DeleteCustomers {
+    fn from(request: pb::DeleteCustomersRequest) -> Self {
+        DeleteCustomers {
+            destinations: destinations(&request.destinations),
+            customers: request
+                .customers
+                .into_iter()
+                .map(|c| CustomerRef {
+                    customer_id: c.customer_id,
+                    email: c.email,
+                })
+                .collect(),
         }
-    })
+    }
 }
 
-/// `{customer_id, field, data}`; an item's id goes first as `id`, beside its fields.
-pub fn array_record(record: &pb::CustomerArrayItems) -> ArrayRecord {
-    ArrayRecord {
-        customer_id: RetainlyId::Text(record.customer_id.clone()),
-        field: record.field.clone(),
-        data: record
-            .items
-            .iter()
-            .map(|item| {
-                let mut object = Map::new();
-                if !item.item_id.is_empty() {
-                    object.insert("id".to_owned(), Value::String(item.item_id.clone()));
-                }
-                if let Some(fields) = &item.fields {
-                    for (key, value) in &fields.fields {
-                        object.insert(key.clone(), json_value(value));
-                    }
-                }
-                object
+impl From<pb::UnsubscribeCustomersRequest> for UnsubscribeCustomers {
+    fn from(request: pb::UnsubscribeCustomersRequest) -> Self {
+        UnsubscribeCustomers {
+            emails: request.emails,
+            message: request.message,
+        }
+    }
+}
+
+impl From<pb::ResubscribeCustomersRequest> for ResubscribeCustomers {
+    fn from(request: pb::ResubscribeCustomersRequest) -> Self {
+        ResubscribeCustomers {
+            emails: request.emails,
+        }
+    }
+}
+
+impl From<pb::UpsertCustomerArrayItemsRequest> for UpsertArrayItems {
+    fn from(request: pb::UpsertCustomerArrayItemsRequest) -> Self {
+        let records = request
+            .records
+            .into_iter()
+            .map(|record| ArrayItems {
+                customer_id: record.customer_id,
+                field: record.field,
+                items: record
+                    .items
+                    .into_iter()
+                    .map(|item| ArrayItem {
+                        item_id: item.item_id,
+                        fields: item
+                            .fields
+                            .map(|fields| {
+                                fields
+                                    .fields
+                                    .iter()
+                                    .map(|(key, value)| (key.clone(), json_value(value)))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
             })
-            .collect(),
+            .collect();
+        UpsertArrayItems { records }
     }
 }
 
-/// `{customer_id, field, ids}` with the ids as JSON strings.
-pub fn array_deletion(record: &pb::CustomerArrayItemIds) -> ArrayDeletion {
-    ArrayDeletion {
-        customer_id: RetainlyId::Text(record.customer_id.clone()),
-        field: record.field.clone(),
-        ids: record.item_ids.iter().cloned().map(Value::String).collect(),
+impl From<pb::DeleteCustomerArrayItemsRequest> for DeleteArrayItems {
+    fn from(request: pb::DeleteCustomerArrayItemsRequest) -> Self {
+        let records = request
+            .records
+            .into_iter()
+            .map(|record| ArrayItemIds {
+                customer_id: record.customer_id,
+                field: record.field,
+                item_ids: record.item_ids,
+            })
+            .collect();
+        DeleteArrayItems { records }
     }
+}
+
+// ---- outcomes to responses ----
+
+fn destination_to_pb(destination: Destination) -> pb::Destination {
+    match destination {
+        Destination::Retently => pb::Destination::Retently,
+        Destination::Retainly => pb::Destination::Retainly,
+    }
+}
+
+fn write_outcome_to_pb(outcome: WriteOutcome) -> pb::WriteOutcome {
+    match outcome {
+        WriteOutcome::Applied => pb::WriteOutcome::Applied,
+        WriteOutcome::Created => pb::WriteOutcome::Created,
+        WriteOutcome::Updated => pb::WriteOutcome::Updated,
+    }
+}
+
+fn outcome_to_pb(outcome: domain::DestinationOutcome) -> pb::DestinationOutcome {
+    let destination = destination_to_pb(outcome.destination) as i32;
+    match outcome.result {
+        Ok(applied) => pb::DestinationOutcome {
+            destination,
+            outcome: write_outcome_to_pb(applied.outcome) as i32,
+            retently_id: applied.retently_id,
+            error: None,
+        },
+        Err(error) => pb::DestinationOutcome {
+            destination,
+            outcome: pb::WriteOutcome::Failed as i32,
+            retently_id: String::new(),
+            error: Some(error_to_item(&error)),
+        },
+    }
+}
+
+/// Each customer's outcomes, numbered in command order.
+pub fn customer_results(results: Vec<CustomerWriteResult>) -> Vec<pb::CustomerWriteResult> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(position, result)| pb::CustomerWriteResult {
+            index: index(position),
+            customer_id: result.customer_id,
+            email: result.email,
+            outcomes: result.outcomes.into_iter().map(outcome_to_pb).collect(),
+        })
+        .collect()
+}
+
+/// Each array record's outcome, numbered in command order.
+pub fn record_results(results: Vec<ArrayRecordResult>) -> Vec<pb::ArrayRecordResult> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(position, result)| {
+            let (outcome, error) = match result.result {
+                Ok(()) => (pb::WriteOutcome::Applied, None),
+                Err(error) => (pb::WriteOutcome::Failed, Some(error_to_item(&error))),
+            };
+            pb::ArrayRecordResult {
+                index: index(position),
+                customer_id: result.customer_id,
+                field: result.field,
+                outcome: outcome as i32,
+                error,
+            }
+        })
+        .collect()
+}
+
+/// The responses made of per-item results: the results, and no delivery id (a delivered
+/// write's is set by the write path).
+macro_rules! results_response {
+    ($($response:ty: $outcome:ty => $convert:ident,)*) => {$(
+        impl From<$outcome> for $response {
+            fn from(results: $outcome) -> Self {
+                Self {
+                    delivery_id: String::new(),
+                    results: $convert(results),
+                }
+            }
+        }
+    )*};
+}
+
+results_response! {
+    pb::UpsertCustomersResponse: Vec<CustomerWriteResult> => customer_results,
+    pb::DeleteCustomersResponse: Vec<CustomerWriteResult> => customer_results,
+    pb::UnsubscribeCustomersResponse: Vec<CustomerWriteResult> => customer_results,
+    pb::ResubscribeCustomersResponse: Vec<CustomerWriteResult> => customer_results,
+    pb::UpsertCustomerArrayItemsResponse: Vec<ArrayRecordResult> => record_results,
+    pb::DeleteCustomerArrayItemsResponse: Vec<ArrayRecordResult> => record_results,
 }
 
 // ---- responses ----
@@ -166,38 +272,10 @@ pub fn company(company: &retently::Company) -> pb::Company {
     }
 }
 
-// ---- outcomes ----
-
-pub fn applied(destination: pb::Destination, outcome: pb::WriteOutcome) -> pb::DestinationOutcome {
-    pb::DestinationOutcome {
-        destination: destination as i32,
-        outcome: outcome as i32,
-        retently_id: String::new(),
-        error: None,
-    }
-}
-
-pub fn failed(destination: pb::Destination, error: &Error) -> pb::DestinationOutcome {
-    pb::DestinationOutcome {
-        destination: destination as i32,
-        outcome: pb::WriteOutcome::Failed as i32,
-        retently_id: String::new(),
-        error: Some(error_to_item(error)),
-    }
-}
-
-/// What a Retently upsert did: `created`/`updated` as said, anything else only "applied".
-pub fn upsert_outcome(status: &UpsertStatus) -> pb::WriteOutcome {
-    match status {
-        UpsertStatus::Created => pb::WriteOutcome::Created,
-        UpsertStatus::Updated => pb::WriteOutcome::Updated,
-        UpsertStatus::Other(_) => pb::WriteOutcome::Applied,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::writes::customers::{retainly_customer, retently_customer};
     use pb::property_value::Kind;
 
     fn property(name: &str, kind: Kind) -> pb::Property {
@@ -248,7 +326,7 @@ mod tests {
 
     #[test]
     fn retently_gets_typed_text_properties_and_no_empty_fields() {
-        let input = retently_customer(&sample(), "ann@example.com".to_owned());
+        let input = retently_customer(&sample().into(), "ann@example.com".to_owned());
         assert_eq!(input.email, "ann@example.com");
         assert_eq!(input.last_name, None);
         assert_eq!(input.tags.as_deref(), Some(&["vip".to_owned()][..]));
@@ -270,12 +348,15 @@ mod tests {
             tags: Vec::new(),
             ..sample()
         };
-        assert_eq!(retently_customer(&untagged, "a@b.co".to_owned()).tags, None);
+        assert_eq!(
+            retently_customer(&untagged.into(), "a@b.co".to_owned()).tags,
+            None
+        );
     }
 
     #[test]
     fn retainly_gets_plain_json_fields() {
-        let customer = retainly_customer(&sample(), Some("ann@example.com".to_owned()));
+        let customer = retainly_customer(&sample().into(), Some("ann@example.com".to_owned()));
         let body = serde_json::to_value(&customer).unwrap();
         assert_eq!(
             body,

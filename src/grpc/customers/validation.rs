@@ -8,13 +8,15 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::domain::writes::DeliveryFacts;
+use crate::domain::writes::values::Destination;
 use crate::error::{Error, Violations};
+use crate::grpc::customers::convert::destination;
 use crate::grpc::validate;
 use crate::pb;
 use crate::upstream::retently::email_key;
 
-/// Items per write request (Retainly's documented maximum per call).
-pub const MAX_ITEMS: usize = 10_000;
+/// Items per write request: what one Retainly call takes.
+pub use crate::domain::writes::customers::MAX_ITEMS;
 /// Items per array record, and ids per array deletion.
 pub const MAX_ARRAY_ITEMS: usize = 1000;
 /// Array fields a Retainly customer may hold.
@@ -132,7 +134,7 @@ pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<ValidWri
         mode,
         key,
         facts: DeliveryFacts {
-            destinations,
+            destinations: destinations.into_iter().filter_map(destination).collect(),
             item_count: request.customers.len(),
             ordering_keys: keys.ordering_keys,
         },
@@ -155,7 +157,7 @@ pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<ValidWri
         mode,
         key,
         facts: DeliveryFacts {
-            destinations,
+            destinations: destinations.into_iter().filter_map(destination).collect(),
             item_count: request.customers.len(),
             ordering_keys: keys.ordering_keys,
         },
@@ -187,7 +189,7 @@ pub fn subscription_change(
         mode,
         key,
         facts: DeliveryFacts {
-            destinations: vec![pb::Destination::Retently],
+            destinations: vec![Destination::Retently],
             item_count: emails.len(),
             ordering_keys,
         },
@@ -298,7 +300,7 @@ pub fn upsert_array_items(
         mode,
         key,
         facts: DeliveryFacts {
-            destinations: vec![pb::Destination::Retainly],
+            destinations: vec![Destination::Retainly],
             item_count: request.records.len(),
             ordering_keys,
         },
@@ -342,7 +344,7 @@ pub fn delete_array_items(
         mode,
         key,
         facts: DeliveryFacts {
-            destinations: vec![pb::Destination::Retainly],
+            destinations: vec![Destination::Retainly],
             item_count: request.records.len(),
             ordering_keys,
         },

@@ -1,7 +1,9 @@
-//! SurveyService messages ⇄ the Retently client's types, field by field as the contract's
-//! comments map them. Conversions shared with other services live in [`crate::grpc::convert`],
+//! SurveyService messages ⇄ the write path's commands and outcomes and the Retently client's
+//! types, field by field as the contract's comments map them. Conversions shared with other services live in [`crate::grpc::convert`],
 //! and those the feedback pipeline needs too (feedback, properties, metrics, channels) in
 //! [`crate::convert`].
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -9,59 +11,83 @@ use crate::convert::{
     channel_from_retently, json_struct, metric_from_retently, property_from_retently,
     timestamp_from_ms, timestamp_from_rfc3339,
 };
-use crate::error::{Error, ErrorCode, Reason};
-use crate::grpc::convert::{property_to_retently, recipient_outcome};
+use crate::domain::writes::customers::Customer;
+use crate::domain::writes::surveys::{
+    RecipientResult, SendSurvey, Sentiment, SetFeedbackTags, SetFeedbackTopics, Topic,
+};
+use crate::grpc::convert::{index, recipient_outcome};
 use crate::pb;
-use crate::upstream::retently::{self, CustomerInput, LabelOp, SurveyOutcome, email_key};
+use crate::upstream::retently::{self, LabelOp};
 
-// ---- requests ----
+// ---- requests to commands ----
 
-fn non_empty(value: &str) -> Option<String> {
-    (!value.is_empty()).then(|| value.to_owned())
-}
-
-/// A validated recipient as a Retently subscriber, keyed by its normalised email. Empty fields
-/// and an empty tag list are left out: a survey send must not clear what the customer has.
-pub fn recipient(recipient: &pb::Recipient) -> CustomerInput {
-    CustomerInput {
-        email: email_key(&recipient.email),
-        first_name: non_empty(&recipient.first_name),
-        last_name: non_empty(&recipient.last_name),
-        company: non_empty(&recipient.company),
-        job_title: None,
-        tags: (!recipient.tags.is_empty()).then(|| recipient.tags.clone()),
-        properties: recipient
-            .properties
-            .iter()
-            .filter_map(property_to_retently)
-            .collect(),
+impl From<pb::Recipient> for Customer {
+    fn from(recipient: pb::Recipient) -> Self {
+        Customer {
+            customer_id: String::new(),
+            email: recipient.email,
+            first_name: recipient.first_name,
+            last_name: recipient.last_name,
+            company: recipient.company,
+            tags: recipient.tags,
+            properties: recipient.properties.into_iter().map(Into::into).collect(),
+        }
     }
 }
 
-/// `op`: `append` for APPEND, none for REPLACE.
-pub fn label_op(mode: i32) -> Result<LabelOp, Error> {
+impl From<pb::SendSurveyRequest> for SendSurvey {
+    fn from(request: pb::SendSurveyRequest) -> Self {
+        SendSurvey {
+            campaign_id: request.campaign_id,
+            recipients: request.recipients.into_iter().map(Into::into).collect(),
+            delay_days: request.delay_days,
+            // Validation allows whole, non-negative seconds only.
+            survey_cooldown: request
+                .survey_cooldown
+                .map(|d| Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0))),
+        }
+    }
+}
+
+/// `op`: `append` for APPEND, none for REPLACE; `None` for a mode validation refuses.
+fn label_op(mode: i32) -> Option<LabelOp> {
     match pb::UpdateMode::try_from(mode) {
-        Ok(pb::UpdateMode::Append) => Ok(LabelOp::Append),
-        Ok(pb::UpdateMode::Replace) => Ok(LabelOp::Replace),
-        // Validation refuses these before a request is run or queued.
-        Ok(pb::UpdateMode::Unspecified) | Err(_) => Err(Error::invalid_argument(vec![
-            crate::error::FieldViolation::new("mode", "must be APPEND or REPLACE"),
-        ])),
+        Ok(pb::UpdateMode::Append) => Some(LabelOp::Append),
+        Ok(pb::UpdateMode::Replace) => Some(LabelOp::Replace),
+        Ok(pb::UpdateMode::Unspecified) | Err(_) => None,
     }
 }
 
-/// A topic as `{name, sentiment}`; an unspecified sentiment is left out (the upstream then uses
-/// neutral).
-pub fn topic(topic: &pb::FeedbackTopic) -> retently::Topic {
-    let sentiment = match pb::Sentiment::try_from(topic.sentiment) {
-        Ok(pb::Sentiment::Positive) => Some("positive"),
-        Ok(pb::Sentiment::Neutral) => Some("neutral"),
-        Ok(pb::Sentiment::Negative) => Some("negative"),
-        Ok(pb::Sentiment::Unspecified) | Err(_) => None,
-    };
-    retently::Topic {
-        name: topic.name.clone(),
-        sentiment: sentiment.map(str::to_owned),
+impl From<pb::SetFeedbackTagsRequest> for SetFeedbackTags {
+    fn from(request: pb::SetFeedbackTagsRequest) -> Self {
+        SetFeedbackTags {
+            feedback_id: request.feedback_id,
+            tags: request.tags,
+            op: label_op(request.mode),
+        }
+    }
+}
+
+impl From<pb::SetFeedbackTopicsRequest> for SetFeedbackTopics {
+    fn from(request: pb::SetFeedbackTopicsRequest) -> Self {
+        let topics = request
+            .topics
+            .into_iter()
+            .map(|topic| Topic {
+                name: topic.name,
+                sentiment: match pb::Sentiment::try_from(topic.sentiment) {
+                    Ok(pb::Sentiment::Positive) => Some(Sentiment::Positive),
+                    Ok(pb::Sentiment::Neutral) => Some(Sentiment::Neutral),
+                    Ok(pb::Sentiment::Negative) => Some(Sentiment::Negative),
+                    Ok(pb::Sentiment::Unspecified) | Err(_) => None,
+                },
+            })
+            .collect();
+        SetFeedbackTopics {
+            feedback_id: request.feedback_id,
+            topics,
+            op: label_op(request.mode),
+        }
     }
 }
 
@@ -106,35 +132,37 @@ pub fn instant(millis: i64) -> Option<DateTime<Utc>> {
 
 // ---- survey send results ----
 
-/// The recipient's result, classified as every survey send is (see
-/// [`crate::grpc::convert::recipient_outcome`]), and for a failed or unknown one its error.
-pub fn recipient_result(
-    index: usize,
-    email: &str,
-    outcome: Result<SurveyOutcome, Error>,
-) -> (pb::RecipientResult, Option<Error>) {
-    let (kind, item) = recipient_outcome(&outcome);
-    let error = match outcome {
-        Err(error) => Some(error),
-        // The upstream answered for the recipient without scheduling it.
-        Ok(sent) => item.as_ref().map(|item| {
-            let reason = if sent.status == retently::SurveyStatus::Unsubscribed {
-                Reason::RecipientUnsubscribed
-            } else {
-                Reason::UpstreamItemRejected
-            };
-            Error::new(ErrorCode::FailedPrecondition, reason, item.message.clone())
-                .with_metadata("upstream", "retently")
-        }),
-    };
-    let result = pb::RecipientResult {
-        index: i32::try_from(index).unwrap_or(i32::MAX),
-        email: email.to_owned(),
-        outcome: kind as i32,
-        error: item,
-        throttle: None,
-    };
-    (result, error)
+/// A recipient's result as the contract reports it.
+pub fn recipient_result(result: RecipientResult) -> pb::RecipientResult {
+    let (outcome, error, throttle) = recipient_outcome(&result.outcome);
+    pb::RecipientResult {
+        index: index(result.index),
+        email: result.email,
+        outcome: outcome as i32,
+        error,
+        throttle,
+    }
+}
+
+impl From<Vec<RecipientResult>> for pb::SendSurveyResponse {
+    fn from(results: Vec<RecipientResult>) -> Self {
+        pb::SendSurveyResponse {
+            delivery_id: String::new(),
+            results: results.into_iter().map(recipient_result).collect(),
+        }
+    }
+}
+
+impl From<()> for pb::SetFeedbackTagsResponse {
+    fn from((): ()) -> Self {
+        pb::SetFeedbackTagsResponse::default()
+    }
+}
+
+impl From<()> for pb::SetFeedbackTopicsResponse {
+    fn from((): ()) -> Self {
+        pb::SetFeedbackTopicsResponse::default()
+    }
 }
 
 // ---- reads ----
@@ -316,8 +344,10 @@ pub fn report(report: &retently::Report) -> pb::CampaignReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::writes::surveys::recipient;
+    use crate::error::{Error, ErrorCode, Reason};
     use crate::upstream::failure::FailureClass;
-    use crate::upstream::retently::SurveyStatus;
+    use crate::upstream::retently::{SurveyOutcome, SurveyStatus};
 
     fn error(reason: Reason, code: ErrorCode) -> Error {
         Error::new(code, reason, "x")
@@ -390,7 +420,10 @@ mod tests {
             ),
         ];
         for (index, (outcome, expected)) in cases.into_iter().enumerate() {
-            let (result, error) = recipient_result(index, "A@example.com", outcome);
+            let result =
+                crate::domain::writes::surveys::recipient_result(index, "A@example.com", outcome);
+            let error = result.outcome.error().cloned();
+            let result = recipient_result(result);
             assert_eq!(result.outcome, expected as i32, "case {index}");
             assert_eq!(result.index, index as i32);
             assert_eq!(result.email, "A@example.com");
@@ -405,7 +438,7 @@ mod tests {
 
     #[test]
     fn recipients_leave_out_what_they_do_not_set() {
-        let input = recipient(&pb::Recipient {
+        let input = recipient(&Customer::from(pb::Recipient {
             email: " Ann@Example.COM ".to_owned(),
             first_name: "Ann".to_owned(),
             properties: vec![pb::Property {
@@ -418,7 +451,7 @@ mod tests {
                 label: String::new(),
             }],
             ..Default::default()
-        });
+        }));
         assert_eq!(input.email, "ann@example.com");
         assert_eq!(input.first_name.as_deref(), Some("Ann"));
         assert_eq!(input.last_name, None);

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 
 use crate::domain::writes::DeliveryFacts;
+use crate::domain::writes::values::Destination;
 use crate::error::{Error, Violations};
 use crate::grpc::validate::{self, MAX_EMAIL_CHARS, MAX_STRING_CHARS};
 use crate::pb;
@@ -82,7 +83,7 @@ pub fn send_survey(request: &pb::SendSurveyRequest) -> Result<ValidWrite, Error>
         mode,
         key,
         facts: DeliveryFacts {
-            destinations: vec![pb::Destination::Retently],
+            destinations: vec![Destination::Retently],
             item_count: request.recipients.len(),
             ordering_keys,
         },
@@ -126,7 +127,7 @@ fn label_write(
         mode,
         key,
         facts: DeliveryFacts {
-            destinations: vec![pb::Destination::Retently],
+            destinations: vec![Destination::Retently],
             item_count: 1,
             ordering_keys: vec![feedback_key(feedback_id)],
         },
