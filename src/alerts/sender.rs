@@ -191,12 +191,14 @@ impl<E: crate::domain::outbox::Executor> crate::domain::outbox::Executor for Ale
         request: &[u8],
         delivery_id: &str,
         verify_since_ms: Option<i64>,
+        owner: &crate::domain::Owner,
     ) -> Attempt {
+        // Alerts go to the rule's receiver, not to an upstream, so no caller's share applies.
         if method == ALERT_METHOD {
             self.alerts.deliver(request, delivery_id).await
         } else {
             self.writes
-                .execute(method, request, delivery_id, verify_since_ms)
+                .execute(method, request, delivery_id, verify_since_ms, owner)
                 .await
         }
     }

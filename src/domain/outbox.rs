@@ -136,12 +136,14 @@ pub trait Executor: Send + Sync + 'static {
     /// Attempts the write once; `delivery_id` goes into the result the RPC reports. With
     /// `verify_since_ms`, an earlier attempt (or one cut by a stop) may have applied part of it
     /// from then on: the upstream's history is checked first (see [`Attempt::Unresolved`]).
+    /// `owner` queued it: a caller's delivery runs on that caller's quota and fair share.
     async fn execute(
         &self,
         method: &str,
         request: &[u8],
         delivery_id: &str,
         verify_since_ms: Option<i64>,
+        owner: &Owner,
     ) -> Attempt;
 }
 
@@ -431,10 +433,15 @@ impl Outbox {
         attempts: u32,
         attempt: Attempt,
     ) -> Result<(), Error> {
-        let delay = |retry_after: Option<Duration>| {
-            retry_after
-                .unwrap_or_default()
-                .max(backoff(&self.settings, attempts))
+        let delay = |error: &DeliveryError, retry_after: Option<Duration>| {
+            let mut hint = retry_after.unwrap_or_default();
+            // A caller's quota is the gateway's own rule, which a reload of the callers file can
+            // raise at once: a delivery it refused asks again within the longest backoff rather
+            // than waiting out the whole quota window (its refusals cost no upstream request).
+            if error.reason == Reason::CallerQuotaExceeded {
+                hint = hint.min(self.settings.max_backoff);
+            }
+            hint.max(backoff(&self.settings, attempts))
         };
         let record = match attempt {
             Attempt::Delivered { result } => AttemptRecord::Delivered { result },
@@ -446,8 +453,8 @@ impl Outbox {
             // leaves a doubt that outlives this attempt's plain failure.
             Attempt::Retry { error, retry_after } => AttemptRecord::Retry {
                 unverified: in_doubt_error(Some(&error), IN_DOUBT_UNVERIFIED),
+                delay: delay(&error, retry_after),
                 error,
-                delay: delay(retry_after),
                 verify_since_ms: None,
             },
             Attempt::Unresolved {
@@ -456,8 +463,8 @@ impl Outbox {
                 retry_after,
             } => AttemptRecord::Retry {
                 unverified: in_doubt_error(Some(&error), IN_DOUBT_UNVERIFIED),
+                delay: delay(&error, retry_after),
                 error,
-                delay: delay(retry_after),
                 verify_since_ms: Some(since_ms),
             },
         };
@@ -705,7 +712,9 @@ impl Outbox {
             attempts,
             traceparent,
             verify_since_ms,
+            owner,
         } = claimed;
+        let owner = Owner::from_stored(owner.as_deref());
         let outbox = self.clone();
         // Each attempt is a trace of its own: the call that queued it has long returned.
         // It links to the span that queued it, so the two traces are one click apart.
@@ -715,8 +724,12 @@ impl Outbox {
             otel.kind = "consumer",
             method = %method,
             attempt = attempts,
+            caller = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        if let Owner::Caller(name) = &owner {
+            span.record("caller", &**name);
+        }
         if let Some(enqueued) = traceparent
             .as_deref()
             .and_then(crate::telemetry::propagation::parse_traceparent)
@@ -725,7 +738,7 @@ impl Outbox {
         }
         async move {
             let attempt = executor
-                .execute(&method, &request, &delivery_id, verify_since_ms)
+                .execute(&method, &request, &delivery_id, verify_since_ms, &owner)
                 .await;
             let outcome = attempt.outcome();
             tracing::Span::current().record("outcome", outcome);

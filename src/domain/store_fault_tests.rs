@@ -46,6 +46,7 @@ impl Executor for RecordingExecutor {
         request: &[u8],
         _delivery_id: &str,
         _verify_since_ms: Option<i64>,
+        _owner: &Owner,
     ) -> Attempt {
         let _ = self
             .attempts

@@ -22,6 +22,7 @@ use crate::app::App;
 use crate::auth::Permission;
 use crate::domain::outbox::Attempt;
 use crate::pb;
+use crate::upstream::CallContext;
 
 macro_rules! write_rpcs {
     (
@@ -87,24 +88,26 @@ macro_rules! write_rpcs {
             }
         )*
 
-        /// One outbox attempt of a queued write of `method`; `None` for a method this build
-        /// does not know.
+        /// One outbox attempt of a queued write of `method`, made with `ctx` (the context of
+        /// its owner, see [`super::delivery_context`]); `None` for a method this build does not
+        /// know.
         pub(crate) async fn deliver(
             app: &Arc<App>,
             method: &str,
             request: &[u8],
             delivery_id: &str,
             verify_since_ms: Option<i64>,
+            ctx: CallContext,
         ) -> Option<Attempt> {
             // Not every row reads the verification window; only `deliver` columns do.
             let _ = verify_since_ms;
             Some(match method {
                 $(methods::$name => {
-                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms,
+                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms, ctx,
                         $request, $execute $(, $deliver)?)
                 })*
                 $(methods::$alias => {
-                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms,
+                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms, ctx,
                         $queued, $alias_execute)
                 })*
                 _ => return None,
@@ -133,13 +136,13 @@ macro_rules! write_rpcs {
             None
         }
     };
-    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident,
+    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident, $ctx:ident,
         $type:ty, $execute:path, $deliver:path) => {
-        $deliver($app, $request, $delivery_id, $verify).await
+        $deliver($app, $request, $delivery_id, $verify, $ctx).await
     };
-    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident,
+    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident, $ctx:ident,
         $type:ty, $execute:path) => {
-        replay::<$type, _, _>($request, $delivery_id, |request, ctx| {
+        replay::<$type, _, _>($request, $delivery_id, $ctx, |request, ctx| {
             $execute($app, request, ctx)
         })
         .await

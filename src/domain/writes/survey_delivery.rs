@@ -48,6 +48,7 @@ pub(crate) async fn deliver_send_survey(
     request: &[u8],
     delivery_id: &str,
     verify_since_ms: Option<i64>,
+    ctx: CallContext,
 ) -> Attempt {
     let request = match pb::SendSurveyRequest::decode(request) {
         Ok(request) => request,
@@ -59,7 +60,6 @@ pub(crate) async fn deliver_send_survey(
             };
         }
     };
-    let ctx = CallContext::background();
     let started_ms = now_ms();
     let surveyed = match verify_since_ms {
         None => HashSet::new(),
