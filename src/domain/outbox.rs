@@ -508,20 +508,14 @@ impl Outbox {
                     return true;
                 }
                 Err(error) => {
-                    let failure = streak.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::error!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            retry_in_ms = failure.delay.as_millis(),
-                            "cannot recover in-flight deliveries, not ready until this succeeds"
-                        );
-                    }
+                    let delay = streak.failed_and_logged(
+                        &error,
+                        "cannot recover in-flight deliveries, not ready until this succeeds",
+                    );
                     // After the line, so whoever sees the stage change finds the reason logged.
                     readiness.mark_retrying();
                     tokio::select! {
-                        () = tokio::time::sleep(failure.delay) => {}
+                        () = tokio::time::sleep(delay) => {}
                         () = drain.clone().signaled() => return false,
                     }
                 }
@@ -564,20 +558,11 @@ impl Outbox {
                         claimed
                     }
                     Err(error) => {
-                        let failure = claims.failed();
-                        if let Some(suppressed) = failure.log {
-                            tracing::error!(
-                                %error,
-                                failures = failure.failures,
-                                suppressed,
-                                retry_in_ms = failure.delay.as_millis(),
-                                "cannot claim deliveries"
-                            );
-                        }
+                        let delay = claims.failed_and_logged(&error, "cannot claim deliveries");
                         // A delivery queued meanwhile proves the store takes writes again.
                         tokio::select! {
                             () = self.wake.notified() => {}
-                            () = tokio::time::sleep(failure.delay) => {}
+                            () = tokio::time::sleep(delay) => {}
                             () = drain.clone().signaled() => return,
                         }
                         continue;
