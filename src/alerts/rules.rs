@@ -33,7 +33,7 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::config::{Secret, valid_name};
 use crate::pb;
 use crate::swapped::Swapped;
 
@@ -231,14 +231,6 @@ fn property_text(value: &toml::Value) -> Option<String> {
         toml::Value::Boolean(flag) => Some(flag.to_string()),
         _ => None,
     }
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn metric_number(name: &str) -> Option<i32> {

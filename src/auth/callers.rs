@@ -32,7 +32,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::permissions::{Permission, PermissionSet};
-use crate::config::Secret;
+use crate::config::{Secret, valid_name};
 use crate::swapped::Swapped;
 use crate::upstream::scheduler::fair::{CallerShare, CallerShares};
 
@@ -209,14 +209,6 @@ fn parse_hex_digest(text: &str) -> Option<[u8; 32]> {
         out[i] = u8::try_from(high * 16 + low).ok()?;
     }
     Some(out)
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 impl CallerTable {

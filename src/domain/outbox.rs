@@ -130,21 +130,26 @@ const IN_DOUBT_AFTER_FAILURE: &str = "the upstream may have applied this write b
 const IN_DOUBT_UNVERIFIED: &str = "the upstream may have applied this write and its history \
     could not be checked within the retry window; it was not sent again (requeue it once checked)";
 
+/// One attempt of a claimed delivery, as an [`Executor`] gets it.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryAttempt<'a> {
+    /// The RPC it came from, which tells how to read `request`.
+    pub method: &'a str,
+    pub request: &'a [u8],
+    /// Goes into the result the RPC reports.
+    pub delivery_id: &'a str,
+    /// An earlier attempt (or one cut by a stop) may have applied part of it from then on: the
+    /// upstream's history is checked first (see [`Attempt::Unresolved`]).
+    pub verify_since_ms: Option<i64>,
+    /// Who queued it: a caller's delivery runs on that caller's quota and fair share.
+    pub owner: &'a Owner,
+}
+
 /// Replays queued writes. Implemented by the gRPC layer, which owns the request encoding.
 #[tonic::async_trait]
 pub trait Executor: Send + Sync + 'static {
-    /// Attempts the write once; `delivery_id` goes into the result the RPC reports. With
-    /// `verify_since_ms`, an earlier attempt (or one cut by a stop) may have applied part of it
-    /// from then on: the upstream's history is checked first (see [`Attempt::Unresolved`]).
-    /// `owner` queued it: a caller's delivery runs on that caller's quota and fair share.
-    async fn execute(
-        &self,
-        method: &str,
-        request: &[u8],
-        delivery_id: &str,
-        verify_since_ms: Option<i64>,
-        owner: &Owner,
-    ) -> Attempt;
+    /// Attempts the delivery once.
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt;
 }
 
 #[derive(Debug, Clone)]
@@ -723,7 +728,13 @@ impl Outbox {
         }
         async move {
             let attempt = executor
-                .execute(&method, &request, &delivery_id, verify_since_ms, &owner)
+                .execute(DeliveryAttempt {
+                    method: &method,
+                    request: &request,
+                    delivery_id: &delivery_id,
+                    verify_since_ms,
+                    owner: &owner,
+                })
                 .await;
             let outcome = attempt.outcome();
             tracing::Span::current().record("outcome", outcome);

@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 
 use super::idempotency::{Fresh, Idempotency, request_hash};
 use super::outbox::{
-    Attempt, DeliveryError, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings,
-    RetrySelection,
+    Attempt, DeliveryAttempt, DeliveryError, DeliveryState, Executor, NewDelivery, Outbox,
+    OutboxSettings, RetrySelection,
 };
 use super::{Owner, Visibility};
 use crate::error::{ErrorCode, Reason};
@@ -47,14 +47,8 @@ struct ScriptedExecutor {
 
 #[tonic::async_trait]
 impl Executor for ScriptedExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        request: &[u8],
-        _delivery_id: &str,
-        _verify_since_ms: Option<i64>,
-        _owner: &Owner,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt { request, .. } = delivery;
         let body = String::from_utf8_lossy(request).into_owned();
         let _ = self.attempts.send(body.clone());
         let mut fail_first = self.fail_first.lock().unwrap();
@@ -109,14 +103,8 @@ struct QuotaExecutor {
 
 #[tonic::async_trait]
 impl Executor for QuotaExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        request: &[u8],
-        _delivery_id: &str,
-        _verify_since_ms: Option<i64>,
-        owner: &Owner,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt { request, owner, .. } = delivery;
         let body = String::from_utf8_lossy(request).into_owned();
         let mut owners = self.owners.lock().unwrap();
         let first = !owners.iter().any(|(seen, _)| *seen == body);
@@ -461,14 +449,10 @@ struct VerifyingExecutor {
 
 #[tonic::async_trait]
 impl Executor for VerifyingExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        _request: &[u8],
-        _delivery_id: &str,
-        verify_since_ms: Option<i64>,
-        _owner: &Owner,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt {
+            verify_since_ms, ..
+        } = delivery;
         let _ = self.seen.send(verify_since_ms);
         Attempt::Delivered { result: Vec::new() }
     }
@@ -482,14 +466,10 @@ struct SequenceExecutor {
 
 #[tonic::async_trait]
 impl Executor for SequenceExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        _request: &[u8],
-        _delivery_id: &str,
-        verify_since_ms: Option<i64>,
-        _owner: &Owner,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt {
+            verify_since_ms, ..
+        } = delivery;
         let _ = self.seen.send(verify_since_ms);
         let mut script = self.script.lock().unwrap();
         if script.is_empty() {
@@ -601,14 +581,8 @@ struct GatedExecutor {
 
 #[tonic::async_trait]
 impl Executor for GatedExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        request: &[u8],
-        _delivery_id: &str,
-        _verify_since_ms: Option<i64>,
-        _owner: &Owner,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt { request, .. } = delivery;
         let _ = self
             .started
             .send(String::from_utf8_lossy(request).into_owned());

@@ -25,7 +25,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use serde::Deserialize;
 
-use crate::config::EventMappings;
+use crate::config::{EventMappings, valid_name};
 
 pub use filter::{Attributes, Filter};
 
@@ -179,13 +179,6 @@ struct RawFile {
     rule: Vec<RawRule>,
 }
 
-fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 /// Parses and validates a rules file; the first problem found is the error.
 pub fn parse_file(text: &str) -> Result<Vec<Rule>, String> {
     let raw: RawFile =
@@ -202,7 +195,7 @@ pub fn parse_file(text: &str) -> Result<Vec<Rule>, String> {
         .enumerate()
         .map(|(index, raw)| {
             let at = format!("rule[{index}]");
-            if !valid_id(&raw.id) {
+            if !valid_name(&raw.id) {
                 return Err(format!(
                     "{at}.id: must be 1 to 64 ASCII letters, digits, `-`, `_` or `.`"
                 ));

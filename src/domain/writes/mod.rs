@@ -30,7 +30,9 @@ pub use self::rpcs::{WRITE_PERMISSIONS, delivery_result, methods};
 
 use crate::domain::Owner;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
-use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
+use crate::domain::outbox::{
+    Attempt, DeliveryAttempt, DeliveryError, Executor, NewDelivery, new_delivery_id,
+};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::pb;
 use crate::upstream::CallContext;
@@ -365,32 +367,18 @@ pub struct WriteExecutor {
 
 #[tonic::async_trait]
 impl Executor for WriteExecutor {
-    async fn execute(
-        &self,
-        method: &str,
-        request: &[u8],
-        delivery_id: &str,
-        verify_since_ms: Option<i64>,
-        owner: &Owner,
-    ) -> Attempt {
-        let ctx = delivery_context(self.app.config.auth.callers.as_ref(), owner);
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let ctx = delivery_context(self.app.config.auth.callers.as_ref(), delivery.owner);
         // The delivery id names the attempt's survey cool-down reservations: a retry of the
         // delivery passes the reservations its earlier attempt made.
-        let attempt = rpcs::deliver(
-            &self.app,
-            method,
-            request,
-            delivery_id,
-            verify_since_ms,
-            ctx,
-        );
-        match crate::domain::fatigue::within_delivery(delivery_id, attempt).await {
+        let attempt = rpcs::deliver(&self.app, delivery, ctx);
+        match crate::domain::fatigue::within_delivery(delivery.delivery_id, attempt).await {
             Some(attempt) => attempt,
             None => Attempt::Failed {
                 error: DeliveryError::from(&Error::new(
                     ErrorCode::Unimplemented,
                     Reason::NotImplemented,
-                    format!("{method} cannot be delivered by this build"),
+                    format!("{} cannot be delivered by this build", delivery.method),
                 )),
             },
         }

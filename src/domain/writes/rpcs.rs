@@ -20,7 +20,7 @@ use prost::Message as _;
 use super::{WriteRpc, customers, events, replay, survey_delivery, surveys};
 use crate::app::App;
 use crate::auth::Permission;
-use crate::domain::outbox::Attempt;
+use crate::domain::outbox::{Attempt, DeliveryAttempt};
 use crate::pb;
 use crate::upstream::CallContext;
 
@@ -88,17 +88,21 @@ macro_rules! write_rpcs {
             }
         )*
 
-        /// One outbox attempt of a queued write of `method`, made with `ctx` (the context of
+        /// One outbox attempt of a queued write, made with `ctx` (the context of
         /// its owner, see [`super::delivery_context`]); `None` for a method this build does not
         /// know.
         pub(crate) async fn deliver(
             app: &Arc<App>,
-            method: &str,
-            request: &[u8],
-            delivery_id: &str,
-            verify_since_ms: Option<i64>,
+            delivery: DeliveryAttempt<'_>,
             ctx: CallContext,
         ) -> Option<Attempt> {
+            let DeliveryAttempt {
+                method,
+                request,
+                delivery_id,
+                verify_since_ms,
+                ..
+            } = delivery;
             // Not every row reads the verification window; only `deliver` columns do.
             let _ = verify_since_ms;
             Some(match method {
