@@ -252,6 +252,50 @@ token_sha256 = ["{hashlib.sha256(b'token-2').hexdigest()}"]
 client_subjects = ["spiffe://cluster/ns/reports"]
 """
     write("config_files", "callers", b"\x00" + callers.encode())
+    event_rules = """\
+[[rule]]
+id = "order-nps"
+events = ["Order Placed", "order.completed"]
+campaign = "5f1ec45b27b8313876290001"
+sample_percent = 20
+delay_days = 2
+throttle_days = 30
+cooldown = "14d"
+audience = { all = [
+  { trait = "country", in = ["US", "CA"] },
+  { any = [ { trait = "plan", eq = "pro" }, { property = "total", gte = 100 } ] },
+  { property = "coupon", exists = false },
+  { trait = "created_at", before = "2026-01-01T00:00:00Z" },
+] }
+
+[[rule]]
+id = "renewal"
+events = ["Renewed"]
+campaign = "c2"
+audience = { property = "plan", ne = "free" }
+"""
+    # (2 / 2) % 3 == 1: the event rules file.
+    write("config_files", "event_rules", b"\x02" + event_rules.encode())
+    alert_rules = """\
+[[rule]]
+name = "nps-detractors"
+on = ["created", "updated"]
+metrics = ["NPS"]
+categories = ["detractor"]
+score_min = 0
+score_max = 6
+campaigns = ["5f1ec45b27b8313876290001"]
+tags = ["churn-risk"]
+comment = "present"
+comment_contains = ["cancel", "refund"]
+customer_properties = { plan = "enterprise" }
+format = "slack"
+url = "https://hooks.slack.example/services/T000/B000/XXXXXXXX"
+rate_limit = { count = 10, per = "1h" }
+"""
+    # (4 / 2) % 3 == 2: the alert rules file (signed-json needs a secret file, which the target
+    # does not read).
+    write("config_files", "alert_rules", b"\x04" + alert_rules.encode())
 
 
 if __name__ == "__main__":

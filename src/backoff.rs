@@ -143,6 +143,23 @@ impl FailureStreak {
         }
     }
 
+    /// Counts a failure and logs it as an error line, `message` with the error, the count and
+    /// the wait (at most one line per [`LOG_EVERY`], saying how many were left out); returns how
+    /// long to wait before trying again.
+    pub fn failed_and_logged(&mut self, error: &dyn std::fmt::Display, message: &str) -> Duration {
+        let failure = self.failed();
+        if let Some(suppressed) = failure.log {
+            tracing::error!(
+                %error,
+                failures = failure.failures,
+                suppressed,
+                retry_in_ms = failure.delay.as_millis(),
+                "{message}"
+            );
+        }
+        failure.delay
+    }
+
     /// Ends the streak; returns how many failures it had (0 when there was none), so the loop can
     /// say once that the operation works again.
     pub fn succeeded(&mut self) -> u32 {

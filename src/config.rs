@@ -21,6 +21,16 @@ use reqwest::Url;
 use crate::auth::{CallerRegistry, CallersSource};
 use crate::tls::{ClientAuth, TlsSettings};
 
+/// Whether `name` may name something in an operator's file (a caller, an event rule, an alert
+/// rule): 1 to 64 ASCII letters, digits, `-`, `_` or `.`, so it is safe in logs, metric labels
+/// and keys.
+pub(crate) fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// Where settings come from.
 pub trait Source {
     /// The raw value of a setting by its environment name (`CXGW_GRPC_ADDR`).

@@ -57,7 +57,8 @@
 //! - [`segment`]: the Segment-compatible HTTP intake (track, identify, batch) on its own port,
 //!   feeding the same write path as `EventService` and `CustomerService`.
 //! - [`telemetry`]: logs, traces (OpenTelemetry, W3C context), metrics (`/metrics`, OTLP), redaction.
-//! - [`reload`]: reloading the callers, TLS and event rules files on SIGHUP and on change.
+//! - [`reload`]: reloading the callers, TLS and event rules files on SIGHUP and on change;
+//!   [`swapped`] holds a reloaded value that a reload swaps whole.
 //! - [`rules`]: event rules (which events send which survey to whom: audience, sample, delay,
 //!   throttle); [`domain::fatigue`] is the survey cool-down across campaigns.
 //! - [`readiness`]: whether start-up work (outbox recovery) is done, for `/readyz` and health.
@@ -92,6 +93,7 @@ pub mod segment;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod swapped;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -100,18 +100,9 @@ impl Evaluator {
                     }
                 }
                 Err(error) => {
-                    let failure = streak.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::error!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            retry_in_ms = failure.delay.as_millis(),
-                            "cannot evaluate alert rules"
-                        );
-                    }
+                    let delay = streak.failed_and_logged(&error, "cannot evaluate alert rules");
                     tokio::select! {
-                        () = tokio::time::sleep(failure.delay) => {}
+                        () = tokio::time::sleep(delay) => {}
                         () = self.drain.clone().signaled() => return,
                     }
                     continue;

@@ -27,14 +27,15 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
 use serde::Deserialize;
 
-use crate::config::Secret;
+use crate::config::{Secret, valid_name};
 use crate::pb;
+use crate::swapped::Swapped;
 
 /// Which log entries a rule looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -232,14 +233,6 @@ fn property_text(value: &toml::Value) -> Option<String> {
     }
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
 fn metric_number(name: &str) -> Option<i32> {
     Some(match name.to_ascii_uppercase().as_str() {
         "NPS" => pb::Metric::Nps as i32,
@@ -257,6 +250,23 @@ fn category_number(name: &str) -> Option<i32> {
         "detractor" => pb::ScoreCategory::Detractor as i32,
         _ => return None,
     })
+}
+
+/// The numbers `number` gives each of `names`; an unknown name is the rule's error, listing the
+/// `known` ones.
+fn numbers(
+    rule: &str,
+    names: &[String],
+    number: fn(&str) -> Option<i32>,
+    what: &str,
+    known: &str,
+) -> Result<Vec<i32>, String> {
+    names
+        .iter()
+        .map(|name| {
+            number(name).ok_or_else(|| format!("rule `{rule}`: unknown {what} `{name}` ({known})"))
+        })
+        .collect()
 }
 
 fn read_secret_file(rule: &str, field: &str, path: &Path) -> Result<Secret, String> {
@@ -290,24 +300,20 @@ impl Rule {
                 "rule `{name}`: `on` lists no event (created, updated)"
             ));
         }
-        let metrics = raw
-            .metrics
-            .iter()
-            .map(|m| {
-                metric_number(m).ok_or_else(|| {
-                    format!("rule `{name}`: unknown metric `{m}` (NPS, CSAT, CES, STAR)")
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let categories = raw
-            .categories
-            .iter()
-            .map(|c| {
-                category_number(c).ok_or_else(|| {
-                    format!("rule `{name}`: unknown category `{c}` (promoter, passive, detractor)")
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let metrics = numbers(
+            &name,
+            &raw.metrics,
+            metric_number,
+            "metric",
+            "NPS, CSAT, CES, STAR",
+        )?;
+        let categories = numbers(
+            &name,
+            &raw.categories,
+            category_number,
+            "category",
+            "promoter, passive, detractor",
+        )?;
         if let (Some(min), Some(max)) = (raw.score_min, raw.score_max)
             && min > max
         {
@@ -454,17 +460,12 @@ pub enum Reloaded {
     Replaced { rules: usize },
 }
 
-/// The rules in force, swapped whole on reload (an evaluation sees one version of the file).
+/// The rules in force, swapped whole on reload (an evaluation sees one version of the file). The
+/// digest is over the file and the secret files it names, to skip reloads that change nothing.
 #[derive(Clone)]
 pub struct RuleSet {
     path: PathBuf,
-    state: Arc<RwLock<Loaded>>,
-}
-
-struct Loaded {
-    rules: Arc<Rules>,
-    /// SHA-256 over the file and the secret files it names, to skip reloads that change nothing.
-    digest: [u8; 32],
+    rules: Swapped<Rules>,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -503,10 +504,7 @@ impl RuleSet {
         let (rules, digest) = load(&path)?;
         Ok(RuleSet {
             path,
-            state: Arc::new(RwLock::new(Loaded {
-                rules: Arc::new(rules),
-                digest,
-            })),
+            rules: Swapped::new(rules, digest),
         })
     }
 
@@ -516,13 +514,7 @@ impl RuleSet {
 
     /// The rules in force.
     pub fn current(&self) -> Arc<Rules> {
-        Arc::clone(
-            &self
-                .state
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .rules,
-        )
+        self.rules.current()
     }
 
     /// Reads the file again and swaps the rules in if anything changed. A file that does not load
@@ -530,16 +522,12 @@ impl RuleSet {
     /// the refusal.
     pub fn reload(&self) -> Result<Reloaded, String> {
         let (rules, digest) = load(&self.path)?;
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        if state.digest == digest {
-            return Ok(Reloaded::Unchanged);
-        }
         let count = rules.len();
-        *state = Loaded {
-            rules: Arc::new(rules),
-            digest,
-        };
-        Ok(Reloaded::Replaced { rules: count })
+        Ok(if self.rules.replace(rules, digest) {
+            Reloaded::Replaced { rules: count }
+        } else {
+            Reloaded::Unchanged
+        })
     }
 }
 

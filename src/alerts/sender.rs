@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::alerts::metrics::{AlertOutcomeLabel, count};
 use crate::alerts::payload::{ALERT_METHOD, AlertRecord};
 use crate::alerts::rules::{Format, RuleSet};
-use crate::domain::outbox::{Attempt, DeliveryError};
+use crate::domain::outbox::{Attempt, DeliveryAttempt, DeliveryError};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::upstream::failure::FailureClass;
 
@@ -185,19 +185,14 @@ pub struct AlertAwareExecutor<E> {
 
 #[tonic::async_trait]
 impl<E: crate::domain::outbox::Executor> crate::domain::outbox::Executor for AlertAwareExecutor<E> {
-    async fn execute(
-        &self,
-        method: &str,
-        request: &[u8],
-        delivery_id: &str,
-        verify_since_ms: Option<i64>,
-    ) -> Attempt {
-        if method == ALERT_METHOD {
-            self.alerts.deliver(request, delivery_id).await
-        } else {
-            self.writes
-                .execute(method, request, delivery_id, verify_since_ms)
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        // Alerts go to the rule's receiver, not to an upstream, so no caller's share applies.
+        if delivery.method == ALERT_METHOD {
+            self.alerts
+                .deliver(delivery.request, delivery.delivery_id)
                 .await
+        } else {
+            self.writes.execute(delivery).await
         }
     }
 }

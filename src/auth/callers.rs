@@ -27,12 +27,13 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::permissions::{Permission, PermissionSet};
-use crate::config::Secret;
+use crate::config::{Secret, valid_name};
+use crate::swapped::Swapped;
 use crate::upstream::scheduler::fair::{CallerShare, CallerShares};
 
 /// Where the callers come from.
@@ -210,14 +211,6 @@ fn parse_hex_digest(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
 impl CallerTable {
     /// Parses and validates a callers file. Errors say which caller and which field is wrong and
     /// never repeat a digest or the file's text.
@@ -374,16 +367,12 @@ pub enum Reloaded {
 
 /// The callers in force, swapped whole on reload: a call sees either the old table or the new
 /// one, never a mix, and connections stay open across a reload.
+/// The digest is the SHA-256 of the text the table came from, to skip reloads of an unchanged
+/// file.
 #[derive(Clone)]
 pub struct CallerRegistry {
     source: CallersSource,
-    state: Arc<RwLock<Loaded>>,
-}
-
-struct Loaded {
-    table: Arc<CallerTable>,
-    /// SHA-256 of the text the table came from, to skip reloads of an unchanged file.
-    text_digest: [u8; 32],
+    table: Swapped<CallerTable>,
 }
 
 impl fmt::Debug for CallerRegistry {
@@ -401,10 +390,7 @@ impl CallerRegistry {
         let text = source.read()?;
         let table = CallerTable::parse(&text)?;
         Ok(CallerRegistry {
-            state: Arc::new(RwLock::new(Loaded {
-                table: Arc::new(table),
-                text_digest: token_digest(&text),
-            })),
+            table: Swapped::new(table, token_digest(&text)),
             source,
         })
     }
@@ -423,15 +409,7 @@ impl CallerRegistry {
 
     /// The table in force.
     pub fn current(&self) -> Arc<CallerTable> {
-        // Readers only clone an `Arc` under the lock, so a poisoned lock still holds a whole
-        // table.
-        Arc::clone(
-            &self
-                .state
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .table,
-        )
+        self.table.current()
     }
 
     /// Reads the source again and swaps the table in if its content changed. A file that does not
@@ -439,22 +417,16 @@ impl CallerRegistry {
     pub fn reload(&self) -> Result<Reloaded, String> {
         let text = self.source.read()?;
         let digest = token_digest(&text);
-        if self
-            .state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .text_digest
-            == digest
-        {
+        if self.table.is_current(&digest) {
             return Ok(Reloaded::Unchanged);
         }
         let table = CallerTable::parse(&text)?;
         let callers = table.len();
-        *self.state.write().unwrap_or_else(PoisonError::into_inner) = Loaded {
-            table: Arc::new(table),
-            text_digest: digest,
-        };
-        Ok(Reloaded::Replaced { callers })
+        Ok(if self.table.replace(table, digest) {
+            Reloaded::Replaced { callers }
+        } else {
+            Reloaded::Unchanged
+        })
     }
 }
 

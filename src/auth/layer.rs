@@ -335,15 +335,26 @@ mod tests {
     const LIST: &str = "/cx.gateway.v1.CustomerService/ListCustomers";
     const SEND: &str = "/cx.gateway.v1.SurveyService/SendSurvey";
 
+    /// Calls through `layer`, which must answer `code` without running the service; returns
+    /// the status and its ErrorInfo.
+    async fn refused(
+        layer: &AuthLayer,
+        request: http::Request<()>,
+        code: tonic::Code,
+    ) -> (tonic::Status, tonic_types::ErrorInfo) {
+        let (response, calls) = call(layer, request).await;
+        let status = status_of(response).unwrap();
+        assert_eq!(status.code(), code);
+        assert_eq!(calls, 0);
+        let info = status.get_error_details().error_info().cloned().unwrap();
+        (status, info)
+    }
+
     #[tokio::test]
     async fn outcomes() {
         let layer = AuthLayer::new(Some(registry()));
 
-        let (response, calls) = call(&layer, request(LIST, None)).await;
-        let status = status_of(response).unwrap();
-        assert_eq!(status.code(), tonic::Code::Unauthenticated);
-        assert_eq!(calls, 0);
-        let info = status.get_error_details().error_info().cloned().unwrap();
+        let (_, info) = refused(&layer, request(LIST, None), tonic::Code::Unauthenticated).await;
         assert_eq!(info.reason, "CALLER_UNAUTHENTICATED");
         assert_eq!(info.metadata["cause"], "missing");
 
@@ -353,18 +364,21 @@ mod tests {
             "Bearer ",
             "reader-token",
         ] {
-            let (response, calls) = call(&layer, request(LIST, Some(bad))).await;
-            let status = status_of(response).unwrap();
-            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad}");
-            assert_eq!(calls, 0);
-            assert!(!status.message().contains("nope"));
+            let (status, _) = refused(
+                &layer,
+                request(LIST, Some(bad)),
+                tonic::Code::Unauthenticated,
+            )
+            .await;
+            assert!(!status.message().contains("nope"), "{bad}");
         }
 
-        let (response, calls) = call(&layer, request(SEND, Some("Bearer reader-token"))).await;
-        let status = status_of(response).unwrap();
-        assert_eq!(status.code(), tonic::Code::PermissionDenied);
-        assert_eq!(calls, 0);
-        let info = status.get_error_details().error_info().cloned().unwrap();
+        let (status, info) = refused(
+            &layer,
+            request(SEND, Some("Bearer reader-token")),
+            tonic::Code::PermissionDenied,
+        )
+        .await;
         assert_eq!(info.reason, "PERMISSION_DENIED");
         assert_eq!(info.metadata["permission"], "surveys:send");
         assert!(!status.message().contains("reader-token"));

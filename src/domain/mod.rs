@@ -38,6 +38,17 @@ impl Owner {
             Owner::Gateway => ":gateway",
         }
     }
+
+    /// The owner a stored `owner` column names (the inverse of [`Owner::stored`]). A delivery
+    /// stored without one was queued before deliveries had owners, when every call shared one
+    /// scope: it reads as anonymous.
+    pub fn from_stored(stored: Option<&str>) -> Owner {
+        match stored {
+            None | Some("") => Owner::Anonymous,
+            Some(":gateway") => Owner::Gateway,
+            Some(name) => Owner::Caller(Arc::from(name)),
+        }
+    }
 }
 
 /// Which deliveries a call may see and requeue.

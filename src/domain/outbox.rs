@@ -130,19 +130,26 @@ const IN_DOUBT_AFTER_FAILURE: &str = "the upstream may have applied this write b
 const IN_DOUBT_UNVERIFIED: &str = "the upstream may have applied this write and its history \
     could not be checked within the retry window; it was not sent again (requeue it once checked)";
 
+/// One attempt of a claimed delivery, as an [`Executor`] gets it.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryAttempt<'a> {
+    /// The RPC it came from, which tells how to read `request`.
+    pub method: &'a str,
+    pub request: &'a [u8],
+    /// Goes into the result the RPC reports.
+    pub delivery_id: &'a str,
+    /// An earlier attempt (or one cut by a stop) may have applied part of it from then on: the
+    /// upstream's history is checked first (see [`Attempt::Unresolved`]).
+    pub verify_since_ms: Option<i64>,
+    /// Who queued it: a caller's delivery runs on that caller's quota and fair share.
+    pub owner: &'a Owner,
+}
+
 /// Replays queued writes. Implemented by the gRPC layer, which owns the request encoding.
 #[tonic::async_trait]
 pub trait Executor: Send + Sync + 'static {
-    /// Attempts the write once; `delivery_id` goes into the result the RPC reports. With
-    /// `verify_since_ms`, an earlier attempt (or one cut by a stop) may have applied part of it
-    /// from then on: the upstream's history is checked first (see [`Attempt::Unresolved`]).
-    async fn execute(
-        &self,
-        method: &str,
-        request: &[u8],
-        delivery_id: &str,
-        verify_since_ms: Option<i64>,
-    ) -> Attempt;
+    /// Attempts the delivery once.
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt;
 }
 
 #[derive(Debug, Clone)]
@@ -431,10 +438,15 @@ impl Outbox {
         attempts: u32,
         attempt: Attempt,
     ) -> Result<(), Error> {
-        let delay = |retry_after: Option<Duration>| {
-            retry_after
-                .unwrap_or_default()
-                .max(backoff(&self.settings, attempts))
+        let delay = |error: &DeliveryError, retry_after: Option<Duration>| {
+            let mut hint = retry_after.unwrap_or_default();
+            // A caller's quota is the gateway's own rule, which a reload of the callers file can
+            // raise at once: a delivery it refused asks again within the longest backoff rather
+            // than waiting out the whole quota window (its refusals cost no upstream request).
+            if error.reason == Reason::CallerQuotaExceeded {
+                hint = hint.min(self.settings.max_backoff);
+            }
+            hint.max(backoff(&self.settings, attempts))
         };
         let record = match attempt {
             Attempt::Delivered { result } => AttemptRecord::Delivered { result },
@@ -446,8 +458,8 @@ impl Outbox {
             // leaves a doubt that outlives this attempt's plain failure.
             Attempt::Retry { error, retry_after } => AttemptRecord::Retry {
                 unverified: in_doubt_error(Some(&error), IN_DOUBT_UNVERIFIED),
+                delay: delay(&error, retry_after),
                 error,
-                delay: delay(retry_after),
                 verify_since_ms: None,
             },
             Attempt::Unresolved {
@@ -456,8 +468,8 @@ impl Outbox {
                 retry_after,
             } => AttemptRecord::Retry {
                 unverified: in_doubt_error(Some(&error), IN_DOUBT_UNVERIFIED),
+                delay: delay(&error, retry_after),
                 error,
-                delay: delay(retry_after),
                 verify_since_ms: Some(since_ms),
             },
         };
@@ -501,20 +513,14 @@ impl Outbox {
                     return true;
                 }
                 Err(error) => {
-                    let failure = streak.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::error!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            retry_in_ms = failure.delay.as_millis(),
-                            "cannot recover in-flight deliveries, not ready until this succeeds"
-                        );
-                    }
+                    let delay = streak.failed_and_logged(
+                        &error,
+                        "cannot recover in-flight deliveries, not ready until this succeeds",
+                    );
                     // After the line, so whoever sees the stage change finds the reason logged.
                     readiness.mark_retrying();
                     tokio::select! {
-                        () = tokio::time::sleep(failure.delay) => {}
+                        () = tokio::time::sleep(delay) => {}
                         () = drain.clone().signaled() => return false,
                     }
                 }
@@ -557,20 +563,11 @@ impl Outbox {
                         claimed
                     }
                     Err(error) => {
-                        let failure = claims.failed();
-                        if let Some(suppressed) = failure.log {
-                            tracing::error!(
-                                %error,
-                                failures = failure.failures,
-                                suppressed,
-                                retry_in_ms = failure.delay.as_millis(),
-                                "cannot claim deliveries"
-                            );
-                        }
+                        let delay = claims.failed_and_logged(&error, "cannot claim deliveries");
                         // A delivery queued meanwhile proves the store takes writes again.
                         tokio::select! {
                             () = self.wake.notified() => {}
-                            () = tokio::time::sleep(failure.delay) => {}
+                            () = tokio::time::sleep(delay) => {}
                             () = drain.clone().signaled() => return,
                         }
                         continue;
@@ -705,7 +702,9 @@ impl Outbox {
             attempts,
             traceparent,
             verify_since_ms,
+            owner,
         } = claimed;
+        let owner = Owner::from_stored(owner.as_deref());
         let outbox = self.clone();
         // Each attempt is a trace of its own: the call that queued it has long returned.
         // It links to the span that queued it, so the two traces are one click apart.
@@ -715,8 +714,12 @@ impl Outbox {
             otel.kind = "consumer",
             method = %method,
             attempt = attempts,
+            caller = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        if let Owner::Caller(name) = &owner {
+            span.record("caller", &**name);
+        }
         if let Some(enqueued) = traceparent
             .as_deref()
             .and_then(crate::telemetry::propagation::parse_traceparent)
@@ -725,7 +728,13 @@ impl Outbox {
         }
         async move {
             let attempt = executor
-                .execute(&method, &request, &delivery_id, verify_since_ms)
+                .execute(DeliveryAttempt {
+                    method: &method,
+                    request: &request,
+                    delivery_id: &delivery_id,
+                    verify_since_ms,
+                    owner: &owner,
+                })
                 .await;
             let outcome = attempt.outcome();
             tracing::Span::current().record("outcome", outcome);

@@ -13,7 +13,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-use super::outbox::{Attempt, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings};
+use super::outbox::{
+    Attempt, DeliveryAttempt, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings,
+};
 use super::{Owner, Visibility};
 use crate::readiness::{Readiness, Stage};
 use crate::shutdown;
@@ -40,13 +42,8 @@ struct RecordingExecutor {
 
 #[tonic::async_trait]
 impl Executor for RecordingExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        request: &[u8],
-        _delivery_id: &str,
-        _verify_since_ms: Option<i64>,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt { request, .. } = delivery;
         let _ = self
             .attempts
             .send(String::from_utf8_lossy(request).into_owned());

@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 
 use super::idempotency::{Fresh, Idempotency, request_hash};
 use super::outbox::{
-    Attempt, DeliveryError, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings,
-    RetrySelection,
+    Attempt, DeliveryAttempt, DeliveryError, DeliveryState, Executor, NewDelivery, Outbox,
+    OutboxSettings, RetrySelection,
 };
 use super::{Owner, Visibility};
 use crate::error::{ErrorCode, Reason};
@@ -47,13 +47,8 @@ struct ScriptedExecutor {
 
 #[tonic::async_trait]
 impl Executor for ScriptedExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        request: &[u8],
-        _delivery_id: &str,
-        _verify_since_ms: Option<i64>,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt { request, .. } = delivery;
         let body = String::from_utf8_lossy(request).into_owned();
         let _ = self.attempts.send(body.clone());
         let mut fail_first = self.fail_first.lock().unwrap();
@@ -98,6 +93,96 @@ async fn wait_for_state(outbox: &Outbox, id: &str, state: DeliveryState) {
             .unwrap_or_else(|_| panic!("{id} never reached {state:?}"))
             .unwrap();
     }
+}
+
+/// Refuses each body's first attempt, `quota-*` bodies with its caller's quota and the others
+/// with an upstream 503, both asking to come back in a minute; records who each attempt ran as.
+struct QuotaExecutor {
+    owners: Mutex<Vec<(String, Owner)>>,
+}
+
+#[tonic::async_trait]
+impl Executor for QuotaExecutor {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt { request, owner, .. } = delivery;
+        let body = String::from_utf8_lossy(request).into_owned();
+        let mut owners = self.owners.lock().unwrap();
+        let first = !owners.iter().any(|(seen, _)| *seen == body);
+        owners.push((body.clone(), owner.clone()));
+        if !first {
+            return Attempt::Delivered { result: Vec::new() };
+        }
+        let error = if body.starts_with("quota") {
+            DeliveryError {
+                code: ErrorCode::ResourceExhausted,
+                reason: Reason::CallerQuotaExceeded,
+                message: "caller web has used its quota".to_owned(),
+                metadata: HashMap::new(),
+            }
+        } else {
+            transient()
+        };
+        Attempt::Retry {
+            error,
+            retry_after: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// A delivery refused by its caller's quota is attempted again as that caller, within the
+/// longest backoff (a reload may have raised the quota), and is not dead-lettered; an upstream's
+/// own Retry-After is waited out in full.
+#[tokio::test]
+async fn a_delivery_refused_by_its_caller_s_quota_is_retried_as_its_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let outbox = Outbox::new(store, fast_settings());
+    let executor = Arc::new(QuotaExecutor {
+        owners: Mutex::new(Vec::new()),
+    });
+    let mut refused = delivery("TrackEvent", "quota-1", &["ann"], false);
+    refused.owner = caller("web");
+    let refused = outbox.enqueue(refused).await.unwrap();
+    let busy = outbox
+        .enqueue(delivery("TrackEvent", "busy-1", &["bob"], false))
+        .await
+        .unwrap();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        Arc::clone(&executor) as Arc<dyn Executor>,
+        drain,
+        crate::readiness::Readiness::new(),
+    ));
+    wait_for_state(&outbox, &refused, DeliveryState::Delivered).await;
+    wait_for_state(&outbox, &busy, DeliveryState::RetryWait).await;
+    trigger.start();
+    worker.await.unwrap();
+
+    let record = outbox
+        .get(&refused, &Visibility::All)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.attempt_count, 2);
+    let last_error = record.last_error.unwrap();
+    assert_eq!(last_error.reason, Reason::CallerQuotaExceeded);
+    assert_eq!(last_error.code, ErrorCode::ResourceExhausted);
+    let owners = executor.owners.lock().unwrap().clone();
+    let runs_of = |body: &str| -> Vec<Owner> {
+        owners
+            .iter()
+            .filter(|(seen, _)| seen == body)
+            .map(|(_, owner)| owner.clone())
+            .collect()
+    };
+    assert_eq!(runs_of("quota-1"), [caller("web"), caller("web")]);
+    assert_eq!(runs_of("busy-1"), [Owner::Anonymous]);
+    let waiting = outbox.get(&busy, &Visibility::All).await.unwrap().unwrap();
+    let due_in = waiting.next_attempt_ms.unwrap() - waiting.update_ms;
+    assert!(
+        due_in >= 59_000,
+        "an upstream's minute was cut to {due_in} ms"
+    );
 }
 
 #[tokio::test]
@@ -364,13 +449,10 @@ struct VerifyingExecutor {
 
 #[tonic::async_trait]
 impl Executor for VerifyingExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        _request: &[u8],
-        _delivery_id: &str,
-        verify_since_ms: Option<i64>,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt {
+            verify_since_ms, ..
+        } = delivery;
         let _ = self.seen.send(verify_since_ms);
         Attempt::Delivered { result: Vec::new() }
     }
@@ -384,13 +466,10 @@ struct SequenceExecutor {
 
 #[tonic::async_trait]
 impl Executor for SequenceExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        _request: &[u8],
-        _delivery_id: &str,
-        verify_since_ms: Option<i64>,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt {
+            verify_since_ms, ..
+        } = delivery;
         let _ = self.seen.send(verify_since_ms);
         let mut script = self.script.lock().unwrap();
         if script.is_empty() {
@@ -502,13 +581,8 @@ struct GatedExecutor {
 
 #[tonic::async_trait]
 impl Executor for GatedExecutor {
-    async fn execute(
-        &self,
-        _method: &str,
-        request: &[u8],
-        _delivery_id: &str,
-        _verify_since_ms: Option<i64>,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let DeliveryAttempt { request, .. } = delivery;
         let _ = self
             .started
             .send(String::from_utf8_lossy(request).into_owned());

@@ -336,21 +336,28 @@ impl fmt::Display for Literal {
     }
 }
 
+/// `open`, the items separated by commas, `close`.
+fn write_list<T: fmt::Display>(
+    f: &mut fmt::Formatter<'_>,
+    open: &str,
+    items: &[T],
+    close: &str,
+) -> fmt::Result {
+    f.write_str(open)?;
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{item}")?;
+    }
+    f.write_str(close)
+}
+
 impl fmt::Display for Filter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let group = |f: &mut fmt::Formatter<'_>, kind: &str, children: &[Filter]| {
-            write!(f, "{kind}(")?;
-            for (i, child) in children.iter().enumerate() {
-                if i > 0 {
-                    write!(f, ", ")?;
-                }
-                write!(f, "{child}")?;
-            }
-            write!(f, ")")
-        };
         match self {
-            Filter::All(children) => group(f, "all", children),
-            Filter::Any(children) => group(f, "any", children),
+            Filter::All(children) => write_list(f, "all(", children, ")"),
+            Filter::Any(children) => write_list(f, "any(", children, ")"),
             Filter::Condition {
                 subject,
                 name,
@@ -364,16 +371,7 @@ impl fmt::Display for Filter {
                 match operator {
                     Operator::Eq(l) => write!(f, "eq {l}"),
                     Operator::Ne(l) => write!(f, "ne {l}"),
-                    Operator::In(ls) => {
-                        write!(f, "in [")?;
-                        for (i, l) in ls.iter().enumerate() {
-                            if i > 0 {
-                                write!(f, ", ")?;
-                            }
-                            write!(f, "{l}")?;
-                        }
-                        write!(f, "]")
-                    }
+                    Operator::In(ls) => write_list(f, "in [", ls, "]"),
                     Operator::Exists(b) => write!(f, "exists {b}"),
                     Operator::Gt(n) => write!(f, "gt {n}"),
                     Operator::Gte(n) => write!(f, "gte {n}"),

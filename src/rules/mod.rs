@@ -25,7 +25,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use serde::Deserialize;
 
-use crate::config::EventMappings;
+use crate::config::{EventMappings, valid_name};
 
 pub use filter::{Attributes, Filter};
 
@@ -179,13 +179,6 @@ struct RawFile {
     rule: Vec<RawRule>,
 }
 
-fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 /// Parses and validates a rules file; the first problem found is the error.
 pub fn parse_file(text: &str) -> Result<Vec<Rule>, String> {
     let raw: RawFile =
@@ -202,7 +195,7 @@ pub fn parse_file(text: &str) -> Result<Vec<Rule>, String> {
         .enumerate()
         .map(|(index, raw)| {
             let at = format!("rule[{index}]");
-            if !valid_id(&raw.id) {
+            if !valid_name(&raw.id) {
                 return Err(format!(
                     "{at}.id: must be 1 to 64 ASCII letters, digits, `-`, `_` or `.`"
                 ));
@@ -539,33 +532,40 @@ pub fn record(rule: &Rule, decision: Recorded) {
     );
 }
 
-fn decisions() -> &'static Counter<u64> {
-    static COUNTER: OnceLock<Counter<u64>> = OnceLock::new();
-    COUNTER.get_or_init(|| {
+/// The counter `cell` holds, made on first use with `name` and `description`.
+fn counter(
+    cell: &'static OnceLock<Counter<u64>>,
+    name: &'static str,
+    description: &'static str,
+) -> &'static Counter<u64> {
+    cell.get_or_init(|| {
         crate::telemetry::metrics::metrics()
             .meter()
-            .u64_counter("cxgw.rules.decisions")
-            .with_description(
-                "Event rule decisions by rule and decision: matched (the event name matched), \
-                 filtered_out, sampled_out, throttled (rule throttle or survey cool-down), sent, \
-                 failed (the send failed or its outcome is unknown)",
-            )
+            .u64_counter(name)
+            .with_description(description)
             .build()
     })
 }
 
+fn decisions() -> &'static Counter<u64> {
+    static COUNTER: OnceLock<Counter<u64>> = OnceLock::new();
+    counter(
+        &COUNTER,
+        "cxgw.rules.decisions",
+        "Event rule decisions by rule and decision: matched (the event name matched), \
+         filtered_out, sampled_out, throttled (rule throttle or survey cool-down), sent, \
+         failed (the send failed or its outcome is unknown)",
+    )
+}
+
 fn reloads() -> &'static Counter<u64> {
     static COUNTER: OnceLock<Counter<u64>> = OnceLock::new();
-    COUNTER.get_or_init(|| {
-        crate::telemetry::metrics::metrics()
-            .meter()
-            .u64_counter("cxgw.rules.reloads")
-            .with_description(
-                "Reloads of the event rules file by outcome: replaced (new rules in force), \
-                 refused (the file failed validation; the previous rules stay)",
-            )
-            .build()
-    })
+    counter(
+        &COUNTER,
+        "cxgw.rules.reloads",
+        "Reloads of the event rules file by outcome: replaced (new rules in force), \
+         refused (the file failed validation; the previous rules stay)",
+    )
 }
 
 #[cfg(test)]

@@ -52,6 +52,13 @@ fn matches(audience: &str, properties: &Struct, traits: &Struct) -> bool {
     ) == Decision::Send
 }
 
+/// Writes `text` as the rules file `name` in `dir`.
+fn write_rules(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 #[test]
 fn each_operator_decides_on_properties_and_traits() {
     let props = fields(&[
@@ -288,12 +295,11 @@ fn a_file_with_a_mistake_is_refused_with_where_and_why() {
 #[test]
 fn environment_mappings_join_the_file_rules_unless_a_file_rule_covers_them() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("rules.toml");
-    std::fs::write(
-        &path,
+    let path = write_rules(
+        &dir,
+        "rules.toml",
         "[[rule]]\nid = \"orders\"\nevents = [\"order\"]\ncampaign = \"c1\"\n",
-    )
-    .unwrap();
+    );
     let mut environment = EventMappings::new();
     environment.insert("order".into(), vec!["c1".into(), "c2".into()]);
     let rules = EventRules::load(Some(path), environment).unwrap();
@@ -306,12 +312,11 @@ fn environment_mappings_join_the_file_rules_unless_a_file_rule_covers_them() {
 #[test]
 fn a_reload_takes_a_good_file_and_refuses_a_bad_one_keeping_the_rules_in_force() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("rules.toml");
-    std::fs::write(
-        &path,
+    let path = write_rules(
+        &dir,
+        "rules.toml",
         "[[rule]]\nid = \"one\"\nevents = [\"e\"]\ncampaign = \"c1\"\n",
-    )
-    .unwrap();
+    );
     let rules = EventRules::load(Some(path.clone()), EventMappings::new()).unwrap();
     let first = rules.current();
     assert_eq!(rules.reload(), Ok(Reloaded::Unchanged));
@@ -344,14 +349,12 @@ fn a_reload_takes_a_good_file_and_refuses_a_bad_one_keeping_the_rules_in_force()
 fn the_settings_load_the_rules_file_and_the_cooldown_and_refuse_bad_ones() {
     use crate::config::{Config, MapSource, UpstreamMode};
     let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("good.toml");
-    std::fs::write(
-        &good,
+    let good = write_rules(
+        &dir,
+        "good.toml",
         "[[rule]]\nid = \"a\"\nevents = [\"e\"]\ncampaign = \"c1\"\n",
-    )
-    .unwrap();
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[[rule]]\nid = \"a\"\nevents = [\"e\"]\n").unwrap();
+    );
+    let bad = write_rules(&dir, "bad.toml", "[[rule]]\nid = \"a\"\nevents = [\"e\"]\n");
     let load =
         |pairs: Vec<(&str, &str)>| Config::load(&MapSource::new(pairs), UpstreamMode::Sandbox);
 

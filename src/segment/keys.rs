@@ -196,13 +196,24 @@ mod tests {
         CallerRegistry::load(CallersSource::Inline(Secret::new(text))).unwrap()
     }
 
+    /// Writes each `(file name, content)` in `dir`; returns their paths in order.
+    fn key_files(dir: &tempfile::TempDir, files: &[(&str, &str)]) -> Vec<std::path::PathBuf> {
+        files
+            .iter()
+            .map(|(name, content)| {
+                let path = dir.path().join(name);
+                std::fs::write(&path, content).unwrap();
+                path
+            })
+            .collect()
+    }
+
     #[test]
     fn keys_find_their_caller_and_rotate_in_place() {
         let dir = tempfile::tempdir().unwrap();
-        let web = dir.path().join("web");
-        let crm = dir.path().join("crm");
-        std::fs::write(&web, "wk-web-1\n").unwrap();
-        std::fs::write(&crm, "wk-crm").unwrap();
+        let [web, crm] = key_files(&dir, &[("web", "wk-web-1\n"), ("crm", "wk-crm")])
+            .try_into()
+            .unwrap();
         let keys = WriteKeys::load(
             Some(registry(&[("web", &web), ("crm", &crm)])),
             Duration::ZERO,
@@ -232,10 +243,12 @@ mod tests {
     #[test]
     fn an_unusable_key_file_refuses_the_start_without_showing_a_key() {
         let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
-        let b = dir.path().join("b");
-        std::fs::write(&a, "wk-shared-secret").unwrap();
-        std::fs::write(&b, "wk-shared-secret").unwrap();
+        let [a, b] = key_files(
+            &dir,
+            &[("a", "wk-shared-secret"), ("b", "wk-shared-secret")],
+        )
+        .try_into()
+        .unwrap();
         let error = WriteKeys::load(Some(registry(&[("a", &a), ("b", &b)])), Duration::ZERO)
             .err()
             .unwrap();

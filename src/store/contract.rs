@@ -38,6 +38,7 @@ macro_rules! store_contract_tests {
         $crate::store_contract_tests!(@each $fresh;
             enqueued_deliveries_are_pending_and_seen_by_their_owner,
             claims_take_due_deliveries_oldest_first_and_mark_them_in_flight,
+            claims_carry_each_delivery_s_owner,
             a_customer_s_deliveries_are_claimed_one_at_a_time_in_order,
             concurrent_claims_never_take_one_delivery_twice,
             retries_wait_for_their_delay_within_the_window,
@@ -214,6 +215,47 @@ pub(crate) async fn claims_take_due_deliveries_oldest_first_and_mark_them_in_fli
     // What is in flight is not claimed again.
     assert_eq!(claimed_ids(outbox, 10).await, ["dlv_3"]);
     assert!(claimed_ids(outbox, 10).await.is_empty());
+}
+
+/// A claimed delivery says who queued it, as stored, so its attempt runs on its owner's share
+/// of the budget; the owner stays with it across retries.
+pub(crate) async fn claims_carry_each_delivery_s_owner(store: &Store) {
+    let outbox = store.outbox().as_ref();
+    let owners = [("dlv_1", "alpha"), ("dlv_2", ""), ("dlv_3", ":gateway")];
+    for (id, owner) in owners {
+        enqueue(outbox, delivery(id, owner, &[id], true)).await;
+    }
+    let claimed = outbox.claim(10).await.unwrap();
+    let found: Vec<(&str, Option<&str>)> = claimed
+        .iter()
+        .map(|c| (c.delivery_id.as_str(), c.owner.as_deref()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("dlv_1", Some("alpha")),
+            ("dlv_2", Some("")),
+            ("dlv_3", Some(":gateway"))
+        ]
+    );
+    outbox
+        .record_attempt(
+            "dlv_1",
+            AttemptRecord::Retry {
+                error: failure(Reason::CallerQuotaExceeded),
+                delay: Duration::ZERO,
+                verify_since_ms: None,
+                unverified: failure(Reason::DeliveryInDoubt),
+            },
+        )
+        .await
+        .unwrap();
+    next_millisecond().await;
+    let again = outbox.claim(10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].delivery_id, "dlv_1");
+    assert_eq!(again[0].owner.as_deref(), Some("alpha"));
+    assert_eq!(again[0].attempts, 2);
 }
 
 pub(crate) async fn a_customer_s_deliveries_are_claimed_one_at_a_time_in_order(store: &Store) {

@@ -115,6 +115,9 @@ pub struct ClaimedDelivery {
     /// When the earliest attempt that may have reached the upstream without a clear answer
     /// started (UNIX ms): the next attempt checks the upstream's history from then on.
     pub verify_since_ms: Option<i64>,
+    /// Who queued it, as [`NewDelivery::owner`] stored it; `None` for a delivery queued before
+    /// deliveries had owners. The attempt runs on its owner's share of the upstream budget.
+    pub owner: Option<String>,
 }
 
 /// Which deliveries a reader may see: `None` every delivery (an admin), `Some(owner)` that

@@ -529,3 +529,178 @@ async fn write_keys_never_appear_in_logs_or_answers() {
         }
     }
 }
+
+const CAPPED_KEY: &str = "wk-capped-canary-5b08e2d7c1";
+const CAPPED_TOKEN: &str = "tok-capped-4f1a9c3e7b2d6058";
+/// The capped caller's upstream requests per quota window (a minute).
+const QUOTA: usize = 3;
+
+/// The callers file of the quota test: one caller, with a Segment write key and a token, whose
+/// quota is `quota` requests a minute.
+fn capped_callers(key_file: &Path, quota: usize) -> String {
+    format!(
+        "[[caller]]\nname = \"capped\"\ntoken_sha256 = \"{}\"\n\
+         permissions = [\"events:write\", \"deliveries:read\"]\nquota_per_minute = {quota}\n\
+         segment_write_key_files = [\"{}\"]\n",
+        hex_sha256(CAPPED_TOKEN),
+        display(key_file)
+    )
+}
+
+/// An ASYNC TrackEvent of the capped caller; returns its delivery id.
+async fn track_async(channel: &tonic::transport::Channel, user: &str, message_id: &str) -> String {
+    use cx_gateway::pb;
+    let request = pb::TrackEventRequest {
+        event: Some(pb::Event {
+            customer_id: user.to_owned(),
+            name: "Page Viewed".to_owned(),
+            message_id: message_id.to_owned(),
+            ..Default::default()
+        }),
+        options: Some(pb::WriteOptions {
+            mode: pb::DeliveryMode::Async as i32,
+            idempotency_key: String::new(),
+        }),
+    };
+    pb::event_service_client::EventServiceClient::new(channel.clone())
+        .track_event(crate::auth::with_token(request, Some(CAPPED_TOKEN)))
+        .await
+        .unwrap()
+        .into_inner()
+        .delivery_id
+}
+
+async fn delivery(
+    channel: &tonic::transport::Channel,
+    delivery_id: &str,
+) -> cx_gateway::pb::Delivery {
+    use cx_gateway::pb;
+    pb::delivery_service_client::DeliveryServiceClient::new(channel.clone())
+        .get_delivery(crate::auth::with_token(
+            pb::GetDeliveryRequest {
+                delivery_id: delivery_id.to_owned(),
+            },
+            Some(CAPPED_TOKEN),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .delivery
+        .unwrap()
+}
+
+fn last_reason(delivery: &cx_gateway::pb::Delivery) -> &str {
+    delivery
+        .last_error
+        .as_ref()
+        .map_or("", |error| error.reason.as_str())
+}
+
+/// Queued writes run as the caller that queued them: a Segment write key's caller and an ASYNC
+/// TrackEvent spend the caller's quota. Past the quota the upstream sees nothing more; the excess
+/// waits (retried, CALLER_QUOTA_EXCEEDED in `last_error`, never dead-lettered) and every message
+/// is delivered once when the quota frees (here a reload of the callers file raises it, which
+/// starts the count afresh, so no test waits out the minute).
+#[tokio::test]
+async fn queued_writes_spend_their_callers_quota_and_wait_for_it() {
+    let dir = dir();
+    let key_file = dir.path.join("capped.key");
+    std::fs::write(&key_file, CAPPED_KEY).unwrap();
+    let callers = dir.path.join("callers.toml");
+    write_atomically(&callers, &capped_callers(&key_file, QUOTA));
+    let gateway = TestGateway::start_with(
+        SandboxConfig::default(),
+        vec![
+            ("CXGW_CALLERS_FILE", display(&callers)),
+            ("CXGW_RELOAD_INTERVAL", "50ms".to_owned()),
+            ("CXGW_SEGMENT_LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+            // Refused deliveries ask again quickly, so their refusals are seen while they wait.
+            ("CXGW_OUTBOX_BASE_BACKOFF", "20ms".to_owned()),
+            ("CXGW_OUTBOX_MAX_BACKOFF", "200ms".to_owned()),
+        ],
+    )
+    .await;
+    let intake = Intake {
+        url: format!("http://{}", gateway.segment_addr.expect("the intake is on")),
+        gateway,
+        campaign: String::new(),
+        _dir: dir,
+    };
+    let channel = intake.gateway.channel.clone();
+    let users: Vec<String> = (1..=6).map(|n| format!("q-{n}")).collect();
+    let events_of_users = || {
+        intake
+            .gateway
+            .sandbox()
+            .handle()
+            .retainly_events()
+            .into_iter()
+            .filter(|event| users.iter().any(|user| event.customer_id == json!(user)))
+            .count()
+    };
+
+    // The quota's worth through the intake: each track is one Retainly request.
+    let batch: Vec<Value> = users[..QUOTA]
+        .iter()
+        .enumerate()
+        .map(|(n, user)| {
+            let mut message = track(user, "Page Viewed", &format!("m-{n}"));
+            message["type"] = json!("track");
+            message
+        })
+        .collect();
+    ok(&intake
+        .post("/v1/batch", Some(CAPPED_KEY), &json!({"batch": batch}))
+        .await);
+    eventually("the quota's worth of events", WAIT, || {
+        events_of_users() == QUOTA
+    })
+    .await;
+
+    // Over the quota, by both doors.
+    let queued = [
+        track_async(&channel, &users[3], "m-3").await,
+        track_async(&channel, &users[4], "m-4").await,
+    ];
+    ok(&intake
+        .post(
+            "/v1/track",
+            Some(CAPPED_KEY),
+            &track(&users[5], "Page Viewed", "m-5"),
+        )
+        .await);
+    for id in &queued {
+        let refused = tokio::time::timeout(WAIT, async {
+            loop {
+                let found = delivery(&channel, id).await;
+                if last_reason(&found) == "CALLER_QUOTA_EXCEEDED" {
+                    return found;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the excess is refused by the caller's quota");
+        assert_ne!(
+            refused.state(),
+            cx_gateway::pb::DeliveryState::DeadLettered,
+            "a delivery over its caller's quota waits, it is not given up"
+        );
+    }
+    // Refused before anything left: the upstream saw the quota's worth and no more.
+    assert_eq!(events_of_users(), QUOTA);
+
+    // The quota frees: every message is delivered, once.
+    write_atomically(&callers, &capped_callers(&key_file, 100));
+    eventually("every event", WAIT, || events_of_users() == users.len()).await;
+    for user in &users {
+        assert_eq!(intake.retainly_events(user).len(), 1, "{user}");
+    }
+    for id in &queued {
+        let found = delivery(&channel, id).await;
+        assert_eq!(found.state(), cx_gateway::pb::DeliveryState::Delivered);
+        assert_eq!(last_reason(&found), "CALLER_QUOTA_EXCEEDED");
+        assert!(found.attempt_count >= 2, "{found:?}");
+    }
+    intake.gateway.stop().await.unwrap();
+}

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use prost::Message;
 
 use crate::app::App;
+use crate::auth::CallerRegistry;
 pub mod customers;
 pub mod events;
 mod rpcs;
@@ -33,7 +34,9 @@ pub use self::rpcs::{WRITE_PERMISSIONS, delivery_result, methods};
 use self::values::Destination;
 use crate::domain::Owner;
 use crate::domain::idempotency::{Fresh, Idempotency, request_hash};
-use crate::domain::outbox::{Attempt, DeliveryError, Executor, NewDelivery, new_delivery_id};
+use crate::domain::outbox::{
+    Attempt, DeliveryAttempt, DeliveryError, Executor, NewDelivery, new_delivery_id,
+};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::upstream::CallContext;
 use crate::upstream::failure::{DeliveryDecision, FailureClass, delivery_decision};
@@ -272,14 +275,20 @@ pub(crate) fn decode_queued<R: WriteRpc>(request: &[u8]) -> Result<R, Attempt> {
     })
 }
 
-/// Replays one queued write through its execution function and classifies the outcome.
-pub async fn replay<R: WriteRpc>(app: &App, request: &[u8], delivery_id: &str) -> Attempt {
+/// Replays one queued write through its execution function, with `ctx` (its owner's, see
+/// [`delivery_context`]), and classifies the outcome.
+pub async fn replay<R: WriteRpc>(
+    app: &App,
+    request: &[u8],
+    delivery_id: &str,
+    ctx: CallContext,
+) -> Attempt {
     let request = match decode_queued::<R>(request) {
         Ok(request) => request,
         Err(failed) => return failed,
     };
     let replay_safe = request.replay_safe();
-    match R::execute(app, request.command(), CallContext::background()).await {
+    match R::execute(app, request.command(), ctx).await {
         Ok(outcome) => {
             if replay_safe && R::has_transient_failure(&outcome) {
                 return Attempt::Retry {
@@ -320,6 +329,30 @@ pub(crate) fn attempt_failed(error: &Error, replay_safe: bool) -> Attempt {
     }
 }
 
+/// The upstream context a queued write of `owner` runs with: background priority, and for a
+/// caller of the callers file that caller, so the write spends the caller's quota and competes
+/// at the caller's weight, as the call would have in SYNC mode. The gateway's own deliveries
+/// and anonymous ones (no callers configured) share the background flow.
+///
+/// A caller no longer in the callers file has no share left to apply: its deliveries run in the
+/// background flow too. They are still delivered, not dead-lettered: the write was accepted
+/// from a caller allowed to make it, and an acknowledged write reaches the upstream (a caller
+/// renamed or retired by a reload must not lose what it queued).
+pub(crate) fn delivery_context(callers: Option<&CallerRegistry>, owner: &Owner) -> CallContext {
+    let background = CallContext::background();
+    match owner {
+        Owner::Caller(name) => {
+            let known = callers.is_some_and(|callers| callers.current().by_name(name).is_some());
+            if known {
+                background.with_caller(Arc::clone(name))
+            } else {
+                background
+            }
+        }
+        Owner::Anonymous | Owner::Gateway => background,
+    }
+}
+
 /// The outbox's executor: dispatches each queued write to its RPC's execution function.
 pub struct WriteExecutor {
     pub app: Arc<App>,
@@ -327,25 +360,63 @@ pub struct WriteExecutor {
 
 #[tonic::async_trait]
 impl Executor for WriteExecutor {
-    async fn execute(
-        &self,
-        method: &str,
-        request: &[u8],
-        delivery_id: &str,
-        verify_since_ms: Option<i64>,
-    ) -> Attempt {
+    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
+        let ctx = delivery_context(self.app.config.auth.callers.as_ref(), delivery.owner);
         // The delivery id names the attempt's survey cool-down reservations: a retry of the
         // delivery passes the reservations its earlier attempt made.
-        let attempt = rpcs::deliver(&self.app, method, request, delivery_id, verify_since_ms);
-        match crate::domain::fatigue::within_delivery(delivery_id, attempt).await {
+        let attempt = rpcs::deliver(&self.app, delivery, ctx);
+        match crate::domain::fatigue::within_delivery(delivery.delivery_id, attempt).await {
             Some(attempt) => attempt,
             None => Attempt::Failed {
                 error: DeliveryError::from(&Error::new(
                     ErrorCode::Unimplemented,
                     Reason::NotImplemented,
-                    format!("{method} cannot be delivered by this build"),
+                    format!("{} cannot be delivered by this build", delivery.method),
                 )),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::CallersSource;
+    use crate::config::Secret;
+    use crate::upstream::Priority;
+
+    fn registry(names: &[&str]) -> CallerRegistry {
+        let text: String = names
+            .iter()
+            .map(|name| {
+                format!(
+                    "[[caller]]\nname = \"{name}\"\nclient_subjects = [\"{name}.svc\"]\n\
+                     permissions = []\nweight = 3\n"
+                )
+            })
+            .collect();
+        CallerRegistry::load(CallersSource::Inline(Secret::new(text))).unwrap()
+    }
+
+    /// A caller's queued write reaches the scheduler as that caller (whose weight and quota the
+    /// lane looks up by name), at background priority; everyone else's as the background flow.
+    #[test]
+    fn queued_writes_run_as_their_owner_while_it_is_a_caller() {
+        let callers = registry(&["web", "billing"]);
+        let web = Owner::Caller(Arc::from("web"));
+        let ctx = delivery_context(Some(&callers), &web);
+        assert_eq!(ctx.caller.as_deref(), Some("web"));
+        assert_eq!(ctx.priority, Priority::Background);
+        assert_eq!(ctx.deadline, None);
+        for owner in [Owner::Gateway, Owner::Anonymous] {
+            let ctx = delivery_context(Some(&callers), &owner);
+            assert_eq!(ctx.caller, None, "{owner:?}");
+            assert_eq!(ctx.priority, Priority::Background);
+        }
+        // Removed from the callers file: still delivered, in the background flow.
+        let retired = Owner::Caller(Arc::from("retired"));
+        assert_eq!(delivery_context(Some(&callers), &retired).caller, None);
+        // Authentication turned off since: no caller's share applies.
+        assert_eq!(delivery_context(None, &web).caller, None);
     }
 }

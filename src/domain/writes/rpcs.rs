@@ -22,7 +22,7 @@ use prost::Message as _;
 use super::{WriteRpc, customers, events, replay, survey_delivery, surveys};
 use crate::app::App;
 use crate::auth::Permission;
-use crate::domain::outbox::Attempt;
+use crate::domain::outbox::{Attempt, DeliveryAttempt};
 use crate::error::Error;
 use crate::pb;
 use crate::upstream::CallContext;
@@ -109,24 +109,30 @@ macro_rules! write_rpcs {
             }
         )*
 
-        /// One outbox attempt of a queued write of `method`; `None` for a method this build
-        /// does not know.
+        /// One outbox attempt of a queued write, made with `ctx` (the context of
+        /// its owner, see [`super::delivery_context`]); `None` for a method this build does not
+        /// know.
         pub(crate) async fn deliver(
             app: &Arc<App>,
-            method: &str,
-            request: &[u8],
-            delivery_id: &str,
-            verify_since_ms: Option<i64>,
+            delivery: DeliveryAttempt<'_>,
+            ctx: CallContext,
         ) -> Option<Attempt> {
+            let DeliveryAttempt {
+                method,
+                request,
+                delivery_id,
+                verify_since_ms,
+                ..
+            } = delivery;
             // Not every row reads the verification window; only `deliver` columns do.
             let _ = verify_since_ms;
             Some(match method {
                 $(methods::$name => {
-                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms,
+                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms, ctx,
                         $request $(, $deliver)?)
                 })*
                 $(methods::$alias => {
-                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms, $queued)
+                    write_rpcs!(@deliver app, request, delivery_id, verify_since_ms, ctx, $queued)
                 })*
                 _ => return None,
             })
@@ -154,12 +160,13 @@ macro_rules! write_rpcs {
             None
         }
     };
-    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident,
+    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident, $ctx:ident,
         $type:ty, $deliver:path) => {
-        $deliver($app, $request, $delivery_id, $verify).await
+        $deliver($app, $request, $delivery_id, $verify, $ctx).await
     };
-    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident, $type:ty) => {
-        replay::<$type>($app, $request, $delivery_id).await
+    (@deliver $app:ident, $request:ident, $delivery_id:ident, $verify:ident, $ctx:ident,
+        $type:ty) => {
+        replay::<$type>($app, $request, $delivery_id, $ctx).await
     };
 }
 

@@ -47,6 +47,7 @@ pub(crate) async fn deliver_send_survey<R>(
     request: &[u8],
     delivery_id: &str,
     verify_since_ms: Option<i64>,
+    ctx: CallContext,
 ) -> Attempt
 where
     R: WriteRpc<Command = SendSurvey, Outcome = Vec<RecipientResult>>,
@@ -55,7 +56,6 @@ where
         Ok(request) => request.command(),
         Err(failed) => return failed,
     };
-    let ctx = CallContext::background();
     let started_ms = now_ms();
     let surveyed = match verify_since_ms {
         None => HashSet::new(),

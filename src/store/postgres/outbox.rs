@@ -417,7 +417,7 @@ impl OutboxStore for PostgresStore {
                 let rows = tx
                     .query(
                         "SELECT d.seq, d.delivery_id, d.method, d.request, d.attempt_count,
-                            d.traceparent, d.verify_since_ms FROM outbox d
+                            d.traceparent, d.verify_since_ms, d.owner FROM outbox d
                          WHERE d.state IN ($1, $2) AND d.next_attempt_ms <= $3
                            AND NOT EXISTS (
                              SELECT 1 FROM outbox_keys k
@@ -459,6 +459,7 @@ impl OutboxStore for PostgresStore {
                             .saturating_add(1),
                         traceparent: row.get(5),
                         verify_since_ms: row.get(6),
+                        owner: row.get(7),
                     })
                     .collect())
             })

@@ -184,7 +184,7 @@ impl OutboxStore for SqliteStore {
             let now = now_ms();
             let mut statement = tx.prepare_cached(
                 "SELECT d.seq, d.delivery_id, d.method, d.request, d.attempt_count,
-                    d.traceparent, d.verify_since_ms FROM outbox d
+                    d.traceparent, d.verify_since_ms, d.owner FROM outbox d
                  WHERE d.state IN (1, 3) AND d.next_attempt_ms <= ?1
                    AND NOT EXISTS (
                      SELECT 1 FROM outbox_keys k
@@ -206,6 +206,7 @@ impl OutboxStore for SqliteStore {
                                 attempts: row.get::<_, u32>(4)? + 1,
                                 traceparent: row.get(5)?,
                                 verify_since_ms: row.get(6)?,
+                                owner: row.get(7)?,
                             },
                         ))
                     },
