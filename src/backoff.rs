@@ -150,6 +150,26 @@ impl FailureStreak {
     }
 }
 
+/// Logs one [`Failure`] of a retried loop when its [`FailureStreak`] lets the line through: the
+/// error, the failures so far and the lines left out since the last one, plus `retry_in_ms` where
+/// the loop waits out the delay before its next attempt. A macro rather than a function so each
+/// line keeps the level and the target (module) of the loop that failed.
+macro_rules! log_failure {
+    ($level:ident, $failure:expr, $error:expr, $($retry_in_ms:ident,)? $message:literal) => {
+        if let Some(suppressed) = $failure.log {
+            tracing::event!(
+                tracing::Level::$level,
+                error = %$error,
+                failures = $failure.failures,
+                suppressed,
+                $($retry_in_ms = $failure.delay.as_millis(),)?
+                $message
+            );
+        }
+    };
+}
+pub(crate) use log_failure;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use prost::Message as _;
 use crate::alerts::metrics::{AlertOutcomeLabel, count};
 use crate::alerts::payload::{AlertRecord, FeedbackFacts};
 use crate::alerts::rules::{EventKind, RuleSet};
-use crate::backoff::FailureStreak;
+use crate::backoff::{FailureStreak, log_failure};
 use crate::domain::Owner;
 use crate::domain::outbox::{Outbox, new_delivery_id};
 use crate::error::Error;
@@ -101,15 +101,13 @@ impl Evaluator {
                 }
                 Err(error) => {
                     let failure = streak.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::error!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            retry_in_ms = failure.delay.as_millis(),
-                            "cannot evaluate alert rules"
-                        );
-                    }
+                    log_failure!(
+                        ERROR,
+                        failure,
+                        error,
+                        retry_in_ms,
+                        "cannot evaluate alert rules"
+                    );
                     tokio::select! {
                         () = tokio::time::sleep(failure.delay) => {}
                         () = self.drain.clone().signaled() => return,

@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::backoff::{Backoff, FailureStreak, LogLimit};
+use crate::backoff::{Backoff, FailureStreak, LogLimit, log_failure};
 use crate::domain::{Owner, Visibility};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::readiness::Readiness;
@@ -502,15 +502,13 @@ impl Outbox {
                 }
                 Err(error) => {
                     let failure = streak.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::error!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            retry_in_ms = failure.delay.as_millis(),
-                            "cannot recover in-flight deliveries, not ready until this succeeds"
-                        );
-                    }
+                    log_failure!(
+                        ERROR,
+                        failure,
+                        error,
+                        retry_in_ms,
+                        "cannot recover in-flight deliveries, not ready until this succeeds"
+                    );
                     // After the line, so whoever sees the stage change finds the reason logged.
                     readiness.mark_retrying();
                     tokio::select! {
@@ -558,15 +556,13 @@ impl Outbox {
                     }
                     Err(error) => {
                         let failure = claims.failed();
-                        if let Some(suppressed) = failure.log {
-                            tracing::error!(
-                                %error,
-                                failures = failure.failures,
-                                suppressed,
-                                retry_in_ms = failure.delay.as_millis(),
-                                "cannot claim deliveries"
-                            );
-                        }
+                        log_failure!(
+                            ERROR,
+                            failure,
+                            error,
+                            retry_in_ms,
+                            "cannot claim deliveries"
+                        );
                         // A delivery queued meanwhile proves the store takes writes again.
                         tokio::select! {
                             () = self.wake.notified() => {}
@@ -615,9 +611,7 @@ impl Outbox {
                 }
                 Err(error) => {
                     let failure = reads.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::error!(%error, failures = failure.failures, suppressed, "cannot read the outbox");
-                    }
+                    log_failure!(ERROR, failure, error, "cannot read the outbox");
                     failure.delay.max(Duration::from_secs(1))
                 }
             };

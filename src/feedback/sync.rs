@@ -38,7 +38,7 @@ use super::hub::Hub;
 use super::ingest::{Checkpoint, Ingest};
 use super::log::{Observed, Origin};
 use super::stats::FeedbackStats;
-use crate::backoff::FailureStreak;
+use crate::backoff::{FailureStreak, log_failure};
 use crate::error::Error;
 use crate::shutdown::Drain;
 use crate::store::Store;
@@ -283,14 +283,12 @@ impl Poller {
                 }
                 Err(error) => {
                     let failure = failures.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::warn!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            "cannot read the feedback sync state, retrying"
-                        );
-                    }
+                    log_failure!(
+                        WARN,
+                        failure,
+                        error,
+                        "cannot read the feedback sync state, retrying"
+                    );
                     if self.pause_for(failure.delay).await {
                         return;
                     }
@@ -341,15 +339,13 @@ impl Poller {
                 Err(error) => {
                     FeedbackStats::add(&self.stats.poll_failures, 1);
                     let failure = failures.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::warn!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            retry_in_ms = failure.delay.as_millis(),
-                            "feedback poll failed, retrying later"
-                        );
-                    }
+                    log_failure!(
+                        WARN,
+                        failure,
+                        error,
+                        retry_in_ms,
+                        "feedback poll failed, retrying later"
+                    );
                     retry_in = Some(failure.delay);
                 }
             }
