@@ -150,25 +150,43 @@ impl FailureStreak {
     }
 }
 
-/// Logs one [`Failure`] of a retried loop when its [`FailureStreak`] lets the line through: the
-/// error, the failures so far and the lines left out since the last one, plus `retry_in_ms` where
-/// the loop waits out the delay before its next attempt. A macro rather than a function so each
-/// line keeps the level and the target (module) of the loop that failed.
-macro_rules! log_failure {
-    ($level:ident, $failure:expr, $error:expr, $($retry_in_ms:ident,)? $message:literal) => {
-        if let Some(suppressed) = $failure.log {
+/// Counts one failure of a retried loop on its [`FailureStreak`] and returns the [`Failure`],
+/// logging it when the streak lets the line through: the error, the failures so far and the lines
+/// left out since the last one, plus `retry_in_ms` where the loop waits out the delay before its
+/// next attempt. Macros rather than a function so each line keeps the target (module) of the loop
+/// that failed; [`failed_warn`] and [`failed_error`] name the level.
+macro_rules! failed_at {
+    ($level:ident, $streak:expr, $error:expr, $($retry_in_ms:ident,)? $message:literal) => {{
+        let failure = $streak.failed();
+        if let Some(suppressed) = failure.log {
             tracing::event!(
                 tracing::Level::$level,
                 error = %$error,
-                failures = $failure.failures,
+                failures = failure.failures,
                 suppressed,
-                $($retry_in_ms = $failure.delay.as_millis(),)?
+                $($retry_in_ms = failure.delay.as_millis(),)?
                 $message
             );
         }
+        failure
+    }};
+}
+
+/// [`failed_at`] at level WARN: a failure the loop gets over by itself.
+macro_rules! failed_warn {
+    ($($arguments:tt)*) => {
+        $crate::backoff::failed_at!(WARN, $($arguments)*)
     };
 }
-pub(crate) use log_failure;
+
+/// [`failed_at`] at level ERROR: a failure that keeps the gateway from doing its job meanwhile.
+macro_rules! failed_error {
+    ($($arguments:tt)*) => {
+        $crate::backoff::failed_at!(ERROR, $($arguments)*)
+    };
+}
+
+pub(crate) use {failed_at, failed_error, failed_warn};
 
 #[cfg(test)]
 mod tests {

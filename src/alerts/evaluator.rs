@@ -13,7 +13,7 @@ use prost::Message as _;
 use crate::alerts::metrics::{AlertOutcomeLabel, count};
 use crate::alerts::payload::{AlertRecord, FeedbackFacts};
 use crate::alerts::rules::{EventKind, RuleSet};
-use crate::backoff::{FailureStreak, log_failure};
+use crate::backoff::{FailureStreak, failed_error};
 use crate::domain::Owner;
 use crate::domain::outbox::{Outbox, new_delivery_id};
 use crate::error::Error;
@@ -100,14 +100,8 @@ impl Evaluator {
                     }
                 }
                 Err(error) => {
-                    let failure = streak.failed();
-                    log_failure!(
-                        ERROR,
-                        failure,
-                        error,
-                        retry_in_ms,
-                        "cannot evaluate alert rules"
-                    );
+                    let failure =
+                        failed_error!(streak, error, retry_in_ms, "cannot evaluate alert rules");
                     tokio::select! {
                         () = tokio::time::sleep(failure.delay) => {}
                         () = self.drain.clone().signaled() => return,

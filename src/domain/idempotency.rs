@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::backoff::{FailureStreak, log_failure};
+use crate::backoff::{FailureStreak, failed_warn};
 use crate::domain::Owner;
 use crate::error::{Error, ErrorCode, Reason};
 use crate::shutdown::{Drain, Rounds};
@@ -242,10 +242,8 @@ impl Idempotency {
                     }
                 }
                 Err(error) => {
-                    let failure = failures.failed();
-                    log_failure!(
-                        WARN,
-                        failure,
+                    failed_warn!(
+                        failures,
                         error,
                         "cannot purge expired idempotency records, retrying at the next round"
                     );

@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::backoff::{Backoff, FailureStreak, LogLimit, log_failure};
+use crate::backoff::{Backoff, FailureStreak, LogLimit, failed_error};
 use crate::domain::{Owner, Visibility};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::readiness::Readiness;
@@ -501,10 +501,8 @@ impl Outbox {
                     return true;
                 }
                 Err(error) => {
-                    let failure = streak.failed();
-                    log_failure!(
-                        ERROR,
-                        failure,
+                    let failure = failed_error!(
+                        streak,
                         error,
                         retry_in_ms,
                         "cannot recover in-flight deliveries, not ready until this succeeds"
@@ -555,14 +553,8 @@ impl Outbox {
                         claimed
                     }
                     Err(error) => {
-                        let failure = claims.failed();
-                        log_failure!(
-                            ERROR,
-                            failure,
-                            error,
-                            retry_in_ms,
-                            "cannot claim deliveries"
-                        );
+                        let failure =
+                            failed_error!(claims, error, retry_in_ms, "cannot claim deliveries");
                         // A delivery queued meanwhile proves the store takes writes again.
                         tokio::select! {
                             () = self.wake.notified() => {}
@@ -610,8 +602,7 @@ impl Outbox {
                     }
                 }
                 Err(error) => {
-                    let failure = reads.failed();
-                    log_failure!(ERROR, failure, error, "cannot read the outbox");
+                    let failure = failed_error!(reads, error, "cannot read the outbox");
                     failure.delay.max(Duration::from_secs(1))
                 }
             };

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::clock::Clock;
 use super::log::FeedbackLog;
 use super::stats::FeedbackStats;
-use crate::backoff::{FailureStreak, log_failure};
+use crate::backoff::{FailureStreak, failed_warn};
 use crate::error::Error;
 use crate::shutdown::{Drain, Rounds};
 
@@ -99,10 +99,8 @@ pub async fn run(
                 deleted
             }
             Err(error) => {
-                let failure = failures.failed();
-                log_failure!(
-                    WARN,
-                    failure,
+                failed_warn!(
+                    failures,
                     error,
                     "feedback log retention failed, retrying at the next round"
                 );

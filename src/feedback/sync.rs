@@ -38,7 +38,7 @@ use super::hub::Hub;
 use super::ingest::{Checkpoint, Ingest};
 use super::log::{Observed, Origin};
 use super::stats::FeedbackStats;
-use crate::backoff::{FailureStreak, log_failure};
+use crate::backoff::{FailureStreak, failed_warn};
 use crate::error::Error;
 use crate::shutdown::Drain;
 use crate::store::Store;
@@ -282,10 +282,8 @@ impl Poller {
                     };
                 }
                 Err(error) => {
-                    let failure = failures.failed();
-                    log_failure!(
-                        WARN,
-                        failure,
+                    let failure = failed_warn!(
+                        failures,
                         error,
                         "cannot read the feedback sync state, retrying"
                     );
@@ -338,10 +336,8 @@ impl Poller {
                 }
                 Err(error) => {
                     FeedbackStats::add(&self.stats.poll_failures, 1);
-                    let failure = failures.failed();
-                    log_failure!(
-                        WARN,
-                        failure,
+                    let failure = failed_warn!(
+                        failures,
                         error,
                         retry_in_ms,
                         "feedback poll failed, retrying later"
