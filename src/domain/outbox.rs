@@ -187,24 +187,9 @@ pub struct RetryResult {
     pub error: Option<DeliveryError>,
 }
 
-/// A write to queue, as the write path describes it.
-#[derive(Debug, Clone)]
-pub struct NewDelivery {
-    /// The RPC it came from (`UpsertCustomers`), which tells the executor how to read `request`.
-    pub method: String,
-    /// The validated request, as the executor will replay it.
-    pub request: Vec<u8>,
-    /// `cx.gateway.v1.Destination` numbers it writes to.
-    pub destinations: Vec<i32>,
-    pub item_count: u32,
-    /// The customers it touches; see the module doc on ordering.
-    pub ordering_keys: Vec<String>,
-    pub idempotency_key: Option<String>,
-    /// Whether sending it twice is harmless (upserts, deletes) or not (events, survey sends).
-    pub replay_safe: bool,
-    /// Who queued it: only they (or an admin) see and requeue it.
-    pub owner: Owner,
-}
+/// A write to queue, as the write path describes it: owned by the domain's [`Owner`]. The
+/// customers it touches (`ordering_keys`) order it; see the module doc.
+pub type NewDelivery = crate::store::outbox::NewDelivery<Owner>;
 
 #[derive(Clone)]
 pub struct Outbox {
@@ -279,16 +264,7 @@ impl Outbox {
         let traceparent = crate::telemetry::propagation::traceparent(&span);
         let queued = QueuedDelivery {
             delivery_id: delivery_id.clone(),
-            delivery: crate::store::outbox::NewDelivery {
-                method: delivery.method,
-                request: delivery.request,
-                destinations: delivery.destinations,
-                item_count: delivery.item_count,
-                ordering_keys: delivery.ordering_keys,
-                idempotency_key: delivery.idempotency_key,
-                replay_safe: delivery.replay_safe,
-                owner: delivery.owner.stored().to_owned(),
-            },
+            delivery: delivery.map_owner(|owner| owner.stored().to_owned()),
             expire_ms,
             traceparent,
         };

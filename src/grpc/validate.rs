@@ -474,6 +474,27 @@ pub(crate) fn violated_fields<T>(outcome: Result<T, crate::error::Error>) -> Vec
     }
 }
 
+/// A filter on an enum field: `None` when left unspecified (no filter), its number when it names
+/// a value of `E`; an unknown number is a violation of `field`.
+pub fn enum_filter<E>(
+    v: &mut Violations,
+    field: impl Into<String>,
+    value: i32,
+    unknown: &'static str,
+) -> Option<i32>
+where
+    E: TryFrom<i32> + Default + PartialEq,
+{
+    match E::try_from(value) {
+        Ok(known) if known == E::default() => None,
+        Ok(_) => Some(value),
+        Err(_) => {
+            v.add(field, unknown);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,21 @@ fn max_in_any_window(grants: &[Instant], window: Duration) -> usize {
         .unwrap_or(0)
 }
 
+/// One idempotent call on `lane` whose attempt, once granted, appends `mark()` to `log`.
+pub(super) async fn call_logging<T>(
+    lane: &Lane,
+    ctx: &CallContext,
+    log: &Arc<Mutex<Vec<T>>>,
+    mark: impl Fn() -> T,
+) -> Result<()> {
+    let mark = &mark;
+    lane.call(ctx, Idempotency::Idempotent, |_| async move {
+        log.lock().unwrap().push(mark());
+        Ok::<_, AttemptError>(())
+    })
+    .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn queued_calls_never_exceed_the_budget_in_any_window() {
     let lane = Lane::new(
@@ -63,14 +78,7 @@ async fn queued_calls_never_exceed_the_budget_in_any_window() {
         let sent = Arc::clone(&sent);
         tasks.push(tokio::spawn(async move {
             let ctx = CallContext::interactive_within(Duration::from_secs(200));
-            lane.call(&ctx, Idempotency::Idempotent, |_| {
-                let sent = Arc::clone(&sent);
-                async move {
-                    sent.lock().unwrap().push(Instant::now());
-                    Ok::<_, AttemptError>(())
-                }
-            })
-            .await
+            call_logging(&lane, &ctx, &sent, Instant::now).await
         }));
     }
     for task in tasks {
@@ -191,14 +199,7 @@ async fn interactive_goes_first_and_background_does_not_starve() {
                 caller: None,
             };
             tasks.push(tokio::spawn(async move {
-                lane.call(&ctx, Idempotency::Idempotent, |_| {
-                    let order = Arc::clone(&order);
-                    async move {
-                        order.lock().unwrap().push(priority);
-                        Ok::<_, AttemptError>(())
-                    }
-                })
-                .await
+                call_logging(&lane, &ctx, &order, || priority).await
             }));
         }
     }
