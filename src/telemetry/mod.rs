@@ -98,15 +98,13 @@ pub fn init(config: &Config) -> anyhow::Result<()> {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             // Span fields are formatted by the layer, the line by the event format: both follow.
             .with_ansi(ansi)
-            .event_format(logfmt::TextFormat::new(ansi, slot.clone()))
+            .event_format(logfmt::LineFormat::text(ansi, slot.clone()))
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_ansi(false)
             .fmt_fields(JsonFields::new())
-            .event_format(logfmt::JsonFormat {
-                dispatch: slot.clone(),
-            })
+            .event_format(logfmt::LineFormat::json(slot.clone()))
             .with_filter(filter)
             .boxed(),
     };
