@@ -285,15 +285,22 @@ fn a_file_with_a_mistake_is_refused_with_where_and_why() {
     }
 }
 
+/// A rules file of one rule sending `campaign` on `event`.
+fn one_rule(id: &str, event: &str, campaign: &str) -> String {
+    format!("[[rule]]\nid = \"{id}\"\nevents = [\"{event}\"]\ncampaign = \"{campaign}\"\n")
+}
+
+/// Writes `contents` to `name` in `dir` and returns its path.
+fn write_file(dir: &tempfile::TempDir, name: &str, contents: &str) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
 #[test]
 fn environment_mappings_join_the_file_rules_unless_a_file_rule_covers_them() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("rules.toml");
-    std::fs::write(
-        &path,
-        "[[rule]]\nid = \"orders\"\nevents = [\"order\"]\ncampaign = \"c1\"\n",
-    )
-    .unwrap();
+    let path = write_file(&dir, "rules.toml", &one_rule("orders", "order", "c1"));
     let mut environment = EventMappings::new();
     environment.insert("order".into(), vec!["c1".into(), "c2".into()]);
     let rules = EventRules::load(Some(path), environment).unwrap();
@@ -306,21 +313,12 @@ fn environment_mappings_join_the_file_rules_unless_a_file_rule_covers_them() {
 #[test]
 fn a_reload_takes_a_good_file_and_refuses_a_bad_one_keeping_the_rules_in_force() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("rules.toml");
-    std::fs::write(
-        &path,
-        "[[rule]]\nid = \"one\"\nevents = [\"e\"]\ncampaign = \"c1\"\n",
-    )
-    .unwrap();
+    let path = write_file(&dir, "rules.toml", &one_rule("one", "e", "c1"));
     let rules = EventRules::load(Some(path.clone()), EventMappings::new()).unwrap();
     let first = rules.current();
     assert_eq!(rules.reload(), Ok(Reloaded::Unchanged));
 
-    std::fs::write(
-        &path,
-        "[[rule]]\nid = \"two\"\nevents = [\"e\"]\ncampaign = \"c2\"\n",
-    )
-    .unwrap();
+    std::fs::write(&path, one_rule("two", "e", "c2")).unwrap();
     assert_eq!(rules.reload(), Ok(Reloaded::Replaced { rules: 1 }));
     let second = rules.current();
     assert_eq!(second.rules[0].id, "two");
@@ -344,14 +342,8 @@ fn a_reload_takes_a_good_file_and_refuses_a_bad_one_keeping_the_rules_in_force()
 fn the_settings_load_the_rules_file_and_the_cooldown_and_refuse_bad_ones() {
     use crate::config::{Config, MapSource, UpstreamMode};
     let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("good.toml");
-    std::fs::write(
-        &good,
-        "[[rule]]\nid = \"a\"\nevents = [\"e\"]\ncampaign = \"c1\"\n",
-    )
-    .unwrap();
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[[rule]]\nid = \"a\"\nevents = [\"e\"]\n").unwrap();
+    let good = write_file(&dir, "good.toml", &one_rule("a", "e", "c1"));
+    let bad = write_file(&dir, "bad.toml", "[[rule]]\nid = \"a\"\nevents = [\"e\"]\n");
     let load =
         |pairs: Vec<(&str, &str)>| Config::load(&MapSource::new(pairs), UpstreamMode::Sandbox);
 
