@@ -15,17 +15,12 @@ use crate::upstream::scheduler::AttemptError;
 
 pub const UPSTREAM: &str = "retainly";
 
-pub(crate) mod routes {
-    use crate::upstream::http::Route;
-
-    pub const UPSERT_CUSTOMERS: Route = Route::new("POST", "/customers", "customer");
-    pub const DELETE_CUSTOMERS: Route = Route::new("DELETE", "/customers", "customer");
-    pub const UPSERT_ARRAYS: Route = Route::new("POST", "/arrays", "customer");
-    pub const DELETE_ARRAYS: Route = Route::new("DELETE", "/arrays", "customer");
-    pub const EVENTS: Route = Route::new("POST", "/events", "customer");
-}
-
-use routes::*;
+// Every endpoint acts on customers: a 404 from any of them is about a customer.
+const UPSERT_CUSTOMERS: Route = Route::new("POST", "/customers", "customer");
+const DELETE_CUSTOMERS: Route = Route::new("DELETE", "/customers", "customer");
+const UPSERT_ARRAYS: Route = Route::new("POST", "/arrays", "customer");
+const DELETE_ARRAYS: Route = Route::new("DELETE", "/arrays", "customer");
+const EVENTS: Route = Route::new("POST", "/events", "customer");
 
 /// A request of one of the batch endpoints, 1–10,000 entries each.
 #[derive(Debug, Clone, Copy)]
