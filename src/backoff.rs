@@ -143,29 +143,50 @@ impl FailureStreak {
         }
     }
 
-    /// Counts a failure and logs it as an error line, `message` with the error, the count and
-    /// the wait (at most one line per [`LOG_EVERY`], saying how many were left out); returns how
-    /// long to wait before trying again.
-    pub fn failed_and_logged(&mut self, error: &dyn std::fmt::Display, message: &str) -> Duration {
-        let failure = self.failed();
-        if let Some(suppressed) = failure.log {
-            tracing::error!(
-                %error,
-                failures = failure.failures,
-                suppressed,
-                retry_in_ms = failure.delay.as_millis(),
-                "{message}"
-            );
-        }
-        failure.delay
-    }
-
     /// Ends the streak; returns how many failures it had (0 when there was none), so the loop can
     /// say once that the operation works again.
     pub fn succeeded(&mut self) -> u32 {
         self.backoff.reset()
     }
 }
+
+/// Counts one failure of a retried loop on its [`FailureStreak`] and returns the [`Failure`],
+/// logging it when the streak lets the line through: the error, the failures so far and the lines
+/// left out since the last one, plus `retry_in_ms` where the loop waits out the delay before its
+/// next attempt. Macros rather than a function so each line keeps the target (module) of the loop
+/// that failed; [`failed_warn`] and [`failed_error`] name the level.
+macro_rules! failed_at {
+    ($level:ident, $streak:expr, $error:expr, $($retry_in_ms:ident,)? $message:literal) => {{
+        let failure = $streak.failed();
+        if let Some(suppressed) = failure.log {
+            tracing::event!(
+                tracing::Level::$level,
+                error = %$error,
+                failures = failure.failures,
+                suppressed,
+                $($retry_in_ms = failure.delay.as_millis(),)?
+                $message
+            );
+        }
+        failure
+    }};
+}
+
+/// [`failed_at`] at level WARN: a failure the loop gets over by itself.
+macro_rules! failed_warn {
+    ($($arguments:tt)*) => {
+        $crate::backoff::failed_at!(WARN, $($arguments)*)
+    };
+}
+
+/// [`failed_at`] at level ERROR: a failure that keeps the gateway from doing its job meanwhile.
+macro_rules! failed_error {
+    ($($arguments:tt)*) => {
+        $crate::backoff::failed_at!(ERROR, $($arguments)*)
+    };
+}
+
+pub(crate) use {failed_at, failed_error, failed_warn};
 
 #[cfg(test)]
 mod tests {

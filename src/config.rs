@@ -1055,6 +1055,15 @@ mod tests {
         assert_eq!(error.key, "CXGW_POSTGRES_POLLER_LEASE");
     }
 
+    /// Loads the settings `base` with `extra` added (a later pair of a key wins).
+    fn load(
+        base: &[(&'static str, &'static str)],
+        extra: &[(&str, &str)],
+    ) -> Result<Config, ConfigError> {
+        let pairs = base.iter().chain(extra).copied();
+        Config::load(&MapSource::new(pairs), UpstreamMode::Real)
+    }
+
     fn keys() -> Vec<(&'static str, &'static str)> {
         vec![
             ("CXGW_TRUSTED_MESH", "true"),
@@ -1066,7 +1075,7 @@ mod tests {
 
     #[test]
     fn the_segment_intake_is_off_unless_given_an_address() {
-        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        let config = load(&keys(), &[]).unwrap();
         assert!(config.segment.is_none());
         let mut settings = keys();
         settings.push(("CXGW_SEGMENT_LISTEN_ADDR", "127.0.0.1:8088"));
@@ -1083,7 +1092,7 @@ mod tests {
 
     #[test]
     fn defaults_apply_when_only_keys_are_set() {
-        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        let config = load(&keys(), &[]).unwrap();
         assert_eq!(config.grpc_addr.port(), 50051);
         assert_eq!(config.admin_addr.port(), 8080);
         assert_eq!(config.retently.requests_per_minute, 150);
@@ -1118,31 +1127,25 @@ mod tests {
             ("CXGW_RETENTLY_BASE_URL", "ftp://example.com"),
             ("CXGW_MAX_CONCURRENT_STREAMS", "-1"),
         ] {
-            let mut pairs = keys();
-            pairs.push((key, value));
-            let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+            let error = load(&keys(), &[(key, value)]).unwrap_err();
             assert_eq!(error.key, key, "{value}");
         }
     }
 
     #[test]
     fn the_drain_delay_is_read_from_the_environment_and_the_file() {
-        let mut pairs = keys();
-        pairs.push(("CXGW_DRAIN_DELAY", "5s"));
-        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        let config = load(&keys(), &[("CXGW_DRAIN_DELAY", "5s")]).unwrap();
         assert_eq!(config.drain_delay, Duration::from_secs(5));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gateway.toml");
         std::fs::write(&file, "drain_delay = \"1500ms\"\n").unwrap();
-        let mut pairs: Vec<(&str, &str)> = keys();
-        pairs.push(("CXGW_CONFIG_FILE", file.to_str().unwrap()));
-        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        let config = load(&keys(), &[("CXGW_CONFIG_FILE", file.to_str().unwrap())]).unwrap();
         assert_eq!(config.drain_delay, Duration::from_millis(1500));
     }
 
     #[test]
     fn secrets_are_never_printed() {
-        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        let config = load(&keys(), &[]).unwrap();
         let printed = format!("{config:?}");
         assert!(!printed.contains("rk-canary-123"));
         assert!(!printed.contains("secret-canary"));
@@ -1151,12 +1154,8 @@ mod tests {
 
     #[test]
     fn credentials_in_urls_are_refused_without_echoing_them() {
-        let mut pairs = keys();
-        pairs.push((
-            "CXGW_RETENTLY_BASE_URL",
-            "https://user:hunter2@app.retently.com",
-        ));
-        let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+        let url = "https://user:hunter2@app.retently.com";
+        let error = load(&keys(), &[("CXGW_RETENTLY_BASE_URL", url)]).unwrap_err();
         assert_eq!(error.key, "CXGW_RETENTLY_BASE_URL");
         assert!(!error.to_string().contains("hunter2"), "{error}");
     }
@@ -1189,30 +1188,22 @@ mod tests {
 
     #[test]
     fn event_mappings_parse_and_reject_malformed_entries() {
-        let mut pairs = keys();
-        pairs.push((
-            "CXGW_EVENT_MAPPINGS",
-            " order_completed = c1, c2 ; signup=c3;",
-        ));
-        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        let mappings = " order_completed = c1, c2 ; signup=c3;";
+        let config = load(&keys(), &[("CXGW_EVENT_MAPPINGS", mappings)]).unwrap();
         assert_eq!(
             config.event_mappings.get("order_completed").unwrap(),
             &["c1".to_owned(), "c2".to_owned()]
         );
         assert_eq!(config.event_mappings.len(), 2);
         for bad in ["no_equals", "e=", "=c1", "a=c1;a=c2"] {
-            let mut pairs = keys();
-            pairs.push(("CXGW_EVENT_MAPPINGS", bad));
-            let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+            let error = load(&keys(), &[("CXGW_EVENT_MAPPINGS", bad)]).unwrap_err();
             assert_eq!(error.key, "CXGW_EVENT_MAPPINGS", "{bad}");
         }
     }
 
     #[test]
     fn a_secret_and_its_file_variant_together_are_refused() {
-        let mut pairs = keys();
-        pairs.push(("CXGW_RETENTLY_API_KEY_FILE", "/nonexistent"));
-        let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+        let error = load(&keys(), &[("CXGW_RETENTLY_API_KEY_FILE", "/nonexistent")]).unwrap_err();
         assert_eq!(error.key, "CXGW_RETENTLY_API_KEY");
     }
 
@@ -1238,7 +1229,7 @@ mod tests {
                 "{error} should name {named}"
             );
         }
-        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        let config = load(&keys(), &[]).unwrap();
         assert!(config.auth.callers.is_none());
         assert!(config.auth.trusted_mesh);
         let sandbox = Config::load(&MapSource::default(), UpstreamMode::Sandbox).unwrap();
@@ -1251,9 +1242,7 @@ mod tests {
         let text = format!(
             "[[caller]]\nname = \"a\"\ntoken_sha256 = \"{digest}\"\npermissions = [\"read\"]\n"
         );
-        let mut pairs: Vec<(&str, &str)> = without_mesh();
-        pairs.push(("CXGW_CALLERS", &text));
-        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        let config = load(&without_mesh(), &[("CXGW_CALLERS", &text)]).unwrap();
         let callers = config.auth.callers.clone().unwrap().current();
         assert!(callers.by_token("test").is_some());
         assert!(!format!("{:?}", config.auth.callers).contains(digest));
@@ -1261,19 +1250,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("callers.toml");
         std::fs::write(&file, text.replace("read", "rread")).unwrap();
-        let mut pairs = without_mesh();
-        pairs.push(("CXGW_CALLERS_FILE", file.to_str().unwrap()));
-        let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+        let error = load(
+            &without_mesh(),
+            &[("CXGW_CALLERS_FILE", file.to_str().unwrap())],
+        )
+        .unwrap_err();
         assert_eq!(error.key, "CXGW_CALLERS_FILE");
         assert!(
             error.reason.contains("unknown permission `rread`"),
             "{error}"
         );
 
-        let mut pairs: Vec<(&str, &str)> = without_mesh();
-        pairs.push(("CXGW_CALLERS_FILE", "/nonexistent/callers.toml"));
-        pairs.push(("CXGW_CALLERS", &text));
-        let error = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap_err();
+        let error = load(
+            &without_mesh(),
+            &[
+                ("CXGW_CALLERS_FILE", "/nonexistent/callers.toml"),
+                ("CXGW_CALLERS", &text),
+            ],
+        )
+        .unwrap_err();
         assert_eq!(error.key, "CXGW_CALLERS");
     }
 
@@ -1318,7 +1313,7 @@ mod tests {
 
     #[test]
     fn feedback_and_webhook_settings_have_defaults_and_are_checked() {
-        let config = Config::load(&MapSource::new(keys()), UpstreamMode::Real).unwrap();
+        let config = load(&keys(), &[]).unwrap();
         assert!(config.feedback.sync);
         assert_eq!(config.feedback.poll_interval, Duration::from_secs(10));
         assert_eq!(config.feedback.heartbeat_interval, Duration::from_secs(15));
@@ -1329,10 +1324,14 @@ mod tests {
         assert!(config.webhook.secret.is_none());
         assert_eq!(config.webhook.secret_header, "x-cx-webhook-secret");
 
-        let mut pairs = keys();
-        pairs.push(("CXGW_WEBHOOK_SECRET", "hook-canary"));
-        pairs.push(("CXGW_WEBHOOK_SECRET_HEADER", "X-Hook-Token"));
-        let config = Config::load(&MapSource::new(pairs), UpstreamMode::Real).unwrap();
+        let config = load(
+            &keys(),
+            &[
+                ("CXGW_WEBHOOK_SECRET", "hook-canary"),
+                ("CXGW_WEBHOOK_SECRET_HEADER", "X-Hook-Token"),
+            ],
+        )
+        .unwrap();
         assert_eq!(config.webhook.secret_header, "x-hook-token");
         assert!(!format!("{config:?}").contains("hook-canary"));
 
@@ -1367,8 +1366,6 @@ mod tests {
             assert_eq!(error.key, key);
         }
         // No age limit lifts the check against the rescan window.
-        let mut pairs = keys();
-        pairs.push(("CXGW_FEEDBACK_RETENTION", "0s"));
-        assert!(Config::load(&MapSource::new(pairs), UpstreamMode::Real).is_ok());
+        assert!(load(&keys(), &[("CXGW_FEEDBACK_RETENTION", "0s")]).is_ok());
     }
 }

@@ -72,22 +72,21 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
-            sandbox: false,
+            sandbox,
             allow_new_store,
         } => {
-            let mut config = Config::load(&EnvSource, UpstreamMode::Real)?;
+            let mode = if sandbox {
+                UpstreamMode::Sandbox
+            } else {
+                UpstreamMode::Real
+            };
+            let mut config = Config::load(&EnvSource, mode)?;
             config.allow_new_store |= allow_new_store;
             telemetry::init(&config)?;
-            let listeners = Listeners::bind(&config).await?;
-            server::run(listeners, config, server::shutdown_signal()).await
-        }
-        Command::Serve {
-            sandbox: true,
-            allow_new_store,
-        } => {
-            let mut config = Config::load(&EnvSource, UpstreamMode::Sandbox)?;
-            config.allow_new_store |= allow_new_store;
-            telemetry::init(&config)?;
+            if !sandbox {
+                let listeners = Listeners::bind(&config).await?;
+                return server::run(listeners, config, server::shutdown_signal()).await;
+            }
             let emulator = sandbox_mode::start_embedded(&config.sandbox)
                 .await
                 .context("cannot start the embedded sandbox")?;

@@ -94,6 +94,19 @@ pub const SERVICE_NAMES: [&str; 5] = [
     <pb::delivery_service_server::DeliveryServiceServer<grpc::DeliveryApi> as NamedService>::NAME,
 ];
 
+/// The message limits and compression of a unary service: requests and responses up to `$max`
+/// bytes, gzip either way. A macro because the generated servers share no trait for these
+/// settings.
+macro_rules! with_message_settings {
+    ($server:expr, $max:expr) => {
+        $server
+            .max_decoding_message_size($max)
+            .max_encoding_message_size($max)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
+    };
+}
+
 pub async fn run(
     listeners: Listeners,
     config: Config,
@@ -289,34 +302,25 @@ pub async fn run(
                 .layer(DeadlineLayer::new(limits.default_deadline)),
         )
         .add_service(health_service)
-        .add_service(
+        .add_service(with_message_settings!(
             pb::customer_service_server::CustomerServiceServer::new(grpc::CustomerApi::new(
                 Arc::clone(&app),
-            ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip),
-        )
-        .add_service(
+            )),
+            max_message
+        ))
+        .add_service(with_message_settings!(
             pb::survey_service_server::SurveyServiceServer::new(grpc::SurveyApi::new(
                 Arc::clone(&app),
                 feedback.log().clone(),
-            ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip),
-        )
-        .add_service(
+            )),
+            max_message
+        ))
+        .add_service(with_message_settings!(
             pb::event_service_server::EventServiceServer::new(grpc::EventApi::new(Arc::clone(
                 &app,
-            )))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip),
-        )
+            ))),
+            max_message
+        ))
         .add_service(
             // Responses are not compressed: each event is encoded once and the same bytes go to
             // every subscriber, while compression would redo the work per subscriber and keep
@@ -326,15 +330,12 @@ pub async fn run(
                 .max_encoding_message_size(max_message)
                 .accept_compressed(CompressionEncoding::Gzip),
         )
-        .add_service(
+        .add_service(with_message_settings!(
             pb::delivery_service_server::DeliveryServiceServer::new(grpc::DeliveryApi::new(
                 Arc::clone(&app),
-            ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip),
-        );
+            )),
+            max_message
+        ));
     if config.reflection {
         // Both versions: grpcurl 1.8.6 and many other tools still speak only v1alpha.
         router = router
@@ -473,31 +474,32 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
     let interrupt = signal(SignalKind::interrupt());
     let terminate = signal(SignalKind::terminate());
     async move {
-        let interrupt = async {
-            match interrupt {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot listen for SIGINT");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        let terminate = async {
-            match terminate {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot listen for SIGTERM, only SIGINT will stop the gateway");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
+        let interrupt = received(interrupt, |error| {
+            tracing::error!(%error, "cannot listen for SIGINT");
+        });
+        let terminate = received(terminate, |error| {
+            tracing::error!(%error, "cannot listen for SIGTERM, only SIGINT will stop the gateway");
+        });
         tokio::select! {
             () = interrupt => tracing::info!("received SIGINT"),
             () = terminate => tracing::info!("received SIGTERM"),
+        }
+    }
+}
+
+/// Resolves when `signal` arrives; never when it cannot be listened for (after `failed` logged
+/// why), so the other signal still stops the gateway.
+async fn received(
+    signal: std::io::Result<tokio::signal::unix::Signal>,
+    failed: impl FnOnce(std::io::Error),
+) {
+    match signal {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(error) => {
+            failed(error);
+            std::future::pending::<()>().await;
         }
     }
 }

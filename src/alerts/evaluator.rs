@@ -13,7 +13,7 @@ use prost::Message as _;
 use crate::alerts::metrics::{AlertOutcomeLabel, count};
 use crate::alerts::payload::{AlertRecord, FeedbackFacts};
 use crate::alerts::rules::{EventKind, RuleSet};
-use crate::backoff::FailureStreak;
+use crate::backoff::{FailureStreak, failed_error};
 use crate::domain::Owner;
 use crate::domain::outbox::{Outbox, new_delivery_id};
 use crate::error::Error;
@@ -100,7 +100,9 @@ impl Evaluator {
                     }
                 }
                 Err(error) => {
-                    let delay = streak.failed_and_logged(&error, "cannot evaluate alert rules");
+                    let delay =
+                        failed_error!(streak, error, retry_in_ms, "cannot evaluate alert rules")
+                            .delay;
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = self.drain.clone().signaled() => return,

@@ -8,19 +8,18 @@
 //! request extensions as [`AuthenticatedCaller`] and named on the span of the call, so every log
 //! line of the call carries it; the token never appears anywhere.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use tonic::codegen::http;
+use tonic::codegen::http::{self, Request};
 use tonic::transport::server::TcpConnectInfo;
-use tower::{Layer, Service};
+use tower::Layer;
 
 use super::callers::{Caller, CallerRegistry, CallerTable};
 use super::permissions::{Permission, is_open, required_permission};
 use crate::domain::{Owner, Visibility};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::grpc::deadline::Deadline;
+use crate::grpc::layer::{EdgeFuture, EdgeLayer, EdgeService, Inner};
 use crate::tls::TlsConnectInfo;
 use crate::upstream::CallContext;
 
@@ -86,46 +85,8 @@ impl AuthLayer {
     }
 }
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            registry: self.registry.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    registry: Option<CallerRegistry>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B> Service<http::Request<B>> for AuthService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        // The service that was polled ready is the one that must be called.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+impl EdgeLayer for AuthLayer {
+    fn handle<S: Inner<B>, B>(&self, mut next: S, mut request: Request<B>) -> EdgeFuture<S::Error> {
         let path = request.uri().path().to_owned();
         if let Some(registry) = &self.registry
             && !is_open(&path)
@@ -151,7 +112,15 @@ where
             request.extensions_mut().insert(AuthenticatedCaller(caller));
             tracing::debug!("call authorized");
         }
-        Box::pin(inner.call(request))
+        Box::pin(next.call(request))
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = EdgeService<Self, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EdgeService::new(self.clone(), inner)
     }
 }
 
@@ -260,6 +229,8 @@ mod tests {
 
     use tonic_types::StatusExt as _;
 
+    use tower::Service;
+
     use super::*;
     use crate::auth::callers::{CallersSource, token_digest};
     use crate::config::Secret;
@@ -282,14 +253,7 @@ mod tests {
     /// A service that records the caller it was handed.
     fn recorder(
         calls: Arc<AtomicUsize>,
-    ) -> impl Service<
-        http::Request<()>,
-        Response = http::Response<tonic::body::Body>,
-        Error = std::convert::Infallible,
-        Future = impl Send,
-    > + Clone
-    + Send
-    + 'static {
+    ) -> impl Inner<(), Error = std::convert::Infallible> + Clone {
         tower::service_fn(move |request: http::Request<()>| {
             let calls = Arc::clone(&calls);
             async move {

@@ -34,10 +34,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::backoff::FailureStreak;
+use crate::backoff::{FailureStreak, failed_warn};
 use crate::domain::Owner;
 use crate::error::{Error, ErrorCode, Reason};
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, Rounds};
 use crate::store::idempotency::{ClaimOutcome, ClaimTerms, KeyClaim};
 use crate::store::{IdempotencyRecord, IdempotencyStore, Store};
 
@@ -413,15 +413,9 @@ impl Idempotency {
     /// holds one window of calls rather than every call ever made. A failed round (a full store
     /// cannot even log a delete) waits for the next one; its warning is rate-limited.
     pub async fn run_purge(self, every: Duration, drain: Drain) {
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds = Rounds::every(every, drain);
         let mut failures = FailureStreak::for_store();
-        loop {
-            tokio::select! {
-                biased;
-                () = drain.clone().signaled() => return,
-                _ = ticker.tick() => {}
-            }
+        while rounds.next().await {
             match self.prune().await {
                 Ok(purged) => {
                     failures.succeeded();
@@ -430,15 +424,11 @@ impl Idempotency {
                     }
                 }
                 Err(error) => {
-                    let failure = failures.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::warn!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            "cannot purge expired idempotency records, retrying at the next round"
-                        );
-                    }
+                    failed_warn!(
+                        failures,
+                        error,
+                        "cannot purge expired idempotency records, retrying at the next round"
+                    );
                 }
             }
         }

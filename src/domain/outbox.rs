@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::backoff::{Backoff, FailureStreak, LogLimit};
+use crate::backoff::{Backoff, FailureStreak, LogLimit, failed_error};
 use crate::domain::{Owner, Visibility};
 use crate::error::{Error, ErrorCode, Reason};
 use crate::readiness::Readiness;
@@ -194,24 +194,9 @@ pub struct RetryResult {
     pub error: Option<DeliveryError>,
 }
 
-/// A write to queue, as the write path describes it.
-#[derive(Debug, Clone)]
-pub struct NewDelivery {
-    /// The RPC it came from (`UpsertCustomers`), which tells the executor how to read `request`.
-    pub method: String,
-    /// The validated request, as the executor will replay it.
-    pub request: Vec<u8>,
-    /// `cx.gateway.v1.Destination` numbers it writes to.
-    pub destinations: Vec<i32>,
-    pub item_count: u32,
-    /// The customers it touches; see the module doc on ordering.
-    pub ordering_keys: Vec<String>,
-    pub idempotency_key: Option<String>,
-    /// Whether sending it twice is harmless (upserts, deletes) or not (events, survey sends).
-    pub replay_safe: bool,
-    /// Who queued it: only they (or an admin) see and requeue it.
-    pub owner: Owner,
-}
+/// A write to queue, as the write path describes it: owned by the domain's [`Owner`]. The
+/// customers it touches (`ordering_keys`) order it; see the module doc.
+pub type NewDelivery = crate::store::outbox::NewDelivery<Owner>;
 
 #[derive(Clone)]
 pub struct Outbox {
@@ -286,16 +271,7 @@ impl Outbox {
         let traceparent = crate::telemetry::propagation::traceparent(&span);
         let queued = QueuedDelivery {
             delivery_id: delivery_id.clone(),
-            delivery: crate::store::outbox::NewDelivery {
-                method: delivery.method,
-                request: delivery.request,
-                destinations: delivery.destinations,
-                item_count: delivery.item_count,
-                ordering_keys: delivery.ordering_keys,
-                idempotency_key: delivery.idempotency_key,
-                replay_safe: delivery.replay_safe,
-                owner: delivery.owner.stored().to_owned(),
-            },
+            delivery: delivery.map_owner(|owner| owner.stored().to_owned()),
             expire_ms,
             traceparent,
         };
@@ -513,10 +489,13 @@ impl Outbox {
                     return true;
                 }
                 Err(error) => {
-                    let delay = streak.failed_and_logged(
-                        &error,
-                        "cannot recover in-flight deliveries, not ready until this succeeds",
-                    );
+                    let delay = failed_error!(
+                        streak,
+                        error,
+                        retry_in_ms,
+                        "cannot recover in-flight deliveries, not ready until this succeeds"
+                    )
+                    .delay;
                     // After the line, so whoever sees the stage change finds the reason logged.
                     readiness.mark_retrying();
                     tokio::select! {
@@ -563,7 +542,9 @@ impl Outbox {
                         claimed
                     }
                     Err(error) => {
-                        let delay = claims.failed_and_logged(&error, "cannot claim deliveries");
+                        let delay =
+                            failed_error!(claims, error, retry_in_ms, "cannot claim deliveries")
+                                .delay;
                         // A delivery queued meanwhile proves the store takes writes again.
                         tokio::select! {
                             () = self.wake.notified() => {}
@@ -611,10 +592,7 @@ impl Outbox {
                     }
                 }
                 Err(error) => {
-                    let failure = reads.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::error!(%error, failures = failure.failures, suppressed, "cannot read the outbox");
-                    }
+                    let failure = failed_error!(reads, error, "cannot read the outbox");
                     failure.delay.max(Duration::from_secs(1))
                 }
             };

@@ -13,26 +13,17 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing_subscriber::layer::SubscriberExt as _;
 
+use super::Visibility;
 use super::outbox::{
     Attempt, DeliveryAttempt, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings,
 };
-use super::{Owner, Visibility};
 use crate::readiness::{Readiness, Stage};
 use crate::shutdown;
 use crate::store::SqliteStore;
 use crate::store::outbox::QueuedDelivery;
 
 fn delivery(body: &str, replay_safe: bool) -> NewDelivery {
-    NewDelivery {
-        method: "TrackEvent".to_owned(),
-        request: body.as_bytes().to_vec(),
-        destinations: vec![2],
-        item_count: 1,
-        ordering_keys: vec![body.to_owned()],
-        idempotency_key: None,
-        replay_safe,
-        owner: Owner::Anonymous,
-    }
+    super::tests::delivery("TrackEvent", body, &[body], replay_safe)
 }
 
 /// Delivers everything, and reports each attempt's body.
@@ -51,6 +42,29 @@ impl Executor for RecordingExecutor {
             result: b"done".to_vec(),
         }
     }
+}
+
+/// Runs `outbox`'s worker with a [`RecordingExecutor`]; returns the bodies it attempts, its
+/// readiness, the trigger that drains it and its task.
+fn start_worker(
+    outbox: &Outbox,
+) -> (
+    mpsc::UnboundedReceiver<String>,
+    Readiness,
+    shutdown::DrainTrigger,
+    tokio::task::JoinHandle<()>,
+) {
+    let (attempts_tx, attempts) = mpsc::unbounded_channel();
+    let readiness = Readiness::new();
+    let (trigger, drain) = shutdown::channel();
+    let worker = tokio::spawn(outbox.clone().run_worker(
+        Arc::new(RecordingExecutor {
+            attempts: attempts_tx,
+        }),
+        drain,
+        readiness.clone(),
+    ));
+    (attempts, readiness, trigger, worker)
 }
 
 async fn refuse_writes(store: &SqliteStore, refuse: bool) {
@@ -134,16 +148,7 @@ async fn failed_recovery_is_retried_while_not_ready_and_nothing_is_claimed_befor
     store.mark_in_flight(Some(&in_flight), None).await;
     refuse_writes(&store, true).await;
 
-    let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
-    let readiness = Readiness::new();
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        Arc::new(RecordingExecutor {
-            attempts: attempts_tx,
-        }),
-        drain,
-        readiness.clone(),
-    ));
+    let (mut attempts, readiness, trigger, worker) = start_worker(&outbox);
     assert_eq!(readiness.first_attempt().await, Stage::Retrying);
     let first = next_line(
         &mut lines,
@@ -207,16 +212,7 @@ async fn the_claim_loop_backs_off_on_a_store_that_refuses_writes_and_logs_rate_l
     let dir = tempfile::tempdir().unwrap();
     let (store, bundle) = SqliteStore::open_for_test(dir.path());
     let outbox = Outbox::new(bundle, OutboxSettings::default());
-    let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
-    let readiness = Readiness::new();
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        Arc::new(RecordingExecutor {
-            attempts: attempts_tx,
-        }),
-        drain,
-        readiness.clone(),
-    ));
+    let (mut attempts, readiness, trigger, worker) = start_worker(&outbox);
     readiness.ready().await;
 
     // The write that fills the volume: it is acknowledged, and no write after it succeeds, so

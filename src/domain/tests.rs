@@ -16,7 +16,8 @@ use crate::error::{ErrorCode, Reason};
 use crate::shutdown;
 use crate::store::{SqliteStore, Store};
 
-fn delivery(method: &str, body: &str, keys: &[&str], replay_safe: bool) -> NewDelivery {
+/// A write of `body` for `method`, ordered by `keys`.
+pub(super) fn delivery(method: &str, body: &str, keys: &[&str], replay_safe: bool) -> NewDelivery {
     NewDelivery {
         method: method.to_owned(),
         request: body.as_bytes().to_vec(),

@@ -10,9 +10,9 @@ use tokio::sync::watch;
 use super::clock::Clock;
 use super::log::FeedbackLog;
 use super::stats::FeedbackStats;
-use crate::backoff::FailureStreak;
+use crate::backoff::{FailureStreak, failed_warn};
 use crate::error::Error;
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, Rounds};
 
 /// Entries deleted per store write.
 const CHUNK: u64 = 5_000;
@@ -84,20 +84,11 @@ pub async fn run(
         tracing::info!("feedback log retention is off: entries are kept forever");
         return;
     }
-    let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + settings.interval,
-        settings.interval,
-    );
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rounds = Rounds::every(settings.interval, drain);
     // Rounds come one interval apart whatever happens, so failures need no backoff here, only a
     // rate-limited warning.
     let mut failures = FailureStreak::for_store();
-    loop {
-        tokio::select! {
-            biased;
-            () = drain.clone().signaled() => return,
-            _ = ticker.tick() => {}
-        }
+    while rounds.next().await {
         let deleted = match enforce(&log, &settings, clock.now_ms()).await {
             Ok(deleted) => {
                 failures.succeeded();
@@ -108,15 +99,11 @@ pub async fn run(
                 deleted
             }
             Err(error) => {
-                let failure = failures.failed();
-                if let Some(suppressed) = failure.log {
-                    tracing::warn!(
-                        %error,
-                        failures = failure.failures,
-                        suppressed,
-                        "feedback log retention failed, retrying at the next round"
-                    );
-                }
+                failed_warn!(
+                    failures,
+                    error,
+                    "feedback log retention failed, retrying at the next round"
+                );
                 0
             }
         };

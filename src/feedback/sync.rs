@@ -45,7 +45,7 @@ use super::ingest::{Checkpoint, Ingest};
 use super::leader::{Leadership, Term};
 use super::log::{Observed, Origin};
 use super::stats::FeedbackStats;
-use crate::backoff::FailureStreak;
+use crate::backoff::{FailureStreak, failed_warn};
 use crate::error::Error;
 use crate::shutdown::Drain;
 use crate::store::Store;
@@ -306,15 +306,11 @@ impl Poller {
                     };
                 }
                 Err(error) => {
-                    let failure = failures.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::warn!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            "cannot read the feedback sync state, retrying"
-                        );
-                    }
+                    let failure = failed_warn!(
+                        failures,
+                        error,
+                        "cannot read the feedback sync state, retrying"
+                    );
                     if self.pause_for(failure.delay, term).await {
                         return;
                     }
@@ -367,16 +363,12 @@ impl Poller {
                 }
                 Err(error) => {
                     FeedbackStats::add(&self.stats.poll_failures, 1);
-                    let failure = failures.failed();
-                    if let Some(suppressed) = failure.log {
-                        tracing::warn!(
-                            %error,
-                            failures = failure.failures,
-                            suppressed,
-                            retry_in_ms = failure.delay.as_millis(),
-                            "feedback poll failed, retrying later"
-                        );
-                    }
+                    let failure = failed_warn!(
+                        failures,
+                        error,
+                        retry_in_ms,
+                        "feedback poll failed, retrying later"
+                    );
                     retry_in = Some(failure.delay);
                 }
             }

@@ -16,7 +16,7 @@ use super::hub::EventStream;
 use super::log::{Observed, Origin};
 use super::sync::{ListPage, ListQuery};
 use super::*;
-use crate::error::{ErrorCode, Reason};
+use crate::error::{Error, ErrorCode, Reason};
 use crate::pb;
 use crate::shutdown::{self, DrainTrigger};
 use crate::upstream::retently;
@@ -32,6 +32,17 @@ struct Fixture {
 impl Fixture {
     async fn new(settings: FeedbackSettings) -> Fixture {
         Self::with(settings, None, Clock::system()).await
+    }
+
+    /// A pipeline whose poller reads `source` (no retention).
+    async fn polling(source: &Arc<ScriptedSource>, clock: Clock) -> Fixture {
+        let settings = FeedbackSettings {
+            sync: Some(sync_settings()),
+            retention: no_retention(),
+            ..FeedbackSettings::default()
+        };
+        let source = Arc::clone(source) as Arc<dyn FeedbackSource>;
+        Fixture::with(settings, Some(source), clock).await
     }
 
     async fn with(
@@ -68,6 +79,36 @@ impl Fixture {
             .submit(origin, items.iter().map(Observed::new).collect(), None)
             .await
             .unwrap()
+    }
+
+    async fn observe_one(&self, origin: Origin, item: &pb::Feedback) -> log::AppendCounts {
+        self.observe(origin, std::slice::from_ref(item)).await
+    }
+
+    /// Polls in `count` responses `{prefix}0`, `{prefix}1`, … of campaign `c`, all scored 5.
+    async fn observe_polled(&self, prefix: &str, count: usize) -> log::AppendCounts {
+        let items: Vec<pb::Feedback> = (0..count)
+            .map(|i| response(&format!("{prefix}{i}"), "c", 5.0, "", &[]))
+            .collect();
+        self.observe(Origin::Poll, &items).await
+    }
+
+    /// A subscription to everything from `start` that the hub refuses: why.
+    async fn refused_subscription(&self, start: Start) -> Error {
+        match self
+            .hub()
+            .subscribe(filter::Filter::default(), start, None)
+            .await
+        {
+            Ok(_) => panic!("the subscription was accepted"),
+            Err(error) => error,
+        }
+    }
+
+    /// Subscribes to everything, from now on.
+    async fn subscribe_latest(&self) -> EventStream {
+        self.subscribe(filter::Filter::default(), Start::Latest)
+            .await
     }
 
     async fn subscribe(&self, filter: filter::Filter, start: Start) -> EventStream {
@@ -141,50 +182,25 @@ fn created() -> i32 {
 #[tokio::test]
 async fn new_changed_and_repeated_responses_are_told_apart() {
     let fixture = Fixture::new(FeedbackSettings::default()).await;
-    let mut stream = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
+    let mut stream = fixture.subscribe_latest().await;
     assert!(matches!(
         next(&mut stream).await.unwrap(),
         Sent::Heartbeat { sequence: 0, .. }
     ));
 
     let a = response("a", "c1", 9.0, "", &[]);
-    let counts = fixture
-        .observe(Origin::Poll, std::slice::from_ref(&a))
-        .await;
+    let counts = fixture.observe_one(Origin::Poll, &a).await;
     assert_eq!(counts.created, 1);
-    assert_eq!(
-        fixture
-            .observe(Origin::Poll, std::slice::from_ref(&a))
-            .await
-            .unchanged,
-        1
-    );
-    assert_eq!(
-        fixture
-            .observe(Origin::Webhook, std::slice::from_ref(&a))
-            .await
-            .unchanged,
-        1
-    );
+    assert_eq!(fixture.observe_one(Origin::Poll, &a).await.unchanged, 1);
+    assert_eq!(fixture.observe_one(Origin::Webhook, &a).await.unchanged, 1);
 
     let tagged = response("a", "c1", 9.0, "", &["vip"]);
     // A webhook never reports a change: only the poller does.
     assert_eq!(
-        fixture
-            .observe(Origin::Webhook, std::slice::from_ref(&tagged))
-            .await
-            .ignored,
+        fixture.observe_one(Origin::Webhook, &tagged).await.ignored,
         1
     );
-    assert_eq!(
-        fixture
-            .observe(Origin::Poll, std::slice::from_ref(&tagged))
-            .await
-            .updated,
-        1
-    );
+    assert_eq!(fixture.observe_one(Origin::Poll, &tagged).await.updated, 1);
     assert_eq!(fixture.observe(Origin::Poll, &[tagged]).await.unchanged, 1);
     let b = response("b", "c1", 3.0, "slow", &[]);
     assert_eq!(fixture.observe(Origin::Webhook, &[b]).await.created, 1);
@@ -250,14 +266,9 @@ async fn filters_are_applied_and_heartbeats_carry_the_position() {
 #[tokio::test]
 async fn resuming_from_a_cursor_delivers_exactly_what_was_missed() {
     let fixture = Fixture::new(FeedbackSettings::default()).await;
-    let mut first = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
+    let mut first = fixture.subscribe_latest().await;
     next(&mut first).await.unwrap();
-    let batch: Vec<pb::Feedback> = (0..5)
-        .map(|i| response(&format!("r{i}"), "c", 5.0, "", &[]))
-        .collect();
-    fixture.observe(Origin::Poll, &batch).await;
+    fixture.observe_polled("r", 5).await;
     let mut cursor = String::new();
     for expected in 1..=2 {
         let Sent::Event {
@@ -317,12 +328,7 @@ async fn cursors_of_another_log_or_ahead_of_it_are_invalid() {
         },
         cursor::Cursor { epoch, sequence: 1 },
     ] {
-        let error = fixture
-            .hub()
-            .subscribe(filter::Filter::default(), Start::After(cursor), None)
-            .await
-            .err()
-            .expect("refused");
+        let error = fixture.refused_subscription(Start::After(cursor)).await;
         assert_eq!(error.code(), ErrorCode::InvalidArgument);
         assert_eq!(error.violations()[0].field, "cursor");
     }
@@ -404,16 +410,11 @@ async fn a_subscriber_that_falls_behind_continues_from_the_log_without_loss() {
         ..FeedbackSettings::default()
     };
     let fixture = Fixture::new(settings).await;
-    let mut slow = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
+    let mut slow = fixture.subscribe_latest().await;
     next(&mut slow).await.unwrap();
     // 100 entries while the subscriber does not read: the ring holds 4.
     for chunk in 0..10 {
-        let items: Vec<pb::Feedback> = (0..10)
-            .map(|i| response(&format!("s{chunk}-{i}"), "c", 5.0, "", &[]))
-            .collect();
-        fixture.observe(Origin::Poll, &items).await;
+        fixture.observe_polled(&format!("s{chunk}-"), 10).await;
     }
     let overflows = || sample("cxgw_feedback_subscriber_overflows_total", "");
     let catch_ups = || {
@@ -462,25 +463,14 @@ async fn the_subscriber_limit_is_enforced_and_released() {
         ..FeedbackSettings::default()
     };
     let fixture = Fixture::new(settings).await;
-    let first = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
-    let _second = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
-    let error = fixture
-        .hub()
-        .subscribe(filter::Filter::default(), Start::Latest, None)
-        .await
-        .err()
-        .expect("over the limit");
+    let first = fixture.subscribe_latest().await;
+    let _second = fixture.subscribe_latest().await;
+    let error = fixture.refused_subscription(Start::Latest).await;
     assert_eq!(error.code(), ErrorCode::ResourceExhausted);
     assert_eq!(error.reason(), Reason::TooManySubscribers);
     assert!(error.retry_after().is_some());
     drop(first);
-    let _third = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
+    let _third = fixture.subscribe_latest().await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -494,9 +484,7 @@ async fn idle_streams_get_a_heartbeat_every_interval() {
         ..FeedbackSettings::default()
     };
     let fixture = Fixture::with(settings, None, Clock::following_tokio()).await;
-    let mut stream = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
+    let mut stream = fixture.subscribe_latest().await;
     let started = Instant::now();
     assert!(matches!(
         next(&mut stream).await.unwrap(),
@@ -530,9 +518,7 @@ async fn draining_ends_streams_with_a_final_cursor() {
     fixture
         .observe(Origin::Poll, &[response("a", "c", 5.0, "", &[])])
         .await;
-    let mut stream = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
+    let mut stream = fixture.subscribe_latest().await;
     next(&mut stream).await.unwrap();
     fixture.trigger.start();
     assert!(matches!(
@@ -545,12 +531,7 @@ async fn draining_ends_streams_with_a_final_cursor() {
     assert!(error.retry_after().is_some());
     assert!(stream.next().await.is_none());
     // New subscriptions are refused, and the workers stop.
-    let refused = fixture
-        .hub()
-        .subscribe(filter::Filter::default(), Start::Latest, None)
-        .await
-        .err()
-        .expect("draining");
+    let refused = fixture.refused_subscription(Start::Latest).await;
     assert_eq!(refused.reason(), Reason::ServerShuttingDown);
     let mut workers = fixture.workers;
     while workers.join_next().await.is_some() {}
@@ -568,10 +549,7 @@ async fn retention_by_age_deletes_old_entries_and_expired_positions_fail() {
         clock,
     )
     .await;
-    let old: Vec<pb::Feedback> = (0..3)
-        .map(|i| response(&format!("old{i}"), "c", 5.0, "", &[]))
-        .collect();
-    fixture.observe(Origin::Poll, &old).await;
+    fixture.observe_polled("old", 3).await;
     let t0 = fixture.hub().log().state().await.unwrap().head_time_ms;
     tokio::time::advance(Duration::from_secs(1800)).await;
     fixture
@@ -611,11 +589,8 @@ async fn retention_by_age_deletes_old_entries_and_expired_positions_fail() {
     assert_eq!(fixture.feedback.stats().snapshot().pruned, 3);
 
     let expired = fixture
-        .hub()
-        .subscribe(filter::Filter::default(), Start::After(log.cursor(1)), None)
-        .await
-        .err()
-        .expect("expired");
+        .refused_subscription(Start::After(log.cursor(1)))
+        .await;
     assert_eq!(expired.code(), ErrorCode::OutOfRange);
     assert_eq!(expired.reason(), Reason::CursorExpired);
     assert_eq!(
@@ -623,12 +598,7 @@ async fn retention_by_age_deletes_old_entries_and_expired_positions_fail() {
         Some(&log.cursor(3).encode())
     );
     assert!(expired.metadata().contains_key("oldest_time"));
-    let by_time = fixture
-        .hub()
-        .subscribe(filter::Filter::default(), Start::Time(t0), None)
-        .await
-        .err()
-        .expect("expired");
+    let by_time = fixture.refused_subscription(Start::Time(t0)).await;
     assert_eq!(by_time.reason(), Reason::CursorExpired);
 
     // Resuming from oldest_cursor, or from the start, or after the new entries' time works.
@@ -655,10 +625,7 @@ async fn retention_by_count_keeps_the_newest_entries() {
         ..FeedbackSettings::default()
     })
     .await;
-    let items: Vec<pb::Feedback> = (0..10)
-        .map(|i| response(&format!("n{i}"), "c", 5.0, "", &[]))
-        .collect();
-    fixture.observe(Origin::Poll, &items).await;
+    fixture.observe_polled("n", 10).await;
     let settings = RetentionSettings {
         max_age: None,
         max_entries: Some(4),
@@ -682,14 +649,9 @@ async fn a_subscriber_overtaken_by_retention_ends_with_how_to_resume() {
         ..FeedbackSettings::default()
     })
     .await;
-    let mut stream = fixture
-        .subscribe(filter::Filter::default(), Start::Latest)
-        .await;
+    let mut stream = fixture.subscribe_latest().await;
     next(&mut stream).await.unwrap();
-    let items: Vec<pb::Feedback> = (0..10)
-        .map(|i| response(&format!("n{i}"), "c", 5.0, "", &[]))
-        .collect();
-    fixture.observe(Origin::Poll, &items).await;
+    fixture.observe_polled("n", 10).await;
     // The subscriber reads one entry, then retention deletes everything but the last two.
     assert_eq!(next_event(&mut stream).await.1, 1);
     let settings = RetentionSettings {
@@ -829,16 +791,7 @@ async fn the_poller_pages_checkpoints_and_costs_one_request_when_idle() {
     }
     // One before the backfill window, never asked for.
     source.add("ancient", &iso(now - 7_200_000), &[]);
-    let fixture = Fixture::with(
-        FeedbackSettings {
-            sync: Some(sync_settings()),
-            retention: no_retention(),
-            ..FeedbackSettings::default()
-        },
-        Some(Arc::clone(&source) as Arc<dyn FeedbackSource>),
-        clock,
-    )
-    .await;
+    let fixture = Fixture::polling(&source, clock).await;
     let mut synced = fixture.hub().sync_watch();
     synced.wait_for(Option::is_some).await.unwrap();
     assert_eq!(fixture.hub().head(), 1500);
@@ -930,16 +883,7 @@ async fn failing_source() -> (Arc<ScriptedSource>, Fixture) {
     let source = Arc::new(ScriptedSource::default());
     source.add("a", &iso(now - 1000), &[]);
     *source.fail.lock().unwrap() = true;
-    let fixture = Fixture::with(
-        FeedbackSettings {
-            sync: Some(sync_settings()),
-            retention: no_retention(),
-            ..FeedbackSettings::default()
-        },
-        Some(Arc::clone(&source) as Arc<dyn FeedbackSource>),
-        clock,
-    )
-    .await;
+    let fixture = Fixture::polling(&source, clock).await;
     (source, fixture)
 }
 
@@ -1018,79 +962,33 @@ async fn webhook_calls_are_authenticated_before_anything_is_stored() {
     .to_string();
     let now = chrono::Utc::now().timestamp();
     let signature = cx_sandbox::signature("whsec", now, body.as_bytes());
-    let reject = |result: Result<webhook::Receipt, webhook::ReceiveError>| match result {
-        Err(webhook::ReceiveError::Rejected(rejection)) => rejection,
-        other => panic!("expected a rejection, got {other:?}"),
-    };
-    use webhook::Rejection::*;
-    assert_eq!(
-        reject(
-            receiver
-                .receive(None, Some(signature.as_bytes()), body.as_bytes())
-                .await
-        ),
-        Unauthenticated
-    );
-    assert_eq!(
-        reject(
-            receiver
-                .receive(
-                    Some(b"shared-secreT"),
-                    Some(signature.as_bytes()),
-                    body.as_bytes()
-                )
-                .await
-        ),
-        Unauthenticated
-    );
-    assert_eq!(
-        reject(
-            receiver
-                .receive(Some(b"shared-secret"), None, body.as_bytes())
-                .await
-        ),
-        BadSignature
-    );
     let forged = cx_sandbox::signature("guess", now, body.as_bytes());
-    assert_eq!(
-        reject(
-            receiver
-                .receive(
-                    Some(b"shared-secret"),
-                    Some(forged.as_bytes()),
-                    body.as_bytes()
-                )
-                .await
-        ),
-        BadSignature
-    );
     let stale = cx_sandbox::signature("whsec", now - 3600, body.as_bytes());
-    assert_eq!(
-        reject(
-            receiver
-                .receive(
-                    Some(b"shared-secret"),
-                    Some(stale.as_bytes()),
-                    body.as_bytes()
-                )
-                .await
-        ),
-        Stale
-    );
-    let garbage = b"{\"feedback\": 3}";
+    let garbage: &[u8] = b"{\"feedback\": 3}";
     let garbage_signature = cx_sandbox::signature("whsec", now, garbage);
-    assert_eq!(
-        reject(
-            receiver
-                .receive(
-                    Some(b"shared-secret"),
-                    Some(garbage_signature.as_bytes()),
-                    garbage
-                )
-                .await
+    let secret: Option<&[u8]> = Some(b"shared-secret");
+    use webhook::Rejection::*;
+    // (shared secret, signature, body, why the call is refused)
+    let refused = [
+        (None, Some(&signature), body.as_bytes(), Unauthenticated),
+        (
+            Some(&b"shared-secreT"[..]),
+            Some(&signature),
+            body.as_bytes(),
+            Unauthenticated,
         ),
-        Malformed
-    );
+        (secret, None, body.as_bytes(), BadSignature),
+        (secret, Some(&forged), body.as_bytes(), BadSignature),
+        (secret, Some(&stale), body.as_bytes(), Stale),
+        (secret, Some(&garbage_signature), garbage, Malformed),
+    ];
+    for (secret, signature, body, expected) in refused {
+        let signature = signature.map(String::as_bytes);
+        match receiver.receive(secret, signature, body).await {
+            Err(webhook::ReceiveError::Rejected(rejection)) => assert_eq!(rejection, expected),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
     assert_eq!(fixture.hub().head(), 0, "nothing refused reached the log");
 
     let receipt = receiver

@@ -6,15 +6,14 @@
 //! without a deadline get the configured default, so no call can hang forever. The deadline is
 //! put in the request extensions as [`Deadline`] so handlers can size upstream timeouts from it.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::codegen::http;
-use tower::{Layer, Service};
+use tonic::codegen::http::{self, Request};
+use tower::Layer;
 
 use crate::error::{Error, ErrorCode, Reason};
+use crate::grpc::layer::{EdgeFuture, EdgeLayer, EdgeService, Inner};
 
 /// The instant by which the caller wants an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,43 +41,8 @@ impl DeadlineLayer {
     }
 }
 
-impl<S> Layer<S> for DeadlineLayer {
-    type Service = DeadlineService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        DeadlineService {
-            inner,
-            default: self.default,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct DeadlineService<S> {
-    inner: S,
-    default: Duration,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B> Service<http::Request<B>> for DeadlineService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+impl EdgeLayer for DeadlineLayer {
+    fn handle<S: Inner<B>, B>(&self, mut next: S, mut request: Request<B>) -> EdgeFuture<S::Error> {
         let (timeout, deadline) = match parse_grpc_timeout(request.headers()) {
             // tonic started its own timer for this deadline a little earlier (the layers run
             // when the router first polls them), and timers fire by whole milliseconds: without
@@ -90,11 +54,9 @@ where
             None => (self.default, Instant::now() + self.default),
         };
         request.extensions_mut().insert(Deadline(deadline));
-        // The service that was polled ready is the one that must be called.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let response = next.call(request);
         Box::pin(async move {
-            match tokio::time::timeout_at(deadline, inner.call(request)).await {
+            match tokio::time::timeout_at(deadline, response).await {
                 Ok(response) => response,
                 Err(_elapsed) => {
                     let error = Error::new(
@@ -109,6 +71,14 @@ where
                 }
             }
         })
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = EdgeService<Self, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EdgeService::new(*self, inner)
     }
 }
 
@@ -138,6 +108,8 @@ pub(crate) fn parse_grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> 
 
 #[cfg(test)]
 mod tests {
+    use tower::Service;
+
     use super::*;
 
     fn headers(value: &str) -> http::HeaderMap {
@@ -148,42 +120,23 @@ mod tests {
 
     #[test]
     fn parses_every_unit() {
-        assert_eq!(
-            parse_grpc_timeout(&headers("2H")),
-            Some(Duration::from_secs(7200))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("3M")),
-            Some(Duration::from_secs(180))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("4S")),
-            Some(Duration::from_secs(4))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("250m")),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("7u")),
-            Some(Duration::from_micros(7))
-        );
-        assert_eq!(
-            parse_grpc_timeout(&headers("9n")),
-            Some(Duration::from_nanos(9))
-        );
+        for (value, expected) in [
+            ("2H", Duration::from_secs(7200)),
+            ("3M", Duration::from_secs(180)),
+            ("4S", Duration::from_secs(4)),
+            ("250m", Duration::from_millis(250)),
+            ("7u", Duration::from_micros(7)),
+            ("9n", Duration::from_nanos(9)),
+        ] {
+            assert_eq!(
+                parse_grpc_timeout(&headers(value)),
+                Some(expected),
+                "{value}"
+            );
+        }
     }
 
-    fn slow_service(
-        delay: Duration,
-    ) -> impl Service<
-        http::Request<()>,
-        Response = http::Response<tonic::body::Body>,
-        Error = std::convert::Infallible,
-        Future = impl Send,
-    > + Clone
-    + Send
-    + 'static {
+    fn slow_service(delay: Duration) -> impl Inner<(), Error = std::convert::Infallible> + Clone {
         tower::service_fn(move |request: http::Request<()>| async move {
             assert!(request.extensions().get::<Deadline>().is_some());
             tokio::time::sleep(delay).await;

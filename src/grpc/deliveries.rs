@@ -10,6 +10,7 @@ use crate::convert::timestamp_from_ms;
 use crate::domain::outbox::{DeliveryRecord, DeliveryState, RetrySelection};
 use crate::error::{Error, ErrorCode, Reason, Violations};
 use crate::grpc::convert::item_error;
+use crate::grpc::validate::enum_filter;
 use crate::grpc::{methods, paging};
 use crate::pb;
 
@@ -133,14 +134,12 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         let request = request.into_inner();
         let mut violations = Violations::new();
         check_method(&mut violations, &request.method);
-        let destination = match pb::Destination::try_from(request.destination) {
-            Ok(pb::Destination::Unspecified) => None,
-            Ok(destination) => Some(destination as i32),
-            Err(_) => {
-                violations.add("destination", "is not a known destination");
-                None
-            }
-        };
+        let destination = enum_filter::<pb::Destination>(
+            &mut violations,
+            "destination",
+            request.destination,
+            "is not a known destination",
+        );
         let filters = format!("method={};destination={:?}", request.method, destination);
         let (size, position) = paging::page_request(
             &mut violations,

@@ -29,6 +29,7 @@ use crate::error::{Error, Violations};
 use crate::feedback::cursor::Cursor;
 use crate::feedback::filter::Filter;
 use crate::feedback::{Hub, Start};
+use crate::grpc::validate::enum_filter;
 use crate::pb;
 
 /// Most campaign ids in one filter, and their longest length (contract).
@@ -172,14 +173,12 @@ pub fn validate(request: pb::SubscribeRequest) -> Result<(Filter, Start), Error>
             "must be 1 to 64 characters",
         );
     }
-    let metric = match pb::Metric::try_from(filter.metric) {
-        Ok(pb::Metric::Unspecified) => None,
-        Ok(metric) => Some(metric as i32),
-        Err(_) => {
-            violations.add("filter.metric", "is not a known metric");
-            None
-        }
-    };
+    let metric = enum_filter::<pb::Metric>(
+        &mut violations,
+        "filter.metric",
+        filter.metric,
+        "is not a known metric",
+    );
     for (index, category) in filter.score_categories.iter().enumerate() {
         violations.check(
             matches!(

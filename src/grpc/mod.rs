@@ -11,6 +11,7 @@ pub mod deadline;
 pub mod deliveries;
 pub mod events;
 pub mod feedback;
+pub mod layer;
 pub mod paging;
 pub mod rules;
 pub mod surveys;

@@ -52,13 +52,6 @@ fn matches(audience: &str, properties: &Struct, traits: &Struct) -> bool {
     ) == Decision::Send
 }
 
-/// Writes `text` as the rules file `name` in `dir`.
-fn write_rules(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
-    let path = dir.path().join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 #[test]
 fn each_operator_decides_on_properties_and_traits() {
     let props = fields(&[
@@ -292,14 +285,22 @@ fn a_file_with_a_mistake_is_refused_with_where_and_why() {
     }
 }
 
+/// A rules file of one rule sending `campaign` on `event`.
+fn one_rule(id: &str, event: &str, campaign: &str) -> String {
+    format!("[[rule]]\nid = \"{id}\"\nevents = [\"{event}\"]\ncampaign = \"{campaign}\"\n")
+}
+
+/// Writes `contents` to `name` in `dir` and returns its path.
+fn write_file(dir: &tempfile::TempDir, name: &str, contents: &str) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
 #[test]
 fn environment_mappings_join_the_file_rules_unless_a_file_rule_covers_them() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_rules(
-        &dir,
-        "rules.toml",
-        "[[rule]]\nid = \"orders\"\nevents = [\"order\"]\ncampaign = \"c1\"\n",
-    );
+    let path = write_file(&dir, "rules.toml", &one_rule("orders", "order", "c1"));
     let mut environment = EventMappings::new();
     environment.insert("order".into(), vec!["c1".into(), "c2".into()]);
     let rules = EventRules::load(Some(path), environment).unwrap();
@@ -312,20 +313,12 @@ fn environment_mappings_join_the_file_rules_unless_a_file_rule_covers_them() {
 #[test]
 fn a_reload_takes_a_good_file_and_refuses_a_bad_one_keeping_the_rules_in_force() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_rules(
-        &dir,
-        "rules.toml",
-        "[[rule]]\nid = \"one\"\nevents = [\"e\"]\ncampaign = \"c1\"\n",
-    );
+    let path = write_file(&dir, "rules.toml", &one_rule("one", "e", "c1"));
     let rules = EventRules::load(Some(path.clone()), EventMappings::new()).unwrap();
     let first = rules.current();
     assert_eq!(rules.reload(), Ok(Reloaded::Unchanged));
 
-    std::fs::write(
-        &path,
-        "[[rule]]\nid = \"two\"\nevents = [\"e\"]\ncampaign = \"c2\"\n",
-    )
-    .unwrap();
+    std::fs::write(&path, one_rule("two", "e", "c2")).unwrap();
     assert_eq!(rules.reload(), Ok(Reloaded::Replaced { rules: 1 }));
     let second = rules.current();
     assert_eq!(second.rules[0].id, "two");
@@ -349,12 +342,8 @@ fn a_reload_takes_a_good_file_and_refuses_a_bad_one_keeping_the_rules_in_force()
 fn the_settings_load_the_rules_file_and_the_cooldown_and_refuse_bad_ones() {
     use crate::config::{Config, MapSource, UpstreamMode};
     let dir = tempfile::tempdir().unwrap();
-    let good = write_rules(
-        &dir,
-        "good.toml",
-        "[[rule]]\nid = \"a\"\nevents = [\"e\"]\ncampaign = \"c1\"\n",
-    );
-    let bad = write_rules(&dir, "bad.toml", "[[rule]]\nid = \"a\"\nevents = [\"e\"]\n");
+    let good = write_file(&dir, "good.toml", &one_rule("a", "e", "c1"));
+    let bad = write_file(&dir, "bad.toml", "[[rule]]\nid = \"a\"\nevents = [\"e\"]\n");
     let load =
         |pairs: Vec<(&str, &str)>| Config::load(&MapSource::new(pairs), UpstreamMode::Sandbox);
 

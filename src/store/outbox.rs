@@ -48,9 +48,10 @@ pub struct DeliveryError {
     pub metadata: HashMap<String, String>,
 }
 
-/// A write to queue.
+/// A write to queue. `O` says who queued it: the domain's owner on the write path, stored as
+/// [`crate::domain::Owner::stored`] spells it (the default).
 #[derive(Debug, Clone)]
-pub struct NewDelivery {
+pub struct NewDelivery<O = String> {
     /// The RPC it came from (`UpsertCustomers`), which tells the executor how to read `request`.
     pub method: String,
     /// The validated request, as the executor will replay it.
@@ -63,9 +64,24 @@ pub struct NewDelivery {
     pub idempotency_key: Option<String>,
     /// Whether sending it twice is harmless (upserts, deletes) or not (events, survey sends).
     pub replay_safe: bool,
-    /// Who queued it, as [`crate::domain::Owner::stored`] spells it: only they (or an admin)
-    /// see and requeue it.
-    pub owner: String,
+    /// Who queued it: only they (or an admin) see and requeue it.
+    pub owner: O,
+}
+
+impl<O> NewDelivery<O> {
+    /// The same delivery with its owner spelled by `spell`.
+    pub fn map_owner<P>(self, spell: impl FnOnce(O) -> P) -> NewDelivery<P> {
+        NewDelivery {
+            method: self.method,
+            request: self.request,
+            destinations: self.destinations,
+            item_count: self.item_count,
+            ordering_keys: self.ordering_keys,
+            idempotency_key: self.idempotency_key,
+            replay_safe: self.replay_safe,
+            owner: spell(self.owner),
+        }
+    }
 }
 
 /// A delivery as [`OutboxStore::enqueue`] stores it.

@@ -19,15 +19,16 @@ use http_body::Frame;
 use opentelemetry::KeyValue;
 use prost::Message as _;
 use tokio::time::Instant;
-use tonic::codegen::http::{self, HeaderMap};
+use tonic::codegen::http::{self, HeaderMap, Request};
 use tonic::codegen::{Body, Bytes};
-use tower::{Layer, Service};
+use tower::Layer;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::metrics::{metrics, seconds};
 use super::propagation;
+use crate::grpc::layer::{EdgeFuture, EdgeLayer, EdgeService, Inner};
 
 /// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
 type MethodNames = HashMap<&'static str, (&'static str, &'static str)>;
@@ -94,45 +95,8 @@ impl TelemetryLayer {
     }
 }
 
-impl<S> Layer<S> for TelemetryLayer {
-    type Service = TelemetryService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        TelemetryService {
-            inner,
-            address: self.address,
-            port: self.port,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct TelemetryService<S> {
-    inner: S,
-    address: &'static str,
-    port: u16,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B> Service<http::Request<B>> for TelemetryService<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+impl EdgeLayer for TelemetryLayer {
+    fn handle<S: Inner<B>, B>(&self, mut next: S, request: Request<B>) -> EdgeFuture<S::Error> {
         let (service, method) = method_names()
             .get(request.uri().path())
             .copied()
@@ -174,12 +138,9 @@ where
             method,
             finished: false,
         };
-        // The service that was polled ready is the one that must be called.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         // Entered while the inner layers run their synchronous part too (authentication names
         // the caller on this span there).
-        let response = span.in_scope(|| inner.call(request)).instrument(span);
+        let response = span.in_scope(|| next.call(request)).instrument(span);
         Box::pin(async move {
             let response = response.await?;
             let mut call = call;
@@ -196,6 +157,14 @@ where
                 }),
             ))
         })
+    }
+}
+
+impl<S> Layer<S> for TelemetryLayer {
+    type Service = EdgeService<Self, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        EdgeService::new(self.clone(), inner)
     }
 }
 
@@ -312,6 +281,8 @@ impl ObservedBody {
 mod tests {
     use std::collections::VecDeque;
     use std::convert::Infallible;
+
+    use tower::Service;
 
     use super::*;
 

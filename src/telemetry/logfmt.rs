@@ -56,22 +56,37 @@ where
     })
 }
 
-/// Human-readable lines.
-pub struct TextFormat {
-    inner: Format<Full>,
+/// Which of the two line formats a [`LineFormat`] writes.
+enum Style {
+    /// Human-readable lines: tracing-subscriber's full format.
+    Text(Format<Full>),
+    /// One JSON object per line.
+    Json,
+}
+
+/// The event format of the log layer: text or JSON, scrubbed, with the trace ids.
+pub struct LineFormat {
+    style: Style,
     dispatch: DispatchSlot,
 }
 
-impl TextFormat {
-    pub fn new(ansi: bool, dispatch: DispatchSlot) -> Self {
+impl LineFormat {
+    pub fn text(ansi: bool, dispatch: DispatchSlot) -> Self {
         Self {
-            inner: Format::default().with_target(true).with_ansi(ansi),
+            style: Style::Text(Format::default().with_target(true).with_ansi(ansi)),
+            dispatch,
+        }
+    }
+
+    pub fn json(dispatch: DispatchSlot) -> Self {
+        Self {
+            style: Style::Json,
             dispatch,
         }
     }
 }
 
-impl<S, N> FormatEvent<S, N> for TextFormat
+impl<S, N> FormatEvent<S, N> for LineFormat
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -82,81 +97,81 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        // Formatted into a buffer first: a secret split across the formatter's small writes
-        // could not be recognised on the fly.
-        let mut line = String::new();
-        self.inner
-            .format_event(ctx, Writer::new(&mut line), event)?;
-        let body = line.trim_end_matches('\n');
-        writer.write_str(&scrub(body))?;
-        if let Some((trace_id, span_id)) = trace_ids(ctx, &self.dispatch) {
-            write!(writer, " trace_id={trace_id} span_id={span_id}")?;
+        let trace = trace_ids(ctx, &self.dispatch);
+        match &self.style {
+            Style::Text(inner) => {
+                // Formatted into a buffer first: a secret split across the formatter's small
+                // writes could not be recognised on the fly.
+                let mut line = String::new();
+                inner.format_event(ctx, Writer::new(&mut line), event)?;
+                let body = line.trim_end_matches('\n');
+                writer.write_str(&scrub(body))?;
+                if let Some((trace_id, span_id)) = trace {
+                    write!(writer, " trace_id={trace_id} span_id={span_id}")?;
+                }
+                writer.write_char('\n')
+            }
+            Style::Json => {
+                let object = json_object(ctx, event, trace);
+                let line = serde_json::to_string(&Value::Object(object)).map_err(|_| fmt::Error)?;
+                writeln!(writer, "{line}")
+            }
         }
-        writer.write_char('\n')
     }
 }
 
-/// One JSON object per line.
-pub struct JsonFormat {
-    pub dispatch: DispatchSlot,
-}
-
-impl<S, N> FormatEvent<S, N> for JsonFormat
+/// The JSON line's object: envelope keys first, then the event's own fields.
+fn json_object<S, N>(
+    ctx: &FmtContext<'_, S, N>,
+    event: &Event<'_>,
+    trace: Option<(String, String)>,
+) -> Map<String, Value>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let meta = event.metadata();
-        let mut object = Map::new();
-        object.insert(
-            "timestamp".into(),
-            chrono::Utc::now()
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                .into(),
-        );
-        object.insert("level".into(), meta.level().as_str().into());
-        object.insert("target".into(), meta.target().into());
-        let mut fields = Map::new();
-        event.record(&mut JsonVisitor(&mut fields));
-        if let Some(scope) = ctx.event_scope() {
-            let mut span_fields = Map::new();
-            let mut innermost = None;
-            for span in scope.from_root() {
-                innermost = Some(span.name());
-                let extensions = span.extensions();
-                if let Some(formatted) = extensions.get::<FormattedFields<N>>()
-                    && let Ok(Value::Object(values)) =
-                        serde_json::from_str::<Value>(formatted.as_str())
-                {
-                    for (key, value) in values {
-                        span_fields.insert(key, scrub_json(value));
-                    }
+    let meta = event.metadata();
+    let mut object = Map::new();
+    object.insert(
+        "timestamp".into(),
+        chrono::Utc::now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            .into(),
+    );
+    object.insert("level".into(), meta.level().as_str().into());
+    object.insert("target".into(), meta.target().into());
+    let mut fields = Map::new();
+    event.record(&mut JsonVisitor(&mut fields));
+    if let Some(scope) = ctx.event_scope() {
+        let mut span_fields = Map::new();
+        let mut innermost = None;
+        for span in scope.from_root() {
+            innermost = Some(span.name());
+            let extensions = span.extensions();
+            if let Some(formatted) = extensions.get::<FormattedFields<N>>()
+                && let Ok(Value::Object(values)) = serde_json::from_str::<Value>(formatted.as_str())
+            {
+                for (key, value) in values {
+                    span_fields.insert(key, scrub_json(value));
                 }
             }
-            if let Some(name) = innermost {
-                object.insert("span".into(), name.into());
-            }
-            if !span_fields.is_empty() {
-                object.insert("spans".into(), Value::Object(span_fields));
-            }
         }
-        if let Some((trace_id, span_id)) = trace_ids(ctx, &self.dispatch) {
-            object.insert("trace_id".into(), trace_id.into());
-            object.insert("span_id".into(), span_id.into());
+        if let Some(name) = innermost {
+            object.insert("span".into(), name.into());
         }
-        // Event fields last, without overwriting the envelope keys above.
-        for (key, value) in fields {
-            object.entry(key).or_insert(value);
+        if !span_fields.is_empty() {
+            object.insert("spans".into(), Value::Object(span_fields));
         }
-        let line = serde_json::to_string(&Value::Object(object)).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{line}")
     }
+    if let Some((trace_id, span_id)) = trace {
+        object.insert("trace_id".into(), trace_id.into());
+        object.insert("span_id".into(), span_id.into());
+    }
+    // Event fields last, without overwriting the envelope keys above.
+    for (key, value) in fields {
+        object.entry(key).or_insert(value);
+    }
+    object
 }
 
 fn scrub_json(value: Value) -> Value {
@@ -250,11 +265,31 @@ mod tests {
         }
     }
 
-    /// Logs one line inside a traced span and one outside; returns the lines and the span's
+    /// The subscriber under the log layer: the registry with OpenTelemetry, as in production.
+    type Traced = tracing_subscriber::layer::Layered<
+        tracing_opentelemetry::OpenTelemetryLayer<
+            tracing_subscriber::Registry,
+            opentelemetry_sdk::trace::SdkTracer,
+        >,
+        tracing_subscriber::Registry,
+    >;
+
+    /// Logs one line inside a traced span and one outside through the layer `log_layer` builds
+    /// (from the dispatch slot and the buffer to write to); returns the lines and the span's
     /// trace id.
-    fn scenario(dispatch: tracing::Dispatch, slot: &DispatchSlot) -> String {
+    fn scenario<L>(log_layer: impl FnOnce(DispatchSlot, Buffer) -> L) -> (Vec<String>, String)
+    where
+        L: tracing_subscriber::Layer<Traced> + Send + Sync + 'static,
+    {
+        let buffer = Buffer::default();
+        let slot = DispatchSlot::default();
+        let tracer = SdkTracerProvider::builder().build().tracer("test");
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .with(log_layer(slot.clone(), buffer.clone()));
+        let dispatch = tracing::Dispatch::new(subscriber);
         slot.set(&dispatch);
-        tracing::dispatcher::with_default(&dispatch, || {
+        let trace_id = tracing::dispatcher::with_default(&dispatch, || {
             let span = tracing::info_span!("grpc.server", rpc.method = "TrackEvent");
             let trace_id = span.context().span().span_context().trace_id().to_string();
             span.in_scope(|| {
@@ -262,30 +297,19 @@ mod tests {
             });
             tracing::info!("outside");
             trace_id
-        })
-    }
-
-    fn tracer() -> opentelemetry_sdk::trace::SdkTracer {
-        SdkTracerProvider::builder().build().tracer("test")
+        });
+        (buffer.lines(), trace_id)
     }
 
     #[test]
     fn json_lines_carry_trace_ids_span_fields_and_no_email() {
-        let buffer = Buffer::default();
-        let slot = DispatchSlot::default();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(tracer()))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .fmt_fields(JsonFields::new())
-                    .event_format(JsonFormat {
-                        dispatch: slot.clone(),
-                    })
-                    .with_writer(buffer.clone()),
-            );
-        let trace_id = scenario(tracing::Dispatch::new(subscriber), &slot);
-        let lines: Vec<Value> = buffer
-            .lines()
+        let (lines, trace_id) = scenario(|slot, buffer| {
+            tracing_subscriber::fmt::layer()
+                .fmt_fields(JsonFields::new())
+                .event_format(LineFormat::json(slot))
+                .with_writer(buffer)
+        });
+        let lines: Vec<Value> = lines
             .iter()
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
@@ -306,18 +330,12 @@ mod tests {
 
     #[test]
     fn text_lines_end_with_trace_ids_inside_a_span() {
-        let buffer = Buffer::default();
-        let slot = DispatchSlot::default();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(tracer()))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .event_format(TextFormat::new(false, slot.clone()))
-                    .with_writer(buffer.clone()),
-            );
-        let trace_id = scenario(tracing::Dispatch::new(subscriber), &slot);
-        let lines = buffer.lines();
+        let (lines, trace_id) = scenario(|slot, buffer| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .event_format(LineFormat::text(false, slot))
+                .with_writer(buffer)
+        });
         assert_eq!(lines.len(), 2);
         assert!(
             lines[0].contains("grpc.server{rpc.method=\"TrackEvent\"}"),

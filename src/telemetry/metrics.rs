@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
-    Counter, Histogram, Meter, MeterProvider as _, ObservableCounter, ObservableGauge,
+    AsyncInstrumentBuilder, Counter, Histogram, Meter, MeterProvider as _, ObservableCounter,
+    ObservableGauge,
 };
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -362,53 +363,40 @@ impl Metrics {
     }
 }
 
+/// `builder` with its description and the callback that reports what the probes of `kind` read
+/// at collection.
+fn observing<'a, I, M: Send + Sync + 'static>(
+    builder: AsyncInstrumentBuilder<'a, I, M>,
+    description: &'static str,
+    probes: &Arc<Probes<M>>,
+    kind: Observed,
+) -> AsyncInstrumentBuilder<'a, I, M> {
+    let probes = Arc::clone(probes);
+    builder
+        .with_description(description)
+        .with_callback(move |observer| {
+            for (value, attributes) in probes.read(kind) {
+                observer.observe(value, &attributes);
+            }
+        })
+}
+
 fn observed_instruments(
     meter: &Meter,
     probes: &Arc<Probes<u64>>,
     float_probes: &Arc<Probes<f64>>,
 ) -> Vec<ObservedInstrument> {
     let gauge = |name: &'static str, description: &'static str, kind: Observed| {
-        let probes = Arc::clone(probes);
-        ObservedInstrument::Gauge(
-            meter
-                .u64_observable_gauge(name)
-                .with_description(description)
-                .with_callback(move |observer| {
-                    for (value, attributes) in probes.read(kind) {
-                        observer.observe(value, &attributes);
-                    }
-                })
-                .build(),
-        )
+        let builder = meter.u64_observable_gauge(name);
+        ObservedInstrument::Gauge(observing(builder, description, probes, kind).build())
     };
     let counter = |name: &'static str, description: &'static str, kind: Observed| {
-        let probes = Arc::clone(probes);
-        ObservedInstrument::Counter(
-            meter
-                .u64_observable_counter(name)
-                .with_description(description)
-                .with_callback(move |observer| {
-                    for (value, attributes) in probes.read(kind) {
-                        observer.observe(value, &attributes);
-                    }
-                })
-                .build(),
-        )
+        let builder = meter.u64_observable_counter(name);
+        ObservedInstrument::Counter(observing(builder, description, probes, kind).build())
     };
     let seconds_gauge = |name: &'static str, description: &'static str, kind: Observed| {
-        let probes = Arc::clone(float_probes);
-        ObservedInstrument::FloatGauge(
-            meter
-                .f64_observable_gauge(name)
-                .with_unit("s")
-                .with_description(description)
-                .with_callback(move |observer| {
-                    for (value, attributes) in probes.read(kind) {
-                        observer.observe(value, &attributes);
-                    }
-                })
-                .build(),
-        )
+        let builder = meter.f64_observable_gauge(name).with_unit("s");
+        ObservedInstrument::FloatGauge(observing(builder, description, float_probes, kind).build())
     };
     vec![
         gauge(

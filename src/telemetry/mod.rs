@@ -98,15 +98,13 @@ pub fn init(config: &Config) -> anyhow::Result<()> {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             // Span fields are formatted by the layer, the line by the event format: both follow.
             .with_ansi(ansi)
-            .event_format(logfmt::TextFormat::new(ansi, slot.clone()))
+            .event_format(logfmt::LineFormat::text(ansi, slot.clone()))
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_ansi(false)
             .fmt_fields(JsonFields::new())
-            .event_format(logfmt::JsonFormat {
-                dispatch: slot.clone(),
-            })
+            .event_format(logfmt::LineFormat::json(slot.clone()))
             .with_filter(filter)
             .boxed(),
     };
@@ -244,23 +242,49 @@ const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Reports, until the app is dropped, the outbox's queued deliveries and dead letters, the age of
 /// its oldest unfinished delivery, and whether the store answers at all.
 pub fn register_store_probes(app: &std::sync::Arc<crate::app::App>) {
-    register_outbox_age_probe(app);
-    register_store_available_probe(app);
+    let store = StoreProbe {
+        app: std::sync::Arc::downgrade(app),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    register_outbox_depth_probe(store.clone());
+    register_outbox_age_probe(store.clone());
+    register_store_available_probe(store);
     register_store_reachable_probe(app);
-    let app = std::sync::Arc::downgrade(app);
-    let runtime = tokio::runtime::Handle::current();
+}
+
+/// What a metrics probe reads the store through: the app while it lives, and the runtime that
+/// runs the read.
+#[derive(Clone)]
+struct StoreProbe {
+    app: std::sync::Weak<crate::app::App>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl StoreProbe {
+    /// The answer of `read`, bounded by [`STORE_PROBE_TIMEOUT`]; `None` once the app is dropped
+    /// (the probe then unregisters). Probes run on the metrics reader's own thread or a blocking
+    /// thread, never on an async worker, so waiting here blocks no task.
+    fn read<T, Read>(
+        &self,
+        read: impl FnOnce(std::sync::Arc<crate::app::App>) -> Read,
+    ) -> Option<Result<Result<T, crate::error::Error>, tokio::time::error::Elapsed>>
+    where
+        Read: std::future::Future<Output = Result<T, crate::error::Error>>,
+    {
+        let app = self.app.upgrade()?;
+        // The timer is made inside `block_on`: only there is the runtime's clock in reach.
+        Some(
+            self.runtime
+                .block_on(async { tokio::time::timeout(STORE_PROBE_TIMEOUT, read(app)).await }),
+        )
+    }
+}
+
+fn register_outbox_depth_probe(store: StoreProbe) {
     metrics::register_probe(metrics::Observed::OutboxDeliveries, move |readings| {
-        let Some(app) = app.upgrade() else {
-            return false;
-        };
-        // Probes run on the metrics reader's own thread or a blocking thread, never on an async
-        // worker, so waiting here blocks no task. The bound keeps a stuck store from holding a
-        // scrape forever.
-        let depth = runtime.block_on(async {
-            tokio::time::timeout(STORE_PROBE_TIMEOUT, app.outbox.depth()).await
-        });
-        match depth {
-            Ok(Ok((queued, dead))) => {
+        match store.read(|app| async move { app.outbox.depth().await }) {
+            None => return false,
+            Some(Ok(Ok((queued, dead)))) => {
                 for (state, count) in [("queued", queued), ("dead_letter", dead)] {
                     readings.push((
                         u64::try_from(count).unwrap_or(0),
@@ -268,31 +292,25 @@ pub fn register_store_probes(app: &std::sync::Arc<crate::app::App>) {
                     ));
                 }
             }
-            Ok(Err(error)) => tracing::warn!(%error, "cannot read the outbox depth"),
-            Err(_elapsed) => tracing::warn!("reading the outbox depth timed out"),
+            Some(Ok(Err(error))) => tracing::warn!(%error, "cannot read the outbox depth"),
+            Some(Err(_elapsed)) => tracing::warn!("reading the outbox depth timed out"),
         }
         true
     });
 }
 
-fn register_outbox_age_probe(app: &std::sync::Arc<crate::app::App>) {
-    let app = std::sync::Arc::downgrade(app);
-    let runtime = tokio::runtime::Handle::current();
+fn register_outbox_age_probe(store: StoreProbe) {
     metrics::register_float_probe(metrics::Observed::OutboxOldestPendingAge, move |readings| {
-        let Some(app) = app.upgrade() else {
-            return false;
-        };
-        // Like the depth probe: run on a thread that may block, bounded.
-        let oldest = runtime.block_on(async {
-            tokio::time::timeout(STORE_PROBE_TIMEOUT, app.outbox.oldest_pending_ms()).await
-        });
-        match oldest {
-            Ok(Ok(oldest)) => {
+        match store.read(|app| async move { app.outbox.oldest_pending_ms().await }) {
+            None => return false,
+            Some(Ok(Ok(oldest))) => {
                 let now_ms = chrono::Utc::now().timestamp_millis();
                 readings.push((pending_age_seconds(oldest, now_ms), Vec::new()));
             }
-            Ok(Err(error)) => tracing::warn!(%error, "cannot read the oldest outbox delivery"),
-            Err(_elapsed) => tracing::warn!("reading the oldest outbox delivery timed out"),
+            Some(Ok(Err(error))) => {
+                tracing::warn!(%error, "cannot read the oldest outbox delivery");
+            }
+            Some(Err(_elapsed)) => tracing::warn!("reading the oldest outbox delivery timed out"),
         }
         true
     });
@@ -321,26 +339,19 @@ fn register_store_reachable_probe(app: &std::sync::Arc<crate::app::App>) {
     });
 }
 
-fn register_store_available_probe(app: &std::sync::Arc<crate::app::App>) {
-    let app = std::sync::Arc::downgrade(app);
-    let runtime = tokio::runtime::Handle::current();
+fn register_store_available_probe(store: StoreProbe) {
     metrics::register_probe(metrics::Observed::StoreAvailable, move |readings| {
-        let Some(app) = app.upgrade() else {
-            return false;
-        };
         // A read of a real table through the outbox (not a bare `SELECT 1`, which SQLite answers
         // without touching the file), so a vanished, unreadable or locked-up database shows as 0
         // whatever engine the store runs on.
-        let answered = runtime.block_on(async {
-            tokio::time::timeout(STORE_PROBE_TIMEOUT, app.outbox.depth()).await
-        });
-        let available = match answered {
-            Ok(Ok(_)) => 1,
-            Ok(Err(error)) => {
+        let available = match store.read(|app| async move { app.outbox.depth().await }) {
+            None => return false,
+            Some(Ok(Ok(_))) => 1,
+            Some(Ok(Err(error))) => {
                 tracing::warn!(%error, "the store did not answer the availability probe");
                 0
             }
-            Err(_elapsed) => {
+            Some(Err(_elapsed)) => {
                 tracing::warn!("the store availability probe timed out");
                 0
             }

@@ -6,6 +6,22 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
+/// The part of a tolerant visitor that decides what `null` means: `null` (or a unit) decodes as
+/// `$null`, and a present value is decoded by the same visitor `V`.
+macro_rules! null_decodes_as {
+    ($de:lifetime, $null:expr) => {
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($null)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($null)
+        }
+        fn visit_some<D: Deserializer<$de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(V)
+        }
+    };
+}
+
 /// A string, or a number/bool rendered as one; `null` → `None`.
 pub fn opt_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     struct V;
@@ -32,15 +48,7 @@ pub fn opt_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<S
         fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
             Ok(Some(v.to_string()))
         }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(V)
-        }
+        null_decodes_as!('de, None);
     }
     deserializer.deserialize_any(V)
 }
@@ -76,15 +84,7 @@ pub fn opt_f64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>
                 .map(Some)
                 .map_err(|_| E::custom("expected a number, found a non-numeric string"))
         }
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(V)
-        }
+        null_decodes_as!('de, None);
     }
     deserializer.deserialize_any(V)
 }
@@ -132,15 +132,7 @@ pub fn flag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error
                 _ => Err(E::custom("expected a boolean, found another string")),
             }
         }
-        fn visit_none<E: de::Error>(self) -> Result<bool, E> {
-            Ok(false)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
-            Ok(false)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-            d.deserialize_any(V)
-        }
+        null_decodes_as!('de, false);
     }
     deserializer.deserialize_any(V)
 }

@@ -123,10 +123,8 @@ impl Transport {
             .user_agent(concat!("cx-gateway/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| {
-                Error::internal(format!(
-                    "cannot build the {upstream} http client: {}",
-                    error.without_url()
-                ))
+                let cause = error.without_url();
+                Error::internal(format!("cannot build the {upstream} http client: {cause}"))
             })?;
         Ok(Self {
             client,
@@ -188,8 +186,25 @@ impl Transport {
         let mut trace_headers = HeaderMap::new();
         span.in_scope(|| crate::telemetry::propagation::inject_current(&mut trace_headers));
         let started = tokio::time::Instant::now();
+        let request = self.url(segments).map(|url| {
+            let mut request = self
+                .client
+                .request(route.http_method(), url)
+                .timeout(timeout)
+                .headers(trace_headers)
+                .header(reqwest::header::ACCEPT, "application/json");
+            if !query.is_empty() {
+                request = request.query(query);
+            }
+            if let Some(body) = body {
+                request = request
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body);
+            }
+            request
+        });
         let result = self
-            .attempt(route, segments, query, body, timeout, trace_headers)
+            .attempt(route, request, timeout)
             .instrument(span.clone())
             .await;
         let outcome = match &result {
@@ -230,30 +245,15 @@ impl Transport {
         result
     }
 
+    /// Sends the request `send` built (or reports why it could not be built) and classifies the
+    /// answer; `timeout` is the request's bound, named in a timeout failure.
     async fn attempt(
         &self,
         route: Route,
-        segments: &[&str],
-        query: &[(&str, String)],
-        body: Option<Vec<u8>>,
+        request: Result<reqwest::RequestBuilder, Error>,
         timeout: Duration,
-        trace_headers: HeaderMap,
     ) -> Result<Answer, AttemptError> {
-        let url = self.url(segments).map_err(AttemptError::permanent)?;
-        let mut request = self
-            .client
-            .request(route.http_method(), url)
-            .timeout(timeout)
-            .headers(trace_headers)
-            .header(reqwest::header::ACCEPT, "application/json");
-        if !query.is_empty() {
-            request = request.query(query);
-        }
-        if let Some(body) = body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body);
-        }
+        let request = request.map_err(AttemptError::permanent)?;
         let started = tokio::time::Instant::now();
         let response = match request.send().await {
             Ok(response) => response,

@@ -47,14 +47,7 @@ fn prune_boundary(
     let mut boundary: Option<i64> = None;
     if let Some(cutoff) = cutoff_ms {
         // Log times are ordered like sequences, so this is the end of a prefix.
-        boundary = connection
-            .query_row(
-                "SELECT seq FROM feedback_log WHERE log_time_ms < ?1
-                 ORDER BY log_time_ms DESC, seq DESC LIMIT 1",
-                [cutoff],
-                |row| row.get(0),
-            )
-            .optional()?;
+        boundary = last_seq_before(connection, cutoff)?;
     }
     if let Some(max) = max_entries {
         let count: i64 =
@@ -356,14 +349,7 @@ impl FeedbackLogStore for SqliteStore {
             let tx = connection.unchecked_transaction()?;
             let state = read_state(&tx)?;
             let expired = state.pruned_seq > 0 && state.pruned_time_ms >= time_ms;
-            let before: Option<i64> = tx
-                .query_row(
-                    "SELECT seq FROM feedback_log WHERE log_time_ms < ?1
-                     ORDER BY log_time_ms DESC, seq DESC LIMIT 1",
-                    [time_ms],
-                    |row| row.get(0),
-                )
-                .optional()?;
+            let before = last_seq_before(&tx, time_ms)?;
             Ok((before.unwrap_or(state.pruned_seq), expired))
         })
         .await
@@ -466,4 +452,17 @@ impl FeedbackLogStore for SqliteStore {
         self.read(move |connection| run_query(connection, &query))
             .await
     }
+}
+
+/// The last entry logged before `time_ms`. Log times are ordered like sequences, so everything
+/// up to it is a prefix of the log.
+fn last_seq_before(connection: &Connection, time_ms: i64) -> rusqlite::Result<Option<i64>> {
+    connection
+        .query_row(
+            "SELECT seq FROM feedback_log WHERE log_time_ms < ?1
+             ORDER BY log_time_ms DESC, seq DESC LIMIT 1",
+            [time_ms],
+            |row| row.get(0),
+        )
+        .optional()
 }

@@ -293,6 +293,15 @@ impl SqliteStore {
             .map_err(|_| storage_error("the write was not committed"))?
     }
 
+    /// The first column of the one row that `sql` (a statement without parameters) returns.
+    pub(crate) async fn read_value<T>(&self, sql: &'static str) -> Result<T, StoreError>
+    where
+        T: rusqlite::types::FromSql + Send + 'static,
+    {
+        self.read(move |connection| connection.query_row(sql, [], |row| row.get(0)))
+            .await
+    }
+
     /// Runs `job` on a read connection (a consistent snapshot for the duration of the job).
     pub(crate) async fn read<R, F>(&self, job: F) -> Result<R, StoreError>
     where
@@ -495,6 +504,21 @@ mod contract {
 mod tests {
     use super::*;
 
+    /// The value of the cursor `name` as a fresh open of the store in `dir` reads it.
+    async fn cursor_after_reopen(dir: &Path, name: &'static str) -> String {
+        let reopened = SqliteStore::open(dir).unwrap();
+        reopened
+            .read(move |c| {
+                c.query_row(
+                    "SELECT value FROM sync_cursors WHERE name = ?1",
+                    [name],
+                    |row| row.get(0),
+                )
+            })
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn writes_are_visible_to_reads_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -517,24 +541,13 @@ mod tests {
             assert_eq!(write.await.unwrap().unwrap(), 1);
         }
         let stored: i64 = store
-            .read(|c| c.query_row("SELECT COUNT(*) FROM sync_cursors", [], |row| row.get(0)))
+            .read_value("SELECT COUNT(*) FROM sync_cursors")
             .await
             .unwrap();
         assert_eq!(stored, count);
         drop(store);
 
-        let reopened = SqliteStore::open(dir.path()).unwrap();
-        let value: String = reopened
-            .read(|c| {
-                c.query_row(
-                    "SELECT value FROM sync_cursors WHERE name = 'cursor-7'",
-                    [],
-                    |row| row.get(0),
-                )
-            })
-            .await
-            .unwrap();
-        assert_eq!(value, "7");
+        assert_eq!(cursor_after_reopen(dir.path(), "cursor-7").await, "7");
     }
 
     /// Opens a store, writes to it and closes it, leaving everything in the main file (no WAL), as
@@ -662,18 +675,7 @@ mod tests {
             .unwrap();
         drop(store);
         // From then on it is the store of this directory, opened without the flag.
-        let reopened = SqliteStore::open(dir.path()).unwrap();
-        let value: String = reopened
-            .read(|c| {
-                c.query_row(
-                    "SELECT value FROM sync_cursors WHERE name = 'new'",
-                    [],
-                    |row| row.get(0),
-                )
-            })
-            .await
-            .unwrap();
-        assert_eq!(value, "1");
+        assert_eq!(cursor_after_reopen(dir.path(), "new").await, "1");
     }
 
     #[tokio::test]

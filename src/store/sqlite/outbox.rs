@@ -505,25 +505,13 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn oldest_unfinished_ms(&self) -> Result<Option<i64>, StoreError> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT MIN(create_ms) FROM outbox WHERE state IN (1, 2, 3)",
-                [],
-                |row| row.get(0),
-            )
-        })
-        .await
+        self.read_value("SELECT MIN(create_ms) FROM outbox WHERE state IN (1, 2, 3)")
+            .await
     }
 
     async fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT MIN(next_attempt_ms) FROM outbox WHERE state IN (1, 3)",
-                [],
-                |row| row.get(0),
-            )
-        })
-        .await
+        self.read_value("SELECT MIN(next_attempt_ms) FROM outbox WHERE state IN (1, 3)")
+            .await
     }
 
     async fn prune(

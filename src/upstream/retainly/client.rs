@@ -15,17 +15,23 @@ use crate::upstream::scheduler::AttemptError;
 
 pub const UPSTREAM: &str = "retainly";
 
-pub(crate) mod routes {
-    use crate::upstream::http::Route;
+// Every endpoint acts on customers: a 404 from any of them is about a customer.
+const UPSERT_CUSTOMERS: Route = Route::new("POST", "/customers", "customer");
+const DELETE_CUSTOMERS: Route = Route::new("DELETE", "/customers", "customer");
+const UPSERT_ARRAYS: Route = Route::new("POST", "/arrays", "customer");
+const DELETE_ARRAYS: Route = Route::new("DELETE", "/arrays", "customer");
+const EVENTS: Route = Route::new("POST", "/events", "customer");
 
-    pub const UPSERT_CUSTOMERS: Route = Route::new("POST", "/customers", "customer");
-    pub const DELETE_CUSTOMERS: Route = Route::new("DELETE", "/customers", "customer");
-    pub const UPSERT_ARRAYS: Route = Route::new("POST", "/arrays", "customer");
-    pub const DELETE_ARRAYS: Route = Route::new("DELETE", "/arrays", "customer");
-    pub const EVENTS: Route = Route::new("POST", "/events", "customer");
+/// A request of one of the batch endpoints, 1–10,000 entries each.
+#[derive(Debug, Clone, Copy)]
+pub enum Batch<'a> {
+    /// `DELETE /customers`; unknown ids are not an error.
+    DeleteCustomers(&'a [RetainlyId]),
+    /// `POST /arrays`.
+    UpsertArrayItems(&'a [ArrayRecord]),
+    /// `DELETE /arrays`; missing customers or fields are not an error.
+    DeleteArrayItems(&'a [ArrayDeletion]),
 }
-
-use routes::*;
 
 /// Typed access to Retainly's tracking API for one workspace.
 #[derive(Debug, Clone)]
@@ -97,49 +103,26 @@ impl RetainlyClient {
         Ok(customers.iter().map(|_| Ok(())).collect())
     }
 
-    /// `DELETE /customers` (1–10,000 ids); unknown ids are not an error.
-    pub async fn delete_customers(
+    /// Sends one batch of ids or array records (see [`Batch`]).
+    pub async fn send_batch(
         &self,
-        ids: &[RetainlyId],
+        batch: Batch<'_>,
         timeout: Duration,
     ) -> Result<(), AttemptError> {
-        self.write(
-            DELETE_CUSTOMERS,
-            "customers",
-            &json!({ "customers_ids": ids }),
-            timeout,
-        )
-        .await
-    }
-
-    /// `POST /arrays` (1–10,000 records).
-    pub async fn upsert_array_items(
-        &self,
-        records: &[ArrayRecord],
-        timeout: Duration,
-    ) -> Result<(), AttemptError> {
-        self.write(
-            UPSERT_ARRAYS,
-            "arrays",
-            &json!({ "records": records }),
-            timeout,
-        )
-        .await
-    }
-
-    /// `DELETE /arrays` (1–10,000 records); missing customers or fields are not an error.
-    pub async fn delete_array_items(
-        &self,
-        records: &[ArrayDeletion],
-        timeout: Duration,
-    ) -> Result<(), AttemptError> {
-        self.write(
-            DELETE_ARRAYS,
-            "arrays",
-            &json!({ "records": records }),
-            timeout,
-        )
-        .await
+        let (route, segment, body) = match batch {
+            Batch::DeleteCustomers(ids) => (
+                DELETE_CUSTOMERS,
+                "customers",
+                json!({ "customers_ids": ids }),
+            ),
+            Batch::UpsertArrayItems(records) => {
+                (UPSERT_ARRAYS, "arrays", json!({ "records": records }))
+            }
+            Batch::DeleteArrayItems(records) => {
+                (DELETE_ARRAYS, "arrays", json!({ "records": records }))
+            }
+        };
+        self.write(route, segment, &body, timeout).await
     }
 
     /// `POST /events`.

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 
+use self::client::Batch;
 pub use self::client::RetainlyClient;
 pub use self::model::*;
 use crate::config::RetainlyConfig;
@@ -161,17 +162,8 @@ impl RetainlyApi {
 
     /// Deletes customers by id (missing ones are not an error).
     pub async fn delete_customers(&self, ctx: &CallContext, ids: Vec<RetainlyId>) -> Result<()> {
-        for chunk in ids.chunks(MAX_BATCH) {
-            let client = self.inner.client.clone();
-            self.inner
-                .lane
-                .call(ctx, Idempotency::Idempotent, |timeout| {
-                    let client = client.clone();
-                    async move { client.delete_customers(chunk, timeout).await }
-                })
-                .await?;
-        }
-        Ok(())
+        self.send_in_chunks(ctx, &ids, idempotent, Batch::DeleteCustomers)
+            .await
     }
 
     /// Adds or updates items of customers' array fields.
@@ -180,25 +172,8 @@ impl RetainlyApi {
         ctx: &CallContext,
         records: Vec<ArrayRecord>,
     ) -> Result<()> {
-        for chunk in records.chunks(MAX_BATCH) {
-            let idempotency = if chunk
-                .iter()
-                .all(|record| record.data.iter().all(|item| item.contains_key("id")))
-            {
-                Idempotency::Idempotent
-            } else {
-                Idempotency::UnsafeToRepeat
-            };
-            let client = self.inner.client.clone();
-            self.inner
-                .lane
-                .call(ctx, idempotency, |timeout| {
-                    let client = client.clone();
-                    async move { client.upsert_array_items(chunk, timeout).await }
-                })
-                .await?;
-        }
-        Ok(())
+        self.send_in_chunks(ctx, &records, upsert_idempotency, Batch::UpsertArrayItems)
+            .await
     }
 
     /// Removes items from customers' array fields (missing ones are not an error).
@@ -207,13 +182,25 @@ impl RetainlyApi {
         ctx: &CallContext,
         records: Vec<ArrayDeletion>,
     ) -> Result<()> {
-        for chunk in records.chunks(MAX_BATCH) {
-            let client = self.inner.client.clone();
+        self.send_in_chunks(ctx, &records, idempotent, Batch::DeleteArrayItems)
+            .await
+    }
+
+    /// Sends `items` in chunks of at most [`MAX_BATCH`], one lane call each, stopping at the
+    /// first chunk that fails.
+    async fn send_in_chunks<'a, T>(
+        &self,
+        ctx: &CallContext,
+        items: &'a [T],
+        idempotency: fn(&[T]) -> Idempotency,
+        batch: fn(&'a [T]) -> Batch<'a>,
+    ) -> Result<()> {
+        let client = &self.inner.client;
+        for chunk in items.chunks(MAX_BATCH) {
             self.inner
                 .lane
-                .call(ctx, Idempotency::Idempotent, |timeout| {
-                    let client = client.clone();
-                    async move { client.delete_array_items(chunk, timeout).await }
+                .call(ctx, idempotency(chunk), |timeout| {
+                    client.send_batch(batch(chunk), timeout)
                 })
                 .await?;
         }
@@ -239,6 +226,24 @@ impl RetainlyApi {
             })
             .await
     }
+}
+
+/// An array item without an id is appended again by a repeated request; with ids, a repeat
+/// updates the same items.
+fn upsert_idempotency(chunk: &[ArrayRecord]) -> Idempotency {
+    if chunk
+        .iter()
+        .all(|record| record.data.iter().all(|item| item.contains_key("id")))
+    {
+        Idempotency::Idempotent
+    } else {
+        Idempotency::UnsafeToRepeat
+    }
+}
+
+/// The idempotency of a batch that a repeat cannot change further (a delete).
+fn idempotent<T>(_: &[T]) -> Idempotency {
+    Idempotency::Idempotent
 }
 
 async fn upsert_batch(inner: Arc<Inner>, handle: BatchHandle<(), RetainlyCustomer, ()>) {

@@ -142,12 +142,17 @@ mod tests {
         })
     }
 
+    fn fail(breaker: &mut Breaker, now: Instant, times: usize) {
+        for _ in 0..times {
+            breaker.on_failure(now);
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_half_opens_with_one_probe() {
         let mut breaker = breaker();
         let now = Instant::now();
-        breaker.on_failure(now);
-        breaker.on_failure(now);
+        fail(&mut breaker, now, 2);
         assert_eq!(breaker.admit(now), Admission::Allowed);
         breaker.on_failure(now);
         assert_eq!(
@@ -170,11 +175,9 @@ mod tests {
     async fn a_success_resets_the_count() {
         let mut breaker = breaker();
         let now = Instant::now();
-        breaker.on_failure(now);
-        breaker.on_failure(now);
+        fail(&mut breaker, now, 2);
         breaker.on_success();
-        breaker.on_failure(now);
-        breaker.on_failure(now);
+        fail(&mut breaker, now, 2);
         assert_eq!(breaker.admit(now), Admission::Allowed);
     }
 

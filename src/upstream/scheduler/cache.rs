@@ -206,111 +206,115 @@ mod tests {
     use super::*;
     use crate::error::ErrorCode;
 
-    fn counting_fetch(
-        calls: &Arc<AtomicUsize>,
-        gate: &Arc<tokio::sync::Notify>,
-        value: u32,
-    ) -> impl FnOnce() -> BoxFuture<'static, Result<u32>> + use<> {
-        let calls = Arc::clone(calls);
-        let gate = Arc::clone(gate);
-        move || {
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                gate.notified().await;
-                Ok(value)
+    /// Reads of `&str` keys whose upstream calls are counted and held at a gate until it opens.
+    struct GatedReads {
+        reads: Arc<Reads<&'static str, u32>>,
+        calls: Arc<AtomicUsize>,
+        gate: Arc<tokio::sync::Notify>,
+    }
+
+    impl GatedReads {
+        fn new() -> GatedReads {
+            GatedReads {
+                reads: Arc::new(Reads::new("retently", Duration::from_secs(30), 16)),
+                calls: Arc::new(AtomicUsize::new(0)),
+                gate: Arc::new(tokio::sync::Notify::new()),
             }
-            .boxed()
+        }
+
+        /// The upstream calls made so far.
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        /// A fetch that counts its call, waits for the gate, then answers `value`.
+        fn fetch(&self, value: u32) -> impl FnOnce() -> BoxFuture<'static, Result<u32>> + use<> {
+            let calls = Arc::clone(&self.calls);
+            let gate = Arc::clone(&self.gate);
+            move || {
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    gate.notified().await;
+                    Ok(value)
+                }
+                .boxed()
+            }
+        }
+
+        /// A read that must succeed: the value it got.
+        async fn read(
+            &self,
+            key: &'static str,
+            ctx: &CallContext,
+            caching: Caching,
+            value: u32,
+        ) -> u32 {
+            let fetch = self.fetch(value);
+            self.reads
+                .get(key, ctx, caching, fetch)
+                .await
+                .expect("read")
+        }
+
+        /// The same read in a task of its own, so several can wait at the gate at once.
+        fn spawn_read(
+            &self,
+            key: &'static str,
+            ctx: CallContext,
+            caching: Caching,
+            value: u32,
+        ) -> tokio::task::JoinHandle<Result<u32>> {
+            let reads = Arc::clone(&self.reads);
+            let fetch = self.fetch(value);
+            tokio::spawn(async move { reads.get(key, &ctx, caching, fetch).await })
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn identical_in_flight_reads_share_one_call() {
-        let reads = Arc::new(Reads::<&'static str, u32>::new(
-            "retently",
-            Duration::from_secs(30),
-            16,
-        ));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let mut tasks = Vec::new();
-        for _ in 0..20 {
-            let reads = Arc::clone(&reads);
-            let fetch = counting_fetch(&calls, &gate, 7);
-            tasks.push(tokio::spawn(async move {
-                reads
-                    .get(
-                        "campaigns",
-                        &CallContext::interactive(None),
-                        Caching::SingleFlightOnly,
-                        fetch,
-                    )
-                    .await
-            }));
-        }
+        let gated = GatedReads::new();
+        let interactive = CallContext::interactive(None);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                gated.spawn_read(
+                    "campaigns",
+                    interactive.clone(),
+                    Caching::SingleFlightOnly,
+                    7,
+                )
+            })
+            .collect();
         // Let every caller register before the one upstream call answers.
         tokio::time::sleep(Duration::from_millis(1)).await;
-        gate.notify_waiters();
+        gated.gate.notify_waiters();
         for task in tasks {
             assert_eq!(task.await.expect("task").expect("read"), 7);
         }
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(gated.calls(), 1);
         // Not cached: the next read calls again.
-        gate.notify_one();
-        let fetch = counting_fetch(&calls, &gate, 8);
-        let value = reads
-            .get(
-                "campaigns",
-                &CallContext::interactive(None),
-                Caching::SingleFlightOnly,
-                fetch,
-            )
-            .await
-            .expect("read");
+        gated.gate.notify_one();
+        let value = gated
+            .read("campaigns", &interactive, Caching::SingleFlightOnly, 8)
+            .await;
         assert_eq!(value, 8);
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(gated.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn cached_values_expire_after_the_ttl() {
-        let reads = Reads::<&'static str, u32>::new("retently", Duration::from_secs(30), 16);
-        let calls = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new(tokio::sync::Notify::new());
+        let gated = GatedReads::new();
         let ctx = CallContext::interactive(None);
-        gate.notify_one();
-        let first = reads
-            .get(
-                "score",
-                &ctx,
-                Caching::Cached,
-                counting_fetch(&calls, &gate, 1),
-            )
-            .await
-            .expect("read");
+        gated.gate.notify_one();
+        let first = gated.read("score", &ctx, Caching::Cached, 1).await;
         tokio::time::advance(Duration::from_secs(29)).await;
-        let cached = reads
-            .get(
-                "score",
-                &ctx,
-                Caching::Cached,
-                counting_fetch(&calls, &gate, 2),
-            )
-            .await
-            .expect("read");
+        let cached = gated.read("score", &ctx, Caching::Cached, 2).await;
         assert_eq!((first, cached), (1, 1));
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(gated.calls(), 1);
         tokio::time::advance(Duration::from_secs(1)).await;
-        gate.notify_one();
-        let fresh = reads
-            .get(
-                "score",
-                &ctx,
-                Caching::Cached,
-                counting_fetch(&calls, &gate, 3),
-            )
-            .await
-            .expect("read");
+        gated.gate.notify_one();
+        let fresh = gated.read("score", &ctx, Caching::Cached, 3).await;
         assert_eq!(fresh, 3);
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(gated.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -347,44 +351,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_longer_deadline_does_not_join_a_shorter_flight() {
-        let reads = Arc::new(Reads::<&'static str, u32>::new(
-            "retently",
-            Duration::from_secs(30),
-            16,
-        ));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new(tokio::sync::Notify::new());
+        let gated = GatedReads::new();
         let short = CallContext::interactive_within(Duration::from_secs(1));
         let long = CallContext::interactive_within(Duration::from_secs(10));
-        let first = {
-            let reads = Arc::clone(&reads);
-            let fetch = counting_fetch(&calls, &gate, 1);
-            tokio::spawn(async move {
-                reads
-                    .get("templates", &short, Caching::SingleFlightOnly, fetch)
-                    .await
-            })
-        };
+        let first = gated.spawn_read("templates", short, Caching::SingleFlightOnly, 1);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let second = {
-            let reads = Arc::clone(&reads);
-            let fetch = counting_fetch(&calls, &gate, 2);
-            tokio::spawn(async move {
-                reads
-                    .get("templates", &long, Caching::SingleFlightOnly, fetch)
-                    .await
-            })
-        };
+        let second = gated.spawn_read("templates", long, Caching::SingleFlightOnly, 2);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            2,
-            "the longer caller started its own flight"
-        );
+        assert_eq!(gated.calls(), 2, "the longer caller started its own flight");
         // The short caller gives up at its deadline; the long one still gets an answer.
         let first = first.await.expect("task").expect_err("deadline");
         assert_eq!(first.code(), ErrorCode::DeadlineExceeded);
-        gate.notify_waiters();
+        gated.gate.notify_waiters();
         assert_eq!(second.await.expect("task").expect("read"), 2);
     }
 

@@ -224,36 +224,49 @@ mod queue_tests {
         served
     }
 
+    /// A queue of listening waiters, each labelled so the order they are served in reads as a
+    /// string.
+    #[derive(Default)]
+    struct Labelled {
+        queue: FairQueue,
+        receivers: Vec<oneshot::Receiver<super::super::Grant>>,
+        labels: Vec<(u64, &'static str)>,
+    }
+
+    impl Labelled {
+        fn push(&mut self, name: &str, weight: u32, id: u64, label: &'static str) {
+            push(&mut self.queue, &mut self.receivers, name, weight, id);
+            self.labels.push((id, label));
+        }
+
+        /// Serves every waiter: their labels, in the order served.
+        fn order(&mut self) -> String {
+            order(&mut self.queue, &self.labels)
+        }
+    }
+
     #[test]
     fn a_backlog_does_not_crowd_out_a_newcomer() {
-        let mut queue = FairQueue::default();
-        let mut receivers = Vec::new();
-        let mut ids = Vec::new();
+        let mut queued = Labelled::default();
         for id in 0..6 {
-            push(&mut queue, &mut receivers, "a", 1, id);
-            ids.push((id, "a"));
+            queued.push("a", 1, id, "a");
         }
         for id in 100..102 {
-            push(&mut queue, &mut receivers, "b", 1, id);
-            ids.push((id, "b"));
+            queued.push("b", 1, id, "b");
         }
         // b arrived after six of a's attempts, yet alternates with a at once.
-        assert_eq!(order(&mut queue, &ids), "ababaaaa");
-        assert_eq!(queue.len(), 0);
+        assert_eq!(queued.order(), "ababaaaa");
+        assert_eq!(queued.queue.len(), 0);
     }
 
     #[test]
     fn grants_follow_the_weights() {
-        let mut queue = FairQueue::default();
-        let mut receivers = Vec::new();
-        let mut ids = Vec::new();
+        let mut queued = Labelled::default();
         for id in 0..12 {
-            push(&mut queue, &mut receivers, "heavy", 3, id);
-            ids.push((id, "H"));
-            push(&mut queue, &mut receivers, "light", 1, 100 + id);
-            ids.push((100 + id, "L"));
+            queued.push("heavy", 3, id, "H");
+            queued.push("light", 1, 100 + id, "L");
         }
-        let served = order(&mut queue, &ids);
+        let served = queued.order();
         let first_eight = &served[..8];
         assert_eq!(first_eight.matches('H').count(), 6, "{served}");
         assert_eq!(first_eight.matches('L').count(), 2, "{served}");

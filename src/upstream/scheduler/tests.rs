@@ -21,6 +21,25 @@ fn settings(limit: u32) -> SchedulerSettings {
     }
 }
 
+/// A lane of `limit` requests a window whose callers may queue up to `max_queue_wait`.
+fn queued_lane(upstream: &'static str, limit: u32, max_queue_wait: Duration) -> Lane {
+    Lane::new(
+        upstream,
+        SchedulerSettings {
+            max_queue_wait,
+            ..settings(limit)
+        },
+    )
+}
+
+/// One idempotent call on `lane` whose attempt succeeds.
+async fn call_ok(lane: &Lane, ctx: &CallContext) -> Result<()> {
+    lane.call(ctx, Idempotency::Idempotent, |_| async {
+        Ok::<_, AttemptError>(())
+    })
+    .await
+}
+
 fn transient() -> AttemptError {
     AttemptError {
         error: Error::new(
@@ -47,15 +66,24 @@ fn max_in_any_window(grants: &[Instant], window: Duration) -> usize {
         .unwrap_or(0)
 }
 
+/// One idempotent call on `lane` whose attempt, once granted, appends `mark()` to `log`.
+pub(super) async fn call_logging<T>(
+    lane: &Lane,
+    ctx: &CallContext,
+    log: &Arc<Mutex<Vec<T>>>,
+    mark: impl Fn() -> T,
+) -> Result<()> {
+    let mark = &mark;
+    lane.call(ctx, Idempotency::Idempotent, |_| async move {
+        log.lock().unwrap().push(mark());
+        Ok::<_, AttemptError>(())
+    })
+    .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn queued_calls_never_exceed_the_budget_in_any_window() {
-    let lane = Lane::new(
-        "retently",
-        SchedulerSettings {
-            max_queue_wait: Duration::from_secs(300),
-            ..settings(5)
-        },
-    );
+    let lane = queued_lane("retently", 5, Duration::from_secs(300));
     let sent = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for _ in 0..20 {
@@ -63,14 +91,7 @@ async fn queued_calls_never_exceed_the_budget_in_any_window() {
         let sent = Arc::clone(&sent);
         tasks.push(tokio::spawn(async move {
             let ctx = CallContext::interactive_within(Duration::from_secs(200));
-            lane.call(&ctx, Idempotency::Idempotent, |_| {
-                let sent = Arc::clone(&sent);
-                async move {
-                    sent.lock().unwrap().push(Instant::now());
-                    Ok::<_, AttemptError>(())
-                }
-            })
-            .await
+            call_logging(&lane, &ctx, &sent, Instant::now).await
         }));
     }
     for task in tasks {
@@ -85,16 +106,14 @@ async fn queued_calls_never_exceed_the_budget_in_any_window() {
 #[tokio::test(start_paused = true)]
 async fn sheds_at_once_when_the_wait_exceeds_the_deadline_and_queues_otherwise() {
     let lane = Lane::new("retently", settings(3));
-    let ok = |_| async { Ok::<_, AttemptError>(()) };
     for _ in 0..3 {
-        lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+        call_ok(&lane, &CallContext::interactive(None))
             .await
             .unwrap();
     }
     let start = Instant::now();
     let short = CallContext::interactive_within(Duration::from_secs(10));
-    let error = lane
-        .call(&short, Idempotency::Idempotent, ok)
+    let error = call_ok(&lane, &short)
         .await
         .expect_err("no room within 10 s");
     assert_eq!(Instant::now(), start, "shed without waiting");
@@ -104,31 +123,11 @@ async fn sheds_at_once_when_the_wait_exceeds_the_deadline_and_queues_otherwise()
     assert_eq!(error.metadata()["upstream"], "retently");
 
     let long = CallContext::interactive_within(Duration::from_secs(70));
-    lane.call(&long, Idempotency::Idempotent, ok)
+    call_ok(&lane, &long)
         .await
         .expect("queued until a slot freed");
     assert_eq!(Instant::now() - start, Duration::from_secs(60));
     assert_eq!(lane.counters().shed, 1);
-}
-
-#[tokio::test(start_paused = true)]
-async fn without_a_deadline_the_queue_wait_is_still_bounded() {
-    let lane = Lane::new(
-        "retainly",
-        SchedulerSettings {
-            max_queue_wait: Duration::from_secs(30),
-            ..settings(1)
-        },
-    );
-    let ok = |_| async { Ok::<_, AttemptError>(()) };
-    lane.call(&CallContext::background(), Idempotency::Idempotent, ok)
-        .await
-        .unwrap();
-    let error = lane
-        .call(&CallContext::background(), Idempotency::Idempotent, ok)
-        .await
-        .expect_err("a 60 s wait is over the 30 s bound");
-    assert_eq!(error.code(), ErrorCode::ResourceExhausted);
 }
 
 #[tokio::test(start_paused = true)]
@@ -141,22 +140,17 @@ async fn a_full_queue_sheds() {
             ..settings(1)
         },
     );
-    let ok = |_| async { Ok::<_, AttemptError>(()) };
-    lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+    call_ok(&lane, &CallContext::interactive(None))
         .await
         .unwrap();
     let waiting: Vec<_> = (0..2)
         .map(|_| {
             let lane = lane.clone();
-            tokio::spawn(async move {
-                lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
-                    .await
-            })
+            tokio::spawn(async move { call_ok(&lane, &CallContext::interactive(None)).await })
         })
         .collect();
     tokio::task::yield_now().await;
-    let error = lane
-        .call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+    let error = call_ok(&lane, &CallContext::interactive(None))
         .await
         .expect_err("queue is full");
     assert_eq!(error.reason(), Reason::UpstreamBudgetExhausted);
@@ -174,9 +168,8 @@ async fn interactive_goes_first_and_background_does_not_starve() {
             ..settings(1)
         },
     );
-    let ok = |_| async { Ok::<_, AttemptError>(()) };
     // Use the only slot so everyone below queues.
-    lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+    call_ok(&lane, &CallContext::interactive(None))
         .await
         .unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
@@ -191,14 +184,7 @@ async fn interactive_goes_first_and_background_does_not_starve() {
                 caller: None,
             };
             tasks.push(tokio::spawn(async move {
-                lane.call(&ctx, Idempotency::Idempotent, |_| {
-                    let order = Arc::clone(&order);
-                    async move {
-                        order.lock().unwrap().push(priority);
-                        Ok::<_, AttemptError>(())
-                    }
-                })
-                .await
+                call_logging(&lane, &ctx, &order, || priority).await
             }));
         }
     }
@@ -273,9 +259,9 @@ async fn transient_failures_are_retried_only_when_safe() {
 
 #[tokio::test(start_paused = true)]
 async fn permanent_failures_are_not_retried_and_attempts_are_capped() {
+    let ctx = CallContext::interactive(None);
     let lane = Lane::new("retently", settings(100));
     let attempts = AtomicU32::new(0);
-    let ctx = CallContext::interactive(None);
     let bad = |_| {
         attempts.fetch_add(1, Ordering::SeqCst);
         async { Err::<(), _>(AttemptError::permanent(Error::internal("bad"))) }
@@ -338,12 +324,7 @@ async fn retry_after_is_honoured_and_pauses_the_whole_lane() {
         .budget
         .block_until(Instant::now() + Duration::from_secs(5));
     let before = Instant::now();
-    blocked
-        .call(&ctx, Idempotency::Idempotent, |_| async {
-            Ok::<_, AttemptError>(())
-        })
-        .await
-        .unwrap();
+    call_ok(&blocked, &ctx).await.unwrap();
     assert_eq!(Instant::now() - before, Duration::from_secs(5));
 }
 
@@ -405,21 +386,18 @@ async fn the_retry_budget_caps_retries() {
 
 #[tokio::test(start_paused = true)]
 async fn the_breaker_fails_fast_then_probes() {
-    let lane = Lane::new(
-        "retainly",
-        SchedulerSettings {
-            breaker: BreakerConfig {
-                threshold: 2,
-                open_for: Duration::from_secs(5),
-                max_open_for: Duration::from_secs(60),
-            },
-            backoff: BackoffPolicy {
-                max_attempts: 1,
-                ..BackoffPolicy::default()
-            },
-            ..settings(1000)
-        },
-    );
+    let mut settings = settings(1000);
+    settings.breaker = BreakerConfig {
+        threshold: 2,
+        open_for: Duration::from_secs(5),
+        max_open_for: Duration::from_secs(60),
+    };
+    // No retries: each call is one attempt, so the failures counted are the calls made.
+    settings.backoff = BackoffPolicy {
+        max_attempts: 1,
+        ..BackoffPolicy::default()
+    };
+    let lane = Lane::new("retainly", settings);
     let attempts = AtomicU32::new(0);
     let ctx = CallContext::interactive(None);
     let down = |_| {
@@ -442,38 +420,28 @@ async fn the_breaker_fails_fast_then_probes() {
     let granted = lane.counters().granted;
 
     tokio::time::advance(Duration::from_secs(5)).await;
-    lane.call(&ctx, Idempotency::Idempotent, |_| async {
-        Ok::<_, AttemptError>(())
-    })
-    .await
-    .expect("the probe goes through");
+    call_ok(&lane, &ctx).await.expect("the probe goes through");
     assert_eq!(
         lane.counters().granted,
         granted + 1,
         "the probe took a slot"
     );
-    lane.call(&ctx, Idempotency::Idempotent, |_| async {
-        Ok::<_, AttemptError>(())
-    })
-    .await
-    .expect("closed again");
+    call_ok(&lane, &ctx).await.expect("closed again");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_caller_leaving_the_queue_gives_its_place_back() {
     let lane = Lane::new("retently", settings(1));
-    let ok = |_| async { Ok::<_, AttemptError>(()) };
-    lane.call(&CallContext::interactive(None), Idempotency::Idempotent, ok)
+    call_ok(&lane, &CallContext::interactive(None))
         .await
         .unwrap();
     // Queued with a 61 s deadline, then dropped by its caller before a slot frees.
     let leaver = {
         let lane = lane.clone();
         tokio::spawn(async move {
-            lane.call(
+            call_ok(
+                &lane,
                 &CallContext::interactive_within(Duration::from_secs(61)),
-                Idempotency::Idempotent,
-                ok,
             )
             .await
         })
@@ -482,37 +450,24 @@ async fn a_caller_leaving_the_queue_gives_its_place_back() {
     leaver.abort();
     let _ = leaver.await;
     let start = Instant::now();
-    lane.call(
+    call_ok(
+        &lane,
         &CallContext::interactive_within(Duration::from_secs(120)),
-        Idempotency::Idempotent,
-        ok,
     )
     .await
     .expect("gets the slot the leaver would have had");
-    assert_eq!(Instant::now() - start, Duration::from_secs(59));
     assert_eq!(lane.counters().granted, 2);
+    assert_eq!(Instant::now() - start, Duration::from_secs(59));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_drain_refuses_background_work_that_was_not_sent_and_lets_interactive_work_go() {
-    let lane = Lane::new(
-        "retainly",
-        SchedulerSettings {
-            max_queue_wait: Duration::from_secs(300),
-            ..settings(1)
-        },
-    );
-    let ok = |_| async { Ok::<_, AttemptError>(()) };
-    lane.call(&CallContext::background(), Idempotency::Idempotent, ok)
-        .await
-        .unwrap();
+    let lane = queued_lane("retainly", 1, Duration::from_secs(300));
+    call_ok(&lane, &CallContext::background()).await.unwrap();
     // The budget is spent: the next background call waits in the queue.
     let waiting = tokio::spawn({
         let lane = lane.clone();
-        async move {
-            lane.call(&CallContext::background(), Idempotency::Idempotent, ok)
-                .await
-        }
+        async move { call_ok(&lane, &CallContext::background()).await }
     });
     while lane.lock().background.len() == 0 {
         tokio::task::yield_now().await;
@@ -523,15 +478,13 @@ async fn a_drain_refuses_background_work_that_was_not_sent_and_lets_interactive_
     assert_eq!(Instant::now(), start, "refused at once, not after its wait");
     assert_eq!(error.reason(), Reason::GatewayDraining);
     assert_eq!(error.failure_class(), Some(FailureClass::NotSent));
-    let later = lane
-        .call(&CallContext::background(), Idempotency::Idempotent, ok)
+    let later = call_ok(&lane, &CallContext::background())
         .await
         .expect_err("new background work is refused too");
     assert_eq!(later.reason(), Reason::GatewayDraining);
-    lane.call(
+    call_ok(
+        &lane,
         &CallContext::interactive_within(Duration::from_secs(120)),
-        Idempotency::Idempotent,
-        ok,
     )
     .await
     .expect("interactive calls still go");
@@ -573,4 +526,14 @@ async fn the_failure_class_travels_with_the_error() {
         .expect_err("503 every time");
     assert_eq!(attempts.load(Ordering::SeqCst), 4);
     assert_eq!(error.failure_class(), Some(FailureClass::Unavailable));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_deadline_the_queue_wait_is_still_bounded() {
+    let lane = queued_lane("retainly", 1, Duration::from_secs(30));
+    call_ok(&lane, &CallContext::background()).await.unwrap();
+    let error = call_ok(&lane, &CallContext::background())
+        .await
+        .expect_err("a 60 s wait is over the 30 s bound");
+    assert_eq!(error.code(), ErrorCode::ResourceExhausted);
 }

@@ -61,6 +61,81 @@ fn runner_gathering(
 const GATHER: Option<(Duration, Duration)> =
     Some((Duration::from_millis(2), Duration::from_millis(5)));
 
+/// One item as a test submits it: under the key "k", 1 byte, without identity, for an
+/// interactive caller without a deadline, unless changed.
+struct Submission {
+    key: &'static str,
+    item: String,
+    ctx: CallContext,
+    identity: Option<String>,
+    bytes: usize,
+}
+
+fn submission(item: impl Into<String>) -> Submission {
+    Submission {
+        key: "k",
+        item: item.into(),
+        ctx: CallContext::interactive(None),
+        identity: None,
+        bytes: 1,
+    }
+}
+
+impl Submission {
+    fn key(self, key: &'static str) -> Self {
+        Self { key, ..self }
+    }
+
+    fn within(self, ctx: CallContext) -> Self {
+        Self { ctx, ..self }
+    }
+
+    fn identity(self, identity: &str) -> Self {
+        let identity = Some(identity.to_owned());
+        Self { identity, ..self }
+    }
+
+    fn bytes(self, bytes: usize) -> Self {
+        Self { bytes, ..self }
+    }
+
+    /// Submits the item from a task of its own (see [`Submission::through`]).
+    fn spawn<R>(
+        self,
+        batcher: &Batcher<&'static str, String, String>,
+        runner: R,
+    ) -> tokio::task::JoinHandle<Result<String>>
+    where
+        R: FnOnce(BatchHandle<&'static str, String, String>) -> BoxFuture<'static, ()>
+            + Send
+            + 'static,
+    {
+        let batcher = batcher.clone();
+        tokio::spawn(async move { self.through(&batcher, runner).await })
+    }
+
+    /// Submits the item to `batcher`, sent by `runner`; a refusal is [`budget_error`].
+    async fn through<R>(
+        self,
+        batcher: &Batcher<&'static str, String, String>,
+        runner: R,
+    ) -> Result<String>
+    where
+        R: FnOnce(BatchHandle<&'static str, String, String>) -> BoxFuture<'static, ()>,
+    {
+        let Self {
+            key,
+            item,
+            ctx,
+            identity,
+            bytes,
+        } = self;
+        batcher
+            .submit(key, item, &ctx, identity, bytes, runner, budget_error)
+            .await
+    }
+}
+
 fn budget_error() -> Error {
     Error::new(
         ErrorCode::ResourceExhausted,
@@ -79,10 +154,11 @@ async fn concurrent_items_coalesce_into_full_batches_and_each_gets_its_own_resul
         let runner = runner(&calls);
         tasks.push(tokio::spawn(async move {
             let item = format!("r{i}");
-            let ctx = CallContext::interactive(None);
-            let identity = Some(item.clone());
-            batcher
-                .submit("campaign", item, &ctx, identity, 10, runner, budget_error)
+            submission(item.clone())
+                .key("campaign")
+                .identity(&item)
+                .bytes(10)
+                .through(&batcher, runner)
                 .await
         }));
     }
@@ -102,16 +178,10 @@ async fn a_lone_item_is_sent_without_delay() {
     let batcher = batcher(100);
     let calls: Calls = Arc::default();
     let start = tokio::time::Instant::now();
-    let answer = batcher
-        .submit(
-            "campaign",
-            "solo".to_owned(),
-            &CallContext::interactive(None),
-            None,
-            10,
-            runner(&calls),
-            budget_error,
-        )
+    let answer = submission("solo")
+        .key("campaign")
+        .bytes(10)
+        .through(&batcher, runner(&calls))
         .await
         .unwrap();
     assert_eq!(answer, "solo@1");
@@ -126,19 +196,7 @@ async fn one_partial_batch_in_flight_per_key_while_others_fill() {
     let first = {
         let batcher = batcher.clone();
         let runner = runner(&calls);
-        tokio::spawn(async move {
-            batcher
-                .submit(
-                    "k",
-                    "a".to_owned(),
-                    &CallContext::interactive(None),
-                    None,
-                    1,
-                    runner,
-                    budget_error,
-                )
-                .await
-        })
+        tokio::spawn(async move { submission("a").through(&batcher, runner).await })
     };
     // Let the first batch go out alone.
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -147,17 +205,7 @@ async fn one_partial_batch_in_flight_per_key_while_others_fill() {
         let batcher = batcher.clone();
         let runner = runner(&calls);
         rest.push(tokio::spawn(async move {
-            batcher
-                .submit(
-                    "k",
-                    name.to_owned(),
-                    &CallContext::interactive(None),
-                    None,
-                    1,
-                    runner,
-                    budget_error,
-                )
-                .await
+            submission(name).through(&batcher, runner).await
         }));
     }
     first.await.unwrap().unwrap();
@@ -180,21 +228,11 @@ async fn a_duplicate_identity_goes_to_the_next_batch() {
     let calls: Calls = Arc::default();
     let mut tasks = Vec::new();
     for (item, identity) in [("first", "ann@x"), ("other", "bob@x"), ("second", "ann@x")] {
-        let batcher = batcher.clone();
-        let runner = runner(&calls);
-        tasks.push(tokio::spawn(async move {
-            batcher
-                .submit(
-                    "k",
-                    item.to_owned(),
-                    &CallContext::interactive(None),
-                    Some(identity.to_owned()),
-                    1,
-                    runner,
-                    budget_error,
-                )
-                .await
-        }));
+        tasks.push(
+            submission(item)
+                .identity(identity)
+                .spawn(&batcher, runner(&calls)),
+        );
     }
     let answers: Vec<String> = futures_util::future::join_all(tasks)
         .await
@@ -217,24 +255,14 @@ async fn different_keys_never_share_a_batch() {
     let batcher = batcher(100);
     let calls: Calls = Arc::default();
     let ctx = CallContext::interactive(None);
-    let a = batcher.submit(
-        "a",
-        "x".to_owned(),
-        &ctx,
-        None,
-        1,
-        runner(&calls),
-        budget_error,
-    );
-    let b = batcher.submit(
-        "b",
-        "y".to_owned(),
-        &ctx,
-        None,
-        1,
-        runner(&calls),
-        budget_error,
-    );
+    let a = submission("x")
+        .key("a")
+        .within(ctx.clone())
+        .through(&batcher, runner(&calls));
+    let b = submission("y")
+        .key("b")
+        .within(ctx.clone())
+        .through(&batcher, runner(&calls));
     let (a, b) = tokio::join!(a, b);
     assert_eq!((a.unwrap().as_str(), b.unwrap().as_str()), ("x@1", "y@2"));
 }
@@ -269,34 +297,15 @@ async fn an_item_whose_deadline_passes_before_sealing_is_withdrawn() {
         let batcher = batcher.clone();
         let gated = gated.clone();
         tokio::spawn(async move {
-            batcher
-                .submit(
-                    "k",
-                    "impatient".to_owned(),
-                    &CallContext::interactive_within(Duration::from_secs(1)),
-                    None,
-                    1,
-                    gated,
-                    budget_error,
-                )
+            submission("impatient")
+                .within(CallContext::interactive_within(Duration::from_secs(1)))
+                .through(&batcher, gated)
                 .await
         })
     };
     let patient = {
         let batcher = batcher.clone();
-        tokio::spawn(async move {
-            batcher
-                .submit(
-                    "k",
-                    "patient".to_owned(),
-                    &CallContext::interactive(None),
-                    None,
-                    1,
-                    gated,
-                    budget_error,
-                )
-                .await
-        })
+        tokio::spawn(async move { submission("patient").through(&batcher, gated).await })
     };
     let error = impatient
         .await
@@ -331,24 +340,12 @@ async fn sealing_leaves_out_items_too_close_to_their_deadline() {
     let start = tokio::time::Instant::now();
     let short_ctx = CallContext::interactive_within(Duration::from_secs(1));
     let long_ctx = CallContext::interactive_within(Duration::from_secs(10));
-    let short = batcher.submit(
-        "k",
-        "short".to_owned(),
-        &short_ctx,
-        None,
-        1,
-        seal_late.clone(),
-        budget_error,
-    );
-    let long = batcher.submit(
-        "k",
-        "long".to_owned(),
-        &long_ctx,
-        None,
-        1,
-        seal_late,
-        budget_error,
-    );
+    let short = submission("short")
+        .within(short_ctx.clone())
+        .through(&batcher, seal_late.clone());
+    let long = submission("long")
+        .within(long_ctx.clone())
+        .through(&batcher, seal_late);
     let (short, long) = tokio::join!(short, long);
     assert_eq!(short.unwrap_err().code(), ErrorCode::ResourceExhausted);
     assert_eq!(long.unwrap(), "sent");
@@ -361,16 +358,8 @@ async fn sealing_leaves_out_items_too_close_to_their_deadline() {
 async fn a_runner_that_gives_up_answers_its_items() {
     let batcher = batcher(100);
     let quitter = |_handle: BatchHandle<&'static str, String, String>| async {}.boxed();
-    let error = batcher
-        .submit(
-            "k",
-            "x".to_owned(),
-            &CallContext::interactive(None),
-            None,
-            1,
-            quitter,
-            budget_error,
-        )
+    let error = submission("x")
+        .through(&batcher, quitter)
         .await
         .expect_err("no answer");
     assert_eq!(error.code(), ErrorCode::Internal);
@@ -385,21 +374,8 @@ async fn size_limit_splits_batches() {
     let calls: Calls = Arc::default();
     let mut tasks = Vec::new();
     for i in 0..5 {
-        let batcher = batcher.clone();
-        let runner = runner(&calls);
-        tasks.push(tokio::spawn(async move {
-            batcher
-                .submit(
-                    "k",
-                    format!("i{i}"),
-                    &CallContext::interactive(None),
-                    None,
-                    10,
-                    runner,
-                    budget_error,
-                )
-                .await
-        }));
+        let submitted = submission(format!("i{i}")).bytes(10);
+        tasks.push(submitted.spawn(&batcher, runner(&calls)));
     }
     for task in tasks {
         task.await.unwrap().unwrap();
@@ -426,8 +402,11 @@ async fn crowd(gather: bool, callers: usize, rounds: usize) -> Vec<usize> {
                 let item = format!("c{caller}-{round}");
                 let ctx = CallContext::interactive(None);
                 let run = runner_gathering(&calls, if gather { GATHER } else { None });
-                let answer = batcher
-                    .submit("customers", item.clone(), &ctx, None, 10, run, budget_error)
+                let answer = submission(item.clone())
+                    .key("customers")
+                    .within(ctx.clone())
+                    .bytes(10)
+                    .through(&batcher, run)
                     .await;
                 assert!(answer.unwrap().starts_with(&format!("{item}@")));
             }
@@ -468,20 +447,7 @@ async fn a_wave_is_only_expected_right_after_an_answer_and_is_waited_for_briefly
         let batcher = batcher.clone();
         let run = runner_gathering(&calls, GATHER);
         let item = name.to_owned();
-        async move {
-            batcher
-                .submit(
-                    "k",
-                    item,
-                    &CallContext::interactive(None),
-                    None,
-                    1,
-                    run,
-                    budget_error,
-                )
-                .await
-                .unwrap()
-        }
+        async move { submission(item).through(&batcher, run).await.unwrap() }
     };
     // Two callers answered together.
     let (a, b) = tokio::join!(send("a"), send("b"));

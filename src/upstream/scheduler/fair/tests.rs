@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::error::{ErrorCode, Reason};
 use crate::upstream::CallContext;
+use crate::upstream::scheduler::tests::call_logging;
 use crate::upstream::scheduler::{AttemptError, Idempotency, Lane, SchedulerSettings};
 
 #[derive(Debug, Default)]
@@ -43,6 +44,17 @@ async fn call(lane: &Lane, caller: &str, deadline: Duration) -> crate::error::Re
         Ok::<_, AttemptError>(asked.elapsed())
     })
     .await
+}
+
+/// Shares that give `caller` a weight and a quota; everyone else gets the defaults.
+fn one_share(caller: &'static str, weight: u32, quota_per_minute: Option<u32>) -> Table {
+    Table(HashMap::from([(
+        caller,
+        CallerShare {
+            weight,
+            quota_per_minute,
+        },
+    )]))
 }
 
 #[tokio::test(start_paused = true)]
@@ -91,13 +103,7 @@ async fn a_flooding_caller_cannot_delay_a_trickling_one() {
 
 #[tokio::test(start_paused = true)]
 async fn weights_split_the_budget_when_both_flood() {
-    let shares = Table(HashMap::from([(
-        "heavy",
-        CallerShare {
-            weight: 3,
-            quota_per_minute: None,
-        },
-    )]));
+    let shares = one_share("heavy", 3, None);
     let lane = lane(4, shares);
     // Take the first window's slots so that everyone below queues.
     for _ in 0..4 {
@@ -111,14 +117,7 @@ async fn weights_split_the_budget_when_both_flood() {
         let grants = Arc::clone(&grants);
         tasks.spawn(async move {
             let ctx = CallContext::interactive_within(Duration::from_secs(60)).with_caller(caller);
-            lane.call(&ctx, Idempotency::Idempotent, |_| {
-                let grants = Arc::clone(&grants);
-                async move {
-                    grants.lock().unwrap().push(caller);
-                    Ok::<_, AttemptError>(())
-                }
-            })
-            .await
+            call_logging(&lane, &ctx, &grants, || caller).await
         });
     }
     while let Some(result) = tasks.join_next().await {
@@ -132,13 +131,7 @@ async fn weights_split_the_budget_when_both_flood() {
 
 #[tokio::test(start_paused = true)]
 async fn a_quota_refuses_with_retry_info_and_frees_with_the_window() {
-    let shares = Table(HashMap::from([(
-        "capped",
-        CallerShare {
-            weight: 1,
-            quota_per_minute: Some(3),
-        },
-    )]));
+    let shares = one_share("capped", 1, Some(3));
     let lane = lane(100, shares);
     for _ in 0..3 {
         call(&lane, "capped", Duration::from_secs(5)).await.unwrap();
@@ -161,13 +154,7 @@ async fn a_quota_refuses_with_retry_info_and_frees_with_the_window() {
 
 #[tokio::test(start_paused = true)]
 async fn an_attempt_shed_for_budget_does_not_spend_quota() {
-    let shares = Table(HashMap::from([(
-        "capped",
-        CallerShare {
-            weight: 1,
-            quota_per_minute: Some(2),
-        },
-    )]));
+    let shares = one_share("capped", 1, Some(2));
     let lane = lane(1, shares);
     call(&lane, "capped", Duration::from_secs(5)).await.unwrap();
     // The budget is spent for a second; a 100 ms deadline cannot wait for it.
