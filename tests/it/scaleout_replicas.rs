@@ -187,6 +187,28 @@ async fn scaleout_replicas_concurrent_repeats_of_one_key_make_one_upstream_call(
         .unwrap();
     let request = || event("repeat-async", "msg-async", 2, pb::DeliveryMode::Async);
     let first = tokio::spawn(track(replicas[1].channel.clone(), request()));
+    // The repeat goes out only once the first call holds the key: its claim commits before its
+    // enqueue reaches the locked row, so a claim row in the table means the first call is the
+    // holder (otherwise the repeat could claim first and the roles would swap).
+    let claim_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let claims: i64 = lock
+            .query_one(
+                "SELECT count(*) FROM idempotency_claims WHERE key LIKE '%msg-async%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if claims == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < claim_deadline,
+            "timed out waiting for the first call's claim"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let waits_before = waits_logged(&replicas[2]);
     let second = tokio::spawn(track(replicas[2].channel.clone(), request()));
     eventually(
