@@ -15,8 +15,10 @@ use crate::domain::outbox::{Outbox, OutboxSettings};
 use crate::readiness::Readiness;
 use crate::shutdown::Drain;
 use crate::store::postgres::PostgresStore;
-use crate::store::{BudgetStore, MissingStore, Store};
+use crate::store::{BudgetStore, LeaseStore, MissingStore, Store, SurveySpoolStore};
+use crate::upstream::retently::spool::SurveySpool;
 use crate::upstream::scheduler::fair::{CallerShares, EqualShares};
+use crate::upstream::scheduler::shared::account_name;
 use crate::upstream::{RetainlyApi, RetentlyApi};
 
 pub struct App {
@@ -47,6 +49,8 @@ impl App {
         // One replica on the embedded store keeps its upstream budgets in memory; replicas on
         // PostgreSQL share them there.
         let mut shared_budget: Option<Arc<dyn BudgetStore>> = None;
+        // Replicas on PostgreSQL also hand their survey sends to one of them, unless told not to.
+        let mut survey_spool: Option<(Arc<dyn SurveySpoolStore>, Arc<dyn LeaseStore>)> = None;
         let (store, temporary) = match &config.store {
             StoreSelection::Embedded => {
                 let (store, temporary) = open_embedded(&config)?;
@@ -60,6 +64,9 @@ impl App {
                 tracing::info!(pool_size = settings.pool_size, "store open on postgres");
                 let probe = Arc::new(engine.clone());
                 shared_budget = Some(Arc::new(engine.clone()));
+                if settings.shared_survey_batches {
+                    survey_spool = Some((Arc::new(engine.clone()), Arc::new(engine.clone())));
+                }
                 let store = Store::from_engine(engine, "postgres").with_health_probe(probe);
                 (store, None)
             }
@@ -83,8 +90,15 @@ impl App {
             Some(registry) => Arc::new(registry.clone()),
             None => Arc::new(EqualShares),
         };
-        let retently =
+        let mut retently =
             RetentlyApi::from_config(&config.retently, Arc::clone(&shares), shared_budget.clone())?;
+        if let (Some((spool, leases)), Some(api_key)) = (survey_spool, &config.retently.api_key) {
+            let account = account_name(
+                crate::upstream::retently::client::UPSTREAM,
+                api_key.expose(),
+            );
+            retently = retently.with_survey_spool(SurveySpool::start(spool, leases, &account));
+        }
         let retainly = RetainlyApi::from_config(&config.retainly, shares, shared_budget)?;
         Ok(App {
             retently,

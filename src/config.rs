@@ -791,6 +791,7 @@ fn store_selection(s: &Reader<'_>) -> Result<StoreSelection, ConfigError> {
                 "CXGW_POSTGRES_CA_FILE",
                 "CXGW_POSTGRES_CLAIM_LEASE",
                 "CXGW_POSTGRES_POLLER_LEASE",
+                "CXGW_POSTGRES_SHARED_SURVEY_BATCHES",
             ] {
                 if s.source.get(key).is_some() {
                     return Err(ConfigError::new(
@@ -821,6 +822,10 @@ fn store_selection(s: &Reader<'_>) -> Result<StoreSelection, ConfigError> {
                 "CXGW_POSTGRES_POLLER_LEASE",
                 settings.poller_lease,
                 Duration::from_secs(1)..=Duration::from_secs(60),
+            )?;
+            settings.shared_survey_batches = s.boolean(
+                "CXGW_POSTGRES_SHARED_SURVEY_BATCHES",
+                settings.shared_survey_batches,
             )?;
             Ok(StoreSelection::Postgres(settings))
         }

@@ -152,6 +152,14 @@ pub async fn run(
             move || outbox.notify(),
         ));
     }
+    // Replicas sharing a database send their surveys through one of them (see `spool`).
+    if let Some(spool) = app.retently.survey_spool() {
+        app.spawn_background(crate::upstream::retently::spool::run_sender(
+            Arc::clone(spool),
+            app.retently.clone(),
+            drain.clone(),
+        ));
+    }
     if let (Some(cooldown), true) = (config.survey_cooldown, config.survey_cooldown_backfill) {
         app.spawn_background(crate::domain::fatigue::backfill(Arc::clone(&app), cooldown));
     }

@@ -114,6 +114,8 @@ reasons! {
     UpstreamTimeout = "UPSTREAM_TIMEOUT",
     /// The connection failed after the request left.
     UpstreamConnectionFailed = "UPSTREAM_CONNECTION_FAILED",
+    /// The replica sending a spooled survey stopped before it answered; it may have been sent.
+    SurveySenderLost = "SURVEY_SENDER_LOST",
 
     // Alert deliveries.
     /// A queued alert cannot be read back.

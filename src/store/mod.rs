@@ -15,6 +15,8 @@
 //!   feedback poller.
 //! - [`BudgetStore`] ([`budget`]): upstream request budgets shared by replicas (PostgreSQL only;
 //!   one embedded replica keeps its budget in memory).
+//! - [`SurveySpoolStore`] ([`survey_spool`]): survey sends handed from every replica to the one
+//!   that batches them (PostgreSQL only).
 //!
 //! Each trait method is one atomic operation (a transaction of the engine), described by what
 //! it does, never by a borrowed connection, so a networked engine implements the same traits.
@@ -41,6 +43,7 @@ pub mod leases;
 pub mod outbox;
 pub mod postgres;
 pub mod sqlite;
+pub mod survey_spool;
 
 /// The engines' shared contract tests; see [`store_contract_tests!`](crate::store_contract_tests).
 #[cfg(test)]
@@ -57,6 +60,7 @@ pub use idempotency::{IdempotencyRecord, IdempotencyStore};
 pub use leases::LeaseStore;
 pub use outbox::OutboxStore;
 pub use sqlite::{DATABASE_FILE, MARKER_FILE, MissingStore, OpenError, SqliteStore};
+pub use survey_spool::SurveySpoolStore;
 
 /// An engine that holds every concern.
 pub trait Engine:

@@ -18,6 +18,7 @@ mod scaleout_budget;
 mod scaleout_failover;
 mod scaleout_poller;
 mod scaleout_replicas;
+mod scaleout_surveys;
 mod segment;
 mod support;
 mod surveys;

@@ -282,6 +282,28 @@ pub const MIGRATIONS: &[Migration] = &[
     CREATE INDEX idempotency_claims_by_age ON idempotency_claims (create_ms);
     ",
     },
+    Migration {
+        version: 7,
+        name: "survey_spool",
+        sql: "
+    -- Single-recipient survey sends of every replica waiting for the account's one sender (see
+    -- survey_spool.rs): pending while `epoch` is NULL, claimed under the sender lease's epoch,
+    -- settled once `answer` is set; the waiting replica removes its entry when it reads it.
+    CREATE TABLE survey_spool (
+        id bigserial PRIMARY KEY,
+        account text NOT NULL,
+        batch_key text NOT NULL,
+        item text NOT NULL,
+        interactive boolean NOT NULL,
+        caller text,
+        deadline_ms bigint,
+        created_ms bigint NOT NULL,
+        epoch bigint,
+        answer text
+    );
+    CREATE INDEX survey_spool_pending ON survey_spool (account, id) WHERE epoch IS NULL;
+    ",
+    },
 ];
 
 /// Applies the migrations this database lacks; returns the versions applied by this call.

@@ -21,6 +21,7 @@
 //! - `health`: the probe behind readiness, on a connection of its own.
 //! - [`outbox`]: deliveries claimed across replicas under a lease.
 //! - [`idempotency`]: records that replicas racing on one key resolve to one winner.
+//! - `survey_spool`: single-recipient survey sends handed to the account's one sender.
 
 use std::path::PathBuf;
 use std::str::FromStr as _;
@@ -45,6 +46,7 @@ mod leases;
 pub mod migrations;
 mod notify;
 pub mod outbox;
+mod survey_spool;
 
 #[cfg(test)]
 pub(crate) mod testing;
@@ -100,6 +102,10 @@ pub struct PostgresSettings {
     /// ask for it as often, and one of them takes it over at most this long after the holder
     /// died.
     pub poller_lease: Duration,
+    /// Whether the replicas hand their single-recipient survey sends to one of them, so they
+    /// share `POST /survey` batches as one replica's callers do (see
+    /// [`crate::upstream::retently::spool`]); without it each replica batches its own.
+    pub shared_survey_batches: bool,
 }
 
 impl PostgresSettings {
@@ -110,6 +116,7 @@ impl PostgresSettings {
             pool_size: DEFAULT_POOL_SIZE,
             claim_lease: DEFAULT_CLAIM_LEASE,
             poller_lease: DEFAULT_POLLER_LEASE,
+            shared_survey_batches: true,
         }
     }
 }

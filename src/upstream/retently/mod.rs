@@ -20,6 +20,7 @@
 pub mod client;
 pub mod error;
 pub mod model;
+pub mod spool;
 
 use std::fmt;
 use std::future::Future;
@@ -108,6 +109,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct RetentlyApi {
     inner: Arc<Inner>,
+    /// On a store shared by several replicas: where survey sends go to be batched by one of
+    /// them (see [`spool`]).
+    spool: Option<Arc<spool::SurveySpool>>,
 }
 
 impl fmt::Debug for RetentlyApi {
@@ -185,7 +189,20 @@ impl RetentlyApi {
         };
         Self {
             inner: Arc::new(inner),
+            spool: None,
         }
+    }
+
+    /// The same account, its single-recipient survey sends batched across replicas through
+    /// `spool` (see [`spool`]); [`spool::run_sender`] must run for them to go out.
+    pub fn with_survey_spool(mut self, spool: Arc<spool::SurveySpool>) -> Self {
+        self.spool = Some(spool);
+        self
+    }
+
+    /// The survey spool, when sends are batched across replicas.
+    pub fn survey_spool(&self) -> Option<&Arc<spool::SurveySpool>> {
+        self.spool.as_ref()
     }
 
     /// What the scheduler has done so far (grants, sheds, retries, 429s seen).
@@ -201,19 +218,32 @@ impl RetentlyApi {
     // ---- surveys ----
 
     /// Sends a transactional survey to one recipient. Concurrent sends to the same campaign and
-    /// delay share `POST /survey` calls.
+    /// delay share `POST /survey` calls (those of every replica, with a survey spool).
     pub async fn send_survey(
         &self,
         ctx: &CallContext,
         request: SurveyRequest,
     ) -> Result<SurveyOutcome> {
-        check_email(&request.recipient.email, "recipient.email")?;
-        if request.campaign_id.trim().is_empty() {
-            return Err(Error::invalid_argument(vec![FieldViolation::new(
-                "campaign_id",
-                "must not be empty",
-            )]));
+        check_survey(&request)?;
+        match &self.spool {
+            Some(spool) => {
+                let lane = &self.inner.lane;
+                let priority = ctx.priority;
+                spool
+                    .send(ctx, request, || lane.budget_error_for(priority))
+                    .await
+            }
+            None => self.send_survey_here(ctx, request).await,
         }
+    }
+
+    /// Sends a survey through this replica's own batcher.
+    async fn send_survey_here(
+        &self,
+        ctx: &CallContext,
+        request: SurveyRequest,
+    ) -> Result<SurveyOutcome> {
+        check_survey(&request)?;
         let key = SurveyKey {
             campaign_id: request.campaign_id,
             delay_days: request.delay_days,
@@ -774,6 +804,18 @@ async fn upsert_batch(inner: Arc<Inner>, handle: BatchHandle<(), CustomerInput, 
         },
     )
     .await;
+}
+
+/// What a survey send needs before it is batched or spooled.
+fn check_survey(request: &SurveyRequest) -> Result<()> {
+    check_email(&request.recipient.email, "recipient.email")?;
+    if request.campaign_id.trim().is_empty() {
+        return Err(Error::invalid_argument(vec![FieldViolation::new(
+            "campaign_id",
+            "must not be empty",
+        )]));
+    }
+    Ok(())
 }
 
 /// The one check made before spending budget: without an address there is nothing to key on.

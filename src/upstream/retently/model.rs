@@ -96,7 +96,7 @@ pub struct Customer {
 }
 
 /// The kind of a property value in a write, as the help centre lists them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PropertyType {
     String,
@@ -107,7 +107,7 @@ pub enum PropertyType {
 }
 
 /// A property to set on a customer. `value: None` removes it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PropertyInput {
     /// Display name; the upstream derives the snake_case key from it.
     pub label: String,
@@ -118,7 +118,8 @@ pub struct PropertyInput {
 }
 
 /// A customer to create or update (keyed by email upstream), also a survey recipient.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+// Deserialize: a survey send spooled for another replica is read back (see `spool`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CustomerInput {
     pub email: String,
@@ -133,7 +134,7 @@ pub struct CustomerInput {
     /// `None` leaves tags unchanged; `Some` replaces them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tags: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub properties: Vec<PropertyInput>,
 }
 
@@ -189,7 +190,7 @@ pub struct SurveyRequest {
 }
 
 /// What happened to one recipient of a transactional survey.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SurveyStatus {
     /// Will be (or was) sent.
     Scheduled,
@@ -202,7 +203,7 @@ pub enum SurveyStatus {
     Other(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SurveyOutcome {
     pub email: String,
     pub status: SurveyStatus,

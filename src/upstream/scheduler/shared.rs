@@ -40,17 +40,9 @@ impl SharedBudget {
     /// named by a fingerprint of the credential (replicas configured alike share it, two
     /// accounts on one database do not), never by the credential itself.
     pub fn new(store: Arc<dyn BudgetStore>, upstream: &str, credential: &str) -> SharedBudget {
-        let digest = ring::digest::digest(
-            &ring::digest::SHA256,
-            format!("cx-gateway upstream budget\0{upstream}\0{credential}").as_bytes(),
-        );
-        let fingerprint: String = digest.as_ref()[..8]
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
         SharedBudget {
             store,
-            account: Arc::from(format!("{upstream}:{fingerprint}")),
+            account: Arc::from(account_name(upstream, credential)),
         }
     }
 
@@ -86,6 +78,21 @@ impl SharedBudget {
             );
         }
     }
+}
+
+/// The name of the account that `credential` authenticates on `upstream` in shared state: a
+/// fingerprint of the credential (replicas configured alike agree on it, two accounts on one
+/// database do not), never the credential itself.
+pub fn account_name(upstream: &str, credential: &str) -> String {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("cx-gateway upstream budget\0{upstream}\0{credential}").as_bytes(),
+    );
+    let fingerprint: String = digest.as_ref()[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("{upstream}:{fingerprint}")
 }
 
 /// The refusal of a call whose slot could not be asked for: no request was sent.
