@@ -193,6 +193,7 @@ mod tests {
             (R::UpstreamUnreachable, "UPSTREAM_UNREACHABLE"),
             (R::UpstreamTimeout, "UPSTREAM_TIMEOUT"),
             (R::UpstreamConnectionFailed, "UPSTREAM_CONNECTION_FAILED"),
+            (R::SurveySenderLost, "SURVEY_SENDER_LOST"),
             (R::AlertUnreadable, "ALERT_UNREADABLE"),
             (R::AlertRuleRemoved, "ALERT_RULE_REMOVED"),
             (R::AlertReceiverFailed, "ALERT_RECEIVER_FAILED"),

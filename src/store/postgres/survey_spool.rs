@@ -184,3 +184,6 @@ impl SurveySpoolStore for PostgresStore {
         super::notify::listen(self, ANSWERED_CHANNEL)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -539,3 +539,195 @@ async fn record_answers(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::postgres::testing::fresh_store;
+
+    fn outcome() -> SurveyOutcome {
+        SurveyOutcome {
+            email: "ana@example.com".to_owned(),
+            status: super::super::SurveyStatus::Other("queued".to_owned()),
+            survey_id: Some("s-1".to_owned()),
+            customer_id: None,
+            scheduled_date: Some("2026-12-08".to_owned()),
+        }
+    }
+
+    fn round_trip(result: &Result<SurveyOutcome>) -> Result<SurveyOutcome> {
+        let text = serde_json::to_string(&SpooledAnswer::of(result)).unwrap();
+        serde_json::from_str::<SpooledAnswer>(&text)
+            .unwrap()
+            .into_result()
+    }
+
+    #[test]
+    fn an_answer_reads_back_as_the_sender_s_result() {
+        assert_eq!(round_trip(&Ok(outcome())).unwrap(), outcome());
+        let error = Error::new(
+            ErrorCode::Unavailable,
+            Reason::UpstreamTimeout,
+            "retently did not answer within 15000 ms",
+        )
+        .with_violations(vec![FieldViolation::new("recipient.email", "bad")])
+        .with_retry_after(Duration::from_millis(1500))
+        .with_metadata("upstream", "retently")
+        .with_failure_class(FailureClass::PossiblyApplied);
+        let back = round_trip(&Err(error.clone())).unwrap_err();
+        assert_eq!(back.code(), error.code());
+        assert_eq!(back.reason(), error.reason());
+        assert_eq!(back.message(), error.message());
+        assert_eq!(back.violations(), error.violations());
+        assert_eq!(back.retry_after(), error.retry_after());
+        assert_eq!(back.metadata(), error.metadata());
+        assert_eq!(back.failure_class(), Some(FailureClass::PossiblyApplied));
+    }
+
+    fn request(email: &str) -> SurveyRequest {
+        SurveyRequest {
+            campaign_id: "c-1".to_owned(),
+            delay_days: Some(2),
+            recipient: CustomerInput::new(email),
+        }
+    }
+
+    fn budget_error() -> Error {
+        Error::new(
+            ErrorCode::ResourceExhausted,
+            Reason::UpstreamBudgetExhausted,
+            "no budget in time",
+        )
+    }
+
+    /// Plays the sender by hand: takes the lease and claims what is spooled.
+    async fn claim_all(
+        store: &crate::store::postgres::PostgresStore,
+        lease: &str,
+    ) -> Vec<(i64, SpoolEntry)> {
+        let fence = store
+            .acquire_lease(lease, "test-sender")
+            .await
+            .unwrap()
+            .unwrap();
+        loop {
+            match store
+                .claim_spooled(&fence, "retently:test", 10)
+                .await
+                .unwrap()
+            {
+                UnderLease::Done(claimed) if !claimed.is_empty() => return claimed,
+                UnderLease::Done(_) => tokio::task::yield_now().await,
+                UnderLease::LeaseLost => panic!("the test holds the lease"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_send_gets_the_sender_s_answer() {
+        let Some(store) = fresh_store().await else {
+            return;
+        };
+        let spool = SurveySpool::start(
+            Arc::new(store.clone()),
+            Arc::new(store.clone()),
+            "retently:test",
+        );
+        let waiting = {
+            let spool = Arc::clone(&spool);
+            tokio::spawn(async move {
+                spool
+                    .send(
+                        &CallContext::background().with_caller("billing"),
+                        request("ana@example.com"),
+                        budget_error,
+                    )
+                    .await
+            })
+        };
+        let claimed = claim_all(&store, &spool.lease).await;
+        assert_eq!(claimed.len(), 1);
+        let (id, entry) = &claimed[0];
+        assert_eq!(entry.caller.as_deref(), Some("billing"));
+        assert!(!entry.interactive);
+        assert_eq!(entry.deadline_ms, None);
+        let key: SpooledKey = serde_json::from_str(&entry.key).unwrap();
+        assert_eq!((key.campaign_id.as_str(), key.delay_days), ("c-1", Some(2)));
+        let answer = serde_json::to_string(&SpooledAnswer::of(&Ok(outcome()))).unwrap();
+        store.answer_spooled(&[(*id, answer)]).await.unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap(), outcome());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_no_sender_took_by_the_deadline_is_withdrawn_with_the_budget_error() {
+        let Some(store) = fresh_store().await else {
+            return;
+        };
+        let spool = SurveySpool::start(
+            Arc::new(store.clone()),
+            Arc::new(store.clone()),
+            "retently:test",
+        );
+        // No sender runs: whenever the deadline passes, the send is still pending.
+        let ctx = CallContext::interactive_within(Duration::from_millis(200));
+        let error = spool
+            .send(&ctx, request("ana@example.com"), budget_error)
+            .await
+            .unwrap_err();
+        assert_eq!(error.reason(), Reason::UpstreamBudgetExhausted);
+        let fence = store
+            .acquire_lease(&spool.lease, "test-sender")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store
+                .claim_spooled(&fence, "retently:test", 10)
+                .await
+                .unwrap(),
+            UnderLease::Done(Vec::new()),
+            "nothing is left for a later sender"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_whose_sender_lost_the_lease_is_answered_in_doubt() {
+        let Some(store) = fresh_store().await else {
+            return;
+        };
+        let spool = SurveySpool::start(
+            Arc::new(store.clone()),
+            Arc::new(store.clone()),
+            "retently:test",
+        );
+        let waiting = {
+            let spool = Arc::clone(&spool);
+            tokio::spawn(async move {
+                spool
+                    .send(
+                        &CallContext::background(),
+                        request("ana@example.com"),
+                        budget_error,
+                    )
+                    .await
+            })
+        };
+        claim_all(&store, &spool.lease).await;
+        // The sender releases its lease and another replica takes it: a new epoch.
+        let fence = store
+            .acquire_lease(&spool.lease, "test-sender")
+            .await
+            .unwrap()
+            .unwrap();
+        store.release_lease(&fence).await.unwrap();
+        store
+            .acquire_lease(&spool.lease, "successor")
+            .await
+            .unwrap()
+            .unwrap();
+        let error = waiting.await.unwrap().unwrap_err();
+        assert_eq!(error.code(), ErrorCode::Unavailable);
+        assert_eq!(error.reason(), Reason::SurveySenderLost);
+        assert_eq!(error.failure_class(), Some(FailureClass::PossiblyApplied));
+    }
+}
