@@ -140,3 +140,126 @@ async fn scaleout_surveys_a_killed_sender_leaves_its_call_in_doubt_and_another_s
     }
     emulator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaleout_surveys_a_draining_sender_answers_what_it_took_before_handing_over() {
+    let Some(mut database) = SharedDatabase::create().await else {
+        return;
+    };
+    let sandbox = Sandbox::new(SandboxConfig::default());
+    let emulator = EmbeddedSandbox::spawn(
+        sandbox.clone(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .unwrap();
+    let handle = sandbox.handle().clone();
+    let campaign = handle
+        .transactional_campaign("NPS")
+        .expect("the default seed has a transactional NPS campaign");
+    let settings = [
+        ("CXGW_FEEDBACK_SYNC", "false".to_owned()),
+        ("CXGW_POSTGRES_POLLER_LEASE", "1s".to_owned()),
+    ];
+    let mut replicas = database.start_replicas(2, &emulator, &settings).await;
+    eventually(
+        "a replica leads the survey sender",
+        Duration::from_secs(30),
+        || replicas.iter().filter(|replica| leads(replica)).count() == 1,
+    )
+    .await;
+    let sender = replicas.remove(replicas.iter().position(leads).unwrap());
+    let other = replicas.remove(0);
+
+    handle.hold(
+        Api::Retently,
+        HoldSpec {
+            route: Some(SURVEY_ROUTE.to_owned()),
+            ..HoldSpec::default()
+        },
+    );
+    let on_the_wire = tokio::spawn(send(
+        other.channel.clone(),
+        campaign.clone(),
+        "rolled@example.com",
+    ));
+    eventually("the send on the wire", Duration::from_secs(30), || {
+        handle.held(Api::Retently) == 1
+    })
+    .await;
+    // The sender drains (a rolling upgrade) while its call is held; the call is let through
+    // only once the drain has begun.
+    sender.send_sigterm();
+    eventually("the sender draining", Duration::from_secs(30), || {
+        sender
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("\"draining\""))
+    })
+    .await;
+    // While its call is out, the draining sender keeps renewing its lease (the holder stays,
+    // the expiry moves on), so no successor settles the send as lost.
+    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lease = || async {
+        let row = client
+            .query_one(
+                "SELECT holder, expires_at FROM leases WHERE name LIKE 'survey-sender:%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, String>(0),
+            row.get::<_, std::time::SystemTime>(1),
+        )
+    };
+    let (holder, draining_expiry) = lease().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (now_holder, expiry) = lease().await;
+        assert_eq!(now_holder, holder, "the draining sender keeps its lease");
+        if expiry > draining_expiry {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the draining sender renews its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!leads(&other));
+    handle.release(Api::Retently);
+    let rolled = on_the_wire.await.unwrap();
+    assert_eq!(
+        rolled.outcome,
+        pb::RecipientOutcome::Scheduled as i32,
+        "the drained sender answered its send: {rolled:?}"
+    );
+    let (status, _) = sender.wait_with_log();
+    assert_eq!(status.code(), Some(0));
+
+    // The other replica took the sender over and sends on.
+    let next = send(other.channel.clone(), campaign, "next@example.com").await;
+    assert_eq!(
+        next.outcome,
+        pb::RecipientOutcome::Scheduled as i32,
+        "{next:?}"
+    );
+    assert!(
+        leads(&other),
+        "the remaining replica leads the survey sender"
+    );
+    assert_eq!(
+        surveyed(&sandbox),
+        vec![
+            "rolled@example.com".to_owned(),
+            "next@example.com".to_owned()
+        ]
+    );
+    assert_eq!(other.terminate().code(), Some(0));
+    emulator.stop().await;
+}

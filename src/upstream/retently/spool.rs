@@ -374,7 +374,7 @@ async fn collect(spool: Weak<SurveySpool>, mut answered: watch::Receiver<u64>) {
 /// Runs this replica's part in sending the account's spooled surveys: asks for the sender lease
 /// every third of its length and, while it holds it, claims spooled sends, sends each through
 /// `retently`'s own batcher as its caller's and records the answers. On draining it stops
-/// claiming, gives the lease up, and records the answers of what it already sent.
+/// claiming, records the answers of what it already claimed, and then gives the lease up.
 pub async fn run_sender(spool: Arc<SurveySpool>, retently: RetentlyApi, drain: Drain) {
     let holder = crate::feedback::leader::replica_name();
     let every = spool.leases.lease_ttl() / 3;
@@ -465,15 +465,28 @@ pub async fn run_sender(spool: Arc<SurveySpool>, retently: RetentlyApi, drain: D
             }
         }
     }
+    // The lease is kept (renewed) until what was claimed is answered: a successor's epoch would
+    // settle those sends as lost while they are still being sent.
+    loop {
+        tokio::select! {
+            joined = sends.join_next() => if joined.is_none() { break },
+            () = tokio::time::sleep(every) => {
+                if leading.is_some()
+                    && let Err(error) = spool.leases.acquire_lease(&spool.lease, &holder).await
+                {
+                    tracing::debug!(%error, "cannot renew the survey sender lease while draining");
+                }
+            }
+        }
+    }
+    drop(answers_tx);
+    let _ = recorder.await;
     if let Some(fence) = leading {
         // The next replica takes over at once instead of after the lease's expiry.
         if let Err(error) = spool.leases.release_lease(&fence).await {
             tracing::debug!(%error, "cannot give the survey sender lease up");
         }
     }
-    while sends.join_next().await.is_some() {}
-    drop(answers_tx);
-    let _ = recorder.await;
 }
 
 /// Sends one claimed send through this replica's batcher, as its caller's.
