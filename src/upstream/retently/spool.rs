@@ -211,9 +211,7 @@ pub struct SurveySpool {
 
 impl std::fmt::Debug for SurveySpool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SurveySpool")
-            .field("account", &self.account)
-            .finish_non_exhaustive()
+        write!(f, "SurveySpool({})", self.account)
     }
 }
 
@@ -613,6 +611,28 @@ mod tests {
         )
     }
 
+    /// The spool of the test account on `store`, its collector running.
+    fn spool_on(store: &crate::store::postgres::PostgresStore) -> Arc<SurveySpool> {
+        SurveySpool::start(
+            Arc::new(store.clone()),
+            Arc::new(store.clone()),
+            "retently:test",
+        )
+    }
+
+    /// One send made through `spool` by a caller in `ctx`, waiting for its answer.
+    fn send_in_background(
+        spool: &Arc<SurveySpool>,
+        ctx: CallContext,
+    ) -> tokio::task::JoinHandle<Result<SurveyOutcome>> {
+        let spool = Arc::clone(spool);
+        tokio::spawn(async move {
+            spool
+                .send(&ctx, request("ana@example.com"), budget_error)
+                .await
+        })
+    }
+
     /// Plays the sender by hand: takes the lease and claims what is spooled.
     async fn claim_all(
         store: &crate::store::postgres::PostgresStore,
@@ -641,23 +661,8 @@ mod tests {
         let Some(store) = fresh_store().await else {
             return;
         };
-        let spool = SurveySpool::start(
-            Arc::new(store.clone()),
-            Arc::new(store.clone()),
-            "retently:test",
-        );
-        let waiting = {
-            let spool = Arc::clone(&spool);
-            tokio::spawn(async move {
-                spool
-                    .send(
-                        &CallContext::background().with_caller("billing"),
-                        request("ana@example.com"),
-                        budget_error,
-                    )
-                    .await
-            })
-        };
+        let spool = spool_on(&store);
+        let waiting = send_in_background(&spool, CallContext::background().with_caller("billing"));
         let claimed = claim_all(&store, &spool.lease).await;
         assert_eq!(claimed.len(), 1);
         let (id, entry) = &claimed[0];
@@ -676,11 +681,7 @@ mod tests {
         let Some(store) = fresh_store().await else {
             return;
         };
-        let spool = SurveySpool::start(
-            Arc::new(store.clone()),
-            Arc::new(store.clone()),
-            "retently:test",
-        );
+        let spool = spool_on(&store);
         // No sender runs: whenever the deadline passes, the send is still pending.
         let ctx = CallContext::interactive_within(Duration::from_millis(200));
         let error = spool
@@ -708,23 +709,8 @@ mod tests {
         let Some(store) = fresh_store().await else {
             return;
         };
-        let spool = SurveySpool::start(
-            Arc::new(store.clone()),
-            Arc::new(store.clone()),
-            "retently:test",
-        );
-        let waiting = {
-            let spool = Arc::clone(&spool);
-            tokio::spawn(async move {
-                spool
-                    .send(
-                        &CallContext::background(),
-                        request("ana@example.com"),
-                        budget_error,
-                    )
-                    .await
-            })
-        };
+        let spool = spool_on(&store);
+        let waiting = send_in_background(&spool, CallContext::background());
         claim_all(&store, &spool.lease).await;
         // The sender releases its lease and another replica takes it: a new epoch.
         let fence = store

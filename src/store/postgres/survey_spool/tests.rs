@@ -32,6 +32,14 @@ fn entry(account: &str, n: u32) -> SpoolEntry {
     }
 }
 
+/// Waits for the next wake-up of `wakeups` (bounded, so a broken test fails).
+async fn woken(wakeups: &mut tokio::sync::watch::Receiver<u64>) {
+    tokio::time::timeout(Duration::from_secs(30), wakeups.changed())
+        .await
+        .expect("a wake-up comes")
+        .unwrap();
+}
+
 fn claimed(outcome: UnderLease<Vec<(i64, SpoolEntry)>>) -> Vec<(i64, SpoolEntry)> {
     match outcome {
         UnderLease::Done(claimed) => claimed,
@@ -94,22 +102,14 @@ async fn answers_reach_the_waiter_and_a_lost_sender_s_claims_settle_as_lost() {
     let mut answered = waiter.answered_wakeups();
     let mut spooled = sender.spooled_wakeups();
     // Each listening connection announces itself once when it starts listening.
-    tokio::time::timeout(Duration::from_secs(30), answered.changed())
-        .await
-        .unwrap()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), spooled.changed())
-        .await
-        .unwrap()
-        .unwrap();
+    woken(&mut answered).await;
+    woken(&mut spooled).await;
     let mut ids = Vec::new();
     for n in 0..4 {
         ids.push(waiter.spool(&entry(ACCOUNT, n)).await.unwrap());
     }
-    tokio::time::timeout(Duration::from_secs(30), spooled.changed())
-        .await
-        .expect("spooling wakes the sender")
-        .unwrap();
+    // Spooling wakes the sender.
+    woken(&mut spooled).await;
     let fence = sender
         .acquire_lease(LEASE, "sender")
         .await
@@ -121,10 +121,8 @@ async fn answers_reach_the_waiter_and_a_lost_sender_s_claims_settle_as_lost() {
         .answer_spooled(&[(ids[0], "{\"answer\":0}".to_owned())])
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), answered.changed())
-        .await
-        .expect("answering wakes the waiters")
-        .unwrap();
+    // Answering wakes the waiters.
+    woken(&mut answered).await;
 
     // Only the answered one is settled while its sender holds the lease.
     assert_eq!(
