@@ -168,21 +168,20 @@ impl SpooledAnswer {
 
 /// The answer of a send whose sender lost its lease after claiming it.
 fn sender_lost() -> Error {
-    Error::new(
-        ErrorCode::Unavailable,
-        Reason::SurveySenderLost,
-        "the replica sending this survey stopped before it answered; the survey may have been sent",
-    )
-    .with_metadata("upstream", super::client::UPSTREAM)
-    .with_failure_class(FailureClass::PossiblyApplied)
+    in_doubt("the replica sending this survey stopped before it answered")
 }
 
 /// An answer that cannot be read back (a replica of another version wrote it).
 fn unreadable_answer() -> Error {
+    in_doubt("the answer of the replica that sent this survey cannot be read")
+}
+
+/// `SURVEY_SENDER_LOST`: whether the survey went out is unknown.
+fn in_doubt(what: &str) -> Error {
     Error::new(
         ErrorCode::Unavailable,
         Reason::SurveySenderLost,
-        "the answer of the replica that sent this survey cannot be read; the survey may have been sent",
+        format!("{what}; the survey may have been sent"),
     )
     .with_metadata("upstream", super::client::UPSTREAM)
     .with_failure_class(FailureClass::PossiblyApplied)
