@@ -20,6 +20,31 @@ pub struct PagePosition {
     pub after: i64,
 }
 
+/// A size field (a page size, a window) where 0 means `default` and `max` is the most allowed;
+/// a size out of range is recorded against `field` and answered with `default`, so checking
+/// goes on with a usable value.
+pub fn size_or_default<T>(
+    violations: &mut Violations,
+    field: &str,
+    value: i32,
+    default: T,
+    max: T,
+) -> T
+where
+    T: TryFrom<i32> + PartialOrd + std::fmt::Display + Copy,
+{
+    if value == 0 {
+        return default;
+    }
+    match T::try_from(value) {
+        Ok(size) if size <= max => size,
+        _ => {
+            violations.add(field, format!("must be between 0 and {max}"));
+            default
+        }
+    }
+}
+
 /// Resolves `page_size` (0 means `default`) and decodes `page_token`, recording violations.
 pub fn page_request(
     violations: &mut Violations,
@@ -29,14 +54,7 @@ pub fn page_request(
     max: usize,
     filters: &str,
 ) -> (usize, PagePosition) {
-    let size = match usize::try_from(page_size) {
-        Ok(0) => default,
-        Ok(size) if size <= max => size,
-        _ => {
-            violations.add("page_size", format!("must be between 0 and {max}"));
-            default
-        }
-    };
+    let size = size_or_default(violations, "page_size", page_size, default, max);
     if page_token.is_empty() {
         return (size, PagePosition { after: 0 });
     }

@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::domain::writes::DeliveryFacts;
 use crate::domain::writes::values::Destination;
 use crate::error::{Error, Violations};
 use crate::grpc::customers::convert::destination;
@@ -94,74 +93,75 @@ impl CustomerKeys {
     }
 }
 
+/// The checks every customer batch shares: its size, destinations and options, and each
+/// customer's keys (`keys_of` reads them) before `check` looks at the rest of the customer.
+fn customer_write<C>(
+    customers: &[C],
+    destinations: &[i32],
+    options: Option<&pb::WriteOptions>,
+    keys_of: impl Fn(&C) -> (&str, &str),
+    check: impl Fn(&mut Violations, &str, &C),
+) -> Result<ValidWrite, Error> {
+    let mut v = Violations::new();
+    validate::batch_len(&mut v, "customers", customers.len(), MAX_ITEMS);
+    let destinations = validate::destinations(&mut v, "destinations", destinations);
+    let options = validate::write_options(&mut v, options);
+    let mut keys = CustomerKeys::new(&destinations);
+    for (index, customer) in customers.iter().enumerate() {
+        let at = format!("customers[{index}]");
+        let (email, customer_id) = keys_of(customer);
+        keys.check(&mut v, &at, email, customer_id);
+        check(&mut v, &at, customer);
+    }
+    ValidWrite::checked(
+        v,
+        options,
+        destinations.into_iter().filter_map(destination).collect(),
+        customers.len(),
+        keys.ordering_keys,
+    )
+}
+
 // Each check below runs in a `validate` span under the call's server span (the request itself
 // is not recorded).
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::batch_len(&mut v, "customers", request.customers.len(), MAX_ITEMS);
-    let destinations = validate::destinations(&mut v, "destinations", &request.destinations);
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    let mut keys = CustomerKeys::new(&destinations);
-    for (index, customer) in request.customers.iter().enumerate() {
-        let at = format!("customers[{index}]");
-        keys.check(&mut v, &at, &customer.email, &customer.customer_id);
-        for (name, value) in [
-            ("first_name", &customer.first_name),
-            ("last_name", &customer.last_name),
-            ("company", &customer.company),
-        ] {
+    customer_write(
+        &request.customers,
+        &request.destinations,
+        request.options.as_ref(),
+        |customer| (&customer.email, &customer.customer_id),
+        |v, at, customer| {
+            for (name, value) in [
+                ("first_name", &customer.first_name),
+                ("last_name", &customer.last_name),
+                ("company", &customer.company),
+            ] {
+                validate::max_len(v, format!("{at}.{name}"), value, validate::MAX_STRING_CHARS);
+            }
+            // Output only, ignored in requests; bounded so a request cannot carry megabytes of
+            // it into the outbox.
             validate::max_len(
-                &mut v,
-                format!("{at}.{name}"),
-                value,
+                v,
+                format!("{at}.job_title"),
+                &customer.job_title,
                 validate::MAX_STRING_CHARS,
             );
-        }
-        // Output only, ignored in requests; bounded so a request cannot carry megabytes of it
-        // into the outbox.
-        validate::max_len(
-            &mut v,
-            format!("{at}.job_title"),
-            &customer.job_title,
-            validate::MAX_STRING_CHARS,
-        );
-        validate::tags(&mut v, &format!("{at}.tags"), &customer.tags);
-        validate::properties(&mut v, &format!("{at}.properties"), &customer.properties);
-    }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: destinations.into_iter().filter_map(destination).collect(),
-            item_count: request.customers.len(),
-            ordering_keys: keys.ordering_keys,
+            validate::tags(v, &format!("{at}.tags"), &customer.tags);
+            validate::properties(v, &format!("{at}.properties"), &customer.properties);
         },
-    })
+    )
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::batch_len(&mut v, "customers", request.customers.len(), MAX_ITEMS);
-    let destinations = validate::destinations(&mut v, "destinations", &request.destinations);
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    let mut keys = CustomerKeys::new(&destinations);
-    for (index, customer) in request.customers.iter().enumerate() {
-        let at = format!("customers[{index}]");
-        keys.check(&mut v, &at, &customer.email, &customer.customer_id);
-    }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: destinations.into_iter().filter_map(destination).collect(),
-            item_count: request.customers.len(),
-            ordering_keys: keys.ordering_keys,
-        },
-    })
+    customer_write(
+        &request.customers,
+        &request.destinations,
+        request.options.as_ref(),
+        |customer| (&customer.email, &customer.customer_id),
+        |_, _, _| {},
+    )
 }
 
 /// Unsubscribe and resubscribe: unique valid addresses, an optional note.
@@ -174,7 +174,7 @@ pub fn subscription_change(
     let mut v = Violations::new();
     validate::batch_len(&mut v, "emails", emails.len(), MAX_ITEMS);
     validate::max_len(&mut v, "message", message, validate::MAX_STRING_CHARS);
-    let (mode, key) = validate::write_options(&mut v, options);
+    let options = validate::write_options(&mut v, options);
     let mut seen = HashMap::new();
     let mut ordering_keys = Vec::with_capacity(emails.len());
     for (index, email) in emails.iter().enumerate() {
@@ -184,16 +184,13 @@ pub fn subscription_change(
             ordering_keys.push(retently_key(&email));
         }
     }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: vec![Destination::Retently],
-            item_count: emails.len(),
-            ordering_keys,
-        },
-    })
+    ValidWrite::checked(
+        v,
+        options,
+        vec![Destination::Retently],
+        emails.len(),
+        ordering_keys,
+    )
 }
 
 /// Checks one record's customer and field and the uniqueness of the pair; returns its ordering
@@ -235,120 +232,98 @@ fn array_target(
     Some(retainly_key(customer_id))
 }
 
+/// The checks both array-item writes share: the batch size, the options, and each record's
+/// customer and field (`target_of` reads them) before `check` looks at the record's items.
+fn array_write<R>(
+    records: &[R],
+    options: Option<&pb::WriteOptions>,
+    target_of: impl Fn(&R) -> (&str, &str),
+    check: impl Fn(&mut Violations, &str, &R),
+) -> Result<ValidWrite, Error> {
+    let mut v = Violations::new();
+    validate::batch_len(&mut v, "records", records.len(), MAX_ITEMS);
+    let options = validate::write_options(&mut v, options);
+    let mut pairs = HashMap::new();
+    let mut fields = HashMap::new();
+    let mut ordering_keys = Vec::new();
+    for (index, record) in records.iter().enumerate() {
+        let at = format!("records[{index}]");
+        let (customer_id, field) = target_of(record);
+        if let Some(key) = array_target(&mut v, &at, customer_id, field, &mut pairs, &mut fields) {
+            ordering_keys.push(key);
+        }
+        check(&mut v, &at, record);
+    }
+    ValidWrite::checked(
+        v,
+        options,
+        vec![Destination::Retainly],
+        records.len(),
+        ordering_keys,
+    )
+}
+
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn upsert_array_items(
     request: &pb::UpsertCustomerArrayItemsRequest,
 ) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::batch_len(&mut v, "records", request.records.len(), MAX_ITEMS);
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    let mut pairs = HashMap::new();
-    let mut fields = HashMap::new();
-    let mut ordering_keys = Vec::new();
-    for (index, record) in request.records.iter().enumerate() {
-        let at = format!("records[{index}]");
-        if let Some(key) = array_target(
-            &mut v,
-            &at,
-            &record.customer_id,
-            &record.field,
-            &mut pairs,
-            &mut fields,
-        ) {
-            ordering_keys.push(key);
-        }
-        validate::batch_len(
-            &mut v,
-            &format!("{at}.items"),
-            record.items.len(),
-            MAX_ARRAY_ITEMS,
-        );
-        let mut item_ids = HashMap::new();
-        for (i, item) in record.items.iter().enumerate() {
-            let item_at = format!("{at}.items[{i}]");
-            let id_field = format!("{item_at}.item_id");
-            if !item.item_id.is_empty()
-                && validate::customer_id(&mut v, id_field.clone(), &item.item_id)
-            {
-                unique(
-                    &mut v,
-                    &mut item_ids,
-                    item.item_id.clone(),
-                    id_field.clone(),
-                );
-            }
-            let Some(fields) = &item.fields else {
-                continue;
-            };
-            for (name, value) in &fields.fields {
-                if !validate::data_key(&mut v, &format!("{item_at}.fields"), name) {
-                    continue;
+    array_write(
+        &request.records,
+        request.options.as_ref(),
+        |record| (&record.customer_id, &record.field),
+        |v, at, record| {
+            validate::batch_len(
+                v,
+                &format!("{at}.items"),
+                record.items.len(),
+                MAX_ARRAY_ITEMS,
+            );
+            let mut item_ids = HashMap::new();
+            for (i, item) in record.items.iter().enumerate() {
+                let item_at = format!("{at}.items[{i}]");
+                let id_field = format!("{item_at}.item_id");
+                if !item.item_id.is_empty()
+                    && validate::customer_id(v, id_field.clone(), &item.item_id)
+                {
+                    unique(v, &mut item_ids, item.item_id.clone(), id_field.clone());
                 }
-                let field = format!("{item_at}.fields.{name}");
-                if name == "id" {
-                    v.add(field, "is reserved: set item_id instead");
+                let Some(fields) = &item.fields else {
                     continue;
+                };
+                for (name, value) in &fields.fields {
+                    if !validate::data_key(v, &format!("{item_at}.fields"), name) {
+                        continue;
+                    }
+                    let field = format!("{item_at}.fields.{name}");
+                    if name == "id" {
+                        v.add(field, "is reserved: set item_id instead");
+                        continue;
+                    }
+                    // Items are already one array level deep, and their values are not array
+                    // items themselves, so an object is not allowed directly here.
+                    validate::retainly_value(v, &field, value, 1, false);
                 }
-                // Items are already one array level deep, and their values are not array
-                // items themselves, so an object is not allowed directly here.
-                validate::retainly_value(&mut v, &field, value, 1, false);
             }
-        }
-    }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: vec![Destination::Retainly],
-            item_count: request.records.len(),
-            ordering_keys,
         },
-    })
+    )
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn delete_array_items(
     request: &pb::DeleteCustomerArrayItemsRequest,
 ) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::batch_len(&mut v, "records", request.records.len(), MAX_ITEMS);
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    let mut pairs = HashMap::new();
-    let mut fields = HashMap::new();
-    let mut ordering_keys = Vec::new();
-    for (index, record) in request.records.iter().enumerate() {
-        let at = format!("records[{index}]");
-        if let Some(key) = array_target(
-            &mut v,
-            &at,
-            &record.customer_id,
-            &record.field,
-            &mut pairs,
-            &mut fields,
-        ) {
-            ordering_keys.push(key);
-        }
-        validate::batch_len(
-            &mut v,
-            &format!("{at}.item_ids"),
-            record.item_ids.len(),
-            MAX_ARRAY_ITEMS,
-        );
-        for (i, id) in record.item_ids.iter().enumerate() {
-            validate::customer_id(&mut v, format!("{at}.item_ids[{i}]"), id);
-        }
-    }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: vec![Destination::Retainly],
-            item_count: request.records.len(),
-            ordering_keys,
+    array_write(
+        &request.records,
+        request.options.as_ref(),
+        |record| (&record.customer_id, &record.field),
+        |v, at, record| {
+            let ids = &record.item_ids;
+            validate::batch_len(v, &format!("{at}.item_ids"), ids.len(), MAX_ARRAY_ITEMS);
+            for (i, id) in ids.iter().enumerate() {
+                validate::customer_id(v, format!("{at}.item_ids[{i}]"), id);
+            }
         },
-    })
+    )
 }
 
 /// A host name: dot-separated labels of letters, digits and hyphens (or non-ASCII letters of an
@@ -376,44 +351,57 @@ pub enum CustomerLookup {
     RetentlyId(String),
 }
 
+/// A request that names its record one of several ways (`names` lists them): the value
+/// `check` makes of the way chosen, or every violation.
+fn one_of<L, T>(
+    lookup: Option<&L>,
+    (names, what): (&str, &str),
+    check: impl FnOnce(&mut Violations, &L) -> Option<T>,
+) -> Result<T, Error> {
+    let mut v = Violations::new();
+    let value = match lookup {
+        None => {
+            v.add("lookup", format!("set one of {names}"));
+            None
+        }
+        Some(lookup) => check(&mut v, lookup),
+    };
+    v.into_result()?;
+    value.ok_or_else(|| {
+        Error::internal(format!("a {what} lookup passed validation without a value"))
+    })
+}
+
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn get_customer(request: &pb::GetCustomerRequest) -> Result<CustomerLookup, Error> {
     use pb::get_customer_request::Lookup;
-    let mut v = Violations::new();
-    let lookup = match &request.lookup {
-        None => {
-            v.add("lookup", "set one of email or retently_id");
-            None
-        }
-        Some(Lookup::Email(email)) => {
-            validate::email(&mut v, "email", email).map(CustomerLookup::Email)
-        }
-        Some(Lookup::RetentlyId(id)) => validate::retently_path_id(&mut v, "retently_id", id)
-            .then(|| CustomerLookup::RetentlyId(id.clone())),
-    };
-    v.into_result()?;
-    lookup.ok_or_else(|| Error::internal("a customer lookup passed validation without a value"))
+    one_of(
+        request.lookup.as_ref(),
+        ("email or retently_id", "customer"),
+        |v, lookup| match lookup {
+            Lookup::Email(email) => validate::email(v, "email", email).map(CustomerLookup::Email),
+            Lookup::RetentlyId(id) => validate::retently_path_id(v, "retently_id", id)
+                .then(|| CustomerLookup::RetentlyId(id.clone())),
+        },
+    )
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn get_company(request: &pb::GetCompanyRequest) -> Result<String, Error> {
     use pb::get_company_request::Lookup;
-    let mut v = Violations::new();
-    let key = match &request.lookup {
-        None => {
-            v.add("lookup", "set one of company_id or domain");
-            None
-        }
-        Some(Lookup::CompanyId(id)) => {
-            validate::retently_path_id(&mut v, "company_id", id).then(|| id.clone())
-        }
-        Some(Lookup::Domain(name)) => {
-            let name = name.trim().to_ascii_lowercase();
-            domain(&mut v, "domain", &name).then_some(name)
-        }
-    };
-    v.into_result()?;
-    key.ok_or_else(|| Error::internal("a company lookup passed validation without a value"))
+    one_of(
+        request.lookup.as_ref(),
+        ("company_id or domain", "company"),
+        |v, lookup| match lookup {
+            Lookup::CompanyId(id) => {
+                validate::retently_path_id(v, "company_id", id).then(|| id.clone())
+            }
+            Lookup::Domain(name) => {
+                let name = name.trim().to_ascii_lowercase();
+                domain(v, "domain", &name).then_some(name)
+            }
+        },
+    )
 }
 
 /// Retently's `sort` for a creation-time order.
