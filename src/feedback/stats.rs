@@ -76,6 +76,9 @@ pub struct StatsSnapshot {
     pub lease_lost: u64,
 }
 
+/// Reads one gauge of the stats.
+type Gauge = fn(&FeedbackStats) -> &AtomicU64;
+
 impl FeedbackStats {
     /// Reports the counters to the process's metrics until `stats` is dropped.
     pub fn register_metrics(stats: &Arc<FeedbackStats>) {
@@ -116,26 +119,33 @@ impl FeedbackStats {
             }
             true
         });
-        let open = Arc::downgrade(stats);
-        register_probe(Observed::FeedbackSubscribers, move |readings| {
-            let Some(stats) = open.upgrade() else {
-                return false;
-            };
-            readings.push((stats.subscribers.load(Ordering::Relaxed), Vec::new()));
-            true
-        });
-        let leading = Arc::downgrade(stats);
-        register_probe(Observed::FeedbackPollerLeader, move |readings| {
-            let Some(stats) = leading.upgrade() else {
-                return false;
-            };
-            readings.push((stats.poller_leading.load(Ordering::Relaxed), Vec::new()));
-            true
-        });
+        // Gauges read as they are, each on its own probe.
+        let gauges: [(Observed, Gauge); 2] = [
+            (Observed::FeedbackSubscribers, |stats| &stats.subscribers),
+            (Observed::FeedbackPollerLeader, |stats| {
+                &stats.poller_leading
+            }),
+        ];
+        for (observed, gauge) in gauges {
+            let stats = Arc::downgrade(stats);
+            register_probe(observed, move |readings| {
+                let Some(stats) = stats.upgrade() else {
+                    return false;
+                };
+                readings.push((gauge(&stats).load(Ordering::Relaxed), Vec::new()));
+                true
+            });
+        }
     }
 
     pub fn add(counter: &AtomicU64, amount: u64) {
         counter.fetch_add(amount, Ordering::Relaxed);
+    }
+
+    /// Whether this replica now runs the feedback poller (the `poller_leading` gauge).
+    pub fn set_poller_leading(&self, leading: bool) {
+        self.poller_leading
+            .store(u64::from(leading), Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
