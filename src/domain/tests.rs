@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 
 use super::idempotency::{Fresh, Idempotency, request_hash};
 use super::outbox::{
-    Attempt, DeliveryAttempt, DeliveryError, DeliveryState, Executor, NewDelivery, Outbox,
-    OutboxSettings, RetrySelection,
+    Attempt, DeliveryAttempt, DeliveryError, DeliveryRecord, DeliveryState, Executor, NewDelivery,
+    Outbox, OutboxSettings, RetrySelection,
 };
 use super::{Owner, Visibility};
 use crate::error::{ErrorCode, Reason};
@@ -49,9 +49,7 @@ struct ScriptedExecutor {
 #[tonic::async_trait]
 impl Executor for ScriptedExecutor {
     async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
-        let DeliveryAttempt { request, .. } = delivery;
-        let body = String::from_utf8_lossy(request).into_owned();
-        let _ = self.attempts.send(body.clone());
+        let body = report_body(&self.attempts, &delivery);
         let mut fail_first = self.fail_first.lock().unwrap();
         match fail_first.get_mut(&body) {
             Some(left) if *left > 0 => {
@@ -66,6 +64,22 @@ impl Executor for ScriptedExecutor {
             },
         }
     }
+}
+
+/// Sends the body of `delivery` to `attempts` (a test that stopped listening is fine), and
+/// returns it.
+pub(super) fn report_body(
+    attempts: &mpsc::UnboundedSender<String>,
+    delivery: &DeliveryAttempt<'_>,
+) -> String {
+    let body = String::from_utf8_lossy(delivery.request).into_owned();
+    let _ = attempts.send(body.clone());
+    body
+}
+
+/// The record of delivery `id`, which exists.
+pub(super) async fn record_of(outbox: &Outbox, id: &str) -> DeliveryRecord {
+    outbox.get(id, &Visibility::All).await.unwrap().unwrap()
 }
 
 fn fast_settings() -> OutboxSettings {
@@ -159,11 +173,7 @@ async fn a_delivery_refused_by_its_caller_s_quota_is_retried_as_its_caller() {
     trigger.start();
     worker.await.unwrap();
 
-    let record = outbox
-        .get(&refused, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap();
+    let record = record_of(&outbox, &refused).await;
     assert_eq!(record.attempt_count, 2);
     let last_error = record.last_error.unwrap();
     assert_eq!(last_error.reason, Reason::CallerQuotaExceeded);
@@ -178,7 +188,7 @@ async fn a_delivery_refused_by_its_caller_s_quota_is_retried_as_its_caller() {
     };
     assert_eq!(runs_of("quota-1"), [caller("web"), caller("web")]);
     assert_eq!(runs_of("busy-1"), [Owner::Anonymous]);
-    let waiting = outbox.get(&busy, &Visibility::All).await.unwrap().unwrap();
+    let waiting = record_of(&outbox, &busy).await;
     let due_in = waiting.next_attempt_ms.unwrap() - waiting.update_ms;
     assert!(
         due_in >= 59_000,
@@ -227,7 +237,7 @@ async fn queued_writes_are_delivered_in_order_per_customer() {
     }
     let alice: Vec<&String> = seen.iter().filter(|b| b.starts_with("alice")).collect();
     assert_eq!(alice, ["alice-1", "alice-1", "alice-1", "alice-2"]);
-    let record = outbox.get(&first, &Visibility::All).await.unwrap().unwrap();
+    let record = record_of(&outbox, &first).await;
     assert_eq!(record.state, DeliveryState::Delivered);
     assert_eq!(record.attempt_count, 3);
     assert_eq!(record.result.as_deref(), Some(&b"done:alice-1"[..]));
@@ -286,15 +296,7 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     );
     // The retry window is zero, but a requeued delivery gets one attempt now: it succeeds.
     wait_for_state(&outbox, &id, DeliveryState::Delivered).await;
-    assert_eq!(
-        outbox
-            .get(&id, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .replay_count,
-        1
-    );
+    assert_eq!(record_of(&outbox, &id).await.replay_count, 1);
     trigger.start();
     worker.await.unwrap();
 }
@@ -319,18 +321,8 @@ async fn the_oldest_unfinished_delivery_is_reported_until_none_waits() {
         .enqueue(delivery("TrackEvent", "finn-1", &["finn"], false))
         .await
         .unwrap();
-    let first_ms = outbox
-        .get(&first, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap()
-        .create_ms;
-    let second_ms = outbox
-        .get(&second, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap()
-        .create_ms;
+    let first_ms = record_of(&outbox, &first).await.create_ms;
+    let second_ms = record_of(&outbox, &second).await.create_ms;
     assert!(first_ms <= second_ms);
     assert_eq!(outbox.oldest_pending_ms().await.unwrap(), Some(first_ms));
 
@@ -371,19 +363,10 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
     let (requeued, in_doubt) = outbox.recover().await.unwrap();
     assert_eq!((requeued, in_doubt), (1, 1));
     assert_eq!(
-        outbox
-            .get(&safe, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
+        record_of(&outbox, &safe).await.state,
         DeliveryState::Pending
     );
-    let doubtful = outbox
-        .get(&unsafe_, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap();
+    let doubtful = record_of(&outbox, &unsafe_).await;
     assert_eq!(doubtful.state, DeliveryState::DeadLettered);
     assert_eq!(doubtful.last_error.unwrap().reason, Reason::DeliveryInDoubt);
 }
@@ -410,21 +393,11 @@ async fn recovery_verifies_writes_whose_upstream_keeps_a_history() {
     store.mark_in_flight(None, Some(1234)).await;
     assert_eq!(outbox.recover().await.unwrap(), (1, 1));
     assert_eq!(
-        outbox
-            .get(&survey, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
+        record_of(&outbox, &survey).await.state,
         DeliveryState::Pending
     );
     assert_eq!(
-        outbox
-            .get(&event, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
+        record_of(&outbox, &event).await.state,
         DeliveryState::DeadLettered
     );
 
@@ -555,13 +528,7 @@ async fn doubts_left_at_the_end_of_the_window_are_dead_lettered_in_doubt() {
         .unwrap();
     wait_for_state(&outbox, &survey, DeliveryState::DeadLettered).await;
     for id in [&event, &survey] {
-        let error = outbox
-            .get(id, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_error
-            .unwrap();
+        let error = record_of(&outbox, id).await.last_error.unwrap();
         assert_eq!(error.reason, Reason::DeliveryInDoubt, "{id}");
         assert_eq!(
             error.metadata["cause"],
@@ -583,10 +550,7 @@ struct GatedExecutor {
 #[tonic::async_trait]
 impl Executor for GatedExecutor {
     async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
-        let DeliveryAttempt { request, .. } = delivery;
-        let _ = self
-            .started
-            .send(String::from_utf8_lossy(request).into_owned());
+        report_body(&self.started, &delivery);
         self.release.notified().await;
         (self.answer)()
     }
@@ -634,7 +598,7 @@ async fn a_drain_lets_started_deliveries_finish_and_requeues_what_was_refused() 
         assert!(!worker.is_finished());
         release.notify_one();
         worker.await.unwrap();
-        let record = outbox.get(&id, &Visibility::All).await.unwrap().unwrap();
+        let record = record_of(&outbox, &id).await;
         assert_eq!(record.state, expected);
         if expected == DeliveryState::Pending {
             assert!(record.next_attempt_ms.unwrap() <= chrono::Utc::now().timestamp_millis());
@@ -671,15 +635,7 @@ async fn a_drain_leaves_a_delivery_on_the_wire_in_flight_when_the_grace_ends() {
     assert_eq!(started.recv().await.unwrap(), "lee");
     trigger.start();
     worker.await.unwrap();
-    assert_eq!(
-        outbox
-            .get(&id, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
-        DeliveryState::InFlight
-    );
+    assert_eq!(record_of(&outbox, &id).await.state, DeliveryState::InFlight);
 }
 
 #[tokio::test]
@@ -934,7 +890,7 @@ async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
         .unwrap();
     let requeued: Vec<&str> = all.iter().map(|r| r.delivery_id.as_str()).collect();
     assert_eq!(requeued, vec![beta.as_str(), legacy.as_str()]);
-    let alpha_state = outbox.get(&alpha, &Visibility::All).await.unwrap().unwrap();
+    let alpha_state = record_of(&outbox, &alpha).await;
     assert_eq!(alpha_state.state, DeliveryState::DeadLettered);
     // An admin reaches every caller's deliveries.
     let admin = outbox
