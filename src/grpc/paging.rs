@@ -11,7 +11,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::error::Violations;
+use crate::error::{Error, Violations};
 
 /// What a decoded token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,30 @@ pub fn page_request(
         }
         None => (size, PagePosition { after: 0 }),
     }
+}
+
+/// Page size of the lists that take the common default and maximum.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// The page a list with the common sizes asks for, after its own checks (recorded in
+/// `violations`); every violation found is answered at once.
+pub fn checked_page(
+    mut violations: Violations,
+    page_size: i32,
+    page_token: &str,
+    filters: &str,
+) -> Result<(usize, PagePosition), Error> {
+    let page = page_request(
+        &mut violations,
+        page_size,
+        page_token,
+        DEFAULT_PAGE_SIZE,
+        MAX_PAGE_SIZE,
+        filters,
+    );
+    violations.into_result()?;
+    Ok(page)
 }
 
 /// Like [`page_request`], for a list whose time range ends at an instant pinned by the first
