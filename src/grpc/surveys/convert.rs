@@ -364,59 +364,44 @@ mod tests {
                 scheduled_date: None,
             })
         };
+        let unavailable = |reason, class| -> Result<SurveyOutcome, Error> {
+            Err(error(reason, ErrorCode::Unavailable).with_failure_class(class))
+        };
+        use pb::RecipientOutcome::{Failed, Scheduled, Throttled, Unknown};
         let cases = [
+            (sent(SurveyStatus::Scheduled), Scheduled),
+            (sent(SurveyStatus::Accepted), Scheduled),
+            (sent(SurveyStatus::Throttled), Throttled),
+            (sent(SurveyStatus::Unsubscribed), Failed),
+            (sent(SurveyStatus::Other("paused".to_owned())), Failed),
             (
-                sent(SurveyStatus::Scheduled),
-                pb::RecipientOutcome::Scheduled,
-            ),
-            (
-                sent(SurveyStatus::Accepted),
-                pb::RecipientOutcome::Scheduled,
-            ),
-            (
-                sent(SurveyStatus::Throttled),
-                pb::RecipientOutcome::Throttled,
-            ),
-            (
-                sent(SurveyStatus::Unsubscribed),
-                pb::RecipientOutcome::Failed,
-            ),
-            (
-                sent(SurveyStatus::Other("paused".to_owned())),
-                pb::RecipientOutcome::Failed,
-            ),
-            (
-                Err(error(Reason::UpstreamTimeout, ErrorCode::Unavailable)
-                    .with_failure_class(FailureClass::PossiblyApplied)),
-                pb::RecipientOutcome::Unknown,
+                unavailable(Reason::UpstreamTimeout, FailureClass::PossiblyApplied),
+                Unknown,
             ),
             // A 500.
             (
-                Err(error(Reason::UpstreamUnavailable, ErrorCode::Unavailable)
-                    .with_failure_class(FailureClass::PossiblyApplied)),
-                pb::RecipientOutcome::Unknown,
+                unavailable(Reason::UpstreamUnavailable, FailureClass::PossiblyApplied),
+                Unknown,
             ),
             // A 503: Retently did not act.
             (
-                Err(error(Reason::UpstreamUnavailable, ErrorCode::Unavailable)
-                    .with_failure_class(FailureClass::Unavailable)),
-                pb::RecipientOutcome::Failed,
+                unavailable(Reason::UpstreamUnavailable, FailureClass::Unavailable),
+                Failed,
             ),
             (
-                Err(error(Reason::UpstreamUnreachable, ErrorCode::Unavailable)
-                    .with_failure_class(FailureClass::NotSent)),
-                pb::RecipientOutcome::Failed,
+                unavailable(Reason::UpstreamUnreachable, FailureClass::NotSent),
+                Failed,
             ),
             (
                 Err(error(
                     Reason::UpstreamBudgetExhausted,
                     ErrorCode::ResourceExhausted,
                 )),
-                pb::RecipientOutcome::Failed,
+                Failed,
             ),
             (
                 Err(error(Reason::UpstreamNotFound, ErrorCode::NotFound)),
-                pb::RecipientOutcome::Failed,
+                Failed,
             ),
         ];
         for (index, (outcome, expected)) in cases.into_iter().enumerate() {
