@@ -22,15 +22,24 @@ use crate::upstream::retently::{self, LabelOp};
 // ---- requests to commands ----
 
 impl From<pb::Recipient> for Customer {
+    /// A recipient is a Retently customer named by its email alone.
     fn from(recipient: pb::Recipient) -> Self {
+        let pb::Recipient {
+            email,
+            first_name,
+            last_name,
+            company,
+            tags,
+            properties,
+        } = recipient;
         Customer {
             customer_id: String::new(),
-            email: recipient.email,
-            first_name: recipient.first_name,
-            last_name: recipient.last_name,
-            company: recipient.company,
-            tags: recipient.tags,
-            properties: recipient.properties.into_iter().map(Into::into).collect(),
+            email,
+            first_name,
+            last_name,
+            company,
+            tags,
+            properties: properties.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -70,23 +79,24 @@ impl From<pb::SetFeedbackTagsRequest> for SetFeedbackTags {
 
 impl From<pb::SetFeedbackTopicsRequest> for SetFeedbackTopics {
     fn from(request: pb::SetFeedbackTopicsRequest) -> Self {
-        let topics = request
-            .topics
-            .into_iter()
-            .map(|topic| Topic {
-                name: topic.name,
-                sentiment: match pb::Sentiment::try_from(topic.sentiment) {
-                    Ok(pb::Sentiment::Positive) => Some(Sentiment::Positive),
-                    Ok(pb::Sentiment::Neutral) => Some(Sentiment::Neutral),
-                    Ok(pb::Sentiment::Negative) => Some(Sentiment::Negative),
-                    Ok(pb::Sentiment::Unspecified) | Err(_) => None,
-                },
-            })
-            .collect();
         SetFeedbackTopics {
             feedback_id: request.feedback_id,
-            topics,
+            topics: request.topics.into_iter().map(Into::into).collect(),
             op: label_op(request.mode),
+        }
+    }
+}
+
+impl From<pb::FeedbackTopic> for Topic {
+    fn from(topic: pb::FeedbackTopic) -> Self {
+        Topic {
+            name: topic.name,
+            sentiment: match pb::Sentiment::try_from(topic.sentiment) {
+                Ok(pb::Sentiment::Positive) => Some(Sentiment::Positive),
+                Ok(pb::Sentiment::Neutral) => Some(Sentiment::Neutral),
+                Ok(pb::Sentiment::Negative) => Some(Sentiment::Negative),
+                Ok(pb::Sentiment::Unspecified) | Err(_) => None,
+            },
         }
     }
 }
