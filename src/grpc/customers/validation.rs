@@ -93,73 +93,76 @@ impl CustomerKeys {
     }
 }
 
-/// The checks every customer batch shares: its size, destinations and options, and each
-/// customer's keys (`keys_of` reads them) before `check` looks at the rest of the customer.
-fn customer_write<C>(
-    customers: &[C],
-    destinations: &[i32],
-    options: Option<&pb::WriteOptions>,
-    keys_of: impl Fn(&C) -> (&str, &str),
-    check: impl Fn(&mut Violations, &str, &C),
+/// The checks every customer batch shares: its size, destinations and options, and the keys
+/// of each customer (`customers` lists them in order) before `check` looks at the rest of the
+/// customer at that index.
+fn customer_write<'a>(
+    customers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    (destinations, options): (&[i32], Option<&pb::WriteOptions>),
+    check: impl Fn(&mut Violations, &str, usize),
 ) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
-    validate::batch_len(&mut v, "customers", customers.len(), MAX_ITEMS);
+    let count = customers.len();
+    validate::batch_len(&mut v, "customers", count, MAX_ITEMS);
     let destinations = validate::destinations(&mut v, "destinations", destinations);
     let options = validate::write_options(&mut v, options);
     let mut keys = CustomerKeys::new(&destinations);
-    for (index, customer) in customers.iter().enumerate() {
+    for (index, (email, customer_id)) in customers.enumerate() {
         let at = format!("customers[{index}]");
-        let (email, customer_id) = keys_of(customer);
         keys.check(&mut v, &at, email, customer_id);
-        check(&mut v, &at, customer);
+        check(&mut v, &at, index);
     }
-    ValidWrite::checked(
-        v,
-        options,
-        destinations.into_iter().filter_map(destination).collect(),
-        customers.len(),
-        keys.ordering_keys,
-    )
+    let destinations = destinations.into_iter().filter_map(destination).collect();
+    ValidWrite::checked(v, options, destinations, count, keys.ordering_keys)
+}
+
+fn customer_keys(customer: &pb::Customer) -> (&str, &str) {
+    (&customer.email, &customer.customer_id)
+}
+
+fn ref_keys(customer: &pb::CustomerRef) -> (&str, &str) {
+    (&customer.email, &customer.customer_id)
 }
 
 // Each check below runs in a `validate` span under the call's server span (the request itself
 // is not recorded).
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<ValidWrite, Error> {
+    let keys = request.customers.iter().map(customer_keys);
+    let fields = |v: &mut Violations, at: &str, index: usize| {
+        let customer = &request.customers[index];
+        for (name, value) in [
+            ("first_name", &customer.first_name),
+            ("last_name", &customer.last_name),
+            ("company", &customer.company),
+        ] {
+            validate::max_len(v, format!("{at}.{name}"), value, validate::MAX_STRING_CHARS);
+        }
+        // Output only, ignored in requests; bounded so a request cannot carry megabytes of it
+        // into the outbox.
+        validate::max_len(
+            v,
+            format!("{at}.job_title"),
+            &customer.job_title,
+            validate::MAX_STRING_CHARS,
+        );
+        validate::tags(v, &format!("{at}.tags"), &customer.tags);
+        validate::properties(v, &format!("{at}.properties"), &customer.properties);
+    };
     customer_write(
-        &request.customers,
-        &request.destinations,
-        request.options.as_ref(),
-        |customer| (&customer.email, &customer.customer_id),
-        |v, at, customer| {
-            for (name, value) in [
-                ("first_name", &customer.first_name),
-                ("last_name", &customer.last_name),
-                ("company", &customer.company),
-            ] {
-                validate::max_len(v, format!("{at}.{name}"), value, validate::MAX_STRING_CHARS);
-            }
-            // Output only, ignored in requests; bounded so a request cannot carry megabytes of
-            // it into the outbox.
-            validate::max_len(
-                v,
-                format!("{at}.job_title"),
-                &customer.job_title,
-                validate::MAX_STRING_CHARS,
-            );
-            validate::tags(v, &format!("{at}.tags"), &customer.tags);
-            validate::properties(v, &format!("{at}.properties"), &customer.properties);
-        },
+        keys,
+        (&request.destinations, request.options.as_ref()),
+        fields,
     )
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<ValidWrite, Error> {
+    let keys = request.customers.iter().map(ref_keys);
+    // A deletion names its customers and nothing more.
     customer_write(
-        &request.customers,
-        &request.destinations,
-        request.options.as_ref(),
-        |customer| (&customer.email, &customer.customer_id),
+        keys,
+        (&request.destinations, request.options.as_ref()),
         |_, _, _| {},
     )
 }
@@ -232,94 +235,102 @@ fn array_target(
     Some(retainly_key(customer_id))
 }
 
-/// The checks both array-item writes share: the batch size, the options, and each record's
-/// customer and field (`target_of` reads them) before `check` looks at the record's items.
-fn array_write<R>(
-    records: &[R],
+/// The checks both array-item writes share: the batch size, the options, and the customer and
+/// field of each record (`targets` lists them in order) before `check` looks at the items of the
+/// record at that index.
+fn array_write<'a>(
+    targets: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
     options: Option<&pb::WriteOptions>,
-    target_of: impl Fn(&R) -> (&str, &str),
-    check: impl Fn(&mut Violations, &str, &R),
+    check: impl Fn(&mut Violations, &str, usize),
 ) -> Result<ValidWrite, Error> {
     let mut v = Violations::new();
-    validate::batch_len(&mut v, "records", records.len(), MAX_ITEMS);
+    let count = targets.len();
+    validate::batch_len(&mut v, "records", count, MAX_ITEMS);
     let options = validate::write_options(&mut v, options);
     let mut pairs = HashMap::new();
     let mut fields = HashMap::new();
     let mut ordering_keys = Vec::new();
-    for (index, record) in records.iter().enumerate() {
+    for (index, (customer_id, field)) in targets.enumerate() {
         let at = format!("records[{index}]");
-        let (customer_id, field) = target_of(record);
         if let Some(key) = array_target(&mut v, &at, customer_id, field, &mut pairs, &mut fields) {
             ordering_keys.push(key);
         }
-        check(&mut v, &at, record);
+        check(&mut v, &at, index);
     }
     ValidWrite::checked(
         v,
         options,
         vec![Destination::Retainly],
-        records.len(),
+        count,
         ordering_keys,
     )
+}
+
+fn items_target(record: &pb::CustomerArrayItems) -> (&str, &str) {
+    (&record.customer_id, &record.field)
+}
+
+fn ids_target(record: &pb::CustomerArrayItemIds) -> (&str, &str) {
+    (&record.customer_id, &record.field)
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn upsert_array_items(
     request: &pb::UpsertCustomerArrayItemsRequest,
 ) -> Result<ValidWrite, Error> {
-    array_write(
-        &request.records,
-        request.options.as_ref(),
-        |record| (&record.customer_id, &record.field),
-        |v, at, record| {
-            validate::batch_len(
-                v,
-                &format!("{at}.items"),
-                record.items.len(),
-                MAX_ARRAY_ITEMS,
-            );
-            let mut item_ids = HashMap::new();
-            for (i, item) in record.items.iter().enumerate() {
-                let item_at = format!("{at}.items[{i}]");
-                let id_field = format!("{item_at}.item_id");
-                if !item.item_id.is_empty()
-                    && validate::customer_id(v, id_field.clone(), &item.item_id)
-                {
-                    unique(v, &mut item_ids, item.item_id.clone(), id_field.clone());
-                }
-                let Some(fields) = &item.fields else {
-                    continue;
-                };
-                for (name, value) in &fields.fields {
-                    if !validate::data_key(v, &format!("{item_at}.fields"), name) {
-                        continue;
-                    }
-                    let field = format!("{item_at}.fields.{name}");
-                    if name == "id" {
-                        v.add(field, "is reserved: set item_id instead");
-                        continue;
-                    }
-                    // Items are already one array level deep, and their values are not array
-                    // items themselves, so an object is not allowed directly here.
-                    validate::retainly_value(v, &field, value, 1, false);
-                }
+    let targets = request.records.iter().map(items_target);
+    array_write(targets, request.options.as_ref(), |v, at, index| {
+        let record = &request.records[index];
+        validate::batch_len(
+            v,
+            &format!("{at}.items"),
+            record.items.len(),
+            MAX_ARRAY_ITEMS,
+        );
+        let mut item_ids = HashMap::new();
+        for (i, item) in record.items.iter().enumerate() {
+            let item_at = format!("{at}.items[{i}]");
+            let id_field = format!("{item_at}.item_id");
+            if !item.item_id.is_empty() && validate::customer_id(v, id_field.clone(), &item.item_id)
+            {
+                unique(v, &mut item_ids, item.item_id.clone(), id_field.clone());
             }
-        },
-    )
+            let Some(fields) = &item.fields else {
+                continue;
+            };
+            for (name, value) in &fields.fields {
+                if !validate::data_key(v, &format!("{item_at}.fields"), name) {
+                    continue;
+                }
+                let field = format!("{item_at}.fields.{name}");
+                if name == "id" {
+                    v.add(field, "is reserved: set item_id instead");
+                    continue;
+                }
+                // Items are already one array level deep, and their values are not array
+                // items themselves, so an object is not allowed directly here.
+                validate::retainly_value(v, &field, value, 1, false);
+            }
+        }
+    })
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn delete_array_items(
     request: &pb::DeleteCustomerArrayItemsRequest,
 ) -> Result<ValidWrite, Error> {
+    let ids = |index: usize| &request.records[index].item_ids;
     array_write(
-        &request.records,
+        request.records.iter().map(ids_target),
         request.options.as_ref(),
-        |record| (&record.customer_id, &record.field),
-        |v, at, record| {
-            let ids = &record.item_ids;
-            validate::batch_len(v, &format!("{at}.item_ids"), ids.len(), MAX_ARRAY_ITEMS);
-            for (i, id) in ids.iter().enumerate() {
+        |v, at, index| {
+            validate::batch_len(
+                v,
+                &format!("{at}.item_ids"),
+                ids(index).len(),
+                MAX_ARRAY_ITEMS,
+            );
+            for (i, id) in ids(index).iter().enumerate() {
                 validate::customer_id(v, format!("{at}.item_ids[{i}]"), id);
             }
         },
@@ -375,33 +386,27 @@ fn one_of<L, T>(
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn get_customer(request: &pb::GetCustomerRequest) -> Result<CustomerLookup, Error> {
     use pb::get_customer_request::Lookup;
-    one_of(
-        request.lookup.as_ref(),
-        ("email or retently_id", "customer"),
-        |v, lookup| match lookup {
-            Lookup::Email(email) => validate::email(v, "email", email).map(CustomerLookup::Email),
-            Lookup::RetentlyId(id) => validate::retently_path_id(v, "retently_id", id)
-                .then(|| CustomerLookup::RetentlyId(id.clone())),
-        },
-    )
+    let names = ("email or retently_id", "customer");
+    one_of(request.lookup.as_ref(), names, |v, lookup| match lookup {
+        Lookup::Email(email) => validate::email(v, "email", email).map(CustomerLookup::Email),
+        Lookup::RetentlyId(id) => validate::retently_path_id(v, "retently_id", id)
+            .then(|| CustomerLookup::RetentlyId(id.clone())),
+    })
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn get_company(request: &pb::GetCompanyRequest) -> Result<String, Error> {
     use pb::get_company_request::Lookup;
-    one_of(
-        request.lookup.as_ref(),
-        ("company_id or domain", "company"),
-        |v, lookup| match lookup {
-            Lookup::CompanyId(id) => {
-                validate::retently_path_id(v, "company_id", id).then(|| id.clone())
-            }
-            Lookup::Domain(name) => {
-                let name = name.trim().to_ascii_lowercase();
-                domain(v, "domain", &name).then_some(name)
-            }
-        },
-    )
+    let names = ("company_id or domain", "company");
+    one_of(request.lookup.as_ref(), names, |v, lookup| match lookup {
+        Lookup::CompanyId(id) => {
+            validate::retently_path_id(v, "company_id", id).then(|| id.clone())
+        }
+        Lookup::Domain(name) => {
+            let name = name.trim().to_ascii_lowercase();
+            domain(v, "domain", &name).then_some(name)
+        }
+    })
 }
 
 /// Retently's `sort` for a creation-time order.
