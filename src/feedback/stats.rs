@@ -76,6 +76,36 @@ pub struct StatsSnapshot {
     pub lease_lost: u64,
 }
 
+/// The event counters of `s`, each under the `kind` it has in the metrics.
+fn event_counters(s: &StatsSnapshot) -> [(&'static str, u64); 21] {
+    [
+        ("poll", s.polls),
+        ("rescan", s.rescans),
+        ("poll_request", s.poll_requests),
+        ("poll_failure", s.poll_failures),
+        ("malformed_item", s.malformed_items),
+        ("created", s.created),
+        ("updated", s.updated),
+        ("unchanged", s.unchanged),
+        ("webhook_known", s.ignored),
+        ("webhook_accepted", s.webhook_accepted),
+        (
+            "webhook_rejected_unauthenticated",
+            s.webhook_rejected_unauthenticated,
+        ),
+        ("webhook_rejected_signature", s.webhook_rejected_signature),
+        ("webhook_rejected_stale", s.webhook_rejected_stale),
+        ("webhook_rejected_malformed", s.webhook_rejected_malformed),
+        ("webhook_rejected_too_large", s.webhook_rejected_too_large),
+        ("webhook_failed", s.webhook_failed),
+        ("subscription", s.subscriptions),
+        ("catch_up", s.catch_ups),
+        ("pruned", s.pruned),
+        ("lease_acquired", s.lease_acquired),
+        ("lease_lost", s.lease_lost),
+    ]
+}
+
 /// Reads one gauge of the stats.
 type Gauge = fn(&FeedbackStats) -> &AtomicU64;
 
@@ -88,33 +118,7 @@ impl FeedbackStats {
             let Some(stats) = events.upgrade() else {
                 return false;
             };
-            let s = stats.snapshot();
-            for (kind, value) in [
-                ("poll", s.polls),
-                ("rescan", s.rescans),
-                ("poll_request", s.poll_requests),
-                ("poll_failure", s.poll_failures),
-                ("malformed_item", s.malformed_items),
-                ("created", s.created),
-                ("updated", s.updated),
-                ("unchanged", s.unchanged),
-                ("webhook_known", s.ignored),
-                ("webhook_accepted", s.webhook_accepted),
-                (
-                    "webhook_rejected_unauthenticated",
-                    s.webhook_rejected_unauthenticated,
-                ),
-                ("webhook_rejected_signature", s.webhook_rejected_signature),
-                ("webhook_rejected_stale", s.webhook_rejected_stale),
-                ("webhook_rejected_malformed", s.webhook_rejected_malformed),
-                ("webhook_rejected_too_large", s.webhook_rejected_too_large),
-                ("webhook_failed", s.webhook_failed),
-                ("subscription", s.subscriptions),
-                ("catch_up", s.catch_ups),
-                ("pruned", s.pruned),
-                ("lease_acquired", s.lease_acquired),
-                ("lease_lost", s.lease_lost),
-            ] {
+            for (kind, value) in event_counters(&stats.snapshot()) {
                 readings.push((value, vec![KeyValue::new("kind", kind)]));
             }
             true
