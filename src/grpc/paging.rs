@@ -68,7 +68,7 @@ pub fn page_request(
     }
 }
 
-/// Page size of the lists that take the common default and maximum.
+/// The default and the largest page size of the lists that take the common sizes.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
 
@@ -203,6 +203,25 @@ pub(crate) fn filters_fingerprint(filters: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_default_at_zero_and_refuse_what_is_out_of_range() {
+        let refused: &[&str] = &["trend_window"];
+        let cases: [(i32, u32, &[&str]); 5] = [
+            (0, 20, &[]),
+            (1, 1, &[]),
+            (50, 50, &[]),
+            (51, 20, refused),
+            (-1, 20, refused),
+        ];
+        for (value, expected, fields) in cases {
+            let mut violations = Violations::new();
+            let size = size_or_default(&mut violations, "trend_window", value, 20, 50);
+            assert_eq!(size, expected, "{value}");
+            let violated = crate::grpc::validate::violated_fields(violations.into_result());
+            assert_eq!(violated, fields, "{value}");
+        }
+    }
 
     #[test]
     fn tokens_round_trip_and_bind_size_and_filters() {
