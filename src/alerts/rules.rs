@@ -34,6 +34,7 @@ use reqwest::Url;
 use serde::Deserialize;
 
 use crate::config::{Secret, valid_name};
+use crate::feedback::filter::score_in_range;
 use crate::pb;
 use crate::swapped::Swapped;
 
@@ -149,16 +150,8 @@ impl Rule {
         if !self.categories.is_empty() && !self.categories.contains(&feedback.score_category) {
             return false;
         }
-        if self.score_min.is_some() || self.score_max.is_some() {
-            // A response without a score is outside every score range.
-            let Some(score) = feedback.score else {
-                return false;
-            };
-            if self.score_min.is_some_and(|min| score < min)
-                || self.score_max.is_some_and(|max| score > max)
-            {
-                return false;
-            }
+        if !score_in_range(feedback.score, self.score_min, self.score_max) {
+            return false;
         }
         if !self.campaigns.is_empty() && !self.campaigns.contains(&feedback.campaign_id) {
             return false;

@@ -13,10 +13,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing_subscriber::layer::SubscriberExt as _;
 
-use super::Visibility;
 use super::outbox::{
     Attempt, DeliveryAttempt, DeliveryState, Executor, NewDelivery, Outbox, OutboxSettings,
 };
+use super::tests::{record_of, report_body};
 use crate::readiness::{Readiness, Stage};
 use crate::shutdown;
 use crate::store::SqliteStore;
@@ -34,10 +34,7 @@ struct RecordingExecutor {
 #[tonic::async_trait]
 impl Executor for RecordingExecutor {
     async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
-        let DeliveryAttempt { request, .. } = delivery;
-        let _ = self
-            .attempts
-            .send(String::from_utf8_lossy(request).into_owned());
+        report_body(&self.attempts, &delivery);
         Attempt::Delivered {
             result: b"done".to_vec(),
         }
@@ -163,12 +160,7 @@ async fn failed_recovery_is_retried_while_not_ready_and_nothing_is_claimed_befor
         "nothing is sent before recovery"
     );
     assert_eq!(
-        outbox
-            .get(&in_flight, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
+        record_of(&outbox, &in_flight).await.state,
         DeliveryState::InFlight
     );
 
@@ -186,14 +178,7 @@ async fn failed_recovery_is_retried_while_not_ready_and_nothing_is_claimed_befor
     assert_eq!(sent, ["queued", "replay-safe"]);
     let mut outcomes = outbox.outcomes();
     for id in [&in_flight, &waiting] {
-        while outbox
-            .get(id, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state
-            != DeliveryState::Delivered
-        {
+        while record_of(&outbox, id).await.state != DeliveryState::Delivered {
             tokio::time::timeout(Duration::from_secs(30), outcomes.changed())
                 .await
                 .unwrap()
@@ -275,14 +260,7 @@ async fn the_claim_loop_backs_off_on_a_store_that_refuses_writes_and_logs_rate_l
     assert!(tokio::time::Instant::now() - healed_at <= Duration::from_secs(10));
     next_line(&mut lines, "claiming deliveries works again").await;
     let mut outcomes = outbox.outcomes();
-    while outbox
-        .get(&id, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap()
-        .state
-        != DeliveryState::Delivered
-    {
+    while record_of(&outbox, &id).await.state != DeliveryState::Delivered {
         outcomes.changed().await.unwrap();
     }
     trigger.start();

@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 
 use super::idempotency::{Fresh, Idempotency, request_hash};
 use super::outbox::{
-    Attempt, DeliveryAttempt, DeliveryError, DeliveryState, Executor, NewDelivery, Outbox,
-    OutboxSettings, RetrySelection,
+    Attempt, DeliveryAttempt, DeliveryError, DeliveryRecord, DeliveryState, Executor, NewDelivery,
+    Outbox, OutboxSettings, RetrySelection,
 };
 use super::{Owner, Visibility};
 use crate::error::{ErrorCode, Reason};
@@ -49,9 +49,7 @@ struct ScriptedExecutor {
 #[tonic::async_trait]
 impl Executor for ScriptedExecutor {
     async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
-        let DeliveryAttempt { request, .. } = delivery;
-        let body = String::from_utf8_lossy(request).into_owned();
-        let _ = self.attempts.send(body.clone());
+        let body = report_body(&self.attempts, &delivery);
         let mut fail_first = self.fail_first.lock().unwrap();
         match fail_first.get_mut(&body) {
             Some(left) if *left > 0 => {
@@ -66,6 +64,94 @@ impl Executor for ScriptedExecutor {
             },
         }
     }
+}
+
+/// Queues a write of `body` (see [`delivery`]) and returns its id.
+async fn queue(
+    outbox: &Outbox,
+    method: &str,
+    body: &str,
+    keys: &[&str],
+    replay_safe: bool,
+) -> String {
+    enqueue(outbox, delivery(method, body, keys, replay_safe)).await
+}
+
+/// A [`ScriptedExecutor`] failing the first attempts of bodies as `fail_first` says, and the
+/// bodies it is asked to deliver.
+fn scripted(
+    fail_first: &[(&str, u32)],
+) -> (Arc<ScriptedExecutor>, mpsc::UnboundedReceiver<String>) {
+    let (attempts_tx, attempts) = mpsc::unbounded_channel();
+    let fail_first = fail_first
+        .iter()
+        .map(|(body, count)| ((*body).to_owned(), *count))
+        .collect();
+    let executor = ScriptedExecutor {
+        attempts: attempts_tx,
+        fail_first: Mutex::new(fail_first),
+    };
+    (Arc::new(executor), attempts)
+}
+
+/// A call's first run answering `response`, remembered or not.
+async fn fresh(response: &[u8], remember: bool) -> Result<Fresh, crate::error::Error> {
+    Ok(Fresh {
+        response: response.to_vec(),
+        remember,
+    })
+}
+
+/// An outbox in a temporary directory (removed when the returned guard is dropped).
+fn open_outbox(settings: OutboxSettings) -> (tempfile::TempDir, Outbox) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    (dir, Outbox::new(store, settings))
+}
+
+/// Queues `delivery` and returns its id.
+async fn enqueue(outbox: &Outbox, delivery: NewDelivery) -> String {
+    outbox.enqueue(delivery).await.unwrap()
+}
+
+/// An outbox worker in its own task, and the trigger that drains it.
+struct Worker {
+    trigger: shutdown::DrainTrigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    fn start(outbox: &Outbox, executor: Arc<dyn Executor>) -> Worker {
+        let (trigger, drain) = shutdown::channel();
+        let task = tokio::spawn(outbox.clone().run_worker(
+            executor,
+            drain,
+            crate::readiness::Readiness::new(),
+        ));
+        Worker { trigger, task }
+    }
+
+    /// Drains the worker and waits until it has stopped.
+    async fn stop(self) {
+        self.trigger.start();
+        self.task.await.unwrap();
+    }
+}
+
+/// Sends the body of `delivery` to `attempts` (a test that stopped listening is fine), and
+/// returns it.
+pub(super) fn report_body(
+    attempts: &mpsc::UnboundedSender<String>,
+    delivery: &DeliveryAttempt<'_>,
+) -> String {
+    let body = String::from_utf8_lossy(delivery.request).into_owned();
+    let _ = attempts.send(body.clone());
+    body
+}
+
+/// The record of delivery `id`, which exists.
+pub(super) async fn record_of(outbox: &Outbox, id: &str) -> DeliveryRecord {
+    outbox.get(id, &Visibility::All).await.unwrap().unwrap()
 }
 
 fn fast_settings() -> OutboxSettings {
@@ -135,35 +221,20 @@ impl Executor for QuotaExecutor {
 /// own Retry-After is waited out in full.
 #[tokio::test]
 async fn a_delivery_refused_by_its_caller_s_quota_is_retried_as_its_caller() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(store, fast_settings());
+    let (_dir, outbox) = open_outbox(fast_settings());
     let executor = Arc::new(QuotaExecutor {
         owners: Mutex::new(Vec::new()),
     });
     let mut refused = delivery("TrackEvent", "quota-1", &["ann"], false);
     refused.owner = caller("web");
-    let refused = outbox.enqueue(refused).await.unwrap();
-    let busy = outbox
-        .enqueue(delivery("TrackEvent", "busy-1", &["bob"], false))
-        .await
-        .unwrap();
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        Arc::clone(&executor) as Arc<dyn Executor>,
-        drain,
-        crate::readiness::Readiness::new(),
-    ));
+    let refused = enqueue(&outbox, refused).await;
+    let busy = queue(&outbox, "TrackEvent", "busy-1", &["bob"], false).await;
+    let worker = Worker::start(&outbox, Arc::clone(&executor) as Arc<dyn Executor>);
     wait_for_state(&outbox, &refused, DeliveryState::Delivered).await;
     wait_for_state(&outbox, &busy, DeliveryState::RetryWait).await;
-    trigger.start();
-    worker.await.unwrap();
+    worker.stop().await;
 
-    let record = outbox
-        .get(&refused, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap();
+    let record = record_of(&outbox, &refused).await;
     assert_eq!(record.attempt_count, 2);
     let last_error = record.last_error.unwrap();
     assert_eq!(last_error.reason, Reason::CallerQuotaExceeded);
@@ -178,7 +249,7 @@ async fn a_delivery_refused_by_its_caller_s_quota_is_retried_as_its_caller() {
     };
     assert_eq!(runs_of("quota-1"), [caller("web"), caller("web")]);
     assert_eq!(runs_of("busy-1"), [Owner::Anonymous]);
-    let waiting = outbox.get(&busy, &Visibility::All).await.unwrap().unwrap();
+    let waiting = record_of(&outbox, &busy).await;
     let due_in = waiting.next_attempt_ms.unwrap() - waiting.update_ms;
     assert!(
         due_in >= 59_000,
@@ -188,38 +259,17 @@ async fn a_delivery_refused_by_its_caller_s_quota_is_retried_as_its_caller() {
 
 #[tokio::test]
 async fn queued_writes_are_delivered_in_order_per_customer() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(store, fast_settings());
-    let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
-    let executor = Arc::new(ScriptedExecutor {
-        attempts: attempts_tx,
-        // The first write to alice fails twice; the second must still come after it.
-        fail_first: Mutex::new(HashMap::from([("alice-1".to_owned(), 2)])),
-    });
-    let first = outbox
-        .enqueue(delivery("UpsertCustomers", "alice-1", &["alice"], true))
-        .await
-        .unwrap();
-    let second = outbox
-        .enqueue(delivery("UpsertCustomers", "alice-2", &["alice"], true))
-        .await
-        .unwrap();
-    let other = outbox
-        .enqueue(delivery("UpsertCustomers", "bob-1", &["bob"], true))
-        .await
-        .unwrap();
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        executor,
-        drain,
-        crate::readiness::Readiness::new(),
-    ));
+    let (_dir, outbox) = open_outbox(fast_settings());
+    // The first write to alice fails twice; the second must still come after it.
+    let (executor, mut attempts) = scripted(&[("alice-1", 2)]);
+    let first = queue(&outbox, "UpsertCustomers", "alice-1", &["alice"], true).await;
+    let second = queue(&outbox, "UpsertCustomers", "alice-2", &["alice"], true).await;
+    let other = queue(&outbox, "UpsertCustomers", "bob-1", &["bob"], true).await;
+    let worker = Worker::start(&outbox, executor);
 
     wait_for_state(&outbox, &second, DeliveryState::Delivered).await;
     wait_for_state(&outbox, &other, DeliveryState::Delivered).await;
-    trigger.start();
-    worker.await.unwrap();
+    worker.stop().await;
 
     let mut seen = Vec::new();
     while let Ok(body) = attempts.try_recv() {
@@ -227,7 +277,7 @@ async fn queued_writes_are_delivered_in_order_per_customer() {
     }
     let alice: Vec<&String> = seen.iter().filter(|b| b.starts_with("alice")).collect();
     assert_eq!(alice, ["alice-1", "alice-1", "alice-1", "alice-2"]);
-    let record = outbox.get(&first, &Visibility::All).await.unwrap().unwrap();
+    let record = record_of(&outbox, &first).await;
     assert_eq!(record.state, DeliveryState::Delivered);
     assert_eq!(record.attempt_count, 3);
     assert_eq!(record.result.as_deref(), Some(&b"done:alice-1"[..]));
@@ -235,30 +285,13 @@ async fn queued_writes_are_delivered_in_order_per_customer() {
 
 #[tokio::test]
 async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(
-        store,
-        OutboxSettings {
-            retry_window: Duration::ZERO,
-            ..fast_settings()
-        },
-    );
-    let (attempts_tx, _attempts) = mpsc::unbounded_channel();
-    let executor = Arc::new(ScriptedExecutor {
-        attempts: attempts_tx,
-        fail_first: Mutex::new(HashMap::from([("carol-1".to_owned(), 1)])),
+    let (_dir, outbox) = open_outbox(OutboxSettings {
+        retry_window: Duration::ZERO,
+        ..fast_settings()
     });
-    let id = outbox
-        .enqueue(delivery("TrackEvent", "carol-1", &["carol"], false))
-        .await
-        .unwrap();
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        executor,
-        drain,
-        crate::readiness::Readiness::new(),
-    ));
+    let (executor, _attempts) = scripted(&[("carol-1", 1)]);
+    let id = queue(&outbox, "TrackEvent", "carol-1", &["carol"], false).await;
+    let worker = Worker::start(&outbox, executor);
     wait_for_state(&outbox, &id, DeliveryState::DeadLettered).await;
 
     let page = outbox
@@ -286,71 +319,31 @@ async fn deliveries_past_their_window_are_dead_lettered_and_can_be_requeued() {
     );
     // The retry window is zero, but a requeued delivery gets one attempt now: it succeeds.
     wait_for_state(&outbox, &id, DeliveryState::Delivered).await;
-    assert_eq!(
-        outbox
-            .get(&id, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .replay_count,
-        1
-    );
-    trigger.start();
-    worker.await.unwrap();
+    assert_eq!(record_of(&outbox, &id).await.replay_count, 1);
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn the_oldest_unfinished_delivery_is_reported_until_none_waits() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let outbox = Outbox::new(
-        store,
-        OutboxSettings {
-            retry_window: Duration::ZERO,
-            ..fast_settings()
-        },
-    );
+    let (_dir, outbox) = open_outbox(OutboxSettings {
+        retry_window: Duration::ZERO,
+        ..fast_settings()
+    });
     assert_eq!(outbox.oldest_pending_ms().await.unwrap(), None);
-    let first = outbox
-        .enqueue(delivery("TrackEvent", "erin-1", &["erin"], false))
-        .await
-        .unwrap();
-    let second = outbox
-        .enqueue(delivery("TrackEvent", "finn-1", &["finn"], false))
-        .await
-        .unwrap();
-    let first_ms = outbox
-        .get(&first, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap()
-        .create_ms;
-    let second_ms = outbox
-        .get(&second, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap()
-        .create_ms;
+    let first = queue(&outbox, "TrackEvent", "erin-1", &["erin"], false).await;
+    let second = queue(&outbox, "TrackEvent", "finn-1", &["finn"], false).await;
+    let first_ms = record_of(&outbox, &first).await.create_ms;
+    let second_ms = record_of(&outbox, &second).await.create_ms;
     assert!(first_ms <= second_ms);
     assert_eq!(outbox.oldest_pending_ms().await.unwrap(), Some(first_ms));
 
     // One is delivered, the other dead-lettered: neither waits any more.
-    let (attempts_tx, _attempts) = mpsc::unbounded_channel();
-    let executor = Arc::new(ScriptedExecutor {
-        attempts: attempts_tx,
-        fail_first: Mutex::new(HashMap::from([("erin-1".to_owned(), 1)])),
-    });
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        executor,
-        drain,
-        crate::readiness::Readiness::new(),
-    ));
+    let (executor, _attempts) = scripted(&[("erin-1", 1)]);
+    let worker = Worker::start(&outbox, executor);
     wait_for_state(&outbox, &first, DeliveryState::DeadLettered).await;
     wait_for_state(&outbox, &second, DeliveryState::Delivered).await;
     assert_eq!(outbox.oldest_pending_ms().await.unwrap(), None);
-    trigger.start();
-    worker.await.unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test]
@@ -358,32 +351,17 @@ async fn recovery_requeues_safe_writes_and_dead_letters_those_in_doubt() {
     let dir = tempfile::tempdir().unwrap();
     let (store, bundle) = SqliteStore::open_for_test(dir.path());
     let outbox = Outbox::new(bundle, fast_settings());
-    let safe = outbox
-        .enqueue(delivery("UpsertCustomers", "dave", &["dave"], true))
-        .await
-        .unwrap();
-    let unsafe_ = outbox
-        .enqueue(delivery("TrackEvent", "erin", &["erin"], false))
-        .await
-        .unwrap();
+    let safe = queue(&outbox, "UpsertCustomers", "dave", &["dave"], true).await;
+    let unsafe_ = queue(&outbox, "TrackEvent", "erin", &["erin"], false).await;
     // Simulate a crash after both were claimed and sent.
     store.mark_in_flight(None, None).await;
     let (requeued, in_doubt) = outbox.recover().await.unwrap();
     assert_eq!((requeued, in_doubt), (1, 1));
     assert_eq!(
-        outbox
-            .get(&safe, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
+        record_of(&outbox, &safe).await.state,
         DeliveryState::Pending
     );
-    let doubtful = outbox
-        .get(&unsafe_, &Visibility::All)
-        .await
-        .unwrap()
-        .unwrap();
+    let doubtful = record_of(&outbox, &unsafe_).await;
     assert_eq!(doubtful.state, DeliveryState::DeadLettered);
     assert_eq!(doubtful.last_error.unwrap().reason, Reason::DeliveryInDoubt);
 }
@@ -399,64 +377,29 @@ async fn recovery_verifies_writes_whose_upstream_keeps_a_history() {
             ..fast_settings()
         },
     );
-    let survey = outbox
-        .enqueue(delivery("SendSurvey", "fay", &["fay"], false))
-        .await
-        .unwrap();
-    let event = outbox
-        .enqueue(delivery("TrackEvent", "gil", &["gil"], false))
-        .await
-        .unwrap();
+    let survey = queue(&outbox, "SendSurvey", "fay", &["fay"], false).await;
+    let event = queue(&outbox, "TrackEvent", "gil", &["gil"], false).await;
     store.mark_in_flight(None, Some(1234)).await;
     assert_eq!(outbox.recover().await.unwrap(), (1, 1));
     assert_eq!(
-        outbox
-            .get(&survey, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
+        record_of(&outbox, &survey).await.state,
         DeliveryState::Pending
     );
     assert_eq!(
-        outbox
-            .get(&event, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
+        record_of(&outbox, &event).await.state,
         DeliveryState::DeadLettered
     );
 
     // Its next attempt is told to check the history from the claim that was cut.
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let executor = Arc::new(VerifyingExecutor { seen: seen_tx });
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        executor,
-        drain,
-        crate::readiness::Readiness::new(),
-    ));
+    let executor = Arc::new(SequenceExecutor {
+        script: Mutex::new(Vec::new()),
+        seen: seen_tx,
+    });
+    let worker = Worker::start(&outbox, executor);
     wait_for_state(&outbox, &survey, DeliveryState::Delivered).await;
     assert_eq!(seen.recv().await.unwrap(), Some(1234));
-    trigger.start();
-    worker.await.unwrap();
-}
-
-/// Reports the `verify_since_ms` it is given, and delivers.
-struct VerifyingExecutor {
-    seen: mpsc::UnboundedSender<Option<i64>>,
-}
-
-#[tonic::async_trait]
-impl Executor for VerifyingExecutor {
-    async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
-        let DeliveryAttempt {
-            verify_since_ms, ..
-        } = delivery;
-        let _ = self.seen.send(verify_since_ms);
-        Attempt::Delivered { result: Vec::new() }
-    }
+    worker.stop().await;
 }
 
 /// Answers from a script of attempts, in order, and records the `verify_since_ms` of each.
@@ -483,8 +426,7 @@ impl Executor for SequenceExecutor {
 
 #[tokio::test]
 async fn an_unresolved_write_is_checked_from_its_first_doubtful_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::new(Store::open(dir.path()).unwrap(), fast_settings());
+    let (_dir, outbox) = open_outbox(fast_settings());
     let unresolved = |since_ms| Attempt::Unresolved {
         error: transient(),
         since_ms,
@@ -495,16 +437,8 @@ async fn an_unresolved_write_is_checked_from_its_first_doubtful_attempt() {
         script: Mutex::new(vec![unresolved(100), unresolved(200)]),
         seen: seen_tx,
     });
-    let id = outbox
-        .enqueue(delivery("SendSurvey", "hal", &["hal"], false))
-        .await
-        .unwrap();
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        executor,
-        drain,
-        crate::readiness::Readiness::new(),
-    ));
+    let id = queue(&outbox, "SendSurvey", "hal", &["hal"], false).await;
+    let worker = Worker::start(&outbox, executor);
     wait_for_state(&outbox, &id, DeliveryState::Delivered).await;
     let mut since = Vec::new();
     while let Ok(value) = seen.try_recv() {
@@ -512,8 +446,7 @@ async fn an_unresolved_write_is_checked_from_its_first_doubtful_attempt() {
     }
     // The second doubtful attempt does not move the start of the check forward.
     assert_eq!(since, [None, Some(100), Some(100)]);
-    trigger.start();
-    worker.await.unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test]
@@ -538,30 +471,13 @@ async fn doubts_left_at_the_end_of_the_window_are_dead_lettered_in_doubt() {
         ]),
         seen: seen_tx,
     });
-    let event = outbox
-        .enqueue(delivery("TrackEvent", "ivy", &["ivy"], false))
-        .await
-        .unwrap();
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        executor,
-        drain,
-        crate::readiness::Readiness::new(),
-    ));
+    let event = queue(&outbox, "TrackEvent", "ivy", &["ivy"], false).await;
+    let worker = Worker::start(&outbox, executor);
     wait_for_state(&outbox, &event, DeliveryState::DeadLettered).await;
-    let survey = outbox
-        .enqueue(delivery("SendSurvey", "jo", &["jo"], false))
-        .await
-        .unwrap();
+    let survey = queue(&outbox, "SendSurvey", "jo", &["jo"], false).await;
     wait_for_state(&outbox, &survey, DeliveryState::DeadLettered).await;
     for id in [&event, &survey] {
-        let error = outbox
-            .get(id, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .last_error
-            .unwrap();
+        let error = record_of(&outbox, id).await.last_error.unwrap();
         assert_eq!(error.reason, Reason::DeliveryInDoubt, "{id}");
         assert_eq!(
             error.metadata["cause"],
@@ -569,8 +485,7 @@ async fn doubts_left_at_the_end_of_the_window_are_dead_lettered_in_doubt() {
             "{id}"
         );
     }
-    trigger.start();
-    worker.await.unwrap();
+    worker.stop().await;
 }
 
 /// Holds every attempt until released, then answers `answer`.
@@ -583,10 +498,7 @@ struct GatedExecutor {
 #[tonic::async_trait]
 impl Executor for GatedExecutor {
     async fn execute(&self, delivery: DeliveryAttempt<'_>) -> Attempt {
-        let DeliveryAttempt { request, .. } = delivery;
-        let _ = self
-            .started
-            .send(String::from_utf8_lossy(request).into_owned());
+        report_body(&self.started, &delivery);
         self.release.notified().await;
         (self.answer)()
     }
@@ -608,8 +520,7 @@ async fn a_drain_lets_started_deliveries_finish_and_requeues_what_was_refused() 
             DeliveryState::Pending,
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::new(Store::open(dir.path()).unwrap(), fast_settings());
+        let (_dir, outbox) = open_outbox(fast_settings());
         let (started_tx, mut started) = mpsc::unbounded_channel();
         let release = Arc::new(tokio::sync::Notify::new());
         let executor = Arc::new(GatedExecutor {
@@ -617,24 +528,16 @@ async fn a_drain_lets_started_deliveries_finish_and_requeues_what_was_refused() 
             release: Arc::clone(&release),
             answer,
         });
-        let id = outbox
-            .enqueue(delivery("TrackEvent", "kim", &["kim"], false))
-            .await
-            .unwrap();
-        let (trigger, drain) = shutdown::channel();
-        let worker = tokio::spawn(outbox.clone().run_worker(
-            executor,
-            drain,
-            crate::readiness::Readiness::new(),
-        ));
+        let id = queue(&outbox, "TrackEvent", "kim", &["kim"], false).await;
+        let worker = Worker::start(&outbox, executor);
         assert_eq!(started.recv().await.unwrap(), "kim");
         // Draining starts while the attempt is under way: the worker waits for it.
-        trigger.start();
+        worker.trigger.start();
         tokio::task::yield_now().await;
-        assert!(!worker.is_finished());
+        assert!(!worker.task.is_finished());
         release.notify_one();
-        worker.await.unwrap();
-        let record = outbox.get(&id, &Visibility::All).await.unwrap().unwrap();
+        worker.task.await.unwrap();
+        let record = record_of(&outbox, &id).await;
         assert_eq!(record.state, expected);
         if expected == DeliveryState::Pending {
             assert!(record.next_attempt_ms.unwrap() <= chrono::Utc::now().timestamp_millis());
@@ -658,28 +561,11 @@ async fn a_drain_leaves_a_delivery_on_the_wire_in_flight_when_the_grace_ends() {
         release: Arc::new(tokio::sync::Notify::new()),
         answer: || Attempt::Delivered { result: Vec::new() },
     });
-    let id = outbox
-        .enqueue(delivery("TrackEvent", "lee", &["lee"], false))
-        .await
-        .unwrap();
-    let (trigger, drain) = shutdown::channel();
-    let worker = tokio::spawn(outbox.clone().run_worker(
-        executor,
-        drain,
-        crate::readiness::Readiness::new(),
-    ));
+    let id = queue(&outbox, "TrackEvent", "lee", &["lee"], false).await;
+    let worker = Worker::start(&outbox, executor);
     assert_eq!(started.recv().await.unwrap(), "lee");
-    trigger.start();
-    worker.await.unwrap();
-    assert_eq!(
-        outbox
-            .get(&id, &Visibility::All)
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
-        DeliveryState::InFlight
-    );
+    worker.stop().await;
+    assert_eq!(record_of(&outbox, &id).await.state, DeliveryState::InFlight);
 }
 
 #[tokio::test]
@@ -745,23 +631,20 @@ async fn calls_that_reached_nothing_are_not_remembered() {
             "k",
             hash.clone(),
             false,
-            async {
-                Ok(Fresh {
-                    response: b"rejected".to_vec(),
-                    remember: false,
-                })
-            },
+            fresh(b"rejected", false),
         )
         .await
         .unwrap();
     assert_eq!(first.response, b"rejected");
     let second = idempotency
-        .run(&Owner::Anonymous, "SendSurvey", "k", hash, false, async {
-            Ok(Fresh {
-                response: b"ran again".to_vec(),
-                remember: true,
-            })
-        })
+        .run(
+            &Owner::Anonymous,
+            "SendSurvey",
+            "k",
+            hash,
+            false,
+            fresh(b"ran again", true),
+        )
         .await
         .unwrap();
     assert_eq!(second.response, b"ran again");
@@ -787,12 +670,7 @@ async fn idempotency_keys_belong_to_the_caller_that_used_them() {
                     "shared-key",
                     request_hash(request),
                     false,
-                    async {
-                        Ok(Fresh {
-                            response: response.to_vec(),
-                            remember: true,
-                        })
-                    },
+                    fresh(response, true),
                 )
                 .await
         }
@@ -853,12 +731,7 @@ async fn records_made_before_owners_existed_still_answer_every_caller() {
             "old-key",
             hash,
             false,
-            async {
-                Ok(Fresh {
-                    response: b"second write".to_vec(),
-                    remember: true,
-                })
-            },
+            fresh(b"second write", true),
         )
         .await
         .unwrap();
@@ -875,7 +748,7 @@ async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
         let outbox = outbox.clone();
         let mut new = delivery("TrackEvent", body, &[body], false);
         new.owner = owner;
-        async move { outbox.enqueue(new).await.unwrap() }
+        async move { enqueue(&outbox, new).await }
     };
     let alpha = queue(caller("alpha"), "alpha-1").await;
     let beta = queue(caller("beta"), "beta-1").await;
@@ -934,7 +807,7 @@ async fn deliveries_are_seen_and_requeued_by_their_owner_or_an_admin() {
         .unwrap();
     let requeued: Vec<&str> = all.iter().map(|r| r.delivery_id.as_str()).collect();
     assert_eq!(requeued, vec![beta.as_str(), legacy.as_str()]);
-    let alpha_state = outbox.get(&alpha, &Visibility::All).await.unwrap().unwrap();
+    let alpha_state = record_of(&outbox, &alpha).await;
     assert_eq!(alpha_state.state, DeliveryState::DeadLettered);
     // An admin reaches every caller's deliveries.
     let admin = outbox

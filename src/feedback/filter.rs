@@ -47,15 +47,8 @@ impl Filter {
         {
             return false;
         }
-        if self.min_score.is_some() || self.max_score.is_some() {
-            let Some(score) = entry.score else {
-                return false;
-            };
-            if self.min_score.is_some_and(|min| score < min)
-                || self.max_score.is_some_and(|max| score > max)
-            {
-                return false;
-            }
+        if !score_in_range(entry.score, self.min_score, self.max_score) {
+            return false;
         }
         if self
             .has_comment
@@ -65,6 +58,17 @@ impl Filter {
         }
         true
     }
+}
+
+/// Whether `score` lies within the inclusive bounds `min..=max`, either of which may be open;
+/// a response without a score is outside every range, and inside no range at all.
+pub fn score_in_range(score: Option<f64>, min: Option<f64>, max: Option<f64>) -> bool {
+    if min.is_none() && max.is_none() {
+        return true;
+    }
+    score.is_some_and(|score| {
+        !(min.is_some_and(|min| score < min) || max.is_some_and(|max| score > max))
+    })
 }
 
 #[cfg(test)]

@@ -68,9 +68,7 @@ impl Lost {
             .send_if_modified(|lost| !std::mem::replace(lost, true))
         {
             FeedbackStats::add(&self.stats.lease_lost, 1);
-            self.stats
-                .poller_leading
-                .store(0, std::sync::atomic::Ordering::Relaxed);
+            self.stats.set_poller_leading(false);
             tracing::warn!(
                 replica = %self.holder,
                 epoch = self.epoch,
@@ -169,9 +167,7 @@ impl Leadership {
 
     fn start_term(&self, fence: Fence, asked: Instant, ttl: Duration) -> Term {
         FeedbackStats::add(&self.stats.lease_acquired, 1);
-        self.stats
-            .poller_leading
-            .store(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.set_poller_leading(true);
         tracing::info!(
             replica = %self.holder,
             epoch = fence.epoch,
@@ -206,9 +202,7 @@ impl Leadership {
         if !self.drain.is_draining() || term.is_lost() {
             return;
         }
-        self.stats
-            .poller_leading
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.stats.set_poller_leading(false);
         match self.leases.release_lease(&term.fence).await {
             Ok(()) => tracing::info!(
                 replica = %self.holder,
@@ -383,14 +377,27 @@ mod tests {
         );
     }
 
+    /// A holder granted the lease at `epoch` on its first ask, with the trigger of its drain.
+    async fn granted(
+        epoch: i64,
+    ) -> (
+        Arc<ScriptedLeases>,
+        shutdown::DrainTrigger,
+        (Leadership, Arc<FeedbackStats>),
+        Term,
+    ) {
+        let leases = ScriptedLeases::new(Answer::Granted(epoch));
+        let (trigger, drain) = shutdown::channel();
+        let (leadership, stats) = leadership(&leases, drain);
+        let term = leadership.acquire().await.expect("granted");
+        (leases, trigger, (leadership, stats), term)
+    }
+
     /// A holder that cannot reach the store stops leading when its lease may have run out,
     /// counted from the last renewal that succeeded, not later.
     #[tokio::test(start_paused = true)]
     async fn a_term_ends_when_no_renewal_succeeded_within_the_lease() {
-        let leases = ScriptedLeases::new(Answer::Granted(1));
-        let (_trigger, drain) = shutdown::channel();
-        let (leadership, _stats) = leadership(&leases, drain);
-        let term = leadership.acquire().await.expect("granted");
+        let (leases, _trigger, _leadership, term) = granted(1).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         leases.answer(Answer::Unreachable);
         // The last success was the renewal at 1 s: the lease holds until 4 s.
@@ -407,10 +414,7 @@ mod tests {
     /// A draining holder gives its lease up, so another replica does not wait for it to expire.
     #[tokio::test(start_paused = true)]
     async fn a_draining_holder_releases_its_lease() {
-        let leases = ScriptedLeases::new(Answer::Granted(4));
-        let (trigger, drain) = shutdown::channel();
-        let (leadership, stats) = leadership(&leases, drain);
-        let term = leadership.acquire().await.expect("granted");
+        let (leases, trigger, (leadership, stats), term) = granted(4).await;
         trigger.start();
         leadership.end(term).await;
         assert_eq!(*leases.released.lock().unwrap(), [4]);

@@ -76,6 +76,39 @@ pub struct StatsSnapshot {
     pub lease_lost: u64,
 }
 
+/// The event counters of `s`, each under the `kind` it has in the metrics.
+fn event_counters(s: &StatsSnapshot) -> [(&'static str, u64); 21] {
+    [
+        ("poll", s.polls),
+        ("rescan", s.rescans),
+        ("poll_request", s.poll_requests),
+        ("poll_failure", s.poll_failures),
+        ("malformed_item", s.malformed_items),
+        ("created", s.created),
+        ("updated", s.updated),
+        ("unchanged", s.unchanged),
+        ("webhook_known", s.ignored),
+        ("webhook_accepted", s.webhook_accepted),
+        (
+            "webhook_rejected_unauthenticated",
+            s.webhook_rejected_unauthenticated,
+        ),
+        ("webhook_rejected_signature", s.webhook_rejected_signature),
+        ("webhook_rejected_stale", s.webhook_rejected_stale),
+        ("webhook_rejected_malformed", s.webhook_rejected_malformed),
+        ("webhook_rejected_too_large", s.webhook_rejected_too_large),
+        ("webhook_failed", s.webhook_failed),
+        ("subscription", s.subscriptions),
+        ("catch_up", s.catch_ups),
+        ("pruned", s.pruned),
+        ("lease_acquired", s.lease_acquired),
+        ("lease_lost", s.lease_lost),
+    ]
+}
+
+/// Reads one gauge of the stats.
+type Gauge = fn(&FeedbackStats) -> &AtomicU64;
+
 impl FeedbackStats {
     /// Reports the counters to the process's metrics until `stats` is dropped.
     pub fn register_metrics(stats: &Arc<FeedbackStats>) {
@@ -85,57 +118,38 @@ impl FeedbackStats {
             let Some(stats) = events.upgrade() else {
                 return false;
             };
-            let s = stats.snapshot();
-            for (kind, value) in [
-                ("poll", s.polls),
-                ("rescan", s.rescans),
-                ("poll_request", s.poll_requests),
-                ("poll_failure", s.poll_failures),
-                ("malformed_item", s.malformed_items),
-                ("created", s.created),
-                ("updated", s.updated),
-                ("unchanged", s.unchanged),
-                ("webhook_known", s.ignored),
-                ("webhook_accepted", s.webhook_accepted),
-                (
-                    "webhook_rejected_unauthenticated",
-                    s.webhook_rejected_unauthenticated,
-                ),
-                ("webhook_rejected_signature", s.webhook_rejected_signature),
-                ("webhook_rejected_stale", s.webhook_rejected_stale),
-                ("webhook_rejected_malformed", s.webhook_rejected_malformed),
-                ("webhook_rejected_too_large", s.webhook_rejected_too_large),
-                ("webhook_failed", s.webhook_failed),
-                ("subscription", s.subscriptions),
-                ("catch_up", s.catch_ups),
-                ("pruned", s.pruned),
-                ("lease_acquired", s.lease_acquired),
-                ("lease_lost", s.lease_lost),
-            ] {
+            for (kind, value) in event_counters(&stats.snapshot()) {
                 readings.push((value, vec![KeyValue::new("kind", kind)]));
             }
             true
         });
-        let open = Arc::downgrade(stats);
-        register_probe(Observed::FeedbackSubscribers, move |readings| {
-            let Some(stats) = open.upgrade() else {
-                return false;
-            };
-            readings.push((stats.subscribers.load(Ordering::Relaxed), Vec::new()));
-            true
-        });
-        let leading = Arc::downgrade(stats);
-        register_probe(Observed::FeedbackPollerLeader, move |readings| {
-            let Some(stats) = leading.upgrade() else {
-                return false;
-            };
-            readings.push((stats.poller_leading.load(Ordering::Relaxed), Vec::new()));
-            true
-        });
+        // Gauges read as they are, each on its own probe.
+        let gauges: [(Observed, Gauge); 2] = [
+            (Observed::FeedbackSubscribers, |stats| &stats.subscribers),
+            (Observed::FeedbackPollerLeader, |stats| {
+                &stats.poller_leading
+            }),
+        ];
+        for (observed, gauge) in gauges {
+            let stats = Arc::downgrade(stats);
+            register_probe(observed, move |readings| {
+                let Some(stats) = stats.upgrade() else {
+                    return false;
+                };
+                readings.push((gauge(&stats).load(Ordering::Relaxed), Vec::new()));
+                true
+            });
+        }
     }
 
     pub fn add(counter: &AtomicU64, amount: u64) {
         counter.fetch_add(amount, Ordering::Relaxed);
+    }
+
+    /// Whether this replica now runs the feedback poller (the `poller_leading` gauge).
+    pub fn set_poller_leading(&self, leading: bool) {
+        self.poller_leading
+            .store(u64::from(leading), Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -236,6 +236,15 @@ impl Read {
     }
 }
 
+/// One poll: the list read from `start_ms` on, begun at `started_ms` (the instant the sync and
+/// rescan watermarks move to once it completes), and what the read stands for.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    start_ms: i64,
+    started_ms: i64,
+    read: Read,
+}
+
 /// What one poll did, for its span and the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PollTally {
@@ -344,7 +353,15 @@ impl Poller {
             };
             let mut retry_in = None;
             let polled = self
-                .traced_poll(&mut state, start_ms, started_ms, read, term)
+                .traced_poll(
+                    &mut state,
+                    Pass {
+                        start_ms,
+                        started_ms,
+                        read,
+                    },
+                    term,
+                )
                 .await;
             if term.is_lost() {
                 return;
@@ -385,7 +402,15 @@ impl Poller {
                         rescan: true,
                     };
                     match self
-                        .traced_poll(&mut state, from, started_ms, read, term)
+                        .traced_poll(
+                            &mut state,
+                            Pass {
+                                start_ms: from,
+                                started_ms,
+                                read,
+                            },
+                            term,
+                        )
                         .await
                     {
                         Ok(()) => FeedbackStats::add(&self.stats.rescans, 1),
@@ -419,12 +444,10 @@ impl Poller {
     async fn traced_poll(
         &self,
         state: &mut SyncState,
-        start_ms: i64,
-        started_ms: i64,
-        read: Read,
+        pass: Pass,
         term: &Term,
     ) -> Result<(), Error> {
-        let kind = read.kind();
+        let kind = pass.read.kind();
         let span = tracing::info_span!(
             parent: None,
             "feedback.sync.poll",
@@ -441,7 +464,7 @@ impl Poller {
         );
         let mut tally = PollTally::default();
         let result = self
-            .poll(state, start_ms, started_ms, read, term, &mut tally)
+            .poll(state, pass, term, &mut tally)
             .instrument(span.clone())
             .await;
         let outcome = match &result {
@@ -490,12 +513,15 @@ impl Poller {
     async fn poll(
         &self,
         state: &mut SyncState,
-        start_ms: i64,
-        started_ms: i64,
-        read: Read,
+        pass: Pass,
         term: &Term,
         tally: &mut PollTally,
     ) -> Result<(), Error> {
+        let Pass {
+            start_ms,
+            started_ms,
+            read,
+        } = pass;
         let start = DateTime::from_timestamp_millis(start_ms).unwrap_or_default();
         let mut page = 1u32;
         loop {

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use crate::app::App;
 use crate::convert::timestamp_from_ms;
+use crate::domain::Visibility;
 use crate::domain::outbox::{DeliveryRecord, DeliveryState, RetrySelection};
 use crate::error::{Error, ErrorCode, Reason, Violations};
 use crate::grpc::convert::item_error;
@@ -68,6 +69,13 @@ impl DeliveryApi {
     }
 }
 
+/// What every DeliveryService call starts from: the deliveries its caller may see, the
+/// request, and no violations yet.
+fn started<T>(request: Request<T>) -> (Visibility, T, Violations) {
+    let visibility = crate::auth::visibility_of(&request);
+    (visibility, request.into_inner(), Violations::new())
+}
+
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
@@ -100,9 +108,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::GetDeliveryRequest>,
     ) -> Result<Response<pb::GetDeliveryResponse>, Status> {
-        let visibility = crate::auth::visibility_of(&request);
-        let request = request.into_inner();
-        let mut violations = Violations::new();
+        let (visibility, request, mut violations) = started(request);
         check_id(
             &mut violations,
             "delivery_id".to_owned(),
@@ -130,9 +136,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
-        let visibility = crate::auth::visibility_of(&request);
-        let request = request.into_inner();
-        let mut violations = Violations::new();
+        let (visibility, request, mut violations) = started(request);
         check_method(&mut violations, &request.method);
         let destination = enum_filter::<pb::Destination>(
             &mut violations,
@@ -141,15 +145,8 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
             "is not a known destination",
         );
         let filters = format!("method={};destination={:?}", request.method, destination);
-        let (size, position) = paging::page_request(
-            &mut violations,
-            request.page_size,
-            &request.page_token,
-            100,
-            1000,
-            &filters,
-        );
-        violations.into_result()?;
+        let (size, position) =
+            paging::checked_page(violations, request.page_size, &request.page_token, &filters)?;
         let method = (!request.method.is_empty()).then_some(request.method);
         let page = self
             .app
@@ -167,9 +164,7 @@ impl pb::delivery_service_server::DeliveryService for DeliveryApi {
         &self,
         request: Request<pb::RetryDeadLettersRequest>,
     ) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
-        let visibility = crate::auth::visibility_of(&request);
-        let request = request.into_inner();
-        let mut violations = Violations::new();
+        let (visibility, request, mut violations) = started(request);
         let selection = match (request.delivery_ids.is_empty(), request.all) {
             (true, false) | (false, true) => {
                 violations.add(

@@ -319,15 +319,8 @@ impl pb::event_service_server::EventService for EventApi {
         let mut violations = Violations::new();
         validate::max_len(&mut violations, "event", &request.event, MAX_EVENT_NAME);
         let filters = format!("event={}", request.event);
-        let (size, position) = paging::page_request(
-            &mut violations,
-            request.page_size,
-            &request.page_token,
-            100,
-            1000,
-            &filters,
-        );
-        violations.into_result()?;
+        let (size, position) =
+            paging::checked_page(violations, request.page_size, &request.page_token, &filters)?;
         let rules = self.app.config.event_rules.current();
         let mappings = rules.mappings();
         let matching: Vec<(&String, &Vec<String>)> = mappings

@@ -11,13 +11,38 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::error::Violations;
+use crate::error::{Error, Violations};
 
 /// What a decoded token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PagePosition {
     /// Where the next page starts (its meaning belongs to the list: a sequence, a page number).
     pub after: i64,
+}
+
+/// A size field (a page size, a window) where 0 means `default` and `max` is the most allowed;
+/// a size out of range is recorded against `field` and answered with `default`, so checking
+/// goes on with a usable value.
+pub fn size_or_default<T>(
+    violations: &mut Violations,
+    field: &str,
+    value: i32,
+    default: T,
+    max: T,
+) -> T
+where
+    T: TryFrom<i32> + PartialOrd + std::fmt::Display + Copy,
+{
+    if value == 0 {
+        return default;
+    }
+    match T::try_from(value) {
+        Ok(size) if size <= max => size,
+        _ => {
+            violations.add(field, format!("must be between 0 and {max}"));
+            default
+        }
+    }
 }
 
 /// Resolves `page_size` (0 means `default`) and decodes `page_token`, recording violations.
@@ -29,14 +54,7 @@ pub fn page_request(
     max: usize,
     filters: &str,
 ) -> (usize, PagePosition) {
-    let size = match usize::try_from(page_size) {
-        Ok(0) => default,
-        Ok(size) if size <= max => size,
-        _ => {
-            violations.add("page_size", format!("must be between 0 and {max}"));
-            default
-        }
-    };
+    let size = size_or_default(violations, "page_size", page_size, default, max);
     if page_token.is_empty() {
         return (size, PagePosition { after: 0 });
     }
@@ -48,6 +66,30 @@ pub fn page_request(
         }
         None => (size, PagePosition { after: 0 }),
     }
+}
+
+/// The default and the largest page size of the lists that take the common sizes.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// The page a list with the common sizes asks for, after its own checks (recorded in
+/// `violations`); every violation found is answered at once.
+pub fn checked_page(
+    mut violations: Violations,
+    page_size: i32,
+    page_token: &str,
+    filters: &str,
+) -> Result<(usize, PagePosition), Error> {
+    let page = page_request(
+        &mut violations,
+        page_size,
+        page_token,
+        DEFAULT_PAGE_SIZE,
+        MAX_PAGE_SIZE,
+        filters,
+    );
+    violations.into_result()?;
+    Ok(page)
 }
 
 /// Like [`page_request`], for a list whose time range ends at an instant pinned by the first
@@ -161,6 +203,25 @@ pub(crate) fn filters_fingerprint(filters: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_default_at_zero_and_refuse_what_is_out_of_range() {
+        let refused: &[&str] = &["trend_window"];
+        let cases: [(i32, u32, &[&str]); 5] = [
+            (0, 20, &[]),
+            (1, 1, &[]),
+            (50, 50, &[]),
+            (51, 20, refused),
+            (-1, 20, refused),
+        ];
+        for (value, expected, fields) in cases {
+            let mut violations = Violations::new();
+            let size = size_or_default(&mut violations, "trend_window", value, 20, 50);
+            assert_eq!(size, expected, "{value}");
+            let violated = crate::grpc::validate::violated_fields(violations.into_result());
+            assert_eq!(violated, fields, "{value}");
+        }
+    }
 
     #[test]
     fn tokens_round_trip_and_bind_size_and_filters() {

@@ -33,10 +33,6 @@ use crate::upstream::retently::{FeedbackQuery, OutboxQuery, PageRequest};
 
 use self::validation::{ValidWrite, email_filter, id_filter, known};
 
-/// Page size of the lists the gateway pages itself (campaigns, templates, reports).
-const DEFAULT_LOCAL_PAGE: usize = 100;
-const MAX_LOCAL_PAGE: usize = 1000;
-
 /// `cx.gateway.v1.SurveyService`.
 #[derive(Clone)]
 pub struct SurveyApi {
@@ -53,26 +49,6 @@ impl SurveyApi {
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
-}
-
-/// The page a list held whole in memory asks for, after its own checks (recorded in `v`);
-/// every violation found is answered at once.
-fn local_page_request(
-    mut v: Violations,
-    page_size: i32,
-    page_token: &str,
-    filters: &str,
-) -> Result<(usize, paging::PagePosition), Error> {
-    let page = paging::page_request(
-        &mut v,
-        page_size,
-        page_token,
-        DEFAULT_LOCAL_PAGE,
-        MAX_LOCAL_PAGE,
-        filters,
-    );
-    v.into_result()?;
-    Ok(page)
 }
 
 /// One page of a list held whole in memory, ordered by `(name, id)` as `key` reads them:
@@ -141,7 +117,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             request.metric, request.r#type, request.active
         );
         let (size, position) =
-            local_page_request(v, request.page_size, &request.page_token, &filters)?;
+            paging::checked_page(v, request.page_size, &request.page_token, &filters)?;
         let campaigns = self.app.retently.campaigns(&ctx).await?;
         let matching = campaigns
             .iter()
@@ -177,7 +153,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
             request.metric, request.channel
         );
         let (size, position) =
-            local_page_request(v, request.page_size, &request.page_token, &filters)?;
+            paging::checked_page(v, request.page_size, &request.page_token, &filters)?;
         let templates = self.app.retently.templates(&ctx).await?;
         let matching = templates
             .iter()
@@ -446,7 +422,7 @@ impl pb::survey_service_server::SurveyService for SurveyApi {
         }
         let filters = format!("reports;campaign={:?}", request.campaign_id);
         let (size, position) =
-            local_page_request(v, request.page_size, &request.page_token, &filters)?;
+            paging::checked_page(v, request.page_size, &request.page_token, &filters)?;
         let campaign_id = (!request.campaign_id.is_empty()).then_some(request.campaign_id.as_str());
         let reports = self.app.retently.reports(&ctx, campaign_id).await?;
         let reports = reports.iter().map(convert::report).collect();

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
+use crate::domain::writes::values::Destination;
 use crate::domain::writes::{self, DeliveryFacts, DeliveryMode, WriteRpc};
-use crate::error::Error;
+use crate::error::{Error, Violations};
 use crate::pb;
 
 /// A valid write: how to deliver it and what the outbox records about it.
@@ -15,6 +16,29 @@ pub struct ValidWrite {
     pub mode: pb::DeliveryMode,
     pub key: Option<String>,
     pub facts: DeliveryFacts,
+}
+
+impl ValidWrite {
+    /// The outcome of a write's validation: every violation recorded in `v`, or the write of
+    /// `item_count` items to `destinations` in the mode and under the key its options gave.
+    pub fn checked(
+        v: Violations,
+        (mode, key): (pb::DeliveryMode, Option<String>),
+        destinations: Vec<Destination>,
+        item_count: usize,
+        ordering_keys: Vec<String>,
+    ) -> Result<Self, Error> {
+        v.into_result()?;
+        Ok(Self {
+            mode,
+            key,
+            facts: DeliveryFacts {
+                destinations,
+                item_count,
+                ordering_keys,
+            },
+        })
+    }
 }
 
 /// Serves a write RPC: the caller's context and owner, `validate`, then the write path (whose

@@ -497,11 +497,15 @@ mod tests {
 
     #[test]
     fn trait_names_become_snake_case() {
-        assert_eq!(snake_case("createdAt"), "created_at");
-        assert_eq!(snake_case("Plan Name"), "plan_name");
-        assert_eq!(snake_case("plan"), "plan");
-        assert_eq!(snake_case("utm-source"), "utm_source");
-        assert_eq!(snake_case("logins30d"), "logins30d");
+        for (name, snake) in [
+            ("createdAt", "created_at"),
+            ("Plan Name", "plan_name"),
+            ("plan", "plan"),
+            ("utm-source", "utm_source"),
+            ("logins30d", "logins30d"),
+        ] {
+            assert_eq!(snake_case(name), snake, "{name}");
+        }
     }
 
     #[test]

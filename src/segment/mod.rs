@@ -38,7 +38,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine as _;
 use futures_util::StreamExt as _;
-use prost::Message as _;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -49,7 +48,6 @@ use crate::domain::Owner;
 use crate::domain::writes;
 use crate::error::{Error, ErrorCode};
 use crate::grpc::methods;
-use crate::pb;
 use crate::shutdown::Drain;
 
 /// The idempotency scope of identify messages' `messageId`s (an identify is an
@@ -398,6 +396,22 @@ impl Outcome {
     }
 }
 
+/// Queues `request` for `method` under `key` in `scope`: `true` when the key was queued before
+/// with the same content.
+async fn enqueue<R: writes::WriteRpc + prost::Message>(
+    app: &Arc<App>,
+    owner: &Owner,
+    (method, scope): (&'static str, &'static str),
+    request: R,
+    key: Option<String>,
+    facts: writes::DeliveryFacts,
+) -> Result<bool, Error> {
+    let encoded = request.encode_to_vec();
+    writes::enqueue::<R>(app, owner.clone(), method, scope, encoded, key, facts)
+        .await
+        .map(|written| written.repeated)
+}
+
 /// Queues one planned message in the outbox, deduplicated by its `messageId`.
 async fn queue(app: &Arc<App>, owner: &Owner, plan: Planned) -> Result<Outcome, Error> {
     let (kind, queued) = match plan {
@@ -411,36 +425,30 @@ async fn queue(app: &Arc<App>, owner: &Owner, plan: Planned) -> Result<Outcome, 
                 .as_ref()
                 .map(|event| event.message_id.clone())
                 .filter(|id| !id.is_empty());
-            let queued = writes::enqueue::<pb::TrackEventRequest>(
+            let queued = enqueue(
                 app,
-                owner.clone(),
-                methods::TRACK_EVENT,
-                methods::TRACK_EVENT,
-                request.encode_to_vec(),
+                owner,
+                (methods::TRACK_EVENT, methods::TRACK_EVENT),
+                request,
                 key,
                 facts,
-            )
-            .await
-            .map(|written| written.repeated);
-            ("track", queued)
+            );
+            ("track", queued.await)
         }
         Planned::Identify {
             request,
             facts,
             message_id,
         } => {
-            let queued = writes::enqueue::<pb::UpsertCustomersRequest>(
+            let queued = enqueue(
                 app,
-                owner.clone(),
-                methods::UPSERT_CUSTOMERS,
-                IDENTIFY_SCOPE,
-                request.encode_to_vec(),
+                owner,
+                (methods::UPSERT_CUSTOMERS, IDENTIFY_SCOPE),
+                request,
                 message_id,
                 facts,
-            )
-            .await
-            .map(|written| written.repeated);
-            ("identify", queued)
+            );
+            ("identify", queued.await)
         }
     };
     let outcome = match queued {
@@ -589,6 +597,7 @@ fn encoded_len(message: &Value) -> usize {
 mod tests {
     use super::*;
     use crate::domain::writes::DeliveryFacts;
+    use crate::pb;
 
     /// A planned track whose `item_count` tags its request position.
     fn plan(position: usize, keys: &[&str]) -> Planned {

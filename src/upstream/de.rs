@@ -6,30 +6,35 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 
-/// The part of a tolerant visitor that decides what `null` means: `null` (or a unit) decodes as
-/// `$null`, and a present value is decoded by the same visitor `V`.
-macro_rules! null_decodes_as {
-    ($de:lifetime, $null:expr) => {
-        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok($null)
+/// Decodes `$deserializer` with a tolerant visitor of `$value`s (`$expecting` describes them in
+/// errors): `null` (or a unit) decodes as `$null`, and a present value by the `visit_*` methods
+/// given.
+macro_rules! decode_tolerantly {
+    ($deserializer:ident, $value:ty, $expecting:literal, null => $null:expr, { $($visit:tt)* }) => {{
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = $value;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str($expecting)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok($null)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok($null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(V)
+            }
+            $($visit)*
         }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok($null)
-        }
-        fn visit_some<D: Deserializer<$de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_any(V)
-        }
-    };
+        $deserializer.deserialize_any(V)
+    }};
 }
 
 /// A string, or a number/bool rendered as one; `null` → `None`.
 pub fn opt_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Option<String>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a string or a number")
-        }
+    decode_tolerantly!(deserializer, Option<String>, "a string or a number", null => None, {
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
             Ok(Some(v.to_owned()))
         }
@@ -48,9 +53,7 @@ pub fn opt_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<S
         fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
             Ok(Some(v.to_string()))
         }
-        null_decodes_as!('de, None);
-    }
-    deserializer.deserialize_any(V)
+    })
 }
 
 /// A required string (or number rendered as one).
@@ -60,12 +63,7 @@ pub fn string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::E
 
 /// A number, or a numeric string; `null` or `""` → `None`.
 pub fn opt_f64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Option<f64>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a number or a numeric string")
-        }
+    decode_tolerantly!(deserializer, Option<f64>, "a number or a numeric string", null => None, {
         fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
             Ok(Some(v as f64))
         }
@@ -84,9 +82,7 @@ pub fn opt_f64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>
                 .map(Some)
                 .map_err(|_| E::custom("expected a number, found a non-numeric string"))
         }
-        null_decodes_as!('de, None);
-    }
-    deserializer.deserialize_any(V)
+    })
 }
 
 /// A whole number from an integer, an integral float or a numeric string; `null` → `None`.
@@ -110,12 +106,7 @@ pub fn f64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> 
 
 /// `true`/`false`, `1`/`0`, or their string forms; `null` → `false`.
 pub fn flag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = bool;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a boolean")
-        }
+    decode_tolerantly!(deserializer, bool, "a boolean", null => false, {
         fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
             Ok(v)
         }
@@ -132,9 +123,7 @@ pub fn flag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error
                 _ => Err(E::custom("expected a boolean, found another string")),
             }
         }
-        null_decodes_as!('de, false);
-    }
-    deserializer.deserialize_any(V)
+    })
 }
 
 /// A list, `null` → empty.

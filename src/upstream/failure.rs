@@ -125,31 +125,24 @@ mod tests {
     fn every_failure_is_decided_by_what_the_upstream_can_have_done() {
         use DeliveryDecision::{Failed, InDoubt, Retry};
         use FailureClass::*;
-        let statuses: [(u16, FailureClass, DeliveryDecision, DeliveryDecision); 13] = [
-            // (status, class, unsafe write, replay-safe write)
-            (429, Refused, Retry, Retry),
-            (408, Refused, Retry, Retry),
-            (503, Unavailable, Retry, Retry),
-            (500, PossiblyApplied, InDoubt, Retry),
-            (502, PossiblyApplied, InDoubt, Retry),
-            (504, PossiblyApplied, InDoubt, Retry),
-            (599, PossiblyApplied, InDoubt, Retry),
-            (401, CredentialsRejected, Retry, Retry),
-            (403, CredentialsRejected, Retry, Retry),
-            (400, Permanent, Failed, Failed),
-            (404, Permanent, Failed, Failed),
-            (409, Permanent, Failed, Failed),
-            (422, Permanent, Failed, Failed),
+        let classes: [(&[u16], FailureClass, DeliveryDecision, DeliveryDecision); 5] = [
+            // (statuses, class, unsafe write, replay-safe write)
+            (&[429, 408], Refused, Retry, Retry),
+            (&[503], Unavailable, Retry, Retry),
+            (&[500, 502, 504, 599], PossiblyApplied, InDoubt, Retry),
+            (&[401, 403], CredentialsRejected, Retry, Retry),
+            (&[400, 404, 409, 422], Permanent, Failed, Failed),
         ];
-        for (status, class, unsafe_write, safe_write) in statuses {
-            assert_eq!(FailureClass::of_status(status), class, "http {status}");
-            let error = upstream(class);
-            assert_eq!(
-                delivery_decision(&error, false),
-                unsafe_write,
-                "http {status}"
-            );
-            assert_eq!(delivery_decision(&error, true), safe_write, "http {status}");
+        for (statuses, class, unsafe_write, safe_write) in classes {
+            for &status in statuses {
+                assert_eq!(FailureClass::of_status(status), class, "http {status}");
+                let error = upstream(class);
+                let decisions = (
+                    delivery_decision(&error, false),
+                    delivery_decision(&error, true),
+                );
+                assert_eq!(decisions, (unsafe_write, safe_write), "http {status}");
+            }
         }
         // Transport failures are classified by the transport (see `http::transport_class`).
         for (class, unsafe_write) in [(NotSent, Retry), (PossiblyApplied, InDoubt)] {

@@ -12,7 +12,9 @@ use super::values::{Destination, Property, non_empty, property_to_retently, reta
 use crate::app::App;
 use crate::error::{Error, ErrorCode, FieldViolation, Reason, Result};
 use crate::upstream::batching::split_rejection;
-use crate::upstream::retainly::{ArrayDeletion, ArrayRecord, RetainlyCustomer, RetainlyId};
+use crate::upstream::retainly::{
+    ArrayChange, ArrayDeletion, ArrayRecord, RetainlyCustomer, RetainlyId,
+};
 use crate::upstream::retently::{CustomerInput, EmailOutcome, MAX_CHANGE_BATCH, UpsertStatus};
 use crate::upstream::{CallContext, Priority};
 
@@ -687,7 +689,10 @@ pub(crate) async fn upsert_array_items(
     let records = command.records.iter().map(array_record).collect();
     let outcomes = send_records(records, |batch| {
         let ctx = ctx.clone();
-        async move { app.retainly.upsert_array_items(&ctx, batch).await }
+        async move {
+            let change = ArrayChange::Upsert(batch);
+            app.retainly.change_arrays(&ctx, change).await
+        }
     })
     .await;
     unknown_at_deadline(&ctx, outcomes.iter().filter_map(|o| o.as_ref().err()))?;
@@ -718,7 +723,10 @@ pub(crate) async fn delete_array_items(
     let records = command.records.iter().map(array_deletion).collect();
     let outcomes = send_records(records, |batch| {
         let ctx = ctx.clone();
-        async move { app.retainly.delete_array_items(&ctx, batch).await }
+        async move {
+            let change = ArrayChange::Delete(batch);
+            app.retainly.change_arrays(&ctx, change).await
+        }
     })
     .await;
     unknown_at_deadline(&ctx, outcomes.iter().filter_map(|o| o.as_ref().err()))?;

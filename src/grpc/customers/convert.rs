@@ -88,49 +88,52 @@ impl From<pb::ResubscribeCustomersRequest> for ResubscribeCustomers {
     }
 }
 
+impl From<pb::CustomerArrayItems> for ArrayItems {
+    fn from(record: pb::CustomerArrayItems) -> Self {
+        let items = record.items.into_iter().map(|item| ArrayItem {
+            item_id: item.item_id,
+            fields: item
+                .fields
+                .map(|fields| {
+                    fields
+                        .fields
+                        .iter()
+                        .map(|(key, value)| (key.clone(), json_value(value)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
+        ArrayItems {
+            customer_id: record.customer_id,
+            field: record.field,
+            items: items.collect(),
+        }
+    }
+}
+
 impl From<pb::UpsertCustomerArrayItemsRequest> for UpsertArrayItems {
     fn from(request: pb::UpsertCustomerArrayItemsRequest) -> Self {
-        let records = request
-            .records
-            .into_iter()
-            .map(|record| ArrayItems {
-                customer_id: record.customer_id,
-                field: record.field,
-                items: record
-                    .items
-                    .into_iter()
-                    .map(|item| ArrayItem {
-                        item_id: item.item_id,
-                        fields: item
-                            .fields
-                            .map(|fields| {
-                                fields
-                                    .fields
-                                    .iter()
-                                    .map(|(key, value)| (key.clone(), json_value(value)))
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        UpsertArrayItems { records }
+        UpsertArrayItems {
+            records: request.records.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<pb::CustomerArrayItemIds> for ArrayItemIds {
+    fn from(record: pb::CustomerArrayItemIds) -> Self {
+        ArrayItemIds {
+            customer_id: record.customer_id,
+            field: record.field,
+            item_ids: record.item_ids,
+        }
     }
 }
 
 impl From<pb::DeleteCustomerArrayItemsRequest> for DeleteArrayItems {
     fn from(request: pb::DeleteCustomerArrayItemsRequest) -> Self {
-        let records = request
-            .records
-            .into_iter()
-            .map(|record| ArrayItemIds {
-                customer_id: record.customer_id,
-                field: record.field,
-                item_ids: record.item_ids,
-            })
-            .collect();
-        DeleteArrayItems { records }
+        DeleteArrayItems {
+            records: request.records.into_iter().map(Into::into).collect(),
+        }
     }
 }
 

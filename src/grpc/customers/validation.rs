@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::domain::writes::DeliveryFacts;
 use crate::domain::writes::values::Destination;
 use crate::error::{Error, Violations};
 use crate::grpc::customers::convert::destination;
@@ -94,74 +93,78 @@ impl CustomerKeys {
     }
 }
 
+/// The checks every customer batch shares: its size, destinations and options, and the keys
+/// of each customer (`customers` lists them in order) before `check` looks at the rest of the
+/// customer at that index.
+fn customer_write<'a>(
+    customers: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    (destinations, options): (&[i32], Option<&pb::WriteOptions>),
+    check: impl Fn(&mut Violations, &str, usize),
+) -> Result<ValidWrite, Error> {
+    let mut v = Violations::new();
+    let count = customers.len();
+    validate::batch_len(&mut v, "customers", count, MAX_ITEMS);
+    let destinations = validate::destinations(&mut v, "destinations", destinations);
+    let options = validate::write_options(&mut v, options);
+    let mut keys = CustomerKeys::new(&destinations);
+    for (index, (email, customer_id)) in customers.enumerate() {
+        let at = format!("customers[{index}]");
+        keys.check(&mut v, &at, email, customer_id);
+        check(&mut v, &at, index);
+    }
+    let destinations = destinations.into_iter().filter_map(destination).collect();
+    ValidWrite::checked(v, options, destinations, count, keys.ordering_keys)
+}
+
+fn customer_keys(customer: &pb::Customer) -> (&str, &str) {
+    (&customer.email, &customer.customer_id)
+}
+
+fn ref_keys(customer: &pb::CustomerRef) -> (&str, &str) {
+    (&customer.email, &customer.customer_id)
+}
+
 // Each check below runs in a `validate` span under the call's server span (the request itself
 // is not recorded).
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn upsert_customers(request: &pb::UpsertCustomersRequest) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::batch_len(&mut v, "customers", request.customers.len(), MAX_ITEMS);
-    let destinations = validate::destinations(&mut v, "destinations", &request.destinations);
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    let mut keys = CustomerKeys::new(&destinations);
-    for (index, customer) in request.customers.iter().enumerate() {
-        let at = format!("customers[{index}]");
-        keys.check(&mut v, &at, &customer.email, &customer.customer_id);
+    let keys = request.customers.iter().map(customer_keys);
+    let fields = |v: &mut Violations, at: &str, index: usize| {
+        let customer = &request.customers[index];
         for (name, value) in [
             ("first_name", &customer.first_name),
             ("last_name", &customer.last_name),
             ("company", &customer.company),
         ] {
-            validate::max_len(
-                &mut v,
-                format!("{at}.{name}"),
-                value,
-                validate::MAX_STRING_CHARS,
-            );
+            validate::max_len(v, format!("{at}.{name}"), value, validate::MAX_STRING_CHARS);
         }
         // Output only, ignored in requests; bounded so a request cannot carry megabytes of it
         // into the outbox.
         validate::max_len(
-            &mut v,
+            v,
             format!("{at}.job_title"),
             &customer.job_title,
             validate::MAX_STRING_CHARS,
         );
-        validate::tags(&mut v, &format!("{at}.tags"), &customer.tags);
-        validate::properties(&mut v, &format!("{at}.properties"), &customer.properties);
-    }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: destinations.into_iter().filter_map(destination).collect(),
-            item_count: request.customers.len(),
-            ordering_keys: keys.ordering_keys,
-        },
-    })
+        validate::tags(v, &format!("{at}.tags"), &customer.tags);
+        validate::properties(v, &format!("{at}.properties"), &customer.properties);
+    };
+    customer_write(
+        keys,
+        (&request.destinations, request.options.as_ref()),
+        fields,
+    )
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn delete_customers(request: &pb::DeleteCustomersRequest) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::batch_len(&mut v, "customers", request.customers.len(), MAX_ITEMS);
-    let destinations = validate::destinations(&mut v, "destinations", &request.destinations);
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    let mut keys = CustomerKeys::new(&destinations);
-    for (index, customer) in request.customers.iter().enumerate() {
-        let at = format!("customers[{index}]");
-        keys.check(&mut v, &at, &customer.email, &customer.customer_id);
-    }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: destinations.into_iter().filter_map(destination).collect(),
-            item_count: request.customers.len(),
-            ordering_keys: keys.ordering_keys,
-        },
-    })
+    let keys = request.customers.iter().map(ref_keys);
+    // A deletion names its customers and nothing more.
+    customer_write(
+        keys,
+        (&request.destinations, request.options.as_ref()),
+        |_, _, _| {},
+    )
 }
 
 /// Unsubscribe and resubscribe: unique valid addresses, an optional note.
@@ -174,7 +177,7 @@ pub fn subscription_change(
     let mut v = Violations::new();
     validate::batch_len(&mut v, "emails", emails.len(), MAX_ITEMS);
     validate::max_len(&mut v, "message", message, validate::MAX_STRING_CHARS);
-    let (mode, key) = validate::write_options(&mut v, options);
+    let options = validate::write_options(&mut v, options);
     let mut seen = HashMap::new();
     let mut ordering_keys = Vec::with_capacity(emails.len());
     for (index, email) in emails.iter().enumerate() {
@@ -184,16 +187,13 @@ pub fn subscription_change(
             ordering_keys.push(retently_key(&email));
         }
     }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: vec![Destination::Retently],
-            item_count: emails.len(),
-            ordering_keys,
-        },
-    })
+    ValidWrite::checked(
+        v,
+        options,
+        vec![Destination::Retently],
+        emails.len(),
+        ordering_keys,
+    )
 }
 
 /// Checks one record's customer and field and the uniqueness of the pair; returns its ordering
@@ -235,30 +235,54 @@ fn array_target(
     Some(retainly_key(customer_id))
 }
 
+/// The checks both array-item writes share: the batch size, the options, and the customer and
+/// field of each record (`targets` lists them in order) before `check` looks at the items of the
+/// record at that index.
+fn array_write<'a>(
+    targets: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    options: Option<&pb::WriteOptions>,
+    check: impl Fn(&mut Violations, &str, usize),
+) -> Result<ValidWrite, Error> {
+    let mut v = Violations::new();
+    let count = targets.len();
+    validate::batch_len(&mut v, "records", count, MAX_ITEMS);
+    let options = validate::write_options(&mut v, options);
+    let mut pairs = HashMap::new();
+    let mut fields = HashMap::new();
+    let mut ordering_keys = Vec::new();
+    for (index, (customer_id, field)) in targets.enumerate() {
+        let at = format!("records[{index}]");
+        if let Some(key) = array_target(&mut v, &at, customer_id, field, &mut pairs, &mut fields) {
+            ordering_keys.push(key);
+        }
+        check(&mut v, &at, index);
+    }
+    ValidWrite::checked(
+        v,
+        options,
+        vec![Destination::Retainly],
+        count,
+        ordering_keys,
+    )
+}
+
+fn items_target(record: &pb::CustomerArrayItems) -> (&str, &str) {
+    (&record.customer_id, &record.field)
+}
+
+fn ids_target(record: &pb::CustomerArrayItemIds) -> (&str, &str) {
+    (&record.customer_id, &record.field)
+}
+
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn upsert_array_items(
     request: &pb::UpsertCustomerArrayItemsRequest,
 ) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::batch_len(&mut v, "records", request.records.len(), MAX_ITEMS);
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    let mut pairs = HashMap::new();
-    let mut fields = HashMap::new();
-    let mut ordering_keys = Vec::new();
-    for (index, record) in request.records.iter().enumerate() {
-        let at = format!("records[{index}]");
-        if let Some(key) = array_target(
-            &mut v,
-            &at,
-            &record.customer_id,
-            &record.field,
-            &mut pairs,
-            &mut fields,
-        ) {
-            ordering_keys.push(key);
-        }
+    let targets = request.records.iter().map(items_target);
+    array_write(targets, request.options.as_ref(), |v, at, index| {
+        let record = &request.records[index];
         validate::batch_len(
-            &mut v,
+            v,
             &format!("{at}.items"),
             record.items.len(),
             MAX_ARRAY_ITEMS,
@@ -267,21 +291,15 @@ pub fn upsert_array_items(
         for (i, item) in record.items.iter().enumerate() {
             let item_at = format!("{at}.items[{i}]");
             let id_field = format!("{item_at}.item_id");
-            if !item.item_id.is_empty()
-                && validate::customer_id(&mut v, id_field.clone(), &item.item_id)
+            if !item.item_id.is_empty() && validate::customer_id(v, id_field.clone(), &item.item_id)
             {
-                unique(
-                    &mut v,
-                    &mut item_ids,
-                    item.item_id.clone(),
-                    id_field.clone(),
-                );
+                unique(v, &mut item_ids, item.item_id.clone(), id_field.clone());
             }
             let Some(fields) = &item.fields else {
                 continue;
             };
             for (name, value) in &fields.fields {
-                if !validate::data_key(&mut v, &format!("{item_at}.fields"), name) {
+                if !validate::data_key(v, &format!("{item_at}.fields"), name) {
                     continue;
                 }
                 let field = format!("{item_at}.fields.{name}");
@@ -291,19 +309,9 @@ pub fn upsert_array_items(
                 }
                 // Items are already one array level deep, and their values are not array
                 // items themselves, so an object is not allowed directly here.
-                validate::retainly_value(&mut v, &field, value, 1, false);
+                validate::retainly_value(v, &field, value, 1, false);
             }
         }
-    }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: vec![Destination::Retainly],
-            item_count: request.records.len(),
-            ordering_keys,
-        },
     })
 }
 
@@ -311,44 +319,22 @@ pub fn upsert_array_items(
 pub fn delete_array_items(
     request: &pb::DeleteCustomerArrayItemsRequest,
 ) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::batch_len(&mut v, "records", request.records.len(), MAX_ITEMS);
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    let mut pairs = HashMap::new();
-    let mut fields = HashMap::new();
-    let mut ordering_keys = Vec::new();
-    for (index, record) in request.records.iter().enumerate() {
-        let at = format!("records[{index}]");
-        if let Some(key) = array_target(
-            &mut v,
-            &at,
-            &record.customer_id,
-            &record.field,
-            &mut pairs,
-            &mut fields,
-        ) {
-            ordering_keys.push(key);
-        }
-        validate::batch_len(
-            &mut v,
-            &format!("{at}.item_ids"),
-            record.item_ids.len(),
-            MAX_ARRAY_ITEMS,
-        );
-        for (i, id) in record.item_ids.iter().enumerate() {
-            validate::customer_id(&mut v, format!("{at}.item_ids[{i}]"), id);
-        }
-    }
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: vec![Destination::Retainly],
-            item_count: request.records.len(),
-            ordering_keys,
+    let ids = |index: usize| &request.records[index].item_ids;
+    array_write(
+        request.records.iter().map(ids_target),
+        request.options.as_ref(),
+        |v, at, index| {
+            validate::batch_len(
+                v,
+                &format!("{at}.item_ids"),
+                ids(index).len(),
+                MAX_ARRAY_ITEMS,
+            );
+            for (i, id) in ids(index).iter().enumerate() {
+                validate::customer_id(v, format!("{at}.item_ids[{i}]"), id);
+            }
         },
-    })
+    )
 }
 
 /// A host name: dot-separated labels of letters, digits and hyphens (or non-ASCII letters of an
@@ -376,44 +362,51 @@ pub enum CustomerLookup {
     RetentlyId(String),
 }
 
+/// A request that names its record one of several ways (`names` lists them): the value
+/// `check` makes of the way chosen, or every violation.
+fn one_of<L, T>(
+    lookup: Option<&L>,
+    (names, what): (&str, &str),
+    check: impl FnOnce(&mut Violations, &L) -> Option<T>,
+) -> Result<T, Error> {
+    let mut v = Violations::new();
+    let value = match lookup {
+        None => {
+            v.add("lookup", format!("set one of {names}"));
+            None
+        }
+        Some(lookup) => check(&mut v, lookup),
+    };
+    v.into_result()?;
+    value.ok_or_else(|| {
+        Error::internal(format!("a {what} lookup passed validation without a value"))
+    })
+}
+
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn get_customer(request: &pb::GetCustomerRequest) -> Result<CustomerLookup, Error> {
     use pb::get_customer_request::Lookup;
-    let mut v = Violations::new();
-    let lookup = match &request.lookup {
-        None => {
-            v.add("lookup", "set one of email or retently_id");
-            None
-        }
-        Some(Lookup::Email(email)) => {
-            validate::email(&mut v, "email", email).map(CustomerLookup::Email)
-        }
-        Some(Lookup::RetentlyId(id)) => validate::retently_path_id(&mut v, "retently_id", id)
+    let names = ("email or retently_id", "customer");
+    one_of(request.lookup.as_ref(), names, |v, lookup| match lookup {
+        Lookup::Email(email) => validate::email(v, "email", email).map(CustomerLookup::Email),
+        Lookup::RetentlyId(id) => validate::retently_path_id(v, "retently_id", id)
             .then(|| CustomerLookup::RetentlyId(id.clone())),
-    };
-    v.into_result()?;
-    lookup.ok_or_else(|| Error::internal("a customer lookup passed validation without a value"))
+    })
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn get_company(request: &pb::GetCompanyRequest) -> Result<String, Error> {
     use pb::get_company_request::Lookup;
-    let mut v = Violations::new();
-    let key = match &request.lookup {
-        None => {
-            v.add("lookup", "set one of company_id or domain");
-            None
+    let names = ("company_id or domain", "company");
+    one_of(request.lookup.as_ref(), names, |v, lookup| match lookup {
+        Lookup::CompanyId(id) => {
+            validate::retently_path_id(v, "company_id", id).then(|| id.clone())
         }
-        Some(Lookup::CompanyId(id)) => {
-            validate::retently_path_id(&mut v, "company_id", id).then(|| id.clone())
-        }
-        Some(Lookup::Domain(name)) => {
+        Lookup::Domain(name) => {
             let name = name.trim().to_ascii_lowercase();
-            domain(&mut v, "domain", &name).then_some(name)
+            domain(v, "domain", &name).then_some(name)
         }
-    };
-    v.into_result()?;
-    key.ok_or_else(|| Error::internal("a company lookup passed validation without a value"))
+    })
 }
 
 /// Retently's `sort` for a creation-time order.

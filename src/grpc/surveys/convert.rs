@@ -22,15 +22,24 @@ use crate::upstream::retently::{self, LabelOp};
 // ---- requests to commands ----
 
 impl From<pb::Recipient> for Customer {
+    /// A recipient is a Retently customer named by its email alone.
     fn from(recipient: pb::Recipient) -> Self {
+        let pb::Recipient {
+            email,
+            first_name,
+            last_name,
+            company,
+            tags,
+            properties,
+        } = recipient;
         Customer {
             customer_id: String::new(),
-            email: recipient.email,
-            first_name: recipient.first_name,
-            last_name: recipient.last_name,
-            company: recipient.company,
-            tags: recipient.tags,
-            properties: recipient.properties.into_iter().map(Into::into).collect(),
+            email,
+            first_name,
+            last_name,
+            company,
+            tags,
+            properties: properties.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -70,23 +79,24 @@ impl From<pb::SetFeedbackTagsRequest> for SetFeedbackTags {
 
 impl From<pb::SetFeedbackTopicsRequest> for SetFeedbackTopics {
     fn from(request: pb::SetFeedbackTopicsRequest) -> Self {
-        let topics = request
-            .topics
-            .into_iter()
-            .map(|topic| Topic {
-                name: topic.name,
-                sentiment: match pb::Sentiment::try_from(topic.sentiment) {
-                    Ok(pb::Sentiment::Positive) => Some(Sentiment::Positive),
-                    Ok(pb::Sentiment::Neutral) => Some(Sentiment::Neutral),
-                    Ok(pb::Sentiment::Negative) => Some(Sentiment::Negative),
-                    Ok(pb::Sentiment::Unspecified) | Err(_) => None,
-                },
-            })
-            .collect();
         SetFeedbackTopics {
             feedback_id: request.feedback_id,
-            topics,
+            topics: request.topics.into_iter().map(Into::into).collect(),
             op: label_op(request.mode),
+        }
+    }
+}
+
+impl From<pb::FeedbackTopic> for Topic {
+    fn from(topic: pb::FeedbackTopic) -> Self {
+        Topic {
+            name: topic.name,
+            sentiment: match pb::Sentiment::try_from(topic.sentiment) {
+                Ok(pb::Sentiment::Positive) => Some(Sentiment::Positive),
+                Ok(pb::Sentiment::Neutral) => Some(Sentiment::Neutral),
+                Ok(pb::Sentiment::Negative) => Some(Sentiment::Negative),
+                Ok(pb::Sentiment::Unspecified) | Err(_) => None,
+            },
         }
     }
 }
@@ -364,59 +374,44 @@ mod tests {
                 scheduled_date: None,
             })
         };
+        let unavailable = |reason, class| -> Result<SurveyOutcome, Error> {
+            Err(error(reason, ErrorCode::Unavailable).with_failure_class(class))
+        };
+        use pb::RecipientOutcome::{Failed, Scheduled, Throttled, Unknown};
         let cases = [
+            (sent(SurveyStatus::Scheduled), Scheduled),
+            (sent(SurveyStatus::Accepted), Scheduled),
+            (sent(SurveyStatus::Throttled), Throttled),
+            (sent(SurveyStatus::Unsubscribed), Failed),
+            (sent(SurveyStatus::Other("paused".to_owned())), Failed),
             (
-                sent(SurveyStatus::Scheduled),
-                pb::RecipientOutcome::Scheduled,
-            ),
-            (
-                sent(SurveyStatus::Accepted),
-                pb::RecipientOutcome::Scheduled,
-            ),
-            (
-                sent(SurveyStatus::Throttled),
-                pb::RecipientOutcome::Throttled,
-            ),
-            (
-                sent(SurveyStatus::Unsubscribed),
-                pb::RecipientOutcome::Failed,
-            ),
-            (
-                sent(SurveyStatus::Other("paused".to_owned())),
-                pb::RecipientOutcome::Failed,
-            ),
-            (
-                Err(error(Reason::UpstreamTimeout, ErrorCode::Unavailable)
-                    .with_failure_class(FailureClass::PossiblyApplied)),
-                pb::RecipientOutcome::Unknown,
+                unavailable(Reason::UpstreamTimeout, FailureClass::PossiblyApplied),
+                Unknown,
             ),
             // A 500.
             (
-                Err(error(Reason::UpstreamUnavailable, ErrorCode::Unavailable)
-                    .with_failure_class(FailureClass::PossiblyApplied)),
-                pb::RecipientOutcome::Unknown,
+                unavailable(Reason::UpstreamUnavailable, FailureClass::PossiblyApplied),
+                Unknown,
             ),
             // A 503: Retently did not act.
             (
-                Err(error(Reason::UpstreamUnavailable, ErrorCode::Unavailable)
-                    .with_failure_class(FailureClass::Unavailable)),
-                pb::RecipientOutcome::Failed,
+                unavailable(Reason::UpstreamUnavailable, FailureClass::Unavailable),
+                Failed,
             ),
             (
-                Err(error(Reason::UpstreamUnreachable, ErrorCode::Unavailable)
-                    .with_failure_class(FailureClass::NotSent)),
-                pb::RecipientOutcome::Failed,
+                unavailable(Reason::UpstreamUnreachable, FailureClass::NotSent),
+                Failed,
             ),
             (
                 Err(error(
                     Reason::UpstreamBudgetExhausted,
                     ErrorCode::ResourceExhausted,
                 )),
-                pb::RecipientOutcome::Failed,
+                Failed,
             ),
             (
                 Err(error(Reason::UpstreamNotFound, ErrorCode::NotFound)),
-                pb::RecipientOutcome::Failed,
+                Failed,
             ),
         ];
         for (index, (outcome, expected)) in cases.into_iter().enumerate() {

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::error::Violations;
-use crate::grpc::paging::filters_fingerprint;
+use crate::grpc::paging::{filters_fingerprint, size_or_default};
 use crate::upstream::retently::MAX_PAGE_SIZE;
 
 /// How long a token may be used, as the contract promises.
@@ -47,17 +47,7 @@ pub fn resolve(
     end_ms: Option<i64>,
     now_ms: i64,
 ) -> Cursor {
-    let size = match u32::try_from(page_size) {
-        Ok(0) => DEFAULT_PAGE_SIZE,
-        Ok(size) if size <= MAX_PAGE_SIZE => size,
-        _ => {
-            v.add(
-                "page_size",
-                format!("must be between 0 and {MAX_PAGE_SIZE}"),
-            );
-            DEFAULT_PAGE_SIZE
-        }
-    };
+    let size = size_or_default(v, "page_size", page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE);
     let first = Cursor {
         page: 1,
         size,

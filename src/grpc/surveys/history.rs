@@ -12,7 +12,7 @@ use crate::convert::timestamp_from_ms;
 use crate::error::{Error, Violations};
 use crate::feedback::history::{self, DEFAULT_TREND_WINDOW, MAX_TREND_WINDOW};
 use crate::feedback::{CustomerKey, FeedbackLog};
-use crate::grpc::paging::filters_fingerprint;
+use crate::grpc::paging::{filters_fingerprint, size_or_default};
 use crate::grpc::validate;
 use crate::pb;
 
@@ -91,28 +91,20 @@ pub fn validate(request: &pb::GetCustomerFeedbackHistoryRequest) -> Result<Histo
         )
         .then(|| CustomerKey::RetentlyId(request.retently_customer_id.clone())),
     };
-    let page_size = match usize::try_from(request.page_size) {
-        Ok(0) => DEFAULT_PAGE_SIZE,
-        Ok(size) if size <= MAX_PAGE_SIZE => size,
-        _ => {
-            v.add(
-                "page_size",
-                format!("must be between 0 and {MAX_PAGE_SIZE}"),
-            );
-            DEFAULT_PAGE_SIZE
-        }
-    };
-    let trend_window = match usize::try_from(request.trend_window) {
-        Ok(0) => DEFAULT_TREND_WINDOW,
-        Ok(window) if window <= MAX_TREND_WINDOW => window,
-        _ => {
-            v.add(
-                "trend_window",
-                format!("must be between 0 and {MAX_TREND_WINDOW}"),
-            );
-            DEFAULT_TREND_WINDOW
-        }
-    };
+    let page_size = size_or_default(
+        &mut v,
+        "page_size",
+        request.page_size,
+        DEFAULT_PAGE_SIZE,
+        MAX_PAGE_SIZE,
+    );
+    let trend_window = size_or_default(
+        &mut v,
+        "trend_window",
+        request.trend_window,
+        DEFAULT_TREND_WINDOW,
+        MAX_TREND_WINDOW,
+    );
     let mut after = None;
     if !request.page_token.is_empty() {
         match decode_token(&request.page_token) {

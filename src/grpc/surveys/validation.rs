@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 
-use crate::domain::writes::DeliveryFacts;
 use crate::domain::writes::values::Destination;
 use crate::error::{Error, Violations};
 use crate::grpc::validate::{self, MAX_EMAIL_CHARS, MAX_STRING_CHARS};
@@ -77,17 +76,14 @@ pub fn send_survey(request: &pb::SendSurveyRequest) -> Result<ValidWrite, Error>
             "must be between 0 and 365",
         );
     }
-    let (mode, key) = validate::write_options(&mut v, request.options.as_ref());
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: vec![Destination::Retently],
-            item_count: request.recipients.len(),
-            ordering_keys,
-        },
-    })
+    let options = validate::write_options(&mut v, request.options.as_ref());
+    ValidWrite::checked(
+        v,
+        options,
+        vec![Destination::Retently],
+        request.recipients.len(),
+        ordering_keys,
+    )
 }
 
 /// APPEND or REPLACE; with APPEND at least one entry.
@@ -115,63 +111,64 @@ fn label<'a>(v: &mut Violations, field: String, value: &'a str, seen: &mut HashS
     }
 }
 
-/// A tag or topic change touches one item: the survey response.
-fn label_write(
-    mut v: Violations,
-    options: Option<&pb::WriteOptions>,
-    feedback_id: &str,
+/// A tag or topic change: the response's id, at most 100 labels in `list` (each named by
+/// `label_of` at its index, unique, and checked further by `check`), and the mode. The change
+/// touches one item: the survey response.
+fn label_change<'a, T>(
+    list: &str,
+    entries: &'a [T],
+    label_of: impl Fn(usize, &'a T) -> (String, &'a str),
+    check: impl Fn(&mut Violations, usize, &T),
+    (feedback_id, mode, options): (&str, i32, Option<&pb::WriteOptions>),
 ) -> Result<ValidWrite, Error> {
-    let (mode, key) = validate::write_options(&mut v, options);
-    v.into_result()?;
-    Ok(ValidWrite {
-        mode,
-        key,
-        facts: DeliveryFacts {
-            destinations: vec![Destination::Retently],
-            item_count: 1,
-            ordering_keys: vec![feedback_key(feedback_id)],
-        },
-    })
+    let mut v = Violations::new();
+    validate::retently_path_id(&mut v, "feedback_id", feedback_id);
+    if entries.len() > MAX_LABELS {
+        v.add(list, format!("at most {MAX_LABELS} {list}"));
+    }
+    let mut seen = HashSet::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let (field, value) = label_of(index, entry);
+        label(&mut v, field, value, &mut seen);
+        check(&mut v, index, entry);
+    }
+    update_mode(&mut v, mode, entries.len(), list);
+    let options = validate::write_options(&mut v, options);
+    ValidWrite::checked(
+        v,
+        options,
+        vec![Destination::Retently],
+        1,
+        vec![feedback_key(feedback_id)],
+    )
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn set_feedback_tags(request: &pb::SetFeedbackTagsRequest) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::retently_path_id(&mut v, "feedback_id", &request.feedback_id);
-    if request.tags.len() > MAX_LABELS {
-        v.add("tags", format!("at most {MAX_LABELS} tags"));
-    }
-    let mut seen = HashSet::new();
-    for (index, tag) in request.tags.iter().enumerate() {
-        label(&mut v, format!("tags[{index}]"), tag, &mut seen);
-    }
-    update_mode(&mut v, request.mode, request.tags.len(), "tags");
-    label_write(v, request.options.as_ref(), &request.feedback_id)
+    label_change(
+        "tags",
+        &request.tags,
+        |index, tag| (format!("tags[{index}]"), tag.as_str()),
+        |_, _, _| {},
+        (&request.feedback_id, request.mode, request.options.as_ref()),
+    )
 }
 
 #[tracing::instrument(name = "validate", skip_all)]
 pub fn set_feedback_topics(request: &pb::SetFeedbackTopicsRequest) -> Result<ValidWrite, Error> {
-    let mut v = Violations::new();
-    validate::retently_path_id(&mut v, "feedback_id", &request.feedback_id);
-    if request.topics.len() > MAX_LABELS {
-        v.add("topics", format!("at most {MAX_LABELS} topics"));
-    }
-    let mut seen = HashSet::new();
-    for (index, topic) in request.topics.iter().enumerate() {
-        label(
-            &mut v,
-            format!("topics[{index}].name"),
-            &topic.name,
-            &mut seen,
-        );
-        v.check(
-            pb::Sentiment::try_from(topic.sentiment).is_ok(),
-            format!("topics[{index}].sentiment"),
-            "must be a known sentiment",
-        );
-    }
-    update_mode(&mut v, request.mode, request.topics.len(), "topics");
-    label_write(v, request.options.as_ref(), &request.feedback_id)
+    label_change(
+        "topics",
+        &request.topics,
+        |index, topic| (format!("topics[{index}].name"), topic.name.as_str()),
+        |v, index, topic| {
+            v.check(
+                pb::Sentiment::try_from(topic.sentiment).is_ok(),
+                format!("topics[{index}].sentiment"),
+                "must be a known sentiment",
+            );
+        },
+        (&request.feedback_id, request.mode, request.options.as_ref()),
+    )
 }
 
 /// An enum field that must hold one of its known values; `None` when it does not.

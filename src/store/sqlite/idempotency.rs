@@ -50,12 +50,7 @@ impl IdempotencyStore for SqliteStore {
                     AND (owner = ?4 OR owner IS NULL)
                  ORDER BY owner IS NULL LIMIT 1",
                 params![scope, key, created_since_ms, owner],
-                |row| {
-                    Ok(StoredResponse {
-                        request_hash: row.get(0)?,
-                        response: row.get(1)?,
-                    })
-                },
+                stored_response,
             )
             .optional()
         })
@@ -127,12 +122,7 @@ impl IdempotencyStore for SqliteStore {
                     "SELECT request_hash, response FROM idempotency
                      WHERE scope = ?1 AND key = ?2 AND create_ms >= ?3 AND owner = ?4",
                     params![scope, key, since, owner],
-                    |row| {
-                        Ok(StoredResponse {
-                            request_hash: row.get(0)?,
-                            response: row.get(1)?,
-                        })
-                    },
+                    stored_response,
                 )
                 .optional()
             })
@@ -186,4 +176,12 @@ impl IdempotencyStore for SqliteStore {
         }
         Ok(())
     }
+}
+
+/// A remembered response from its row (`request_hash, response`).
+fn stored_response(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredResponse> {
+    Ok(StoredResponse {
+        request_hash: row.get(0)?,
+        response: row.get(1)?,
+    })
 }

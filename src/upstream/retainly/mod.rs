@@ -166,24 +166,18 @@ impl RetainlyApi {
             .await
     }
 
-    /// Adds or updates items of customers' array fields.
-    pub async fn upsert_array_items(
-        &self,
-        ctx: &CallContext,
-        records: Vec<ArrayRecord>,
-    ) -> Result<()> {
-        self.send_in_chunks(ctx, &records, upsert_idempotency, Batch::UpsertArrayItems)
-            .await
-    }
-
-    /// Removes items from customers' array fields (missing ones are not an error).
-    pub async fn delete_array_items(
-        &self,
-        ctx: &CallContext,
-        records: Vec<ArrayDeletion>,
-    ) -> Result<()> {
-        self.send_in_chunks(ctx, &records, idempotent, Batch::DeleteArrayItems)
-            .await
+    /// Changes items of customers' array fields.
+    pub async fn change_arrays(&self, ctx: &CallContext, change: ArrayChange) -> Result<()> {
+        match &change {
+            ArrayChange::Upsert(records) => {
+                self.send_in_chunks(ctx, records, upsert_idempotency, Batch::UpsertArrayItems)
+                    .await
+            }
+            ArrayChange::Delete(records) => {
+                self.send_in_chunks(ctx, records, idempotent, Batch::DeleteArrayItems)
+                    .await
+            }
+        }
     }
 
     /// Sends `items` in chunks of at most [`MAX_BATCH`], one lane call each, stopping at the

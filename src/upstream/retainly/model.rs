@@ -74,6 +74,15 @@ pub struct ArrayRecord {
     pub data: Vec<Map<String, Value>>,
 }
 
+/// A change to items of customers' array fields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ArrayChange {
+    /// Adds or updates items (`POST /arrays`).
+    Upsert(Vec<ArrayRecord>),
+    /// Removes items; missing customers, fields or items are not an error (`DELETE /arrays`).
+    Delete(Vec<ArrayDeletion>),
+}
+
 /// Items to remove from one array field of one customer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ArrayDeletion {

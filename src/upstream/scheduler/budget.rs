@@ -153,19 +153,7 @@ impl SlidingWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Largest number of grants inside any half-open interval of length `window`.
-    fn max_in_any_window(grants: &[Instant], window: Duration) -> usize {
-        let mut best = 0;
-        for (i, &start) in grants.iter().enumerate() {
-            let count = grants[i..]
-                .iter()
-                .take_while(|&&t| t < start + window)
-                .count();
-            best = best.max(count);
-        }
-        best
-    }
+    use crate::upstream::scheduler::tests::max_in_any_window;
 
     #[tokio::test(start_paused = true)]
     async fn never_more_than_limit_in_any_window() {

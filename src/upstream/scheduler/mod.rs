@@ -290,6 +290,12 @@ pub struct LaneCounters {
     pub quota_rejections: u64,
 }
 
+/// `wait` rounded up to whole seconds, as RetryInfo carries it: callers sleep at least until
+/// there is room.
+fn whole_seconds(wait: Duration) -> Duration {
+    Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+}
+
 impl LaneState {
     /// Number of grants that would precede a new attempt of `priority` under the weighting, for
     /// a caller behind everyone already waiting in its class.
@@ -457,20 +463,32 @@ impl Lane {
         .with_failure_class(FailureClass::NotSent)
     }
 
+    /// A refusal by this lane, before anything is sent: the caller may come back after
+    /// `retry_after` (a second at the least).
+    fn refusal(
+        &self,
+        (code, reason): (ErrorCode, Reason),
+        message: String,
+        retry_after: Duration,
+    ) -> Error {
+        Error::new(code, reason, message)
+            .with_retry_after(retry_after.max(Duration::from_secs(1)))
+            .with_metadata("upstream", self.shared.upstream)
+    }
+
     /// The error for an attempt that cannot get a slot in time.
     fn budget_exhausted(&self, wait: Duration) -> Error {
-        // RetryInfo is rounded up to whole seconds: callers sleep at least until there is room.
-        let retry = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
-        Error::new(
-            ErrorCode::ResourceExhausted,
-            Reason::UpstreamBudgetExhausted,
+        self.refusal(
+            (
+                ErrorCode::ResourceExhausted,
+                Reason::UpstreamBudgetExhausted,
+            ),
             format!(
                 "the {} request budget has no room in time for this call",
                 self.shared.upstream
             ),
+            whole_seconds(wait),
         )
-        .with_retry_after(retry.max(Duration::from_secs(1)))
-        .with_metadata("upstream", self.shared.upstream)
     }
 
     /// The budget error for a caller that waited until its deadline, with the current estimate.
@@ -550,32 +568,27 @@ impl Lane {
     }
 
     fn circuit_open(&self, retry_after: Duration) -> Error {
-        Error::new(
-            ErrorCode::Unavailable,
-            Reason::UpstreamCircuitOpen,
+        self.refusal(
+            (ErrorCode::Unavailable, Reason::UpstreamCircuitOpen),
             format!(
                 "{} is failing; calls are refused until a probe succeeds",
                 self.shared.upstream
             ),
+            retry_after,
         )
-        .with_retry_after(retry_after.max(Duration::from_secs(1)))
-        .with_metadata("upstream", self.shared.upstream)
     }
 
     /// The error for a caller that has started its whole quota in the current window.
     fn quota_exceeded(&self, caller: &str, limit: u32, wait: Duration) -> Error {
-        let retry = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
-        Error::new(
-            ErrorCode::ResourceExhausted,
-            Reason::CallerQuotaExceeded,
+        self.refusal(
+            (ErrorCode::ResourceExhausted, Reason::CallerQuotaExceeded),
             format!(
                 "caller {caller} has used its quota of {limit} {} requests per {}",
                 self.shared.upstream,
                 humantime::format_duration(self.shared.settings.quota_window)
             ),
+            whole_seconds(wait),
         )
-        .with_retry_after(retry.max(Duration::from_secs(1)))
-        .with_metadata("upstream", self.shared.upstream)
         .with_metadata("caller", caller)
         .with_metadata("quota", limit.to_string())
     }

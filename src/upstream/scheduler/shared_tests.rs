@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::shared::SharedBudget;
 use super::shared::memory::MemoryBudget;
+use super::tests::max_in_any_window;
 use super::*;
 use crate::error::{ErrorCode, Reason};
 
@@ -21,20 +22,6 @@ fn shared_settings(limit: u32, store: &Arc<MemoryBudget>) -> SchedulerSettings {
         ..SchedulerSettings::new(limit)
     }
     .with_shared_budget(Some(SharedBudget::new(store, "retently", "key-1")))
-}
-
-fn max_in_any_window(grants: &[Instant], window: Duration) -> usize {
-    let mut sorted = grants.to_vec();
-    sorted.sort();
-    (0..sorted.len())
-        .map(|i| {
-            sorted[i..]
-                .iter()
-                .take_while(|&&t| t < sorted[i] + window)
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 async fn send(lane: &Lane, sent: &Arc<Mutex<Vec<Instant>>>, within: Duration) -> Result<()> {

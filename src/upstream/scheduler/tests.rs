@@ -52,7 +52,9 @@ fn transient() -> AttemptError {
     }
 }
 
-fn max_in_any_window(grants: &[Instant], window: Duration) -> usize {
+/// Largest number of grants inside any half-open interval of length `window` (the grants in
+/// any order).
+pub(super) fn max_in_any_window(grants: &[Instant], window: Duration) -> usize {
     let mut sorted = grants.to_vec();
     sorted.sort();
     (0..sorted.len())

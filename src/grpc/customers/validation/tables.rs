@@ -23,8 +23,33 @@ fn options(mode: i32, key: &str) -> Option<pb::WriteOptions> {
     })
 }
 
+/// A valid address, and the one customer of many cases.
+const ANN: &str = "a@example.com";
+
+fn one(id: &str, email: &str) -> Vec<pb::Customer> {
+    vec![customer(id, email)]
+}
+
+/// A table's case: its name, the request, and the fields its violations name.
+type Case<R> = (&'static str, R, Vec<&'static str>);
+
+/// The rules every customer batch shares, as cases of a table whose requests `request` builds
+/// from customers and destinations.
+fn batch_cases<R>(request: impl Fn(Vec<pb::Customer>, &[pb::Destination]) -> R) -> Vec<Case<R>> {
+    vec![
+        ("valid", request(one("1", ANN), &BOTH), vec![]),
+        ("no customers", request(vec![], &BOTH), vec!["customers"]),
+        (
+            "no destinations",
+            request(one("1", ANN), &[]),
+            vec!["destinations"],
+        ),
+    ]
+}
+
 #[test]
 fn upsert_customers_table() {
+    use pb::Destination::{Retainly, Retently, Unspecified};
     let upsert = |customers: Vec<pb::Customer>, destinations: &[pb::Destination]| {
         pb::UpsertCustomersRequest {
             customers,
@@ -33,106 +58,74 @@ fn upsert_customers_table() {
         }
     };
     let long = "x".repeat(validate::MAX_STRING_CHARS + 1);
-    let cases: Vec<(&str, pb::UpsertCustomersRequest, Vec<&str>)> = vec![
-        (
-            "valid",
-            upsert(vec![customer("1", "a@example.com")], &BOTH),
-            vec![],
-        ),
-        ("no customers", upsert(vec![], &BOTH), vec!["customers"]),
-        (
-            "no destinations",
-            upsert(vec![customer("1", "a@example.com")], &[]),
-            vec!["destinations"],
-        ),
+    let bounded = pb::Customer {
+        first_name: long.clone(),
+        company: long.clone(),
+        ..customer("1", ANN)
+    };
+    let with_options = |mode, key| pb::UpsertCustomersRequest {
+        options: options(mode, key),
+        ..upsert(one("1", ANN), &BOTH)
+    };
+    let mut cases = batch_cases(upsert);
+    cases.extend([
         (
             "unspecified destination",
-            upsert(
-                vec![customer("1", "a@example.com")],
-                &[pb::Destination::Unspecified],
-            ),
+            upsert(one("1", ANN), &[Unspecified]),
             vec!["destinations[0]"],
         ),
         (
             "repeated destination",
-            upsert(
-                vec![customer("1", "a@example.com")],
-                &[pb::Destination::Retently, pb::Destination::Retently],
-            ),
+            upsert(one("1", ANN), &[Retently, Retently]),
             vec!["destinations[1]"],
         ),
         (
             "Retently needs an email",
-            upsert(vec![customer("1", "")], &[pb::Destination::Retently]),
+            upsert(one("1", ""), &[Retently]),
             vec!["customers[0].email"],
         ),
         (
             "Retainly needs a customer id",
-            upsert(
-                vec![customer("", "a@example.com")],
-                &[pb::Destination::Retainly],
-            ),
+            upsert(one("", ANN), &[Retainly]),
             vec!["customers[0].customer_id"],
         ),
         (
             "a key for another destination is still checked",
-            upsert(
-                vec![customer("1", "not an email")],
-                &[pb::Destination::Retainly],
-            ),
+            upsert(one("1", "not an email"), &[Retainly]),
             vec!["customers[0].email"],
         ),
         (
             "a repeated email, compared normalised",
             upsert(
-                vec![
-                    customer("1", "a@example.com"),
-                    customer("2", " A@Example.com"),
-                ],
-                &[pb::Destination::Retently],
+                vec![customer("1", ANN), customer("2", " A@Example.com")],
+                &[Retently],
             ),
             vec!["customers[1].email"],
         ),
         (
             "a repeated customer id",
             upsert(
-                vec![
-                    customer("1", "a@example.com"),
-                    customer("1", "b@example.com"),
-                ],
-                &[pb::Destination::Retainly],
+                vec![customer("1", ANN), customer("1", "b@example.com")],
+                &[Retainly],
             ),
             vec!["customers[1].customer_id"],
         ),
         (
             "names are bounded",
-            upsert(
-                vec![pb::Customer {
-                    first_name: long.clone(),
-                    company: long.clone(),
-                    ..customer("1", "a@example.com")
-                }],
-                &BOTH,
-            ),
+            upsert(vec![bounded], &BOTH),
             vec!["customers[0].first_name", "customers[0].company"],
         ),
         (
             "an unknown delivery mode",
-            pb::UpsertCustomersRequest {
-                options: options(99, ""),
-                ..upsert(vec![customer("1", "a@example.com")], &BOTH)
-            },
+            with_options(99, ""),
             vec!["options.mode"],
         ),
         (
             "an idempotency key with a space",
-            pb::UpsertCustomersRequest {
-                options: options(pb::DeliveryMode::Async as i32, "a key"),
-                ..upsert(vec![customer("1", "a@example.com")], &BOTH)
-            },
+            with_options(pb::DeliveryMode::Async as i32, "a key"),
             vec!["options.idempotency_key"],
         ),
-    ];
+    ]);
     for (case, request, expected) in cases {
         assert_eq!(fields(upsert_customers(&request)), expected, "{case}");
     }
@@ -153,35 +146,22 @@ fn delete_customers_table() {
             options: None,
         }
     };
-    let cases: Vec<(&str, pb::DeleteCustomersRequest, Vec<&str>)> = vec![
-        (
-            "valid",
-            delete(vec![customer("1", "a@example.com")], &BOTH),
-            vec![],
-        ),
-        ("no customers", delete(vec![], &BOTH), vec!["customers"]),
-        (
-            "no destinations",
-            delete(vec![customer("1", "a@example.com")], &[]),
-            vec!["destinations"],
-        ),
+    let mut cases = batch_cases(delete);
+    cases.extend([
         (
             "each destination's key is required",
-            delete(vec![customer("", "")], &BOTH),
+            delete(one("", ""), &BOTH),
             vec!["customers[0].email", "customers[0].customer_id"],
         ),
         (
             "a repeated key",
             delete(
-                vec![
-                    customer("1", "a@example.com"),
-                    customer("1", "b@example.com"),
-                ],
+                vec![customer("1", ANN), customer("1", "b@example.com")],
                 &BOTH,
             ),
             vec!["customers[1].customer_id"],
         ),
-    ];
+    ]);
     for (case, request, expected) in cases {
         assert_eq!(fields(delete_customers(&request)), expected, "{case}");
     }
