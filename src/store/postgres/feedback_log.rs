@@ -249,6 +249,24 @@ async fn append_in(
     Ok(Appended { entries, counts })
 }
 
+/// The sequence of the last entry logged before `time_ms`, if any (log times are ordered like
+/// sequences, so everything up to it is a prefix of the log).
+async fn last_logged_before(
+    tx: &tokio_postgres::Transaction<'_>,
+    time_ms: i64,
+    fail: &impl Fn(tokio_postgres::Error) -> StoreError,
+) -> Result<Option<i64>, StoreError> {
+    Ok(tx
+        .query_opt(
+            "SELECT seq FROM feedback_log WHERE log_time_ms < $1
+             ORDER BY log_time_ms DESC, seq DESC LIMIT 1",
+            &[&time_ms],
+        )
+        .await
+        .map_err(fail)?
+        .map(|row| row.get(0)))
+}
+
 #[async_trait::async_trait]
 impl FeedbackLogStore for PostgresStore {
     async fn state(&self) -> Result<LogState, StoreError> {
@@ -355,15 +373,7 @@ impl FeedbackLogStore for PostgresStore {
         let tx = snapshot(&mut connection, &fail).await?;
         let state = state_from_row(&tx.query_one(READ_STATE, &[]).await.map_err(&fail)?);
         let expired = state.pruned_seq > 0 && state.pruned_time_ms >= time_ms;
-        let before: Option<i64> = tx
-            .query_opt(
-                "SELECT seq FROM feedback_log WHERE log_time_ms < $1
-                 ORDER BY log_time_ms DESC, seq DESC LIMIT 1",
-                &[&time_ms],
-            )
-            .await
-            .map_err(&fail)?
-            .map(|row| row.get(0));
+        let before = last_logged_before(&tx, time_ms, &fail).await?;
         tx.commit().await.map_err(&fail)?;
         Ok((before.unwrap_or(state.pruned_seq), expired))
     }
@@ -391,15 +401,7 @@ impl FeedbackLogStore for PostgresStore {
             let mut boundary: Option<i64> = None;
             if let Some(cutoff) = cutoff_ms {
                 // Log times are ordered like sequences, so this is the end of a prefix.
-                boundary = tx
-                    .query_opt(
-                        "SELECT seq FROM feedback_log WHERE log_time_ms < $1
-                         ORDER BY log_time_ms DESC, seq DESC LIMIT 1",
-                        &[&cutoff],
-                    )
-                    .await
-                    .map_err(&fail)?
-                    .map(|row| row.get(0));
+                boundary = last_logged_before(&tx, cutoff, &fail).await?;
             }
             let nth_oldest = async |n: i64| -> Result<Option<i64>, StoreError> {
                 Ok(tx

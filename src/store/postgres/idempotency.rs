@@ -80,6 +80,20 @@ impl PostgresStore {
     }
 }
 
+/// Removes `claim` if its holder still has it.
+async fn delete_claim(
+    connection: &tokio_postgres::Client,
+    claim: &KeyClaim,
+) -> Result<u64, tokio_postgres::Error> {
+    connection
+        .execute(
+            "DELETE FROM idempotency_claims
+             WHERE owner = $1 AND scope = $2 AND key = $3 AND holder = $4",
+            &[&claim.owner, &claim.scope, &claim.key, &claim.holder],
+        )
+        .await
+}
+
 #[async_trait::async_trait]
 impl IdempotencyStore for PostgresStore {
     async fn lookup(
@@ -192,14 +206,7 @@ impl IdempotencyStore for PostgresStore {
         if let Some(row) = recorded {
             if claimed {
                 // Not a call to run after all: leave no claim behind.
-                connection
-                    .execute(
-                        "DELETE FROM idempotency_claims
-                         WHERE owner = $1 AND scope = $2 AND key = $3 AND holder = $4",
-                        &[&claim.owner, &claim.scope, &claim.key, &claim.holder],
-                    )
-                    .await
-                    .map_err(&fail)?;
+                delete_claim(&connection, claim).await.map_err(&fail)?;
             }
             return Ok(ClaimOutcome::Recorded(StoredResponse {
                 request_hash: row.get(0),
@@ -240,12 +247,7 @@ impl IdempotencyStore for PostgresStore {
 
     async fn release_key_claim(&self, claim: &KeyClaim) -> Result<(), StoreError> {
         let connection = self.connection("release an idempotency claim").await?;
-        connection
-            .execute(
-                "DELETE FROM idempotency_claims
-                 WHERE owner = $1 AND scope = $2 AND key = $3 AND holder = $4",
-                &[&claim.owner, &claim.scope, &claim.key, &claim.holder],
-            )
+        delete_claim(&connection, claim)
             .await
             .map_err(query_error("release an idempotency claim"))?;
         Ok(())
