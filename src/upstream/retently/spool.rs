@@ -317,10 +317,13 @@ impl Drop for Waiting<'_> {
             lock(&self.spool.waiting).remove(&id);
             let store = Arc::clone(&self.spool.store);
             // A claimed send goes out anyway, like one sealed in a batch here; its answer is
-            // removed by the pruning.
-            tokio::spawn(async move {
-                let _ = store.withdraw_spooled(id).await;
-            });
+            // removed by the pruning. Without a runtime (it is shutting down) the entry stays
+            // for the next sender, as when the replica dies.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = store.withdraw_spooled(id).await;
+                });
+            }
         }
     }
 }
